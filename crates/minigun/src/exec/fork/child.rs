@@ -1,0 +1,234 @@
+//! What runs inside a forked child. Nothing here returns into the parent's code: the bodies
+//! return an exit code to `sys::fork_child`, which `_exit`s with it.
+//!
+//! The child takes no lock another parent thread could hold: it owns its pipe writer and
+//! buffers, builds its own stage instance, and reports through frames only.
+
+use crate::error::{EmitError, FailureKind};
+use crate::hooks::{self, ForkHook};
+use crate::ipc::frame::{self, Decoder, Kind};
+use crate::ipc::protocol::{self, ChildError, Done};
+use crate::ipc::{FINISH_ID, START_ID};
+use crate::stage::{guarded, Factory, Output, Sink, Stage, Wire};
+use std::os::fd::OwnedFd;
+use std::time::Instant;
+
+/// Flush the child's buffer once it holds this much, so the parent reads while we run.
+const FLUSH_AT: usize = 64 << 10;
+
+/// The child's side of its result pipe: buffered frames, written with blocking writes.
+pub(crate) struct ChildOut {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+    max: usize,
+    outputs: u64,
+}
+
+impl ChildOut {
+    pub(crate) fn new(fd: OwnedFd, max: usize) -> Self {
+        ChildOut {
+            fd,
+            buf: Vec::with_capacity(FLUSH_AT),
+            max,
+            outputs: 0,
+        }
+    }
+
+    pub(crate) fn flush(&mut self) -> std::io::Result<()> {
+        let mut off = 0;
+        while off < self.buf.len() {
+            match rustix::io::write(&self.fd, &self.buf[off..]) {
+                Ok(n) => off += n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    self.buf.clear();
+                    return Err(e.into());
+                }
+            }
+        }
+        self.buf.clear();
+        Ok(())
+    }
+
+    fn result<O: Wire>(&mut self, id: u64, value: &O) -> Result<(), EmitError> {
+        protocol::encode_frame(&mut self.buf, Kind::Result, id, value, self.max)
+            .map_err(EmitError::Encode)?;
+        self.outputs += 1;
+        if self.buf.len() >= FLUSH_AT {
+            self.flush().map_err(|_| EmitError::Closed)?;
+        }
+        Ok(())
+    }
+
+    fn done(&mut self, id: u64, latency_ns: u64) {
+        let d = Done {
+            latency_ns,
+            outputs: self.outputs,
+        };
+        protocol::encode_frame(&mut self.buf, Kind::Done, id, &d, self.max)
+            .expect("a done frame always encodes");
+    }
+
+    pub(crate) fn error(&mut self, id: u64, kind: FailureKind, message: String) {
+        let mut e = ChildError { kind, message };
+        if protocol::encode_frame(&mut self.buf, Kind::Error, id, &e, self.max).is_err() {
+            e.message.truncate(1024);
+            let _ = protocol::encode_frame(&mut self.buf, Kind::Error, id, &e, self.max);
+        }
+    }
+}
+
+struct PipeSink<'a> {
+    out: &'a mut ChildOut,
+    id: u64,
+}
+
+impl<O: Wire> Sink<O> for PipeSink<'_> {
+    fn send(&mut self, item: O) -> Result<(), EmitError> {
+        self.out.result(self.id, &item)
+    }
+}
+
+/// One item through the stage, reported as result frames then `done` or `error`.
+fn run_item<I: 'static, O: Wire>(
+    stage: &mut dyn Stage<I, O>,
+    item: I,
+    id: u64,
+    out: &mut ChildOut,
+    finish: bool,
+) {
+    out.outputs = 0;
+    let t0 = Instant::now();
+    let r = guarded(|| {
+        let mut sink = PipeSink { out: &mut *out, id };
+        let mut output = Output::new(&mut sink);
+        stage.process(item, &mut output)?;
+        if finish {
+            stage.finish(&mut output)?;
+        }
+        Ok(())
+    });
+    let ns = t0.elapsed().as_nanos() as u64;
+    match r {
+        Ok(()) => out.done(id, ns),
+        Err(c) => out.error(id, c.kind, c.message),
+    }
+}
+
+fn start<I, O>(
+    factory: &Factory<I, O>,
+    after_fork: &[ForkHook],
+) -> Result<Box<dyn Stage<I, O>>, String> {
+    hooks::run_fork(after_fork, "after_fork")?;
+    guarded(|| Ok(factory())).map_err(|c| format!("stage factory failed: {}", c.message))
+}
+
+/// A cow_fork child: the item came through copy-on-write memory; results go to `fd`.
+pub(crate) fn cow_child<I: 'static, O: Wire>(
+    item: I,
+    id: u64,
+    factory: &Factory<I, O>,
+    after_fork: &[ForkHook],
+    fd: OwnedFd,
+    max: usize,
+) -> i32 {
+    let mut out = ChildOut::new(fd, max);
+    match start(factory, after_fork) {
+        Ok(mut stage) => run_item(&mut *stage, item, id, &mut out, true),
+        Err(m) => out.error(id, FailureKind::Start, m),
+    }
+    match out.flush() {
+        Ok(()) => 0,
+        Err(_) => 74,
+    }
+}
+
+/// An ipc_fork worker: reads item frames from `input` until `shutdown` (or end of file),
+/// answers each on `output`, flushes its stage instance, exits 0.
+pub(crate) fn ipc_worker<I: Wire, O: Wire>(
+    input: OwnedFd,
+    output: OwnedFd,
+    factory: &Factory<I, O>,
+    after_fork: &[ForkHook],
+    max: usize,
+) -> i32 {
+    let mut out = ChildOut::new(output, max);
+    let mut stage = match start(factory, after_fork) {
+        Ok(s) => s,
+        Err(m) => {
+            out.error(START_ID, FailureKind::Start, m);
+            let _ = out.flush();
+            return 1;
+        }
+    };
+    let mut dec = Decoder::new(max);
+    loop {
+        let next = dec.next(|kind, id, payload| match kind {
+            Kind::Item => Some((id, protocol::decode::<I>(payload))),
+            Kind::Shutdown => None,
+            other => Some((
+                id,
+                Err(format!("unexpected {other:?} frame from the parent")),
+            )),
+        });
+        match next {
+            Ok(Some(Some((id, Ok(item))))) => {
+                run_item(&mut *stage, item, id, &mut out, false);
+                if out.buf.len() >= FLUSH_AT && out.flush().is_err() {
+                    return 74;
+                }
+            }
+            Ok(Some(Some((id, Err(m))))) => {
+                out.error(
+                    id,
+                    FailureKind::Protocol,
+                    format!("cannot decode the input item: {m}"),
+                );
+            }
+            Ok(Some(None)) => break,
+            Ok(None) => {
+                // About to block: send what we have first (batches answers, adds no latency).
+                if out.flush().is_err() {
+                    return 74;
+                }
+                let spare = dec.spare(64 << 10);
+                let n = loop {
+                    match rustix::io::read(&input, &mut *spare) {
+                        Ok(n) => break n,
+                        Err(rustix::io::Errno::INTR) => continue,
+                        Err(_) => break 0,
+                    }
+                };
+                dec.filled(64 << 10, n);
+                if n == 0 {
+                    break; // The parent closed our input: same as shutdown.
+                }
+            }
+            Err(e) => {
+                out.error(
+                    START_ID,
+                    FailureKind::Protocol,
+                    format!("corrupt input stream: {e}"),
+                );
+                let _ = out.flush();
+                return 2;
+            }
+        }
+    }
+    out.outputs = 0;
+    let r = guarded(|| {
+        stage.finish(&mut Output::new(&mut PipeSink {
+            out: &mut out,
+            id: FINISH_ID,
+        }))
+    });
+    match r {
+        Ok(()) => out.done(FINISH_ID, 0),
+        Err(c) => out.error(FINISH_ID, c.kind, c.message),
+    }
+    let _ = frame::HEADER;
+    match out.flush() {
+        Ok(()) => 0,
+        Err(_) => 74,
+    }
+}

@@ -1,0 +1,668 @@
+//! ipc_fork: `workers` persistent forked workers fed over pipes.
+//!
+//! Workers are forked when the run prepares its stages, before any stage thread exists. Items
+//! are serialised by the feeder thread and dispatched round-robin to workers that hold fewer
+//! than `in_flight` items; a worker answers in order, so the first item it holds is the one it
+//! is running. Writes are non-blocking (a slow worker never stalls the others) and several
+//! ready items go out in one write.
+//!
+//! A worker that dies is noticed at once (its pidfd): the item it was running fails with the
+//! way it died, the items queued behind it go back to the front of the queue (their attempt is
+//! not counted), and a new worker is forked in its place, after a backoff if workers keep dying.
+//! When the input ends, each worker gets `shutdown`, flushes its stage instance and exits 0.
+
+use super::{
+    child, earliest, exit_failure, feed, terminate, wait, Killed, Stream, Wake, PIPE_SIZE,
+};
+use crate::error::FailureKind;
+use crate::exec::local::{dead_letter, drain, Parts};
+use crate::exec::ForkOptions;
+use crate::hooks;
+use crate::ipc::frame::{self, Kind};
+use crate::ipc::protocol::{self, ChildError, Done};
+use crate::ipc::{FINISH_ID, START_ID};
+use crate::node::{ForkHooks, PreparedRun};
+use crate::policy::Verdict;
+use crate::stage::Wire;
+use crate::stats::Recorder;
+use crate::sys;
+use crossbeam_channel::{Receiver, TryRecvError};
+use rustix::event::{PollFd, PollFlags};
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+/// One item on its way through a worker.
+struct Flight {
+    index: u64,
+    attempt: u32,
+    payload: Vec<u8>,
+    not_before: Option<Instant>,
+}
+
+struct Worker {
+    child: sys::Child,
+    input: Option<OwnedFd>,
+    out: Vec<u8>,
+    stream: Stream,
+    exit: Option<sys::Exit>,
+    flights: VecDeque<Flight>,
+    /// When the first flight started running (deadline base).
+    front_since: Option<Instant>,
+    deadline: Option<Instant>,
+    killed: Option<Killed>,
+    shutdown: bool,
+    start_error: Option<String>,
+    protocol: Option<String>,
+    results: u64,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            sys::kill(self.child.pid, libc::SIGKILL);
+            self.exit = Some(sys::reap(self.child.pid));
+        }
+    }
+}
+
+fn spawn<I: Wire, O: Wire>(
+    parts: &Parts<I, O>,
+    opts: &ForkOptions,
+    hooks: &ForkHooks,
+    slot: usize,
+) -> std::io::Result<Worker> {
+    let (in_r, in_w) = sys::pipe(false)?;
+    let (out_r, out_w) = sys::pipe(true)?;
+    sys::set_nonblocking(&in_w)?;
+    sys::grow_pipe(&in_w, PIPE_SIZE);
+    sys::grow_pipe(&out_w, PIPE_SIZE);
+    let keep = [sys::raw(&in_r), sys::raw(&out_w)];
+    let (factory, after_fork, max) = (&parts.factory, &hooks.after_fork, opts.max_frame);
+    let child = sys::fork_child(&keep, &format!("mg:{}#{slot}", parts.ctx.name), move || {
+        child::ipc_worker::<I, O>(in_r, out_w, factory, after_fork, max)
+    })?;
+    Ok(Worker {
+        child,
+        input: Some(in_w),
+        out: Vec::new(),
+        stream: Stream::new(out_r, opts.max_frame),
+        exit: None,
+        flights: VecDeque::new(),
+        front_since: None,
+        deadline: None,
+        killed: None,
+        shutdown: false,
+        start_error: None,
+        protocol: None,
+        results: 0,
+    })
+}
+
+/// Forks the workers (called while the run prepares, before stage threads exist).
+pub(super) fn start<I: Wire, O: Wire>(
+    parts: Parts<I, O>,
+    opts: ForkOptions,
+    hooks: ForkHooks,
+) -> PreparedRun {
+    let ctx = parts.ctx.clone();
+    let fail = move |parts: Parts<I, O>, m: String| -> PreparedRun {
+        ctx.stage_failed(FailureKind::Start, m);
+        Box::new(move || drain(&parts.ctx, &parts.input))
+    };
+    if let Err(m) = hooks::run_fork(&hooks.before_fork, "before_fork") {
+        return fail(parts, m);
+    }
+    let mut workers = Vec::with_capacity(opts.workers);
+    for slot in 0..opts.workers {
+        match spawn(&parts, &opts, &hooks, slot) {
+            Ok(w) => workers.push(Some(w)),
+            Err(e) => return fail(parts, format!("cannot fork worker {slot}: {e}")),
+        }
+    }
+    Box::new(move || run(parts, opts, hooks, workers))
+}
+
+fn run<I: Wire, O: Wire>(
+    parts: Parts<I, O>,
+    opts: ForkOptions,
+    hooks: ForkHooks,
+    workers: Vec<Option<Worker>>,
+) {
+    let wake = match Wake::new() {
+        Ok(w) => w,
+        Err(e) => {
+            parts
+                .ctx
+                .stage_failed(FailureKind::Start, format!("cannot create a pipe: {e}"));
+            return drain(&parts.ctx, &parts.input);
+        }
+    };
+    let window = opts.in_flight.max(1);
+    let (tx, rx) = crossbeam_channel::bounded::<(u64, Vec<u8>)>(opts.workers * window);
+    std::thread::scope(|s| {
+        let ctx = &parts.ctx;
+        std::thread::Builder::new()
+            .name(format!("{}:feed", ctx.name))
+            .spawn_scoped(s, || {
+                let mut index = 0u64;
+                feed(ctx, &parts.input, tx, &wake, |item: I| {
+                    index += 1;
+                    encode_input(&parts, index - 1, item, opts.max_frame)
+                })
+            })
+            .expect("spawn feeder thread");
+        let respawn = vec![None; workers.len()];
+        let mut sup = Supervisor {
+            parts: &parts,
+            opts: &opts,
+            hooks: &hooks,
+            workers,
+            respawn,
+            rr: 0,
+            deaths: 0,
+        };
+        sup.run(rx, &wake);
+    });
+}
+
+/// Serialises an input item; an item that cannot be serialised fails here (never retried:
+/// encoding is deterministic) and goes to the dead-letter stage with the error.
+fn encode_input<I: Wire, O>(
+    parts: &Parts<I, O>,
+    index: u64,
+    item: I,
+    max: usize,
+) -> Option<(u64, Vec<u8>)> {
+    let mut payload = Vec::new();
+    match protocol::encode(&item, &mut payload) {
+        Ok(()) if payload.len() + frame::HEADER - 4 <= max => Some((index, payload)),
+        r => {
+            let message = match r {
+                Err(e) => format!("cannot serialise the input item: {e}"),
+                Ok(()) => format!(
+                    "input item of {} bytes exceeds the maximum frame size",
+                    payload.len()
+                ),
+            };
+            let attempt = parts.ctx.policy.retries + 1;
+            if let Verdict::DeadLetter(f) =
+                parts
+                    .ctx
+                    .failure(index, attempt, FailureKind::Encode, message, None)
+            {
+                dead_letter(parts, item, f);
+            }
+            None
+        }
+    }
+}
+
+struct Supervisor<'a, I, O> {
+    parts: &'a Parts<I, O>,
+    opts: &'a ForkOptions,
+    hooks: &'a ForkHooks,
+    workers: Vec<Option<Worker>>,
+    respawn: Vec<Option<Instant>>,
+    rr: usize,
+    deaths: u32,
+}
+
+impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
+    fn run(&mut self, rx: Receiver<(u64, Vec<u8>)>, wake: &Wake) {
+        let ctx = &self.parts.ctx;
+        let abort_fd = ctx.run.abort_fd();
+        let mut rec = Recorder::new(&ctx.stats);
+        let mut queue: VecDeque<Flight> = VecDeque::new();
+        let mut input_done = false;
+        let mut cancelled_all = false;
+        let window = self.opts.in_flight.max(1);
+        loop {
+            let now = Instant::now();
+            if ctx.run.aborting() && !cancelled_all {
+                cancelled_all = true;
+                ctx.cancelled(queue.len() as u64);
+                queue.clear();
+                for w in self.workers.iter_mut().flatten() {
+                    if w.exit.is_none() && w.killed.is_none() {
+                        terminate(
+                            w.child.pid,
+                            &mut w.killed,
+                            Killed::Cancelled,
+                            &mut w.deadline,
+                        );
+                    }
+                }
+            }
+            if ctx.run.aborting() {
+                while rx.try_recv().is_ok() {
+                    ctx.cancelled(1);
+                }
+            }
+            // Replace dead workers whose backoff has passed, while there is work.
+            let work_left = !input_done || !queue.is_empty() || self.in_flight() > 0;
+            for slot in 0..self.workers.len() {
+                if self.workers[slot].is_none() && self.respawn[slot].is_some_and(|t| t <= now) {
+                    self.respawn[slot] = None;
+                    if work_left && !ctx.run.aborting() {
+                        match spawn(self.parts, self.opts, self.hooks, slot) {
+                            Ok(w) => self.workers[slot] = Some(w),
+                            Err(e) => {
+                                tracing::warn!(stage = %ctx.name, slot, error = %e, "cannot fork a replacement worker");
+                                self.respawn[slot] = Some(now + Duration::from_secs(1));
+                            }
+                        }
+                    }
+                }
+            }
+            // Dispatch: retries that are due first, then new items, round-robin.
+            if !ctx.run.aborting() {
+                loop {
+                    let Some(slot) = self.next_worker(window) else {
+                        break;
+                    };
+                    let flight = if queue
+                        .front()
+                        .is_some_and(|f| f.not_before.is_none_or(|t| t <= now))
+                    {
+                        queue.pop_front().expect("front exists")
+                    } else {
+                        match rx.try_recv() {
+                            Ok((index, payload)) => Flight {
+                                index,
+                                attempt: 1,
+                                payload,
+                                not_before: None,
+                            },
+                            Err(TryRecvError::Empty) => break,
+                            Err(TryRecvError::Disconnected) => {
+                                input_done = true;
+                                break;
+                            }
+                        }
+                    };
+                    let w = self.workers[slot].as_mut().expect("chosen worker exists");
+                    frame::push(
+                        &mut w.out,
+                        Kind::Item,
+                        flight.index,
+                        &flight.payload,
+                        usize::MAX,
+                    )
+                    .expect("no limit on the parent's own frames");
+                    if w.flights.is_empty() {
+                        w.front_since = Some(now);
+                        w.deadline = self.opts.timeout.map(|t| now + t);
+                    }
+                    w.flights.push_back(flight);
+                    self.rr = slot + 1;
+                }
+            }
+            let nothing_left = input_done && queue.is_empty() && self.in_flight() == 0;
+            if nothing_left || ctx.run.aborting() && input_done {
+                // Graceful shutdown: each live worker flushes its instance and exits.
+                for w in self.workers.iter_mut().flatten() {
+                    if !w.shutdown && w.exit.is_none() {
+                        w.shutdown = true;
+                        let _ = frame::push(&mut w.out, Kind::Shutdown, 0, &[], usize::MAX);
+                    }
+                }
+                if self.workers.iter().flatten().all(|w| w.exit.is_some()) {
+                    break;
+                }
+            }
+            for w in self.workers.iter_mut().flatten() {
+                flush_input(w);
+            }
+            // Sleep until a worker speaks, exits or can take more bytes, an item arrives, a
+            // deadline passes, or the run aborts.
+            wake.sleepy();
+            if !input_done
+                && !rx.is_empty()
+                && self.next_worker(window).is_some()
+                && !ctx.run.aborting()
+            {
+                wake.awake();
+                continue;
+            }
+            let mut deadline = self
+                .workers
+                .iter()
+                .flatten()
+                .fold(None, |d, w| earliest(d, w.deadline));
+            deadline = earliest(deadline, queue.front().and_then(|f| f.not_before));
+            for t in self.respawn.iter().flatten() {
+                deadline = earliest(deadline, Some(*t));
+            }
+            let ready: Vec<(bool, bool)> = {
+                let mut fds = Vec::with_capacity(2 + 3 * self.workers.len());
+                fds.push(PollFd::new(&wake.r, PollFlags::IN));
+                fds.push(PollFd::new(abort_fd, PollFlags::IN));
+                let mut map = Vec::new();
+                for w in self.workers.iter().flatten() {
+                    let base = fds.len();
+                    let rflags = if w.stream.eof {
+                        PollFlags::empty()
+                    } else {
+                        PollFlags::IN
+                    };
+                    fds.push(PollFd::new(&w.stream.fd, rflags));
+                    fds.push(PollFd::new(
+                        &w.child.pidfd,
+                        if w.exit.is_none() {
+                            PollFlags::IN
+                        } else {
+                            PollFlags::empty()
+                        },
+                    ));
+                    if let (Some(fd), false) = (&w.input, w.out.is_empty()) {
+                        fds.push(PollFd::new(fd, PollFlags::OUT));
+                    }
+                    map.push(base);
+                }
+                wait(&mut fds, deadline);
+                map.iter()
+                    .map(|&b| {
+                        (
+                            !fds[b].revents().is_empty(),
+                            !fds[b + 1].revents().is_empty(),
+                        )
+                    })
+                    .collect()
+            };
+            wake.awake();
+            let now = Instant::now();
+            let live: Vec<usize> = (0..self.workers.len())
+                .filter(|&s| self.workers[s].is_some())
+                .collect();
+            for (k, &slot) in live.iter().enumerate() {
+                let (readable, exited) = ready[k];
+                if readable {
+                    self.pump(slot, &mut rec, &mut queue);
+                }
+                let w = self.workers[slot].as_mut().expect("live worker");
+                if exited && w.exit.is_none() {
+                    w.exit = Some(sys::reap(w.child.pid));
+                    self.pump(slot, &mut rec, &mut queue);
+                }
+                let w = self.workers[slot].as_mut().expect("live worker");
+                if w.exit.is_none() && w.deadline.is_some_and(|d| d <= now) {
+                    let why = w.killed.unwrap_or(Killed::Timeout);
+                    terminate(w.child.pid, &mut w.killed, why, &mut w.deadline);
+                }
+                if w.exit.is_some() {
+                    self.bury(slot, &mut queue);
+                }
+            }
+        }
+    }
+
+    fn in_flight(&self) -> usize {
+        self.workers.iter().flatten().map(|w| w.flights.len()).sum()
+    }
+
+    /// The next worker, round-robin, that is alive, not shutting down and has room.
+    fn next_worker(&self, window: usize) -> Option<usize> {
+        let n = self.workers.len();
+        (0..n).map(|k| (self.rr + k) % n).find(|&s| {
+            self.workers[s].as_ref().is_some_and(|w| {
+                w.exit.is_none()
+                    && w.killed.is_none()
+                    && !w.shutdown
+                    && w.start_error.is_none()
+                    && w.flights.len() < window
+            })
+        })
+    }
+
+    /// Reads what a worker sent: routes results, completes and fails its items in order.
+    fn pump(&mut self, slot: usize, rec: &mut Recorder<'_>, queue: &mut VecDeque<Flight>) {
+        loop {
+            let w = self.workers[slot].as_mut().expect("live worker");
+            w.stream.read_available();
+            let mut progressed = false;
+            loop {
+                let w = self.workers[slot].as_mut().expect("live worker");
+                let front = w.flights.front().map(|f| f.index);
+                let next = w
+                    .stream
+                    .dec
+                    .next(|kind, id, payload| -> Result<Event<O>, String> {
+                        if id != FINISH_ID && id != START_ID && Some(id) != front {
+                            return Err(format!(
+                                "frame for item {id} while the worker runs item {front:?}"
+                            ));
+                        }
+                        match kind {
+                            Kind::Result => protocol::decode::<O>(payload)
+                                .map(Event::Result)
+                                .map_err(|e| format!("cannot decode a result: {e}")),
+                            Kind::Done => protocol::decode::<Done>(payload)
+                                .map(|d| Event::Done(id, d))
+                                .map_err(|e| format!("bad done frame: {e}")),
+                            Kind::Error => protocol::decode::<ChildError>(payload)
+                                .map(|e| Event::Error(id, e))
+                                .map_err(|e| format!("bad error frame: {e}")),
+                            other => Err(format!("unexpected {other:?} frame from a worker")),
+                        }
+                    });
+                match next {
+                    Ok(None) => break,
+                    Ok(Some(ev)) => {
+                        progressed = true;
+                        match ev {
+                            Ok(ev) => self.event(slot, ev, rec, queue),
+                            Err(m) => {
+                                self.protocol_error(slot, m);
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        self.protocol_error(slot, e.to_string());
+                        return;
+                    }
+                }
+            }
+            let w = self.workers[slot].as_ref().expect("live worker");
+            if !progressed || w.stream.eof {
+                return;
+            }
+        }
+    }
+
+    fn event(
+        &mut self,
+        slot: usize,
+        ev: Event<O>,
+        rec: &mut Recorder<'_>,
+        queue: &mut VecDeque<Flight>,
+    ) {
+        let now = Instant::now();
+        let w = self.workers[slot].as_mut().expect("live worker");
+        match ev {
+            Event::Result(o) => {
+                w.results += 1;
+                let _ = self.parts.router.route(o);
+            }
+            Event::Done(FINISH_ID, _) | Event::Done(START_ID, _) => w.results = 0,
+            Event::Done(_, d) => {
+                let results = std::mem::take(&mut w.results);
+                let flight = w.flights.pop_front().expect("done for the front item");
+                w.front_since = (!w.flights.is_empty()).then_some(now);
+                w.deadline = self
+                    .opts
+                    .timeout
+                    .filter(|_| !w.flights.is_empty())
+                    .map(|t| now + t);
+                self.deaths = 0;
+                if d.outputs == results {
+                    rec.latency(d.latency_ns);
+                } else {
+                    let m = format!(
+                        "worker reported {} results, parent received {results}",
+                        d.outputs
+                    );
+                    let pid = Some(w.child.pid as u32);
+                    self.failed(flight, FailureKind::Protocol, m, pid, queue);
+                }
+            }
+            Event::Error(START_ID, e) => {
+                w.start_error = Some(e.message);
+            }
+            Event::Error(FINISH_ID, e) => {
+                let pid = Some(w.child.pid as u32);
+                w.results = 0;
+                self.parts
+                    .ctx
+                    .failure(u64::MAX, 1, e.kind, format!("finish: {}", e.message), pid);
+            }
+            Event::Error(_, e) => {
+                w.results = 0;
+                let flight = w.flights.pop_front().expect("error for the front item");
+                w.front_since = (!w.flights.is_empty()).then_some(now);
+                w.deadline = self
+                    .opts
+                    .timeout
+                    .filter(|_| !w.flights.is_empty())
+                    .map(|t| now + t);
+                let pid = Some(w.child.pid as u32);
+                self.failed(flight, e.kind, e.message, pid, queue);
+            }
+        }
+    }
+
+    fn protocol_error(&mut self, slot: usize, m: String) {
+        let w = self.workers[slot].as_mut().expect("live worker");
+        if w.protocol.is_none() {
+            w.protocol = Some(m);
+            w.stream.eof = true;
+            w.killed.get_or_insert(Killed::Protocol);
+            sys::kill(w.child.pid, libc::SIGKILL);
+        }
+    }
+
+    /// A worker has exited and its stream is drained: fail what it was running, requeue the
+    /// rest, and schedule a replacement.
+    fn bury(&mut self, slot: usize, queue: &mut VecDeque<Flight>) {
+        let mut w = self.workers[slot].take().expect("live worker");
+        let exit = w.exit.expect("buried workers have exited");
+        let pid = Some(w.child.pid as u32);
+        let clean = w.shutdown && w.flights.is_empty() && exit == sys::Exit::Code(0);
+        if let Some(m) = w.start_error.take() {
+            self.deaths += 1;
+            if self.deaths as usize > 3 * self.workers.len() {
+                self.parts.ctx.stage_failed(
+                    FailureKind::Start,
+                    format!("workers keep failing to start: {m}"),
+                );
+            } else {
+                tracing::warn!(stage = %self.parts.ctx.name, slot, message = %m, "worker failed to start");
+            }
+        } else if let Some(front) = w.flights.pop_front() {
+            let (kind, message) = match (w.killed, w.protocol.take()) {
+                (Some(Killed::Cancelled), _) => (
+                    FailureKind::Cancelled,
+                    "run interrupted; worker terminated".to_string(),
+                ),
+                (_, Some(m)) => (FailureKind::Protocol, m),
+                (Some(Killed::Timeout), _) => (
+                    FailureKind::Timeout,
+                    format!(
+                        "no result within {:?}; worker killed",
+                        self.opts.timeout.unwrap_or_default()
+                    ),
+                ),
+                _ => exit_failure(exit, w.stream.dec.pending() > 0),
+            };
+            self.deaths += 1;
+            self.failed(front, kind, message, pid, queue);
+        } else if !clean && !self.parts.ctx.run.aborting() {
+            self.deaths += 1;
+            let (_, m) = exit_failure(exit, false);
+            tracing::warn!(stage = %self.parts.ctx.name, slot, message = %m, "idle worker died");
+        }
+        // Items queued behind the failed one were never started: back to the front.
+        let cancelled = self.parts.ctx.run.aborting();
+        for f in w.flights.drain(..).rev() {
+            if cancelled {
+                self.parts.ctx.cancelled(1);
+            } else {
+                queue.push_front(f);
+            }
+        }
+        if !clean && !cancelled {
+            let backoff = match self.deaths {
+                0..=1 => Duration::ZERO,
+                d => Duration::from_millis(10u64 << (d.min(7) - 1)),
+            };
+            self.respawn[slot] = Some(Instant::now() + backoff);
+        }
+        drop(w);
+    }
+
+    fn failed(
+        &self,
+        f: Flight,
+        kind: FailureKind,
+        message: String,
+        pid: Option<u32>,
+        queue: &mut VecDeque<Flight>,
+    ) {
+        if kind == FailureKind::Cancelled {
+            self.parts.ctx.cancelled(1);
+            return;
+        }
+        match self
+            .parts
+            .ctx
+            .failure(f.index, f.attempt, kind, message, pid)
+        {
+            Verdict::Retry(delay) => queue.push_back(Flight {
+                attempt: f.attempt + 1,
+                not_before: Some(Instant::now() + delay),
+                ..f
+            }),
+            Verdict::DeadLetter(failure) => match protocol::decode::<I>(&f.payload) {
+                Ok(item) => dead_letter(self.parts, item, failure),
+                Err(e) => {
+                    tracing::error!(stage = %self.parts.ctx.name, item = f.index, error = %e, "cannot decode a dead letter")
+                }
+            },
+            Verdict::Dropped => {}
+        }
+    }
+}
+
+/// Writes as much of a worker's pending input as its pipe takes now; closes the input after
+/// the shutdown frame is out.
+fn flush_input(w: &mut Worker) {
+    let Some(fd) = &w.input else { return };
+    let mut off = 0;
+    let mut broken = false;
+    while off < w.out.len() {
+        match rustix::io::write(fd, &w.out[off..]) {
+            Ok(n) => off += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => break,
+            Err(_) => {
+                // The worker is gone (EPIPE); its pidfd tells the rest.
+                off = w.out.len();
+                broken = true;
+            }
+        }
+    }
+    if broken {
+        w.input = None;
+    }
+    w.out.drain(..off);
+    if w.shutdown && w.out.is_empty() {
+        w.input = None;
+    }
+}
+
+enum Event<O> {
+    Result(O),
+    Done(u64, Done),
+    Error(u64, ChildError),
+}

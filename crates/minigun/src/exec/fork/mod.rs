@@ -1,0 +1,241 @@
+//! The two fork executors and what they share.
+//!
+//! # Process and thread picture of one fork stage
+//!
+//! ```text
+//!  stage queue ──> feeder thread ──(bounded hand-off + wake pipe)──> supervisor (driver thread)
+//!                                                                     │ fork / write items
+//!                                                                     │ poll: result pipes,
+//!                                                                     │   pidfds, wake, abort
+//!                                                                     ▼
+//!                                       children ──(result frames)──> supervisor ──> downstream
+//! ```
+//!
+//! - The **feeder** only moves items from the stage queue into a small hand-off channel (and,
+//!   for ipc_fork, serialises them there, off the supervisor's thread). It wakes the supervisor
+//!   through a pipe only when the supervisor is about to sleep.
+//! - The **supervisor** is the only thread that forks, writes to children, reads from them,
+//!   reaps them and applies the error policy. It sleeps in one `poll` over every result pipe,
+//!   every child's pidfd, the wake pipe and the run's abort pipe, with a timeout only for the
+//!   nearest per-item deadline or retry backoff: no polling loops.
+//! - Results are read while children run (a child can emit far more than a pipe holds).
+//! - A child's outcome is decided when it has exited and its pipe is drained:
+//!   `done` frame = success; `error` frame = the stage's error or panic; otherwise the exit
+//!   status: killed by a signal, non-zero exit, or a stream that ended early (truncated).
+//!   Each is one failure of that one item, handed to the stage's policy.
+
+mod child;
+mod cow;
+mod ipc;
+
+use crate::exec::local::Parts;
+use crate::exec::ForkOptions;
+use crate::ipc::frame::Decoder;
+use crate::node::{ForkHooks, PreparedRun};
+use crate::policy::StageCtx;
+use crate::stage::{Item, Wire};
+use crate::sys;
+use crossbeam_channel::{Receiver, Sender};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// Grace between SIGTERM and SIGKILL.
+const KILL_GRACE: Duration = Duration::from_millis(500);
+/// Pipe buffer size asked for (the system maximum applies).
+const PIPE_SIZE: usize = 1 << 20;
+/// Most bytes read from one child per wake-up, so one chatty child cannot starve the rest.
+const READ_BUDGET: usize = 4 << 20;
+
+pub(crate) fn cow<I: Item, O: Wire>(
+    parts: Parts<I, O>,
+    opts: ForkOptions,
+    hooks: ForkHooks,
+) -> PreparedRun {
+    Box::new(move || cow::run(parts, opts, hooks))
+}
+
+pub(crate) fn ipc<I: Wire, O: Wire>(
+    parts: Parts<I, O>,
+    opts: ForkOptions,
+    hooks: ForkHooks,
+) -> PreparedRun {
+    ipc::start(parts, opts, hooks)
+}
+
+/// The wake pipe from the feeder to a sleeping supervisor.
+pub(crate) struct Wake {
+    r: OwnedFd,
+    w: OwnedFd,
+    sleeping: AtomicBool,
+}
+
+impl Wake {
+    fn new() -> std::io::Result<Self> {
+        let (r, w) = sys::pipe(true)?;
+        sys::set_nonblocking(&w)?;
+        Ok(Wake {
+            r,
+            w,
+            sleeping: AtomicBool::new(false),
+        })
+    }
+    /// Feeder side: wakes the supervisor if it is (about to be) asleep.
+    fn notify(&self) {
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            let _ = rustix::io::write(&self.w, &[1]);
+        }
+    }
+    /// Supervisor side: announce sleep; re-check for work after this, then poll.
+    fn sleepy(&self) {
+        self.sleeping.store(true, Ordering::SeqCst);
+    }
+    fn awake(&self) {
+        self.sleeping.store(false, Ordering::SeqCst);
+        let mut buf = [0u8; 64];
+        while let Ok(n) = rustix::io::read(&self.r, &mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+}
+
+/// The feeder: stage queue -> hand-off, turning items into what the supervisor needs.
+/// Counts each item taken as `items_in` once; items arriving after an abort are cancelled.
+fn feed<I, T>(
+    ctx: &StageCtx,
+    input: &Receiver<I>,
+    handoff: Sender<T>,
+    wake: &Wake,
+    mut make: impl FnMut(I) -> Option<T>,
+) {
+    for item in input.iter() {
+        if ctx.run.aborting() {
+            ctx.cancelled(1);
+            continue;
+        }
+        ctx.stats.items_in.fetch_add(1, Ordering::Relaxed);
+        let Some(t) = make(item) else { continue };
+        if handoff.send(t).is_err() {
+            ctx.cancelled(1);
+            break;
+        }
+        wake.notify();
+    }
+    drop(handoff);
+    wake.sleeping.store(false, Ordering::SeqCst);
+    let _ = rustix::io::write(&wake.w, &[1]);
+}
+
+/// A child's result stream, as the parent reads it.
+pub(crate) struct Stream {
+    fd: OwnedFd,
+    dec: Decoder,
+    eof: bool,
+}
+
+impl Stream {
+    fn new(fd: OwnedFd, max: usize) -> Self {
+        Stream {
+            fd,
+            dec: Decoder::new(max),
+            eof: false,
+        }
+    }
+    /// Reads what is available now (non-blocking), up to the read budget.
+    fn read_available(&mut self) {
+        let mut total = 0;
+        while !self.eof && total < READ_BUDGET {
+            const CHUNK: usize = 256 << 10;
+            let spare = self.dec.spare(CHUNK);
+            match rustix::io::read(&self.fd, spare) {
+                Ok(0) => {
+                    self.dec.filled(CHUNK, 0);
+                    self.eof = true;
+                }
+                Ok(n) => {
+                    self.dec.filled(CHUNK, n);
+                    total += n;
+                    if n < CHUNK {
+                        break;
+                    }
+                }
+                Err(rustix::io::Errno::INTR) => self.dec.filled(CHUNK, 0),
+                Err(rustix::io::Errno::AGAIN) => {
+                    self.dec.filled(CHUNK, 0);
+                    break;
+                }
+                Err(_) => {
+                    self.dec.filled(CHUNK, 0);
+                    self.eof = true;
+                }
+            }
+        }
+    }
+}
+
+/// How the parent ended a child early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Killed {
+    Timeout,
+    Cancelled,
+    Protocol,
+}
+
+/// A watchdog state: SIGTERM first, SIGKILL after the grace period.
+fn terminate(pid: i32, killed: &mut Option<Killed>, why: Killed, deadline: &mut Option<Instant>) {
+    if killed.is_none() {
+        *killed = Some(why);
+        sys::kill(pid, libc::SIGTERM);
+        *deadline = Some(Instant::now() + KILL_GRACE);
+    } else {
+        sys::kill(pid, libc::SIGKILL);
+        *deadline = None;
+    }
+}
+
+/// Sleeps in poll until one of `fds` is ready or `deadline` passes.
+fn wait(fds: &mut [rustix::event::PollFd<'_>], deadline: Option<Instant>) {
+    let timeout = deadline.map(|d| {
+        let left = d.saturating_duration_since(Instant::now());
+        rustix::event::Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: left.subsec_nanos() as i64,
+        }
+    });
+    let _ = rustix::event::poll(fds, timeout.as_ref());
+}
+
+/// Text for a failure from how a child ended.
+fn exit_failure(exit: sys::Exit, partial: bool) -> (crate::FailureKind, String) {
+    use crate::FailureKind as K;
+    match exit {
+        sys::Exit::Signal(s) => (
+            K::Signal(s),
+            format!("child killed by signal {s} ({})", signal_name(s)),
+        ),
+        sys::Exit::Code(0) if partial => {
+            (K::Truncated, "child exited in the middle of a frame".into())
+        }
+        sys::Exit::Code(0) => (
+            K::Truncated,
+            "child exited without finishing the item".into(),
+        ),
+        sys::Exit::Code(c) => (K::Exit(c), format!("child exited with code {c}")),
+    }
+}
+
+fn signal_name(s: i32) -> &'static str {
+    nix::sys::signal::Signal::try_from(s)
+        .map(|s| s.as_str())
+        .unwrap_or("unknown")
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}

@@ -1,0 +1,134 @@
+//! Executors: where a stage's items are processed.
+//!
+//! | executor | where | item crosses a process? |
+//! |---|---|---|
+//! | [`Exec::Inline`] | the stage's driver thread, one item at a time | no |
+//! | [`Exec::Threads`] | `n` threads pulling from the stage queue, `n` items in flight | no |
+//! | [`Exec::CowFork`] | one forked child per item, at most `n` alive | output only |
+//! | [`Exec::IpcFork`] | `n` persistent forked workers fed over pipes | input and output |
+//!
+//! Every executor hands failed attempts to the stage's one policy
+//! ([`StageCtx::failure`](crate::policy::StageCtx)), so a stage means the same under all of them.
+
+pub(crate) mod fork;
+pub(crate) mod local;
+
+use std::time::Duration;
+
+/// Options of the fork executors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ForkOptions {
+    /// Concurrent children (cow_fork) or persistent workers (ipc_fork).
+    pub workers: usize,
+    /// Per-item time limit; the child is killed (SIGTERM, then SIGKILL) when it passes.
+    pub timeout: Option<Duration>,
+    /// Largest frame accepted on a pipe, in bytes.
+    pub max_frame: usize,
+    /// Items a persistent worker may hold at once (ipc_fork); 1 = strict request/response.
+    pub in_flight: usize,
+}
+
+impl ForkOptions {
+    fn new(workers: usize) -> Self {
+        ForkOptions {
+            workers,
+            timeout: None,
+            max_frame: 256 << 20,
+            in_flight: 4,
+        }
+    }
+}
+
+/// An execution strategy, set pipeline-wide, per group of stages, or per stage.
+///
+/// ```
+/// use minigun::Exec;
+/// use std::time::Duration;
+/// let e = Exec::threads(8);
+/// let f = Exec::cow_fork(4).timeout(Duration::from_secs(5));
+/// # let _ = (e, f);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Exec {
+    /// On the stage's own driver thread, one item at a time.
+    Inline,
+    /// `n` worker threads, `n` items in flight at once.
+    Threads(usize),
+    /// One forked child per item (copy-on-write input), at most `workers` alive.
+    CowFork(ForkOptions),
+    /// `workers` persistent forked workers fed over pipes.
+    IpcFork(ForkOptions),
+}
+
+impl Default for Exec {
+    fn default() -> Self {
+        Exec::Inline
+    }
+}
+
+impl Exec {
+    /// On the stage's driver thread.
+    pub fn inline() -> Self {
+        Exec::Inline
+    }
+    /// `n` threads.
+    pub fn threads(n: usize) -> Self {
+        Exec::Threads(n)
+    }
+    /// One forked child per item, at most `n` at once.
+    pub fn cow_fork(n: usize) -> Self {
+        Exec::CowFork(ForkOptions::new(n))
+    }
+    /// `n` persistent forked workers.
+    pub fn ipc_fork(n: usize) -> Self {
+        Exec::IpcFork(ForkOptions::new(n))
+    }
+    /// Per-item time limit (fork executors; ignored by the others).
+    pub fn timeout(mut self, t: Duration) -> Self {
+        if let Some(o) = self.fork_options_mut() {
+            o.timeout = Some(t);
+        }
+        self
+    }
+    /// Largest frame accepted on a pipe (fork executors; ignored by the others).
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        if let Some(o) = self.fork_options_mut() {
+            o.max_frame = bytes;
+        }
+        self
+    }
+    /// Items a persistent worker may hold at once (ipc_fork; ignored by the others).
+    pub fn in_flight(mut self, n: usize) -> Self {
+        if let Some(o) = self.fork_options_mut() {
+            o.in_flight = n;
+        }
+        self
+    }
+    fn fork_options_mut(&mut self) -> Option<&mut ForkOptions> {
+        match self {
+            Exec::CowFork(o) | Exec::IpcFork(o) => Some(o),
+            _ => None,
+        }
+    }
+    /// How many items this executor processes at once.
+    pub fn concurrency(&self) -> usize {
+        match self {
+            Exec::Inline => 1,
+            Exec::Threads(n) => *n,
+            Exec::CowFork(o) | Exec::IpcFork(o) => o.workers,
+        }
+    }
+}
+
+impl std::fmt::Display for Exec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exec::Inline => f.write_str("inline"),
+            Exec::Threads(n) => write!(f, "threads({n})"),
+            Exec::CowFork(o) => write!(f, "cow_fork({})", o.workers),
+            Exec::IpcFork(o) => write!(f, "ipc_fork({})", o.workers),
+        }
+    }
+}

@@ -1,0 +1,319 @@
+//! The stage graph, pure: default (sequential) wiring, validation, topological order.
+//!
+//! No types, no threads: just indices and names, so every definition error is tested
+//! exhaustively here.
+//!
+//! Sequential default wiring, in definition order: a stage "has explicit inputs" when it has a
+//! `from` or is the target of a `to`; it "has explicit outputs" when it has a `to` or some stage
+//! names it in `from`. Walking the stages in order, producers and stages without explicit
+//! outputs are *open*; the next non-producer stage without explicit inputs takes every open
+//! stage as its upstreams (so several producers each feed the next stage). Consumers are never
+//! open: their output is `()`.
+
+use crate::error::DefinitionError;
+
+/// What a stage is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum StageKind {
+    /// No input; runs once and emits any number of items.
+    Producer,
+    /// Called once per input item; emits 0..n items.
+    Processor,
+    /// Collects items into batches.
+    Accumulator,
+    /// Called once per item; emits nothing.
+    Consumer,
+    /// A user-defined [`Stage`](crate::Stage) type.
+    Custom,
+}
+
+impl std::fmt::Display for StageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StageKind::Producer => "producer",
+            StageKind::Processor => "processor",
+            StageKind::Accumulator => "accumulator",
+            StageKind::Consumer => "consumer",
+            StageKind::Custom => "stage",
+        })
+    }
+}
+
+/// The graph as the builder declared it, references already resolved to indices.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Declared {
+    pub(crate) names: Vec<String>,
+    pub(crate) kinds: Vec<StageKind>,
+    /// Explicit `from` edges: `from[v]` are upstreams of `v`.
+    pub(crate) from: Vec<Vec<usize>>,
+    /// Explicit `to` edges: `to[u]` are downstreams of `u`.
+    pub(crate) to: Vec<Vec<usize>>,
+    /// Dead-letter edges (upstream, dead-letter stage): they feed but take no default part.
+    pub(crate) side: Vec<(usize, usize)>,
+}
+
+/// The wired graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Wired {
+    /// Data edges (upstream, downstream), in a stable order, without duplicates.
+    pub(crate) edges: Vec<(usize, usize)>,
+    /// Stage indices in topological order.
+    pub(crate) order: Vec<usize>,
+}
+
+impl Declared {
+    pub(crate) fn wire(&self, pipeline: &str) -> Result<Wired, DefinitionError> {
+        let n = self.names.len();
+        let mut seen = std::collections::HashSet::new();
+        for name in &self.names {
+            if !seen.insert(name.as_str()) {
+                return Err(DefinitionError::DuplicateName {
+                    pipeline: pipeline.to_string(),
+                    name: name.clone(),
+                });
+            }
+        }
+        let mut edges: Vec<(usize, usize)> = Vec::new();
+        let push = |e: (usize, usize), edges: &mut Vec<(usize, usize)>| {
+            if !edges.contains(&e) {
+                edges.push(e);
+            }
+        };
+        for v in 0..n {
+            for &u in &self.from[v] {
+                push((u, v), &mut edges);
+            }
+        }
+        for u in 0..n {
+            for &v in &self.to[u] {
+                push((u, v), &mut edges);
+            }
+        }
+        let explicit_in: Vec<bool> = (0..n)
+            .map(|v| edges.iter().chain(self.side.iter()).any(|&(_, d)| d == v))
+            .collect();
+        let explicit_out: Vec<bool> = (0..n).map(|u| edges.iter().any(|&(s, _)| s == u)).collect();
+        let mut open: Vec<usize> = Vec::new();
+        for v in 0..n {
+            let producer = self.kinds[v] == StageKind::Producer;
+            if !producer && !explicit_in[v] {
+                for &u in &open {
+                    push((u, v), &mut edges);
+                }
+                open.clear();
+            }
+            if !explicit_out[v] && self.kinds[v] != StageKind::Consumer {
+                open.push(v);
+            }
+        }
+        for &(u, v) in &edges {
+            if self.kinds[v] == StageKind::Producer {
+                return Err(DefinitionError::ProducerHasInput {
+                    stage: self.names[v].clone(),
+                    upstream: self.names[u].clone(),
+                });
+            }
+        }
+        let all: Vec<(usize, usize)> = edges.iter().chain(self.side.iter()).copied().collect();
+        for v in 0..n {
+            if self.kinds[v] != StageKind::Producer && !all.iter().any(|&(_, d)| d == v) {
+                return Err(DefinitionError::Unfed {
+                    stage: self.names[v].clone(),
+                });
+            }
+        }
+        let order = self.topo(&all)?;
+        Ok(Wired { edges, order })
+    }
+
+    /// Kahn's algorithm; on a cycle, names the stages of one cycle in order.
+    fn topo(&self, edges: &[(usize, usize)]) -> Result<Vec<usize>, DefinitionError> {
+        let n = self.names.len();
+        let mut indeg = vec![0usize; n];
+        for &(_, v) in edges {
+            indeg[v] += 1;
+        }
+        let mut ready: std::collections::VecDeque<usize> =
+            (0..n).filter(|&v| indeg[v] == 0).collect();
+        let mut order = Vec::with_capacity(n);
+        while let Some(u) = ready.pop_front() {
+            order.push(u);
+            for &(s, d) in edges {
+                if s == u {
+                    indeg[d] -= 1;
+                    if indeg[d] == 0 {
+                        ready.push_back(d);
+                    }
+                }
+            }
+        }
+        if order.len() == n {
+            return Ok(order);
+        }
+        // Walk backwards along remaining edges from any stage left: we must revisit one.
+        let left: Vec<bool> = (0..n).map(|v| indeg[v] > 0).collect();
+        let start = (0..n)
+            .find(|&v| left[v])
+            .expect("a stage is left on a cycle");
+        let mut path = vec![start];
+        let mut cur = start;
+        loop {
+            let prev = edges
+                .iter()
+                .find(|&&(s, d)| d == cur && left[s])
+                .map(|&(s, _)| s)
+                .expect("a stage on a cycle has an upstream on it");
+            if let Some(pos) = path.iter().position(|&x| x == prev) {
+                let mut cycle: Vec<usize> = path[pos..].to_vec();
+                cycle.reverse();
+                return Err(DefinitionError::Cycle {
+                    stages: cycle.into_iter().map(|i| self.names[i].clone()).collect(),
+                });
+            }
+            path.push(prev);
+            cur = prev;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use StageKind::*;
+
+    fn decl(stages: &[(&str, StageKind)]) -> Declared {
+        let n = stages.len();
+        Declared {
+            names: stages.iter().map(|s| s.0.to_string()).collect(),
+            kinds: stages.iter().map(|s| s.1).collect(),
+            from: vec![vec![]; n],
+            to: vec![vec![]; n],
+            side: vec![],
+        }
+    }
+
+    #[test]
+    fn sequential_chain() {
+        let d = decl(&[
+            ("p", Producer),
+            ("a", Processor),
+            ("b", Accumulator),
+            ("c", Consumer),
+        ]);
+        let w = d.wire("t").unwrap();
+        assert_eq!(w.edges, vec![(0, 1), (1, 2), (2, 3)]);
+        assert_eq!(w.order, vec![0, 1, 2, 3]);
+    }
+
+    #[test]
+    fn several_producers_feed_next_stage() {
+        let d = decl(&[("p1", Producer), ("p2", Producer), ("a", Processor)]);
+        assert_eq!(d.wire("t").unwrap().edges, vec![(0, 2), (1, 2)]);
+    }
+
+    #[test]
+    fn explicit_diamond_adds_no_default_edges() {
+        let mut d = decl(&[
+            ("p", Producer),
+            ("l", Processor),
+            ("r", Processor),
+            ("j", Consumer),
+        ]);
+        d.from[1] = vec![0];
+        d.from[2] = vec![0];
+        d.from[3] = vec![1, 2];
+        let w = d.wire("t").unwrap();
+        assert_eq!(w.edges, vec![(0, 1), (0, 2), (1, 3), (2, 3)]);
+    }
+
+    #[test]
+    fn forward_to_reference() {
+        let mut d = decl(&[("p", Producer), ("a", Processor), ("b", Consumer)]);
+        d.to[0] = vec![2];
+        d.from[1] = vec![0];
+        d.to[1] = vec![2];
+        assert_eq!(d.wire("t").unwrap().edges, vec![(0, 1), (0, 2), (1, 2)]);
+    }
+
+    #[test]
+    fn duplicate_name() {
+        let d = decl(&[("p", Producer), ("p", Processor)]);
+        assert_eq!(
+            d.wire("t"),
+            Err(DefinitionError::DuplicateName {
+                pipeline: "t".into(),
+                name: "p".into()
+            })
+        );
+    }
+
+    #[test]
+    fn unfed_stage() {
+        let d = decl(&[("a", Processor), ("p", Producer)]);
+        assert_eq!(
+            d.wire("t"),
+            Err(DefinitionError::Unfed { stage: "a".into() })
+        );
+        // A consumer does not feed the next stage by default.
+        let d = decl(&[("p", Producer), ("c", Consumer), ("x", Processor)]);
+        assert_eq!(
+            d.wire("t"),
+            Err(DefinitionError::Unfed { stage: "x".into() })
+        );
+    }
+
+    #[test]
+    fn producer_with_input() {
+        let mut d = decl(&[("p", Producer), ("q", Producer)]);
+        d.to[0] = vec![1];
+        assert!(matches!(
+            d.wire("t"),
+            Err(DefinitionError::ProducerHasInput { .. })
+        ));
+    }
+
+    #[test]
+    fn cycle_is_named() {
+        let mut d = decl(&[
+            ("p", Producer),
+            ("a", Processor),
+            ("b", Processor),
+            ("c", Processor),
+        ]);
+        d.from[1] = vec![0, 3];
+        d.from[2] = vec![1];
+        d.from[3] = vec![2];
+        match d.wire("t") {
+            Err(DefinitionError::Cycle { stages }) => {
+                assert_eq!(stages.len(), 3);
+                for s in ["a", "b", "c"] {
+                    assert!(stages.contains(&s.to_string()), "{stages:?}");
+                }
+            }
+            other => panic!("expected a cycle, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn self_loop_is_a_cycle() {
+        let mut d = decl(&[("p", Producer), ("a", Processor)]);
+        d.from[1] = vec![0, 1];
+        assert_eq!(
+            d.wire("t"),
+            Err(DefinitionError::Cycle {
+                stages: vec!["a".into()]
+            })
+        );
+    }
+
+    #[test]
+    fn dead_letter_edge_feeds_its_target() {
+        let mut d = decl(&[("p", Producer), ("a", Processor), ("dl", Consumer)]);
+        d.from[1] = vec![0];
+        d.side = vec![(1, 2)];
+        let w = d.wire("t").unwrap();
+        assert_eq!(w.edges, vec![(0, 1)]);
+        assert_eq!(w.order, vec![0, 1, 2]);
+    }
+}

@@ -1,0 +1,244 @@
+//! Length-prefixed frames: encoding into a buffer, incremental decoding from a byte stream.
+
+/// Bytes before the payload: len (4) + kind (1) + id (8).
+pub(crate) const HEADER: usize = 13;
+
+/// Message kinds (see the module docs of `ipc`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Kind {
+    Item = 1,
+    Result = 2,
+    Done = 3,
+    Error = 4,
+    Shutdown = 5,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Item,
+            2 => Kind::Result,
+            3 => Kind::Done,
+            4 => Kind::Error,
+            5 => Kind::Shutdown,
+            _ => return None,
+        })
+    }
+}
+
+/// A stream that is not a valid sequence of frames.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum FrameError {
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("frame length {0} is shorter than its header")]
+    Short(usize),
+    #[error("unknown frame kind {0}")]
+    BadKind(u8),
+}
+
+/// Starts a frame at the end of `buf`; returns its start for [`finish`].
+pub(crate) fn begin(buf: &mut Vec<u8>, kind: Kind, id: u64) -> usize {
+    let start = buf.len();
+    buf.extend_from_slice(&[0; 4]);
+    buf.push(kind as u8);
+    buf.extend_from_slice(&id.to_le_bytes());
+    start
+}
+
+/// Writes the length of the frame begun at `start`; a frame over `max` is removed again.
+pub(crate) fn finish(buf: &mut Vec<u8>, start: usize, max: usize) -> Result<(), FrameError> {
+    let len = buf.len() - start - 4;
+    if len > max || len > u32::MAX as usize {
+        buf.truncate(start);
+        return Err(FrameError::TooLarge { len, max });
+    }
+    buf[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
+    Ok(())
+}
+
+/// Appends a complete frame with a raw payload.
+pub(crate) fn push(
+    buf: &mut Vec<u8>,
+    kind: Kind,
+    id: u64,
+    payload: &[u8],
+    max: usize,
+) -> Result<(), FrameError> {
+    let s = begin(buf, kind, id);
+    buf.extend_from_slice(payload);
+    finish(buf, s, max)
+}
+
+/// Incremental decoder: feed it bytes as they arrive, take complete frames out.
+#[derive(Debug)]
+pub(crate) struct Decoder {
+    buf: Vec<u8>,
+    start: usize,
+    max: usize,
+}
+
+impl Decoder {
+    pub(crate) fn new(max: usize) -> Self {
+        Decoder {
+            buf: Vec::new(),
+            start: 0,
+            max,
+        }
+    }
+
+    /// The buffer to read more bytes into: returns a slice of at least `want` spare bytes;
+    /// call [`Decoder::filled`] with how many were written.
+    pub(crate) fn spare(&mut self, want: usize) -> &mut [u8] {
+        if self.start > 0 && (self.start == self.buf.len() || self.start >= 1 << 16) {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let len = self.buf.len();
+        self.buf.resize(len + want, 0);
+        &mut self.buf[len..]
+    }
+
+    /// Marks `n` bytes of the last [`Decoder::spare`] slice as data (the rest is dropped).
+    pub(crate) fn filled(&mut self, want: usize, n: usize) {
+        let len = self.buf.len();
+        self.buf.truncate(len - want + n);
+    }
+
+    /// Appends bytes.
+    #[cfg(test)]
+    pub(crate) fn extend(&mut self, data: &[u8]) {
+        let s = self.spare(data.len());
+        s.copy_from_slice(data);
+    }
+
+    /// Bytes received that do not yet form a complete frame.
+    pub(crate) fn pending(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Takes the next complete frame, if any, and hands it to `f`.
+    pub(crate) fn next<R>(
+        &mut self,
+        f: impl FnOnce(Kind, u64, &[u8]) -> R,
+    ) -> Result<Option<R>, FrameError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
+        if len > self.max {
+            return Err(FrameError::TooLarge { len, max: self.max });
+        }
+        if len < HEADER - 4 {
+            return Err(FrameError::Short(len));
+        }
+        if avail.len() < 5 {
+            return Ok(None);
+        }
+        let kind = Kind::from_u8(avail[4]).ok_or(FrameError::BadKind(avail[4]))?;
+        if avail.len() < 4 + len {
+            return Ok(None);
+        }
+        let id = u64::from_le_bytes(avail[5..13].try_into().expect("8 bytes"));
+        let r = f(kind, id, &avail[HEADER..4 + len]);
+        self.start += 4 + len;
+        Ok(Some(r))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn frames(d: &mut Decoder) -> Result<Vec<(Kind, u64, Vec<u8>)>, FrameError> {
+        let mut v = Vec::new();
+        while let Some(f) = d.next(|k, id, p| (k, id, p.to_vec()))? {
+            v.push(f);
+        }
+        Ok(v)
+    }
+
+    #[test]
+    fn round_trip_and_partial_delivery() {
+        let mut buf = Vec::new();
+        push(&mut buf, Kind::Result, 7, b"hello", 1 << 20).unwrap();
+        push(&mut buf, Kind::Done, 7, b"", 1 << 20).unwrap();
+        let mut d = Decoder::new(1 << 20);
+        d.extend(&buf[..10]);
+        assert!(frames(&mut d).unwrap().is_empty());
+        assert_eq!(d.pending(), 10);
+        d.extend(&buf[10..]);
+        let got = frames(&mut d).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                (Kind::Result, 7, b"hello".to_vec()),
+                (Kind::Done, 7, vec![])
+            ]
+        );
+        assert_eq!(d.pending(), 0);
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_both_ways() {
+        let mut buf = Vec::new();
+        assert_eq!(
+            push(&mut buf, Kind::Result, 1, &[0; 100], 50),
+            Err(FrameError::TooLarge { len: 109, max: 50 })
+        );
+        assert!(buf.is_empty(), "a refused frame leaves nothing behind");
+        let mut d = Decoder::new(50);
+        d.extend(&1000u32.to_le_bytes());
+        assert_eq!(
+            d.next(|_, _, _| ()),
+            Err(FrameError::TooLarge { len: 1000, max: 50 })
+        );
+    }
+
+    #[test]
+    fn bad_kind_and_short_length() {
+        let mut d = Decoder::new(100);
+        d.extend(&[9, 0, 0, 0, 42]);
+        assert_eq!(d.next(|_, _, _| ()), Err(FrameError::BadKind(42)));
+        let mut d = Decoder::new(100);
+        d.extend(&[3, 0, 0, 0, 1]);
+        assert_eq!(d.next(|_, _, _| ()), Err(FrameError::Short(3)));
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_decodes_the_same(payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..20), cut in 1usize..64) {
+            let mut buf = Vec::new();
+            for (i, p) in payloads.iter().enumerate() {
+                push(&mut buf, Kind::Result, i as u64, p, 1 << 20).unwrap();
+            }
+            let mut d = Decoder::new(1 << 20);
+            let mut got = Vec::new();
+            for chunk in buf.chunks(cut) {
+                d.extend(chunk);
+                got.extend(frames(&mut d).unwrap());
+            }
+            prop_assert_eq!(got.len(), payloads.len());
+            for (i, (k, id, p)) in got.into_iter().enumerate() {
+                prop_assert_eq!(k, Kind::Result);
+                prop_assert_eq!(id, i as u64);
+                prop_assert_eq!(&p, &payloads[i]);
+            }
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut d = Decoder::new(4096);
+            d.extend(&bytes);
+            for _ in 0..600 {
+                match d.next(|_, _, p| p.len()) {
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+    }
+}

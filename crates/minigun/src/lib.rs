@@ -1,0 +1,100 @@
+//! # minigun
+//!
+//! Composable, high-throughput data pipelines whose stages run inline, on thread pools, in a
+//! copy-on-write **fork-per-item** pool, or in a pool of **persistent forked workers** fed over
+//! pipes. A Rust port of the Ruby framework Minigun, keeping its vocabulary (producer,
+//! processor, accumulator, consumer, `cow_fork`, `ipc_fork`, `before_fork`, `after_fork`).
+//!
+//! ## The model
+//!
+//! A [`Pipeline`] is a DAG of named stages. A **producer** runs once and emits items; a
+//! **processor** is called once per item and emits 0..n items; an **accumulator**
+//! ([`Pipeline::batch`]) groups items into batches; a **consumer** takes items and emits
+//! nothing; a user type implementing [`Stage`] is a stage with state. Every non-producer stage
+//! owns one bounded input queue (1000 items by default): a full queue blocks its senders, so a
+//! slow stage slows the producer down instead of filling memory.
+//!
+//! Stages connect in definition order unless told otherwise; [`StageRef::from`] and
+//! [`StageRef::to`] draw explicit edges (by typed handle, so a mis-wired edge does not compile,
+//! or by name, checked when the pipeline is built). A stage with several downstreams
+//! broadcasts each item to all of them, or distributes them round-robin. A stage with several
+//! upstreams ends once every one of them has ended.
+//!
+//! ## A complete example
+//!
+//! ```
+//! use minigun::{Exec, OnError, Pipeline};
+//!
+//! let p = Pipeline::new("newsletter");
+//! p.producer("users", |out| {
+//!     for id in 0..1_000u64 {
+//!         out.emit(id)?;
+//!     }
+//!     Ok(())
+//! });
+//! p.map("render", |id: u64| Ok(format!("hello user {id}")))
+//!     .executor(Exec::threads(4));
+//! p.map("send", |mail: String| Ok(mail.len()))
+//!     .on_error(OnError::retry(2));
+//! p.batch::<usize>("batch", 100);
+//! p.consumer("record", |sizes: Vec<usize>| {
+//!     assert!(sizes.len() <= 100);
+//!     Ok(())
+//! });
+//! let report = p.run()?;
+//! assert_eq!(report.stage("record").unwrap().items_in, 10);
+//! println!("{report}");
+//! # Ok::<(), minigun::RunError>(())
+//! ```
+//!
+//! ## Choosing an executor
+//!
+//! Set one per stage ([`StageRef::executor`]), for a group of stages
+//! ([`Pipeline::with_executor`], [`Pipeline::context`]), or pipeline-wide
+//! ([`Pipeline::default_executor`]); the most specific wins.
+//!
+//! - Cheap work, or work that must keep order of side effects: **inline**.
+//! - I/O-bound or CPU-bound work on data that is `Send`: **`threads(n)`**, `n` items at once.
+//! - Crash isolation, or large read-only data in the parent that each item reads:
+//!   **`cow_fork(n)`** ([`StageRef::cow_fork`]). The child sees the parent's memory through
+//!   copy-on-write: the input is never serialised, only the output (which needs serde).
+//! - Expensive per-worker start-up (connections, models), strong isolation, many items:
+//!   **`ipc_fork(n)`** ([`StageRef::ipc_fork`]). Input and output cross pipes (serde).
+//! - Data that cannot be serialised: inline or threads.
+//!
+//! Errors mean the same under every executor: a stage returns `Result`, a panic is caught, and
+//! the stage's [`OnError`] policy decides (skip and record, fail fast, retry with backoff,
+//! dead-letter). Failures are counted, logged with `tracing`, and kept in the [`RunReport`].
+//!
+//! ## Platform support
+//!
+//! The fork executors need Linux (fork, pidfd). Elsewhere they fall back to inline with a
+//! warning.
+
+mod builder;
+mod error;
+mod exec;
+mod graph;
+mod hooks;
+mod ipc;
+mod node;
+mod policy;
+mod queue;
+mod report;
+mod run;
+mod signals;
+mod stage;
+mod stats;
+mod sys;
+
+pub use builder::{Pipeline, StageRef};
+pub use error::{
+    BoxError, DefinitionError, EmitError, FailureKind, ItemFailure, RunError, StageResult,
+};
+pub use exec::{Exec, ForkOptions};
+pub use graph::StageKind;
+pub use policy::OnError;
+pub use queue::{Capacity, FanOut};
+pub use report::{Latency, RunReport, StageReport};
+pub use run::{RunHandle, Runnable};
+pub use stage::{Failed, Item, Output, Stage, Wire};

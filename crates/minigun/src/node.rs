@@ -1,0 +1,391 @@
+//! Typed stage definitions (nodes) and the tasks they become when wired.
+//!
+//! The builder keeps each stage as a `Box<dyn Node>` so that forward references by name can
+//! be resolved later; `build()` checks every edge's types by `TypeId`, then hands each node
+//! its typed queue ends (as `Box<dyn Any>`, downcast here, where the types are known again).
+
+use crate::error::{DefinitionError, StageResult};
+use crate::exec::{local, ForkOptions};
+use crate::graph::StageKind;
+use crate::hooks::ForkHook;
+use crate::policy::StageCtx;
+use crate::queue::{self, Capacity, FanOut, QueueTx, Router};
+use crate::stage::{guarded, Factory, Failed, Item, Output, TypeInfo};
+use crate::stats::StageStats;
+use crate::Exec;
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use std::any::Any;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub(crate) type AnyBox = Box<dyn Any + Send>;
+/// Makes one more sender (a `QueueTx<I>`) into a stage's queue.
+pub(crate) type TxMaker = Box<dyn Fn() -> AnyBox + Send>;
+
+/// The typed ends a node receives when the graph is wired.
+pub(crate) struct Wiring {
+    pub(crate) ctx: Arc<StageCtx>,
+    pub(crate) input: Option<AnyBox>,
+    pub(crate) outputs: Vec<AnyBox>,
+    pub(crate) fanout: FanOut,
+    pub(crate) dead_letter: Option<AnyBox>,
+    pub(crate) before_fork: Vec<ForkHook>,
+    pub(crate) after_fork: Vec<ForkHook>,
+}
+
+/// A running stage: `prepare` runs for every stage, in order, on the run's thread before any
+/// stage thread exists (ipc_fork pre-forks its workers there); `run` runs on the stage's
+/// driver thread; `abandon` replaces `run` when the stage could not start.
+pub(crate) trait Task: Send {
+    fn prepare(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    fn run(self: Box<Self>);
+    fn abandon(self: Box<Self>);
+}
+
+/// A stage definition with its types.
+pub(crate) trait Node: Send {
+    fn kind(&self) -> StageKind;
+    fn input(&self) -> Option<TypeInfo>;
+    fn output(&self) -> Option<TypeInfo>;
+    /// The item type a dead-letter stage of this stage must take.
+    fn failed_type(&self) -> Option<TypeInfo>;
+    /// Whether the node can run under this executor (fork executors need serde).
+    fn supports(&self, exec: &Exec) -> bool;
+    fn make_queue(&self, cap: Capacity, stats: Arc<StageStats>) -> Option<(TxMaker, AnyBox)>;
+    /// Checks the node's own settings.
+    fn validate(&self) -> Result<(), String> {
+        Ok(())
+    }
+    fn into_task(self: Box<Self>, w: Wiring) -> Box<dyn Task>;
+    fn as_any(&mut self) -> &mut dyn Any;
+}
+
+fn take<T: 'static>(b: AnyBox) -> T {
+    *b.downcast::<T>()
+        .expect("edge types were checked by build()")
+}
+
+fn router<O: Item>(w: &mut Wiring) -> Router<O> {
+    let outs = std::mem::take(&mut w.outputs)
+        .into_iter()
+        .map(take::<QueueTx<O>>)
+        .collect();
+    Router::new(outs, w.fanout, w.ctx.stats.clone())
+}
+
+fn queue_for<I: Item>(cap: Capacity, stats: Arc<StageStats>) -> Option<(TxMaker, AnyBox)> {
+    let (tx, rx) = queue::channel::<I>(cap);
+    let tx = QueueTx::new(tx, stats);
+    Some((Box::new(move || Box::new(tx.clone())), Box::new(rx)))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Producer
+
+pub(crate) type ProducerFn<O> = Box<dyn FnOnce(&mut Output<'_, O>) -> StageResult + Send>;
+
+pub(crate) struct ProducerNode<O> {
+    pub(crate) f: ProducerFn<O>,
+}
+
+impl<O: Item> Node for ProducerNode<O> {
+    fn kind(&self) -> StageKind {
+        StageKind::Producer
+    }
+    fn input(&self) -> Option<TypeInfo> {
+        None
+    }
+    fn output(&self) -> Option<TypeInfo> {
+        Some(TypeInfo::of::<O>())
+    }
+    fn failed_type(&self) -> Option<TypeInfo> {
+        None
+    }
+    fn supports(&self, _: &Exec) -> bool {
+        true
+    }
+    fn make_queue(&self, _: Capacity, _: Arc<StageStats>) -> Option<(TxMaker, AnyBox)> {
+        None
+    }
+    fn into_task(self: Box<Self>, mut w: Wiring) -> Box<dyn Task> {
+        let router = router::<O>(&mut w).stop_on(w.ctx.run.stop.clone());
+        Box::new(ProducerTask {
+            f: self.f,
+            router,
+            ctx: w.ctx,
+        })
+    }
+    fn as_any(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+struct ProducerTask<O> {
+    f: ProducerFn<O>,
+    router: Router<O>,
+    ctx: Arc<StageCtx>,
+}
+
+impl<O: Item> Task for ProducerTask<O> {
+    fn run(mut self: Box<Self>) {
+        let t0 = Instant::now();
+        let f = self.f;
+        let r = guarded(|| f(&mut Output::new(&mut self.router)));
+        self.ctx
+            .stats
+            .busy_ns
+            .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match r {
+            Err(c) if !c.stop => {
+                self.ctx.failure(u64::MAX, 1, c.kind, c.message, None);
+            }
+            _ => {}
+        }
+    }
+    fn abandon(self: Box<Self>) {}
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processor, consumer, custom stage
+
+/// Runs a processor under a fork executor; set by the serde-bounded builder methods.
+pub(crate) type ForkRunner<I, O> = fn(local::Parts<I, O>, ForkOptions, ForkHooks) -> PreparedRun;
+
+/// Fork hooks of one stage: pipeline-level first, then the stage's own.
+#[derive(Clone, Default)]
+pub(crate) struct ForkHooks {
+    pub(crate) before_fork: Vec<ForkHook>,
+    pub(crate) after_fork: Vec<ForkHook>,
+}
+
+/// What a fork executor's preparation leaves to run on the stage's thread.
+pub(crate) type PreparedRun = Box<dyn FnOnce() + Send>;
+
+pub(crate) struct ProcessorNode<I, O> {
+    pub(crate) kind: StageKind,
+    pub(crate) factory: Factory<I, O>,
+    pub(crate) cow: Option<ForkRunner<I, O>>,
+    pub(crate) ipc: Option<ForkRunner<I, O>>,
+}
+
+impl<I: Item, O: Item> Node for ProcessorNode<I, O> {
+    fn kind(&self) -> StageKind {
+        self.kind
+    }
+    fn input(&self) -> Option<TypeInfo> {
+        Some(TypeInfo::of::<I>())
+    }
+    fn output(&self) -> Option<TypeInfo> {
+        Some(TypeInfo::of::<O>())
+    }
+    fn failed_type(&self) -> Option<TypeInfo> {
+        Some(TypeInfo::of::<Failed<I>>())
+    }
+    fn supports(&self, exec: &Exec) -> bool {
+        match exec {
+            Exec::CowFork(_) => self.cow.is_some(),
+            Exec::IpcFork(_) => self.ipc.is_some(),
+            _ => true,
+        }
+    }
+    fn make_queue(&self, cap: Capacity, stats: Arc<StageStats>) -> Option<(TxMaker, AnyBox)> {
+        queue_for::<I>(cap, stats)
+    }
+    fn into_task(self: Box<Self>, mut w: Wiring) -> Box<dyn Task> {
+        let parts = local::Parts {
+            router: router::<O>(&mut w),
+            input: take::<Receiver<I>>(w.input.take().expect("processor has an input")),
+            dead_letter: w.dead_letter.take().map(take::<QueueTx<Failed<I>>>),
+            factory: self.factory,
+            ctx: w.ctx,
+        };
+        let hooks = ForkHooks {
+            before_fork: w.before_fork,
+            after_fork: w.after_fork,
+        };
+        Box::new(ProcessorTask {
+            parts: Some(parts),
+            cow: self.cow,
+            ipc: self.ipc,
+            hooks,
+            prepared: None,
+        })
+    }
+    fn as_any(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+struct ProcessorTask<I, O> {
+    parts: Option<local::Parts<I, O>>,
+    cow: Option<ForkRunner<I, O>>,
+    ipc: Option<ForkRunner<I, O>>,
+    hooks: ForkHooks,
+    prepared: Option<PreparedRun>,
+}
+
+impl<I: Item, O: Item> Task for ProcessorTask<I, O> {
+    fn prepare(&mut self) -> Result<(), String> {
+        // Persistent workers are forked now, before any stage thread exists.
+        let parts = self.parts.take().expect("prepared once");
+        match (parts.ctx.exec.clone(), self.ipc) {
+            (Exec::IpcFork(opts), Some(start)) => {
+                self.prepared = Some(start(parts, opts, self.hooks.clone()));
+            }
+            _ => self.parts = Some(parts),
+        }
+        Ok(())
+    }
+    fn run(self: Box<Self>) {
+        if let Some(run) = self.prepared {
+            return run();
+        }
+        let parts = self.parts.expect("parts present until run");
+        match (parts.ctx.exec.clone(), self.cow) {
+            (Exec::Threads(n), _) => local::run(parts, n.max(1)),
+            (Exec::CowFork(opts), Some(start)) => start(parts, opts, self.hooks)(),
+            _ => local::run(parts, 1),
+        }
+    }
+    fn abandon(self: Box<Self>) {
+        if let Some(parts) = &self.parts {
+            local::drain(&parts.ctx, &parts.input);
+        }
+        // A prepared fork pool shuts its workers down when dropped.
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Accumulator
+
+pub(crate) struct AccumulatorNode<I> {
+    pub(crate) size: usize,
+    pub(crate) max_wait: Option<Duration>,
+    pub(crate) _t: std::marker::PhantomData<fn(I)>,
+}
+
+impl<I: Item> Node for AccumulatorNode<I> {
+    fn kind(&self) -> StageKind {
+        StageKind::Accumulator
+    }
+    fn input(&self) -> Option<TypeInfo> {
+        Some(TypeInfo::of::<I>())
+    }
+    fn output(&self) -> Option<TypeInfo> {
+        Some(TypeInfo::of::<Vec<I>>())
+    }
+    fn failed_type(&self) -> Option<TypeInfo> {
+        None
+    }
+    fn validate(&self) -> Result<(), String> {
+        match self.size {
+            0 => Err("an accumulator's batch size must be at least 1".into()),
+            _ => Ok(()),
+        }
+    }
+    fn supports(&self, _: &Exec) -> bool {
+        // Batching is bookkeeping in the driver: identical under every executor.
+        true
+    }
+    fn make_queue(&self, cap: Capacity, stats: Arc<StageStats>) -> Option<(TxMaker, AnyBox)> {
+        queue_for::<I>(cap, stats)
+    }
+    fn into_task(self: Box<Self>, mut w: Wiring) -> Box<dyn Task> {
+        Box::new(AccumulatorTask {
+            size: self.size.max(1),
+            max_wait: self.max_wait,
+            router: router::<Vec<I>>(&mut w),
+            input: take::<Receiver<I>>(w.input.take().expect("accumulator has an input")),
+            ctx: w.ctx,
+        })
+    }
+    fn as_any(&mut self) -> &mut dyn Any {
+        self
+    }
+}
+
+struct AccumulatorTask<I> {
+    size: usize,
+    max_wait: Option<Duration>,
+    router: Router<Vec<I>>,
+    input: Receiver<I>,
+    ctx: Arc<StageCtx>,
+}
+
+impl<I: Item> AccumulatorTask<I> {
+    fn flush(&self, batch: &mut Vec<I>) {
+        if batch.is_empty() {
+            return;
+        }
+        let full = std::mem::replace(batch, Vec::with_capacity(self.size));
+        if self.router.route(full).is_err() {
+            self.ctx.cancelled(1);
+        }
+    }
+}
+
+impl<I: Item> Task for AccumulatorTask<I> {
+    fn run(self: Box<Self>) {
+        let mut batch: Vec<I> = Vec::with_capacity(self.size);
+        // The time limit counts from the first item of a batch.
+        let mut deadline: Option<Instant> = None;
+        loop {
+            let next = match (deadline, self.max_wait) {
+                (Some(d), Some(_)) => self.input.recv_deadline(d),
+                _ => self
+                    .input
+                    .recv()
+                    .map_err(|_| RecvTimeoutError::Disconnected),
+            };
+            match next {
+                Ok(item) => {
+                    if self.ctx.run.aborting() {
+                        self.ctx.cancelled(1);
+                        continue;
+                    }
+                    self.ctx.stats.items_in.fetch_add(1, Ordering::Relaxed);
+                    if batch.is_empty() {
+                        deadline = self.max_wait.map(|w| Instant::now() + w);
+                    }
+                    batch.push(item);
+                    if batch.len() >= self.size {
+                        self.flush(&mut batch);
+                        deadline = None;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    self.flush(&mut batch);
+                    deadline = None;
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        if self.ctx.run.aborting() {
+            self.ctx.cancelled(batch.len() as u64);
+        } else {
+            self.flush(&mut batch);
+        }
+    }
+    fn abandon(self: Box<Self>) {
+        local::drain(&self.ctx, &self.input);
+    }
+}
+
+/// Checks a wiring's edge types; returns the first mismatch.
+pub(crate) fn check_edge(
+    from: (&str, Option<TypeInfo>),
+    to: (&str, Option<TypeInfo>),
+) -> Result<(), DefinitionError> {
+    match (from.1, to.1) {
+        (Some(o), Some(i)) if o.id == i.id => Ok(()),
+        (o, i) => Err(DefinitionError::TypeMismatch {
+            from: from.0.to_string(),
+            to: to.0.to_string(),
+            output: o.map_or("nothing", |t| t.name),
+            input: i.map_or("nothing", |t| t.name),
+        }),
+    }
+}

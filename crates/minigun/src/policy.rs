@@ -1,0 +1,164 @@
+//! Per-stage error policy and the one place that decides what a failure means.
+//!
+//! Every executor reports a failed attempt to [`StageCtx::failure`]; none of them decides on
+//! its own, so an error means the same thing under inline, threads, cow_fork and ipc_fork.
+
+use crate::error::{FailureKind, ItemFailure};
+use crate::run::RunShared;
+use crate::stats::StageStats;
+use crate::Exec;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a stage does with an item whose processing failed.
+///
+/// ```
+/// use minigun::OnError;
+/// use std::time::Duration;
+/// let p = OnError::retry(3).backoff(Duration::from_millis(10)); // then skip and record
+/// let q = OnError::fail_fast();
+/// # let _ = (p, q);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnError {
+    pub(crate) retries: u32,
+    pub(crate) backoff: Duration,
+    pub(crate) then: Final,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Final {
+    Skip,
+    FailFast,
+    DeadLetter,
+}
+
+impl Default for OnError {
+    fn default() -> Self {
+        OnError::skip()
+    }
+}
+
+impl OnError {
+    /// Record the failure (count, log, report) and go on with the next item. The default.
+    pub fn skip() -> Self {
+        OnError {
+            retries: 0,
+            backoff: Duration::ZERO,
+            then: Final::Skip,
+        }
+    }
+    /// Abort the whole run at the first failure: producers stop, queued items are cancelled
+    /// (and counted), `run()` returns [`RunError::Aborted`](crate::RunError::Aborted).
+    pub fn fail_fast() -> Self {
+        OnError {
+            retries: 0,
+            backoff: Duration::ZERO,
+            then: Final::FailFast,
+        }
+    }
+    /// Retry a failed item up to `n` more times, then skip and record it.
+    pub fn retry(n: u32) -> Self {
+        OnError {
+            retries: n,
+            backoff: Duration::ZERO,
+            then: Final::Skip,
+        }
+    }
+    /// Wait `base`, then twice as long, and so on, between attempts.
+    pub fn backoff(mut self, base: Duration) -> Self {
+        self.backoff = base;
+        self
+    }
+    /// After the retries, abort the run instead of skipping.
+    pub fn then_fail_fast(mut self) -> Self {
+        self.then = Final::FailFast;
+        self
+    }
+    pub(crate) fn keeps_item(&self) -> bool {
+        self.retries > 0 || self.then == Final::DeadLetter
+    }
+}
+
+/// What the executor does next with a failed item.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    /// Try again after this delay.
+    Retry(Duration),
+    /// Send the item with this failure to the dead-letter stage.
+    DeadLetter(ItemFailure),
+    /// Done with it (recorded; maybe the run is now aborting).
+    Dropped,
+}
+
+/// Everything a stage's executor needs to know about its stage and its run.
+pub(crate) struct StageCtx {
+    pub(crate) name: String,
+    pub(crate) exec: Exec,
+    pub(crate) policy: OnError,
+    pub(crate) stats: Arc<StageStats>,
+    pub(crate) run: Arc<RunShared>,
+}
+
+impl StageCtx {
+    /// One attempt at item `index` failed: count it, log it, decide.
+    pub(crate) fn failure(
+        &self,
+        index: u64,
+        attempt: u32,
+        kind: FailureKind,
+        message: String,
+        pid: Option<u32>,
+    ) -> Verdict {
+        let retryable = !matches!(kind, FailureKind::Cancelled);
+        if retryable && attempt <= self.policy.retries && !self.run.aborting() {
+            self.stats.retried.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(stage = %self.name, item = index, attempt, %kind, %message, "retrying item");
+            let factor = 1u32.checked_shl(attempt - 1).unwrap_or(u32::MAX);
+            return Verdict::Retry(self.policy.backoff.saturating_mul(factor));
+        }
+        let failure = ItemFailure {
+            stage: self.name.clone(),
+            item: index,
+            attempt,
+            kind,
+            message,
+            pid,
+        };
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(stage = %failure.stage, item = index, attempt, kind = %failure.kind,
+            message = %failure.message, pid = ?pid, "item failed");
+        self.run.record(&failure);
+        match self.policy.then {
+            _ if failure.kind == FailureKind::Cancelled => Verdict::Dropped,
+            Final::Skip => Verdict::Dropped,
+            Final::FailFast => {
+                self.run.abort(failure);
+                Verdict::Dropped
+            }
+            Final::DeadLetter => Verdict::DeadLetter(failure),
+        }
+    }
+
+    /// Counts an item that was never processed because the run is aborting.
+    pub(crate) fn cancelled(&self, n: u64) {
+        self.stats.cancelled.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// A failure of the stage as a whole (start-up, hook): recorded and the run aborts.
+    pub(crate) fn stage_failed(&self, kind: FailureKind, message: String) {
+        let failure = ItemFailure {
+            stage: self.name.clone(),
+            item: u64::MAX,
+            attempt: 1,
+            kind,
+            message,
+            pid: None,
+        };
+        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(stage = %failure.stage, kind = %failure.kind, message = %failure.message, "stage failed");
+        self.run.record(&failure);
+        self.run.abort(failure);
+    }
+}

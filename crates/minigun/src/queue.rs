@@ -1,0 +1,157 @@
+//! Bounded stage input queues and the router that feeds them.
+//!
+//! Invariants:
+//! - every non-producer stage owns exactly one input queue; every upstream (static edge,
+//!   dead-letter edge) holds one sender to it;
+//! - end of stream is the queue disconnecting: it happens exactly when the last upstream has
+//!   ended and dropped its sender, which is per-source end-of-stream accounting for free;
+//! - a full bounded queue blocks the sender, so backpressure reaches the producer, and the
+//!   queue length never exceeds its capacity (the high-water mark records the peak).
+
+use crate::error::EmitError;
+use crate::stage::Sink;
+use crate::stats::StageStats;
+use crossbeam_channel::{Receiver, Sender};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// The capacity of a stage's input queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Capacity {
+    /// At most this many items wait; a full queue blocks the sender.
+    Bounded(usize),
+    /// No limit: memory grows if the stage is slower than its upstreams.
+    Unbounded,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Capacity::Bounded(1000)
+    }
+}
+
+pub(crate) fn channel<T>(cap: Capacity) -> (Sender<T>, Receiver<T>) {
+    match cap {
+        // A zero capacity would be a rendezvous channel; keep at least one slot.
+        Capacity::Bounded(n) => crossbeam_channel::bounded(n.max(1)),
+        Capacity::Unbounded => crossbeam_channel::unbounded(),
+    }
+}
+
+/// A sender into a stage's queue that records the queue's high-water mark.
+pub(crate) struct QueueTx<T> {
+    tx: Sender<T>,
+    target: Arc<StageStats>,
+}
+
+impl<T> Clone for QueueTx<T> {
+    fn clone(&self) -> Self {
+        QueueTx {
+            tx: self.tx.clone(),
+            target: self.target.clone(),
+        }
+    }
+}
+
+impl<T> QueueTx<T> {
+    pub(crate) fn new(tx: Sender<T>, target: Arc<StageStats>) -> Self {
+        QueueTx { tx, target }
+    }
+
+    /// Blocking send; `Err` gives the item back when the receiving stage is gone.
+    pub(crate) fn send(&self, item: T) -> Result<(), T> {
+        self.tx.send(item).map_err(|e| e.0)?;
+        let len = self.tx.len();
+        if len > self.target.queue_high_water.load(Ordering::Relaxed) {
+            self.target
+                .queue_high_water
+                .fetch_max(len, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// How a stage with several downstreams distributes its items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub enum FanOut {
+    /// Every downstream receives every item (clones; the last one gets the original).
+    #[default]
+    Broadcast,
+    /// Each item goes to one downstream, in turn.
+    RoundRobin,
+}
+
+/// The outgoing side of a stage: its downstream queues and the fan-out rule.
+/// Each worker holds its own clone; dropping the last clone ends the downstream streams.
+pub(crate) struct Router<O> {
+    pub(crate) outs: Vec<QueueTx<O>>,
+    mode: FanOut,
+    rr: Arc<AtomicUsize>,
+    stats: Arc<StageStats>,
+    /// Set for producers: emits fail with `Stopped` once the run is stopping.
+    stop: Option<Arc<AtomicBool>>,
+}
+
+impl<O> Clone for Router<O> {
+    fn clone(&self) -> Self {
+        Router {
+            outs: self.outs.clone(),
+            mode: self.mode,
+            rr: self.rr.clone(),
+            stats: self.stats.clone(),
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+impl<O: Clone> Router<O> {
+    pub(crate) fn new(outs: Vec<QueueTx<O>>, mode: FanOut, stats: Arc<StageStats>) -> Self {
+        Router {
+            outs,
+            mode,
+            rr: Arc::new(AtomicUsize::new(0)),
+            stats,
+            stop: None,
+        }
+    }
+
+    pub(crate) fn stop_on(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.stop = Some(flag);
+        self
+    }
+
+    pub(crate) fn route(&self, item: O) -> Result<(), EmitError> {
+        if let Some(stop) = &self.stop {
+            if stop.load(Ordering::Relaxed) {
+                return Err(EmitError::Stopped);
+            }
+        }
+        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
+        match (self.outs.len(), self.mode) {
+            (0, _) => Ok(()),
+            (1, _) => self.outs[0].send(item).map_err(|_| EmitError::Closed),
+            (n, FanOut::RoundRobin) => {
+                let i = self.rr.fetch_add(1, Ordering::Relaxed) % n;
+                self.outs[i].send(item).map_err(|_| EmitError::Closed)
+            }
+            (n, FanOut::Broadcast) => {
+                let mut delivered = false;
+                for q in &self.outs[..n - 1] {
+                    delivered |= q.send(item.clone()).is_ok();
+                }
+                delivered |= self.outs[n - 1].send(item).is_ok();
+                if delivered {
+                    Ok(())
+                } else {
+                    Err(EmitError::Closed)
+                }
+            }
+        }
+    }
+}
+
+impl<O: Clone> Sink<O> for Router<O> {
+    fn send(&mut self, item: O) -> Result<(), EmitError> {
+        self.route(item)
+    }
+}

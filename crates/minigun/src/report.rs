@@ -1,0 +1,280 @@
+//! The run report: per-stage statistics, totals, bottleneck, failures. `Display` is a readable
+//! table; `serde::Serialize` gives the machine-readable form.
+
+use crate::error::ItemFailure;
+use crate::graph::StageKind;
+use crate::run::{RunShared, Runnable, StageInfo};
+use serde::Serialize;
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// Latency percentiles of one stage, in microseconds (per attempt, measured where the stage
+/// code ran: in the forked child for fork executors).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Latency {
+    /// Number of measured attempts.
+    pub count: u64,
+    /// Mean.
+    pub mean_us: f64,
+    /// Median.
+    pub p50_us: f64,
+    /// 90th percentile.
+    pub p90_us: f64,
+    /// 95th percentile.
+    pub p95_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// Maximum.
+    pub max_us: f64,
+}
+
+/// What one stage did.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct StageReport {
+    /// Stage name.
+    pub name: String,
+    /// Stage kind.
+    pub kind: StageKind,
+    /// Executor it ran under.
+    pub executor: String,
+    /// Items taken from its queue and processed (not counting retries).
+    pub items_in: u64,
+    /// Items it emitted.
+    pub items_out: u64,
+    /// Items that finally failed.
+    pub failed: u64,
+    /// Retried attempts.
+    pub retried: u64,
+    /// Items sent to its dead-letter stage.
+    pub dead_lettered: u64,
+    /// Items never processed because the run was aborted or interrupted.
+    pub cancelled: u64,
+    /// Wall time from its start to its end, in seconds.
+    pub runtime_secs: f64,
+    /// Items in per second of runtime (items out for producers).
+    pub throughput: f64,
+    /// Fraction of the stage's capacity (workers x runtime) spent in stage code.
+    pub utilisation: f64,
+    /// Latency percentiles.
+    pub latency: Latency,
+    /// Input queue capacity (`None`: producer or unbounded).
+    pub queue_capacity: Option<usize>,
+    /// Largest queue length seen.
+    pub queue_high_water: usize,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Serialize)]
+#[non_exhaustive]
+pub struct RunReport {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Wall time of the run, in seconds.
+    pub runtime_secs: f64,
+    /// Items emitted by producers.
+    pub produced: u64,
+    /// Items taken in by terminal stages (stages with no downstream).
+    pub consumed: u64,
+    /// Items consumed per second.
+    pub throughput: f64,
+    /// The slowest real stage (highest busy time per worker), if any stage did work.
+    pub bottleneck: Option<String>,
+    /// Per-stage reports, in topological order.
+    pub stages: Vec<StageReport>,
+    /// Total number of failed items.
+    pub failures_total: u64,
+    /// The first failures in full.
+    pub failures: Vec<ItemFailure>,
+    /// Whether the run was stopped early (handle `stop()`, signal, or abort).
+    pub stopped: bool,
+    /// The signal that stopped the run.
+    pub signal: Option<i32>,
+}
+
+impl RunReport {
+    /// The report of the stage named `name`.
+    pub fn stage(&self, name: &str) -> Option<&StageReport> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    pub(crate) fn collect(
+        pipeline: &str,
+        infos: &[StageInfo],
+        shared: &RunShared,
+        runtime: Duration,
+    ) -> Self {
+        let stages: Vec<StageReport> = infos.iter().map(stage_report).collect();
+        let produced = stages
+            .iter()
+            .filter(|s| s.kind == StageKind::Producer)
+            .map(|s| s.items_out)
+            .sum();
+        let consumed = infos
+            .iter()
+            .zip(&stages)
+            .filter(|(i, s)| i.terminal && s.kind != StageKind::Producer)
+            .map(|(_, s)| s.items_in)
+            .sum();
+        let bottleneck = infos
+            .iter()
+            .zip(&stages)
+            .filter(|(_, s)| s.kind != StageKind::Producer && s.items_in > 0)
+            .map(|(i, s)| {
+                let busy = i.ctx.stats.busy_ns.load(Ordering::Relaxed) as f64;
+                (busy / i.ctx.exec.concurrency().max(1) as f64, &s.name)
+            })
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, n)| n.clone());
+        let (failures, failures_total) = Runnable::failures(shared);
+        let secs = runtime.as_secs_f64();
+        let signal = shared.signal.load(Ordering::Relaxed);
+        RunReport {
+            pipeline: pipeline.to_string(),
+            runtime_secs: secs,
+            produced,
+            consumed,
+            throughput: if secs > 0.0 {
+                consumed as f64 / secs
+            } else {
+                0.0
+            },
+            bottleneck,
+            stages,
+            failures_total,
+            failures,
+            stopped: shared.stop.load(Ordering::Relaxed),
+            signal: (signal != 0).then_some(signal),
+        }
+    }
+}
+
+fn stage_report(info: &StageInfo) -> StageReport {
+    let st = &info.ctx.stats;
+    let h = st.latency.lock().unwrap_or_else(|e| e.into_inner());
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let latency = if h.is_empty() {
+        Latency::default()
+    } else {
+        Latency {
+            count: h.len(),
+            mean_us: h.mean() / 1000.0,
+            p50_us: us(h.value_at_quantile(0.50)),
+            p90_us: us(h.value_at_quantile(0.90)),
+            p95_us: us(h.value_at_quantile(0.95)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            max_us: us(h.max()),
+        }
+    };
+    let runtime = st.runtime().as_secs_f64();
+    let items_in = st.items_in.load(Ordering::Relaxed);
+    let items_out = st.items_out.load(Ordering::Relaxed);
+    let counted = if info.kind == StageKind::Producer {
+        items_out
+    } else {
+        items_in
+    };
+    let workers = info.ctx.exec.concurrency().max(1) as f64;
+    let busy = st.busy_ns.load(Ordering::Relaxed) as f64 / 1e9;
+    StageReport {
+        name: info.ctx.name.clone(),
+        kind: info.kind,
+        executor: info.ctx.exec.to_string(),
+        items_in,
+        items_out,
+        failed: st.failed.load(Ordering::Relaxed),
+        retried: st.retried.load(Ordering::Relaxed),
+        dead_lettered: st.dead_lettered.load(Ordering::Relaxed),
+        cancelled: st.cancelled.load(Ordering::Relaxed),
+        runtime_secs: runtime,
+        throughput: if runtime > 0.0 {
+            counted as f64 / runtime
+        } else {
+            0.0
+        },
+        utilisation: if runtime > 0.0 {
+            (busy / (workers * runtime)).min(1.0)
+        } else {
+            0.0
+        },
+        latency,
+        queue_capacity: match info.capacity {
+            Some(crate::Capacity::Bounded(n)) => Some(n),
+            _ => None,
+        },
+        queue_high_water: st.queue_high_water.load(Ordering::Relaxed),
+    }
+}
+
+impl fmt::Display for RunReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "pipeline {:?}: {} produced, {} consumed in {:.3}s ({:.0} items/s){}",
+            self.pipeline,
+            self.produced,
+            self.consumed,
+            self.runtime_secs,
+            self.throughput,
+            match (self.stopped, self.signal) {
+                (_, Some(s)) => format!(", stopped by signal {s}"),
+                (true, None) => ", stopped early".to_string(),
+                _ => String::new(),
+            }
+        )?;
+        writeln!(
+            f,
+            "  {:<16} {:<12} {:>9} {:>9} {:>6} {:>6} {:>11} {:>9} {:>9} {:>9}",
+            "stage",
+            "executor",
+            "in",
+            "out",
+            "failed",
+            "retry",
+            "items/s",
+            "p50 us",
+            "p99 us",
+            "queue hw"
+        )?;
+        for s in &self.stages {
+            let mark = if self.bottleneck.as_deref() == Some(&s.name) {
+                "*"
+            } else {
+                " "
+            };
+            writeln!(
+                f,
+                " {mark}{:<16} {:<12} {:>9} {:>9} {:>6} {:>6} {:>11.0} {:>9.1} {:>9.1} {:>9}",
+                truncate(&s.name, 16),
+                s.executor,
+                s.items_in,
+                s.items_out,
+                s.failed,
+                s.retried,
+                s.throughput,
+                s.latency.p50_us,
+                s.latency.p99_us,
+                s.queue_high_water
+            )?;
+        }
+        if let Some(b) = &self.bottleneck {
+            writeln!(f, "  bottleneck: {b} (*)")?;
+        }
+        if self.failures_total > 0 {
+            writeln!(f, "  {} failures; first:", self.failures_total)?;
+            for fl in self.failures.iter().take(5) {
+                writeln!(f, "    {fl}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        s.chars().take(n - 1).chain(std::iter::once('~')).collect()
+    }
+}

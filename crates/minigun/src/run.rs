@@ -1,0 +1,298 @@
+//! Running a built pipeline: one driver thread per stage, hooks around them, the report.
+//!
+//! Thread picture of a run:
+//!
+//! ```text
+//! run thread ── before_run ── prepare every stage (ipc_fork pre-forks here, no stage thread yet)
+//!            ── spawn one driver thread per stage ─┬─ producer: calls the producer closure
+//!                                                 ├─ processor: inline, or n worker threads,
+//!                                                 │  or a fork supervisor (see exec::fork)
+//!                                                 └─ accumulator: batching loop
+//!            ── join every driver ── after_run ── report
+//! ```
+//!
+//! A stage ends when its input queue disconnects (every upstream ended) and its workers have
+//! finished; it then drops its senders, which ends its downstreams. Stop and abort never break
+//! that chain: they only make producers return early and make stages count queued items as
+//! cancelled instead of processing them, so every stage still ends and nothing hangs.
+
+use crate::error::{FailureKind, ItemFailure, RunError};
+use crate::graph::StageKind;
+use crate::hooks::{self, OnceHook};
+use crate::node::Task;
+use crate::policy::StageCtx;
+use crate::queue::Capacity;
+use crate::report::RunReport;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Instant;
+
+/// How many failures the report keeps in full (all are counted).
+pub(crate) const KEEP_FAILURES: usize = 100;
+
+/// State shared by every stage of one run.
+#[derive(Debug, Default)]
+pub(crate) struct RunShared {
+    /// Producers stop emitting.
+    pub(crate) stop: Arc<AtomicBool>,
+    abort: AtomicBool,
+    cause: Mutex<Option<ItemFailure>>,
+    failures: Mutex<Vec<ItemFailure>>,
+    failures_total: AtomicU64,
+    /// The signal that stopped the run, or 0.
+    pub(crate) signal: AtomicI32,
+    /// Becomes readable when the run aborts: fork supervisors poll it.
+    abort_pipe: OnceLock<(OwnedFd, OwnedFd)>,
+}
+
+impl RunShared {
+    /// An fd that becomes readable once the run aborts (created on first use).
+    pub(crate) fn abort_fd(&self) -> &OwnedFd {
+        &self
+            .abort_pipe
+            .get_or_init(|| {
+                let (r, w) = crate::sys::pipe(true).expect("create abort pipe");
+                if self.aborting() {
+                    let _ = rustix::io::write(&w, &[1]);
+                }
+                (r, w)
+            })
+            .0
+    }
+    fn wake_supervisors(&self) {
+        if let Some((_, w)) = self.abort_pipe.get() {
+            let _ = rustix::io::write(w, &[1]);
+        }
+    }
+    pub(crate) fn aborting(&self) -> bool {
+        self.abort.load(Ordering::Relaxed)
+    }
+    pub(crate) fn record(&self, f: &ItemFailure) {
+        self.failures_total.fetch_add(1, Ordering::Relaxed);
+        let mut v = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        if v.len() < KEEP_FAILURES {
+            v.push(f.clone());
+        }
+    }
+    /// Aborts the run: producers stop, queued items are cancelled, children are terminated.
+    pub(crate) fn abort(&self, cause: ItemFailure) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut c = self.cause.lock().unwrap_or_else(|e| e.into_inner());
+        if c.is_none() {
+            *c = Some(cause);
+        }
+        self.abort.store(true, Ordering::Relaxed);
+        self.wake_supervisors();
+    }
+    /// A stop by signal: like an abort, but the report (not an error) says so.
+    pub(crate) fn interrupt(&self, signal: i32) {
+        self.signal.store(signal, Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
+        self.abort.store(true, Ordering::Relaxed);
+        self.wake_supervisors();
+    }
+}
+
+/// One stage, ready to run.
+pub(crate) struct PlannedStage {
+    pub(crate) ctx: Arc<StageCtx>,
+    pub(crate) kind: StageKind,
+    pub(crate) capacity: Option<Capacity>,
+    pub(crate) terminal: bool,
+    pub(crate) before: Vec<OnceHook>,
+    pub(crate) after: Vec<OnceHook>,
+    pub(crate) task: Box<dyn Task>,
+}
+
+/// A checked pipeline, ready to [`run`](Runnable::run) once.
+pub struct Runnable {
+    name: String,
+    stages: Vec<PlannedStage>,
+    shared: Arc<RunShared>,
+    before_run: Vec<OnceHook>,
+    after_run: Vec<OnceHook>,
+}
+
+impl std::fmt::Debug for Runnable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runnable")
+            .field("name", &self.name)
+            .field(
+                "stages",
+                &self
+                    .stages
+                    .iter()
+                    .map(|s| s.ctx.name.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// The summary of a stage for the report, taken after the run.
+pub(crate) struct StageInfo {
+    pub(crate) ctx: Arc<StageCtx>,
+    pub(crate) kind: StageKind,
+    pub(crate) capacity: Option<Capacity>,
+    pub(crate) terminal: bool,
+}
+
+impl Runnable {
+    pub(crate) fn new(
+        name: String,
+        stages: Vec<PlannedStage>,
+        shared: Arc<RunShared>,
+        before_run: Vec<OnceHook>,
+        after_run: Vec<OnceHook>,
+    ) -> Self {
+        Runnable {
+            name,
+            stages,
+            shared,
+            before_run,
+            after_run,
+        }
+    }
+
+    /// Runs the pipeline to the end and returns its report.
+    ///
+    /// Item failures under the skip / retry / dead-letter policies are in the report, not an
+    /// error; a fail-fast failure, a failed hook or a stage that cannot start returns
+    /// [`RunError::Aborted`] with the report of what was done.
+    pub fn run(self) -> Result<RunReport, RunError> {
+        let Runnable {
+            name,
+            stages,
+            shared,
+            before_run,
+            after_run,
+        } = self;
+        let t0 = Instant::now();
+        hooks::run_once(before_run, "before_run").map_err(RunError::BeforeRun)?;
+        let guard = crate::signals::Guard::install(&shared);
+        let mut infos = Vec::with_capacity(stages.len());
+        let mut tasks = Vec::with_capacity(stages.len());
+        for mut st in stages {
+            if let Err(m) = st.task.prepare() {
+                st.ctx.stage_failed(FailureKind::Start, m);
+            }
+            infos.push(StageInfo {
+                ctx: st.ctx.clone(),
+                kind: st.kind,
+                capacity: st.capacity,
+                terminal: st.terminal,
+            });
+            tasks.push(st);
+        }
+        std::thread::scope(|s| {
+            for st in tasks {
+                std::thread::Builder::new()
+                    .name(format!("minigun:{}", st.ctx.name))
+                    .spawn_scoped(s, move || drive(st))
+                    .expect("spawn stage driver thread");
+            }
+        });
+        drop(guard);
+        if let Err(m) = hooks::run_once(after_run, "after_run") {
+            let f = ItemFailure {
+                stage: name.clone(),
+                item: u64::MAX,
+                attempt: 1,
+                kind: FailureKind::Error,
+                message: m,
+                pid: None,
+            };
+            shared.record(&f);
+            shared.abort(f);
+        }
+        let report = RunReport::collect(&name, &infos, &shared, t0.elapsed());
+        let cause = shared
+            .cause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match cause {
+            Some(cause) => Err(RunError::Aborted {
+                cause,
+                report: Box::new(report),
+            }),
+            None => Ok(report),
+        }
+    }
+
+    /// Runs the pipeline on a background thread.
+    pub fn spawn(self) -> RunHandle {
+        let stop = self.shared.stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("minigun-run:{}", self.name))
+            .spawn(move || self.run())
+            .expect("spawn run thread");
+        RunHandle { stop, thread }
+    }
+
+    pub(crate) fn failures(shared: &RunShared) -> (Vec<ItemFailure>, u64) {
+        let v = shared
+            .failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        (v, shared.failures_total.load(Ordering::Relaxed))
+    }
+}
+
+/// One stage's driver thread: hooks, then the task.
+fn drive(st: PlannedStage) {
+    let PlannedStage {
+        ctx,
+        before,
+        after,
+        task,
+        ..
+    } = st;
+    ctx.stats.mark_started();
+    if ctx.run.aborting() {
+        task.abandon();
+    } else if let Err(m) = hooks::run_once(before, "before") {
+        ctx.stage_failed(FailureKind::Start, m);
+        task.abandon();
+    } else {
+        task.run();
+        if let Err(m) = hooks::run_once(after, "after") {
+            ctx.stage_failed(FailureKind::Error, m);
+        }
+    }
+    ctx.stats.mark_finished();
+}
+
+/// A pipeline running in the background.
+#[derive(Debug)]
+pub struct RunHandle {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<RunReport, RunError>>,
+}
+
+impl RunHandle {
+    /// Asks the run to stop: producers stop emitting, items already emitted are processed,
+    /// every stage ends. The report's `stopped` is then true.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the run has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
+    /// Waits for the run to end.
+    pub fn wait(self) -> Result<RunReport, RunError> {
+        self.thread.join().unwrap_or_else(|p| {
+            let msg = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(RunError::Thread(msg))
+        })
+    }
+}

@@ -1,0 +1,117 @@
+//! Live per-stage counters and latency histograms.
+//!
+//! Workers update atomics per item and keep a local histogram that they merge into the stage's
+//! shared one every [`MERGE_EVERY`] items and when they end, so the hot path takes no lock.
+//! Fork executors measure latency in the child and send it back with each item's completion.
+
+use hdrhistogram::Histogram;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// How often a worker merges its local histogram into the shared one.
+pub(crate) const MERGE_EVERY: u64 = 1024;
+
+pub(crate) fn new_histogram() -> Histogram<u64> {
+    // 1 ns .. 1 hour, 3 significant digits.
+    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds")
+}
+
+/// The live statistics of one stage.
+#[derive(Debug)]
+pub(crate) struct StageStats {
+    pub(crate) items_in: AtomicU64,
+    pub(crate) items_out: AtomicU64,
+    pub(crate) failed: AtomicU64,
+    pub(crate) retried: AtomicU64,
+    pub(crate) dead_lettered: AtomicU64,
+    pub(crate) cancelled: AtomicU64,
+    pub(crate) busy_ns: AtomicU64,
+    pub(crate) queue_high_water: AtomicUsize,
+    pub(crate) latency: Mutex<Histogram<u64>>,
+    pub(crate) started: Mutex<Option<Instant>>,
+    pub(crate) finished: Mutex<Option<Instant>>,
+}
+
+impl Default for StageStats {
+    fn default() -> Self {
+        StageStats {
+            items_in: AtomicU64::new(0),
+            items_out: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            retried: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
+            busy_ns: AtomicU64::new(0),
+            queue_high_water: AtomicUsize::new(0),
+            latency: Mutex::new(new_histogram()),
+            started: Mutex::new(None),
+            finished: Mutex::new(None),
+        }
+    }
+}
+
+impl StageStats {
+    pub(crate) fn mark_started(&self) {
+        self.started
+            .lock()
+            .unwrap()
+            .get_or_insert_with(Instant::now);
+    }
+    pub(crate) fn mark_finished(&self) {
+        *self.finished.lock().unwrap() = Some(Instant::now());
+    }
+    pub(crate) fn runtime(&self) -> Duration {
+        match (
+            *self.started.lock().unwrap(),
+            *self.finished.lock().unwrap(),
+        ) {
+            (Some(s), Some(f)) => f.saturating_duration_since(s),
+            (Some(s), None) => s.elapsed(),
+            _ => Duration::ZERO,
+        }
+    }
+    pub(crate) fn merge(&self, local: &mut Histogram<u64>) {
+        if local.is_empty() {
+            return;
+        }
+        if let Ok(mut h) = self.latency.lock() {
+            let _ = h.add(&*local);
+        }
+        local.reset();
+    }
+}
+
+/// A worker's view of its stage statistics: local histogram, shared counters.
+pub(crate) struct Recorder<'a> {
+    stats: &'a StageStats,
+    local: Histogram<u64>,
+    pending: u64,
+}
+
+impl<'a> Recorder<'a> {
+    pub(crate) fn new(stats: &'a StageStats) -> Self {
+        Recorder {
+            stats,
+            local: new_histogram(),
+            pending: 0,
+        }
+    }
+
+    /// Records one attempt's latency in nanoseconds.
+    pub(crate) fn latency(&mut self, ns: u64) {
+        self.local.saturating_record(ns.max(1));
+        self.stats.busy_ns.fetch_add(ns, Ordering::Relaxed);
+        self.pending += 1;
+        if self.pending >= MERGE_EVERY {
+            self.pending = 0;
+            self.stats.merge(&mut self.local);
+        }
+    }
+}
+
+impl Drop for Recorder<'_> {
+    fn drop(&mut self) {
+        self.stats.merge(&mut self.local);
+    }
+}

@@ -1,0 +1,209 @@
+//! The only module with `unsafe`: fork, `_exit`, signal dispositions, fds. Linux only.
+//!
+//! # Forking from a multi-threaded process
+//!
+//! The parent runs other threads while it forks. In the child only the forking thread exists,
+//! and every lock another thread held at that instant stays locked forever. [`fork_child`]
+//! keeps the library's own path in the child free of such locks:
+//!
+//! - in the parent, around `fork()`: the stdout and stderr locks are held (so no other thread
+//!   is inside them) and stdout is flushed (so the child does not inherit half a line to print
+//!   twice); every signal is blocked (so no handler runs in the child before it resets them);
+//! - in the child, in order: release the stdio locks; reset every signal disposition to the
+//!   default (SIGINT ignored: the parent decides; SIGPIPE ignored: a closed pipe is an error,
+//!   not a death) and unblock them; close every fd except stdio and the child's own pipes
+//!   (or siblings would never see end-of-file); `PR_SET_PDEATHSIG = SIGKILL` and re-check the
+//!   parent (it may have died before the prctl); name the process; install a thread-local
+//!   no-op `tracing` dispatcher (the parent's subscriber may hold a lock); run the body under
+//!   `catch_unwind`; flush stdio; `_exit`.
+//! - The child never returns into the parent's frames, never unwinds out of the body, and never
+//!   runs `atexit` handlers (`_exit`, not `exit`).
+//!
+//! Children are reaped by pid (`waitpid(pid)` after their pidfd became readable), never with
+//! `waitpid(-1)`, which would steal the host program's children.
+
+#![allow(unsafe_code)]
+
+pub(crate) mod signals;
+
+use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{ForkResult, Pid};
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+/// A forked child: its pid and a pidfd that becomes readable when it exits.
+#[derive(Debug)]
+pub(crate) struct Child {
+    pub(crate) pid: i32,
+    pub(crate) pidfd: OwnedFd,
+}
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+/// Forks a child that runs `body` and exits with its return value (101 if it panics).
+/// `keep` are the fds the child keeps besides stdin, stdout and stderr.
+/// Returns in the parent only.
+pub(crate) fn fork_child(
+    keep: &[RawFd],
+    name: &str,
+    body: impl FnOnce() -> i32,
+) -> io::Result<Child> {
+    let parent = std::process::id() as i32;
+    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|&fd| fd > 2).collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut title = [0u8; 16];
+    let n = name.len().min(15);
+    title[..n].copy_from_slice(&name.as_bytes()[..n]);
+
+    let mut out = io::stdout().lock();
+    let err = io::stderr().lock();
+    let _ = out.flush();
+    let mut old = SigSet::empty();
+    signal::pthread_sigmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut old),
+    )
+    .map_err(io::Error::from)?;
+    // SAFETY: the child runs only `child_after_fork`, which follows the rules in the module
+    // docs (no lock another thread may hold: the stdio locks are held by this thread across
+    // the fork, and released by the child's copy of this thread) and ends with `_exit`; it
+    // never returns into the caller.
+    let forked = unsafe { nix::unistd::fork() };
+    match forked {
+        Ok(ForkResult::Child) => {
+            drop(err);
+            drop(out);
+            child_after_fork(parent, &keep, &title, body)
+        }
+        Ok(ForkResult::Parent { child }) => {
+            let _ = signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+            drop(err);
+            drop(out);
+            let pid = child.as_raw();
+            match rustix::process::pidfd_open(
+                rustix::process::Pid::from_raw(pid).expect("fork returned a positive pid"),
+                rustix::process::PidfdFlags::empty(),
+            ) {
+                Ok(pidfd) => Ok(Child { pid, pidfd }),
+                Err(e) => {
+                    kill(pid, libc::SIGKILL);
+                    let _ = waitpid(child, None);
+                    Err(e.into())
+                }
+            }
+        }
+        Err(e) => {
+            let _ = signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+            Err(e.into())
+        }
+    }
+}
+
+fn child_after_fork(
+    parent: i32,
+    keep: &[RawFd],
+    title: &[u8; 16],
+    body: impl FnOnce() -> i32,
+) -> ! {
+    for sig in Signal::iterator() {
+        if matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
+            continue;
+        }
+        let handler = match sig {
+            Signal::SIGINT | Signal::SIGPIPE => SigHandler::SigIgn,
+            _ => SigHandler::SigDfl,
+        };
+        // SAFETY: installing SIG_DFL / SIG_IGN runs no code of ours in a handler.
+        let _ = unsafe { signal::signal(sig, handler) };
+    }
+    let _ = signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    close_all_but(keep);
+    // SAFETY: prctl with these arguments only changes this process's attributes.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+        libc::prctl(libc::PR_SET_NAME, title.as_ptr(), 0, 0, 0);
+    }
+    if nix::unistd::getppid().as_raw() != parent {
+        exit_now(70);
+    }
+    let _quiet = tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default());
+    let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or(101);
+    let _ = io::stdout().flush();
+    let _ = io::stderr().flush();
+    exit_now(code)
+}
+
+/// Closes every fd above 2 that is not in `keep` (sorted).
+fn close_all_but(keep: &[RawFd]) {
+    let mut from: u32 = 3;
+    for &fd in keep {
+        let fd = fd as u32;
+        if fd > from {
+            // SAFETY: closes fds this process no longer uses; `keep` and stdio stay open.
+            unsafe { libc::close_range(from, fd - 1, 0) };
+        }
+        from = fd + 1;
+    }
+    // SAFETY: as above.
+    unsafe { libc::close_range(from, u32::MAX, 0) };
+}
+
+/// Ends the process at once: no destructors, no `atexit` handlers, no stdio flush.
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` is async-signal-safe and never returns.
+    unsafe { libc::_exit(code) }
+}
+
+/// Sends a signal to a child (errors, such as an already reaped pid, are ignored).
+pub(crate) fn kill(pid: i32, sig: i32) {
+    if let Ok(s) = Signal::try_from(sig) {
+        let _ = signal::kill(Pid::from_raw(pid), s);
+    }
+}
+
+/// Reaps a child that has exited (its pidfd is readable); blocks otherwise.
+pub(crate) fn reap(pid: i32) -> Exit {
+    loop {
+        match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::Exited(_, code)) => return Exit::Code(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Exit::Signal(sig as i32),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return Exit::Code(-1),
+        }
+    }
+}
+
+/// A pipe whose ends are close-on-exec; the read end is non-blocking when asked.
+pub(crate) fn pipe(nonblocking_read: bool) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)?;
+    if nonblocking_read {
+        set_nonblocking(&r)?;
+    }
+    Ok((r, w))
+}
+
+/// Makes an fd non-blocking.
+pub(crate) fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    let flags = rustix::fs::fcntl_getfl(fd)?;
+    rustix::fs::fcntl_setfl(fd, flags | rustix::fs::OFlags::NONBLOCK)?;
+    Ok(())
+}
+
+/// Grows a pipe's buffer (best effort; the system maximum applies).
+pub(crate) fn grow_pipe(fd: &OwnedFd, bytes: usize) {
+    let _ = rustix::pipe::fcntl_setpipe_size(fd, bytes);
+}
+
+/// Raw fd of an owned fd (for `keep` lists).
+pub(crate) fn raw(fd: &OwnedFd) -> RawFd {
+    fd.as_raw_fd()
+}
