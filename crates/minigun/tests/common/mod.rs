@@ -1,0 +1,162 @@
+//! Shared test helpers: the executor matrix.
+//!
+//! `matrix!` runs one behavioural test body under every executor; `matrix_local!` under the
+//! in-process ones only (for item types that cannot be serialised). The inline run is the
+//! oracle the others are compared with.
+#![allow(dead_code, unreachable_pub)]
+
+use minigun::{Exec, StageRef, Wire};
+
+/// An executor of the matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ex {
+    Inline,
+    Threads,
+    Cow,
+    Ipc,
+}
+
+impl Ex {
+    pub const ALL: [Ex; 4] = [Ex::Inline, Ex::Threads, Ex::Cow, Ex::Ipc];
+
+    /// Puts a stage under this executor (4 workers where it has workers).
+    pub fn apply<I: Wire, O: Wire>(self, s: &StageRef<I, O>) -> StageRef<I, O> {
+        match self {
+            Ex::Inline => s.executor(Exec::inline()),
+            Ex::Threads => s.executor(Exec::threads(4)),
+            Ex::Cow => s.cow_fork(4),
+            Ex::Ipc => s.ipc_fork(4),
+        }
+    }
+
+    /// Like `apply`, for stages whose types are not serialisable (inline / threads only).
+    pub fn apply_local<I, O>(self, s: &StageRef<I, O>) -> StageRef<I, O> {
+        match self {
+            Ex::Inline => s.executor(Exec::inline()),
+            Ex::Threads => s.executor(Exec::threads(4)),
+            other => panic!("{other:?} is not an in-process executor"),
+        }
+    }
+}
+
+/// Defines a module `$name` with one `#[test]` per executor; `$ex` is the executor.
+#[macro_export]
+macro_rules! matrix {
+    (fn $name:ident($ex:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[test]
+            fn inline() {
+                let $ex = $crate::common::Ex::Inline;
+                $body
+            }
+            #[test]
+            fn threads() {
+                let $ex = $crate::common::Ex::Threads;
+                $body
+            }
+            #[test]
+            fn cow_fork() {
+                let $ex = $crate::common::Ex::Cow;
+                $body
+            }
+            #[test]
+            fn ipc_fork() {
+                let $ex = $crate::common::Ex::Ipc;
+                $body
+            }
+        }
+    };
+}
+
+/// Like `matrix!`, over the in-process executors only.
+#[macro_export]
+macro_rules! matrix_local {
+    (fn $name:ident($ex:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[test]
+            fn inline() {
+                let $ex = $crate::common::Ex::Inline;
+                $body
+            }
+            #[test]
+            fn threads() {
+                let $ex = $crate::common::Ex::Threads;
+                $body
+            }
+        }
+    };
+}
+
+/// Collects items from a consumer across threads and processes (the consumer runs in the
+/// parent, so a plain shared Vec works).
+#[derive(Clone, Default)]
+pub struct Sink<T>(pub std::sync::Arc<std::sync::Mutex<Vec<T>>>);
+
+impl<T: Clone + Ord> Sink<T> {
+    pub fn push(&self, t: T) {
+        self.0.lock().unwrap().push(t);
+    }
+    pub fn sorted(&self) -> Vec<T> {
+        let mut v = self.0.lock().unwrap().clone();
+        v.sort();
+        v
+    }
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+}
+
+/// Open file descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Children of this process that are zombies (exited, not reaped).
+pub fn zombies() -> Vec<u32> {
+    let me = std::process::id();
+    let mut z = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let after = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
+        let mut f = after.split_whitespace();
+        let state = f.next().unwrap_or("");
+        let ppid: u32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if ppid == me && state == "Z" {
+            z.push(pid);
+        }
+    }
+    z
+}
+
+/// Live (non-zombie) children of this process.
+pub fn live_children() -> Vec<u32> {
+    let me = std::process::id();
+    let mut v = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let after = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
+        let mut f = after.split_whitespace();
+        let state = f.next().unwrap_or("");
+        let ppid: u32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if ppid == me && state != "Z" {
+            v.push(pid);
+        }
+    }
+    v
+}

@@ -1,0 +1,36 @@
+//! The same small pipeline under every executor gives the inline result.
+mod common;
+use common::{Ex, Sink};
+use minigun::{Output, Pipeline};
+
+fn run(ex: Ex) -> Vec<u64> {
+    let p = Pipeline::new("smoke");
+    let got = Sink::default();
+    let g = got.clone();
+    p.producer("gen", |out| {
+        for i in 0..1000u64 {
+            out.emit(i)?;
+        }
+        Ok(())
+    });
+    let s = p.processor("double", |x: u64, out: &mut Output<'_, u64>| {
+        out.emit(x * 2)?;
+        if x % 10 == 0 {
+            out.emit(x)?;
+        }
+        Ok(())
+    });
+    ex.apply(&s);
+    p.consumer("collect", move |x: u64| {
+        g.push(x);
+        Ok(())
+    });
+    p.run().unwrap();
+    got.sorted()
+}
+
+matrix!(fn same_as_inline(ex) {
+    let oracle = run(Ex::Inline);
+    assert_eq!(oracle.len(), 1100);
+    assert_eq!(run(ex), oracle);
+});
