@@ -98,10 +98,16 @@ impl<'a> Recorder<'a> {
         }
     }
 
-    /// Records one attempt's latency in nanoseconds.
+    /// Records one attempt's latency in nanoseconds (also its busy time).
     pub(crate) fn latency(&mut self, ns: u64) {
+        self.latency_busy(ns, ns);
+    }
+
+    /// Records an attempt's latency in stage code and the wall time its worker was occupied
+    /// (for fork executors the latter includes fork, transfer and exit).
+    pub(crate) fn latency_busy(&mut self, ns: u64, busy_ns: u64) {
         self.local.saturating_record(ns.max(1));
-        self.stats.busy_ns.fetch_add(ns, Ordering::Relaxed);
+        self.stats.busy_ns.fetch_add(busy_ns, Ordering::Relaxed);
         self.pending += 1;
         if self.pending >= MERGE_EVERY {
             self.pending = 0;

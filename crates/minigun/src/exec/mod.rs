@@ -27,6 +27,8 @@ pub struct ForkOptions {
     pub max_frame: usize,
     /// Items a persistent worker may hold at once (ipc_fork); 1 = strict request/response.
     pub in_flight: usize,
+    /// Emit results in input order (default: as they complete).
+    pub ordered: bool,
 }
 
 impl ForkOptions {
@@ -35,7 +37,8 @@ impl ForkOptions {
             workers,
             timeout: None,
             max_frame: 256 << 20,
-            in_flight: 4,
+            in_flight: 16,
+            ordered: false,
         }
     }
 }
@@ -103,6 +106,14 @@ impl Exec {
     pub fn in_flight(mut self, n: usize) -> Self {
         if let Some(o) = self.fork_options_mut() {
             o.in_flight = n;
+        }
+        self
+    }
+    /// Emit results in input order (fork executors; ignored by the others). Results of a
+    /// finished item wait for every earlier item to finish.
+    pub fn ordered(mut self) -> Self {
+        if let Some(o) = self.fork_options_mut() {
+            o.ordered = true;
         }
         self
     }

@@ -1,5 +1,7 @@
 //! Length-prefixed frames: encoding into a buffer, incremental decoding from a byte stream.
 
+use std::os::fd::OwnedFd;
+
 /// Bytes before the payload: len (4) + kind (1) + id (8).
 pub(crate) const HEADER: usize = 13;
 
@@ -88,29 +90,21 @@ impl Decoder {
         }
     }
 
-    /// The buffer to read more bytes into: returns a slice of at least `want` spare bytes;
-    /// call [`Decoder::filled`] with how many were written.
-    pub(crate) fn spare(&mut self, want: usize) -> &mut [u8] {
+    /// Reads once from `fd` into the buffer (at most `chunk` bytes, without zero-filling:
+    /// untouched capacity costs no page faults). Returns the number of bytes read (0 = EOF).
+    pub(crate) fn read_from(&mut self, fd: &OwnedFd, chunk: usize) -> rustix::io::Result<usize> {
         if self.start > 0 && (self.start == self.buf.len() || self.start >= 1 << 16) {
             self.buf.drain(..self.start);
             self.start = 0;
         }
-        let len = self.buf.len();
-        self.buf.resize(len + want, 0);
-        &mut self.buf[len..]
-    }
-
-    /// Marks `n` bytes of the last [`Decoder::spare`] slice as data (the rest is dropped).
-    pub(crate) fn filled(&mut self, want: usize, n: usize) {
-        let len = self.buf.len();
-        self.buf.truncate(len - want + n);
+        self.buf.reserve(chunk);
+        rustix::io::read(fd, rustix::buffer::spare_capacity(&mut self.buf))
     }
 
     /// Appends bytes.
     #[cfg(test)]
     pub(crate) fn extend(&mut self, data: &[u8]) {
-        let s = self.spare(data.len());
-        s.copy_from_slice(data);
+        self.buf.extend_from_slice(data);
     }
 
     /// Bytes received that do not yet form a complete frame.

@@ -191,15 +191,13 @@ pub(crate) fn ipc_worker<I: Wire, O: Wire>(
                 if out.flush().is_err() {
                     return 74;
                 }
-                let spare = dec.spare(64 << 10);
                 let n = loop {
-                    match rustix::io::read(&input, &mut *spare) {
+                    match dec.read_from(&input, 64 << 10) {
                         Ok(n) => break n,
                         Err(rustix::io::Errno::INTR) => continue,
                         Err(_) => break 0,
                     }
                 };
-                dec.filled(64 << 10, n);
                 if n == 0 {
                     break; // The parent closed our input: same as shutdown.
                 }

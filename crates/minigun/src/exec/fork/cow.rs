@@ -6,7 +6,7 @@
 //! no `Clone` call happens per attempt.
 
 use super::{
-    child, earliest, exit_failure, feed, terminate, wait, Killed, Stream, Wake, PIPE_SIZE,
+    child, earliest, exit_failure, feed, terminate, wait, Killed, Release, Stream, Wake, PIPE_SIZE,
 };
 use crate::error::FailureKind;
 use crate::exec::local::{dead_letter, drain, Parts};
@@ -21,6 +21,7 @@ use crate::stats::Recorder;
 use crate::sys;
 use crossbeam_channel::{Receiver, TryRecvError};
 use rustix::event::{PollFd, PollFlags};
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::time::Instant;
 
@@ -33,6 +34,7 @@ struct Pending<I> {
 
 struct Running<I> {
     job: Pending<I>,
+    started: Instant,
     child: sys::Child,
     stream: Stream,
     exit: Option<sys::Exit>,
@@ -67,6 +69,7 @@ pub(super) fn run<I: Item, O: Wire>(parts: Parts<I, O>, opts: ForkOptions, hooks
             opts: &opts,
             hooks: &hooks,
             forked_once: false,
+            release: RefCell::new(Release::new(opts.ordered)),
         }
         .run(rx, &wake);
     });
@@ -77,6 +80,7 @@ struct Supervisor<'a, I, O> {
     opts: &'a ForkOptions,
     hooks: &'a ForkHooks,
     forked_once: bool,
+    release: RefCell<Release<O>>,
 }
 
 impl<I: Item, O: Wire> Supervisor<'_, I, O> {
@@ -143,6 +147,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     rx.is_empty() && matches!(rx.try_recv(), Err(TryRecvError::Disconnected));
             }
             if input_done && running.is_empty() && retry.is_empty() {
+                self.release.borrow_mut().release_all(&self.parts.router);
                 break;
             }
             // Sleep until a child speaks or exits, an item arrives, or a deadline passes.
@@ -210,6 +215,9 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             if let Err(m) = hooks::run_fork(&self.hooks.before_fork, "before_fork") {
                 ctx.stage_failed(FailureKind::Start, m);
                 ctx.cancelled(1);
+                self.release
+                    .borrow_mut()
+                    .finished(job.index, &self.parts.router);
                 return None;
             }
         }
@@ -248,6 +256,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 let deadline = self.opts.timeout.map(|t| Instant::now() + t);
                 Some(Running {
                     job,
+                    started: Instant::now(),
                     child,
                     stream: Stream::new(r, self.opts.max_frame),
                     exit: None,
@@ -300,7 +309,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 Ok(None) => break,
                 Ok(Some(Ok(Event::Result(o)))) => {
                     r.results += 1;
-                    let _ = self.parts.router.route(o);
+                    self.release.borrow_mut().emit(index, o, &self.parts.router);
                 }
                 Ok(Some(Ok(Event::Done(d)))) => r.done = Some(d),
                 Ok(Some(Ok(Event::Error(e)))) => r.error = Some(e),
@@ -337,7 +346,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             (_, _, _, Some(m)) => Err((FailureKind::Protocol, m)),
             (_, Some(e), _, _) => Err((e.kind, e.message)),
             (_, None, Some(d), _) if d.outputs == r.results => {
-                rec.latency(d.latency_ns);
+                rec.latency_busy(d.latency_ns, r.started.elapsed().as_nanos() as u64);
                 Ok(())
             }
             (_, None, Some(d), _) => Err((
@@ -356,8 +365,12 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             )),
             _ => Err(exit_failure(exit, r.stream.dec.pending() > 0)),
         };
-        if let Err((kind, message)) = outcome {
-            self.failed(r.job, kind, message, pid, retry);
+        match outcome {
+            Err((kind, message)) => self.failed(r.job, kind, message, pid, retry),
+            Ok(()) => self
+                .release
+                .borrow_mut()
+                .finished(r.job.index, &self.parts.router),
         }
     }
 
@@ -369,23 +382,28 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         pid: Option<u32>,
         retry: &mut VecDeque<Pending<I>>,
     ) {
+        let index = job.index;
         if kind == FailureKind::Cancelled {
             self.parts.ctx.cancelled(1);
-            return;
+        } else {
+            let ctx = &self.parts.ctx;
+            match ctx.failure(job.index, job.attempt, kind, message, pid) {
+                Verdict::Retry(delay) => {
+                    let not_before = Some(Instant::now() + delay);
+                    let attempt = job.attempt + 1;
+                    return retry.push_back(Pending {
+                        attempt,
+                        not_before,
+                        ..job
+                    });
+                }
+                Verdict::DeadLetter(f) => dead_letter(self.parts, job.item, f),
+                Verdict::Dropped => {}
+            }
         }
-        match self
-            .parts
-            .ctx
-            .failure(job.index, job.attempt, kind, message, pid)
-        {
-            Verdict::Retry(delay) => retry.push_back(Pending {
-                attempt: job.attempt + 1,
-                not_before: Some(Instant::now() + delay),
-                ..job
-            }),
-            Verdict::DeadLetter(f) => dead_letter(self.parts, job.item, f),
-            Verdict::Dropped => {}
-        }
+        self.release
+            .borrow_mut()
+            .finished(index, &self.parts.router);
     }
 }
 

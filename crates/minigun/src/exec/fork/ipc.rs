@@ -12,7 +12,7 @@
 //! When the input ends, each worker gets `shutdown`, flushes its stage instance and exits 0.
 
 use super::{
-    child, earliest, exit_failure, feed, terminate, wait, Killed, Stream, Wake, PIPE_SIZE,
+    child, earliest, exit_failure, feed, terminate, wait, Killed, Release, Stream, Wake, PIPE_SIZE,
 };
 use crate::error::FailureKind;
 use crate::exec::local::{dead_letter, drain, Parts};
@@ -139,7 +139,7 @@ fn run<I: Wire, O: Wire>(
         }
     };
     let window = opts.in_flight.max(1);
-    let (tx, rx) = crossbeam_channel::bounded::<(u64, Vec<u8>)>(opts.workers * window);
+    let (tx, rx) = crossbeam_channel::bounded::<Encoded<I>>(opts.workers * window);
     std::thread::scope(|s| {
         let ctx = &parts.ctx;
         std::thread::Builder::new()
@@ -148,7 +148,7 @@ fn run<I: Wire, O: Wire>(
                 let mut index = 0u64;
                 feed(ctx, &parts.input, tx, &wake, |item: I| {
                     index += 1;
-                    encode_input(&parts, index - 1, item, opts.max_frame)
+                    Some(encode_input(index - 1, item, opts.max_frame))
                 })
             })
             .expect("spawn feeder thread");
@@ -161,40 +161,33 @@ fn run<I: Wire, O: Wire>(
             respawn,
             rr: 0,
             deaths: 0,
+            release: Release::new(opts.ordered),
         };
         sup.run(rx, &wake);
     });
 }
 
-/// Serialises an input item; an item that cannot be serialised fails here (never retried:
-/// encoding is deterministic) and goes to the dead-letter stage with the error.
-fn encode_input<I: Wire, O>(
-    parts: &Parts<I, O>,
-    index: u64,
-    item: I,
-    max: usize,
-) -> Option<(u64, Vec<u8>)> {
+/// An input item as the feeder hands it over: `(index, payload)` or, when it cannot be
+/// serialised, the item and the reason (the supervisor fails it: encoding is deterministic, so
+/// it is never retried).
+type Encoded<I> = (u64, Result<Vec<u8>, (I, String)>);
+
+/// Serialises an input item on the feeder thread.
+fn encode_input<I: Wire>(index: u64, item: I, max: usize) -> Encoded<I> {
     let mut payload = Vec::new();
     match protocol::encode(&item, &mut payload) {
-        Ok(()) if payload.len() + frame::HEADER - 4 <= max => Some((index, payload)),
-        r => {
-            let message = match r {
-                Err(e) => format!("cannot serialise the input item: {e}"),
-                Ok(()) => format!(
-                    "input item of {} bytes exceeds the maximum frame size",
-                    payload.len()
-                ),
-            };
-            let attempt = parts.ctx.policy.retries + 1;
-            if let Verdict::DeadLetter(f) =
-                parts
-                    .ctx
-                    .failure(index, attempt, FailureKind::Encode, message, None)
-            {
-                dead_letter(parts, item, f);
-            }
-            None
+        Ok(()) if payload.len() + frame::HEADER - 4 <= max => (index, Ok(payload)),
+        Ok(()) => {
+            let m = format!(
+                "input item of {} bytes exceeds the maximum frame size of {max}",
+                payload.len()
+            );
+            (index, Err((item, m)))
         }
+        Err(e) => (
+            index,
+            Err((item, format!("cannot serialise the input item: {e}"))),
+        ),
     }
 }
 
@@ -206,10 +199,11 @@ struct Supervisor<'a, I, O> {
     respawn: Vec<Option<Instant>>,
     rr: usize,
     deaths: u32,
+    release: Release<O>,
 }
 
 impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
-    fn run(&mut self, rx: Receiver<(u64, Vec<u8>)>, wake: &Wake) {
+    fn run(&mut self, rx: Receiver<Encoded<I>>, wake: &Wake) {
         let ctx = &self.parts.ctx;
         let abort_fd = ctx.run.abort_fd();
         let mut rec = Recorder::new(&ctx.stats);
@@ -268,12 +262,22 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                         queue.pop_front().expect("front exists")
                     } else {
                         match rx.try_recv() {
-                            Ok((index, payload)) => Flight {
+                            Ok((index, Ok(payload))) => Flight {
                                 index,
                                 attempt: 1,
                                 payload,
                                 not_before: None,
                             },
+                            Ok((index, Err((item, message)))) => {
+                                let attempt = self.parts.ctx.policy.retries + 1;
+                                let kind = FailureKind::Encode;
+                                let v = self.parts.ctx.failure(index, attempt, kind, message, None);
+                                if let Verdict::DeadLetter(f) = v {
+                                    dead_letter(self.parts, item, f);
+                                }
+                                self.release.finished(index, &self.parts.router);
+                                continue;
+                            }
                             Err(TryRecvError::Empty) => break,
                             Err(TryRecvError::Disconnected) => {
                                 input_done = true;
@@ -308,6 +312,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                     }
                 }
                 if self.workers.iter().flatten().all(|w| w.exit.is_some()) {
+                    self.release.release_all(&self.parts.router);
                     break;
                 }
             }
@@ -483,12 +488,16 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         match ev {
             Event::Result(o) => {
                 w.results += 1;
-                let _ = self.parts.router.route(o);
+                let index = w.flights.front().map_or(u64::MAX, |f| f.index);
+                self.release.emit(index, o, &self.parts.router);
             }
             Event::Done(FINISH_ID, _) | Event::Done(START_ID, _) => w.results = 0,
             Event::Done(_, d) => {
                 let results = std::mem::take(&mut w.results);
                 let flight = w.flights.pop_front().expect("done for the front item");
+                let busy = w
+                    .front_since
+                    .map_or(d.latency_ns, |t| now.duration_since(t).as_nanos() as u64);
                 w.front_since = (!w.flights.is_empty()).then_some(now);
                 w.deadline = self
                     .opts
@@ -497,7 +506,8 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                     .map(|t| now + t);
                 self.deaths = 0;
                 if d.outputs == results {
-                    rec.latency(d.latency_ns);
+                    rec.latency_busy(d.latency_ns, busy);
+                    self.release.finished(flight.index, &self.parts.router);
                 } else {
                     let m = format!(
                         "worker reported {} results, parent received {results}",
@@ -602,35 +612,39 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
     }
 
     fn failed(
-        &self,
+        &mut self,
         f: Flight,
         kind: FailureKind,
         message: String,
         pid: Option<u32>,
         queue: &mut VecDeque<Flight>,
     ) {
+        let index = f.index;
         if kind == FailureKind::Cancelled {
             self.parts.ctx.cancelled(1);
-            return;
-        }
-        match self
-            .parts
-            .ctx
-            .failure(f.index, f.attempt, kind, message, pid)
-        {
-            Verdict::Retry(delay) => queue.push_back(Flight {
-                attempt: f.attempt + 1,
-                not_before: Some(Instant::now() + delay),
-                ..f
-            }),
-            Verdict::DeadLetter(failure) => match protocol::decode::<I>(&f.payload) {
-                Ok(item) => dead_letter(self.parts, item, failure),
-                Err(e) => {
-                    tracing::error!(stage = %self.parts.ctx.name, item = f.index, error = %e, "cannot decode a dead letter")
+        } else {
+            let ctx = &self.parts.ctx;
+            match ctx.failure(f.index, f.attempt, kind, message, pid) {
+                Verdict::Retry(delay) => {
+                    let not_before = Some(Instant::now() + delay);
+                    let attempt = f.attempt + 1;
+                    return queue.push_back(Flight {
+                        attempt,
+                        not_before,
+                        ..f
+                    });
                 }
-            },
-            Verdict::Dropped => {}
+                Verdict::DeadLetter(failure) => match protocol::decode::<I>(&f.payload) {
+                    Ok(item) => dead_letter(self.parts, item, failure),
+                    Err(e) => {
+                        let stage = &self.parts.ctx.name;
+                        tracing::error!(%stage, item = index, error = %e, "cannot decode a dead letter");
+                    }
+                },
+                Verdict::Dropped => {}
+            }
         }
+        self.release.finished(index, &self.parts.router);
     }
 }
 

@@ -33,9 +33,11 @@ use crate::exec::ForkOptions;
 use crate::ipc::frame::Decoder;
 use crate::node::{ForkHooks, PreparedRun};
 use crate::policy::StageCtx;
+use crate::queue::Router;
 use crate::stage::{Item, Wire};
 use crate::sys;
 use crossbeam_channel::{Receiver, Sender};
+use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -145,31 +147,15 @@ impl Stream {
     }
     /// Reads what is available now (non-blocking), up to the read budget.
     fn read_available(&mut self) {
+        const CHUNK: usize = 64 << 10;
         let mut total = 0;
         while !self.eof && total < READ_BUDGET {
-            const CHUNK: usize = 256 << 10;
-            let spare = self.dec.spare(CHUNK);
-            match rustix::io::read(&self.fd, spare) {
-                Ok(0) => {
-                    self.dec.filled(CHUNK, 0);
-                    self.eof = true;
-                }
-                Ok(n) => {
-                    self.dec.filled(CHUNK, n);
-                    total += n;
-                    if n < CHUNK {
-                        break;
-                    }
-                }
-                Err(rustix::io::Errno::INTR) => self.dec.filled(CHUNK, 0),
-                Err(rustix::io::Errno::AGAIN) => {
-                    self.dec.filled(CHUNK, 0);
-                    break;
-                }
-                Err(_) => {
-                    self.dec.filled(CHUNK, 0);
-                    self.eof = true;
-                }
+            match self.dec.read_from(&self.fd, CHUNK) {
+                Ok(0) => self.eof = true,
+                Ok(n) => total += n,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(rustix::io::Errno::AGAIN) => break,
+                Err(_) => self.eof = true,
             }
         }
     }
@@ -230,6 +216,56 @@ fn signal_name(s: i32) -> &'static str {
     nix::sys::signal::Signal::try_from(s)
         .map(|s| s.as_str())
         .unwrap_or("unknown")
+}
+
+/// Routes results downstream, in input order when asked: results of item `i` are held until
+/// every item before `i` has finished (succeeded or finally failed).
+pub(crate) struct Release<O> {
+    ordered: bool,
+    next: u64,
+    held: BTreeMap<u64, (Vec<O>, bool)>,
+}
+
+impl<O: Item> Release<O> {
+    fn new(ordered: bool) -> Self {
+        Release {
+            ordered,
+            next: 0,
+            held: BTreeMap::new(),
+        }
+    }
+    fn emit(&mut self, index: u64, o: O, router: &Router<O>) {
+        if !self.ordered || index == self.next {
+            let _ = router.route(o);
+        } else {
+            self.held.entry(index).or_default().0.push(o);
+        }
+    }
+    /// Item `index` will produce nothing more.
+    fn finished(&mut self, index: u64, router: &Router<O>) {
+        if !self.ordered {
+            return;
+        }
+        self.held.entry(index).or_default().1 = true;
+        while let Some(entry) = self.held.first_entry() {
+            if *entry.key() != self.next || !entry.get().1 {
+                break;
+            }
+            for o in entry.remove().0 {
+                let _ = router.route(o);
+            }
+            self.next += 1;
+        }
+    }
+    /// End of the stage: whatever is still held goes out, in order (nothing is lost even if
+    /// an item in between never finished, e.g. on abort).
+    fn release_all(&mut self, router: &Router<O>) {
+        for (_, (outs, _)) in std::mem::take(&mut self.held) {
+            for o in outs {
+                let _ = router.route(o);
+            }
+        }
+    }
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
