@@ -15,7 +15,7 @@ fn run(ex: Ex) -> Vec<u64> {
     });
     let s = p.processor("double", |x: u64, out: &mut Output<'_, u64>| {
         out.emit(x * 2)?;
-        if x % 10 == 0 {
+        if x.is_multiple_of(10) {
             out.emit(x)?;
         }
         Ok(())

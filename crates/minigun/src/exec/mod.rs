@@ -52,10 +52,11 @@ impl ForkOptions {
 /// let f = Exec::cow_fork(4).timeout(Duration::from_secs(5));
 /// # let _ = (e, f);
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Exec {
     /// On the stage's own driver thread, one item at a time.
+    #[default]
     Inline,
     /// `n` worker threads, `n` items in flight at once.
     Threads(usize),
@@ -63,12 +64,6 @@ pub enum Exec {
     CowFork(ForkOptions),
     /// `workers` persistent forked workers fed over pipes.
     IpcFork(ForkOptions),
-}
-
-impl Default for Exec {
-    fn default() -> Self {
-        Exec::Inline
-    }
 }
 
 impl Exec {

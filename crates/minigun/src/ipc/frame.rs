@@ -14,6 +14,7 @@ pub(crate) enum Kind {
     Done = 3,
     Error = 4,
     Shutdown = 5,
+    Log = 6,
 }
 
 impl Kind {
@@ -24,6 +25,7 @@ impl Kind {
             3 => Kind::Done,
             4 => Kind::Error,
             5 => Kind::Shutdown,
+            6 => Kind::Log,
             _ => return None,
         })
     }

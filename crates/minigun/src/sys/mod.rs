@@ -13,9 +13,9 @@
 //!   default (SIGINT ignored: the parent decides; SIGPIPE ignored: a closed pipe is an error,
 //!   not a death) and unblock them; close every fd except stdio and the child's own pipes
 //!   (or siblings would never see end-of-file); `PR_SET_PDEATHSIG = SIGKILL` and re-check the
-//!   parent (it may have died before the prctl); name the process; install a thread-local
-//!   no-op `tracing` dispatcher (the parent's subscriber may hold a lock); run the body under
-//!   `catch_unwind`; flush stdio; `_exit`.
+//!   parent (it may have died before the prctl); name the process; run the body under
+//!   `catch_unwind`; flush stdio; `_exit`. (`tracing` in the child goes through a switch the
+//!   parent installed on the forking thread; see `exec::fork::log`.)
 //! - The child never returns into the parent's frames, never unwinds out of the body, and never
 //!   runs `atexit` handlers (`_exit`, not `exit`).
 //!
@@ -134,7 +134,6 @@ fn child_after_fork(
     if nix::unistd::getppid().as_raw() != parent {
         exit_now(70);
     }
-    let _quiet = tracing::subscriber::set_default(tracing::subscriber::NoSubscriber::default());
     let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or(101);
     let _ = io::stdout().flush();
     let _ = io::stderr().flush();

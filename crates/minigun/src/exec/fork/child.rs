@@ -35,6 +35,9 @@ impl ChildOut {
     }
 
     pub(crate) fn flush(&mut self) -> std::io::Result<()> {
+        for rec in super::log::take() {
+            let _ = protocol::encode_frame(&mut self.buf, Kind::Log, 0, &rec, self.max);
+        }
         let mut off = 0;
         while off < self.buf.len() {
             match rustix::io::write(&self.fd, &self.buf[off..]) {
@@ -132,6 +135,7 @@ pub(crate) fn cow_child<I: 'static, O: Wire>(
     fd: OwnedFd,
     max: usize,
 ) -> i32 {
+    super::log::enter_child();
     let mut out = ChildOut::new(fd, max);
     match start(factory, after_fork) {
         Ok(mut stage) => run_item(&mut *stage, item, id, &mut out, true),
@@ -152,6 +156,7 @@ pub(crate) fn ipc_worker<I: Wire, O: Wire>(
     after_fork: &[ForkHook],
     max: usize,
 ) -> i32 {
+    super::log::enter_child();
     let mut out = ChildOut::new(output, max);
     let mut stage = match start(factory, after_fork) {
         Ok(s) => s,

@@ -47,6 +47,7 @@ struct Running<I> {
 }
 
 pub(super) fn run<I: Item, O: Wire>(parts: Parts<I, O>, opts: ForkOptions, hooks: ForkHooks) {
+    let _log = super::log::install();
     let wake = match Wake::new() {
         Ok(w) => w,
         Err(e) => {
@@ -286,7 +287,16 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         r.stream.read_available();
         loop {
             let index = r.job.index;
+            let (stage, pid) = (&self.parts.ctx.name, r.child.pid);
             let next = r.stream.dec.next(|kind, id, payload| {
+                if kind == Kind::Log {
+                    return protocol::decode::<super::log::LogRecord>(payload)
+                        .map(|rec| {
+                            super::log::emit(stage, pid, &rec);
+                            Event::Log
+                        })
+                        .map_err(|e| format!("bad log frame: {e}"));
+                }
                 if id != index {
                     return Err(format!(
                         "frame for item {id} from the child of item {index}"
@@ -312,6 +322,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     self.release.borrow_mut().emit(index, o, &self.parts.router);
                 }
                 Ok(Some(Ok(Event::Done(d)))) => r.done = Some(d),
+                Ok(Some(Ok(Event::Log))) => {}
                 Ok(Some(Ok(Event::Error(e)))) => r.error = Some(e),
                 Ok(Some(Err(m))) => {
                     self.protocol_error(r, m);
@@ -408,6 +419,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
 }
 
 enum Event<O> {
+    Log,
     Result(O),
     Done(Done),
     Error(ChildError),

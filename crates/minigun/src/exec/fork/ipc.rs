@@ -105,6 +105,7 @@ pub(super) fn start<I: Wire, O: Wire>(
     opts: ForkOptions,
     hooks: ForkHooks,
 ) -> PreparedRun {
+    let _log = super::log::install();
     let ctx = parts.ctx.clone();
     let fail = move |parts: Parts<I, O>, m: String| -> PreparedRun {
         ctx.stage_failed(FailureKind::Start, m);
@@ -129,6 +130,7 @@ fn run<I: Wire, O: Wire>(
     hooks: ForkHooks,
     workers: Vec<Option<Worker>>,
 ) {
+    let _log = super::log::install();
     let wake = match Wake::new() {
         Ok(w) => w,
         Err(e) => {
@@ -251,10 +253,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             }
             // Dispatch: retries that are due first, then new items, round-robin.
             if !ctx.run.aborting() {
-                loop {
-                    let Some(slot) = self.next_worker(window) else {
-                        break;
-                    };
+                while let Some(slot) = self.next_worker(window) {
                     let flight = if queue
                         .front()
                         .is_some_and(|f| f.not_before.is_none_or(|t| t <= now))
@@ -429,10 +428,19 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             loop {
                 let w = self.workers[slot].as_mut().expect("live worker");
                 let front = w.flights.front().map(|f| f.index);
+                let (stage, pid) = (&self.parts.ctx.name, w.child.pid);
                 let next = w
                     .stream
                     .dec
                     .next(|kind, id, payload| -> Result<Event<O>, String> {
+                        if kind == Kind::Log {
+                            return protocol::decode::<super::log::LogRecord>(payload)
+                                .map(|rec| {
+                                    super::log::emit(stage, pid, &rec);
+                                    Event::Log
+                                })
+                                .map_err(|e| format!("bad log frame: {e}"));
+                        }
                         if id != FINISH_ID && id != START_ID && Some(id) != front {
                             return Err(format!(
                                 "frame for item {id} while the worker runs item {front:?}"
@@ -486,6 +494,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         let now = Instant::now();
         let w = self.workers[slot].as_mut().expect("live worker");
         match ev {
+            Event::Log => {}
             Event::Result(o) => {
                 w.results += 1;
                 let index = w.flights.front().map_or(u64::MAX, |f| f.index);
@@ -676,6 +685,7 @@ fn flush_input(w: &mut Worker) {
 }
 
 enum Event<O> {
+    Log,
     Result(O),
     Done(u64, Done),
     Error(u64, ChildError),

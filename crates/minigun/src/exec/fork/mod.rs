@@ -27,6 +27,7 @@
 mod child;
 mod cow;
 mod ipc;
+mod log;
 
 use crate::exec::local::Parts;
 use crate::exec::ForkOptions;

@@ -1,0 +1,86 @@
+//! A `tracing` event emitted by stage code in a cow_fork child and in an ipc_fork worker
+//! reaches the parent's subscriber, with the stage and the child's pid.
+use minigun::{Exec, Pipeline};
+use std::sync::Mutex;
+use tracing::field::{Field, Visit};
+use tracing::span::{Attributes, Id, Record};
+use tracing::{Event, Metadata, Subscriber};
+
+static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+struct Capture;
+struct Fields(String);
+impl Visit for Fields {
+    fn record_debug(&mut self, f: &Field, v: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!("{}={:?};", f.name(), v));
+    }
+}
+impl Subscriber for Capture {
+    fn enabled(&self, m: &Metadata<'_>) -> bool {
+        *m.level() <= tracing::Level::INFO
+    }
+    fn new_span(&self, _: &Attributes<'_>) -> Id {
+        Id::from_u64(1)
+    }
+    fn record(&self, _: &Id, _: &Record<'_>) {}
+    fn record_follows_from(&self, _: &Id, _: &Id) {}
+    fn event(&self, e: &Event<'_>) {
+        let mut f = Fields(format!(
+            "{} {}: ",
+            e.metadata().level(),
+            e.metadata().target()
+        ));
+        e.record(&mut f);
+        SEEN.lock().unwrap().push(f.0);
+    }
+    fn enter(&self, _: &Id) {}
+    fn exit(&self, _: &Id) {}
+}
+
+fn run(exec: Exec) -> Vec<String> {
+    let _ = tracing::subscriber::set_global_default(Capture);
+    SEEN.lock().unwrap().clear();
+    let p = Pipeline::new("logs");
+    p.producer("gen", |out| out.emit_all(0..3u64).map_err(Into::into));
+    p.map("work", |x: u64| {
+        tracing::info!(item = x, "hello from the child");
+        tracing::debug!("filtered out by the parent's level");
+        Ok(x)
+    })
+    .wire()
+    .executor(exec);
+    p.consumer("sink", |_x: u64| Ok(()));
+    p.run().unwrap();
+    let seen = SEEN.lock().unwrap().clone();
+    seen.into_iter()
+        .filter(|l| l.contains("minigun::child"))
+        .collect()
+}
+
+fn check(lines: Vec<String>) {
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    for x in 0..3 {
+        assert!(
+            lines.iter().any(|l| l.contains("hello from the child")
+                && l.contains(&format!("item={x}"))
+                && l.contains("stage=\"work\"")
+                && l.contains("pid=")
+                && l.starts_with("INFO")),
+            "{lines:#?}"
+        );
+    }
+    assert!(
+        !lines.iter().any(|l| l.contains("filtered out")),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn cow_fork_child_logs_reach_the_parent() {
+    check(run(Exec::cow_fork(2)));
+}
+
+#[test]
+fn ipc_fork_worker_logs_reach_the_parent() {
+    check(run(Exec::ipc_fork(2)));
+}
