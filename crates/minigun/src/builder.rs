@@ -512,12 +512,25 @@ impl<I: Wire, O: Wire> StageRef<I, O> {
     }
 }
 
+#[cfg(target_os = "linux")]
 fn cow_runner<I: Item, O: Wire>(p: Parts<I, O>, o: ForkOptions, h: ForkHooks) -> PreparedRun {
     crate::exec::fork::cow(p, o, h)
 }
 
+#[cfg(target_os = "linux")]
 fn ipc_runner<I: Wire, O: Wire>(p: Parts<I, O>, o: ForkOptions, h: ForkHooks) -> PreparedRun {
     crate::exec::fork::ipc(p, o, h)
+}
+
+// Without fork, `build()` runs fork stages inline; these are never called.
+#[cfg(not(target_os = "linux"))]
+fn cow_runner<I: Item, O: Wire>(p: Parts<I, O>, _: ForkOptions, _: ForkHooks) -> PreparedRun {
+    Box::new(move || crate::exec::local::run(p, 1))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn ipc_runner<I: Wire, O: Wire>(p: Parts<I, O>, _: ForkOptions, _: ForkHooks) -> PreparedRun {
+    Box::new(move || crate::exec::local::run(p, 1))
 }
 
 fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
@@ -609,6 +622,12 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
                 Exec::Inline
             }
             _ => exec,
+        };
+        let exec = if exec.is_fork() && !crate::exec::fork_available() {
+            tracing::warn!(stage = %s.name, %exec, "fork is not available here: the stage runs inline");
+            Exec::Inline
+        } else {
+            exec
         };
         if let Err(message) = s.node.validate() {
             return Err(DefinitionError::InvalidConfig {

@@ -76,6 +76,7 @@ mod error;
 mod exec;
 mod graph;
 mod hooks;
+#[cfg(target_os = "linux")]
 mod ipc;
 mod node;
 mod policy;
@@ -85,6 +86,7 @@ mod run;
 mod signals;
 mod stage;
 mod stats;
+#[cfg(target_os = "linux")]
 mod sys;
 
 pub use builder::{Pipeline, StageRef};

@@ -23,9 +23,12 @@ use crate::node::Task;
 use crate::policy::StageCtx;
 use crate::queue::Capacity;
 use crate::report::RunReport;
+#[cfg(target_os = "linux")]
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
+#[cfg(target_os = "linux")]
+use std::sync::OnceLock;
 use std::time::Instant;
 
 /// How many failures the report keeps in full (all are counted).
@@ -43,11 +46,13 @@ pub(crate) struct RunShared {
     /// The signal that stopped the run, or 0.
     pub(crate) signal: AtomicI32,
     /// Becomes readable when the run aborts: fork supervisors poll it.
+    #[cfg(target_os = "linux")]
     abort_pipe: OnceLock<(OwnedFd, OwnedFd)>,
 }
 
 impl RunShared {
     /// An fd that becomes readable once the run aborts (created on first use).
+    #[cfg(target_os = "linux")]
     pub(crate) fn abort_fd(&self) -> &OwnedFd {
         &self
             .abort_pipe
@@ -61,6 +66,7 @@ impl RunShared {
             .0
     }
     fn wake_supervisors(&self) {
+        #[cfg(target_os = "linux")]
         if let Some((_, w)) = self.abort_pipe.get() {
             let _ = rustix::io::write(w, &[1]);
         }

@@ -17,6 +17,7 @@ impl Guard {
     pub(crate) fn install(shared: &Arc<RunShared>) -> Guard {
         let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
         active.retain(|w| w.strong_count() > 0);
+        #[cfg(target_os = "linux")]
         if active.is_empty() {
             crate::sys::signals::install(on_signal);
         }
@@ -31,12 +32,14 @@ impl Drop for Guard {
     fn drop(&mut self) {
         let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
         active.retain(|w| w.strong_count() > 0 && !w.ptr_eq(&self.shared));
+        #[cfg(target_os = "linux")]
         if active.is_empty() {
             crate::sys::signals::restore();
         }
     }
 }
 
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 /// Called on the signal watcher thread (not in the handler) for each signal received.
 fn on_signal(signal: i32) {
     let active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());

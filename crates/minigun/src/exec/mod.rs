@@ -10,10 +10,21 @@
 //! Every executor hands failed attempts to the stage's one policy
 //! ([`StageCtx::failure`](crate::policy::StageCtx)), so a stage means the same under all of them.
 
+#[cfg(target_os = "linux")]
 pub(crate) mod fork;
 pub(crate) mod local;
 
 use std::time::Duration;
+
+/// Whether the fork executors can run here: Linux, unless the environment variable
+/// `MINIGUN_NO_FORK` is set (then every fork stage runs inline, with a warning, which is also
+/// how the fallback is tested).
+pub(crate) fn fork_available() -> bool {
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        cfg!(target_os = "linux") && std::env::var_os("MINIGUN_NO_FORK").is_none()
+    })
+}
 
 /// Options of the fork executors.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +128,9 @@ impl Exec {
             Exec::CowFork(o) | Exec::IpcFork(o) => Some(o),
             _ => None,
         }
+    }
+    pub(crate) fn is_fork(&self) -> bool {
+        matches!(self, Exec::CowFork(_) | Exec::IpcFork(_))
     }
     /// How many items this executor processes at once.
     pub fn concurrency(&self) -> usize {
