@@ -343,7 +343,7 @@ impl<I: Item> Task for AccumulatorTask<I> {
             match next {
                 Ok(item) => {
                     if self.ctx.run.aborting() {
-                        self.ctx.cancelled(1);
+                        self.ctx.received_cancelled(1);
                         continue;
                     }
                     self.ctx.stats.items_in.fetch_add(1, Ordering::Relaxed);

@@ -141,8 +141,16 @@ impl StageCtx {
         }
     }
 
-    /// Counts an item that was never processed because the run is aborting.
+    /// Counts items already counted in `items_in` that will not be processed (the run is
+    /// aborting). Every item a stage receives ends up exactly once in its output accounting:
+    /// processed, failed, or cancelled.
     pub(crate) fn cancelled(&self, n: u64) {
+        self.stats.cancelled.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts items just received from the queue that will not be processed.
+    pub(crate) fn received_cancelled(&self, n: u64) {
+        self.stats.items_in.fetch_add(n, Ordering::Relaxed);
         self.stats.cancelled.fetch_add(n, Ordering::Relaxed);
     }
 

@@ -26,9 +26,9 @@ use crate::report::RunReport;
 #[cfg(target_os = "linux")]
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 #[cfg(target_os = "linux")]
 use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// How many failures the report keeps in full (all are counted).

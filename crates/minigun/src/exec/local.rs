@@ -42,7 +42,7 @@ pub(crate) fn run<I: Clone + Send + 'static, O: Clone + Send + 'static>(
         let mut rec = Recorder::new(&parts.ctx.stats);
         for item in parts.input.iter() {
             if parts.ctx.run.aborting() {
-                parts.ctx.cancelled(1);
+                parts.ctx.received_cancelled(1);
                 continue;
             }
             let index = next_index.fetch_add(1, Ordering::Relaxed);
@@ -126,5 +126,5 @@ pub(crate) fn dead_letter<I, O>(parts: &Parts<I, O>, item: I, failure: crate::It
 /// Empties a queue whose stage cannot process it, counting every item as cancelled.
 pub(crate) fn drain<I>(ctx: &StageCtx, input: &Receiver<I>) {
     let n = input.iter().count() as u64;
-    ctx.cancelled(n);
+    ctx.received_cancelled(n);
 }

@@ -21,9 +21,8 @@ use std::time::Duration;
 /// how the fallback is tested).
 pub(crate) fn fork_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        cfg!(target_os = "linux") && std::env::var_os("MINIGUN_NO_FORK").is_none()
-    })
+    *AVAILABLE
+        .get_or_init(|| cfg!(target_os = "linux") && std::env::var_os("MINIGUN_NO_FORK").is_none())
 }
 
 /// Options of the fork executors.

@@ -141,11 +141,16 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             }
             if ctx.run.aborting() {
                 // The feeder cancels what is still queued; drop what reached the hand-off.
-                while let Ok(_item) = rx.try_recv() {
-                    ctx.cancelled(1);
+                loop {
+                    match rx.try_recv() {
+                        Ok(_item) => ctx.cancelled(1),
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            input_done = true;
+                            break;
+                        }
+                    }
                 }
-                input_done |=
-                    rx.is_empty() && matches!(rx.try_recv(), Err(TryRecvError::Disconnected));
             }
             if input_done && running.is_empty() && retry.is_empty() {
                 self.release.borrow_mut().release_all(&self.parts.router);

@@ -231,8 +231,15 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 }
             }
             if ctx.run.aborting() {
-                while rx.try_recv().is_ok() {
-                    ctx.cancelled(1);
+                loop {
+                    match rx.try_recv() {
+                        Ok(_) => ctx.cancelled(1),
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => {
+                            input_done = true;
+                            break;
+                        }
+                    }
                 }
             }
             // Replace dead workers whose backoff has passed, while there is work.

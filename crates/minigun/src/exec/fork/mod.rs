@@ -115,7 +115,7 @@ fn feed<I, T>(
 ) {
     for item in input.iter() {
         if ctx.run.aborting() {
-            ctx.cancelled(1);
+            ctx.received_cancelled(1);
             continue;
         }
         ctx.stats.items_in.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,109 @@
+//! SIGINT / SIGTERM during a run with fork stages: the run stops, every child is terminated
+//! and reaped, the report names the signal, and the previous signal handlers are restored.
+//!
+//! The pipeline runs in a re-executed copy of this test binary, so that the signal is real.
+#![allow(unsafe_code)] // Sends real signals and reads real dispositions.
+mod common;
+use minigun::{Exec, Pipeline};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const ROLE: &str = "MINIGUN_SIGNAL_TEST_ROLE";
+
+/// The inner side: runs an endless pipeline whose items take 100 ms in forked children.
+#[test]
+fn inner_entry() {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    let exec = if role == "cow" {
+        Exec::cow_fork(2)
+    } else {
+        Exec::ipc_fork(2)
+    };
+    let p = Pipeline::new("signals");
+    p.producer("endless", |out| {
+        for i in 0u64.. {
+            out.emit(i)?;
+        }
+        Ok(())
+    });
+    p.map("slow", |x: u64| {
+        std::thread::sleep(Duration::from_millis(100));
+        Ok(x)
+    })
+    .wire()
+    .executor(exec);
+    let seen = std::sync::atomic::AtomicBool::new(false);
+    p.consumer("sink", move |_x: u64| {
+        if !seen.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            println!("READY");
+        }
+        Ok(())
+    });
+    let report = p
+        .run()
+        .expect("an interrupted run still returns its report");
+    // SAFETY: querying the current disposition with a null new action changes nothing.
+    let restored = unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGINT, std::ptr::null(), &mut old);
+        old.sa_sigaction == libc::SIG_DFL
+    };
+    let slow = report.stage("slow").unwrap();
+    println!(
+        "SIGNAL={:?} STOPPED={} LIVE={} ZOMBIES={} RESTORED={restored} ACCOUNTED={}",
+        report.signal,
+        report.stopped,
+        common::live_children().len(),
+        common::zombies().len(),
+        slow.items_in == slow.items_out + slow.failed + slow.cancelled,
+    );
+}
+
+fn interrupt(role: &str, signal: i32) -> String {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["inner_entry", "--exact", "--nocapture", "--test-threads=1"])
+        .env(ROLE, role)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .any(|l| l.contains("READY"));
+    assert!(ready, "the inner run never became ready");
+    // SAFETY: sends a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "inner run failed: {status:?} {rest:?}");
+    rest.into_iter()
+        .find(|l| l.starts_with("SIGNAL="))
+        .expect("inner printed its summary")
+}
+
+fn check(line: &str, signal: i32) {
+    assert!(line.contains(&format!("SIGNAL=Some({signal})")), "{line}");
+    for part in [
+        "STOPPED=true",
+        "LIVE=0",
+        "ZOMBIES=0",
+        "RESTORED=true",
+        "ACCOUNTED=true",
+    ] {
+        assert!(line.contains(part), "{part} missing in {line}");
+    }
+}
+
+#[test]
+fn sigint_stops_a_cow_fork_run() {
+    check(&interrupt("cow", libc::SIGINT), libc::SIGINT);
+}
+
+#[test]
+fn sigterm_stops_an_ipc_fork_run() {
+    check(&interrupt("ipc", libc::SIGTERM), libc::SIGTERM);
+}
