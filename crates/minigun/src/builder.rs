@@ -14,7 +14,9 @@ use crate::node::{
 };
 use crate::policy::{Final, OnError, StageCtx};
 use crate::queue::{Capacity, FanOut};
+use crate::route::{self, RouteCodec, RouteDecl};
 use crate::run::{PlannedStage, RunShared, Runnable};
+use crate::stage::TypeInfo;
 use crate::stage::{Factory, Failed, FnStage, Item, Output, Stage, Wire};
 use crate::stats::StageStats;
 use crate::{Exec, ForkOptions};
@@ -50,6 +52,7 @@ struct StageDef {
     dead_letter: Option<Ref>,
     hooks: StageHooks,
     misplaced_max_wait: bool,
+    routes: Vec<(Ref, RouteDecl)>,
 }
 
 #[derive(Default)]
@@ -220,6 +223,7 @@ impl Pipeline {
             dead_letter: None,
             hooks: StageHooks::default(),
             misplaced_max_wait: false,
+            routes: Vec::new(),
         });
         StageRef {
             id: d.stages.len() - 1,
@@ -437,6 +441,37 @@ impl<I, O> StageRef<I, O> {
         self.this()
     }
 
+    /// Declares that this stage may send items to `target` with
+    /// [`Output::to`](crate::Output::to) (dynamic routing), from any executor. The target
+    /// stays open until this stage has ended, so nothing routed is lost.
+    pub fn routes_to<T: Wire, Y>(&self, target: &StageRef<T, Y>) -> Self {
+        let r = self.reference(target);
+        self.declare_route::<T>(r, Some(RouteCodec::of::<T>()))
+    }
+
+    /// Like [`StageRef::routes_to`], by name (the target may be defined later; its type is
+    /// checked by `build()`).
+    pub fn routes_to_name<T: Wire>(&self, target: impl Into<String>) -> Self {
+        self.declare_route::<T>(Ref::Name(target.into()), Some(RouteCodec::of::<T>()))
+    }
+
+    /// Like [`StageRef::routes_to`] for item types that are not serialisable: the routing
+    /// stage must then run in-process (inline or threads).
+    pub fn routes_to_local<T: Item, Y>(&self, target: &StageRef<T, Y>) -> Self {
+        let r = self.reference(target);
+        self.declare_route::<T>(r, None)
+    }
+
+    fn declare_route<T: Item>(&self, target: Ref, codec: Option<RouteCodec>) -> Self {
+        let decl = RouteDecl {
+            ty: TypeInfo::of::<T>(),
+            make: route::make_sender::<T>,
+            codec,
+        };
+        self.with(|s| s.routes.push((target, decl)));
+        self.this()
+    }
+
     /// Runs once on the stage's thread before it handles its first item.
     pub fn before(&self, hook: impl FnOnce() -> StageResult + Send + 'static) -> Self {
         self.with(|s| s.hooks.before.push(Box::new(hook)));
@@ -553,6 +588,8 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
             }),
         }
     };
+    let mut dead_edges: Vec<(usize, usize)> = Vec::new();
+    let mut route_edges: Vec<(usize, usize, usize)> = Vec::new();
     let mut declared = Declared {
         names: names.clone(),
         kinds: def.stages.iter().map(|s| s.node.kind()).collect(),
@@ -568,7 +605,16 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
             declared.to[v].push(lookup(&s.name, r)?);
         }
         if let Some(r) = &s.dead_letter {
-            declared.side.push((v, lookup(&s.name, r)?));
+            dead_edges.push((v, lookup(&s.name, r)?));
+        }
+        for (k, (r, _)) in s.routes.iter().enumerate() {
+            route_edges.push((v, lookup(&s.name, r)?, k));
+        }
+    }
+    declared.side = dead_edges.clone();
+    for &(u, v, _) in &route_edges {
+        if !declared.side.contains(&(u, v)) {
+            declared.side.push((u, v));
         }
     }
     let wired = declared.wire(&def.name)?;
@@ -576,9 +622,14 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         let (a, b) = (&def.stages[u], &def.stages[v]);
         node::check_edge((&a.name, a.node.output()), (&b.name, b.node.input()))?;
     }
-    for &(u, v) in &declared.side {
+    for &(u, v) in &dead_edges {
         let (a, b) = (&def.stages[u], &def.stages[v]);
         node::check_edge((&a.name, a.node.failed_type()), (&b.name, b.node.input()))?;
+    }
+    for &(u, v, k) in &route_edges {
+        let (a, b) = (&def.stages[u], &def.stages[v]);
+        let decl = &a.routes[k].1;
+        node::check_edge((&a.name, Some(decl.ty)), (&b.name, b.node.input()))?;
     }
 
     // Executors: stage (explicit or context) > innermost group > pipeline default.
@@ -623,6 +674,12 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
             }
             _ => exec,
         };
+        if exec.is_fork() && s.routes.iter().any(|(_, d)| d.codec.is_none()) {
+            return Err(DefinitionError::NotSerialisable {
+                stage: s.name.clone(),
+                executor: format!("{exec} (a route declared with routes_to_local)"),
+            });
+        }
         let exec = if exec.is_fork() && !crate::exec::fork_available() {
             tracing::warn!(stage = %s.name, %exec, "fork is not available here: the stage runs inline");
             Exec::Inline
@@ -669,8 +726,18 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         outputs[u].push(makers[v].as_ref().expect("downstream has a queue")());
     }
     let mut dead: Vec<Option<node::AnyBox>> = (0..n).map(|_| None).collect();
-    for &(u, v) in &declared.side {
+    for &(u, v) in &dead_edges {
         dead[u] = Some(makers[v].as_ref().expect("dead-letter stage has a queue")());
+    }
+    let mut routes: Vec<Vec<route::RouteEntry>> = (0..n).map(|_| Vec::new()).collect();
+    for &(u, v, k) in &route_edges {
+        let decl = &def.stages[u].routes[k].1;
+        let tx = makers[v].as_ref().expect("route target has a queue")();
+        routes[u].push(route::RouteEntry {
+            name: def.stages[v].name.clone(),
+            send: (decl.make)(tx),
+            codec: decl.codec,
+        });
     }
     drop(makers);
 
@@ -687,6 +754,10 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         });
         let kind = s.node.kind();
         let wiring = node::Wiring {
+            routes: route::Routes {
+                stage: s.name.as_str().into(),
+                entries: std::mem::take(&mut routes[v]).into(),
+            },
             ctx: ctx.clone(),
             input: inputs[v].take(),
             outputs: std::mem::take(&mut outputs[v]),

@@ -82,6 +82,7 @@ mod node;
 mod policy;
 mod queue;
 mod report;
+mod route;
 mod run;
 mod signals;
 mod stage;

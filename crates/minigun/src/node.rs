@@ -32,6 +32,7 @@ pub(crate) struct Wiring {
     pub(crate) dead_letter: Option<AnyBox>,
     pub(crate) before_fork: Vec<ForkHook>,
     pub(crate) after_fork: Vec<ForkHook>,
+    pub(crate) routes: crate::route::Routes,
 }
 
 /// A running stage: `prepare` runs for every stage, in order, on the run's thread before any
@@ -73,7 +74,9 @@ fn router<O: Item>(w: &mut Wiring) -> Router<O> {
         .into_iter()
         .map(take::<QueueTx<O>>)
         .collect();
-    Router::new(outs, w.fanout, w.ctx.stats.clone())
+    let mut router = Router::new(outs, w.fanout, w.ctx.stats.clone());
+    router.routes = std::mem::take(&mut w.routes);
+    router
 }
 
 fn queue_for<I: Item>(cap: Capacity, stats: Arc<StageStats>) -> Option<(TxMaker, AnyBox)> {

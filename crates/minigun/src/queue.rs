@@ -9,6 +9,7 @@
 //!   queue length never exceeds its capacity (the high-water mark records the peak).
 
 use crate::error::EmitError;
+use crate::route::{AnyItem, Routes};
 use crate::stage::Sink;
 use crate::stats::StageStats;
 use crossbeam_channel::{Receiver, Sender};
@@ -90,6 +91,8 @@ pub(crate) struct Router<O> {
     stats: Arc<StageStats>,
     /// Set for producers: emits fail with `Stopped` once the run is stopping.
     stop: Option<Arc<AtomicBool>>,
+    /// Declared dynamic-routing targets.
+    pub(crate) routes: Routes,
 }
 
 impl<O> Clone for Router<O> {
@@ -100,6 +103,7 @@ impl<O> Clone for Router<O> {
             rr: self.rr.clone(),
             stats: self.stats.clone(),
             stop: self.stop.clone(),
+            routes: self.routes.clone(),
         }
     }
 }
@@ -112,12 +116,35 @@ impl<O: Clone> Router<O> {
             rr: Arc::new(AtomicUsize::new(0)),
             stats,
             stop: None,
+            routes: Routes::default(),
         }
     }
 
     pub(crate) fn stop_on(mut self, flag: Arc<AtomicBool>) -> Self {
         self.stop = Some(flag);
         self
+    }
+
+    /// Sends an item to a declared route target.
+    pub(crate) fn route_dynamic(&self, target: &str, item: AnyItem) -> Result<(), EmitError> {
+        self.check_stop()?;
+        self.routes.send(target, item)?;
+        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sends an item decoded from a fork child's `routed` frame.
+    pub(crate) fn route_index(&self, index: usize, item: AnyItem) -> Result<(), EmitError> {
+        self.routes.send_index(index, item)?;
+        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn check_stop(&self) -> Result<(), EmitError> {
+        match &self.stop {
+            Some(stop) if stop.load(Ordering::Relaxed) => Err(EmitError::Stopped),
+            _ => Ok(()),
+        }
     }
 
     pub(crate) fn route(&self, item: O) -> Result<(), EmitError> {
@@ -152,6 +179,13 @@ impl<O: Clone> Router<O> {
 
 impl<O: Clone> Sink<O> for Router<O> {
     fn send(&mut self, item: O) -> Result<(), EmitError> {
-        self.route(item)
+        Router::route(&*self, item)
+    }
+    fn route(
+        &mut self,
+        target: &str,
+        item: Box<dyn std::any::Any + Send>,
+    ) -> Result<(), EmitError> {
+        self.route_dynamic(target, item)
     }
 }

@@ -23,6 +23,8 @@ impl<T: Item + serde::Serialize + serde::de::DeserializeOwned> Wire for T {}
 /// Where emitted items go. Implemented by the in-process router and by the fork child's pipe.
 pub(crate) trait Sink<O> {
     fn send(&mut self, item: O) -> Result<(), EmitError>;
+    /// Sends an item to a declared route target.
+    fn route(&mut self, target: &str, item: Box<dyn Any + Send>) -> Result<(), EmitError>;
 }
 
 /// The handle a stage emits items into. Emitting any number of items (0..n) per input is
@@ -48,6 +50,30 @@ impl<'a, O> Output<'a, O> {
     /// the error with `?` (it is not counted as a failure).
     pub fn emit(&mut self, item: O) -> Result<(), EmitError> {
         self.sink.send(item)
+    }
+
+    /// Sends `item` to the stage named `stage` instead of the default downstream (dynamic
+    /// routing). The target must be declared with
+    /// [`StageRef::routes_to`](crate::StageRef::routes_to); an undeclared name or an item of
+    /// the wrong type is an [`EmitError::Route`].
+    ///
+    /// ```
+    /// use minigun::{Output, Pipeline};
+    /// let p = Pipeline::new("router");
+    /// p.producer("jobs", |out| out.emit_all(0..10u32).map_err(Into::into));
+    /// let route = p.processor("route", |job: u32, out: &mut Output<'_, u32>| {
+    ///     if job % 3 == 0 { out.to("urgent", job)?; } else { out.emit(job)?; }
+    ///     Ok(())
+    /// });
+    /// p.consumer("normal", |_: u32| Ok(()));
+    /// let urgent = p.consumer("urgent", |_: u32| Ok(()));
+    /// route.routes_to(&urgent);
+    /// let report = p.run().unwrap();
+    /// assert_eq!(report.stage("urgent").unwrap().items_in, 4);
+    /// assert_eq!(report.stage("normal").unwrap().items_in, 6);
+    /// ```
+    pub fn to<T: Send + 'static>(&mut self, stage: &str, item: T) -> Result<(), EmitError> {
+        self.sink.route(stage, Box::new(item))
     }
 
     /// Emits every item of an iterator.

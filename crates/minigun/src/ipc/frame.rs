@@ -15,6 +15,7 @@ pub(crate) enum Kind {
     Error = 4,
     Shutdown = 5,
     Log = 6,
+    Routed = 7,
 }
 
 impl Kind {
@@ -26,6 +27,7 @@ impl Kind {
             4 => Kind::Error,
             5 => Kind::Shutdown,
             6 => Kind::Log,
+            7 => Kind::Routed,
             _ => return None,
         })
     }

@@ -27,6 +27,7 @@
 //! | 3 | `done` | child -> parent | [`protocol::Done`]: the item is finished (no outputs = the original's `no_result`), with its latency |
 //! | 4 | `error` | child -> parent | [`protocol::ChildError`]: the item failed (error or panic, with message and location) |
 //! | 5 | `shutdown` | parent -> ipc worker | empty: finish (flush the stage instance) and exit 0 |
+//! | 7 | `routed` | child -> parent | an item routed by name ([`Output::to`](crate::Output::to)): `u32` little-endian index into the stage's route table, then the encoded item |
 //! | 6 | `log` | child -> parent | a `tracing` record from stage code in the child (level, target, message with fields); id 0 |
 //!
 //! Item ids are the item's index in the stage's input. Two ids are reserved: [`FINISH_ID`]

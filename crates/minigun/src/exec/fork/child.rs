@@ -9,7 +9,9 @@ use crate::hooks::{self, ForkHook};
 use crate::ipc::frame::{self, Decoder, Kind};
 use crate::ipc::protocol::{self, ChildError, Done};
 use crate::ipc::{FINISH_ID, START_ID};
+use crate::route::Routes;
 use crate::stage::{guarded, Factory, Output, Sink, Stage, Wire};
+use std::any::Any;
 use std::os::fd::OwnedFd;
 use std::time::Instant;
 
@@ -63,6 +65,28 @@ impl ChildOut {
         Ok(())
     }
 
+    fn routed(
+        &mut self,
+        id: u64,
+        index: u32,
+        item: &(dyn Any + Send),
+        encode: fn(&(dyn Any + Send), &mut Vec<u8>) -> Result<(), String>,
+    ) -> Result<(), EmitError> {
+        let start = frame::begin(&mut self.buf, Kind::Routed, id);
+        self.buf.extend_from_slice(&index.to_le_bytes());
+        if let Err(e) = encode(item, &mut self.buf) {
+            self.buf.truncate(start);
+            return Err(EmitError::Encode(e));
+        }
+        frame::finish(&mut self.buf, start, self.max)
+            .map_err(|e| EmitError::Encode(e.to_string()))?;
+        self.outputs += 1;
+        if self.buf.len() >= FLUSH_AT {
+            self.flush().map_err(|_| EmitError::Closed)?;
+        }
+        Ok(())
+    }
+
     fn done(&mut self, id: u64, latency_ns: u64) {
         let d = Done {
             latency_ns,
@@ -84,11 +108,19 @@ impl ChildOut {
 struct PipeSink<'a> {
     out: &'a mut ChildOut,
     id: u64,
+    routes: &'a Routes,
 }
 
 impl<O: Wire> Sink<O> for PipeSink<'_> {
     fn send(&mut self, item: O) -> Result<(), EmitError> {
         self.out.result(self.id, &item)
+    }
+    fn route(&mut self, target: &str, item: Box<dyn Any + Send>) -> Result<(), EmitError> {
+        let index = self.routes.index(target)?;
+        let codec = self.routes.entries[index]
+            .codec
+            .ok_or_else(|| EmitError::Route(format!("route to {target:?} is not serialisable")))?;
+        self.out.routed(self.id, index as u32, &*item, codec.encode)
     }
 }
 
@@ -99,11 +131,16 @@ fn run_item<I: 'static, O: Wire>(
     id: u64,
     out: &mut ChildOut,
     finish: bool,
+    routes: &Routes,
 ) {
     out.outputs = 0;
     let t0 = Instant::now();
     let r = guarded(|| {
-        let mut sink = PipeSink { out: &mut *out, id };
+        let mut sink = PipeSink {
+            out: &mut *out,
+            id,
+            routes,
+        };
         let mut output = Output::new(&mut sink);
         stage.process(item, &mut output)?;
         if finish {
@@ -134,11 +171,12 @@ pub(crate) fn cow_child<I: 'static, O: Wire>(
     after_fork: &[ForkHook],
     fd: OwnedFd,
     max: usize,
+    routes: &Routes,
 ) -> i32 {
     super::log::enter_child();
     let mut out = ChildOut::new(fd, max);
     match start(factory, after_fork) {
-        Ok(mut stage) => run_item(&mut *stage, item, id, &mut out, true),
+        Ok(mut stage) => run_item(&mut *stage, item, id, &mut out, true, routes),
         Err(m) => out.error(id, FailureKind::Start, m),
     }
     match out.flush() {
@@ -155,6 +193,7 @@ pub(crate) fn ipc_worker<I: Wire, O: Wire>(
     factory: &Factory<I, O>,
     after_fork: &[ForkHook],
     max: usize,
+    routes: &Routes,
 ) -> i32 {
     super::log::enter_child();
     let mut out = ChildOut::new(output, max);
@@ -178,7 +217,7 @@ pub(crate) fn ipc_worker<I: Wire, O: Wire>(
         });
         match next {
             Ok(Some(Some((id, Ok(item))))) => {
-                run_item(&mut *stage, item, id, &mut out, false);
+                run_item(&mut *stage, item, id, &mut out, false, routes);
                 if out.buf.len() >= FLUSH_AT && out.flush().is_err() {
                     return 74;
                 }
@@ -221,6 +260,7 @@ pub(crate) fn ipc_worker<I: Wire, O: Wire>(
     out.outputs = 0;
     let r = guarded(|| {
         stage.finish(&mut Output::new(&mut PipeSink {
+            routes,
             out: &mut out,
             id: FINISH_ID,
         }))

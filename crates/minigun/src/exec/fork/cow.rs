@@ -249,9 +249,10 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         let after_fork = &self.hooks.after_fork;
         let keep = [sys::raw(&w)];
         let name = format!("mg:{}", ctx.name);
+        let routes = &self.parts.router.routes;
         let forked = sys::fork_child(&keep, &name, move || {
             let item = slot_ref.take().expect("the child's copy of the item");
-            child::cow_child::<I, O>(item, index, factory, after_fork, w, max)
+            child::cow_child::<I, O>(item, index, factory, after_fork, w, max, routes)
         });
         let job = Pending {
             item: slot.expect("the parent keeps its copy"),
@@ -293,6 +294,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         loop {
             let index = r.job.index;
             let (stage, pid) = (&self.parts.ctx.name, r.child.pid);
+            let routes = &self.parts.router.routes;
             let next = r.stream.dec.next(|kind, id, payload| {
                 if kind == Kind::Log {
                     return protocol::decode::<super::log::LogRecord>(payload)
@@ -308,6 +310,9 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     ));
                 }
                 match kind {
+                    Kind::Routed => {
+                        super::decode_routed(routes, payload).map(|(i, t)| Event::Routed(i, t))
+                    }
                     Kind::Result => protocol::decode::<O>(payload)
                         .map(Event::Result)
                         .map_err(|e| format!("cannot decode a result: {e}")),
@@ -327,6 +332,10 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     self.release.borrow_mut().emit(index, o, &self.parts.router);
                 }
                 Ok(Some(Ok(Event::Done(d)))) => r.done = Some(d),
+                Ok(Some(Ok(Event::Routed(i, t)))) => {
+                    r.results += 1;
+                    let _ = self.parts.router.route_index(i, t);
+                }
                 Ok(Some(Ok(Event::Log))) => {}
                 Ok(Some(Ok(Event::Error(e)))) => r.error = Some(e),
                 Ok(Some(Err(m))) => {
@@ -426,6 +435,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
 enum Event<O> {
     Log,
     Result(O),
+    Routed(usize, crate::route::AnyItem),
     Done(Done),
     Error(ChildError),
 }

@@ -79,8 +79,9 @@ fn spawn<I: Wire, O: Wire>(
     sys::grow_pipe(&out_w, PIPE_SIZE);
     let keep = [sys::raw(&in_r), sys::raw(&out_w)];
     let (factory, after_fork, max) = (&parts.factory, &hooks.after_fork, opts.max_frame);
+    let routes = &parts.router.routes;
     let child = sys::fork_child(&keep, &format!("mg:{}#{slot}", parts.ctx.name), move || {
-        child::ipc_worker::<I, O>(in_r, out_w, factory, after_fork, max)
+        child::ipc_worker::<I, O>(in_r, out_w, factory, after_fork, max, routes)
     })?;
     Ok(Worker {
         child,
@@ -436,6 +437,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 let w = self.workers[slot].as_mut().expect("live worker");
                 let front = w.flights.front().map(|f| f.index);
                 let (stage, pid) = (&self.parts.ctx.name, w.child.pid);
+                let routes = &self.parts.router.routes;
                 let next = w
                     .stream
                     .dec
@@ -454,6 +456,8 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                             ));
                         }
                         match kind {
+                            Kind::Routed => super::decode_routed(routes, payload)
+                                .map(|(i, t)| Event::Routed(i, t)),
                             Kind::Result => protocol::decode::<O>(payload)
                                 .map(Event::Result)
                                 .map_err(|e| format!("cannot decode a result: {e}")),
@@ -502,6 +506,10 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         let w = self.workers[slot].as_mut().expect("live worker");
         match ev {
             Event::Log => {}
+            Event::Routed(i, t) => {
+                w.results += 1;
+                let _ = self.parts.router.route_index(i, t);
+            }
             Event::Result(o) => {
                 w.results += 1;
                 let index = w.flights.front().map_or(u64::MAX, |f| f.index);
@@ -694,6 +702,7 @@ fn flush_input(w: &mut Worker) {
 enum Event<O> {
     Log,
     Result(O),
+    Routed(usize, crate::route::AnyItem),
     Done(u64, Done),
     Error(u64, ChildError),
 }

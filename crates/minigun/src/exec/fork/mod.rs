@@ -269,6 +269,27 @@ impl<O: Item> Release<O> {
     }
 }
 
+/// Decodes a `routed` frame's payload with the stage's route table.
+fn decode_routed(
+    routes: &crate::route::Routes,
+    payload: &[u8],
+) -> Result<(usize, crate::route::AnyItem), String> {
+    let (head, body) = payload
+        .split_at_checked(4)
+        .ok_or("routed frame without a route index")?;
+    let index = u32::from_le_bytes(head.try_into().expect("4 bytes")) as usize;
+    let entry = routes
+        .entries
+        .get(index)
+        .ok_or_else(|| format!("routed frame for unknown route {index}"))?;
+    let codec = entry
+        .codec
+        .ok_or_else(|| format!("route to {:?} is not serialisable", entry.name))?;
+    let item = (codec.decode)(body)
+        .map_err(|e| format!("cannot decode an item routed to {:?}: {e}", entry.name))?;
+    Ok((index, item))
+}
+
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
         (Some(x), Some(y)) => Some(x.min(y)),

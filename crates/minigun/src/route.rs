@@ -1,0 +1,115 @@
+//! Dynamic routing: a stage sends an item to a named stage instead of (or as well as) its
+//! default downstream, with [`Output::to`](crate::Output::to).
+//!
+//! # How termination stays exact
+//!
+//! A stage may only route to targets it declared ([`StageRef::routes_to`](crate::StageRef::routes_to)).
+//! Each declaration is an edge of the graph: the routing stage holds a sender to the target's
+//! queue for as long as it runs, exactly like a static upstream. So a target fed only
+//! dynamically ends when every stage that could still send to it has ended: no item is dropped
+//! (a slow source keeps the target open) and nothing waits forever (the last source's end
+//! closes it). Declared edges take part in cycle detection like static ones.
+//!
+//! Routing to an undeclared name, or with an item of the wrong type, is an
+//! [`EmitError::Route`] naming the stage, the target and the types.
+//!
+//! From a fork child, a routed item crosses the pipe in a `routed` frame carrying the index of
+//! the target in the stage's route table; the parent decodes it and sends it on.
+
+use crate::error::EmitError;
+use crate::queue::QueueTx;
+use crate::stage::TypeInfo;
+use std::any::Any;
+use std::sync::Arc;
+
+pub(crate) type AnyItem = Box<dyn Any + Send>;
+pub(crate) type AnyBox = Box<dyn Any + Send>;
+
+/// Serialisation of a route's item type, for routing from fork children.
+#[derive(Clone, Copy)]
+pub(crate) struct RouteCodec {
+    pub(crate) encode: fn(&(dyn Any + Send), &mut Vec<u8>) -> Result<(), String>,
+    pub(crate) decode: fn(&[u8]) -> Result<AnyItem, String>,
+}
+
+impl RouteCodec {
+    pub(crate) fn of<T: crate::Wire>() -> Self {
+        RouteCodec {
+            encode: |item, out| match item.downcast_ref::<T>() {
+                Some(t) => crate::ipc::protocol::encode(t, out),
+                None => Err(format!("expected {}", std::any::type_name::<T>())),
+            },
+            decode: |bytes| {
+                crate::ipc::protocol::decode::<T>(bytes).map(|t| Box::new(t) as AnyItem)
+            },
+        }
+    }
+}
+
+/// Turns a target's `QueueTx<T>` (type-erased) into a sender of type-erased items.
+pub(crate) type MakeSender = fn(AnyBox) -> SendFn;
+pub(crate) type SendFn = Box<dyn Fn(AnyItem) -> Result<(), EmitError> + Send + Sync>;
+
+pub(crate) fn make_sender<T: crate::Item>(tx: AnyBox) -> SendFn {
+    let tx = *tx
+        .downcast::<QueueTx<T>>()
+        .expect("route types were checked by build()");
+    Box::new(move |item: AnyItem| match item.downcast::<T>() {
+        Ok(t) => tx.send(*t).map_err(|_| EmitError::Closed),
+        Err(_) => Err(EmitError::Route(format!(
+            "the target takes {}, not this item's type",
+            std::any::type_name::<T>()
+        ))),
+    })
+}
+
+/// A declared route, as the builder keeps it.
+#[derive(Clone)]
+pub(crate) struct RouteDecl {
+    pub(crate) ty: TypeInfo,
+    pub(crate) make: MakeSender,
+    pub(crate) codec: Option<RouteCodec>,
+}
+
+/// One route of a running stage.
+pub(crate) struct RouteEntry {
+    pub(crate) name: String,
+    pub(crate) send: SendFn,
+    pub(crate) codec: Option<RouteCodec>,
+}
+
+/// The routes of a running stage, shared by its workers.
+#[derive(Clone, Default)]
+pub(crate) struct Routes {
+    pub(crate) stage: Arc<str>,
+    pub(crate) entries: Arc<[RouteEntry]>,
+}
+
+impl Routes {
+    pub(crate) fn index(&self, target: &str) -> Result<usize, EmitError> {
+        self.entries.iter().position(|e| e.name == target).ok_or_else(|| {
+            EmitError::Route(format!(
+                "stage {:?} cannot route to {target:?}: not a declared route target (declared: {:?})",
+                self.stage,
+                self.entries.iter().map(|e| e.name.as_str()).collect::<Vec<_>>()
+            ))
+        })
+    }
+
+    pub(crate) fn send(&self, target: &str, item: AnyItem) -> Result<(), EmitError> {
+        let i = self.index(target)?;
+        self.send_index(i, item).map_err(|e| match e {
+            EmitError::Route(m) => {
+                EmitError::Route(format!("route {:?} -> {target:?}: {m}", self.stage))
+            }
+            other => other,
+        })
+    }
+
+    pub(crate) fn send_index(&self, i: usize, item: AnyItem) -> Result<(), EmitError> {
+        match self.entries.get(i) {
+            Some(e) => (e.send)(item),
+            None => Err(EmitError::Route(format!("route index {i} out of range"))),
+        }
+    }
+}
