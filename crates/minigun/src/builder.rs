@@ -9,6 +9,7 @@ use crate::error::{DefinitionError, StageResult};
 use crate::exec::local::Parts;
 use crate::graph::{Declared, StageKind};
 use crate::hooks::{ForkHook, OnceHook, StageHooks};
+use crate::loops::{Loop, Membership, Unit};
 use crate::node::{
     self, AccumulatorNode, ForkHooks, Node, PreparedRun, ProcessorNode, ProducerNode,
 };
@@ -596,6 +597,7 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         from: vec![Vec::new(); n],
         to: vec![Vec::new(); n],
         side: Vec::new(),
+        routes: Vec::new(),
     };
     for (v, s) in def.stages.iter().enumerate() {
         for r in &s.from {
@@ -616,6 +618,7 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         if !declared.side.contains(&(u, v)) {
             declared.side.push((u, v));
         }
+        declared.routes.push((u, v));
     }
     let wired = declared.wire(&def.name)?;
     for &(u, v) in &wired.edges {
@@ -721,18 +724,45 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
             }
         }
     }
+    // Routing loops: one work counter each, with a unit per edge entering the loop.
+    let mut loop_of: Vec<Option<Arc<Loop>>> = (0..n).map(|_| None).collect();
+    let all_edges: Vec<(usize, usize)> =
+        wired.edges.iter().chain(&declared.side).copied().collect();
+    for members in &wired.loops {
+        let entering = all_edges
+            .iter()
+            .filter(|&&(u, v)| members.contains(&v) && !members.contains(&u))
+            .count();
+        let lp = Loop::new(entering as u64);
+        for &m in members {
+            loop_of[m] = Some(lp.clone());
+        }
+    }
+    let membership = |u: usize, v: usize| match &loop_of[v] {
+        None => Membership::default(),
+        Some(lp) => Membership {
+            lp: Some(lp.clone()),
+            unit: match &loop_of[u] {
+                Some(own) if Arc::ptr_eq(own, lp) => None,
+                _ => Some(Arc::new(Unit(lp.clone()))),
+            },
+        },
+    };
     let mut outputs: Vec<Vec<node::AnyBox>> = (0..n).map(|_| Vec::new()).collect();
     for &(u, v) in &wired.edges {
-        outputs[u].push(makers[v].as_ref().expect("downstream has a queue")());
+        outputs[u].push(makers[v].as_ref().expect("downstream has a queue")(
+            membership(u, v),
+        ));
     }
     let mut dead: Vec<Option<node::AnyBox>> = (0..n).map(|_| None).collect();
     for &(u, v) in &dead_edges {
-        dead[u] = Some(makers[v].as_ref().expect("dead-letter stage has a queue")());
+        let tx = makers[v].as_ref().expect("dead-letter stage has a queue")(membership(u, v));
+        dead[u] = Some(tx);
     }
     let mut routes: Vec<Vec<route::RouteEntry>> = (0..n).map(|_| Vec::new()).collect();
     for &(u, v, k) in &route_edges {
         let decl = &def.stages[u].routes[k].1;
-        let tx = makers[v].as_ref().expect("route target has a queue")();
+        let tx = makers[v].as_ref().expect("route target has a queue")(membership(u, v));
         routes[u].push(route::RouteEntry {
             name: def.stages[v].name.clone(),
             send: (decl.make)(tx),
@@ -751,6 +781,7 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
             policy: s.policy.clone(),
             stats: stats[v].clone(),
             run: run.clone(),
+            lp: loop_of[v].clone(),
         });
         let kind = s.node.kind();
         let wiring = node::Wiring {

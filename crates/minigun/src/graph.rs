@@ -8,7 +8,8 @@
 //! names it in `from`. Walking the stages in order, producers and stages without explicit
 //! outputs are *open*; the next non-producer stage without explicit inputs takes every open
 //! stage as its upstreams (so several producers each feed the next stage). Consumers are never
-//! open: their output is `()`.
+//! open: their output is `()`. A dead-letter edge counts as an explicit input of its target;
+//! a dynamic-route edge does not (a loop's entry stage is still fed by the stage before it).
 
 use crate::error::DefinitionError;
 
@@ -49,8 +50,11 @@ pub(crate) struct Declared {
     pub(crate) from: Vec<Vec<usize>>,
     /// Explicit `to` edges: `to[u]` are downstreams of `u`.
     pub(crate) to: Vec<Vec<usize>>,
-    /// Dead-letter edges (upstream, dead-letter stage): they feed but take no default part.
+    /// Dead-letter and route edges (upstream, target): they feed but take no default part.
     pub(crate) side: Vec<(usize, usize)>,
+    /// The route edges among `side`: a cycle through one of them is a routing loop (allowed,
+    /// with loop termination); a cycle of other edges only is a definition error.
+    pub(crate) routes: Vec<(usize, usize)>,
 }
 
 /// The wired graph.
@@ -58,8 +62,10 @@ pub(crate) struct Declared {
 pub(crate) struct Wired {
     /// Data edges (upstream, downstream), in a stable order, without duplicates.
     pub(crate) edges: Vec<(usize, usize)>,
-    /// Stage indices in topological order.
+    /// Stage indices in topological order (loops: in definition order at their place).
     pub(crate) order: Vec<usize>,
+    /// Routing loops: the stages of each strongly connected component with a cycle.
+    pub(crate) loops: Vec<Vec<usize>>,
 }
 
 impl Declared {
@@ -91,7 +97,13 @@ impl Declared {
             }
         }
         let explicit_in: Vec<bool> = (0..n)
-            .map(|v| edges.iter().chain(self.side.iter()).any(|&(_, d)| d == v))
+            .map(|v| {
+                let dead_letter = |e: &&(usize, usize)| !self.routes.contains(e);
+                edges
+                    .iter()
+                    .chain(self.side.iter().filter(dead_letter))
+                    .any(|&(_, d)| d == v)
+            })
             .collect();
         let explicit_out: Vec<bool> = (0..n).map(|u| edges.iter().any(|&(s, _)| s == u)).collect();
         let mut open: Vec<usize> = Vec::new();
@@ -123,8 +135,79 @@ impl Declared {
                 });
             }
         }
-        let order = self.topo(&all)?;
-        Ok(Wired { edges, order })
+        let (order, loops) = self.order_with_loops(&all)?;
+        Ok(Wired {
+            edges,
+            order,
+            loops,
+        })
+    }
+
+    /// Topological order; cycles are allowed only through a route edge. Returns the order of
+    /// the condensed graph (each loop's stages in definition order) and the loops.
+    fn order_with_loops(
+        &self,
+        all: &[(usize, usize)],
+    ) -> Result<(Vec<usize>, Vec<Vec<usize>>), DefinitionError> {
+        if let Ok(order) = self.topo(all) {
+            return Ok((order, Vec::new()));
+        }
+        let comp = components(self.names.len(), all);
+        let ncomp = comp.iter().max().map_or(0, |m| m + 1);
+        let mut members: Vec<Vec<usize>> = vec![Vec::new(); ncomp];
+        for (v, &c) in comp.iter().enumerate() {
+            members[c].push(v);
+        }
+        let mut loops = Vec::new();
+        for m in &members {
+            let cyclic = m.len() > 1 || all.contains(&(m[0], m[0]));
+            if !cyclic {
+                continue;
+            }
+            let inside = |&(u, v): &(usize, usize)| comp[u] == comp[m[0]] && comp[v] == comp[m[0]];
+            if !self.routes.iter().any(inside) {
+                // A static cycle: name it as before.
+                let static_edges: Vec<(usize, usize)> =
+                    all.iter().copied().filter(inside).collect();
+                return Err(self
+                    .topo(&static_edges)
+                    .expect_err("the component has a cycle"));
+            }
+            if let Some(&a) = m.iter().find(|&&v| self.kinds[v] == StageKind::Accumulator) {
+                return Err(DefinitionError::InvalidConfig {
+                    stage: self.names[a].clone(),
+                    message: "an accumulator cannot be part of a routing loop".into(),
+                });
+            }
+            loops.push(m.clone());
+        }
+        // Condensed graph: edges between components, topologically sorted.
+        let cedges: Vec<(usize, usize)> = all
+            .iter()
+            .filter(|&&(u, v)| comp[u] != comp[v])
+            .map(|&(u, v)| (comp[u], comp[v]))
+            .collect();
+        let mut indeg = vec![0usize; ncomp];
+        for &(_, d) in &cedges {
+            indeg[d] += 1;
+        }
+        let mut ready: Vec<usize> = (0..ncomp).filter(|&c| indeg[c] == 0).collect();
+        ready.sort_by_key(|&c| members[c][0]);
+        let mut order = Vec::with_capacity(self.names.len());
+        while !ready.is_empty() {
+            let c = ready.remove(0);
+            order.extend(&members[c]);
+            for &(s, d) in &cedges {
+                if s == c {
+                    indeg[d] -= 1;
+                    if indeg[d] == 0 {
+                        ready.push(d);
+                        ready.sort_by_key(|&c| members[c][0]);
+                    }
+                }
+            }
+        }
+        Ok((order, loops))
     }
 
     /// Kahn's algorithm; on a cycle, names the stages of one cycle in order.
@@ -177,6 +260,55 @@ impl Declared {
     }
 }
 
+/// Strongly connected components (Tarjan, iterative): the component index of each node.
+fn components(n: usize, edges: &[(usize, usize)]) -> Vec<usize> {
+    let mut adj = vec![Vec::new(); n];
+    for &(u, v) in edges {
+        adj[u].push(v);
+    }
+    let (mut index, mut low, mut on) = (vec![usize::MAX; n], vec![0; n], vec![false; n]);
+    let (mut comp, mut stack, mut next, mut ncomp) = (vec![usize::MAX; n], Vec::new(), 0, 0);
+    for root in 0..n {
+        if index[root] != usize::MAX {
+            continue;
+        }
+        let mut work = vec![(root, 0usize)];
+        while let Some(&mut (v, ref mut i)) = work.last_mut() {
+            if *i == 0 {
+                index[v] = next;
+                low[v] = next;
+                next += 1;
+                stack.push(v);
+                on[v] = true;
+            }
+            if let Some(&w) = adj[v].get(*i) {
+                *i += 1;
+                if index[w] == usize::MAX {
+                    work.push((w, 0));
+                } else if on[w] {
+                    low[v] = low[v].min(index[w]);
+                }
+                continue;
+            }
+            work.pop();
+            if let Some(&(parent, _)) = work.last() {
+                low[parent] = low[parent].min(low[v]);
+            }
+            if low[v] == index[v] {
+                while let Some(w) = stack.pop() {
+                    on[w] = false;
+                    comp[w] = ncomp;
+                    if w == v {
+                        break;
+                    }
+                }
+                ncomp += 1;
+            }
+        }
+    }
+    comp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,7 +322,48 @@ mod tests {
             from: vec![vec![]; n],
             to: vec![vec![]; n],
             side: vec![],
+            routes: vec![],
         }
+    }
+
+    #[test]
+    fn a_cycle_through_a_route_is_a_loop() {
+        // gen -> fetch -> extract, extract routes back to fetch.
+        let mut d = decl(&[
+            ("gen", Producer),
+            ("fetch", Processor),
+            ("extract", Processor),
+            ("sink", Consumer),
+        ]);
+        d.side = vec![(2, 1)];
+        d.routes = vec![(2, 1)];
+        let w = d.wire("t").unwrap();
+        assert_eq!(w.loops, vec![vec![1, 2]]);
+        assert_eq!(w.order, vec![0, 1, 2, 3]);
+        // A self-route is a loop of one.
+        let mut d = decl(&[("gen", Producer), ("crawl", Processor)]);
+        d.side = vec![(1, 1)];
+        d.routes = vec![(1, 1)];
+        assert_eq!(d.wire("t").unwrap().loops, vec![vec![1]]);
+    }
+
+    #[test]
+    fn accumulators_cannot_be_in_a_loop() {
+        let mut d = decl(&[("gen", Producer), ("a", Processor), ("b", Accumulator)]);
+        d.side = vec![(2, 1)];
+        d.routes = vec![(2, 1)];
+        assert!(
+            matches!(d.wire("t"), Err(DefinitionError::InvalidConfig { stage, .. }) if stage == "b")
+        );
+    }
+
+    #[test]
+    fn components_of_a_figure_eight() {
+        let c = components(5, &[(0, 1), (1, 0), (1, 2), (2, 3), (3, 2), (3, 4)]);
+        assert_eq!(c[0], c[1]);
+        assert_eq!(c[2], c[3]);
+        assert_ne!(c[0], c[2]);
+        assert_ne!(c[4], c[2]);
     }
 
     #[test]

@@ -78,6 +78,7 @@ mod graph;
 mod hooks;
 #[cfg(target_os = "linux")]
 mod ipc;
+mod loops;
 mod node;
 mod policy;
 mod queue;

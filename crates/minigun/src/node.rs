@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 pub(crate) type AnyBox = Box<dyn Any + Send>;
 /// Makes one more sender (a `QueueTx<I>`) into a stage's queue.
-pub(crate) type TxMaker = Box<dyn Fn() -> AnyBox + Send>;
+pub(crate) type TxMaker = Box<dyn Fn(crate::loops::Membership) -> AnyBox + Send>;
 
 /// The typed ends a node receives when the graph is wired.
 pub(crate) struct Wiring {
@@ -81,8 +81,10 @@ fn router<O: Item>(w: &mut Wiring) -> Router<O> {
 
 fn queue_for<I: Item>(cap: Capacity, stats: Arc<StageStats>) -> Option<(TxMaker, AnyBox)> {
     let (tx, rx) = queue::channel::<I>(cap);
-    let tx = QueueTx::new(tx, stats);
-    Some((Box::new(move || Box::new(tx.clone())), Box::new(rx)))
+    Some((
+        Box::new(move |m| Box::new(QueueTx::new(tx.clone(), stats.clone(), m))),
+        Box::new(rx),
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -210,6 +212,8 @@ impl<I: Item, O: Item> Node for ProcessorNode<I, O> {
             after_fork: w.after_fork,
         };
         Box::new(ProcessorTask {
+            input: parts.input.clone(),
+            ctx: parts.ctx.clone(),
             parts: Some(parts),
             cow: self.cow,
             ipc: self.ipc,
@@ -223,6 +227,10 @@ impl<I: Item, O: Item> Node for ProcessorNode<I, O> {
 }
 
 struct ProcessorTask<I, O> {
+    /// The stage's queue and context, kept here too so that `abandon` can account for the
+    /// queued items whatever the executor took with it.
+    input: Receiver<I>,
+    ctx: Arc<StageCtx>,
     parts: Option<local::Parts<I, O>>,
     cow: Option<ForkRunner<I, O>>,
     ipc: Option<ForkRunner<I, O>>,
@@ -254,10 +262,16 @@ impl<I: Item, O: Item> Task for ProcessorTask<I, O> {
         }
     }
     fn abandon(self: Box<Self>) {
-        if let Some(parts) = &self.parts {
-            local::drain(&parts.ctx, &parts.input);
-        }
-        // A prepared fork pool shuts its workers down when dropped.
+        let ProcessorTask {
+            input,
+            ctx,
+            parts,
+            prepared,
+            ..
+        } = *self;
+        // A prepared fork pool terminates and reaps its workers when dropped.
+        drop((parts, prepared));
+        local::drain(&ctx, &input);
     }
 }
 

@@ -99,6 +99,8 @@ pub(crate) struct StageCtx {
     pub(crate) policy: OnError,
     pub(crate) stats: Arc<StageStats>,
     pub(crate) run: Arc<RunShared>,
+    /// The routing loop this stage is part of, if any.
+    pub(crate) lp: Option<Arc<crate::loops::Loop>>,
 }
 
 impl StageCtx {
@@ -146,12 +148,26 @@ impl StageCtx {
     /// processed, failed, or cancelled.
     pub(crate) fn cancelled(&self, n: u64) {
         self.stats.cancelled.fetch_add(n, Ordering::Relaxed);
+        self.items_done(n);
+    }
+
+    /// `n` received items have reached their final outcome (processed, finally failed or
+    /// cancelled): inside a routing loop, their units are released.
+    pub(crate) fn items_done(&self, n: u64) {
+        if let Some(lp) = &self.lp {
+            lp.release(n);
+        }
+    }
+
+    /// The next item of this stage's queue; `None` at end of stream.
+    pub(crate) fn recv<I>(&self, input: &crossbeam_channel::Receiver<I>) -> Option<I> {
+        crate::loops::recv(input, self.lp.as_deref())
     }
 
     /// Counts items just received from the queue that will not be processed.
     pub(crate) fn received_cancelled(&self, n: u64) {
         self.stats.items_in.fetch_add(n, Ordering::Relaxed);
-        self.stats.cancelled.fetch_add(n, Ordering::Relaxed);
+        self.cancelled(n);
     }
 
     /// A failure of the stage as a whole (start-up, hook): recorded and the run aborts.

@@ -9,6 +9,7 @@
 //!   queue length never exceeds its capacity (the high-water mark records the peak).
 
 use crate::error::EmitError;
+use crate::loops::Membership;
 use crate::route::{AnyItem, Routes};
 use crate::stage::Sink;
 use crate::stats::StageStats;
@@ -43,6 +44,7 @@ pub(crate) fn channel<T>(cap: Capacity) -> (Sender<T>, Receiver<T>) {
 pub(crate) struct QueueTx<T> {
     tx: Sender<T>,
     target: Arc<StageStats>,
+    loops: Membership,
 }
 
 impl<T> Clone for QueueTx<T> {
@@ -50,18 +52,27 @@ impl<T> Clone for QueueTx<T> {
         QueueTx {
             tx: self.tx.clone(),
             target: self.target.clone(),
+            loops: self.loops.clone(),
         }
     }
 }
 
 impl<T> QueueTx<T> {
-    pub(crate) fn new(tx: Sender<T>, target: Arc<StageStats>) -> Self {
-        QueueTx { tx, target }
+    pub(crate) fn new(tx: Sender<T>, target: Arc<StageStats>, loops: Membership) -> Self {
+        QueueTx { tx, target, loops }
     }
 
     /// Blocking send; `Err` gives the item back when the receiving stage is gone.
     pub(crate) fn send(&self, item: T) -> Result<(), T> {
-        self.tx.send(item).map_err(|e| e.0)?;
+        if let Some(lp) = &self.loops.lp {
+            lp.take(1);
+            if let Err(e) = self.tx.send(item) {
+                lp.release(1);
+                return Err(e.0);
+            }
+        } else {
+            self.tx.send(item).map_err(|e| e.0)?;
+        }
         let len = self.tx.len();
         if len > self.target.queue_high_water.load(Ordering::Relaxed) {
             self.target

@@ -39,7 +39,8 @@ pub struct StageReport {
     pub kind: StageKind,
     /// Executor it ran under.
     pub executor: String,
-    /// Items taken from its queue and processed (not counting retries).
+    /// Items received from its queue (each once, however many attempts). Every received item
+    /// is accounted for exactly once: `items_in == processed + failed + cancelled`.
     pub items_in: u64,
     /// Items it emitted.
     pub items_out: u64,

@@ -40,7 +40,7 @@ pub(crate) fn run<I: Clone + Send + 'static, O: Clone + Send + 'static>(
         };
         let mut router = parts.router.clone();
         let mut rec = Recorder::new(&parts.ctx.stats);
-        for item in parts.input.iter() {
+        while let Some(item) = parts.ctx.recv(&parts.input) {
             if parts.ctx.run.aborting() {
                 parts.ctx.received_cancelled(1);
                 continue;
@@ -89,7 +89,9 @@ fn process_item<I: Clone + Send + 'static, O: Clone + Send + 'static>(
         let t0 = Instant::now();
         let r = guarded(|| stage.process(this, &mut Output::new(router)));
         rec.latency(t0.elapsed().as_nanos() as u64);
-        let Err(c) = r else { return };
+        let Err(c) = r else {
+            return parts.ctx.items_done(1);
+        };
         if c.stop && parts.ctx.run.aborting() {
             parts.ctx.cancelled(1);
             return;
@@ -103,9 +105,9 @@ fn process_item<I: Clone + Send + 'static, O: Clone + Send + 'static>(
             }
             Verdict::DeadLetter(failure) => {
                 dead_letter(parts, item.take().expect("kept item"), failure);
-                return;
+                return parts.ctx.items_done(1);
             }
-            Verdict::Dropped => return,
+            Verdict::Dropped => return parts.ctx.items_done(1),
         }
     }
 }
@@ -125,6 +127,9 @@ pub(crate) fn dead_letter<I, O>(parts: &Parts<I, O>, item: I, failure: crate::It
 
 /// Empties a queue whose stage cannot process it, counting every item as cancelled.
 pub(crate) fn drain<I>(ctx: &StageCtx, input: &Receiver<I>) {
-    let n = input.iter().count() as u64;
+    let mut n = 0;
+    while ctx.recv(input).is_some() {
+        n += 1;
+    }
     ctx.received_cancelled(n);
 }

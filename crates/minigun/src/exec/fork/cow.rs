@@ -392,10 +392,11 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         };
         match outcome {
             Err((kind, message)) => self.failed(r.job, kind, message, pid, retry),
-            Ok(()) => self
-                .release
-                .borrow_mut()
-                .finished(r.job.index, &self.parts.router),
+            Ok(()) => {
+                self.parts.ctx.items_done(1);
+                let mut release = self.release.borrow_mut();
+                release.finished(r.job.index, &self.parts.router);
+            }
         }
     }
 
@@ -425,6 +426,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 Verdict::DeadLetter(f) => dead_letter(self.parts, job.item, f),
                 Verdict::Dropped => {}
             }
+            ctx.items_done(1);
         }
         self.release
             .borrow_mut()

@@ -282,6 +282,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                                 if let Verdict::DeadLetter(f) = v {
                                     dead_letter(self.parts, item, f);
                                 }
+                                self.parts.ctx.items_done(1);
                                 self.release.finished(index, &self.parts.router);
                                 continue;
                             }
@@ -531,6 +532,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 self.deaths = 0;
                 if d.outputs == results {
                     rec.latency_busy(d.latency_ns, busy);
+                    self.parts.ctx.items_done(1);
                     self.release.finished(flight.index, &self.parts.router);
                 } else {
                     let m = format!(
@@ -667,6 +669,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 },
                 Verdict::Dropped => {}
             }
+            ctx.items_done(1);
         }
         self.release.finished(index, &self.parts.router);
     }

@@ -113,7 +113,7 @@ fn feed<I, T>(
     wake: &Wake,
     mut make: impl FnMut(I) -> Option<T>,
 ) {
-    for item in input.iter() {
+    while let Some(item) = ctx.recv(input) {
         if ctx.run.aborting() {
             ctx.received_cancelled(1);
             continue;

@@ -1,0 +1,93 @@
+//! Termination of routing loops.
+//!
+//! Outside loops, a stage ends when its queue disconnects (its last upstream ended). Inside a
+//! loop (stages that can route items back to each other) that never happens: members hold
+//! senders to each other. Each loop instead keeps one work counter:
+//!
+//! - one unit per edge from a stage outside the loop into it, released when that upstream
+//!   stage has ended (its last sender is dropped);
+//! - one unit per item sent into a member's queue (taken before the send), released when a
+//!   member has finished with the item: processed, finally failed, or cancelled.
+//!
+//! A unit is only ever taken by someone who holds one (a live upstream, or a member busy
+//! with an item), so once the counter reaches zero it stays there: no item is queued or in
+//! process in the loop and none can arrive. The loop is then closed and its members end
+//! together, as if their queues had disconnected.
+
+use crossbeam_channel::{Receiver, Sender};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The work counter of one routing loop.
+#[derive(Debug)]
+pub(crate) struct Loop {
+    work: AtomicU64,
+    close: Mutex<Option<Sender<()>>>,
+    /// Disconnects when the loop is closed.
+    pub(crate) closed: Receiver<()>,
+}
+
+impl Loop {
+    pub(crate) fn new(units: u64) -> Arc<Loop> {
+        let (tx, rx) = crossbeam_channel::bounded(0);
+        let lp = Loop {
+            work: AtomicU64::new(units),
+            close: Mutex::new(Some(tx)),
+            closed: rx,
+        };
+        if units == 0 {
+            lp.close();
+        }
+        Arc::new(lp)
+    }
+    pub(crate) fn take(&self, n: u64) {
+        self.work.fetch_add(n, Ordering::SeqCst);
+    }
+    pub(crate) fn release(&self, n: u64) {
+        if n > 0 && self.work.fetch_sub(n, Ordering::SeqCst) == n {
+            self.close();
+        }
+    }
+    fn close(&self) {
+        drop(self.close.lock().unwrap_or_else(|e| e.into_inner()).take());
+    }
+}
+
+/// The unit an upstream outside the loop holds while it runs.
+#[derive(Debug)]
+pub(crate) struct Unit(pub(crate) Arc<Loop>);
+
+impl Drop for Unit {
+    fn drop(&mut self) {
+        self.0.release(1);
+    }
+}
+
+/// What a sender into a loop member carries.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Membership {
+    /// The loop of the target stage, if it is in one.
+    pub(crate) lp: Option<Arc<Loop>>,
+    /// The unit of this edge, if it comes from outside the loop: held (never read) so that
+    /// dropping the edge's last sender releases it.
+    #[allow(dead_code)]
+    pub(crate) unit: Option<Arc<Unit>>,
+}
+
+/// Receives the next item of a stage's queue; `None` at end of stream (queue disconnected, or
+/// the stage's loop closed).
+pub(crate) fn recv<I>(input: &Receiver<I>, lp: Option<&Loop>) -> Option<I> {
+    match lp {
+        None => input.recv().ok(),
+        Some(lp) => {
+            // Prefer items: the loop closes only when none can be queued.
+            if let Ok(item) = input.try_recv() {
+                return Some(item);
+            }
+            crossbeam_channel::select! {
+                recv(input) -> m => m.ok(),
+                recv(lp.closed) -> _ => input.try_recv().ok(),
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Routing loops: a stage routes items back upstream (a crawler with a bounded depth). The
+//! loop ends exactly when no item is queued or in process in it, under every executor.
+mod common;
+use common::Sink;
+use minigun::{Output, Pipeline};
+
+/// Each page links to 3 pages one level deeper; pages at depth 3 are leaves.
+/// Per seed: 1 + 3 + 9 + 27 = 40 pages.
+fn crawl(ex: common::Ex, seeds: u64) -> (Vec<u64>, minigun::RunReport) {
+    let p = Pipeline::new("crawler");
+    let got = Sink::default();
+    let g = got.clone();
+    p.producer("seeds", move |out| {
+        out.emit_all((1..=seeds).map(|s| (s, 0u32)))
+            .map_err(Into::into)
+    });
+    let fetch = p.map("fetch", |(page, depth): (u64, u32)| Ok((page, depth)));
+    let extract = p.processor(
+        "extract",
+        |(page, depth): (u64, u32), out: &mut Output<'_, u64>| {
+            if depth < 3 {
+                for k in 0..3 {
+                    out.to("fetch", (page * 10 + k, depth + 1))?;
+                }
+            }
+            out.emit(page)?;
+            Ok(())
+        },
+    );
+    ex.apply(&fetch);
+    ex.apply(&extract);
+    extract.routes_to(&fetch);
+    p.consumer("store", move |page: u64| {
+        g.push(page);
+        Ok(())
+    });
+    let report = p.run().unwrap();
+    (got.sorted(), report)
+}
+
+matrix!(fn crawler_loop_ends_with_every_page(ex) {
+    let (pages, report) = crawl(ex, 5);
+    assert_eq!(pages.len(), 5 * 40);
+    let (oracle, _) = crawl(common::Ex::Inline, 5);
+    assert_eq!(pages, oracle);
+    assert_eq!(report.stage("fetch").unwrap().items_in, 200);
+    assert_eq!(report.stage("extract").unwrap().items_in, 200);
+    assert_eq!(report.failures_total, 0);
+});
+
+matrix!(fn empty_input_closes_the_loop(ex) {
+    let (pages, _) = crawl(ex, 0);
+    assert!(pages.is_empty());
+});
+
+#[test]
+fn a_self_loop_counts_down() {
+    // A stage that routes to itself until the counter reaches zero.
+    let p = Pipeline::new("countdown");
+    let got = Sink::default();
+    let g = got.clone();
+    p.producer("gen", |out| out.emit_all([3u64, 5, 0]).map_err(Into::into));
+    let tick = p.processor("tick", |n: u64, out: &mut Output<'_, u64>| {
+        if n > 0 {
+            out.to("tick", n - 1)?;
+        }
+        out.emit(n)?;
+        Ok(())
+    });
+    tick.routes_to(&tick);
+    p.consumer("sink", move |n: u64| {
+        g.push(n);
+        Ok(())
+    });
+    let report = p.run().unwrap();
+    assert_eq!(report.failures_total, 0, "{report}");
+    assert_eq!(got.sorted(), vec![0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 5]);
+}
+
+#[test]
+fn a_static_cycle_is_still_a_definition_error() {
+    let p = Pipeline::new("static");
+    p.producer("gen", |out| out.emit_all(0..1u64).map_err(Into::into));
+    let a = p.map("a", |x: u64| Ok(x));
+    let b = p.map("b", |x: u64| Ok(x)).from(&a);
+    a.from(&b);
+    a.from_name("gen");
+    assert!(matches!(
+        p.build(),
+        Err(minigun::DefinitionError::Cycle { .. })
+    ));
+}
