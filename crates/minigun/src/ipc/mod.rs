@@ -34,9 +34,10 @@
 //! carries the outputs of a worker's end-of-stream flush (`Stage::finish`), and [`START_ID`]
 //! carries a worker's start-up failure (an `after_fork` hook or the stage factory failed).
 //!
-//! An ipc_fork worker handles items in the order it receives them, so its `done` / `error`
-//! frames come back in that order; the parent relies on it to know which item a dying worker
-//! was running.
+//! An ipc_fork worker handles items in the order it receives them, and writes all of an item's
+//! frames before it starts the next item, so its `done` / `error` frames come back in that
+//! order and nothing of a finished item is still buffered in the worker: the parent relies on
+//! it to know which item a dying worker was running.
 
 pub(crate) mod frame;
 pub(crate) mod protocol;

@@ -218,7 +218,9 @@ pub(crate) fn ipc_worker<I: Wire, O: Wire>(
         match next {
             Ok(Some(Some((id, Ok(item))))) => {
                 run_item(&mut *stage, item, id, &mut out, false, routes);
-                if out.buf.len() >= FLUSH_AT && out.flush().is_err() {
+                // Every item's frames leave before the next item starts: if the next one
+                // kills the process, the parent knows exactly which item it was running.
+                if out.flush().is_err() {
                     return 74;
                 }
             }
@@ -231,7 +233,7 @@ pub(crate) fn ipc_worker<I: Wire, O: Wire>(
             }
             Ok(Some(None)) => break,
             Ok(None) => {
-                // About to block: send what we have first (batches answers, adds no latency).
+                // About to block: send what we have first.
                 if out.flush().is_err() {
                     return 74;
                 }
