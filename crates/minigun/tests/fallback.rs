@@ -21,5 +21,8 @@ fn fork_stages_fall_back_to_inline() {
     assert_eq!(report.stage("cow").unwrap().executor, "inline");
     assert_eq!(report.stage("ipc").unwrap().executor, "inline");
     assert_eq!(report.stage("threads").unwrap().executor, "threads(2)");
-    assert_eq!(sum.load(std::sync::atomic::Ordering::Relaxed), (1..=100u64).map(|x| x * 2).sum());
+    assert_eq!(
+        sum.load(std::sync::atomic::Ordering::Relaxed),
+        (1..=100u64).map(|x| x * 2).sum()
+    );
 }

@@ -1,0 +1,612 @@
+//! Crashes in forked children: every way a child can end badly is accounted for as exactly
+//! one failed item with the right `FailureKind`, every other item still arrives, retries
+//! recover items that crash once, and no run hangs or leaves a child behind.
+#![allow(unsafe_code)] // raising signals and killing processes goes through libc
+
+mod common;
+use common::{live_children, zombies, Sink};
+use minigun::{
+    Exec, Failed, FailureKind, OnError, Pipeline, RunError, RunReport, StageRef, StageResult, Wire,
+};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// One of the two fork executors (ipc_fork also in strict request/response mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fork {
+    Cow,
+    /// ipc_fork with its default window of items in flight per worker.
+    Ipc,
+    /// ipc_fork with `in_flight(1)`: a worker holds one item at a time.
+    IpcStrict,
+}
+
+impl Fork {
+    /// Puts the stage under this executor with `n` workers and an optional per-item timeout.
+    fn apply<I: Wire, O: Wire>(
+        self,
+        s: &StageRef<I, O>,
+        n: usize,
+        timeout: Option<Duration>,
+    ) -> StageRef<I, O> {
+        let (s, exec) = match self {
+            Fork::Cow => (s.cow_fork(n), Exec::cow_fork(n)),
+            Fork::Ipc => (s.ipc_fork(n), Exec::ipc_fork(n)),
+            Fork::IpcStrict => (s.ipc_fork(n), Exec::ipc_fork(n).in_flight(1)),
+        };
+        match timeout {
+            None => s.executor(exec),
+            Some(t) => s.executor(exec.timeout(t)),
+        }
+    }
+}
+
+/// How stage code ends an item badly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Crash {
+    Error,
+    Panic,
+    Abort,
+    Segv,
+    Exit3,
+    Kill,
+    Hang,
+}
+
+impl Crash {
+    fn kind(self) -> FailureKind {
+        match self {
+            Crash::Error => FailureKind::Error,
+            Crash::Panic => FailureKind::Panic,
+            Crash::Abort => FailureKind::Signal(libc::SIGABRT),
+            Crash::Segv => FailureKind::Signal(libc::SIGSEGV),
+            Crash::Exit3 => FailureKind::Exit(3),
+            Crash::Kill => FailureKind::Signal(libc::SIGKILL),
+            Crash::Hang => FailureKind::Timeout,
+        }
+    }
+
+    /// The per-item timeout the stage needs for this crash.
+    fn timeout(self) -> Option<Duration> {
+        (self == Crash::Hang).then_some(HANG_TIMEOUT)
+    }
+}
+
+/// Long enough for any healthy item in a loaded debug build, short enough for the test.
+const HANG_TIMEOUT: Duration = Duration::from_millis(1000);
+
+/// Runs in the forked child: ends the item the way `c` says.
+fn crash(c: Crash) -> StageResult {
+    match c {
+        Crash::Error => return Err("item seven is bad".into()),
+        Crash::Panic => panic!("item seven panicked"),
+        // SAFETY: abort(3) ends this (forked child) process; it takes no arguments.
+        Crash::Abort => unsafe { libc::abort() },
+        Crash::Segv => {
+            // SAFETY: raising a signal in this (forked child) process; SIGSEGV's default
+            // disposition (the child resets dispositions) ends it.
+            unsafe { libc::raise(libc::SIGSEGV) };
+        }
+        Crash::Exit3 => std::process::exit(3),
+        Crash::Kill => {
+            // SAFETY: kill(2) on this (forked child) process's own pid.
+            unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+        }
+        Crash::Hang => loop {
+            std::thread::sleep(Duration::from_millis(50));
+        },
+    }
+    // Still alive after a fatal signal: make it visible as a wrong kind, not a hang.
+    std::process::exit(99)
+}
+
+/// Runs a built pipeline on its own thread; the receiver yields its result.
+fn run_in_background(p: Pipeline) -> mpsc::Receiver<Result<RunReport, RunError>> {
+    let r = p.build().expect("valid pipeline");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(r.run());
+    });
+    rx
+}
+
+/// Waits for a background run; fails the test instead of hanging.
+fn finish(rx: mpsc::Receiver<Result<RunReport, RunError>>) -> RunReport {
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the run did not end within 60 s")
+        .expect("the run succeeds (skip policy)")
+}
+
+/// Waits until `f` yields a value (checked every 2 ms), at most `limit`.
+fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(t) = f() {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// After a run: every child reaped, none left running.
+fn assert_no_children() {
+    assert_eq!(
+        zombies(),
+        Vec::<u32>::new(),
+        "zombie children after the run"
+    );
+    assert_eq!(
+        live_children(),
+        Vec::<u32>::new(),
+        "live children after the run"
+    );
+}
+
+/// (item, kind) of each recorded failure, for assertion messages.
+fn summary(r: &RunReport) -> Vec<(u64, FailureKind)> {
+    r.failures
+        .iter()
+        .map(|f| (f.item, f.kind.clone()))
+        .collect()
+}
+
+/// Nothing lost in a 1:1 stage: every item either came out or failed.
+fn assert_accounted(r: &RunReport, stage: &str, n: u64, failed: u64) {
+    let s = r.stage(stage).expect("stage in the report");
+    assert_eq!(s.items_in, n, "{stage}: items_in");
+    assert_eq!(s.failed, failed, "{stage}: failed ({:?})", r.failures);
+    assert_eq!(s.items_out, n - failed, "{stage}: items_out");
+    assert_eq!(s.items_out + s.failed, n, "{stage}: nothing lost");
+    assert_eq!(s.cancelled, 0, "{stage}: cancelled");
+}
+
+/// A temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let p = std::env::temp_dir().join(format!("minigun-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const N: u64 = 20;
+const BAD: u64 = 7;
+
+/// 20 items through a 1:1 map under `fk` with 4 workers; item 7 crashes with `c`.
+fn one_crash(fk: Fork, c: Crash) {
+    let p = Pipeline::new("crash");
+    let got = Sink::default();
+    let g = got.clone();
+    p.producer("gen", |out| {
+        for i in 0..N {
+            out.emit(i)?;
+        }
+        Ok(())
+    });
+    let s = p.map("work", move |x: u64| {
+        if x == BAD {
+            crash(c)?;
+        }
+        Ok(x * 2)
+    });
+    fk.apply(&s, 4, c.timeout());
+    p.consumer("collect", move |x: u64| {
+        g.push(x);
+        Ok(())
+    });
+    let r = finish(run_in_background(p));
+
+    let expected: Vec<u64> = (0..N).filter(|&x| x != BAD).map(|x| x * 2).collect();
+    assert_eq!(
+        got.sorted(),
+        expected,
+        "every other item arrives; failures: {:?}",
+        summary(&r)
+    );
+    assert_accounted(&r, "work", N, 1);
+    assert_eq!(r.stage("work").unwrap().retried, 0);
+    assert_eq!(r.failures_total, 1);
+    assert_eq!(r.failures.len(), 1, "{:?}", r.failures);
+    let f = &r.failures[0];
+    assert_eq!(f.stage, "work");
+    assert_eq!(f.item, BAD, "{f:?}");
+    assert_eq!(f.attempt, 1, "{f:?}");
+    assert_eq!(f.kind, c.kind(), "{f:?}");
+    let pid = f.pid.expect("fork failures name the child");
+    assert_ne!(pid, std::process::id(), "the child, not the parent");
+    match c {
+        Crash::Error => assert!(f.message.contains("item seven is bad"), "{f:?}"),
+        Crash::Panic => {
+            assert!(f.message.contains("item seven panicked"), "{f:?}");
+            assert!(f.message.contains("fork_crashes.rs"), "location: {f:?}");
+        }
+        Crash::Hang => assert!(f.message.contains("no result within"), "{f:?}"),
+        _ => {}
+    }
+    // The hung child was killed, every child reaped.
+    assert_no_children();
+}
+
+/// Like `one_crash`, with `retry(2)`: item 7 crashes on its first attempt only and then
+/// succeeds. Every execution of an item leaves a file `run-<item>-<k>` (k = 0, 1, ...) in a
+/// directory shared by every process: it tells the attempts apart, and shows afterwards that
+/// item 7 ran twice and every other item exactly once.
+fn crash_once_then_retry(fk: Fork, c: Crash) {
+    let dir = TempDir::new("retry");
+    let runs = dir.path().to_path_buf();
+    let p = Pipeline::new("retry");
+    let got = Sink::default();
+    let g = got.clone();
+    p.producer("gen", |out| {
+        for i in 0..N {
+            out.emit(i)?;
+        }
+        Ok(())
+    });
+    let s = p
+        .map("work", move |x: u64| {
+            let mut k = 0;
+            while std::fs::File::create_new(runs.join(format!("run-{x}-{k}"))).is_err() {
+                k += 1;
+            }
+            if x == BAD && k == 0 {
+                crash(c)?;
+            }
+            Ok(x * 2)
+        })
+        .on_error(OnError::retry(2));
+    fk.apply(&s, 4, c.timeout());
+    p.consumer("collect", move |x: u64| {
+        g.push(x);
+        Ok(())
+    });
+    let r = finish(run_in_background(p));
+
+    let mut executions = vec![0u32; N as usize];
+    for e in std::fs::read_dir(dir.path()).unwrap() {
+        let name = e.unwrap().file_name().into_string().unwrap();
+        let x: usize = name.split('-').nth(1).unwrap().parse().unwrap();
+        executions[x] += 1;
+    }
+    let expected_runs: Vec<u32> = (0..N).map(|x| if x == BAD { 2 } else { 1 }).collect();
+    assert_eq!(
+        executions, expected_runs,
+        "executions per item: item {BAD} twice, every other item once"
+    );
+    let expected: Vec<u64> = (0..N).map(|x| x * 2).collect();
+    assert_eq!(
+        got.sorted(),
+        expected,
+        "the retried item arrives once; failures: {:?}",
+        summary(&r)
+    );
+    assert_accounted(&r, "work", N, 0);
+    assert_eq!(r.stage("work").unwrap().retried, 1);
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    assert_eq!(r.failures_total, 0);
+    assert_no_children();
+}
+
+/// One module per crash kind, with a test per executor, and the same with a retry.
+macro_rules! crash_tests {
+    ($($name:ident: $crash:expr;)*) => {
+        $(
+            mod $name {
+                use super::*;
+                #[test]
+                fn cow_fork() {
+                    one_crash(Fork::Cow, $crash);
+                }
+                #[test]
+                fn ipc_fork() {
+                    one_crash(Fork::Ipc, $crash);
+                }
+                #[test]
+                fn cow_fork_retried() {
+                    crash_once_then_retry(Fork::Cow, $crash);
+                }
+                #[test]
+                fn ipc_fork_retried() {
+                    crash_once_then_retry(Fork::Ipc, $crash);
+                }
+                #[test]
+                fn ipc_fork_in_flight_1() {
+                    one_crash(Fork::IpcStrict, $crash);
+                }
+            }
+        )*
+    };
+}
+
+crash_tests! {
+    stage_error: Crash::Error;
+    panic: Crash::Panic;
+    abort: Crash::Abort;
+    segfault: Crash::Segv;
+    exit_3: Crash::Exit3;
+    sigkill: Crash::Kill;
+    timeout: Crash::Hang;
+}
+
+/// ipc_fork: a worker kills itself on item 50 of 200. Exactly that item fails; the items
+/// queued behind it in the dead worker are re-dispatched; a replacement worker takes over.
+#[test]
+fn ipc_worker_killed_mid_stream() {
+    worker_killed_mid_stream(Fork::Ipc);
+}
+
+#[test]
+fn ipc_worker_killed_mid_stream_in_flight_1() {
+    worker_killed_mid_stream(Fork::IpcStrict);
+}
+
+fn worker_killed_mid_stream(fk: Fork) {
+    let (n, bad) = (200u64, 50u64);
+    let p = Pipeline::new("mid-stream");
+    let got = Sink::default();
+    let g = got.clone();
+    p.producer("gen", move |out| {
+        for i in 0..n {
+            out.emit(i)?;
+        }
+        Ok(())
+    });
+    let s = p.map("work", move |x: u64| {
+        if x == bad {
+            crash(Crash::Kill)?;
+        }
+        Ok((x * 2, std::process::id()))
+    });
+    fk.apply(&s, 4, None);
+    p.consumer("collect", move |x: (u64, u32)| {
+        g.push(x);
+        Ok(())
+    });
+    let r = finish(run_in_background(p));
+    check_worker_replaced(&r, &got.sorted(), n, bad, None);
+}
+
+/// The checks shared by the two "worker dies mid-stream" tests.
+fn check_worker_replaced(r: &RunReport, got: &[(u64, u32)], n: u64, bad: u64, killed: Option<u32>) {
+    let values: Vec<u64> = got.iter().map(|x| x.0).collect();
+    let expected: Vec<u64> = (0..n).filter(|&x| x != bad).map(|x| x * 2).collect();
+    assert_eq!(
+        values,
+        expected,
+        "every other item arrives exactly once; failures: {:?}",
+        summary(r)
+    );
+    assert_accounted(r, "work", n, 1);
+    assert_eq!(r.failures.len(), 1, "{:?}", r.failures);
+    let f = &r.failures[0];
+    assert_eq!(
+        (f.item, &f.kind),
+        (bad, &FailureKind::Signal(libc::SIGKILL)),
+        "{f:?}"
+    );
+    let dead = f.pid.expect("the dead worker's pid");
+    if let Some(k) = killed {
+        assert_eq!(dead, k, "the failure names the killed process");
+    }
+    // The dead worker ran items in order: nothing it reported can come after the bad item.
+    for &(v, pid) in got {
+        if pid == dead {
+            assert!(v / 2 < bad, "item {} came from the dead worker", v / 2);
+        }
+    }
+    // Four original workers plus at least one replacement produced results.
+    let pids: std::collections::BTreeSet<u32> = got.iter().map(|x| x.1).collect();
+    assert!(
+        pids.len() >= 5,
+        "a replacement worker took over after the death: {pids:?}"
+    );
+    assert!(!pids.contains(&std::process::id()));
+    assert_no_children();
+}
+
+/// The test kills the child running item 50 from outside (the child announces its pid in a
+/// file and then waits to be killed). Exactly that item fails; everything else arrives; for
+/// ipc_fork a replacement worker takes over.
+fn killed_from_outside(fk: Fork) {
+    let dir = TempDir::new("outside");
+    let pidfile = dir.path().join("pid");
+    let (n, bad) = (200u64, 50u64);
+    let p = Pipeline::new("outside");
+    let got = Sink::default();
+    let g = got.clone();
+    p.producer("gen", move |out| {
+        for i in 0..n {
+            out.emit(i)?;
+        }
+        Ok(())
+    });
+    let pf = pidfile.clone();
+    let s = p.map("work", move |x: u64| {
+        // Only the first attempt announces itself and waits to be killed: if the item were
+        // run again, it would go through (and the checks below say so) instead of hanging.
+        let claim = pf.with_extension("claimed");
+        if x == bad && std::fs::File::create_new(&claim).is_ok() {
+            let tmp = pf.with_extension("tmp");
+            std::fs::write(&tmp, std::process::id().to_string())?;
+            std::fs::rename(&tmp, &pf)?;
+            crash(Crash::Hang)?;
+        }
+        Ok((x * 2, std::process::id()))
+    });
+    fk.apply(&s, 4, None);
+    p.consumer("collect", move |x: (u64, u32)| {
+        g.push(x);
+        Ok(())
+    });
+    let rx = run_in_background(p);
+    let pid: i32 = wait_for("the child of item 50", Duration::from_secs(30), || {
+        std::fs::read_to_string(&pidfile).ok()?.parse().ok()
+    });
+    assert_ne!(pid as u32, std::process::id());
+    // SAFETY: kill(2) on the pid of a child of this process that is blocked in the stage
+    // (it is not reaped before its item ends, so the pid cannot have been reused).
+    let rc = unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert_eq!(rc, 0, "kill the child of item 50");
+    let r = finish(rx);
+    let got = got.sorted();
+    match fk {
+        Fork::Ipc | Fork::IpcStrict => check_worker_replaced(&r, &got, n, bad, Some(pid as u32)),
+        Fork::Cow => {
+            let values: Vec<u64> = got.iter().map(|x| x.0).collect();
+            let expected: Vec<u64> = (0..n).filter(|&x| x != bad).map(|x| x * 2).collect();
+            assert_eq!(values, expected, "failures: {:?}", summary(&r));
+            assert_accounted(&r, "work", n, 1);
+            assert_eq!(r.failures.len(), 1, "{:?}", r.failures);
+            let f = &r.failures[0];
+            assert_eq!(f.item, bad, "{f:?}");
+            assert_eq!(f.kind, FailureKind::Signal(libc::SIGKILL), "{f:?}");
+            assert_eq!(f.pid, Some(pid as u32), "{f:?}");
+            assert_no_children();
+        }
+    }
+}
+
+#[test]
+fn cow_child_killed_from_outside() {
+    killed_from_outside(Fork::Cow);
+}
+
+#[test]
+fn ipc_worker_killed_from_outside() {
+    killed_from_outside(Fork::Ipc);
+}
+
+/// Every fifth item crashes, each time a different way: each is one failure of its own kind,
+/// the rest succeed. For ipc_fork this makes workers die repeatedly (replacement and backoff).
+fn many_crashes(fk: Fork) {
+    let kinds = [
+        Crash::Error,
+        Crash::Panic,
+        Crash::Abort,
+        Crash::Segv,
+        Crash::Exit3,
+        Crash::Kill,
+    ];
+    let n = 120u64;
+    let which = move |x: u64| (x % 5 == 2).then(|| kinds[(x / 5) as usize % kinds.len()]);
+    let p = Pipeline::new("many");
+    let got = Sink::default();
+    let g = got.clone();
+    p.producer("gen", move |out| {
+        for i in 0..n {
+            out.emit(i)?;
+        }
+        Ok(())
+    });
+    let s = p.map("work", move |x: u64| {
+        if let Some(c) = which(x) {
+            crash(c)?;
+        }
+        Ok(x * 2)
+    });
+    fk.apply(&s, 4, None);
+    p.consumer("collect", move |x: u64| {
+        g.push(x);
+        Ok(())
+    });
+    let r = finish(run_in_background(p));
+    let bad: Vec<u64> = (0..n).filter(|&x| which(x).is_some()).collect();
+    let expected: Vec<u64> = (0..n)
+        .filter(|&x| which(x).is_none())
+        .map(|x| x * 2)
+        .collect();
+    assert_eq!(got.sorted(), expected, "failures: {:?}", summary(&r));
+    assert_accounted(&r, "work", n, bad.len() as u64);
+    let mut failures = r.failures.clone();
+    failures.sort_by_key(|f| f.item);
+    assert_eq!(
+        failures.iter().map(|f| f.item).collect::<Vec<_>>(),
+        bad,
+        "each crashing item fails once"
+    );
+    for f in &failures {
+        assert_eq!(f.kind, which(f.item).unwrap().kind(), "{f:?}");
+        assert_eq!(f.attempt, 1);
+    }
+    assert_no_children();
+}
+
+#[test]
+fn cow_fork_many_crash_kinds() {
+    many_crashes(Fork::Cow);
+}
+
+#[test]
+fn ipc_fork_many_crash_kinds() {
+    many_crashes(Fork::Ipc);
+}
+
+/// A crashed item goes to the dead-letter stage intact, with its failure.
+fn crash_dead_lettered(fk: Fork) {
+    let p = Pipeline::new("dead-letter");
+    let got = Sink::default();
+    let dead: Sink<(u64, String)> = Sink(Default::default());
+    let (g, d) = (got.clone(), dead.clone());
+    p.producer("gen", |out| {
+        for i in 0..N {
+            out.emit(i)?;
+        }
+        Ok(())
+    });
+    let s = p.map("work", |x: u64| {
+        if x == BAD {
+            crash(Crash::Abort)?;
+        }
+        Ok(x * 2)
+    });
+    fk.apply(&s, 4, None);
+    p.consumer("collect", move |x: u64| {
+        g.push(x);
+        Ok(())
+    });
+    let dl = p.consumer("dead", move |f: Failed<u64>| {
+        d.push((f.item, format!("{:?}/{}", f.failure.kind, f.failure.item)));
+        Ok(())
+    });
+    s.dead_letter(&dl);
+    let r = finish(run_in_background(p));
+    let expected: Vec<u64> = (0..N).filter(|&x| x != BAD).map(|x| x * 2).collect();
+    assert_eq!(got.sorted(), expected, "failures: {:?}", summary(&r));
+    assert_eq!(
+        dead.sorted(),
+        vec![(
+            BAD,
+            format!("{:?}/{BAD}", FailureKind::Signal(libc::SIGABRT))
+        )]
+    );
+    assert_accounted(&r, "work", N, 1);
+    assert_eq!(r.stage("work").unwrap().dead_lettered, 1);
+    assert_no_children();
+}
+
+#[test]
+fn cow_fork_crash_dead_lettered() {
+    crash_dead_lettered(Fork::Cow);
+}
+
+#[test]
+fn ipc_fork_crash_dead_lettered() {
+    crash_dead_lettered(Fork::Ipc);
+}
