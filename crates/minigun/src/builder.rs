@@ -7,7 +7,7 @@
 
 use crate::error::{DefinitionError, StageResult};
 use crate::exec::local::Parts;
-use crate::graph::{Declared, StageKind};
+use crate::graph::{Declared, Port, StageKind};
 use crate::hooks::{ForkHook, OnceHook, StageHooks};
 use crate::loops::{Loop, Membership, Unit};
 use crate::node::{
@@ -30,8 +30,22 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 enum Ref {
     Id(usize),
+    Sub(usize),
     Name(String),
     Foreign(String),
+}
+
+/// A sub-pipeline: a named group of stages that acts as one stage of its parent.
+struct SubDef {
+    name: String,
+    parent: Option<usize>,
+    from: Vec<Ref>,
+    to: Vec<Ref>,
+    exec: Option<Exec>,
+    input: TypeInfo,
+    output: TypeInfo,
+    before_fork: Vec<ForkHook>,
+    after_fork: Vec<ForkHook>,
 }
 
 #[derive(Debug, Clone)]
@@ -54,6 +68,9 @@ struct StageDef {
     hooks: StageHooks,
     misplaced_max_wait: bool,
     routes: Vec<(Ref, RouteDecl)>,
+    sub: Option<usize>,
+    entry: bool,
+    rerouted: bool,
 }
 
 #[derive(Default)]
@@ -68,6 +85,9 @@ struct Def {
     after_run: Vec<OnceHook>,
     before_fork: Vec<ForkHook>,
     after_fork: Vec<ForkHook>,
+    subs: Vec<SubDef>,
+    /// Settings that were applied to a handle they do not fit (reported by `build()`).
+    misuse: Vec<(String, String)>,
 }
 
 /// A pipeline definition: a DAG of named stages.
@@ -84,6 +104,8 @@ struct Def {
 /// ```
 pub struct Pipeline {
     def: Rc<RefCell<Def>>,
+    /// The sub-pipeline this handle defines stages in (None: the pipeline itself).
+    scope: Option<usize>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -112,6 +134,8 @@ impl std::fmt::Debug for Pipeline {
 /// ```
 pub struct StageRef<I, O> {
     id: usize,
+    /// The handle names a sub-pipeline (`id` indexes the sub-pipelines), not a stage.
+    sub: bool,
     def: Rc<RefCell<Def>>,
     _t: PhantomData<fn(I) -> O>,
 }
@@ -120,6 +144,7 @@ impl<I, O> Clone for StageRef<I, O> {
     fn clone(&self) -> Self {
         StageRef {
             id: self.id,
+            sub: self.sub,
             def: self.def.clone(),
             _t: PhantomData,
         }
@@ -141,12 +166,18 @@ impl Pipeline {
         };
         Pipeline {
             def: Rc::new(RefCell::new(def)),
+            scope: None,
         }
     }
 
     /// The executor of every stage that sets none (and is in no group). Default: inline.
     pub fn default_executor(&self, exec: Exec) -> &Self {
-        self.def.borrow_mut().default_exec = exec;
+        let mut d = self.def.borrow_mut();
+        match self.scope {
+            Some(g) => d.subs[g].exec = Some(exec),
+            None => d.default_exec = exec,
+        }
+        drop(d);
         self
     }
 
@@ -197,21 +228,113 @@ impl Pipeline {
     /// Runs in the parent once per fork stage, before its first fork (before stage-level
     /// `before_fork` hooks).
     pub fn before_fork(&self, hook: impl Fn() -> StageResult + Send + Sync + 'static) -> &Self {
-        self.def.borrow_mut().before_fork.push(Arc::new(hook));
+        let mut d = self.def.borrow_mut();
+        match self.scope {
+            Some(g) => d.subs[g].before_fork.push(Arc::new(hook)),
+            None => d.before_fork.push(Arc::new(hook)),
+        }
+        drop(d);
         self
     }
 
     /// Runs in every forked child before it handles items (per item for cow_fork, per worker
     /// for ipc_fork), before stage-level `after_fork` hooks. Reconnect sockets here.
     pub fn after_fork(&self, hook: impl Fn() -> StageResult + Send + Sync + 'static) -> &Self {
-        self.def.borrow_mut().after_fork.push(Arc::new(hook));
+        let mut d = self.def.borrow_mut();
+        match self.scope {
+            Some(g) => d.subs[g].after_fork.push(Arc::new(hook)),
+            None => d.after_fork.push(Arc::new(hook)),
+        }
+        drop(d);
         self
+    }
+
+    /// A nested pipeline named `name`, used as one stage taking `I` and emitting `O`: what
+    /// flows into it goes to its entry stages (its stages without an upstream inside it, and
+    /// those marked with [`StageRef::entry`]), what its exit stages emit flows on. Its stages
+    /// are named `name/stage`; a stage can be referred to by its bare name when that is
+    /// unambiguous. Sub-pipelines nest to any depth; their hooks run like the pipeline's.
+    ///
+    /// ```
+    /// use minigun::Pipeline;
+    /// let p = Pipeline::new("etl");
+    /// p.producer("rows", |out| out.emit_all(1..=3u64).map_err(Into::into));
+    /// p.pipeline::<u64, u64>("clean", |s| {
+    ///     s.map("trim", |x: u64| Ok(x * 10));
+    ///     s.map("check", |x: u64| Ok(x + 1));
+    /// });
+    /// p.consumer("load", |_: u64| Ok(()));
+    /// let report = p.run().unwrap();
+    /// assert_eq!(report.stage("clean/check").unwrap().items_out, 3);
+    /// ```
+    pub fn pipeline<I: Item, O: Item>(
+        &self,
+        name: impl Into<String>,
+        define: impl FnOnce(&Pipeline),
+    ) -> StageRef<I, O> {
+        let id = {
+            let mut d = self.def.borrow_mut();
+            let name = self.qualify(&d, name.into());
+            d.subs.push(SubDef {
+                name,
+                parent: self.scope,
+                from: Vec::new(),
+                to: Vec::new(),
+                exec: None,
+                input: TypeInfo::of::<I>(),
+                output: TypeInfo::of::<O>(),
+                before_fork: Vec::new(),
+                after_fork: Vec::new(),
+            });
+            d.subs.len() - 1
+        };
+        define(&Pipeline {
+            def: self.def.clone(),
+            scope: Some(id),
+        });
+        StageRef {
+            id,
+            sub: true,
+            def: self.def.clone(),
+            _t: PhantomData,
+        }
+    }
+
+    /// A handle to the stage named `name` (for definitions that extend another one, e.g. to
+    /// [`StageRef::reroute`] it). `None` if there is no such stage or its types differ.
+    pub fn find<I: Item, O: Item>(&self, name: &str) -> Option<StageRef<I, O>> {
+        let d = self.def.borrow();
+        let id = d
+            .stages
+            .iter()
+            .position(|s| s.name == name || s.name.ends_with(&format!("/{name}")))?;
+        let node = &d.stages[id].node;
+        let fits = |t: Option<TypeInfo>, want: TypeInfo| t.is_none_or(|t| t.id == want.id);
+        let ok =
+            fits(node.input(), TypeInfo::of::<I>()) && fits(node.output(), TypeInfo::of::<O>());
+        ok.then(|| StageRef {
+            id,
+            sub: false,
+            def: self.def.clone(),
+            _t: PhantomData,
+        })
+    }
+
+    fn qualify(&self, d: &Def, name: String) -> String {
+        match self.scope {
+            Some(g) => format!("{}/{name}", d.subs[g].name),
+            None => name,
+        }
     }
 
     fn add<I, O>(&self, name: String, node: Box<dyn Node>) -> StageRef<I, O> {
         let mut d = self.def.borrow_mut();
         let group = d.group.last().cloned();
+        let name = self.qualify(&d, name);
         d.stages.push(StageDef {
+            sub: self.scope,
+            entry: false,
+            rerouted: false,
             name,
             node,
             from: Vec::new(),
@@ -228,6 +351,7 @@ impl Pipeline {
         });
         StageRef {
             id: d.stages.len() - 1,
+            sub: false,
             def: self.def.clone(),
             _t: PhantomData,
         }
@@ -332,8 +456,36 @@ fn processor_node<I: Item, O: Item>(kind: StageKind, factory: Factory<I, O>) -> 
 }
 
 impl<I, O> StageRef<I, O> {
-    fn with<R>(&self, f: impl FnOnce(&mut StageDef) -> R) -> R {
-        f(&mut self.def.borrow_mut().stages[self.id])
+    /// Applies a stage setting; on a sub-pipeline handle it is recorded as a misuse that
+    /// `build()` reports.
+    fn with<R: Default>(&self, f: impl FnOnce(&mut StageDef) -> R) -> R {
+        let mut d = self.def.borrow_mut();
+        if self.sub {
+            let name = d.subs[self.id].name.clone();
+            d.misuse.push((
+                name,
+                "this setting applies to stages, not to a sub-pipeline".into(),
+            ));
+            return R::default();
+        }
+        f(&mut d.stages[self.id])
+    }
+
+    /// Adds an edge reference on either kind of handle.
+    fn link(&self, r: Ref, upstream: bool) {
+        let mut d = self.def.borrow_mut();
+        let (from, to) = if self.sub {
+            let s = &mut d.subs[self.id];
+            (&mut s.from, &mut s.to)
+        } else {
+            let s = &mut d.stages[self.id];
+            (&mut s.from, &mut s.to)
+        };
+        if upstream {
+            from.push(r);
+        } else {
+            to.push(r);
+        }
     }
 
     fn this(&self) -> Self {
@@ -342,9 +494,15 @@ impl<I, O> StageRef<I, O> {
 
     /// The stage's name.
     pub fn name(&self) -> String {
-        self.def
-            .borrow()
-            .stages
+        let d = self.def.borrow();
+        if self.sub {
+            return d
+                .subs
+                .get(self.id)
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+        }
+        d.stages
             .get(self.id)
             .map(|s| s.name.clone())
             .unwrap_or_default()
@@ -352,7 +510,11 @@ impl<I, O> StageRef<I, O> {
 
     fn reference<A, B>(&self, other: &StageRef<A, B>) -> Ref {
         if Rc::ptr_eq(&self.def, &other.def) {
-            Ref::Id(other.id)
+            if other.sub {
+                Ref::Sub(other.id)
+            } else {
+                Ref::Id(other.id)
+            }
         } else {
             Ref::Foreign(other.name())
         }
@@ -360,31 +522,86 @@ impl<I, O> StageRef<I, O> {
 
     /// Takes items from `upstream` (which must emit this stage's input type).
     pub fn from<X>(&self, upstream: &StageRef<X, I>) -> Self {
-        let r = self.reference(upstream);
-        self.with(|s| s.from.push(r));
+        self.link(self.reference(upstream), true);
         self.this()
     }
 
     /// Takes items from the stage named `upstream` (types checked by `build()`; the stage may
     /// be defined later).
     pub fn from_name(&self, upstream: impl Into<String>) -> Self {
-        let r = Ref::Name(upstream.into());
-        self.with(|s| s.from.push(r));
+        self.link(Ref::Name(upstream.into()), true);
         self.this()
     }
 
     /// Sends items to `downstream` (which must take this stage's output type).
     pub fn to<Y>(&self, downstream: &StageRef<O, Y>) -> Self {
-        let r = self.reference(downstream);
-        self.with(|s| s.to.push(r));
+        self.link(self.reference(downstream), false);
         self.this()
     }
 
     /// Sends items to the stage named `downstream` (types checked by `build()`; forward
     /// references allowed).
     pub fn to_name(&self, downstream: impl Into<String>) -> Self {
-        let r = Ref::Name(downstream.into());
-        self.with(|s| s.to.push(r));
+        self.link(Ref::Name(downstream.into()), false);
+        self.this()
+    }
+
+    /// Inside a sub-pipeline: this stage receives what enters the sub-pipeline (an entry),
+    /// even if it is not the first one. Several entries take the input in parallel.
+    pub fn entry(&self) -> Self {
+        self.with(|s| s.entry = true);
+        self.this()
+    }
+
+    /// Replaces this stage's outgoing edges (Minigun's `reroute_stage`): its explicit
+    /// downstreams are dropped, stages that named it in `from` no longer do, and it no longer
+    /// feeds the next stage by default. Add the new edges with [`StageRef::to`].
+    ///
+    /// ```
+    /// use minigun::Pipeline;
+    /// fn base(p: &Pipeline) {
+    ///     p.producer("gen", |out| out.emit_all(0..4u64).map_err(Into::into));
+    ///     p.map("double", |x: u64| Ok(x * 2));
+    ///     p.consumer("store", |_: u64| Ok(()));
+    /// }
+    /// // A derived definition: "double" now feeds both "store" and a new "audit" stage
+    /// // (Minigun's `reroute_stage :double, to: [:store, :audit]`).
+    /// let p = Pipeline::new("derived");
+    /// base(&p);
+    /// let audit = p.consumer("audit", |_: u64| Ok(()));
+    /// let store = p.find::<u64, ()>("store").unwrap();
+    /// p.find::<u64, u64>("double").unwrap().reroute().to(&store).to(&audit);
+    /// let report = p.run().unwrap();
+    /// assert_eq!(report.stage("audit").unwrap().items_in, 4);
+    /// assert_eq!(report.stage("store").unwrap().items_in, 4);
+    /// ```
+    pub fn reroute(&self) -> Self {
+        let me = self.id;
+        let mut d = self.def.borrow_mut();
+        if self.sub {
+            d.subs[me].to.clear();
+        } else {
+            d.stages[me].to.clear();
+            d.stages[me].rerouted = true;
+        }
+        let name = if self.sub {
+            d.subs[me].name.clone()
+        } else {
+            d.stages[me].name.clone()
+        };
+        let points_here = |r: &Ref| match r {
+            Ref::Id(i) => !self.sub && *i == me,
+            Ref::Sub(g) => self.sub && *g == me,
+            Ref::Name(n) => *n == name || name.ends_with(&format!("/{n}")),
+            Ref::Foreign(_) => false,
+        };
+        for s in &mut d.stages {
+            s.from.retain(|r| !points_here(r));
+        }
+        for g in &mut d.subs {
+            g.from.retain(|r| !points_here(r));
+        }
+        drop(d);
         self.this()
     }
 
@@ -403,7 +620,28 @@ impl<I, O> StageRef<I, O> {
     /// Runs this stage under `exec`. Fork executors need serde on the stage's types: use
     /// [`StageRef::cow_fork`] / [`StageRef::ipc_fork`], or [`StageRef::wire`] first.
     pub fn executor(&self, exec: Exec) -> Self {
-        self.with(|s| s.exec = Some(ExecChoice::Exec(exec)));
+        if self.sub {
+            self.def.borrow_mut().subs[self.id].exec = Some(exec);
+        } else {
+            self.with(|s| s.exec = Some(ExecChoice::Exec(exec)));
+        }
+        self.this()
+    }
+
+    /// Per-item time limit of this stage's fork executor (set the executor first).
+    pub fn timeout(&self, limit: Duration) -> Self {
+        let bad = self.with(|s| match &mut s.exec {
+            Some(ExecChoice::Exec(e)) if e.is_fork() => {
+                *e = e.clone().timeout(limit);
+                false
+            }
+            _ => true,
+        });
+        if bad {
+            let name = self.name();
+            let m = "timeout needs a fork executor set on the stage first".to_string();
+            self.def.borrow_mut().misuse.push((name, m));
+        }
         self.this()
     }
 
@@ -569,25 +807,92 @@ fn ipc_runner<I: Wire, O: Wire>(p: Parts<I, O>, _: ForkOptions, _: ForkHooks) ->
     Box::new(move || crate::exec::local::run(p, 1))
 }
 
-fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
-    let names: Vec<String> = def.stages.iter().map(|s| s.name.clone()).collect();
-    let n = names.len();
-    let lookup = |stage: &str, r: &Ref| -> Result<usize, DefinitionError> {
-        match r {
-            Ref::Id(i) => Ok(*i),
-            Ref::Name(name) => names.iter().position(|x| x == name).ok_or_else(|| {
-                DefinitionError::UnknownReference {
+/// A stage's fork hooks in order: pipeline, enclosing sub-pipelines (outermost first), stage.
+fn fork_hooks(
+    def: &Def,
+    sub: Option<usize>,
+    of: impl Fn(&SubDef) -> &Vec<ForkHook>,
+    pipeline: &[ForkHook],
+    stage: &[ForkHook],
+) -> Vec<ForkHook> {
+    let mut chain = Vec::new();
+    let mut g = sub;
+    while let Some(x) = g {
+        chain.push(x);
+        g = def.subs[x].parent;
+    }
+    let subs = chain.iter().rev().flat_map(|&x| of(&def.subs[x]).iter());
+    pipeline.iter().chain(subs).chain(stage).cloned().collect()
+}
+
+/// Resolves a reference to a stage or a sub-pipeline. Names match a qualified name
+/// (`sub/stage`) exactly, or else a unique last part.
+fn resolve(def: &Def, stage: &str, r: &Ref) -> Result<Port, DefinitionError> {
+    match r {
+        Ref::Id(i) => Ok(Port::Stage(*i)),
+        Ref::Sub(g) => Ok(Port::Sub(*g)),
+        Ref::Foreign(name) => Err(DefinitionError::UnknownReference {
+            stage: stage.to_string(),
+            what: "stage of this pipeline (it belongs to another pipeline)",
+            reference: name.clone(),
+        }),
+        Ref::Name(name) => {
+            let all = def
+                .stages
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (Port::Stage(i), &s.name))
+                .chain(
+                    def.subs
+                        .iter()
+                        .enumerate()
+                        .map(|(g, s)| (Port::Sub(g), &s.name)),
+                );
+            let exact: Vec<Port> = all
+                .clone()
+                .filter(|(_, n)| *n == name)
+                .map(|(p, _)| p)
+                .collect();
+            if let [p] = exact[..] {
+                return Ok(p);
+            }
+            let suffix = format!("/{name}");
+            let found: Vec<(Port, &String)> = all.filter(|(_, n)| n.ends_with(&suffix)).collect();
+            match &found[..] {
+                [(p, _)] => Ok(*p),
+                [] => Err(DefinitionError::UnknownReference {
                     stage: stage.to_string(),
                     what: "stage",
                     reference: name.clone(),
-                }
-            }),
-            Ref::Foreign(name) => Err(DefinitionError::UnknownReference {
-                stage: stage.to_string(),
-                what: "stage of this pipeline (it belongs to another pipeline)",
-                reference: name.clone(),
-            }),
+                }),
+                many => Err(DefinitionError::AmbiguousReference {
+                    stage: stage.to_string(),
+                    reference: name.clone(),
+                    candidates: many.iter().map(|(_, n)| n.to_string()).collect(),
+                }),
+            }
         }
+    }
+}
+
+fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
+    if let Some((stage, message)) = def.misuse.first() {
+        return Err(DefinitionError::InvalidConfig {
+            stage: stage.clone(),
+            message: message.clone(),
+        });
+    }
+    let names: Vec<String> = def.stages.iter().map(|s| s.name.clone()).collect();
+    let n = names.len();
+    let stage_only = |stage: &str, p: Port, what: &str| match p {
+        Port::Stage(i) => Ok(i),
+        Port::Sub(g) => Err(DefinitionError::InvalidConfig {
+            stage: stage.to_string(),
+            message: format!(
+                "{what} {:?} is a sub-pipeline: name a stage inside it",
+                def.subs[g].name
+            ),
+        }),
     };
     let mut dead_edges: Vec<(usize, usize)> = Vec::new();
     let mut route_edges: Vec<(usize, usize, usize)> = Vec::new();
@@ -596,21 +901,41 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         kinds: def.stages.iter().map(|s| s.node.kind()).collect(),
         from: vec![Vec::new(); n],
         to: vec![Vec::new(); n],
-        side: Vec::new(),
-        routes: Vec::new(),
+        sub_of: def.stages.iter().map(|s| s.sub).collect(),
+        sub_parent: def.subs.iter().map(|g| g.parent).collect(),
+        entry: def.stages.iter().map(|s| s.entry).collect(),
+        ..Declared::default()
+    };
+    let link = |a: Port, b: Port, declared: &mut Declared| match (a, b) {
+        (Port::Stage(u), Port::Stage(v)) => declared.to[u].push(v),
+        _ => declared.port_edges.push((a, b)),
     };
     for (v, s) in def.stages.iter().enumerate() {
         for r in &s.from {
-            declared.from[v].push(lookup(&s.name, r)?);
+            link(resolve(&def, &s.name, r)?, Port::Stage(v), &mut declared);
         }
         for r in &s.to {
-            declared.to[v].push(lookup(&s.name, r)?);
+            link(Port::Stage(v), resolve(&def, &s.name, r)?, &mut declared);
         }
         if let Some(r) = &s.dead_letter {
-            dead_edges.push((v, lookup(&s.name, r)?));
+            let t = stage_only(&s.name, resolve(&def, &s.name, r)?, "dead-letter target")?;
+            dead_edges.push((v, t));
         }
         for (k, (r, _)) in s.routes.iter().enumerate() {
-            route_edges.push((v, lookup(&s.name, r)?, k));
+            let t = stage_only(&s.name, resolve(&def, &s.name, r)?, "route target")?;
+            route_edges.push((v, t, k));
+        }
+        if s.rerouted && s.to.is_empty() {
+            // A rerouted stage with no new edge feeds nothing (not the next stage by default).
+            declared.sealed.push(v);
+        }
+    }
+    for (g, sub) in def.subs.iter().enumerate() {
+        for r in &sub.from {
+            link(resolve(&def, &sub.name, r)?, Port::Sub(g), &mut declared);
+        }
+        for r in &sub.to {
+            link(Port::Sub(g), resolve(&def, &sub.name, r)?, &mut declared);
         }
     }
     declared.side = dead_edges.clone();
@@ -621,6 +946,17 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         declared.routes.push((u, v));
     }
     let wired = declared.wire(&def.name)?;
+    // A sub-pipeline's entries take its input type, its exits emit its output type.
+    for (g, sub) in def.subs.iter().enumerate() {
+        for &e in &wired.subs[g].entries {
+            let st = &def.stages[e];
+            node::check_edge((&sub.name, Some(sub.input)), (&st.name, st.node.input()))?;
+        }
+        for &x in &wired.subs[g].exits {
+            let st = &def.stages[x];
+            node::check_edge((&st.name, st.node.output()), (&sub.name, Some(sub.output)))?;
+        }
+    }
     for &(u, v) in &wired.edges {
         let (a, b) = (&def.stages[u], &def.stages[v]);
         node::check_edge((&a.name, a.node.output()), (&b.name, b.node.input()))?;
@@ -651,7 +987,19 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
                     what: "execution context",
                     reference: c.clone(),
                 })?,
-            None => s.group.clone().unwrap_or_else(|| def.default_exec.clone()),
+            None => {
+                // The nearest enclosing sub-pipeline with an executor, then the execution
+                // block, then the pipeline default.
+                let mut g = s.sub;
+                let mut found = None;
+                while let (Some(x), None) = (g, &found) {
+                    found = def.subs[x].exec.clone();
+                    g = def.subs[x].parent;
+                }
+                found
+                    .or_else(|| s.group.clone())
+                    .unwrap_or_else(|| def.default_exec.clone())
+            }
         };
         if exec.concurrency() == 0 {
             return Err(DefinitionError::InvalidConfig {
@@ -794,18 +1142,20 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
             outputs: std::mem::take(&mut outputs[v]),
             fanout: s.fanout,
             dead_letter: dead[v].take(),
-            before_fork: def
-                .before_fork
-                .iter()
-                .chain(&s.hooks.before_fork)
-                .cloned()
-                .collect(),
-            after_fork: def
-                .after_fork
-                .iter()
-                .chain(&s.hooks.after_fork)
-                .cloned()
-                .collect(),
+            before_fork: fork_hooks(
+                &def,
+                s.sub,
+                |g| &g.before_fork,
+                &def.before_fork,
+                &s.hooks.before_fork,
+            ),
+            after_fork: fork_hooks(
+                &def,
+                s.sub,
+                |g| &g.after_fork,
+                &def.after_fork,
+                &s.hooks.after_fork,
+            ),
         };
         let downstreams = wired.edges.iter().filter(|&&(a, _)| a == v).count();
         slots[v] = Some(PlannedStage {

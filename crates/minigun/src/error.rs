@@ -34,6 +34,16 @@ pub enum DefinitionError {
         /// The unknown name.
         reference: String,
     },
+    /// A name matches several stages (in different sub-pipelines).
+    #[error("stage {stage:?}: {reference:?} is ambiguous; it could be any of {candidates:?}")]
+    AmbiguousReference {
+        /// The stage holding the reference.
+        stage: String,
+        /// The ambiguous name.
+        reference: String,
+        /// Qualified names that match.
+        candidates: Vec<String>,
+    },
     /// The stage graph has a cycle.
     #[error("the stages {stages:?} form a cycle")]
     Cycle {

@@ -55,6 +55,31 @@ pub(crate) struct Declared {
     /// The route edges among `side`: a cycle through one of them is a routing loop (allowed,
     /// with loop termination); a cycle of other edges only is a definition error.
     pub(crate) routes: Vec<(usize, usize)>,
+    /// Sub-pipelines: the innermost sub-pipeline of each stage (empty: none anywhere).
+    pub(crate) sub_of: Vec<Option<usize>>,
+    /// The parent of each sub-pipeline.
+    pub(crate) sub_parent: Vec<Option<usize>>,
+    /// Explicit edges with a sub-pipeline at one end or both.
+    pub(crate) port_edges: Vec<(Port, Port)>,
+    /// Stages marked as entries of their sub-pipeline (`StageRef::entry`).
+    pub(crate) entry: Vec<bool>,
+    /// Rerouted stages with no new downstream: they feed nothing by default.
+    pub(crate) sealed: Vec<usize>,
+}
+
+/// One end of an explicit edge: a stage, or a whole sub-pipeline (its entry stages as a
+/// downstream, its exit stages as an upstream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Port {
+    Stage(usize),
+    Sub(usize),
+}
+
+/// Entry and exit stages of a sub-pipeline.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct SubIo {
+    pub(crate) entries: Vec<usize>,
+    pub(crate) exits: Vec<usize>,
 }
 
 /// The wired graph.
@@ -66,6 +91,8 @@ pub(crate) struct Wired {
     pub(crate) order: Vec<usize>,
     /// Routing loops: the stages of each strongly connected component with a cycle.
     pub(crate) loops: Vec<Vec<usize>>,
+    /// Entries and exits of each sub-pipeline.
+    pub(crate) subs: Vec<SubIo>,
 }
 
 impl Declared {
@@ -96,29 +123,7 @@ impl Declared {
                 push((u, v), &mut edges);
             }
         }
-        let explicit_in: Vec<bool> = (0..n)
-            .map(|v| {
-                let dead_letter = |e: &&(usize, usize)| !self.routes.contains(e);
-                edges
-                    .iter()
-                    .chain(self.side.iter().filter(dead_letter))
-                    .any(|&(_, d)| d == v)
-            })
-            .collect();
-        let explicit_out: Vec<bool> = (0..n).map(|u| edges.iter().any(|&(s, _)| s == u)).collect();
-        let mut open: Vec<usize> = Vec::new();
-        for v in 0..n {
-            let producer = self.kinds[v] == StageKind::Producer;
-            if !producer && !explicit_in[v] {
-                for &u in &open {
-                    push((u, v), &mut edges);
-                }
-                open.clear();
-            }
-            if !explicit_out[v] && self.kinds[v] != StageKind::Consumer {
-                open.push(v);
-            }
-        }
+        let subs = self.wire_defaults(&mut edges);
         for &(u, v) in &edges {
             if self.kinds[v] == StageKind::Producer {
                 return Err(DefinitionError::ProducerHasInput {
@@ -140,7 +145,170 @@ impl Declared {
             edges,
             order,
             loops,
+            subs,
         })
+    }
+
+    fn sub(&self, v: usize) -> Option<usize> {
+        self.sub_of.get(v).copied().flatten()
+    }
+
+    /// Whether stage `v` is inside sub-pipeline `g` (at any depth).
+    fn inside(&self, v: usize, g: usize) -> bool {
+        let mut s = self.sub(v);
+        while let Some(x) = s {
+            if x == g {
+                return true;
+            }
+            s = self.sub_parent[x];
+        }
+        false
+    }
+
+    /// The item of scope `scope` (None = the pipeline itself) that holds stage `v`.
+    fn item_in(&self, v: usize, scope: Option<usize>) -> Option<Port> {
+        let mut g = self.sub(v);
+        if g == scope {
+            return Some(Port::Stage(v));
+        }
+        while let Some(x) = g {
+            if self.sub_parent[x] == scope {
+                return Some(Port::Sub(x));
+            }
+            g = self.sub_parent[x];
+        }
+        None
+    }
+
+    /// Sequential default wiring, scope by scope from the innermost sub-pipelines out; in
+    /// each scope a sub-pipeline is one node (its entries as inputs, its exits as outputs).
+    /// Also expands explicit edges to and from sub-pipelines. Returns each one's entries and
+    /// exits.
+    fn wire_defaults(&self, edges: &mut Vec<(usize, usize)>) -> Vec<SubIo> {
+        let n = self.names.len();
+        let nsub = self.sub_parent.len();
+        let push = |e: (usize, usize), edges: &mut Vec<(usize, usize)>| {
+            if !edges.contains(&e) {
+                edges.push(e);
+            }
+        };
+        let dead_letters: Vec<(usize, usize)> = self
+            .side
+            .iter()
+            .filter(|e| !self.routes.contains(e))
+            .copied()
+            .collect();
+        let explicit_in = |p: Port| match p {
+            Port::Stage(v) => {
+                self.entry.get(v).copied().unwrap_or(false)
+                    || !self.from[v].is_empty()
+                    || self.to.iter().any(|t| t.contains(&v))
+                    || dead_letters.iter().any(|&(_, d)| d == v)
+                    || self.port_edges.iter().any(|&(_, b)| b == p)
+            }
+            Port::Sub(_) => self.port_edges.iter().any(|&(_, b)| b == p),
+        };
+        let explicit_out = |p: Port| match p {
+            Port::Stage(u) => {
+                self.sealed.contains(&u)
+                    || !self.to[u].is_empty()
+                    || self.from.iter().any(|f| f.contains(&u))
+                    || self.port_edges.iter().any(|&(a, _)| a == p)
+            }
+            Port::Sub(_) => self.port_edges.iter().any(|&(a, _)| a == p),
+        };
+        let mut io: Vec<Option<SubIo>> = vec![None; nsub];
+        let depth = |g: usize| {
+            let (mut d, mut c) = (0, Some(g));
+            while let Some(x) = c {
+                d += 1;
+                c = self.sub_parent[x];
+            }
+            d
+        };
+        let mut scopes: Vec<Option<usize>> = (0..nsub).map(Some).collect();
+        scopes.sort_by_key(|s| std::cmp::Reverse(s.map_or(0, depth)));
+        scopes.push(None);
+        let mut expanded = vec![false; self.port_edges.len()];
+        for scope in scopes {
+            let mut items: Vec<Port> = Vec::new();
+            for v in 0..n {
+                if let Some(it) = self.item_in(v, scope) {
+                    if !items.contains(&it) {
+                        items.push(it);
+                    }
+                }
+            }
+            let inputs = |p: Port, io: &[Option<SubIo>]| -> Vec<usize> {
+                match p {
+                    Port::Stage(v) if self.kinds[v] == StageKind::Producer => Vec::new(),
+                    Port::Stage(v) => vec![v],
+                    Port::Sub(g) => io[g]
+                        .as_ref()
+                        .map(|x| x.entries.clone())
+                        .unwrap_or_default(),
+                }
+            };
+            let outputs = |p: Port, io: &[Option<SubIo>]| -> Vec<usize> {
+                match p {
+                    Port::Stage(v) if self.kinds[v] == StageKind::Consumer => Vec::new(),
+                    Port::Stage(v) => vec![v],
+                    Port::Sub(g) => io[g].as_ref().map(|x| x.exits.clone()).unwrap_or_default(),
+                }
+            };
+            let mut open: Vec<usize> = Vec::new();
+            for &it in &items {
+                let ins = inputs(it, &io);
+                if !ins.is_empty() && !explicit_in(it) {
+                    for &u in &open {
+                        for &v in &ins {
+                            push((u, v), edges);
+                        }
+                    }
+                    open.clear();
+                }
+                if !explicit_out(it) {
+                    open.extend(outputs(it, &io));
+                }
+            }
+            // Explicit edges whose sub-pipelines are all wired inside can be expanded now.
+            for (k, &(a, b)) in self.port_edges.iter().enumerate() {
+                let ready = |p: Port| match p {
+                    Port::Stage(_) => true,
+                    Port::Sub(g) => io[g].is_some(),
+                };
+                if !expanded[k] && ready(a) && ready(b) {
+                    expanded[k] = true;
+                    for u in outputs(a, &io) {
+                        for v in inputs(b, &io) {
+                            push((u, v), edges);
+                        }
+                    }
+                }
+            }
+            if let Some(g) = scope {
+                let members: Vec<usize> = (0..n).filter(|&v| self.inside(v, g)).collect();
+                let entries = members
+                    .iter()
+                    .copied()
+                    .filter(|&m| {
+                        self.kinds[m] != StageKind::Producer
+                            && (self.entry.get(m).copied().unwrap_or(false)
+                                || !edges.iter().any(|&(u, d)| d == m && self.inside(u, g)))
+                    })
+                    .collect();
+                let exits = members
+                    .iter()
+                    .copied()
+                    .filter(|&m| {
+                        self.kinds[m] != StageKind::Consumer
+                            && !edges.iter().any(|&(s, d)| s == m && self.inside(d, g))
+                    })
+                    .collect();
+                io[g] = Some(SubIo { entries, exits });
+            }
+        }
+        io.into_iter().map(Option::unwrap_or_default).collect()
     }
 
     /// Topological order; cycles are allowed only through a route edge. Returns the order of
@@ -323,7 +491,95 @@ mod tests {
             to: vec![vec![]; n],
             side: vec![],
             routes: vec![],
+            sub_of: vec![],
+            sub_parent: vec![],
+            port_edges: vec![],
+            entry: vec![],
+            sealed: vec![],
         }
+    }
+
+    #[test]
+    fn a_sub_pipeline_is_one_node_of_the_sequence() {
+        // gen, [etl: extract, transform], sink
+        let mut d = decl(&[
+            ("gen", Producer),
+            ("etl/extract", Processor),
+            ("etl/transform", Processor),
+            ("sink", Consumer),
+        ]);
+        d.sub_of = vec![None, Some(0), Some(0), None];
+        d.sub_parent = vec![None];
+        let w = d.wire("t").unwrap();
+        assert_eq!(w.edges, vec![(1, 2), (0, 1), (2, 3)]);
+        assert_eq!(
+            w.subs[0],
+            SubIo {
+                entries: vec![1],
+                exits: vec![2]
+            }
+        );
+    }
+
+    #[test]
+    fn marked_entries_take_the_input_in_parallel() {
+        // gen, [sub: l (entry), r (entry), join from l and r], sink
+        let mut d = decl(&[
+            ("gen", Producer),
+            ("s/l", Processor),
+            ("s/r", Processor),
+            ("s/j", Processor),
+            ("sink", Consumer),
+        ]);
+        d.sub_of = vec![None, Some(0), Some(0), Some(0), None];
+        d.sub_parent = vec![None];
+        d.entry = vec![false, true, true, false, false];
+        d.from[3] = vec![1, 2];
+        let w = d.wire("t").unwrap();
+        assert_eq!(
+            w.subs[0],
+            SubIo {
+                entries: vec![1, 2],
+                exits: vec![3]
+            }
+        );
+        for e in [(0, 1), (0, 2), (1, 3), (2, 3), (3, 4)] {
+            assert!(w.edges.contains(&e), "{e:?} missing in {:?}", w.edges);
+        }
+        assert_eq!(w.edges.len(), 5);
+    }
+
+    #[test]
+    fn three_levels_and_explicit_edges_to_a_sub_pipeline() {
+        // a, [outer: [mid: [inner: x]], y], b.from(outer)
+        let mut d = decl(&[
+            ("a", Producer),
+            ("o/m/i/x", Processor),
+            ("o/y", Processor),
+            ("b", Consumer),
+        ]);
+        d.sub_of = vec![None, Some(2), Some(0), None];
+        d.sub_parent = vec![None, Some(0), Some(1)];
+        d.port_edges = vec![(Port::Sub(0), Port::Stage(3))];
+        let w = d.wire("t").unwrap();
+        assert_eq!(
+            w.subs[0],
+            SubIo {
+                entries: vec![1],
+                exits: vec![2]
+            }
+        );
+        assert_eq!(
+            w.subs[2],
+            SubIo {
+                entries: vec![1],
+                exits: vec![1]
+            }
+        );
+        for e in [(0, 1), (1, 2), (2, 3)] {
+            assert!(w.edges.contains(&e), "{e:?} missing in {:?}", w.edges);
+        }
+        assert_eq!(w.edges.len(), 3);
     }
 
     #[test]

@@ -86,8 +86,26 @@ pub(crate) struct Routes {
 }
 
 impl Routes {
+    /// The route named `target`: its qualified name, or else a unique last part.
     pub(crate) fn index(&self, target: &str) -> Result<usize, EmitError> {
-        self.entries.iter().position(|e| e.name == target).ok_or_else(|| {
+        if let Some(i) = self.entries.iter().position(|e| e.name == target) {
+            return Ok(i);
+        }
+        let suffix = format!("/{target}");
+        let found: Vec<usize> = (0..self.entries.len())
+            .filter(|&i| self.entries[i].name.ends_with(&suffix))
+            .collect();
+        if found.len() > 1 {
+            let names: Vec<&str> = found
+                .iter()
+                .map(|&i| self.entries[i].name.as_str())
+                .collect();
+            return Err(EmitError::Route(format!(
+                "stage {:?}: route target {target:?} is ambiguous; it could be any of {names:?}",
+                self.stage
+            )));
+        }
+        found.first().copied().ok_or_else(|| {
             EmitError::Route(format!(
                 "stage {:?} cannot route to {target:?}: not a declared route target (declared: {:?})",
                 self.stage,
