@@ -1,7 +1,7 @@
 //! Nested and composed pipelines: sub-pipelines as stages, any depth, hooks and stats,
 //! routing into them by name, several pipelines in one run, rerouting.
 mod common;
-use common::{Ex, Sink};
+use common::Sink;
 use minigun::{DefinitionError, Output, Pipeline};
 use std::sync::{Arc, Mutex};
 
