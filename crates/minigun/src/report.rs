@@ -76,7 +76,8 @@ pub struct RunReport {
     pub runtime_secs: f64,
     /// Items emitted by producers.
     pub produced: u64,
-    /// Items taken in by terminal stages (stages with no downstream).
+    /// Items processed by terminal stages (stages with no downstream), not counting the
+    /// ones that failed or were cancelled.
     pub consumed: u64,
     /// Items consumed per second.
     pub throughput: f64,
@@ -116,7 +117,7 @@ impl RunReport {
             .iter()
             .zip(&stages)
             .filter(|(i, s)| i.terminal && s.kind != StageKind::Producer)
-            .map(|(_, s)| s.items_in)
+            .map(|(_, s)| s.items_in - s.failed.min(s.items_in) - s.cancelled.min(s.items_in))
             .sum();
         let bottleneck = infos
             .iter()
@@ -224,15 +225,23 @@ impl fmt::Display for RunReport {
                 _ => String::new(),
             }
         )?;
+        let width = self
+            .stages
+            .iter()
+            .map(|s| s.name.chars().count())
+            .max()
+            .unwrap_or(5)
+            .clamp(5, 32);
         writeln!(
             f,
-            "  {:<16} {:<12} {:>9} {:>9} {:>6} {:>6} {:>11} {:>9} {:>9} {:>9}",
+            "  {:<width$} {:<12} {:>9} {:>9} {:>6} {:>6} {:>6} {:>11} {:>9} {:>9} {:>8}",
             "stage",
             "executor",
             "in",
             "out",
             "failed",
             "retry",
+            "cancel",
             "items/s",
             "p50 us",
             "p99 us",
@@ -246,13 +255,14 @@ impl fmt::Display for RunReport {
             };
             writeln!(
                 f,
-                " {mark}{:<16} {:<12} {:>9} {:>9} {:>6} {:>6} {:>11.0} {:>9.1} {:>9.1} {:>9}",
-                truncate(&s.name, 16),
+                " {mark}{:<width$} {:<12} {:>9} {:>9} {:>6} {:>6} {:>6} {:>11.0} {:>9.1} {:>9.1} {:>8}",
+                truncate(&s.name, width),
                 s.executor,
                 s.items_in,
                 s.items_out,
                 s.failed,
                 s.retried,
+                s.cancelled,
                 s.throughput,
                 s.latency.p50_us,
                 s.latency.p99_us,
