@@ -57,7 +57,7 @@ impl ChildOut {
 
     fn result<O: Wire>(&mut self, id: u64, value: &O) -> Result<(), EmitError> {
         protocol::encode_frame(&mut self.buf, Kind::Result, id, value, self.max)
-            .map_err(EmitError::Encode)?;
+            .map_err(|e| EmitError::Encode(format!("a {}: {e}", std::any::type_name::<O>())))?;
         self.outputs += 1;
         if self.buf.len() >= FLUSH_AT {
             self.flush().map_err(|_| EmitError::Closed)?;

@@ -1,0 +1,232 @@
+//! Bad bytes on the wire are one item's error, never a corrupted stream, a panic or a hang:
+//! a child writes garbage, an impossible length or half a frame into its own result pipe;
+//! a value that cannot be serialised or is larger than the frame limit fails its item.
+#![allow(unsafe_code)] // Writes raw bytes to the child's own pipe, and _exits.
+mod common;
+use minigun::{Exec, FailureKind, Output, Pipeline, RunReport};
+use std::os::fd::RawFd;
+
+/// In a child: the write end of its result pipe (the only write-only pipe it holds).
+fn result_pipe() -> RawFd {
+    for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(fd) = e.file_name().to_string_lossy().parse::<RawFd>() else {
+            continue;
+        };
+        let link = std::fs::read_link(e.path())
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        // SAFETY: F_GETFL only reads the descriptor's flags.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if fd > 2 && link.starts_with("pipe:") && flags & libc::O_ACCMODE == libc::O_WRONLY {
+            return fd;
+        }
+    }
+    panic!("no result pipe");
+}
+
+fn write_raw(bytes: &[u8]) {
+    // SAFETY: writes a live buffer to a descriptor this process owns.
+    unsafe { libc::write(result_pipe(), bytes.as_ptr().cast(), bytes.len()) };
+}
+
+fn run(exec: Exec, bad: u64, act: fn()) -> RunReport {
+    let p = Pipeline::new("protocol");
+    p.producer("gen", |out| out.emit_all(0..20u64).map_err(Into::into));
+    p.processor("work", move |x: u64, out: &mut Output<'_, u64>| {
+        if x == bad {
+            act();
+        }
+        out.emit(x)?;
+        Ok(())
+    })
+    .wire()
+    .executor(exec);
+    p.consumer("sink", |_x: u64| Ok(()));
+    let report = p.run().unwrap();
+    assert!(common::live_children().is_empty() && common::zombies().is_empty());
+    report
+}
+
+fn one_failure(report: &RunReport, item: u64, kind: FailureKind) -> String {
+    let work = report.stage("work").unwrap();
+    assert_eq!((work.items_out, work.failed), (19, 1), "{report}");
+    let f = &report.failures[0];
+    assert_eq!((f.item, &f.kind), (item, &kind), "{f:?}");
+    f.message.clone()
+}
+
+fn garbage() {
+    write_raw(&[0xff; 64]);
+}
+
+fn huge_length() {
+    write_raw(&(u32::MAX - 1).to_le_bytes());
+}
+
+fn half_a_frame_then_exit() {
+    write_raw(&[40, 0, 0, 0, 2, 7]);
+    // SAFETY: ends the child at once, as a crash would, with exit status 0.
+    unsafe { libc::_exit(0) };
+}
+
+#[test]
+fn cow_fork_garbage_is_a_protocol_error_of_that_item() {
+    let m = one_failure(
+        &run(Exec::cow_fork(3), 3, garbage),
+        3,
+        FailureKind::Protocol,
+    );
+    assert!(m.contains("frame"), "{m}");
+}
+
+#[test]
+fn ipc_fork_garbage_kills_only_that_worker() {
+    let m = one_failure(
+        &run(Exec::ipc_fork(2), 5, garbage),
+        5,
+        FailureKind::Protocol,
+    );
+    assert!(m.contains("frame"), "{m}");
+}
+
+#[test]
+fn an_impossible_length_is_refused_not_allocated() {
+    let m = one_failure(
+        &run(Exec::cow_fork(2), 4, huge_length),
+        4,
+        FailureKind::Protocol,
+    );
+    assert!(m.contains("exceeds the maximum"), "{m}");
+    let m = one_failure(
+        &run(Exec::ipc_fork(2), 4, huge_length),
+        4,
+        FailureKind::Protocol,
+    );
+    assert!(m.contains("exceeds the maximum"), "{m}");
+}
+
+#[test]
+fn half_a_frame_is_truncated() {
+    let m = one_failure(
+        &run(Exec::cow_fork(2), 6, half_a_frame_then_exit),
+        6,
+        FailureKind::Truncated,
+    );
+    assert!(m.contains("middle of a frame"), "{m}");
+    let r = run(Exec::ipc_fork(2), 6, half_a_frame_then_exit);
+    one_failure(&r, 6, FailureKind::Truncated);
+}
+
+/// A value whose serialisation fails.
+#[derive(Clone, Debug)]
+struct Unserialisable(u64);
+impl serde::Serialize for Unserialisable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom(format!(
+            "value {} refuses to be serialised",
+            self.0
+        )))
+    }
+}
+impl<'de> serde::Deserialize<'de> for Unserialisable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        u64::deserialize(d).map(Unserialisable)
+    }
+}
+
+#[test]
+fn an_unserialisable_output_fails_its_item() {
+    for exec in [Exec::cow_fork(2), Exec::ipc_fork(2)] {
+        let p = Pipeline::new("unserialisable");
+        p.producer("gen", |out| out.emit_all(0..10u64).map_err(Into::into));
+        p.processor("work", |x: u64, out: &mut Output<'_, Unserialisable>| {
+            // Item 7's output cannot be serialised; the others are plain numbers.
+            if x == 7 {
+                out.emit(Unserialisable(x))?;
+            }
+            Ok(())
+        })
+        .wire()
+        .executor(exec);
+        p.consumer("sink", |_x: Unserialisable| Ok(()));
+        let report = p.run().unwrap();
+        let f = &report.failures[0];
+        assert_eq!(
+            (report.failures_total, f.item, &f.kind),
+            (1, 7, &FailureKind::Encode),
+            "{report}"
+        );
+        // postcard does not keep a custom serde error's text; the message names the type.
+        assert!(
+            f.message
+                .contains("cannot serialise output: a fork_protocol::Unserialisable"),
+            "{}",
+            f.message
+        );
+    }
+}
+
+#[test]
+fn an_unserialisable_ipc_input_fails_its_item() {
+    let p = Pipeline::new("bad-input");
+    p.producer("gen", |out| {
+        out.emit_all((0..10u64).map(Unserialisable))
+            .map_err(Into::into)
+    });
+    p.map("work", |x: Unserialisable| Ok(x.0)).ipc_fork(2);
+    p.consumer("sink", |_x: u64| Ok(()));
+    let report = p.run().unwrap();
+    assert_eq!(report.stage("work").unwrap().failed, 10);
+    assert_eq!(report.failures[0].kind, FailureKind::Encode);
+}
+
+#[test]
+fn an_output_over_the_frame_limit_fails_its_item() {
+    for exec in [
+        Exec::cow_fork(2).max_frame(4096),
+        Exec::ipc_fork(2).max_frame(4096),
+    ] {
+        let p = Pipeline::new("oversized");
+        p.producer("gen", |out| out.emit_all(0..10u64).map_err(Into::into));
+        p.map("work", |x: u64| {
+            Ok(vec![0u8; if x == 2 { 10_000 } else { 100 }])
+        })
+        .wire()
+        .executor(exec);
+        p.consumer("sink", |_v: Vec<u8>| Ok(()));
+        let report = p.run().unwrap();
+        let f = &report.failures[0];
+        assert_eq!(
+            (report.failures_total, f.item, &f.kind),
+            (1, 2, &FailureKind::Encode),
+            "{report}"
+        );
+        assert!(f.message.contains("exceeds the maximum"), "{}", f.message);
+        assert_eq!(report.stage("work").unwrap().items_out, 9);
+    }
+}
+
+#[test]
+fn an_ipc_input_over_the_frame_limit_fails_its_item() {
+    let p = Pipeline::new("oversized-input");
+    p.producer("gen", |out| {
+        out.emit_all((0..5u64).map(|x| vec![x as u8; if x == 1 { 10_000 } else { 10 }]))
+            .map_err(Into::into)
+    });
+    p.map("work", |v: Vec<u8>| Ok(v.len() as u64))
+        .wire()
+        .executor(Exec::ipc_fork(2).max_frame(4096));
+    p.consumer("sink", |_x: u64| Ok(()));
+    let report = p.run().unwrap();
+    let f = &report.failures[0];
+    assert_eq!(
+        (report.failures_total, f.item, &f.kind),
+        (1, 1, &FailureKind::Encode),
+        "{report}"
+    );
+    assert!(
+        f.message.contains("exceeds the maximum frame size"),
+        "{}",
+        f.message
+    );
+}
