@@ -1168,8 +1168,19 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
             task: s.node.into_task(wiring),
         });
     }
-    for v in wired.order {
+    for &v in &wired.order {
         planned.push(slots[v].take().expect("each stage planned once"));
+    }
+    // Edges for live views, as positions in the planned (topological) order.
+    let mut pos = vec![0; n];
+    for (k, &v) in wired.order.iter().enumerate() {
+        pos[v] = k;
+    }
+    let mut view_edges: Vec<(usize, usize)> = Vec::new();
+    for &(u, v) in wired.edges.iter().chain(&declared.side) {
+        if !view_edges.contains(&(pos[u], pos[v])) {
+            view_edges.push((pos[u], pos[v]));
+        }
     }
     Ok(Runnable::new(
         def.name,
@@ -1177,5 +1188,6 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         run,
         def.before_run,
         def.after_run,
+        view_edges,
     ))
 }

@@ -79,6 +79,7 @@ mod hooks;
 #[cfg(target_os = "linux")]
 mod ipc;
 mod loops;
+mod monitor;
 mod node;
 mod policy;
 mod queue;
@@ -97,6 +98,7 @@ pub use error::{
 };
 pub use exec::{Exec, ForkOptions};
 pub use graph::StageKind;
+pub use monitor::{ChildSnapshot, Monitor, Snapshot, StageSnapshot, StageStatus};
 pub use policy::OnError;
 pub use queue::{Capacity, FanOut};
 pub use report::{Latency, RunReport, StageReport};

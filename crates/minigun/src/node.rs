@@ -81,6 +81,8 @@ fn router<O: Item>(w: &mut Wiring) -> Router<O> {
 
 fn queue_for<I: Item>(cap: Capacity, stats: Arc<StageStats>) -> Option<(TxMaker, AnyBox)> {
     let (tx, rx) = queue::channel::<I>(cap);
+    let probe = rx.clone();
+    let _ = stats.queue_len.set(Box::new(move || probe.len()));
     Some((
         Box::new(move |m| Box::new(QueueTx::new(tx.clone(), stats.clone(), m))),
         Box::new(rx),
@@ -337,6 +339,7 @@ impl<I: Item> AccumulatorTask<I> {
         if batch.is_empty() {
             return;
         }
+        self.ctx.items_done(batch.len() as u64);
         let full = std::mem::replace(batch, Vec::with_capacity(self.size));
         if self.router.route(full).is_err() {
             self.ctx.cancelled(1);

@@ -154,6 +154,7 @@ impl StageCtx {
     /// `n` received items have reached their final outcome (processed, finally failed or
     /// cancelled): inside a routing loop, their units are released.
     pub(crate) fn items_done(&self, n: u64) {
+        self.stats.done.fetch_add(n, Ordering::Relaxed);
         if let Some(lp) = &self.lp {
             lp.release(n);
         }

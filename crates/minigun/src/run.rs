@@ -19,6 +19,7 @@
 use crate::error::{FailureKind, ItemFailure, RunError};
 use crate::graph::StageKind;
 use crate::hooks::{self, OnceHook};
+use crate::monitor::{Monitor, StageView};
 use crate::node::Task;
 use crate::policy::StageCtx;
 use crate::queue::Capacity;
@@ -118,6 +119,7 @@ pub struct Runnable {
     shared: Arc<RunShared>,
     before_run: Vec<OnceHook>,
     after_run: Vec<OnceHook>,
+    monitor: Monitor,
 }
 
 impl std::fmt::Debug for Runnable {
@@ -151,14 +153,30 @@ impl Runnable {
         shared: Arc<RunShared>,
         before_run: Vec<OnceHook>,
         after_run: Vec<OnceHook>,
+        edges: Vec<(usize, usize)>,
     ) -> Self {
+        let views = stages
+            .iter()
+            .map(|s| StageView {
+                ctx: s.ctx.clone(),
+                kind: s.kind,
+                capacity: s.capacity,
+            })
+            .collect();
+        let monitor = Monitor::new(name.clone(), views, edges, shared.clone());
         Runnable {
             name,
             stages,
             shared,
             before_run,
             after_run,
+            monitor,
         }
+    }
+
+    /// A live view of this run, for dashboards and progress lines.
+    pub fn monitor(&self) -> Monitor {
+        self.monitor.clone()
     }
 
     /// Runs the pipeline to the end and returns its report.
@@ -173,7 +191,21 @@ impl Runnable {
             shared,
             before_run,
             after_run,
+            monitor,
         } = self;
+        monitor.mark_started();
+        let result = Self::execute(name, stages, shared, before_run, after_run);
+        monitor.mark_finished();
+        result
+    }
+
+    fn execute(
+        name: String,
+        stages: Vec<PlannedStage>,
+        shared: Arc<RunShared>,
+        before_run: Vec<OnceHook>,
+        after_run: Vec<OnceHook>,
+    ) -> Result<RunReport, RunError> {
         let t0 = Instant::now();
         hooks::run_once(before_run, "before_run").map_err(RunError::BeforeRun)?;
         let guard = crate::signals::Guard::install(&shared);
@@ -230,11 +262,16 @@ impl Runnable {
     /// Runs the pipeline on a background thread.
     pub fn spawn(self) -> RunHandle {
         let stop = self.shared.stop.clone();
+        let monitor = self.monitor.clone();
         let thread = std::thread::Builder::new()
             .name(format!("minigun-run:{}", self.name))
             .spawn(move || self.run())
             .expect("spawn run thread");
-        RunHandle { stop, thread }
+        RunHandle {
+            stop,
+            thread,
+            monitor,
+        }
     }
 
     pub(crate) fn failures(shared: &RunShared) -> (Vec<ItemFailure>, u64) {
@@ -274,6 +311,7 @@ fn drive(st: PlannedStage) {
 /// A pipeline running in the background.
 #[derive(Debug)]
 pub struct RunHandle {
+    monitor: Monitor,
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<Result<RunReport, RunError>>,
 }
@@ -283,6 +321,11 @@ impl RunHandle {
     /// every stage ends. The report's `stopped` is then true.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// A live view of the run.
+    pub fn monitor(&self) -> Monitor {
+        self.monitor.clone()
     }
 
     /// Whether the run has ended.

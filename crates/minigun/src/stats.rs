@@ -18,7 +18,6 @@ pub(crate) fn new_histogram() -> Histogram<u64> {
 }
 
 /// The live statistics of one stage.
-#[derive(Debug)]
 pub(crate) struct StageStats {
     pub(crate) items_in: AtomicU64,
     pub(crate) items_out: AtomicU64,
@@ -26,11 +25,62 @@ pub(crate) struct StageStats {
     pub(crate) retried: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) cancelled: AtomicU64,
+    /// Received items that reached their final outcome (processed, failed or cancelled).
+    pub(crate) done: AtomicU64,
     pub(crate) busy_ns: AtomicU64,
     pub(crate) queue_high_water: AtomicUsize,
     pub(crate) latency: Mutex<Histogram<u64>>,
     pub(crate) started: Mutex<Option<Instant>>,
     pub(crate) finished: Mutex<Option<Instant>>,
+    /// Live forked children of a fork stage (updated by its supervisor).
+    pub(crate) children: Mutex<Vec<ChildInfo>>,
+    /// Reads the current length of the stage's input queue.
+    pub(crate) queue_len: std::sync::OnceLock<QueueLen>,
+}
+
+impl std::fmt::Debug for StageStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StageStats")
+            .field("items_in", &self.items_in)
+            .field("items_out", &self.items_out)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads a queue's current length.
+pub(crate) type QueueLen = Box<dyn Fn() -> usize + Send + Sync>;
+
+/// A live child process of a fork stage.
+#[derive(Debug, Clone)]
+pub(crate) struct ChildInfo {
+    pub(crate) pid: u32,
+    pub(crate) started: Instant,
+    pub(crate) items: u64,
+}
+
+impl StageStats {
+    pub(crate) fn child_started(&self, pid: i32) {
+        let info = ChildInfo {
+            pid: pid as u32,
+            started: Instant::now(),
+            items: 0,
+        };
+        self.children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(info);
+    }
+    pub(crate) fn child_item(&self, pid: i32) {
+        let mut c = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ch) = c.iter_mut().find(|c| c.pid == pid as u32) {
+            ch.items += 1;
+        }
+    }
+    pub(crate) fn child_ended(&self, pid: i32) {
+        let mut c = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        c.retain(|ch| ch.pid != pid as u32);
+    }
 }
 
 impl Default for StageStats {
@@ -42,11 +92,14 @@ impl Default for StageStats {
             retried: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            done: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
             queue_high_water: AtomicUsize::new(0),
             latency: Mutex::new(new_histogram()),
             started: Mutex::new(None),
             finished: Mutex::new(None),
+            children: Mutex::new(Vec::new()),
+            queue_len: std::sync::OnceLock::new(),
         }
     }
 }

@@ -260,6 +260,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         };
         match forked {
             Ok(child) => {
+                ctx.stats.child_started(child.pid);
                 let deadline = self.opts.timeout.map(|t| Instant::now() + t);
                 Some(Running {
                     job,
@@ -362,6 +363,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
     /// The child has exited and its stream is drained: decide the item's outcome.
     fn finish(&self, r: Running<I>, rec: &mut Recorder<'_>, retry: &mut VecDeque<Pending<I>>) {
         let pid = Some(r.child.pid as u32);
+        self.parts.ctx.stats.child_ended(r.child.pid);
         let exit = r.exit.expect("finished children have exited");
         let outcome = match (r.killed, r.error, r.done, r.protocol) {
             (Some(Killed::Cancelled), ..) if r.done.is_none() => Err((

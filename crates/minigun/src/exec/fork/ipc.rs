@@ -83,6 +83,7 @@ fn spawn<I: Wire, O: Wire>(
     let child = sys::fork_child(&keep, &format!("mg:{}#{slot}", parts.ctx.name), move || {
         child::ipc_worker::<I, O>(in_r, out_w, factory, after_fork, max, routes)
     })?;
+    parts.ctx.stats.child_started(child.pid);
     Ok(Worker {
         child,
         input: Some(in_w),
@@ -520,6 +521,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             Event::Done(_, d) => {
                 let results = std::mem::take(&mut w.results);
                 let flight = w.flights.pop_front().expect("done for the front item");
+                self.parts.ctx.stats.child_item(w.child.pid);
                 let busy = w
                     .front_since
                     .map_or(d.latency_ns, |t| now.duration_since(t).as_nanos() as u64);
@@ -582,6 +584,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
     /// rest, and schedule a replacement.
     fn bury(&mut self, slot: usize, queue: &mut VecDeque<Flight>) {
         let mut w = self.workers[slot].take().expect("live worker");
+        self.parts.ctx.stats.child_ended(w.child.pid);
         let exit = w.exit.expect("buried workers have exited");
         let pid = Some(w.child.pid as u32);
         let clean = w.shutdown && w.flights.is_empty() && exit == sys::Exit::Code(0);
