@@ -104,3 +104,14 @@ pub use queue::{Capacity, FanOut};
 pub use report::{Latency, RunReport, StageReport};
 pub use run::{RunHandle, Runnable};
 pub use stage::{Failed, Item, Output, Stage, Wire};
+
+/// Entry points for the fuzz targets in `fuzz/`; not part of the API.
+#[doc(hidden)]
+#[cfg(target_os = "linux")]
+pub mod fuzzing {
+    /// Feeds `data` to a frame decoder in chunks of `chunk` bytes; returns the number of
+    /// complete frames before the end of the data or the first error. Must never panic.
+    pub fn decode_frames(data: &[u8], chunk: usize, max_frame: usize) -> usize {
+        crate::ipc::frame::fuzz_decode(data, chunk, max_frame)
+    }
+}

@@ -146,6 +146,23 @@ impl Decoder {
     }
 }
 
+/// Decodes a byte stream delivered in chunks (for fuzzing): frames until the first error.
+pub(crate) fn fuzz_decode(data: &[u8], chunk: usize, max: usize) -> usize {
+    let mut d = Decoder::new(max);
+    let mut frames = 0;
+    for part in data.chunks(chunk.max(1)) {
+        d.buf.extend_from_slice(part);
+        loop {
+            match d.next(|kind, id, payload| (kind, id, payload.len())) {
+                Ok(Some(_)) => frames += 1,
+                Ok(None) => break,
+                Err(_) => return frames,
+            }
+        }
+    }
+    frames
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +242,28 @@ mod tests {
                 prop_assert_eq!(id, i as u64);
                 prop_assert_eq!(&p, &payloads[i]);
             }
+        }
+
+        #[test]
+        fn mutated_streams_never_panic(
+            payloads in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 1..10),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..8),
+            cut in any::<usize>(),
+            chunk in 1usize..40,
+        ) {
+            let mut buf = Vec::new();
+            for (i, p) in payloads.iter().enumerate() {
+                push(&mut buf, Kind::Result, i as u64, p, 1 << 20).unwrap();
+            }
+            let good = fuzz_decode(&buf, chunk, 4096);
+            prop_assert_eq!(good, payloads.len());
+            for (at, b) in flips {
+                let at = at % buf.len();
+                buf[at] ^= b;
+            }
+            buf.truncate(cut % (buf.len() + 1));
+            let n = fuzz_decode(&buf, chunk, 4096);
+            prop_assert!(n <= payloads.len() + buf.len() / HEADER);
         }
 
         #[test]
