@@ -104,6 +104,8 @@ pub use queue::{Capacity, FanOut};
 pub use report::{Latency, RunReport, StageReport};
 pub use run::{RunHandle, Runnable};
 pub use stage::{Failed, Item, Output, Stage, Wire};
+#[cfg(target_os = "linux")]
+pub use sys::huge::HugeBuf;
 
 /// Entry points for the fuzz targets in `fuzz/`; not part of the API.
 #[doc(hidden)]

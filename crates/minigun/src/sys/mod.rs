@@ -24,6 +24,7 @@
 
 #![allow(unsafe_code)]
 
+pub(crate) mod huge;
 pub(crate) mod signals;
 
 use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
