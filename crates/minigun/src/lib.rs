@@ -96,7 +96,7 @@ pub use builder::{Pipeline, StageRef};
 pub use error::{
     BoxError, DefinitionError, EmitError, FailureKind, ItemFailure, RunError, StageResult,
 };
-pub use exec::{Exec, ForkOptions};
+pub use exec::{Dispatch, Exec, ForkOptions};
 pub use graph::StageKind;
 pub use monitor::{ChildSnapshot, Monitor, Snapshot, StageSnapshot, StageStatus};
 pub use policy::OnError;

@@ -39,6 +39,20 @@ pub struct ForkOptions {
     pub in_flight: usize,
     /// Emit results in input order (default: as they complete).
     pub ordered: bool,
+    /// How ipc_fork picks the worker for the next item.
+    pub dispatch: Dispatch,
+}
+
+/// How ipc_fork hands items to its workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Dispatch {
+    /// Each worker in turn (the founding document's behaviour).
+    #[default]
+    RoundRobin,
+    /// The worker holding the fewest items: uneven item costs do not pile up behind a slow
+    /// worker.
+    LeastLoaded,
 }
 
 impl ForkOptions {
@@ -49,6 +63,7 @@ impl ForkOptions {
             max_frame: 256 << 20,
             in_flight: 16,
             ordered: false,
+            dispatch: Dispatch::RoundRobin,
         }
     }
 }
@@ -119,6 +134,13 @@ impl Exec {
     pub fn ordered(mut self) -> Self {
         if let Some(o) = self.fork_options_mut() {
             o.ordered = true;
+        }
+        self
+    }
+    /// How ipc_fork picks a worker for each item (ignored by the others).
+    pub fn dispatch(mut self, d: Dispatch) -> Self {
+        if let Some(o) = self.fork_options_mut() {
+            o.dispatch = d;
         }
         self
     }

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::error::FailureKind;
 use crate::exec::local::{dead_letter, drain, Parts};
-use crate::exec::ForkOptions;
+use crate::exec::{Dispatch, ForkOptions};
 use crate::hooks;
 use crate::ipc::frame::{self, Kind};
 use crate::ipc::protocol::{self, ChildError, Done};
@@ -415,10 +415,11 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         self.workers.iter().flatten().map(|w| w.flights.len()).sum()
     }
 
-    /// The next worker, round-robin, that is alive, not shutting down and has room.
+    /// The next worker that is alive, not shutting down and has room: in turn (round-robin,
+    /// the default) or the one holding the fewest items (least-loaded; ties in turn).
     fn next_worker(&self, window: usize) -> Option<usize> {
         let n = self.workers.len();
-        (0..n).map(|k| (self.rr + k) % n).find(|&s| {
+        let open = (0..n).map(|k| (self.rr + k) % n).filter(|&s| {
             self.workers[s].as_ref().is_some_and(|w| {
                 w.exit.is_none()
                     && w.killed.is_none()
@@ -426,7 +427,13 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                     && w.start_error.is_none()
                     && w.flights.len() < window
             })
-        })
+        });
+        match self.opts.dispatch {
+            Dispatch::RoundRobin => open.into_iter().next(),
+            Dispatch::LeastLoaded => {
+                open.min_by_key(|&s| self.workers[s].as_ref().map_or(0, |w| w.flights.len()))
+            }
+        }
     }
 
     /// Reads what a worker sent: routes results, completes and fails its items in order.
