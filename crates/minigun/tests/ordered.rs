@@ -58,7 +58,7 @@ fn least_loaded_dispatch_delivers_every_item_and_uses_both_workers() {
     let g = got.clone();
     p.producer("gen", |out| out.emit_all(0..60u64).map_err(Into::into));
     p.map("work", |x: u64| {
-        std::thread::sleep(Duration::from_millis(if x % 2 == 0 { 20 } else { 0 }));
+        std::thread::sleep(Duration::from_millis(if x.is_multiple_of(2) { 20 } else { 0 }));
         Ok((x, std::process::id()))
     })
     .wire()
@@ -79,7 +79,7 @@ fn least_loaded_dispatch_delivers_every_item_and_uses_both_workers() {
     );
     // Both workers took slow items.
     let mut per_worker = std::collections::HashMap::<u32, u32>::new();
-    for (_, pid) in v.iter().filter(|(x, _)| x % 2 == 0) {
+    for (_, pid) in v.iter().filter(|(x, _)| x.is_multiple_of(2)) {
         *per_worker.entry(*pid).or_default() += 1;
     }
     let counts: Vec<u32> = per_worker.values().copied().collect();
