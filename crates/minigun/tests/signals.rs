@@ -6,7 +6,25 @@
 mod common;
 use minigun::{Exec, Pipeline};
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+
+/// The re-executed test process dies with this one, even if the harness kills us mid-test.
+trait DieWithParent {
+    fn die_with_parent(&mut self) -> &mut Self;
+}
+
+impl DieWithParent for Command {
+    fn die_with_parent(&mut self) -> &mut Self {
+        // SAFETY: prctl is async-signal-safe and touches only the new process.
+        unsafe {
+            self.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            })
+        }
+    }
+}
 use std::time::Duration;
 
 const ROLE: &str = "MINIGUN_SIGNAL_TEST_ROLE";
@@ -67,6 +85,7 @@ fn interrupt(role: &str, signal: i32) -> String {
         .args(["inner_entry", "--exact", "--nocapture", "--test-threads=1"])
         .env(ROLE, role)
         .stdout(Stdio::piped())
+        .die_with_parent()
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();

@@ -3,7 +3,25 @@
 mod common;
 use minigun::{Exec, Pipeline};
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+
+/// The re-executed test process dies with this one, even if the harness kills us mid-test.
+trait DieWithParent {
+    fn die_with_parent(&mut self) -> &mut Self;
+}
+
+impl DieWithParent for Command {
+    fn die_with_parent(&mut self) -> &mut Self {
+        // SAFETY: prctl is async-signal-safe and touches only the new process.
+        unsafe {
+            self.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            })
+        }
+    }
+}
 use std::time::{Duration, Instant};
 
 const ROLE: &str = "MINIGUN_SUPERVISION_TEST_ROLE";
@@ -54,6 +72,7 @@ fn children_die_with_parent(role: &str) {
         .args(["inner_entry", "--exact", "--nocapture", "--test-threads=1"])
         .env(ROLE, role)
         .stdout(Stdio::piped())
+        .die_with_parent()
         .spawn()
         .unwrap();
     let line = BufReader::new(child.stdout.take().unwrap())

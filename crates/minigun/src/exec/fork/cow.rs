@@ -169,7 +169,14 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             let (readable, exited) = {
                 let mut fds = Vec::with_capacity(2 + 2 * running.len());
                 fds.push(PollFd::new(&wake.r, PollFlags::IN));
-                fds.push(PollFd::new(abort_fd, PollFlags::IN));
+                // Once the abort is handled the pipe stays readable: stop watching it, or
+                // every poll would return at once until the children are gone.
+                let watch_abort = if cancelled_all {
+                    PollFlags::empty()
+                } else {
+                    PollFlags::IN
+                };
+                fds.push(PollFd::new(abort_fd, watch_abort));
                 for r in &running {
                     fds.push(PollFd::new(
                         &r.stream.fd,

@@ -351,7 +351,14 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             let ready: Vec<(bool, bool)> = {
                 let mut fds = Vec::with_capacity(2 + 3 * self.workers.len());
                 fds.push(PollFd::new(&wake.r, PollFlags::IN));
-                fds.push(PollFd::new(abort_fd, PollFlags::IN));
+                // Once the abort is handled the pipe stays readable: stop watching it, or
+                // every poll would return at once until the children are gone.
+                let watch_abort = if cancelled_all {
+                    PollFlags::empty()
+                } else {
+                    PollFlags::IN
+                };
+                fds.push(PollFd::new(abort_fd, watch_abort));
                 let mut map = Vec::new();
                 for w in self.workers.iter().flatten() {
                     let base = fds.len();
