@@ -1,0 +1,335 @@
+//! Hand-written baselines straight against libc: fork-per-item loops and forked pipe workers.
+//! They do the least a correct program can do, so they are the floor minigun is measured
+//! against. The only module with `unsafe` besides the W4 mmap dataset.
+//!
+//! Children run only code that takes no lock (no allocation, no stdio) and end with `_exit`,
+//! so forking while another thread of this process (a PSS sampler, minigun's signal watcher)
+//! holds the allocator lock cannot deadlock them.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+fn check(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// getrusage(who).ru_maxrss in bytes.
+pub(crate) fn max_rss(who: libc::c_int) -> u64 {
+    // SAFETY: `rusage` is plain old data; zeroed is a valid value and getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage for the duration of the call.
+    unsafe { libc::getrusage(who, &mut ru) };
+    ru.ru_maxrss.max(0) as u64 * 1024
+}
+
+/// This process's counters from getrusage(RUSAGE_SELF), for per-run differences.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Counters {
+    /// Minor page faults (in the parent after a fork: mostly copy-on-write breaks).
+    pub(crate) minflt: u64,
+    /// Voluntary context switches (blocking waits).
+    pub(crate) nvcsw: u64,
+    /// Involuntary context switches (preemptions).
+    pub(crate) nivcsw: u64,
+}
+
+impl Counters {
+    pub(crate) fn now() -> Counters {
+        // SAFETY: `rusage` is plain old data; zeroed is a valid value and getrusage fills it.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `ru` is a valid, writable rusage for the duration of the call.
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        Counters {
+            minflt: ru.ru_minflt.max(0) as u64,
+            nvcsw: ru.ru_nvcsw.max(0) as u64,
+            nivcsw: ru.ru_nivcsw.max(0) as u64,
+        }
+    }
+
+    /// What happened since `self`.
+    pub(crate) fn since(self) -> Counters {
+        let n = Counters::now();
+        Counters {
+            minflt: n.minflt - self.minflt,
+            nvcsw: n.nvcsw - self.nvcsw,
+            nivcsw: n.nivcsw - self.nivcsw,
+        }
+    }
+
+    /// "x faults, y switches per item".
+    pub(crate) fn per_item(&self, items: u64) -> String {
+        let n = items.max(1) as f64;
+        format!(
+            "{:.1} minor faults, {:.1} context switches",
+            self.minflt as f64 / n,
+            (self.nvcsw + self.nivcsw) as f64 / n
+        )
+    }
+}
+
+/// Clock ticks per second of /proc/stat.
+pub(crate) fn clock_ticks() -> i64 {
+    // SAFETY: sysconf only reads a system constant.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t
+    } else {
+        100
+    }
+}
+
+/// User + system CPU seconds of this process's reaped children (getrusage(RUSAGE_CHILDREN)).
+pub(crate) fn children_cpu_secs() -> f64 {
+    // SAFETY: `rusage` is plain old data; zeroed is a valid value and getrusage fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage for the duration of the call.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// A pipe: (read end, write end), close-on-exec.
+pub(crate) fn pipe() -> io::Result<(RawFd, RawFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: `fds` has room for the two fds pipe2 writes.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    Ok((fds[0], fds[1]))
+}
+
+/// Asks for a larger pipe buffer (best effort).
+pub(crate) fn grow_pipe(fd: RawFd, bytes: usize) {
+    // SAFETY: F_SETPIPE_SZ only changes the pipe's capacity; failure is harmless.
+    unsafe { libc::fcntl(fd, libc::F_SETPIPE_SZ, bytes as libc::c_int) };
+}
+
+pub(crate) fn close(fd: RawFd) {
+    // SAFETY: the caller owns `fd` and does not use it afterwards.
+    unsafe { libc::close(fd) };
+}
+
+/// Writes all of `buf` (blocking fd).
+pub(crate) fn write_all(fd: RawFd, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: `buf` is a live slice of `buf.len()` readable bytes.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
+}
+
+/// One read(2); 0 = end of file.
+pub(crate) fn read_some(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `buf` is a live, writable slice of `buf.len()` bytes.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Reads until `buf` is full or end of file; returns how many bytes were read.
+pub(crate) fn read_full(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    let mut off = 0;
+    while off < buf.len() {
+        match read_some(fd, &mut buf[off..])? {
+            0 => break,
+            n => off += n,
+        }
+    }
+    Ok(off)
+}
+
+/// Forks; the child runs `body` and `_exit`s with its result (it never returns here).
+pub(crate) fn fork(body: impl FnOnce() -> i32) -> io::Result<libc::pid_t> {
+    // SAFETY: the child only runs `body` (lock-free code: see the module docs) and then
+    // `_exit`s; it never returns into the caller's frames or runs destructors.
+    let pid = check(unsafe { libc::fork() })?;
+    if pid == 0 {
+        let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).unwrap_or(101);
+        // SAFETY: `_exit` is async-signal-safe and never returns.
+        unsafe { libc::_exit(code) }
+    }
+    Ok(pid)
+}
+
+/// waitpid(pid or -1, blocking); returns the reaped pid.
+pub(crate) fn wait(pid: libc::pid_t) -> io::Result<libc::pid_t> {
+    let mut status = 0;
+    loop {
+        // SAFETY: `status` is a valid int for waitpid to write.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r >= 0 {
+            if !(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0) {
+                return Err(io::Error::other(format!(
+                    "child {r} ended with status {status:#x}"
+                )));
+            }
+            return Ok(r);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// Blocks until one of `fds` is readable (or hung up); returns the ready flags.
+pub(crate) fn poll_readable(fds: &[RawFd]) -> io::Result<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `pfds` is a live array of `pfds.len()` pollfd structs.
+        let r = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+        if r >= 0 {
+            return Ok(pfds.iter().map(|p| p.revents != 0).collect());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// The raw fork-per-item loop: for each item, pipe + fork; the child computes `work(i)`,
+/// writes 8 bytes and `_exit`s; the parent keeps `in_flight` children alive, and for each
+/// reaps one (waitpid(-1)), reads its 8 bytes and closes the pipe.
+/// Returns the wall time and the sum of the results.
+pub(crate) fn fork_loop(
+    items: u64,
+    in_flight: usize,
+    work: impl Fn(u64) -> u64,
+) -> io::Result<(Duration, u64)> {
+    let t0 = Instant::now();
+    let mut live: Vec<(libc::pid_t, RawFd)> = Vec::with_capacity(in_flight);
+    let mut sum = 0u64;
+    let reap_one = |live: &mut Vec<(libc::pid_t, RawFd)>, sum: &mut u64| -> io::Result<()> {
+        let pid = wait(-1)?;
+        let k = live
+            .iter()
+            .position(|&(p, _)| p == pid)
+            .ok_or_else(|| io::Error::other(format!("reaped a foreign child {pid}")))?;
+        let (_, fd) = live.swap_remove(k);
+        let mut b = [0u8; 8];
+        let n = read_full(fd, &mut b)?;
+        close(fd);
+        if n != 8 {
+            return Err(io::Error::other("child sent a short result"));
+        }
+        *sum = sum.wrapping_add(u64::from_le_bytes(b));
+        Ok(())
+    };
+    for i in 0..items {
+        if live.len() >= in_flight {
+            reap_one(&mut live, &mut sum)?;
+        }
+        let (r, w) = pipe()?;
+        let pid = fork(|| {
+            let v = work(i).to_le_bytes();
+            match write_all(w, &v) {
+                Ok(()) => 0,
+                Err(_) => 1,
+            }
+        })?;
+        close(w);
+        live.push((pid, r));
+    }
+    while !live.is_empty() {
+        reap_one(&mut live, &mut sum)?;
+    }
+    Ok((t0.elapsed(), sum))
+}
+
+/// Persistent forked workers, each with an input pipe and an output pipe.
+#[derive(Debug)]
+pub(crate) struct Workers {
+    pub(crate) pids: Vec<libc::pid_t>,
+    /// Parent's write ends (worker input).
+    pub(crate) inputs: Vec<RawFd>,
+    /// Parent's read ends (worker output).
+    pub(crate) outputs: Vec<RawFd>,
+}
+
+impl Workers {
+    /// Forks `n` workers running `body(input, output)`. Each child closes every parent-side
+    /// fd (its own and its older siblings'), so closing an input gives its worker EOF.
+    pub(crate) fn spawn(n: usize, body: impl Fn(RawFd, RawFd) -> i32) -> io::Result<Workers> {
+        let mut w = Workers {
+            pids: Vec::with_capacity(n),
+            inputs: Vec::with_capacity(n),
+            outputs: Vec::with_capacity(n),
+        };
+        for _ in 0..n {
+            let (in_r, in_w) = pipe()?;
+            let (out_r, out_w) = pipe()?;
+            grow_pipe(in_w, 1 << 20);
+            grow_pipe(out_w, 1 << 20);
+            w.inputs.push(in_w);
+            w.outputs.push(out_r);
+            let parent_fds: Vec<RawFd> = w.inputs.iter().chain(&w.outputs).copied().collect();
+            let pid = fork(|| {
+                for &fd in &parent_fds {
+                    close(fd);
+                }
+                body(in_r, out_w)
+            })?;
+            close(in_r);
+            close(out_w);
+            w.pids.push(pid);
+        }
+        Ok(w)
+    }
+
+    /// Reads every worker's output until all of them closed it, handing `(worker, bytes)` to
+    /// `f`; then reaps the workers. Inputs must be closed (by a writer thread) for this to end.
+    pub(crate) fn drain(self, buf_size: usize, mut f: impl FnMut(usize, &[u8])) -> io::Result<()> {
+        let mut open: Vec<usize> = (0..self.outputs.len()).collect();
+        let mut buf = vec![0u8; buf_size];
+        while !open.is_empty() {
+            let fds: Vec<RawFd> = open.iter().map(|&k| self.outputs[k]).collect();
+            let ready = poll_readable(&fds)?;
+            let mut closed = Vec::new();
+            for (j, &k) in open.iter().enumerate() {
+                if !ready[j] {
+                    continue;
+                }
+                match read_some(self.outputs[k], &mut buf)? {
+                    0 => closed.push(k),
+                    n => f(k, &buf[..n]),
+                }
+            }
+            open.retain(|k| !closed.contains(k));
+        }
+        for &fd in &self.outputs {
+            close(fd);
+        }
+        for &pid in &self.pids {
+            wait(pid)?;
+        }
+        Ok(())
+    }
+}

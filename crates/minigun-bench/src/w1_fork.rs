@@ -1,0 +1,81 @@
+//! W1 fork overhead: f(x) = 2x in one cow_fork child per item, against the raw
+//! fork + pipe write + _exit + read + waitpid loop with the same number of children in flight.
+
+use crate::common::{best_of_pair, progress, timed, Cfg, Row};
+use crate::raw::{self, Counters};
+use minigun::Pipeline;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One minigun run: producer -> map (cow_fork(workers)) -> summing consumer.
+pub(crate) fn minigun_run(items: u64, workers: usize) -> (Duration, u64) {
+    let sum = Arc::new(AtomicU64::new(0));
+    let s = sum.clone();
+    let p = Pipeline::new("w1");
+    p.producer("gen", move |out| {
+        for i in 0..items {
+            out.emit(i)?;
+        }
+        Ok(())
+    });
+    p.map("double", |x: u64| Ok(x * 2)).cow_fork(workers);
+    p.consumer("sink", move |x: u64| {
+        s.fetch_add(x, Ordering::Relaxed);
+        Ok(())
+    });
+    let (wall, report) = timed(|| p.run().expect("W1 pipeline runs"));
+    assert_eq!(report.consumed, items, "W1: every item consumed");
+    assert_eq!(report.failures_total, 0, "W1: no failures");
+    (wall, sum.load(Ordering::Relaxed))
+}
+
+pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
+    let items = cfg.size(2_000, 300);
+    let expect = items * (items - 1);
+    let mut rows = Vec::new();
+    for workers in [2usize, 4] {
+        progress(format!(
+            "W1 raw fork loop ({workers} in flight) and minigun cow_fork({workers}), alternately"
+        ));
+        let ((raw_wall, (raw_sum, raw_ctr)), (wall, (sum, ctr))) = best_of_pair(
+            cfg.reps,
+            || {
+                let c = Counters::now();
+                let (w, s) = raw::fork_loop(items, workers, |x| x * 2).expect("raw fork loop");
+                (w, (s, c.since()))
+            },
+            || {
+                let c = Counters::now();
+                let (w, s) = minigun_run(items, workers);
+                (w, (s, c.since()))
+            },
+        );
+        assert_eq!(raw_sum, expect, "W1 raw: wrong sum");
+        assert_eq!(sum, expect, "W1 minigun: wrong sum");
+        let base = Row::new("W1", "baseline", "raw-fork-loop", workers, items, raw_wall)
+            .variant(format!("{workers} in flight"));
+        let floor = base.items_per_sec;
+        rows.push(base);
+        rows.push(
+            Row::new(
+                "W1",
+                "minigun",
+                format!("cow_fork({workers})"),
+                workers,
+                items,
+                wall,
+            )
+            .floor(floor)
+            .note(format!(
+                "per item: {:.0} us minigun vs {:.0} us raw (wall / items); in the parent \
+                 process per item: minigun {}, raw {}",
+                wall.as_secs_f64() * 1e6 / items as f64,
+                raw_wall.as_secs_f64() * 1e6 / items as f64,
+                ctr.per_item(items),
+                raw_ctr.per_item(items)
+            )),
+        );
+    }
+    rows
+}

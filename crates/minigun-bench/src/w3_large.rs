@@ -1,0 +1,197 @@
+//! W3 large payloads: 64 KiB `Vec<u8>` items, f = checksum (u64), on ipc_fork(2); MB/s of
+//! input. Floor: the same bytes written raw (64 KiB per write) to two forked workers.
+//!
+//! A second minigun row sends the same bytes as [`Blob`], which serialises through
+//! `serialize_bytes` (one memcpy) instead of serde's per-element `Vec<u8>` sequence: the
+//! difference between the two rows is the per-byte cost of the serde data model.
+
+use crate::common::{best_of, best_of_pair, byte_sum, progress, timed, Cfg, Row};
+use crate::raw::{self, Workers};
+use minigun::Pipeline;
+use serde::de::{SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const ITEM: usize = 64 << 10;
+
+/// Bytes that serialise as one byte string (what `serde_bytes::ByteBuf` does).
+#[derive(Debug, Clone)]
+pub(crate) struct Blob(pub(crate) Vec<u8>);
+
+impl Serialize for Blob {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+struct BlobVisitor;
+
+impl<'de> Visitor<'de> for BlobVisitor {
+    type Value = Blob;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a byte string")
+    }
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Blob, E> {
+        Ok(Blob(v.to_vec()))
+    }
+    fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Blob, E> {
+        Ok(Blob(v))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Blob, A::Error> {
+        let mut v = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(b) = seq.next_element()? {
+            v.push(b);
+        }
+        Ok(Blob(v))
+    }
+}
+
+impl<'de> Deserialize<'de> for Blob {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Blob, D::Error> {
+        d.deserialize_byte_buf(BlobVisitor)
+    }
+}
+
+/// The payload template: non-zero, not constant.
+fn template() -> Vec<u8> {
+    (0..ITEM).map(|i| (i % 251) as u8 + 1).collect()
+}
+
+/// The item `i`: the template with its index in the first 8 bytes.
+fn item(template: &[u8], i: u64) -> Vec<u8> {
+    let mut v = template.to_vec();
+    v[..8].copy_from_slice(&i.to_le_bytes());
+    v
+}
+
+fn expected(template: &[u8], items: u64) -> u64 {
+    let tail = byte_sum(&template[8..]);
+    (0..items).map(|i| byte_sum(&i.to_le_bytes()) + tail).sum()
+}
+
+fn minigun_vec(items: u64, workers: usize) -> (Duration, u64) {
+    let t = template();
+    let sum = Arc::new(AtomicU64::new(0));
+    let s = sum.clone();
+    let p = Pipeline::new("w3");
+    p.producer("gen", move |out| {
+        for i in 0..items {
+            out.emit(item(&t, i))?;
+        }
+        Ok(())
+    });
+    p.map("checksum", |v: Vec<u8>| Ok(byte_sum(&v)))
+        .ipc_fork(workers);
+    p.consumer("sink", move |x: u64| {
+        s.fetch_add(x, Ordering::Relaxed);
+        Ok(())
+    });
+    let (wall, report) = timed(|| p.run().expect("W3 pipeline runs"));
+    assert_eq!(report.consumed, items, "W3: every item consumed");
+    (wall, sum.load(Ordering::Relaxed))
+}
+
+fn minigun_blob(items: u64, workers: usize) -> (Duration, u64) {
+    let t = template();
+    let sum = Arc::new(AtomicU64::new(0));
+    let s = sum.clone();
+    let p = Pipeline::new("w3-blob");
+    p.producer("gen", move |out| {
+        for i in 0..items {
+            out.emit(Blob(item(&t, i)))?;
+        }
+        Ok(())
+    });
+    p.map("checksum", |v: Blob| Ok(byte_sum(&v.0)))
+        .ipc_fork(workers);
+    p.consumer("sink", move |x: u64| {
+        s.fetch_add(x, Ordering::Relaxed);
+        Ok(())
+    });
+    let (wall, report) = timed(|| p.run().expect("W3 pipeline runs"));
+    assert_eq!(report.consumed, items, "W3: every item consumed");
+    (wall, sum.load(Ordering::Relaxed))
+}
+
+fn checksum_worker(input: i32, output: i32) -> i32 {
+    let mut buf = vec![0u8; ITEM];
+    loop {
+        match raw::read_full(input, &mut buf) {
+            Ok(0) => return 0,
+            Ok(n) if n == ITEM => {}
+            _ => return 1,
+        }
+        if raw::write_all(output, &byte_sum(&buf).to_le_bytes()).is_err() {
+            return 1;
+        }
+    }
+}
+
+fn raw_run(items: u64, workers: usize) -> (Duration, u64) {
+    let t = template();
+    let t0 = Instant::now();
+    let w = Workers::spawn(workers, checksum_worker).expect("fork checksum workers");
+    let inputs = w.inputs.clone();
+    let mut sum = 0u64;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut buf = t.clone();
+            for i in 0..items {
+                buf[..8].copy_from_slice(&i.to_le_bytes());
+                raw::write_all(inputs[i as usize % inputs.len()], &buf)
+                    .expect("write to a checksum worker");
+            }
+            for &fd in &inputs {
+                raw::close(fd);
+            }
+        });
+        let mut carry: Vec<Vec<u8>> = vec![Vec::new(); workers];
+        w.drain(64 << 10, |k, bytes| {
+            let c = &mut carry[k];
+            c.extend_from_slice(bytes);
+            let whole = c.len() / 8 * 8;
+            for x in c[..whole].chunks_exact(8) {
+                sum = sum.wrapping_add(u64::from_le_bytes(x.try_into().expect("8 bytes")));
+            }
+            c.drain(..whole);
+        })
+        .expect("read checksum results");
+    });
+    (t0.elapsed(), sum)
+}
+
+pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
+    let items: u64 = cfg.size(2_000, 500);
+    let workers = 2;
+    let expect = expected(&template(), items);
+    let mb = |wall: Duration| items as f64 * ITEM as f64 / 1e6 / wall.as_secs_f64();
+
+    progress("W3 raw pipes (64 KiB per write) and minigun ipc_fork(2) Vec<u8>, alternately");
+    let ((raw_wall, raw_sum), (wall, sum)) = best_of_pair(
+        cfg.reps,
+        || raw_run(items, workers),
+        || minigun_vec(items, workers),
+    );
+    assert_eq!(raw_sum, expect, "W3 raw: wrong sum");
+    assert_eq!(sum, expect, "W3 minigun: wrong sum");
+    let mut base = Row::new("W3", "baseline", "raw-pipes", workers, items, raw_wall)
+        .variant("64 KiB per write");
+    base.mb_per_sec = Some(mb(raw_wall));
+    let floor = base.items_per_sec;
+    let mut vec_row = Row::new("W3", "minigun", "ipc_fork(2)", workers, items, wall)
+        .variant("Vec<u8> (serde seq)")
+        .floor(floor);
+    vec_row.mb_per_sec = Some(mb(wall));
+
+    progress("W3 minigun ipc_fork(2), Blob (serialize_bytes)");
+    let (wall, sum) = best_of(cfg.reps, || minigun_blob(items, workers));
+    assert_eq!(sum, expect, "W3 minigun blob: wrong sum");
+    let mut blob_row = Row::new("W3", "minigun", "ipc_fork(2)", workers, items, wall)
+        .variant("Blob (serde bytes)")
+        .floor(floor);
+    blob_row.mb_per_sec = Some(mb(wall));
+
+    vec![base, vec_row, blob_row]
+}

@@ -1,0 +1,192 @@
+//! W4 copy-on-write sharing: the parent builds a large read-only dataset; each item sums a
+//! random 1 MiB slice of it in a cow_fork child, 4 at a time. Reports items/s and the largest
+//! summed PSS of the parent and its live children (sampled every ~20 ms on a thread).
+//!
+//! Two datasets: a plain `Vec<u8>` (4 KiB pages: every fork copies ~2 MiB of page tables per
+//! GiB and every exit tears them down), and `minigun::HugeBuf` (transparent huge pages, 2 MiB aligned)
+//! (transparent huge pages: the page tables of 1 GiB are 512 PMD entries).
+//! Floor: the raw fork loop doing the same work with the same dataset, 4 in flight.
+
+#![allow(unsafe_code)]
+
+use crate::common::{
+    best_of_pair, byte_sum, mib, progress, smaps_field, timed, Cfg, PssSampler, PssStats, Rng, Row,
+};
+use crate::raw;
+use minigun::Pipeline;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const SLICE: usize = 1 << 20;
+const WORKERS: usize = 4;
+const SAMPLE_EVERY: Duration = Duration::from_millis(20);
+
+/// Which memory the dataset lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Memory {
+    Vec,
+    Thp,
+}
+
+/// The read-only dataset: a plain `Vec`, or the library's transparent-huge-page buffer.
+#[derive(Debug)]
+enum Dataset {
+    Vec(Vec<u8>),
+    Huge(minigun::HugeBuf),
+}
+
+impl Dataset {
+    fn new(memory: Memory, len: usize) -> std::io::Result<Dataset> {
+        let mut d = match memory {
+            Memory::Vec => Dataset::Vec(vec![0u8; len]),
+            Memory::Thp => Dataset::Huge(minigun::HugeBuf::new(len)?),
+        };
+        fill(d.as_mut_slice());
+        Ok(d)
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Dataset::Vec(v) => v,
+            Dataset::Huge(h) => h,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            Dataset::Vec(v) => v,
+            Dataset::Huge(h) => h,
+        }
+    }
+}
+
+/// Non-zero data in every byte, so every page is really written.
+fn fill(bytes: &mut [u8]) {
+    for (i, c) in bytes.chunks_exact_mut(8).enumerate() {
+        let v = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 0x0101_0101_0101_0101;
+        c.copy_from_slice(&v.to_le_bytes());
+    }
+}
+
+fn slice_sum(d: &Dataset, off: u64) -> u64 {
+    let off = off as usize;
+    byte_sum(&d.as_slice()[off..off + SLICE])
+}
+
+fn minigun_run(data: &Arc<Dataset>, offsets: &Arc<Vec<u64>>) -> (Duration, u64) {
+    let sum = Arc::new(AtomicU64::new(0));
+    let s = sum.clone();
+    let offs = offsets.clone();
+    let d = data.clone();
+    let p = Pipeline::new("w4");
+    p.producer("offsets", move |out| {
+        for &o in offs.iter() {
+            out.emit(o)?;
+        }
+        Ok(())
+    });
+    p.map("slice_sum", move |off: u64| Ok(slice_sum(&d, off)))
+        .cow_fork(WORKERS);
+    p.consumer("sink", move |x: u64| {
+        s.fetch_add(x, Ordering::Relaxed);
+        Ok(())
+    });
+    let (wall, report) = timed(|| p.run().expect("W4 pipeline runs"));
+    assert_eq!(
+        report.consumed,
+        offsets.len() as u64,
+        "W4: every item consumed"
+    );
+    (wall, sum.load(Ordering::Relaxed))
+}
+
+fn raw_run(data: &Dataset, offsets: &[u64]) -> (Duration, u64) {
+    raw::fork_loop(offsets.len() as u64, WORKERS, |i| {
+        slice_sum(data, offsets[i as usize])
+    })
+    .expect("raw fork loop")
+}
+
+/// Runs `f` with the PSS sampler on.
+fn sampled<T>(f: impl FnOnce() -> T) -> (T, PssStats) {
+    let s = PssSampler::start(SAMPLE_EVERY);
+    let r = f();
+    (r, s.finish())
+}
+
+pub(crate) fn run(cfg: &Cfg, memory: Memory) -> Vec<Row> {
+    let len: usize = cfg.size(1 << 30, 128 << 20);
+    let items: usize = cfg.size(200, 40);
+    let label = match memory {
+        Memory::Vec => "Vec<u8>, 4 KiB pages",
+        Memory::Thp => "HugeBuf (THP)",
+    };
+    progress(format!("W4 building a {} MiB dataset ({label})", len >> 20));
+    let (build, data) = timed(|| Dataset::new(memory, len).expect("allocate the W4 dataset"));
+    let data = Arc::new(data);
+    let me = std::process::id();
+    let huge = smaps_field(me, "AnonHugePages").unwrap_or(0);
+    let pss_before = smaps_field(me, "Pss").unwrap_or(0);
+    let mut rng = Rng::new(0x5eed_0004);
+    let offsets: Arc<Vec<u64>> = Arc::new(
+        (0..items)
+            .map(|_| rng.next_u64() % (len - SLICE + 1) as u64)
+            .collect(),
+    );
+    let expect: u64 = offsets.iter().map(|&o| slice_sum(&data, o)).sum();
+    let info = format!(
+        "dataset {} MiB built in {:.2}s, AnonHugePages {:.0} MiB, parent PSS before run {:.0} MiB",
+        len >> 20,
+        build.as_secs_f64(),
+        mib(huge),
+        mib(pss_before)
+    );
+    progress(&info);
+
+    progress(format!(
+        "W4 raw fork loop and minigun cow_fork({WORKERS}), alternately ({label})"
+    ));
+    let ((raw_wall, raw_sum), (wall, sum)) = best_of_pair(
+        cfg.reps,
+        || raw_run(&data, &offsets),
+        || minigun_run(&data, &offsets),
+    );
+    assert_eq!(raw_sum, expect, "W4 raw: wrong sum");
+    assert_eq!(sum, expect, "W4 minigun: wrong sum");
+    progress(format!("W4 both again with the PSS sampler ({label})"));
+    let ((raw_wall_s, raw_sum_s), raw_pss) = sampled(|| raw_run(&data, &offsets));
+    assert_eq!(raw_sum_s, expect, "W4 raw: wrong sum");
+    let ((wall_s, sum_s), pss) = sampled(|| minigun_run(&data, &offsets));
+    assert_eq!(sum_s, expect, "W4 minigun: wrong sum");
+
+    let items = items as u64;
+    let sampling = |wall: Duration, st: &PssStats| {
+        format!(
+            "{:.0} items/s while PSS was sampled ({} consistent samples, {} dropped: a child \
+             forked or exited during the read)",
+            items as f64 / wall.as_secs_f64(),
+            st.kept,
+            st.dropped
+        )
+    };
+    let mut base = Row::new("W4", "baseline", "raw-fork-loop", WORKERS, items, raw_wall)
+        .variant(label)
+        .note(sampling(raw_wall_s, &raw_pss));
+    base.pss_bytes = (raw_pss.kept > 0).then_some(raw_pss.max);
+    let floor = base.items_per_sec;
+    let mut ours = Row::new(
+        "W4",
+        "minigun",
+        format!("cow_fork({WORKERS})"),
+        WORKERS,
+        items,
+        wall,
+    )
+    .variant(label)
+    .floor(floor)
+    .note(sampling(wall_s, &pss))
+    .note(info);
+    ours.pss_bytes = (pss.kept > 0).then_some(pss.max);
+    vec![base, ours]
+}

@@ -1,0 +1,98 @@
+//! W6 in-process: producer -> map +1 -> map *2 -> summing consumer, all inline and with
+//! threads(4) on the two middle stages, against a hand-written chain of 4 threads joined by
+//! crossbeam bounded(1000) channels doing the same work.
+
+use crate::common::{best_of_pair, progress, timed, Cfg, Row};
+use minigun::{Exec, Pipeline};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn minigun_run(items: u64, exec: Exec) -> (Duration, u64) {
+    let sum = Arc::new(AtomicU64::new(0));
+    let s = sum.clone();
+    let p = Pipeline::new("w6");
+    p.producer("gen", move |out| {
+        for i in 0..items {
+            out.emit(i)?;
+        }
+        Ok(())
+    });
+    p.map("inc", |x: u64| Ok(x + 1)).executor(exec.clone());
+    p.map("double", |x: u64| Ok(x * 2)).executor(exec);
+    p.consumer("sum", move |x: u64| {
+        s.fetch_add(x, Ordering::Relaxed);
+        Ok(())
+    });
+    let (wall, report) = timed(|| p.run().expect("W6 pipeline runs"));
+    assert_eq!(report.consumed, items, "W6: every item consumed");
+    (wall, sum.load(Ordering::Relaxed))
+}
+
+fn chain_run(items: u64) -> (Duration, u64) {
+    timed(|| {
+        let (tx1, rx1) = crossbeam_channel::bounded::<u64>(1000);
+        let (tx2, rx2) = crossbeam_channel::bounded::<u64>(1000);
+        let (tx3, rx3) = crossbeam_channel::bounded::<u64>(1000);
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                for i in 0..items {
+                    tx1.send(i).expect("send");
+                }
+            });
+            s.spawn(move || {
+                for x in rx1 {
+                    tx2.send(x + 1).expect("send");
+                }
+            });
+            s.spawn(move || {
+                for x in rx2 {
+                    tx3.send(x * 2).expect("send");
+                }
+            });
+            s.spawn(move || rx3.iter().sum::<u64>())
+                .join()
+                .expect("sum thread")
+        })
+    })
+}
+
+pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
+    let items: u64 = cfg.size(1_000_000, 200_000);
+    // sum of 2(x+1) for x in 0..n = n(n-1) + 2n
+    let expect = items * (items - 1) + 2 * items;
+    let mut rows = Vec::new();
+    let mut chain_best: Option<Duration> = None;
+    let mut ours = Vec::new();
+    for (exec, workers, variant) in [
+        (Exec::inline(), 1, "all stages inline"),
+        (Exec::threads(4), 4, "threads(4) on the middle stages"),
+    ] {
+        progress(format!(
+            "W6 hand-written crossbeam chain and minigun {variant}, alternately"
+        ));
+        let name = exec.to_string();
+        let ((chain_wall, chain_sum), (wall, sum)) = best_of_pair(
+            cfg.reps,
+            || chain_run(items),
+            || minigun_run(items, exec.clone()),
+        );
+        assert_eq!(chain_sum, expect, "W6 chain: wrong sum");
+        assert_eq!(sum, expect, "W6 minigun: wrong sum");
+        chain_best = Some(chain_best.map_or(chain_wall, |b| b.min(chain_wall)));
+        ours.push((name, workers, variant, wall));
+    }
+    let chain_wall = chain_best.expect("measured");
+    let base = Row::new("W6", "baseline", "crossbeam-chain", 4, items, chain_wall)
+        .variant("4 threads, bounded(1000)");
+    let floor = base.items_per_sec;
+    rows.push(base);
+    for (name, workers, variant, wall) in ours {
+        rows.push(
+            Row::new("W6", "minigun", name, workers, items, wall)
+                .variant(variant)
+                .floor(floor),
+        );
+    }
+    rows
+}
