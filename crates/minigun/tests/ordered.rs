@@ -58,7 +58,11 @@ fn least_loaded_dispatch_delivers_every_item_and_uses_both_workers() {
     let g = got.clone();
     p.producer("gen", |out| out.emit_all(0..60u64).map_err(Into::into));
     p.map("work", |x: u64| {
-        std::thread::sleep(Duration::from_millis(if x.is_multiple_of(2) { 20 } else { 0 }));
+        std::thread::sleep(Duration::from_millis(if x.is_multiple_of(2) {
+            20
+        } else {
+            0
+        }));
         Ok((x, std::process::id()))
     })
     .wire()
