@@ -41,6 +41,8 @@ pub struct ForkOptions {
     pub ordered: bool,
     /// How ipc_fork picks the worker for the next item.
     pub dispatch: Dispatch,
+    /// Items handed to one forked child (cow_fork); 1 = one child per item.
+    pub items_per_fork: usize,
 }
 
 /// How ipc_fork hands items to its workers.
@@ -64,6 +66,7 @@ impl ForkOptions {
             in_flight: 16,
             ordered: false,
             dispatch: Dispatch::RoundRobin,
+            items_per_fork: 1,
         }
     }
 }
@@ -134,6 +137,15 @@ impl Exec {
     pub fn ordered(mut self) -> Self {
         if let Some(o) = self.fork_options_mut() {
             o.ordered = true;
+        }
+        self
+    }
+    /// Up to `n` ready items per forked child (cow_fork; ignored by the others): for cheap
+    /// items, the fork's cost is shared. `after_fork` hooks and the stage instance are then
+    /// per child, not per item. Default 1.
+    pub fn items_per_fork(mut self, n: usize) -> Self {
+        if let Some(o) = self.fork_options_mut() {
+            o.items_per_fork = n.max(1);
         }
         self
     }

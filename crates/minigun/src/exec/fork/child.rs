@@ -163,10 +163,12 @@ fn start<I, O>(
     guarded(|| Ok(factory())).map_err(|c| format!("stage factory failed: {}", c.message))
 }
 
-/// A cow_fork child: the item came through copy-on-write memory; results go to `fd`.
+/// A cow_fork child: the items came through copy-on-write memory; results go to `fd`. Each
+/// item's frames leave before the next item starts; the stage instance is flushed
+/// (`finish`) with the last item.
 pub(crate) fn cow_child<I: 'static, O: Wire>(
-    item: I,
-    id: u64,
+    items: Vec<I>,
+    ids: &[u64],
     factory: &Factory<I, O>,
     after_fork: &[ForkHook],
     fd: OwnedFd,
@@ -176,8 +178,20 @@ pub(crate) fn cow_child<I: 'static, O: Wire>(
     super::log::enter_child();
     let mut out = ChildOut::new(fd, max);
     match start(factory, after_fork) {
-        Ok(mut stage) => run_item(&mut *stage, item, id, &mut out, true, routes),
-        Err(m) => out.error(id, FailureKind::Start, m),
+        Ok(mut stage) => {
+            let last = items.len().saturating_sub(1);
+            for (k, (item, &id)) in items.into_iter().zip(ids).enumerate() {
+                run_item(&mut *stage, item, id, &mut out, k == last, routes);
+                if out.flush().is_err() {
+                    return 74;
+                }
+            }
+        }
+        Err(m) => {
+            for &id in ids {
+                out.error(id, FailureKind::Start, m.clone());
+            }
+        }
     }
     match out.flush() {
         Ok(()) => 0,

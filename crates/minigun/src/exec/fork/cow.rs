@@ -1,9 +1,14 @@
-//! cow_fork: one forked child per item, at most `workers` alive.
+//! cow_fork: one forked child per item (or per `items_per_fork` items), at most `workers`
+//! alive.
 //!
-//! The item reaches the child through copy-on-write memory: the supervisor holds it in a
+//! The items reach the child through copy-on-write memory: the supervisor holds them in a
 //! slot, forks, and the child's copy of the slot is moved into the stage. The parent keeps its
-//! own copy of the item for retries and dead-lettering, so the input type needs no serde and
-//! no `Clone` call happens per attempt.
+//! own copy for retries and dead-lettering, so the input type needs no serde and no `Clone`
+//! call happens per attempt.
+//!
+//! A child given several items runs them in order and sends each item's frames before the
+//! next starts, so when it dies the parent knows which item it was running: that one fails,
+//! the ones after it go back to the queue (their attempt is not counted).
 
 use super::{
     child, earliest, exit_failure, feed, terminate, wait, Killed, Release, Stream, Wake, PIPE_SIZE,
@@ -32,16 +37,22 @@ struct Pending<I> {
     not_before: Option<Instant>,
 }
 
+/// How one item of a child ended, as its frames said: done (with the time the child was busy
+/// with it, seen from the parent) or failed.
+type Ended = Result<(Done, u64), ChildError>;
+
 struct Running<I> {
-    job: Pending<I>,
-    started: Instant,
+    jobs: Vec<Pending<I>>,
+    /// The end of each job, in order; `cur` is the first job without one (the one running).
+    ends: Vec<Option<Ended>>,
+    cur: usize,
+    /// When the current job started (its deadline and busy time count from here).
+    since: Instant,
     child: sys::Child,
     stream: Stream,
     exit: Option<sys::Exit>,
     deadline: Option<Instant>,
     killed: Option<Killed>,
-    done: Option<Done>,
-    error: Option<ChildError>,
     protocol: Option<String>,
     results: u64,
 }
@@ -108,34 +119,41 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     );
                 }
             }
-            // Fork while there is room: due retries first, then new items.
+            // Fork while there is room: due retries first, then new items, up to
+            // `items_per_fork` per child (never waiting for more than are ready).
             while running.len() < self.opts.workers && !ctx.run.aborting() {
                 let now = Instant::now();
-                let job = if retry
-                    .front()
-                    .is_some_and(|p| p.not_before.is_none_or(|t| t <= now))
-                {
-                    retry.pop_front()
-                } else {
+                let mut batch = Vec::new();
+                while batch.len() < self.opts.items_per_fork.max(1) {
+                    if retry
+                        .front()
+                        .is_some_and(|p| p.not_before.is_none_or(|t| t <= now))
+                    {
+                        batch.extend(retry.pop_front());
+                        continue;
+                    }
                     match rx.try_recv() {
                         Ok(item) => {
                             next_index += 1;
-                            Some(Pending {
+                            let index = next_index - 1;
+                            batch.push(Pending {
                                 item,
-                                index: next_index - 1,
+                                index,
                                 attempt: 1,
                                 not_before: None,
-                            })
+                            });
                         }
-                        Err(TryRecvError::Empty) => None,
+                        Err(TryRecvError::Empty) => break,
                         Err(TryRecvError::Disconnected) => {
                             input_done = true;
-                            None
+                            break;
                         }
                     }
-                };
-                let Some(job) = job else { break };
-                if let Some(r) = self.fork(job, &mut retry) {
+                }
+                if batch.is_empty() {
+                    break;
+                }
+                if let Some(r) = self.fork(batch, &mut retry) {
                     running.push(r);
                 }
             }
@@ -220,77 +238,93 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         }
     }
 
-    /// Forks a child for `job`; on fork failure the item fails (and may be retried).
-    fn fork(&mut self, job: Pending<I>, retry: &mut VecDeque<Pending<I>>) -> Option<Running<I>> {
+    /// Forks a child for `jobs`; on fork failure the items fail (and may be retried).
+    fn fork(
+        &mut self,
+        jobs: Vec<Pending<I>>,
+        retry: &mut VecDeque<Pending<I>>,
+    ) -> Option<Running<I>> {
         let ctx = &self.parts.ctx;
         if !self.forked_once {
             self.forked_once = true;
             if let Err(m) = hooks::run_fork(&self.hooks.before_fork, "before_fork") {
                 ctx.stage_failed(FailureKind::Start, m);
-                ctx.cancelled(1);
-                self.release
-                    .borrow_mut()
-                    .finished(job.index, &self.parts.router);
+                for job in jobs {
+                    ctx.cancelled(1);
+                    self.release
+                        .borrow_mut()
+                        .finished(job.index, &self.parts.router);
+                }
                 return None;
             }
         }
-        let pipe = sys::pipe(true);
-        let (r, w) = match pipe {
+        let (r, w) = match sys::pipe(true) {
             Ok(p) => p,
             Err(e) => {
-                self.failed(
-                    job,
-                    FailureKind::Start,
-                    format!("cannot create a pipe: {e}"),
-                    None,
-                    retry,
-                );
+                for job in jobs {
+                    let m = format!("cannot create a pipe: {e}");
+                    self.failed(job, FailureKind::Start, m, None, retry);
+                }
                 return None;
             }
         };
         sys::grow_pipe(&w, PIPE_SIZE);
-        let mut slot = Some(job.item);
+        let (items, metas): (Vec<I>, Vec<(u64, u32)>) = jobs
+            .into_iter()
+            .map(|j| (j.item, (j.index, j.attempt)))
+            .unzip();
+        let ids: Vec<u64> = metas.iter().map(|m| m.0).collect();
+        let mut slot = Some(items);
         let slot_ref = &mut slot;
-        let (index, max) = (job.index, self.opts.max_frame);
+        let max = self.opts.max_frame;
         let factory = &self.parts.factory;
         let after_fork = &self.hooks.after_fork;
         let keep = [sys::raw(&w)];
         let name = format!("mg:{}", ctx.name);
         let routes = &self.parts.router.routes;
         let forked = sys::fork_child(&keep, &name, move || {
-            let item = slot_ref.take().expect("the child's copy of the item");
-            child::cow_child::<I, O>(item, index, factory, after_fork, w, max, routes)
+            let items = slot_ref.take().expect("the child's copy of the items");
+            child::cow_child::<I, O>(items, &ids, factory, after_fork, w, max, routes)
         });
-        let job = Pending {
-            item: slot.expect("the parent keeps its copy"),
-            ..job
-        };
+        let items = slot.expect("the parent keeps its copy");
+        let jobs: Vec<Pending<I>> = items
+            .into_iter()
+            .zip(metas)
+            .map(|(item, (index, attempt))| Pending {
+                item,
+                index,
+                attempt,
+                not_before: None,
+            })
+            .collect();
         match forked {
             Ok(child) => {
                 ctx.stats.child_started(child.pid);
-                let deadline = self.opts.timeout.map(|t| Instant::now() + t);
+                let now = Instant::now();
                 Some(Running {
-                    job,
-                    started: Instant::now(),
+                    ends: jobs.iter().map(|_| None).collect(),
+                    jobs,
+                    cur: 0,
+                    since: now,
                     child,
                     stream: Stream::new(r, self.opts.max_frame),
                     exit: None,
-                    deadline,
+                    deadline: self.opts.timeout.map(|t| now + t),
                     killed: None,
-                    done: None,
-                    error: None,
                     protocol: None,
                     results: 0,
                 })
             }
             Err(e) => {
-                self.failed(
-                    job,
-                    FailureKind::Start,
-                    format!("fork failed: {e}"),
-                    None,
-                    retry,
-                );
+                for job in jobs {
+                    self.failed(
+                        job,
+                        FailureKind::Start,
+                        format!("fork failed: {e}"),
+                        None,
+                        retry,
+                    );
+                }
                 None
             }
         }
@@ -300,7 +334,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
     fn pump(&self, r: &mut Running<I>) {
         r.stream.read_available();
         loop {
-            let index = r.job.index;
+            let index = r.jobs.get(r.cur).map_or(u64::MAX, |j| j.index);
             let (stage, pid) = (&self.parts.ctx.name, r.child.pid);
             let routes = &self.parts.router.routes;
             let next = r.stream.dec.next(|kind, id, payload| {
@@ -314,7 +348,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 }
                 if id != index {
                     return Err(format!(
-                        "frame for item {id} from the child of item {index}"
+                        "frame for item {id} while the child runs item {index}"
                     ));
                 }
                 match kind {
@@ -339,13 +373,25 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     r.results += 1;
                     self.release.borrow_mut().emit(index, o, &self.parts.router);
                 }
-                Ok(Some(Ok(Event::Done(d)))) => r.done = Some(d),
+                Ok(Some(Ok(Event::Done(d)))) if d.outputs != r.results => {
+                    let m = format!(
+                        "child reported {} results, parent received {}",
+                        d.outputs, r.results
+                    );
+                    self.protocol_error(r, m);
+                    break;
+                }
+                Ok(Some(Ok(Event::Done(d)))) => {
+                    let busy = r.since.elapsed().as_nanos() as u64;
+                    self.parts.ctx.stats.child_item(r.child.pid);
+                    self.next_job(r, Ok((d, busy)));
+                }
                 Ok(Some(Ok(Event::Routed(i, t)))) => {
                     r.results += 1;
                     let _ = self.parts.router.route_index(i, t);
                 }
                 Ok(Some(Ok(Event::Log))) => {}
-                Ok(Some(Ok(Event::Error(e)))) => r.error = Some(e),
+                Ok(Some(Ok(Event::Error(e)))) => self.next_job(r, Err(e)),
                 Ok(Some(Err(m))) => {
                     self.protocol_error(r, m);
                     break;
@@ -358,6 +404,19 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         }
     }
 
+    /// The current job ended (its `done` or `error` frame arrived): the next one starts now.
+    fn next_job(&self, r: &mut Running<I>, end: Ended) {
+        if let Some(slot) = r.ends.get_mut(r.cur) {
+            *slot = Some(end);
+        }
+        r.cur += 1;
+        r.results = 0;
+        r.since = Instant::now();
+        if r.killed.is_none() {
+            r.deadline = self.opts.timeout.map(|t| r.since + t);
+        }
+    }
+
     fn protocol_error(&self, r: &mut Running<I>, m: String) {
         if r.protocol.is_none() {
             r.protocol = Some(m);
@@ -367,45 +426,52 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         }
     }
 
-    /// The child has exited and its stream is drained: decide the item's outcome.
+    /// The child has exited and its stream is drained: decide each of its items' outcome.
     fn finish(&self, r: Running<I>, rec: &mut Recorder<'_>, retry: &mut VecDeque<Pending<I>>) {
         let pid = Some(r.child.pid as u32);
         self.parts.ctx.stats.child_ended(r.child.pid);
         let exit = r.exit.expect("finished children have exited");
-        let outcome = match (r.killed, r.error, r.done, r.protocol) {
-            (Some(Killed::Cancelled), ..) if r.done.is_none() => Err((
+        let (cur, partial) = (r.cur, r.stream.dec.pending() > 0);
+        // How the item the child was running ended, if it never said.
+        let died = || match (r.killed, &r.protocol) {
+            (Some(Killed::Cancelled), _) => (
                 FailureKind::Cancelled,
                 "run interrupted; child terminated".to_string(),
-            )),
-            (_, _, _, Some(m)) => Err((FailureKind::Protocol, m)),
-            (_, Some(e), _, _) => Err((e.kind, e.message)),
-            (_, None, Some(d), _) if d.outputs == r.results => {
-                rec.latency_busy(d.latency_ns, r.started.elapsed().as_nanos() as u64);
-                Ok(())
-            }
-            (_, None, Some(d), _) => Err((
-                FailureKind::Protocol,
-                format!(
-                    "child reported {} results, parent received {}",
-                    d.outputs, r.results
-                ),
-            )),
-            (Some(Killed::Timeout), ..) => Err((
+            ),
+            (_, Some(m)) => (FailureKind::Protocol, m.clone()),
+            (Some(Killed::Timeout), _) => (
                 FailureKind::Timeout,
                 format!(
                     "no result within {:?}; child killed",
                     self.opts.timeout.unwrap_or_default()
                 ),
-            )),
-            _ => Err(exit_failure(exit, r.stream.dec.pending() > 0)),
+            ),
+            _ => exit_failure(exit, partial),
         };
-        match outcome {
-            Err((kind, message)) => self.failed(r.job, kind, message, pid, retry),
-            Ok(()) => {
-                self.parts.ctx.items_done(1);
-                let mut release = self.release.borrow_mut();
-                release.finished(r.job.index, &self.parts.router);
+        let mut requeue = Vec::new();
+        for (k, (job, end)) in r.jobs.into_iter().zip(r.ends).enumerate() {
+            match end {
+                Some(Ok((d, busy))) => {
+                    rec.latency_busy(d.latency_ns, busy);
+                    self.parts.ctx.items_done(1);
+                    self.release
+                        .borrow_mut()
+                        .finished(job.index, &self.parts.router);
+                }
+                Some(Err(e)) => self.failed(job, e.kind, e.message, pid, retry),
+                None if k == cur => {
+                    let (kind, message) = died();
+                    self.failed(job, kind, message, pid, retry);
+                }
+                // Never started: back to the queue, or cancelled when the run is aborting.
+                None if self.parts.ctx.run.aborting() => {
+                    self.failed(job, FailureKind::Cancelled, String::new(), pid, retry)
+                }
+                None => requeue.push(job),
             }
+        }
+        for job in requeue.into_iter().rev() {
+            retry.push_front(job);
         }
     }
 
