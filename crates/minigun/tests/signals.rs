@@ -4,27 +4,11 @@
 //! The pipeline runs in a re-executed copy of this test binary, so that the signal is real.
 #![allow(unsafe_code)] // Sends real signals and reads real dispositions.
 mod common;
+use common::DieWithParent;
 use minigun::{Exec, Pipeline};
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
-/// The re-executed test process dies with this one, even if the harness kills us mid-test.
-trait DieWithParent {
-    fn die_with_parent(&mut self) -> &mut Self;
-}
-
-impl DieWithParent for Command {
-    fn die_with_parent(&mut self) -> &mut Self {
-        // SAFETY: prctl is async-signal-safe and touches only the new process.
-        unsafe {
-            self.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            })
-        }
-    }
-}
 use std::time::Duration;
 
 const ROLE: &str = "MINIGUN_SIGNAL_TEST_ROLE";

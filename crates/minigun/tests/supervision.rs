@@ -1,27 +1,11 @@
 //! Children never outlive their parent, and the library never reaps children it did not fork.
 #![allow(unsafe_code)] // Sends real signals.
 mod common;
+use common::DieWithParent;
 use minigun::{Exec, Pipeline};
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
-/// The re-executed test process dies with this one, even if the harness kills us mid-test.
-trait DieWithParent {
-    fn die_with_parent(&mut self) -> &mut Self;
-}
-
-impl DieWithParent for Command {
-    fn die_with_parent(&mut self) -> &mut Self {
-        // SAFETY: prctl is async-signal-safe and touches only the new process.
-        unsafe {
-            self.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            })
-        }
-    }
-}
 use std::time::{Duration, Instant};
 
 const ROLE: &str = "MINIGUN_SUPERVISION_TEST_ROLE";

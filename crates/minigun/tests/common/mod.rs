@@ -117,30 +117,8 @@ pub fn open_fds() -> usize {
         .unwrap_or(0)
 }
 
-/// Children of this process that are zombies (exited, not reaped).
-pub fn zombies() -> Vec<u32> {
-    let me = std::process::id();
-    let mut z = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let after = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
-        let mut f = after.split_whitespace();
-        let state = f.next().unwrap_or("");
-        let ppid: u32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        if ppid == me && state == "Z" {
-            z.push(pid);
-        }
-    }
-    z
-}
-
-/// Live (non-zombie) children of this process.
-pub fn live_children() -> Vec<u32> {
+/// Children of this process with their state letter (`Z` = zombie: exited, not reaped).
+fn children() -> Vec<(u32, String)> {
     let me = std::process::id();
     let mut v = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -152,11 +130,49 @@ pub fn live_children() -> Vec<u32> {
         };
         let after = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
         let mut f = after.split_whitespace();
-        let state = f.next().unwrap_or("");
+        let state = f.next().unwrap_or("").to_string();
         let ppid: u32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        if ppid == me && state != "Z" {
-            v.push(pid);
+        if ppid == me {
+            v.push((pid, state));
         }
     }
     v
+}
+
+/// Children of this process that are zombies (exited, not reaped).
+pub fn zombies() -> Vec<u32> {
+    children()
+        .into_iter()
+        .filter(|(_, s)| s == "Z")
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// Live (non-zombie) children of this process.
+pub fn live_children() -> Vec<u32> {
+    children()
+        .into_iter()
+        .filter(|(_, s)| s != "Z")
+        .map(|(p, _)| p)
+        .collect()
+}
+
+/// For tests that re-run the test binary: the copy dies with this process, even if the
+/// harness kills us mid-test.
+pub trait DieWithParent {
+    fn die_with_parent(&mut self) -> &mut Self;
+}
+
+impl DieWithParent for std::process::Command {
+    #[allow(unsafe_code)]
+    fn die_with_parent(&mut self) -> &mut Self {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe and touches only the new process.
+        unsafe {
+            self.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            })
+        }
+    }
 }

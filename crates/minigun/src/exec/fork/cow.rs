@@ -20,7 +20,6 @@ use crate::hooks;
 use crate::ipc::frame::Kind;
 use crate::ipc::protocol::{self, ChildError, Done};
 use crate::node::ForkHooks;
-use crate::policy::Verdict;
 use crate::stage::{Item, Wire};
 use crate::stats::Recorder;
 use crate::sys;
@@ -483,29 +482,38 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         pid: Option<u32>,
         retry: &mut VecDeque<Pending<I>>,
     ) {
-        let index = job.index;
-        if kind == FailureKind::Cancelled {
-            self.parts.ctx.cancelled(1);
-        } else {
-            let ctx = &self.parts.ctx;
-            match ctx.failure(job.index, job.attempt, kind, message, pid) {
-                Verdict::Retry(delay) => {
-                    let not_before = Some(Instant::now() + delay);
-                    let attempt = job.attempt + 1;
-                    return retry.push_back(Pending {
-                        attempt,
-                        not_before,
-                        ..job
-                    });
-                }
-                Verdict::DeadLetter(f) => dead_letter(self.parts, job.item, f),
-                Verdict::Dropped => {}
+        let Pending {
+            item,
+            index,
+            attempt,
+            ..
+        } = job;
+        let mut item = Some(item);
+        let dead = |f| {
+            if let Some(item) = item.take() {
+                dead_letter(self.parts, item, f);
             }
-            ctx.items_done(1);
+        };
+        let mut release = self.release.borrow_mut();
+        let again = super::settle(
+            self.parts,
+            &mut release,
+            index,
+            attempt,
+            kind,
+            message,
+            pid,
+            dead,
+        );
+        if let (Some(not_before), Some(item)) = (again, item) {
+            let attempt = attempt + 1;
+            retry.push_back(Pending {
+                item,
+                index,
+                attempt,
+                not_before: Some(not_before),
+            });
         }
-        self.release
-            .borrow_mut()
-            .finished(index, &self.parts.router);
     }
 }
 

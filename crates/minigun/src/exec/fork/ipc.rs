@@ -22,7 +22,6 @@ use crate::ipc::frame::{self, Kind};
 use crate::ipc::protocol::{self, ChildError, Done};
 use crate::ipc::{FINISH_ID, START_ID};
 use crate::node::{ForkHooks, PreparedRun};
-use crate::policy::Verdict;
 use crate::stage::Wire;
 use crate::stats::Recorder;
 use crate::sys;
@@ -277,14 +276,14 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                                 not_before: None,
                             },
                             Ok((index, Err((item, message)))) => {
+                                // Encoding is deterministic: no retry (last attempt).
                                 let attempt = self.parts.ctx.policy.retries + 1;
-                                let kind = FailureKind::Encode;
-                                let v = self.parts.ctx.failure(index, attempt, kind, message, None);
-                                if let Verdict::DeadLetter(f) = v {
-                                    dead_letter(self.parts, item, f);
-                                }
-                                self.parts.ctx.items_done(1);
-                                self.release.finished(index, &self.parts.router);
+                                let (parts, kind) = (self.parts, FailureKind::Encode);
+                                let dead = |f| dead_letter(parts, item, f);
+                                let release = &mut self.release;
+                                super::settle(
+                                    parts, release, index, attempt, kind, message, None, dead,
+                                );
                                 continue;
                             }
                             Err(TryRecvError::Empty) => break,
@@ -662,33 +661,33 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         pid: Option<u32>,
         queue: &mut VecDeque<Flight>,
     ) {
-        let index = f.index;
-        if kind == FailureKind::Cancelled {
-            self.parts.ctx.cancelled(1);
-        } else {
-            let ctx = &self.parts.ctx;
-            match ctx.failure(f.index, f.attempt, kind, message, pid) {
-                Verdict::Retry(delay) => {
-                    let not_before = Some(Instant::now() + delay);
-                    let attempt = f.attempt + 1;
-                    return queue.push_back(Flight {
-                        attempt,
-                        not_before,
-                        ..f
-                    });
-                }
-                Verdict::DeadLetter(failure) => match protocol::decode::<I>(&f.payload) {
-                    Ok(item) => dead_letter(self.parts, item, failure),
-                    Err(e) => {
-                        let stage = &self.parts.ctx.name;
-                        tracing::error!(%stage, item = index, error = %e, "cannot decode a dead letter");
-                    }
-                },
-                Verdict::Dropped => {}
+        let parts = self.parts;
+        let dead = |failure| match protocol::decode::<I>(&f.payload) {
+            Ok(item) => dead_letter(parts, item, failure),
+            Err(e) => {
+                let stage = &parts.ctx.name;
+                tracing::error!(%stage, item = f.index, error = %e, "cannot decode a dead letter");
             }
-            ctx.items_done(1);
+        };
+        let (index, attempt) = (f.index, f.attempt);
+        let again = super::settle(
+            parts,
+            &mut self.release,
+            index,
+            attempt,
+            kind,
+            message,
+            pid,
+            dead,
+        );
+        if let Some(not_before) = again {
+            let attempt = attempt + 1;
+            queue.push_back(Flight {
+                attempt,
+                not_before: Some(not_before),
+                ..f
+            });
         }
-        self.release.finished(index, &self.parts.router);
     }
 }
 

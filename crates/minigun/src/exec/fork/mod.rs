@@ -290,6 +290,35 @@ fn decode_routed(
     Ok((index, item))
 }
 
+/// A failed attempt at item `index`, settled by the stage's policy (the one place both fork
+/// executors decide it). Returns when to try again if the item is to be retried; otherwise
+/// the item is cancelled, dead-lettered (through `dead_letter`) or dropped, counted as done,
+/// and released downstream in order.
+#[allow(clippy::too_many_arguments)]
+fn settle<I, O: Item>(
+    parts: &Parts<I, O>,
+    release: &mut Release<O>,
+    index: u64,
+    attempt: u32,
+    kind: crate::FailureKind,
+    message: String,
+    pid: Option<u32>,
+    dead_letter: impl FnOnce(crate::ItemFailure),
+) -> Option<Instant> {
+    if kind == crate::FailureKind::Cancelled {
+        parts.ctx.cancelled(1);
+    } else {
+        match parts.ctx.failure(index, attempt, kind, message, pid) {
+            crate::policy::Verdict::Retry(delay) => return Some(Instant::now() + delay),
+            crate::policy::Verdict::DeadLetter(f) => dead_letter(f),
+            crate::policy::Verdict::Dropped => {}
+        }
+        parts.ctx.items_done(1);
+    }
+    release.finished(index, &parts.router);
+    None
+}
+
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
         (Some(x), Some(y)) => Some(x.min(y)),
