@@ -88,6 +88,8 @@ struct Def {
     subs: Vec<SubDef>,
     /// Settings that were applied to a handle they do not fit (reported by `build()`).
     misuse: Vec<(String, String)>,
+    /// Leave SIGINT / SIGTERM to the host program.
+    no_signals: bool,
 }
 
 /// A pipeline definition: a DAG of named stages.
@@ -184,6 +186,16 @@ impl Pipeline {
     /// The input queue capacity of every stage that sets none. Default: bounded, 1000.
     pub fn default_capacity(&self, cap: Capacity) -> &Self {
         self.def.borrow_mut().default_capacity = cap;
+        self
+    }
+
+    /// Whether a run takes over SIGINT and SIGTERM (default: yes). While it runs, either
+    /// signal stops the producers, cancels queued items, terminates and reaps every child,
+    /// and the report names the signal; the previous handlers are restored afterwards. Turn
+    /// it off when the host program handles signals itself (it can still call
+    /// [`RunHandle::stop`](crate::RunHandle::stop)).
+    pub fn handle_signals(&self, on: bool) -> &Self {
+        self.def.borrow_mut().no_signals = !on;
         self
     }
 
@@ -1052,7 +1064,7 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         execs.push(exec);
     }
 
-    let run = Arc::new(RunShared::default());
+    let run = Arc::new(RunShared::new(def.no_signals));
     let stats: Vec<Arc<StageStats>> = (0..n).map(|_| Arc::new(StageStats::default())).collect();
     let mut makers = Vec::with_capacity(n);
     let mut inputs = Vec::with_capacity(n);

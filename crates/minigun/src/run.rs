@@ -46,12 +46,21 @@ pub(crate) struct RunShared {
     failures_total: AtomicU64,
     /// The signal that stopped the run, or 0.
     pub(crate) signal: AtomicI32,
+    /// The host program handles SIGINT / SIGTERM.
+    pub(crate) no_signals: bool,
     /// Becomes readable when the run aborts: fork supervisors poll it.
     #[cfg(target_os = "linux")]
     abort_pipe: OnceLock<(OwnedFd, OwnedFd)>,
 }
 
 impl RunShared {
+    pub(crate) fn new(no_signals: bool) -> Self {
+        RunShared {
+            no_signals,
+            ..RunShared::default()
+        }
+    }
+
     /// An fd that becomes readable once the run aborts (created on first use).
     #[cfg(target_os = "linux")]
     pub(crate) fn abort_fd(&self) -> &OwnedFd {
@@ -208,7 +217,7 @@ impl Runnable {
     ) -> Result<RunReport, RunError> {
         let t0 = Instant::now();
         hooks::run_once(before_run, "before_run").map_err(RunError::BeforeRun)?;
-        let guard = crate::signals::Guard::install(&shared);
+        let guard = (!shared.no_signals).then(|| crate::signals::Guard::install(&shared));
         let mut infos = Vec::with_capacity(stages.len());
         let mut tasks = Vec::with_capacity(stages.len());
         for mut st in stages {

@@ -101,6 +101,30 @@ fn check(line: &str, signal: i32) {
     }
 }
 
+/// With `handle_signals(false)` the run leaves SIGINT alone: the host's disposition (here:
+/// ignore) stays in place during the run.
+#[test]
+fn signal_handling_can_be_left_to_the_host() {
+    // SAFETY: sets and reads this test process's own SIGINT disposition.
+    let during = unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        let p = Pipeline::new("host-signals");
+        p.handle_signals(false);
+        p.producer("gen", |out| out.emit_all(0..3u64).map_err(Into::into));
+        p.consumer("peek", |_x: u64| {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGINT, std::ptr::null(), &mut old);
+            assert_eq!(old.sa_sigaction, libc::SIG_IGN);
+            Ok(())
+        });
+        let r = p.run().unwrap();
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        r
+    };
+    assert_eq!(during.stage("peek").unwrap().items_in, 3);
+    assert_eq!(during.failures_total, 0, "{during}");
+}
+
 #[test]
 fn sigint_stops_a_cow_fork_run() {
     check(&interrupt("cow", libc::SIGINT), libc::SIGINT);
