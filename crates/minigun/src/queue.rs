@@ -14,7 +14,7 @@ use crate::route::{AnyItem, Routes};
 use crate::stage::Sink;
 use crate::stats::StageStats;
 use crossbeam_channel::{Receiver, Sender};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The capacity of a stage's input queue.
@@ -45,7 +45,15 @@ pub(crate) struct QueueTx<T> {
     tx: Sender<T>,
     target: Arc<StageStats>,
     loops: Membership,
+    /// Sends through this handle, to sample the queue length (each clone counts its own).
+    sends: AtomicU32,
 }
+
+/// The queue length is read after each of a sender's first sends, then after one send in
+/// `SAMPLE_LEN_EVERY` (reading it costs about as much as the send itself). A queue that fills
+/// up stays full across many sends, so its peak is still seen.
+const SAMPLE_LEN_EVERY: u32 = 32;
+const ALWAYS_SAMPLE_FIRST: u32 = 64;
 
 impl<T> Clone for QueueTx<T> {
     fn clone(&self) -> Self {
@@ -53,25 +61,40 @@ impl<T> Clone for QueueTx<T> {
             tx: self.tx.clone(),
             target: self.target.clone(),
             loops: self.loops.clone(),
+            sends: AtomicU32::new(0),
         }
     }
 }
 
 impl<T> QueueTx<T> {
     pub(crate) fn new(tx: Sender<T>, target: Arc<StageStats>, loops: Membership) -> Self {
-        QueueTx { tx, target, loops }
+        QueueTx {
+            tx,
+            target,
+            loops,
+            sends: AtomicU32::new(0),
+        }
     }
 
     /// Blocking send; `Err` gives the item back when the receiving stage is gone.
     pub(crate) fn send(&self, item: T) -> Result<(), T> {
         if let Some(lp) = &self.loops.lp {
             lp.take(1);
-            if let Err(e) = self.tx.send(item) {
+            if let Err(item) = self.push(item) {
                 lp.release(1);
-                return Err(e.0);
+                return Err(item);
             }
+            Ok(())
         } else {
-            self.tx.send(item).map_err(|e| e.0)?;
+            self.push(item)
+        }
+    }
+
+    fn push(&self, item: T) -> Result<(), T> {
+        self.tx.send(item).map_err(|e| e.0)?;
+        let n = self.sends.fetch_add(1, Ordering::Relaxed);
+        if n >= ALWAYS_SAMPLE_FIRST && !n.is_multiple_of(SAMPLE_LEN_EVERY) {
+            return Ok(());
         }
         let len = self.tx.len();
         if len > self.target.queue_high_water.load(Ordering::Relaxed) {
