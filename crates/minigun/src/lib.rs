@@ -66,6 +66,27 @@
 //! the stage's [`OnError`] policy decides (skip and record, fail fast, retry with backoff,
 //! dead-letter). Failures are counted, logged with `tracing`, and kept in the [`RunReport`].
 //!
+//! ## Your code in a forked child
+//!
+//! Under `cow_fork` and `ipc_fork`, stage code (and its factory and `after_fork` hooks) runs in
+//! a process forked from a multi-threaded parent, in which only the forking thread exists.
+//!
+//! - **Safe:** allocating; reading anything the parent built before the fork (that is the
+//!   point of `cow_fork`); writing to your own copies (the parent never sees the writes);
+//!   opening files, sockets and connections; printing; logging with `tracing` (records reach
+//!   the parent's subscriber through the pipe); spawning your own threads.
+//! - **Deadlocks or misbehaves:** taking a mutex another parent thread may have held at the
+//!   instant of fork (it stays locked forever in the child); using the parent's thread pools,
+//!   async runtimes or channels (their threads do not exist in the child; rayon's pool is one
+//!   of them); relying on a connection or socket inherited from the parent (reconnect in
+//!   `after_fork` instead: two processes sharing one connection corrupt it).
+//! - **Guaranteed by the library:** children die with the parent (SIGKILL on parent death),
+//!   hold only their own pipes (no inherited descriptors keep other children's pipes open),
+//!   ignore SIGINT (the parent decides), and leave with `_exit` (no `atexit` handlers, no
+//!   double-flushed stdio). Children are reaped by pid: the host program's own children are
+//!   never waited for. glibc's malloc is supported; allocators that are not fork-safe in
+//!   multi-threaded programs are not.
+//!
 //! ## Platform support
 //!
 //! The fork executors need Linux (fork, pidfd). Elsewhere they fall back to inline with a
