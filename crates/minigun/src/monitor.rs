@@ -114,7 +114,7 @@ struct Inner {
     layers: Vec<usize>,
     shared: Arc<RunShared>,
     started: OnceLock<Instant>,
-    finished: OnceLock<()>,
+    finished: OnceLock<Instant>,
     last: Mutex<(Instant, Vec<u64>)>,
 }
 
@@ -188,7 +188,7 @@ impl Monitor {
     }
 
     pub(crate) fn mark_finished(&self) {
-        let _ = self.inner.finished.set(());
+        let _ = self.inner.finished.set(Instant::now());
     }
 
     /// Reads the current state of every stage.
@@ -290,10 +290,10 @@ impl Monitor {
         last.0 = now;
         Snapshot {
             pipeline: inner.pipeline.clone(),
-            elapsed_secs: inner
-                .started
-                .get()
-                .map_or(0.0, |t| t.elapsed().as_secs_f64()),
+            elapsed_secs: inner.started.get().map_or(0.0, |t| {
+                let end = inner.finished.get().copied().unwrap_or(now);
+                end.saturating_duration_since(*t).as_secs_f64()
+            }),
             stages,
             edges: inner.edges.clone(),
             produced,

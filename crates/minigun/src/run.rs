@@ -272,6 +272,7 @@ impl Runnable {
     pub fn spawn(self) -> RunHandle {
         let stop = self.shared.stop.clone();
         let monitor = self.monitor.clone();
+        let shared = self.shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("minigun-run:{}", self.name))
             .spawn(move || self.run())
@@ -280,6 +281,7 @@ impl Runnable {
             stop,
             thread,
             monitor,
+            shared,
         }
     }
 
@@ -321,6 +323,7 @@ fn drive(st: PlannedStage) {
 #[derive(Debug)]
 pub struct RunHandle {
     monitor: Monitor,
+    shared: Arc<RunShared>,
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<Result<RunReport, RunError>>,
 }
@@ -330,6 +333,13 @@ impl RunHandle {
     /// every stage ends. The report's `stopped` is then true.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Stops the run now, as SIGINT would but without a signal: producers stop, queued items
+    /// are cancelled (and counted), fork children are terminated and reaped. `wait()` then
+    /// returns the report, with `stopped` set.
+    pub fn cancel(&self) {
+        self.shared.interrupt(0);
     }
 
     /// A live view of the run.

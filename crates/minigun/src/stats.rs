@@ -140,7 +140,12 @@ pub(crate) struct Recorder<'a> {
     stats: &'a StageStats,
     local: Histogram<u64>,
     pending: u64,
+    merged: Instant,
 }
+
+/// A worker also merges its histogram when this long has passed since its last merge, so
+/// live views of slow stages see their latencies.
+const MERGE_AFTER: Duration = Duration::from_millis(250);
 
 impl<'a> Recorder<'a> {
     pub(crate) fn new(stats: &'a StageStats) -> Self {
@@ -148,22 +153,29 @@ impl<'a> Recorder<'a> {
             stats,
             local: new_histogram(),
             pending: 0,
+            merged: Instant::now(),
         }
     }
 
-    /// Records one attempt's latency in nanoseconds (also its busy time).
-    pub(crate) fn latency(&mut self, ns: u64) {
-        self.latency_busy(ns, ns);
+    /// Records an attempt that started at `start` and ended at `end` (also its busy time).
+    pub(crate) fn attempt(&mut self, start: Instant, end: Instant) {
+        let ns = end.duration_since(start).as_nanos() as u64;
+        self.record(ns, ns, end);
     }
 
     /// Records an attempt's latency in stage code and the wall time its worker was occupied
     /// (for fork executors the latter includes fork, transfer and exit).
     pub(crate) fn latency_busy(&mut self, ns: u64, busy_ns: u64) {
+        self.record(ns, busy_ns, Instant::now());
+    }
+
+    fn record(&mut self, ns: u64, busy_ns: u64, now: Instant) {
         self.local.saturating_record(ns.max(1));
         self.stats.busy_ns.fetch_add(busy_ns, Ordering::Relaxed);
         self.pending += 1;
-        if self.pending >= MERGE_EVERY {
+        if self.pending >= MERGE_EVERY || now.duration_since(self.merged) >= MERGE_AFTER {
             self.pending = 0;
+            self.merged = now;
             self.stats.merge(&mut self.local);
         }
     }

@@ -64,3 +64,64 @@ fn snapshots_show_fork_children_queues_and_statuses() {
     let json = serde_json::to_value(&end).unwrap();
     assert_eq!(json["stages"][1]["executor"], "ipc_fork(2)");
 }
+
+#[test]
+fn cancel_stops_a_fork_run_now_and_accounts_for_everything() {
+    let p = Pipeline::new("cancelled");
+    p.producer("endless", |out| {
+        for i in 0u64.. {
+            out.emit(i)?;
+        }
+        Ok(())
+    });
+    p.map("slow", |x: u64| {
+        std::thread::sleep(Duration::from_secs(30));
+        Ok(x)
+    })
+    .cow_fork(2);
+    p.consumer("sink", |_x: u64| Ok(()));
+    let handle = p.spawn().unwrap();
+    let monitor = handle.monitor();
+    wait_until("two children", || {
+        monitor.snapshot().stages[1].children.len() == 2
+    });
+    let started = Instant::now();
+    handle.cancel();
+    let report = handle.wait().unwrap();
+    // Children sleeping 30 s were terminated, not waited for.
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(report.stopped && report.signal.is_none());
+    let slow = report.stage("slow").unwrap();
+    assert_eq!(
+        slow.items_in,
+        slow.items_out + slow.failed + slow.cancelled,
+        "{report}"
+    );
+    assert!(slow.cancelled >= 2);
+    assert!(common::live_children().is_empty() && common::zombies().is_empty());
+    // A finished run's elapsed time no longer grows.
+    let (a, b) = (monitor.snapshot().elapsed_secs, {
+        std::thread::sleep(Duration::from_millis(50));
+        monitor.snapshot().elapsed_secs
+    });
+    assert_eq!(a, b);
+}
+
+#[test]
+fn latencies_of_a_slow_stage_show_before_it_ends() {
+    let p = Pipeline::new("slow-latency");
+    p.producer("gen", |out| out.emit_all(0..20u64).map_err(Into::into));
+    p.map("slow", |x: u64| {
+        std::thread::sleep(Duration::from_millis(40));
+        Ok(x)
+    });
+    p.consumer("sink", |_x: u64| Ok(()));
+    let handle = p.spawn().unwrap();
+    let monitor = handle.monitor();
+    // Far fewer items than a merge batch: the time-based merge makes p50 visible mid-run.
+    wait_until("a p50 for the slow stage", || {
+        let s = monitor.snapshot();
+        s.stages[1].p50_us >= 30_000.0 && !s.finished
+    });
+    handle.wait().unwrap();
+}

@@ -88,7 +88,7 @@ fn process_item<I: Clone + Send + 'static, O: Clone + Send + 'static>(
         let this = if keep { item.clone() } else { item.take() }.expect("item present");
         let t0 = Instant::now();
         let r = guarded(|| stage.process(this, &mut Output::new(router)));
-        rec.latency(t0.elapsed().as_nanos() as u64);
+        rec.attempt(t0, Instant::now());
         let Err(c) = r else {
             return parts.ctx.items_done(1);
         };
