@@ -35,7 +35,8 @@ pub struct ForkOptions {
     pub timeout: Option<Duration>,
     /// Largest frame accepted on a pipe, in bytes.
     pub max_frame: usize,
-    /// Items a persistent worker may hold at once (ipc_fork); 1 = strict request/response.
+    /// Items a persistent worker may hold at once (ipc_fork; also at most 1 MiB of them);
+    /// 1 = strict request/response. Default 256.
     pub in_flight: usize,
     /// Emit results in input order (default: as they complete).
     pub ordered: bool,
@@ -63,7 +64,7 @@ impl ForkOptions {
             workers,
             timeout: None,
             max_frame: 256 << 20,
-            in_flight: 16,
+            in_flight: 256,
             ordered: false,
             dispatch: Dispatch::RoundRobin,
             items_per_fork: 1,

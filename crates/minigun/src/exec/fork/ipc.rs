@@ -31,6 +31,10 @@ use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
+/// A worker is given no more items while it holds this many payload bytes (at least one
+/// item always fits), so a large `in_flight` is safe for large items.
+const MAX_IN_FLIGHT_BYTES: usize = 1 << 20;
+
 /// One item on its way through a worker.
 struct Flight {
     index: u64,
@@ -46,6 +50,8 @@ struct Worker {
     stream: Stream,
     exit: Option<sys::Exit>,
     flights: VecDeque<Flight>,
+    /// Payload bytes of `flights`.
+    bytes: usize,
     /// When the first flight started running (deadline base).
     front_since: Option<Instant>,
     deadline: Option<Instant>,
@@ -90,6 +96,7 @@ fn spawn<I: Wire, O: Wire>(
         stream: Stream::new(out_r, opts.max_frame),
         exit: None,
         flights: VecDeque::new(),
+        bytes: 0,
         front_since: None,
         deadline: None,
         killed: None,
@@ -142,7 +149,10 @@ fn run<I: Wire, O: Wire>(
         }
     };
     let window = opts.in_flight.max(1);
-    let (tx, rx) = crossbeam_channel::bounded::<Encoded<I>>(opts.workers * window);
+    // Enough ready items to refill every worker's window between two wake-ups, but not a
+    // copy of the whole input: large items are bounded by the per-worker byte limit anyway.
+    let ready = (opts.workers * window).clamp(1, 64);
+    let (tx, rx) = crossbeam_channel::bounded::<Encoded<I>>(ready);
     std::thread::scope(|s| {
         let ctx = &parts.ctx;
         std::thread::Builder::new()
@@ -306,6 +316,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                         w.front_since = Some(now);
                         w.deadline = self.opts.timeout.map(|t| now + t);
                     }
+                    w.bytes += flight.payload.len();
                     w.flights.push_back(flight);
                     self.rr = slot + 1;
                 }
@@ -432,6 +443,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                     && !w.shutdown
                     && w.start_error.is_none()
                     && w.flights.len() < window
+                    && w.bytes < MAX_IN_FLIGHT_BYTES
             })
         });
         match self.opts.dispatch {
@@ -534,6 +546,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             Event::Done(_, d) => {
                 let results = std::mem::take(&mut w.results);
                 let flight = w.flights.pop_front().expect("done for the front item");
+                w.bytes -= flight.payload.len();
                 self.parts.ctx.stats.child_item(w.child.pid);
                 let busy = w
                     .front_since
@@ -571,6 +584,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             Event::Error(_, e) => {
                 w.results = 0;
                 let flight = w.flights.pop_front().expect("error for the front item");
+                w.bytes -= flight.payload.len();
                 w.front_since = (!w.flights.is_empty()).then_some(now);
                 w.deadline = self
                     .opts
