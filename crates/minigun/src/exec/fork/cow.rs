@@ -157,17 +157,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 }
             }
             if ctx.run.aborting() {
-                // The feeder cancels what is still queued; drop what reached the hand-off.
-                loop {
-                    match rx.try_recv() {
-                        Ok(_item) => ctx.cancelled(1),
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Disconnected) => {
-                            input_done = true;
-                            break;
-                        }
-                    }
-                }
+                input_done |= super::cancel_ready(ctx, &rx);
             }
             if input_done && running.is_empty() && retry.is_empty() {
                 self.release.borrow_mut().release_all(&self.parts.router);

@@ -62,6 +62,22 @@ struct Worker {
     results: u64,
 }
 
+impl Worker {
+    /// The item the worker was running has ended (`done` or `error`): the next one, if any,
+    /// starts now, with its own deadline.
+    fn front_ended(&mut self, now: Instant, timeout: Option<Duration>) -> Flight {
+        let flight = self
+            .flights
+            .pop_front()
+            .expect("an answer for the running item");
+        self.bytes -= flight.payload.len();
+        let more = !self.flights.is_empty();
+        self.front_since = more.then_some(now);
+        self.deadline = timeout.filter(|_| more).map(|t| now + t);
+        flight
+    }
+}
+
 impl Drop for Worker {
     fn drop(&mut self) {
         if self.exit.is_none() {
@@ -242,16 +258,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 }
             }
             if ctx.run.aborting() {
-                loop {
-                    match rx.try_recv() {
-                        Ok(_) => ctx.cancelled(1),
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Disconnected) => {
-                            input_done = true;
-                            break;
-                        }
-                    }
-                }
+                input_done |= super::cancel_ready(ctx, &rx);
             }
             // Replace dead workers whose backoff has passed, while there is work.
             let work_left = !input_done || !queue.is_empty() || self.in_flight() > 0;
@@ -545,18 +552,11 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             Event::Done(FINISH_ID, _) | Event::Done(START_ID, _) => w.results = 0,
             Event::Done(_, d) => {
                 let results = std::mem::take(&mut w.results);
-                let flight = w.flights.pop_front().expect("done for the front item");
-                w.bytes -= flight.payload.len();
-                self.parts.ctx.stats.child_item(w.child.pid);
                 let busy = w
                     .front_since
                     .map_or(d.latency_ns, |t| now.duration_since(t).as_nanos() as u64);
-                w.front_since = (!w.flights.is_empty()).then_some(now);
-                w.deadline = self
-                    .opts
-                    .timeout
-                    .filter(|_| !w.flights.is_empty())
-                    .map(|t| now + t);
+                let flight = w.front_ended(now, self.opts.timeout);
+                self.parts.ctx.stats.child_item(w.child.pid);
                 self.deaths = 0;
                 if d.outputs == results {
                     rec.latency_busy(d.latency_ns, busy);
@@ -583,14 +583,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             }
             Event::Error(_, e) => {
                 w.results = 0;
-                let flight = w.flights.pop_front().expect("error for the front item");
-                w.bytes -= flight.payload.len();
-                w.front_since = (!w.flights.is_empty()).then_some(now);
-                w.deadline = self
-                    .opts
-                    .timeout
-                    .filter(|_| !w.flights.is_empty())
-                    .map(|t| now + t);
+                let flight = w.front_ended(now, self.opts.timeout);
                 let pid = Some(w.child.pid as u32);
                 self.failed(flight, e.kind, e.message, pid, queue);
             }

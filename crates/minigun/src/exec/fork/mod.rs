@@ -131,6 +131,18 @@ fn feed<I, T>(
     let _ = rustix::io::write(&wake.w, &[1]);
 }
 
+/// While aborting: cancels the items already in the hand-off (the feeder cancels what is
+/// still queued). Returns whether the input has ended.
+fn cancel_ready<T>(ctx: &StageCtx, rx: &Receiver<T>) -> bool {
+    loop {
+        match rx.try_recv() {
+            Ok(_) => ctx.cancelled(1),
+            Err(crossbeam_channel::TryRecvError::Empty) => return false,
+            Err(crossbeam_channel::TryRecvError::Disconnected) => return true,
+        }
+    }
+}
+
 /// A child's result stream, as the parent reads it.
 pub(crate) struct Stream {
     fd: OwnedFd,
