@@ -46,6 +46,7 @@ struct SubDef {
     output: TypeInfo,
     before_fork: Vec<ForkHook>,
     after_fork: Vec<ForkHook>,
+    rerouted: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -297,6 +298,7 @@ impl Pipeline {
                 output: TypeInfo::of::<O>(),
                 before_fork: Vec::new(),
                 after_fork: Vec::new(),
+                rerouted: false,
             });
             d.subs.len() - 1
         };
@@ -316,10 +318,19 @@ impl Pipeline {
     /// [`StageRef::reroute`] it). `None` if there is no such stage or its types differ.
     pub fn find<I: Item, O: Item>(&self, name: &str) -> Option<StageRef<I, O>> {
         let d = self.def.borrow();
-        let id = d
-            .stages
-            .iter()
-            .position(|s| s.name == name || s.name.ends_with(&format!("/{name}")))?;
+        // The exact (qualified) name, else a unique last part; an ambiguous name finds nothing.
+        let suffix = format!("/{name}");
+        let id = d.stages.iter().position(|s| s.name == name).or_else(|| {
+            let mut found = d
+                .stages
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.name.ends_with(&suffix));
+            match (found.next(), found.next()) {
+                (Some((i, _)), None) => Some(i),
+                _ => None,
+            }
+        })?;
         let node = &d.stages[id].node;
         let fits = |t: Option<TypeInfo>, want: TypeInfo| t.is_none_or(|t| t.id == want.id);
         let ok =
@@ -592,6 +603,7 @@ impl<I, O> StageRef<I, O> {
         let mut d = self.def.borrow_mut();
         if self.sub {
             d.subs[me].to.clear();
+            d.subs[me].rerouted = true;
         } else {
             d.stages[me].to.clear();
             d.stages[me].rerouted = true;
@@ -943,6 +955,9 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         }
     }
     for (g, sub) in def.subs.iter().enumerate() {
+        if sub.rerouted && sub.to.is_empty() {
+            declared.sealed_subs.push(g);
+        }
         for r in &sub.from {
             link(resolve(&def, &sub.name, r)?, Port::Sub(g), &mut declared);
         }
@@ -1070,7 +1085,15 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
     let mut inputs = Vec::with_capacity(n);
     let mut capacities = Vec::with_capacity(n);
     for (v, s) in def.stages.iter().enumerate() {
-        let cap = s.capacity.unwrap_or(def.default_capacity);
+        // A routing loop's members feed each other: with bounded queues a member could block
+        // on its own full queue for ever. Their queues are unbounded (the loop's work counter,
+        // not a capacity, bounds what is in it).
+        let in_loop = wired.loops.iter().any(|m| m.contains(&v));
+        let cap = if in_loop {
+            Capacity::Unbounded
+        } else {
+            s.capacity.unwrap_or(def.default_capacity)
+        };
         match s.node.make_queue(cap, stats[v].clone()) {
             Some((maker, rx)) => {
                 makers.push(Some(maker));
@@ -1084,19 +1107,16 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
             }
         }
     }
-    // Routing loops: one work counter each, with a unit per edge entering the loop.
+    // Routing loops: one work counter each; every sender made below from outside a loop into
+    // it holds one unit (taken when it is made).
     let mut loop_of: Vec<Option<Arc<Loop>>> = (0..n).map(|_| None).collect();
-    let all_edges: Vec<(usize, usize)> =
-        wired.edges.iter().chain(&declared.side).copied().collect();
+    let mut loops = Vec::new();
     for members in &wired.loops {
-        let entering = all_edges
-            .iter()
-            .filter(|&&(u, v)| members.contains(&v) && !members.contains(&u))
-            .count();
-        let lp = Loop::new(entering as u64);
+        let lp = Loop::new();
         for &m in members {
             loop_of[m] = Some(lp.clone());
         }
+        loops.push(lp);
     }
     let membership = |u: usize, v: usize| match &loop_of[v] {
         None => Membership::default(),
@@ -1104,7 +1124,7 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
             lp: Some(lp.clone()),
             unit: match &loop_of[u] {
                 Some(own) if Arc::ptr_eq(own, lp) => None,
-                _ => Some(Arc::new(Unit(lp.clone()))),
+                _ => Some(Arc::new(Unit::new(lp.clone()))),
             },
         },
     };
@@ -1130,6 +1150,10 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         });
     }
     drop(makers);
+    // A loop nothing can enter is finished before it starts.
+    for lp in &loops {
+        lp.close_if_idle();
+    }
 
     let mut planned = Vec::with_capacity(n);
     let stages = std::mem::take(&mut def.stages);

@@ -65,6 +65,8 @@ pub(crate) struct Declared {
     pub(crate) entry: Vec<bool>,
     /// Rerouted stages with no new downstream: they feed nothing by default.
     pub(crate) sealed: Vec<usize>,
+    /// Rerouted sub-pipelines: they feed nothing by default either.
+    pub(crate) sealed_subs: Vec<usize>,
 }
 
 /// One end of an explicit edge: a stage, or a whole sub-pipeline (its entry stages as a
@@ -215,7 +217,9 @@ impl Declared {
                     || self.from.iter().any(|f| f.contains(&u))
                     || self.port_edges.iter().any(|&(a, _)| a == p)
             }
-            Port::Sub(_) => self.port_edges.iter().any(|&(a, _)| a == p),
+            Port::Sub(g) => {
+                self.sealed_subs.contains(&g) || self.port_edges.iter().any(|&(a, _)| a == p)
+            }
         };
         let mut io: Vec<Option<SubIo>> = vec![None; nsub];
         let depth = |g: usize| {
@@ -288,20 +292,26 @@ impl Declared {
             }
             if let Some(g) = scope {
                 let members: Vec<usize> = (0..n).filter(|&v| self.inside(v, g)).collect();
+                // Entries: marked ones, and the others that nothing feeds explicitly and that
+                // have no upstream inside (a dead-letter stage, a stage fed from outside by an
+                // explicit edge, is not an entry).
                 let entries = members
                     .iter()
                     .copied()
                     .filter(|&m| {
                         self.kinds[m] != StageKind::Producer
                             && (self.entry.get(m).copied().unwrap_or(false)
-                                || !edges.iter().any(|&(u, d)| d == m && self.inside(u, g)))
+                                || (!explicit_in(Port::Stage(m))
+                                    && !edges.iter().any(|&(u, d)| d == m && self.inside(u, g))))
                     })
                     .collect();
+                // Exits: stages with no downstream inside and no explicit (or rerouted) output.
                 let exits = members
                     .iter()
                     .copied()
                     .filter(|&m| {
                         self.kinds[m] != StageKind::Consumer
+                            && !explicit_out(Port::Stage(m))
                             && !edges.iter().any(|&(s, d)| s == m && self.inside(d, g))
                     })
                     .collect();
@@ -496,6 +506,7 @@ mod tests {
             port_edges: vec![],
             entry: vec![],
             sealed: vec![],
+            sealed_subs: vec![],
         }
     }
 

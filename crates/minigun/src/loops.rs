@@ -28,17 +28,21 @@ pub(crate) struct Loop {
 }
 
 impl Loop {
-    pub(crate) fn new(units: u64) -> Arc<Loop> {
+    /// A loop with no unit yet: units are taken as the senders into it are made, then
+    /// [`Loop::close_if_idle`] closes it if there were none.
+    pub(crate) fn new() -> Arc<Loop> {
         let (tx, rx) = crossbeam_channel::bounded(0);
         let lp = Loop {
-            work: AtomicU64::new(units),
+            work: AtomicU64::new(0),
             close: Mutex::new(Some(tx)),
             closed: rx,
         };
-        if units == 0 {
-            lp.close();
-        }
         Arc::new(lp)
+    }
+    pub(crate) fn close_if_idle(&self) {
+        if self.work.load(Ordering::SeqCst) == 0 {
+            self.close();
+        }
     }
     pub(crate) fn take(&self, n: u64) {
         self.work.fetch_add(n, Ordering::SeqCst);
@@ -55,7 +59,14 @@ impl Loop {
 
 /// The unit an upstream outside the loop holds while it runs.
 #[derive(Debug)]
-pub(crate) struct Unit(pub(crate) Arc<Loop>);
+pub(crate) struct Unit(Arc<Loop>);
+
+impl Unit {
+    pub(crate) fn new(lp: Arc<Loop>) -> Self {
+        lp.take(1);
+        Unit(lp)
+    }
+}
 
 impl Drop for Unit {
     fn drop(&mut self) {

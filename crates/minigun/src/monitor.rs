@@ -226,7 +226,12 @@ impl Monitor {
             }
             let delta = counted.saturating_sub(last.1[i]);
             last.1[i] = counted;
-            let queue_len = st.queue_len.get().map_or(0, |f| f());
+            let queue_len = st
+                .queue_len
+                .lock()
+                .ok()
+                .and_then(|q| q.as_ref().map(|f| f()))
+                .unwrap_or(0);
             let started = st.started.lock().map(|s| s.is_some()).unwrap_or(false);
             let ended = st.finished.lock().map(|s| s.is_some()).unwrap_or(false);
             let status = if ended {

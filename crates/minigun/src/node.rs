@@ -82,7 +82,8 @@ fn router<O: Item>(w: &mut Wiring) -> Router<O> {
 fn queue_for<I: Item>(cap: Capacity, stats: Arc<StageStats>) -> Option<(TxMaker, AnyBox)> {
     let (tx, rx) = queue::channel::<I>(cap);
     let probe = rx.clone();
-    let _ = stats.queue_len.set(Box::new(move || probe.len()));
+    *stats.queue_len.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some(Box::new(move || probe.len()));
     Some((
         Box::new(move |m| Box::new(QueueTx::new(tx.clone(), stats.clone(), m))),
         Box::new(rx),
@@ -147,7 +148,7 @@ impl<O: Item> Task for ProducerTask<O> {
             .fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         match r {
             Err(c) if !c.stop => {
-                self.ctx.failure(u64::MAX, 1, c.kind, c.message, None);
+                self.ctx.stage_error(c.kind, c.message, None);
             }
             _ => {}
         }

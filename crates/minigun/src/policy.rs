@@ -173,17 +173,33 @@ impl StageCtx {
 
     /// A failure of the stage as a whole (start-up, hook): recorded and the run aborts.
     pub(crate) fn stage_failed(&self, kind: FailureKind, message: String) {
+        let failure = self.stage_failure(kind, message, None);
+        tracing::error!(stage = %failure.stage, kind = %failure.kind, message = %failure.message, "stage failed");
+        self.run.abort(failure);
+    }
+
+    /// An error of the stage as a whole, not of an item (a producer's error, `finish`, an
+    /// ipc worker's flush): recorded and counted as a stage error (never as a failed item,
+    /// never retried); under a fail-fast policy the run aborts.
+    pub(crate) fn stage_error(&self, kind: FailureKind, message: String, pid: Option<u32>) {
+        let failure = self.stage_failure(kind, message, pid);
+        tracing::warn!(stage = %failure.stage, kind = %failure.kind, message = %failure.message, "stage error");
+        if self.policy.then == Final::FailFast {
+            self.run.abort(failure);
+        }
+    }
+
+    fn stage_failure(&self, kind: FailureKind, message: String, pid: Option<u32>) -> ItemFailure {
         let failure = ItemFailure {
             stage: self.name.clone(),
             item: u64::MAX,
             attempt: 1,
             kind,
             message,
-            pid: None,
+            pid,
         };
-        self.stats.failed.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(stage = %failure.stage, kind = %failure.kind, message = %failure.message, "stage failed");
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
         self.run.record(&failure);
-        self.run.abort(failure);
+        failure
     }
 }

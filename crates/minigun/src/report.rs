@@ -52,6 +52,9 @@ pub struct StageReport {
     pub dead_lettered: u64,
     /// Items never processed because the run was aborted or interrupted.
     pub cancelled: u64,
+    /// Errors of the stage as a whole, not of an item: start-up, a hook, a producer's error,
+    /// `Stage::finish` (they are in `failures` with item `u64::MAX`).
+    pub errors: u64,
     /// Wall time from its start to its end, in seconds.
     pub runtime_secs: f64,
     /// Items in per second of runtime (items out for producers).
@@ -189,6 +192,7 @@ fn stage_report(info: &StageInfo) -> StageReport {
         retried: st.retried.load(Ordering::Relaxed),
         dead_lettered: st.dead_lettered.load(Ordering::Relaxed),
         cancelled: st.cancelled.load(Ordering::Relaxed),
+        errors: st.errors.load(Ordering::Relaxed),
         runtime_secs: runtime,
         throughput: if runtime > 0.0 {
             counted as f64 / runtime

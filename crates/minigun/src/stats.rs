@@ -25,6 +25,8 @@ pub(crate) struct StageStats {
     pub(crate) retried: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) cancelled: AtomicU64,
+    /// Errors of the stage as a whole (start-up, hooks, a producer's error, `finish`).
+    pub(crate) errors: AtomicU64,
     /// Received items that reached their final outcome (processed, failed or cancelled).
     pub(crate) done: AtomicU64,
     pub(crate) busy_ns: AtomicU64,
@@ -35,7 +37,9 @@ pub(crate) struct StageStats {
     /// Live forked children of a fork stage (updated by its supervisor).
     pub(crate) children: Mutex<Vec<ChildInfo>>,
     /// Reads the current length of the stage's input queue.
-    pub(crate) queue_len: std::sync::OnceLock<QueueLen>,
+    /// Dropped when the stage ends: a probe must not keep its queue open (sends to an ended
+    /// stage then fail instead of filling a queue nobody reads).
+    pub(crate) queue_len: Mutex<Option<QueueLen>>,
 }
 
 impl std::fmt::Debug for StageStats {
@@ -92,6 +96,7 @@ impl Default for StageStats {
             retried: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
             done: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
             queue_high_water: AtomicUsize::new(0),
@@ -99,7 +104,7 @@ impl Default for StageStats {
             started: Mutex::new(None),
             finished: Mutex::new(None),
             children: Mutex::new(Vec::new()),
-            queue_len: std::sync::OnceLock::new(),
+            queue_len: Mutex::new(None),
         }
     }
 }
@@ -112,6 +117,10 @@ impl StageStats {
             .get_or_insert_with(Instant::now);
     }
     pub(crate) fn mark_finished(&self) {
+        self.queue_len
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         *self.finished.lock().unwrap() = Some(Instant::now());
     }
     pub(crate) fn runtime(&self) -> Duration {

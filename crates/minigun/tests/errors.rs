@@ -562,7 +562,9 @@ matrix!(fn failing_producer_ends_cleanly(ex) {
     assert_eq!(got.sorted(), (1..11).collect::<Vec<u64>>());
     assert_eq!(report.produced, 10);
     assert_eq!(report.consumed, 10);
-    assert_eq!(report.stage("src").unwrap().failed, 1);
+    // A producer's error is an error of the stage, not of an item.
+    assert_eq!(report.stage("src").unwrap().errors, 1);
+    assert_eq!(report.stage("src").unwrap().failed, 0);
     assert_eq!(report.failures.len(), 1);
     let f = &report.failures[0];
     assert_eq!(f.stage, "src");
@@ -673,3 +675,52 @@ matrix!(fn failing_after_hook_aborts_after_processing(ex) {
     assert_eq!(sink.items_in, 10, "{report}");
     assert_eq!(got.len() as u64 + sink.cancelled, 10, "{report}");
 });
+
+/// Whole-stage errors are not items: a retry policy does not retry them (nothing to retry),
+/// and they do not count as failed items.
+#[test]
+fn a_producer_error_is_not_retried_and_aborts_under_fail_fast() {
+    let p = Pipeline::new("stage-errors");
+    p.producer("gen", |o| {
+        o.emit(1u64)?;
+        Err("db down".into())
+    })
+    .on_error(OnError::retry(2).then_fail_fast());
+    p.consumer("sink", |_x: u64| Ok(()));
+    match p.run() {
+        Err(RunError::Aborted { cause, report }) => {
+            assert_eq!(
+                (cause.stage.as_str(), cause.message.as_str()),
+                ("gen", "db down")
+            );
+            let gen = report.stage("gen").unwrap();
+            assert_eq!((gen.errors, gen.failed, gen.retried), (1, 0, 0));
+        }
+        other => panic!("expected the fail-fast producer error to abort, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_finish_error_is_a_stage_error_not_a_failed_item() {
+    struct Flaky;
+    impl minigun::Stage<u64, u64> for Flaky {
+        fn process(&mut self, x: u64, out: &mut minigun::Output<'_, u64>) -> minigun::StageResult {
+            Ok(out.emit(x)?)
+        }
+        fn finish(&mut self, _: &mut minigun::Output<'_, u64>) -> minigun::StageResult {
+            Err("flush failed".into())
+        }
+    }
+    let p = Pipeline::new("finish-error");
+    p.producer("gen", |o| o.emit_all(0..10u64).map_err(Into::into));
+    p.stage("flaky", || Flaky).on_error(OnError::retry(1));
+    p.consumer("sink", |_x: u64| Ok(()));
+    let report = p.run().unwrap();
+    let flaky = report.stage("flaky").unwrap();
+    assert_eq!(
+        (flaky.errors, flaky.failed, flaky.retried, flaky.items_out),
+        (1, 0, 0, 10)
+    );
+    assert_eq!(report.consumed, 10);
+    assert!(report.failures[0].message.contains("flush failed"));
+}

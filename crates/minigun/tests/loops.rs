@@ -90,3 +90,61 @@ fn a_static_cycle_is_still_a_definition_error() {
         Err(minigun::DefinitionError::Cycle { .. })
     ));
 }
+
+/// A loop member whose queue is declared small still cannot block on itself: loop queues are
+/// unbounded (the loop's work counter bounds what is in it).
+#[test]
+fn a_loop_with_a_small_declared_capacity_does_not_deadlock() {
+    let p = Pipeline::new("fanout-loop");
+    let got = Sink::default();
+    let g = got.clone();
+    p.producer("gen", |out| out.emit_all([4u64]).map_err(Into::into));
+    let tick = p
+        .processor("tick", |n: u64, out: &mut Output<'_, u64>| {
+            if n > 0 {
+                for _ in 0..3 {
+                    out.to("tick", n - 1)?;
+                }
+            }
+            out.emit(n)?;
+            Ok(())
+        })
+        .capacity(minigun::Capacity::Bounded(4));
+    tick.routes_to(&tick);
+    p.consumer("sink", move |n: u64| {
+        g.push(n);
+        Ok(())
+    });
+    p.run().unwrap();
+    assert_eq!(got.len(), 1 + 3 + 9 + 27 + 81);
+}
+
+/// Declaring the same route twice (a base and a derived definition) keeps the loop's
+/// accounting exact.
+#[test]
+fn a_route_declared_twice_does_not_close_the_loop_early() {
+    let p = Pipeline::new("twice");
+    let got = Sink::default();
+    let g = got.clone();
+    p.producer("gen", |out| out.emit_all([0u64]).map_err(Into::into));
+    let a = p.processor("a", |x: u64, out: &mut Output<'_, u64>| {
+        out.to("fetch", x)?;
+        Ok(out.emit(x)?)
+    });
+    let sink = p.consumer("sink", |_x: u64| Ok(()));
+    a.to(&sink);
+    let fetch = p.map("fetch", |x: u64| Ok(x));
+    a.routes_to(&fetch).routes_to(&fetch);
+    let extract = p.processor("extract", move |x: u64, out: &mut Output<'_, u64>| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        g.push(x);
+        if x < 2 {
+            out.to("fetch", x + 1)?;
+        }
+        Ok(())
+    });
+    extract.routes_to(&fetch);
+    let report = p.run().unwrap();
+    assert_eq!(report.stage("extract").unwrap().items_in, 3, "{report}");
+    assert_eq!(got.sorted(), vec![0, 1, 2]);
+}

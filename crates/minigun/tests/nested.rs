@@ -238,3 +238,69 @@ fn settings_that_do_not_fit_a_sub_pipeline_are_errors() {
         matches!(p.build(), Err(DefinitionError::InvalidConfig { stage, .. }) if stage == "sub")
     );
 }
+
+#[test]
+fn a_dead_letter_stage_inside_a_sub_pipeline_is_not_an_entry() {
+    let p = Pipeline::new("dlq-inside");
+    let (ok, dead) = (Sink::default(), Sink::default());
+    let (o, d) = (ok.clone(), dead.clone());
+    p.producer("gen", |out| out.emit_all(0..6u64).map_err(Into::into));
+    p.pipeline::<u64, u64>("s", |s| {
+        let m = s.map("m", |x: u64| if x == 3 { Err("bad".into()) } else { Ok(x) });
+        let dlq = s.consumer("dlq", move |f: minigun::Failed<u64>| {
+            d.push(f.item);
+            Ok(())
+        });
+        m.dead_letter(&dlq);
+    });
+    p.consumer("sink", move |x: u64| {
+        o.push(x);
+        Ok(())
+    });
+    p.run().unwrap();
+    assert_eq!(ok.sorted(), vec![0, 1, 2, 4, 5]);
+    assert_eq!(dead.sorted(), vec![3]);
+}
+
+#[test]
+fn a_rerouted_stage_inside_a_sub_pipeline_is_not_an_exit() {
+    let p = Pipeline::new("reroute-inside");
+    let (sunk, audited) = (Sink::default(), Sink::default());
+    let (s1, a1) = (sunk.clone(), audited.clone());
+    p.producer("gen", |out| out.emit_all(0..4u64).map_err(Into::into));
+    p.pipeline::<u64, u64>("s", |s| {
+        s.map("a", |x: u64| Ok(x));
+        s.map("b", |x: u64| Ok(x));
+    });
+    p.consumer("sink", move |x: u64| {
+        s1.push(x);
+        Ok(())
+    });
+    let audit = p.consumer("audit", move |x: u64| {
+        a1.push(x);
+        Ok(())
+    });
+    p.find::<u64, u64>("b").unwrap().reroute().to(&audit);
+    match p.build() {
+        // "sink" lost its only upstream: that is the definition's problem to fix, reported.
+        Err(DefinitionError::Unfed { stage }) => assert_eq!(stage, "sink"),
+        other => panic!("expected sink to be unfed, got {other:?}"),
+    }
+    let _ = (sunk, audited);
+}
+
+#[test]
+fn find_prefers_the_exact_name() {
+    let p = Pipeline::new("find");
+    p.producer("gen", |out| out.emit_all(0..2u64).map_err(Into::into));
+    p.pipeline::<u64, u64>("sub", |s| {
+        s.map("double", |x: u64| Ok(x * 2));
+    });
+    p.map("double", |x: u64| Ok(x * 2));
+    p.consumer("sink", |_x: u64| Ok(()));
+    assert_eq!(p.find::<u64, u64>("double").unwrap().name(), "double");
+    assert_eq!(
+        p.find::<u64, u64>("sub/double").unwrap().name(),
+        "sub/double"
+    );
+}

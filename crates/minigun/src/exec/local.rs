@@ -54,7 +54,7 @@ pub(crate) fn run<I: Clone + Send + 'static, O: Clone + Send + 'static>(
             if !c.stop {
                 parts
                     .ctx
-                    .failure(u64::MAX, 1, c.kind, format!("finish: {}", c.message), None);
+                    .stage_error(c.kind, format!("finish: {}", c.message), None);
             }
         }
     };

@@ -579,7 +579,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 w.results = 0;
                 self.parts
                     .ctx
-                    .failure(u64::MAX, 1, e.kind, format!("finish: {}", e.message), pid);
+                    .stage_error(e.kind, format!("finish: {}", e.message), pid);
             }
             Event::Error(_, e) => {
                 w.results = 0;
