@@ -1028,6 +1028,17 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
                     .unwrap_or_else(|| def.default_exec.clone())
             }
         };
+        if let Exec::CowFork(o) | Exec::IpcFork(o) = &exec {
+            if o.max_frame < 4096 {
+                return Err(DefinitionError::InvalidConfig {
+                    stage: s.name.clone(),
+                    message: format!(
+                        "max_frame {} is below the minimum of 4096 bytes",
+                        o.max_frame
+                    ),
+                });
+            }
+        }
         if exec.concurrency() == 0 {
             return Err(DefinitionError::InvalidConfig {
                 stage: s.name.clone(),

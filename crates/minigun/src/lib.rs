@@ -79,7 +79,10 @@
 //!   instant of fork (it stays locked forever in the child); using the parent's thread pools,
 //!   async runtimes or channels (their threads do not exist in the child; rayon's pool is one
 //!   of them); relying on a connection or socket inherited from the parent (reconnect in
-//!   `after_fork` instead: two processes sharing one connection corrupt it).
+//!   `after_fork` instead: two processes sharing one connection corrupt it); in the host
+//!   program, installing scoped `tracing` dispatchers (`set_default`, `with_default`) on other
+//!   threads while fork stages run (it takes tracing's global lock, which a child may then
+//!   need: the library's own installs are serialised with its forks, the host's cannot be).
 //! - **Guaranteed by the library:** children die with the parent (SIGKILL on parent death),
 //!   hold only their own pipes (no inherited descriptors keep other children's pipes open),
 //!   ignore SIGINT (the parent decides), and leave with `_exit` (no `atexit` handlers, no

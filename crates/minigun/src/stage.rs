@@ -217,7 +217,7 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
-fn install_panic_hook() {
+pub(crate) fn install_panic_hook() {
     static HOOK: Once = Once::new();
     HOOK.call_once(|| {
         let previous = panic::take_hook();

@@ -53,3 +53,11 @@ fn children_read_a_huge_page_dataset() {
     p.run().unwrap();
     assert_eq!(*got.lock().unwrap(), expected);
 }
+
+#[test]
+fn an_impossible_size_is_an_error_not_a_wrapped_mapping() {
+    for len in [usize::MAX, usize::MAX - 5, isize::MAX as usize] {
+        let e = HugeBuf::new(len).expect_err("no such mapping");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOMEM), "{len}");
+    }
+}

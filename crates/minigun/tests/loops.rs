@@ -148,3 +148,43 @@ fn a_route_declared_twice_does_not_close_the_loop_early() {
     assert_eq!(report.stage("extract").unwrap().items_in, 3, "{report}");
     assert_eq!(got.sorted(), vec![0, 1, 2]);
 }
+
+/// An ordered fork stage in a loop: outputs held back for ordering are sent while their item
+/// still counts as in the loop, so the loop cannot close under them.
+#[test]
+fn an_ordered_fork_stage_in_a_loop_loses_nothing() {
+    for exec in [
+        minigun::Exec::cow_fork(4).ordered(),
+        minigun::Exec::ipc_fork(3).ordered(),
+    ] {
+        let p = Pipeline::new("ordered-loop");
+        let got = Sink::default();
+        let g = got.clone();
+        p.producer("seeds", |out| {
+            out.emit_all((0..6u64).map(|s| (s, 0u32)))
+                .map_err(Into::into)
+        });
+        let fetch = p
+            .map("fetch", |(x, d): (u64, u32)| {
+                // Later items finish first, so outputs are held for order.
+                std::thread::sleep(std::time::Duration::from_millis(20 - (x % 4) * 5));
+                Ok((x, d))
+            })
+            .wire()
+            .executor(exec.clone());
+        let extract = p.processor(
+            "extract",
+            move |(x, d): (u64, u32), out: &mut Output<'_, u64>| {
+                g.push(x);
+                if d < 2 {
+                    out.to("fetch", (x * 10 + 1, d + 1))?;
+                }
+                Ok(out.emit(x)?)
+            },
+        );
+        extract.routes_to(&fetch);
+        p.consumer("sink", |_x: u64| Ok(()));
+        let report = p.run().unwrap();
+        assert_eq!(got.len(), 18, "{exec}: {report}");
+    }
+}

@@ -127,9 +127,9 @@ pub(crate) fn dead_letter<I, O>(parts: &Parts<I, O>, item: I, failure: crate::It
 
 /// Empties a queue whose stage cannot process it, counting every item as cancelled.
 pub(crate) fn drain<I>(ctx: &StageCtx, input: &Receiver<I>) {
-    let mut n = 0;
+    // One at a time: inside a routing loop each item's unit must be released before the
+    // loop can close and end this drain.
     while ctx.recv(input).is_some() {
-        n += 1;
+        ctx.received_cancelled(1);
     }
-    ctx.received_cancelled(n);
 }

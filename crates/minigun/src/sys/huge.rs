@@ -83,9 +83,13 @@ impl Drop for HugeBuf {
 /// advised to use transparent huge pages. Zero-filled. Returns (pointer, mapped length).
 fn map_huge(len: usize) -> io::Result<(std::ptr::NonNull<u8>, usize)> {
     const HUGE: usize = 2 << 20;
+    let too_big = || io::Error::from_raw_os_error(libc::ENOMEM);
+    if len > isize::MAX as usize - 2 * HUGE {
+        return Err(too_big());
+    }
     let size = len.max(1).div_ceil(HUGE) * HUGE;
     // Map one huge page more, to align the start on a huge-page boundary.
-    let span = size + HUGE;
+    let span = size.checked_add(HUGE).ok_or_else(too_big)?;
     // SAFETY: a fresh anonymous private mapping; no existing memory is affected.
     let raw = unsafe {
         libc::mmap(

@@ -33,6 +33,14 @@ use nix::unistd::{ForkResult, Pid};
 use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
+/// The crate's fork lock: held across every `fork()`, and by code that takes a process-wide
+/// lock another thread might be forking under (installing or removing a scoped `tracing`
+/// dispatcher takes tracing's global registry lock).
+pub(crate) fn fork_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A forked child: its pid and a pidfd that becomes readable when it exits.
 #[derive(Debug)]
 pub(crate) struct Child {
@@ -63,6 +71,9 @@ pub(crate) fn fork_child(
     let n = name.len().min(15);
     title[..n].copy_from_slice(&name.as_bytes()[..n]);
 
+    // No thread of ours may be inside a global registration (tracing's dispatcher list) while
+    // we fork: such code runs under this lock too (see `exec::fork::log`).
+    let fork_lock = fork_lock();
     let mut out = io::stdout().lock();
     let err = io::stderr().lock();
     let _ = out.flush();
@@ -80,11 +91,14 @@ pub(crate) fn fork_child(
     let forked = unsafe { nix::unistd::fork() };
     match forked {
         Ok(ForkResult::Child) => {
+            // This thread's copies of the locks it held: release them in the child.
             drop(err);
             drop(out);
+            drop(fork_lock);
             child_after_fork(parent, &keep, &title, body)
         }
         Ok(ForkResult::Parent { child }) => {
+            drop(fork_lock);
             let _ = signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
             drop(err);
             drop(out);
@@ -102,6 +116,7 @@ pub(crate) fn fork_child(
             }
         }
         Err(e) => {
+            drop(fork_lock);
             let _ = signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
             Err(e.into())
         }

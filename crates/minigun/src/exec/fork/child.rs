@@ -99,7 +99,11 @@ impl ChildOut {
     pub(crate) fn error(&mut self, id: u64, kind: FailureKind, message: String) {
         let mut e = ChildError { kind, message };
         if protocol::encode_frame(&mut self.buf, Kind::Error, id, &e, self.max).is_err() {
-            e.message.truncate(1024);
+            let mut cut = e.message.len().min(1024);
+            while !e.message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            e.message.truncate(cut);
             let _ = protocol::encode_frame(&mut self.buf, Kind::Error, id, &e, self.max);
         }
     }

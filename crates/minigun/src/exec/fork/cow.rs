@@ -54,6 +54,8 @@ struct Running<I> {
     killed: Option<Killed>,
     protocol: Option<String>,
     results: u64,
+    /// The job whose time limit ran out, if the child is being killed for it.
+    timed_out: Option<usize>,
 }
 
 pub(super) fn run<I: Item, O: Wire>(parts: Parts<I, O>, opts: ForkOptions, hooks: ForkHooks) {
@@ -216,6 +218,9 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     self.pump(r);
                 }
                 if r.exit.is_none() && r.deadline.is_some_and(|d| d <= now) {
+                    if r.killed.is_none() {
+                        r.timed_out = Some(r.cur);
+                    }
                     let why = r.killed.unwrap_or(Killed::Timeout);
                     terminate(r.child.pid, &mut r.killed, why, &mut r.deadline);
                 }
@@ -302,6 +307,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     killed: None,
                     protocol: None,
                     results: 0,
+                    timed_out: None,
                 })
             }
             Err(e) => {
@@ -428,7 +434,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 "run interrupted; child terminated".to_string(),
             ),
             (_, Some(m)) => (FailureKind::Protocol, m.clone()),
-            (Some(Killed::Timeout), _) => (
+            (Some(Killed::Timeout), _) if r.timed_out == Some(cur) => (
                 FailureKind::Timeout,
                 format!(
                     "no result within {:?}; child killed",
@@ -442,10 +448,10 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             match end {
                 Some(Ok((d, busy))) => {
                     rec.latency_busy(d.latency_ns, busy);
-                    self.parts.ctx.items_done(1);
                     self.release
                         .borrow_mut()
                         .finished(job.index, &self.parts.router);
+                    self.parts.ctx.items_done(1);
                 }
                 Some(Err(e)) => self.failed(job, e.kind, e.message, pid, retry),
                 None if k == cur => {

@@ -52,6 +52,8 @@ struct Worker {
     flights: VecDeque<Flight>,
     /// Payload bytes of `flights`.
     bytes: usize,
+    /// The item whose time limit ran out, if the worker is being killed for it.
+    timed_out: Option<u64>,
     /// When the first flight started running (deadline base).
     front_since: Option<Instant>,
     deadline: Option<Instant>,
@@ -73,7 +75,11 @@ impl Worker {
         self.bytes -= flight.payload.len();
         let more = !self.flights.is_empty();
         self.front_since = more.then_some(now);
-        self.deadline = timeout.filter(|_| more).map(|t| now + t);
+        // Once the worker is being killed, its kill deadline (SIGKILL after the grace
+        // period) stands, whatever it still answers.
+        if self.killed.is_none() {
+            self.deadline = timeout.filter(|_| more).map(|t| now + t);
+        }
         flight
     }
 }
@@ -113,6 +119,7 @@ fn spawn<I: Wire, O: Wire>(
         exit: None,
         flights: VecDeque::new(),
         bytes: 0,
+        timed_out: None,
         front_since: None,
         deadline: None,
         killed: None,
@@ -425,6 +432,9 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 }
                 let w = self.workers[slot].as_mut().expect("live worker");
                 if w.exit.is_none() && w.deadline.is_some_and(|d| d <= now) {
+                    if w.killed.is_none() {
+                        w.timed_out = w.flights.front().map(|f| f.index);
+                    }
                     let why = w.killed.unwrap_or(Killed::Timeout);
                     terminate(w.child.pid, &mut w.killed, why, &mut w.deadline);
                 }
@@ -560,8 +570,8 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 self.deaths = 0;
                 if d.outputs == results {
                     rec.latency_busy(d.latency_ns, busy);
-                    self.parts.ctx.items_done(1);
                     self.release.finished(flight.index, &self.parts.router);
+                    self.parts.ctx.items_done(1);
                 } else {
                     let m = format!(
                         "worker reported {} results, parent received {results}",
@@ -625,7 +635,9 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                     "run interrupted; worker terminated".to_string(),
                 ),
                 (_, Some(m)) => (FailureKind::Protocol, m),
-                (Some(Killed::Timeout), _) => (
+                // Only the item that overran is a timeout; one that started after it (the
+                // worker answered before the signal landed) fails by how the worker ended.
+                (Some(Killed::Timeout), _) if w.timed_out == Some(front.index) => (
                     FailureKind::Timeout,
                     format!(
                         "no result within {:?}; worker killed",

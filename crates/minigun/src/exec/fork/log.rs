@@ -49,10 +49,26 @@ fn in_child() -> bool {
 }
 
 /// Installs the switch on this (forking) thread, forwarding to the current dispatcher.
-pub(crate) fn install() -> tracing::subscriber::DefaultGuard {
+pub(crate) fn install() -> Installed {
+    // The panic hook's one-time set-up must not first run in a child either.
+    crate::stage::install_panic_hook();
+    let _fork = crate::sys::fork_lock();
     let parent = tracing::dispatcher::get_default(|d| d.clone());
     let max = LevelFilter::current();
-    tracing::subscriber::set_default(Switch { parent, max })
+    Installed(Some(tracing::subscriber::set_default(Switch {
+        parent,
+        max,
+    })))
+}
+
+/// Keeps the switch installed on this thread; removing it also happens under the fork lock.
+pub(crate) struct Installed(Option<tracing::subscriber::DefaultGuard>);
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _fork = crate::sys::fork_lock();
+        drop(self.0.take());
+    }
 }
 
 /// Forwards to the parent's dispatcher; in a child, queues records instead.

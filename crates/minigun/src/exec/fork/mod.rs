@@ -317,17 +317,21 @@ fn settle<I, O: Item>(
     pid: Option<u32>,
     dead_letter: impl FnOnce(crate::ItemFailure),
 ) -> Option<Instant> {
-    if kind == crate::FailureKind::Cancelled {
-        parts.ctx.cancelled(1);
-    } else {
+    let cancelled = kind == crate::FailureKind::Cancelled;
+    if !cancelled {
         match parts.ctx.failure(index, attempt, kind, message, pid) {
             crate::policy::Verdict::Retry(delay) => return Some(Instant::now() + delay),
             crate::policy::Verdict::DeadLetter(f) => dead_letter(f),
             crate::policy::Verdict::Dropped => {}
         }
+    }
+    // Outputs held back for ordering go out while the item still holds its loop unit.
+    release.finished(index, &parts.router);
+    if cancelled {
+        parts.ctx.cancelled(1);
+    } else {
         parts.ctx.items_done(1);
     }
-    release.finished(index, &parts.router);
     None
 }
 
