@@ -16,7 +16,8 @@ use crate::node::{
 use crate::policy::{Final, OnError, StageCtx};
 use crate::queue::{Capacity, FanOut};
 use crate::route::{self, RouteCodec, RouteDecl};
-use crate::run::{PlannedStage, RunShared, Runnable};
+use crate::run::{PlannedStage, Runnable};
+use crate::shared::RunShared;
 use crate::stage::TypeInfo;
 use crate::stage::{Factory, Failed, FnStage, Item, Output, Stage, Wire};
 use crate::stats::StageStats;

@@ -110,6 +110,7 @@ mod queue;
 mod report;
 mod route;
 mod run;
+mod shared;
 mod signals;
 mod stage;
 mod stats;

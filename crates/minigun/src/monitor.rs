@@ -4,7 +4,7 @@
 
 use crate::graph::StageKind;
 use crate::policy::StageCtx;
-use crate::run::RunShared;
+use crate::shared::RunShared;
 use serde::Serialize;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -302,7 +302,7 @@ impl Monitor {
             stages,
             edges: inner.edges.clone(),
             produced,
-            failures_total: crate::run::Runnable::failures(&inner.shared).1,
+            failures_total: inner.shared.failures().1,
             finished: inner.finished.get().is_some(),
             stopping: inner.shared.stop.load(Ordering::Relaxed),
         }

@@ -4,7 +4,7 @@
 //! its own, so an error means the same thing under inline, threads, cow_fork and ipc_fork.
 
 use crate::error::{FailureKind, ItemFailure};
-use crate::run::RunShared;
+use crate::shared::RunShared;
 use crate::stats::StageStats;
 use crate::Exec;
 use std::sync::atomic::Ordering;

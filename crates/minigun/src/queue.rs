@@ -1,4 +1,4 @@
-//! Bounded stage input queues and the router that feeds them.
+//! Bounded stage input queues (the router that feeds them is in `route`).
 //!
 //! Invariants:
 //! - every non-producer stage owns exactly one input queue; every upstream (static edge,
@@ -8,13 +8,10 @@
 //! - a full bounded queue blocks the sender, so backpressure reaches the producer, and the
 //!   queue length never exceeds its capacity (the high-water mark records the peak).
 
-use crate::error::EmitError;
 use crate::loops::Membership;
-use crate::route::{AnyItem, Routes};
-use crate::stage::Sink;
 use crate::stats::StageStats;
 use crossbeam_channel::{Receiver, Sender};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 /// The capacity of a stage's input queue.
@@ -114,112 +111,4 @@ pub enum FanOut {
     Broadcast,
     /// Each item goes to one downstream, in turn.
     RoundRobin,
-}
-
-/// The outgoing side of a stage: its downstream queues and the fan-out rule.
-/// Each worker holds its own clone; dropping the last clone ends the downstream streams.
-pub(crate) struct Router<O> {
-    pub(crate) outs: Vec<QueueTx<O>>,
-    mode: FanOut,
-    rr: Arc<AtomicUsize>,
-    stats: Arc<StageStats>,
-    /// Set for producers: emits fail with `Stopped` once the run is stopping.
-    stop: Option<Arc<AtomicBool>>,
-    /// Declared dynamic-routing targets.
-    pub(crate) routes: Routes,
-}
-
-impl<O> Clone for Router<O> {
-    fn clone(&self) -> Self {
-        Router {
-            outs: self.outs.clone(),
-            mode: self.mode,
-            rr: self.rr.clone(),
-            stats: self.stats.clone(),
-            stop: self.stop.clone(),
-            routes: self.routes.clone(),
-        }
-    }
-}
-
-impl<O: Clone> Router<O> {
-    pub(crate) fn new(outs: Vec<QueueTx<O>>, mode: FanOut, stats: Arc<StageStats>) -> Self {
-        Router {
-            outs,
-            mode,
-            rr: Arc::new(AtomicUsize::new(0)),
-            stats,
-            stop: None,
-            routes: Routes::default(),
-        }
-    }
-
-    pub(crate) fn stop_on(mut self, flag: Arc<AtomicBool>) -> Self {
-        self.stop = Some(flag);
-        self
-    }
-
-    /// Sends an item to a declared route target.
-    pub(crate) fn route_dynamic(&self, target: &str, item: AnyItem) -> Result<(), EmitError> {
-        self.check_stop()?;
-        self.routes.send(target, item)?;
-        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// Sends an item decoded from a fork child's `routed` frame.
-    pub(crate) fn route_index(&self, index: usize, item: AnyItem) -> Result<(), EmitError> {
-        self.routes.send_index(index, item)?;
-        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn check_stop(&self) -> Result<(), EmitError> {
-        match &self.stop {
-            Some(stop) if stop.load(Ordering::Relaxed) => Err(EmitError::Stopped),
-            _ => Ok(()),
-        }
-    }
-
-    pub(crate) fn route(&self, item: O) -> Result<(), EmitError> {
-        if let Some(stop) = &self.stop {
-            if stop.load(Ordering::Relaxed) {
-                return Err(EmitError::Stopped);
-            }
-        }
-        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
-        match (self.outs.len(), self.mode) {
-            (0, _) => Ok(()),
-            (1, _) => self.outs[0].send(item).map_err(|_| EmitError::Closed),
-            (n, FanOut::RoundRobin) => {
-                let i = self.rr.fetch_add(1, Ordering::Relaxed) % n;
-                self.outs[i].send(item).map_err(|_| EmitError::Closed)
-            }
-            (n, FanOut::Broadcast) => {
-                let mut delivered = false;
-                for q in &self.outs[..n - 1] {
-                    delivered |= q.send(item.clone()).is_ok();
-                }
-                delivered |= self.outs[n - 1].send(item).is_ok();
-                if delivered {
-                    Ok(())
-                } else {
-                    Err(EmitError::Closed)
-                }
-            }
-        }
-    }
-}
-
-impl<O: Clone> Sink<O> for Router<O> {
-    fn send(&mut self, item: O) -> Result<(), EmitError> {
-        Router::route(&*self, item)
-    }
-    fn route(
-        &mut self,
-        target: &str,
-        item: Box<dyn std::any::Any + Send>,
-    ) -> Result<(), EmitError> {
-        self.route_dynamic(target, item)
-    }
 }

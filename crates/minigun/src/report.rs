@@ -3,11 +3,22 @@
 
 use crate::error::ItemFailure;
 use crate::graph::StageKind;
-use crate::run::{RunShared, Runnable, StageInfo};
+use crate::policy::StageCtx;
+use crate::queue::Capacity;
+use crate::shared::RunShared;
 use serde::Serialize;
 use std::fmt;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// The summary of a stage for the report, taken after the run.
+pub(crate) struct StageInfo {
+    pub(crate) ctx: Arc<StageCtx>,
+    pub(crate) kind: StageKind,
+    pub(crate) capacity: Option<Capacity>,
+    pub(crate) terminal: bool,
+}
 
 /// Latency percentiles of one stage, in microseconds (per attempt, measured where the stage
 /// code ran: in the forked child for fork executors).
@@ -132,7 +143,7 @@ impl RunReport {
             })
             .max_by(|a, b| a.0.total_cmp(&b.0))
             .map(|(_, n)| n.clone());
-        let (failures, failures_total) = Runnable::failures(shared);
+        let (failures, failures_total) = shared.failures();
         let secs = runtime.as_secs_f64();
         let signal = shared.signal.load(Ordering::Relaxed);
         RunReport {

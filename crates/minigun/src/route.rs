@@ -1,3 +1,6 @@
+//! Where a stage's items go: the [`Router`] (its downstream queues and fan-out rule) and
+//! dynamic routing.
+//!
 //! Dynamic routing: a stage sends an item to a named stage instead of (or as well as) its
 //! default downstream, with [`Output::to`](crate::Output::to).
 //!
@@ -17,9 +20,12 @@
 //! the target in the stage's route table; the parent decodes it and sends it on.
 
 use crate::error::EmitError;
-use crate::queue::QueueTx;
+use crate::queue::{FanOut, QueueTx};
+use crate::stage::Sink;
 use crate::stage::TypeInfo;
+use crate::stats::StageStats;
 use std::any::Any;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 pub(crate) type AnyItem = Box<dyn Any + Send>;
@@ -129,5 +135,113 @@ impl Routes {
             Some(e) => (e.send)(item),
             None => Err(EmitError::Route(format!("route index {i} out of range"))),
         }
+    }
+}
+
+/// The outgoing side of a stage: its downstream queues and the fan-out rule.
+/// Each worker holds its own clone; dropping the last clone ends the downstream streams.
+pub(crate) struct Router<O> {
+    pub(crate) outs: Vec<QueueTx<O>>,
+    mode: FanOut,
+    rr: Arc<AtomicUsize>,
+    stats: Arc<StageStats>,
+    /// Set for producers: emits fail with `Stopped` once the run is stopping.
+    stop: Option<Arc<AtomicBool>>,
+    /// Declared dynamic-routing targets.
+    pub(crate) routes: Routes,
+}
+
+impl<O> Clone for Router<O> {
+    fn clone(&self) -> Self {
+        Router {
+            outs: self.outs.clone(),
+            mode: self.mode,
+            rr: self.rr.clone(),
+            stats: self.stats.clone(),
+            stop: self.stop.clone(),
+            routes: self.routes.clone(),
+        }
+    }
+}
+
+impl<O: Clone> Router<O> {
+    pub(crate) fn new(outs: Vec<QueueTx<O>>, mode: FanOut, stats: Arc<StageStats>) -> Self {
+        Router {
+            outs,
+            mode,
+            rr: Arc::new(AtomicUsize::new(0)),
+            stats,
+            stop: None,
+            routes: Routes::default(),
+        }
+    }
+
+    pub(crate) fn stop_on(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.stop = Some(flag);
+        self
+    }
+
+    /// Sends an item to a declared route target.
+    pub(crate) fn route_dynamic(&self, target: &str, item: AnyItem) -> Result<(), EmitError> {
+        self.check_stop()?;
+        self.routes.send(target, item)?;
+        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sends an item decoded from a fork child's `routed` frame.
+    pub(crate) fn route_index(&self, index: usize, item: AnyItem) -> Result<(), EmitError> {
+        self.routes.send_index(index, item)?;
+        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn check_stop(&self) -> Result<(), EmitError> {
+        match &self.stop {
+            Some(stop) if stop.load(Ordering::Relaxed) => Err(EmitError::Stopped),
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) fn route(&self, item: O) -> Result<(), EmitError> {
+        if let Some(stop) = &self.stop {
+            if stop.load(Ordering::Relaxed) {
+                return Err(EmitError::Stopped);
+            }
+        }
+        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
+        match (self.outs.len(), self.mode) {
+            (0, _) => Ok(()),
+            (1, _) => self.outs[0].send(item).map_err(|_| EmitError::Closed),
+            (n, FanOut::RoundRobin) => {
+                let i = self.rr.fetch_add(1, Ordering::Relaxed) % n;
+                self.outs[i].send(item).map_err(|_| EmitError::Closed)
+            }
+            (n, FanOut::Broadcast) => {
+                let mut delivered = false;
+                for q in &self.outs[..n - 1] {
+                    delivered |= q.send(item.clone()).is_ok();
+                }
+                delivered |= self.outs[n - 1].send(item).is_ok();
+                if delivered {
+                    Ok(())
+                } else {
+                    Err(EmitError::Closed)
+                }
+            }
+        }
+    }
+}
+
+impl<O: Clone> Sink<O> for Router<O> {
+    fn send(&mut self, item: O) -> Result<(), EmitError> {
+        Router::route(&*self, item)
+    }
+    fn route(
+        &mut self,
+        target: &str,
+        item: Box<dyn std::any::Any + Send>,
+    ) -> Result<(), EmitError> {
+        self.route_dynamic(target, item)
     }
 }

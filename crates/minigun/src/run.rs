@@ -23,92 +23,11 @@ use crate::monitor::{Monitor, StageView};
 use crate::node::Task;
 use crate::policy::StageCtx;
 use crate::queue::Capacity;
-use crate::report::RunReport;
-#[cfg(target_os = "linux")]
-use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-#[cfg(target_os = "linux")]
-use std::sync::OnceLock;
-use std::sync::{Arc, Mutex};
+use crate::report::{RunReport, StageInfo};
+use crate::shared::RunShared;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
-
-/// How many failures the report keeps in full (all are counted).
-pub(crate) const KEEP_FAILURES: usize = 100;
-
-/// State shared by every stage of one run.
-#[derive(Debug, Default)]
-pub(crate) struct RunShared {
-    /// Producers stop emitting.
-    pub(crate) stop: Arc<AtomicBool>,
-    abort: AtomicBool,
-    cause: Mutex<Option<ItemFailure>>,
-    failures: Mutex<Vec<ItemFailure>>,
-    failures_total: AtomicU64,
-    /// The signal that stopped the run, or 0.
-    pub(crate) signal: AtomicI32,
-    /// The host program handles SIGINT / SIGTERM.
-    pub(crate) no_signals: bool,
-    /// Becomes readable when the run aborts: fork supervisors poll it.
-    #[cfg(target_os = "linux")]
-    abort_pipe: OnceLock<(OwnedFd, OwnedFd)>,
-}
-
-impl RunShared {
-    pub(crate) fn new(no_signals: bool) -> Self {
-        RunShared {
-            no_signals,
-            ..RunShared::default()
-        }
-    }
-
-    /// An fd that becomes readable once the run aborts (created on first use).
-    #[cfg(target_os = "linux")]
-    pub(crate) fn abort_fd(&self) -> &OwnedFd {
-        &self
-            .abort_pipe
-            .get_or_init(|| {
-                let (r, w) = crate::sys::pipe(true).expect("create abort pipe");
-                if self.aborting() {
-                    let _ = rustix::io::write(&w, &[1]);
-                }
-                (r, w)
-            })
-            .0
-    }
-    fn wake_supervisors(&self) {
-        #[cfg(target_os = "linux")]
-        if let Some((_, w)) = self.abort_pipe.get() {
-            let _ = rustix::io::write(w, &[1]);
-        }
-    }
-    pub(crate) fn aborting(&self) -> bool {
-        self.abort.load(Ordering::Relaxed)
-    }
-    pub(crate) fn record(&self, f: &ItemFailure) {
-        self.failures_total.fetch_add(1, Ordering::Relaxed);
-        let mut v = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if v.len() < KEEP_FAILURES {
-            v.push(f.clone());
-        }
-    }
-    /// Aborts the run: producers stop, queued items are cancelled, children are terminated.
-    pub(crate) fn abort(&self, cause: ItemFailure) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut c = self.cause.lock().unwrap_or_else(|e| e.into_inner());
-        if c.is_none() {
-            *c = Some(cause);
-        }
-        self.abort.store(true, Ordering::Relaxed);
-        self.wake_supervisors();
-    }
-    /// A stop by signal: like an abort, but the report (not an error) says so.
-    pub(crate) fn interrupt(&self, signal: i32) {
-        self.signal.store(signal, Ordering::Relaxed);
-        self.stop.store(true, Ordering::Relaxed);
-        self.abort.store(true, Ordering::Relaxed);
-        self.wake_supervisors();
-    }
-}
 
 /// One stage, ready to run.
 pub(crate) struct PlannedStage {
@@ -145,14 +64,6 @@ impl std::fmt::Debug for Runnable {
             )
             .finish()
     }
-}
-
-/// The summary of a stage for the report, taken after the run.
-pub(crate) struct StageInfo {
-    pub(crate) ctx: Arc<StageCtx>,
-    pub(crate) kind: StageKind,
-    pub(crate) capacity: Option<Capacity>,
-    pub(crate) terminal: bool,
 }
 
 impl Runnable {
@@ -254,11 +165,7 @@ impl Runnable {
             shared.abort(f);
         }
         let report = RunReport::collect(&name, &infos, &shared, t0.elapsed());
-        let cause = shared
-            .cause
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let cause = shared.take_cause();
         match cause {
             Some(cause) => Err(RunError::Aborted {
                 cause,
@@ -283,15 +190,6 @@ impl Runnable {
             monitor,
             shared,
         }
-    }
-
-    pub(crate) fn failures(shared: &RunShared) -> (Vec<ItemFailure>, u64) {
-        let v = shared
-            .failures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        (v, shared.failures_total.load(Ordering::Relaxed))
     }
 }
 

@@ -3,7 +3,7 @@
 //! Handlers are installed when the first run starts and the previous ones restored when the
 //! last run ends.
 
-use crate::run::RunShared;
+use crate::shared::RunShared;
 use std::sync::{Arc, Mutex, Weak};
 
 static ACTIVE: Mutex<Vec<Weak<RunShared>>> = Mutex::new(Vec::new());

@@ -6,7 +6,8 @@
 
 use crate::error::FailureKind;
 use crate::policy::{StageCtx, Verdict};
-use crate::queue::{QueueTx, Router};
+use crate::queue::QueueTx;
+use crate::route::Router;
 use crate::stage::{guarded, Factory, Failed, Output, Stage};
 use crate::stats::Recorder;
 use crossbeam_channel::Receiver;

@@ -34,7 +34,7 @@ use crate::exec::ForkOptions;
 use crate::ipc::frame::Decoder;
 use crate::node::{ForkHooks, PreparedRun};
 use crate::policy::StageCtx;
-use crate::queue::Router;
+use crate::route::Router;
 use crate::stage::{Item, Wire};
 use crate::sys;
 use crossbeam_channel::{Receiver, Sender};
