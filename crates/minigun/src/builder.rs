@@ -62,7 +62,8 @@ struct StageDef {
     from: Vec<Ref>,
     to: Vec<Ref>,
     exec: Option<ExecChoice>,
-    group: Option<Exec>,
+    /// The innermost execution block around the stage, and the sub-pipeline it was opened in.
+    group: Option<(Exec, Option<usize>)>,
     capacity: Option<Capacity>,
     fanout: FanOut,
     policy: OnError,
@@ -82,7 +83,7 @@ struct Def {
     default_exec: Exec,
     default_capacity: Capacity,
     contexts: Vec<(String, Exec)>,
-    group: Vec<Exec>,
+    group: Vec<(Exec, Option<usize>)>,
     before_run: Vec<OnceHook>,
     after_run: Vec<OnceHook>,
     before_fork: Vec<ForkHook>,
@@ -221,7 +222,7 @@ impl Pipeline {
     /// assert_eq!(p.run().unwrap().stage("parse").unwrap().executor, "threads(4)");
     /// ```
     pub fn with_executor<R>(&self, exec: Exec, f: impl FnOnce(&Self) -> R) -> R {
-        self.def.borrow_mut().group.push(exec);
+        self.def.borrow_mut().group.push((exec, self.scope));
         let r = f(self);
         self.def.borrow_mut().group.pop();
         r
@@ -1016,17 +1017,28 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
                     reference: c.clone(),
                 })?,
             None => {
-                // The nearest enclosing sub-pipeline with an executor, then the execution
-                // block, then the pipeline default.
+                // The innermost of: the nearest enclosing sub-pipeline with a default
+                // executor, and the execution block (which is inside that sub-pipeline if it
+                // was opened there or deeper); then the pipeline default.
+                let mut chain = Vec::new();
                 let mut g = s.sub;
-                let mut found = None;
-                while let (Some(x), None) = (g, &found) {
-                    found = def.subs[x].exec.clone();
+                while let Some(x) = g {
+                    chain.push(x);
                     g = def.subs[x].parent;
                 }
-                found
-                    .or_else(|| s.group.clone())
-                    .unwrap_or_else(|| def.default_exec.clone())
+                let sub_at = chain.iter().position(|&x| def.subs[x].exec.is_some());
+                let block_at = s.group.as_ref().map(|(_, scope)| {
+                    scope
+                        .and_then(|x| chain.iter().position(|&c| c == x))
+                        .unwrap_or(chain.len())
+                });
+                match (sub_at, block_at) {
+                    (Some(si), Some(bi)) if bi <= si => s.group.as_ref().map(|(e, _)| e.clone()),
+                    (Some(si), _) => def.subs[chain[si]].exec.clone(),
+                    (None, Some(_)) => s.group.as_ref().map(|(e, _)| e.clone()),
+                    (None, None) => None,
+                }
+                .unwrap_or_else(|| def.default_exec.clone())
             }
         };
         if let Exec::CowFork(o) | Exec::IpcFork(o) = &exec {

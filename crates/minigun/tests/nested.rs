@@ -304,3 +304,30 @@ fn find_prefers_the_exact_name() {
         "sub/double"
     );
 }
+
+#[test]
+fn the_innermost_of_a_sub_default_and_an_execution_block_wins() {
+    let p = Pipeline::new("precedence");
+    p.producer("gen", |out| out.emit_all(0..4u64).map_err(Into::into));
+    p.with_executor(minigun::Exec::threads(3), |p| {
+        p.pipeline::<u64, u64>("s", |s| {
+            s.default_executor(minigun::Exec::threads(2));
+            s.map("sub_default", |x: u64| Ok(x));
+            s.with_executor(minigun::Exec::threads(8), |s| {
+                s.map("inner_block", |x: u64| Ok(x));
+            });
+        });
+    });
+    p.consumer("sink", |_x: u64| Ok(()));
+    let report = p.run().unwrap();
+    // The outer block is outside the sub-pipeline: the sub's default wins over it...
+    assert_eq!(
+        report.stage("s/sub_default").unwrap().executor,
+        "threads(2)"
+    );
+    // ...and a block opened inside the sub-pipeline wins over the sub's default.
+    assert_eq!(
+        report.stage("s/inner_block").unwrap().executor,
+        "threads(8)"
+    );
+}
