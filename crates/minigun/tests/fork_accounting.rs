@@ -3,71 +3,11 @@
 //! workers than items), outputs are the inline executor's, and stage state, several fork
 //! stages and several concurrent pipelines all add up.
 mod common;
-use common::{live_children, zombies, Sink};
-use minigun::{Exec, Output, Pipeline, RunError, RunReport, Stage, StageRef, StageResult, Wire};
+use common::Sink;
+use common::{assert_no_children, run_bounded, Fork};
+use minigun::{Exec, Output, Pipeline, RunReport, Stage, StageResult};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
-
-/// One of the two fork executors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fork {
-    Cow,
-    Ipc,
-}
-
-impl Fork {
-    fn apply<I: Wire, O: Wire>(self, s: &StageRef<I, O>, n: usize) -> StageRef<I, O> {
-        match self {
-            Fork::Cow => s.cow_fork(n),
-            Fork::Ipc => s.ipc_fork(n),
-        }
-    }
-}
-
-/// One `#[test]` per fork executor; `$fk` is the executor.
-macro_rules! both {
-    (fn $name:ident($fk:ident) $body:block) => {
-        mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-            #[test]
-            fn cow_fork() {
-                let $fk = Fork::Cow;
-                $body
-            }
-            #[test]
-            fn ipc_fork() {
-                let $fk = Fork::Ipc;
-                $body
-            }
-        }
-    };
-}
-
-/// Runs a pipeline on its own thread; fails the test instead of hanging if it does not end.
-fn run_bounded(p: Pipeline) -> Result<RunReport, RunError> {
-    let r = p.build().expect("valid pipeline");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(r.run());
-    });
-    rx.recv_timeout(Duration::from_secs(90))
-        .expect("the run did not end within 90 s")
-}
-
-/// After a run: every child reaped, none left running.
-fn assert_no_children() {
-    assert_eq!(
-        zombies(),
-        Vec::<u32>::new(),
-        "zombie children after the run"
-    );
-    assert_eq!(
-        live_children(),
-        Vec::<u32>::new(),
-        "live children after the run"
-    );
-}
 
 /// A 1:1 stage took `n` items and accounted for each exactly once, without failures.
 fn assert_clean_1to1(r: &RunReport, stage: &str, n: u64) {

@@ -4,7 +4,8 @@
 #![allow(unsafe_code)] // raising signals and killing processes goes through libc
 
 mod common;
-use common::{live_children, zombies, Sink};
+use common::assert_no_children;
+use common::Sink;
 use minigun::{
     Exec, Failed, FailureKind, OnError, Pipeline, RunError, RunReport, StageRef, StageResult, Wire,
 };
@@ -128,20 +129,6 @@ fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) ->
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(2));
     }
-}
-
-/// After a run: every child reaped, none left running.
-fn assert_no_children() {
-    assert_eq!(
-        zombies(),
-        Vec::<u32>::new(),
-        "zombie children after the run"
-    );
-    assert_eq!(
-        live_children(),
-        Vec::<u32>::new(),
-        "live children after the run"
-    );
 }
 
 /// (item, kind) of each recorded failure, for assertion messages.

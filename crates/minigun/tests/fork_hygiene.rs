@@ -3,73 +3,13 @@
 //! they should, child output survives a piped stdout, and forking while other threads hold
 //! locks (allocator, stdout, channels) never leaves a child hanging.
 mod common;
-use common::{live_children, open_fds, zombies, Sink};
-use minigun::{Exec, Output, Pipeline, RunError, RunReport, StageRef, Wire};
+use common::{assert_no_children, run_bounded, Fork};
+use common::{open_fds, Sink};
+use minigun::{Exec, Output, Pipeline, RunReport};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// One of the two fork executors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Fork {
-    Cow,
-    Ipc,
-}
-
-impl Fork {
-    fn apply<I: Wire, O: Wire>(self, s: &StageRef<I, O>, n: usize) -> StageRef<I, O> {
-        match self {
-            Fork::Cow => s.cow_fork(n),
-            Fork::Ipc => s.ipc_fork(n),
-        }
-    }
-}
-
-/// One `#[test]` per fork executor; `$fk` is the executor.
-macro_rules! both {
-    (fn $name:ident($fk:ident) $body:block) => {
-        mod $name {
-            #[allow(unused_imports)]
-            use super::*;
-            #[test]
-            fn cow_fork() {
-                let $fk = Fork::Cow;
-                $body
-            }
-            #[test]
-            fn ipc_fork() {
-                let $fk = Fork::Ipc;
-                $body
-            }
-        }
-    };
-}
-
-/// Runs a pipeline on its own thread; fails the test instead of hanging if it does not end.
-fn run_bounded(p: Pipeline) -> Result<RunReport, RunError> {
-    let r = p.build().expect("valid pipeline");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(r.run());
-    });
-    rx.recv_timeout(Duration::from_secs(90))
-        .expect("the run did not end within 90 s")
-}
-
-/// After a run: every child reaped, none left running.
-fn assert_no_children() {
-    assert_eq!(
-        zombies(),
-        Vec::<u32>::new(),
-        "zombie children after the run"
-    );
-    assert_eq!(
-        live_children(),
-        Vec::<u32>::new(),
-        "live children after the run"
-    );
-}
 
 /// A temporary directory, removed on drop.
 struct TempDir(PathBuf);

@@ -176,3 +176,65 @@ impl DieWithParent for std::process::Command {
         }
     }
 }
+
+/// One of the two fork executors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fork {
+    Cow,
+    Ipc,
+}
+
+impl Fork {
+    pub fn apply<I: Wire, O: Wire>(self, s: &StageRef<I, O>, n: usize) -> StageRef<I, O> {
+        match self {
+            Fork::Cow => s.cow_fork(n),
+            Fork::Ipc => s.ipc_fork(n),
+        }
+    }
+}
+
+/// One `#[test]` per fork executor; `$fk` is the executor.
+#[macro_export]
+macro_rules! both {
+    (fn $name:ident($fk:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            #[test]
+            fn cow_fork() {
+                let $fk = $crate::common::Fork::Cow;
+                $body
+            }
+            #[test]
+            fn ipc_fork() {
+                let $fk = $crate::common::Fork::Ipc;
+                $body
+            }
+        }
+    };
+}
+
+/// Runs a pipeline on its own thread; fails the test instead of hanging if it does not end.
+pub fn run_bounded(p: minigun::Pipeline) -> Result<minigun::RunReport, minigun::RunError> {
+    let r = p.build().expect("valid pipeline");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(r.run());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(90))
+        .expect("the run did not end within 90 s")
+}
+
+/// After a run: every child reaped, none left running.
+pub fn assert_no_children() {
+    assert_eq!(
+        zombies(),
+        Vec::<u32>::new(),
+        "zombie children after the run"
+    );
+    assert_eq!(
+        live_children(),
+        Vec::<u32>::new(),
+        "live children after the run"
+    );
+}
