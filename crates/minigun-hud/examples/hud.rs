@@ -67,7 +67,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             std::thread::sleep(due.saturating_duration_since(Instant::now()));
         }
         Ok(())
-    });
+    })
+    // Declared, so progress shows a percentage and the time left.
+    .total(total);
     p.map("parse", |id: u64| {
         std::thread::sleep(Duration::from_millis(4));
         Ok((id, id * 37 % 997))
@@ -87,7 +89,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(())
     });
 
-    let options = Options::default().dashboard(true).total(total);
+    let options = Options::default().dashboard(true);
     let report = minigun_hud::run_with(p, options)?;
     println!("{report}");
     Ok(())

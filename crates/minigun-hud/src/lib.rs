@@ -29,7 +29,8 @@
 //! - For `cow_fork` and `ipc_fork` stages, their live child processes: pid, items handled,
 //!   resident memory, age.
 //! - The run's state (running, stopping, finished), elapsed time, items produced and their
-//!   rate, failures, and percentage and time left when [`Options::total`] is set.
+//!   rate, failures, and percentage and time left when the producers declare their total
+//!   (`StageRef::total`) or [`Options::total`] is set.
 //!
 //! Keys: `q` (or Ctrl-C) stops the run ([`RunHandle::stop`]) and leaves the dashboard, `space`
 //! freezes the display (the run goes on), `↑ ↓ PgUp PgDn Home End` scroll the stage table,

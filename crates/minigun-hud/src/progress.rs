@@ -82,7 +82,7 @@ pub(crate) fn follow(handle: &RunHandle, monitor: &Monitor, options: &Options) {
             continue;
         }
         let mut scene = Scene::from(&monitor.snapshot());
-        scene.total = options.total;
+        scene.total = options.total.or(scene.total);
         let dt = now.duration_since(last.0).as_secs_f64();
         scene.rate = scene.produced.saturating_sub(last.1) as f64 / dt;
         last = (now, scene.produced);

@@ -128,7 +128,8 @@ impl From<&Snapshot> for Scene {
             edges: s.edges.clone(),
             produced: s.produced,
             rate,
-            total: None,
+            // What the producers declared; `Options::total` overrides it.
+            total: s.total,
             failures_total: s.failures_total,
             finished: s.finished,
             stopping: s.stopping,

@@ -171,7 +171,7 @@ fn event_loop(handle: &RunHandle, monitor: &Monitor, options: &Options) -> io::R
     let mut ended_at = None;
     let mut take = |rates: &mut RateWindow| {
         let mut scene = Scene::from(&monitor.snapshot());
-        scene.total = options.total;
+        scene.total = options.total.or(scene.total);
         rates.apply(&mut scene, Instant::now());
         if scene.finished {
             scene.elapsed_secs = *ended_at.get_or_insert(scene.elapsed_secs);

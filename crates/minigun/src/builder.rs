@@ -74,6 +74,7 @@ struct StageDef {
     sub: Option<usize>,
     entry: bool,
     rerouted: bool,
+    declared_total: Option<u64>,
 }
 
 #[derive(Default)]
@@ -360,6 +361,7 @@ impl Pipeline {
             sub: self.scope,
             entry: false,
             rerouted: false,
+            declared_total: None,
             name,
             node,
             from: Vec::new(),
@@ -762,6 +764,15 @@ impl<I, O> StageRef<I, O> {
     }
 }
 
+impl<O> StageRef<(), O> {
+    /// For a producer: declares how many items it will emit, so progress views can show a
+    /// percentage and the time left.
+    pub fn total(&self, items: u64) -> Self {
+        self.with(|s| s.declared_total = Some(items));
+        self.this()
+    }
+}
+
 impl<I: Item> StageRef<I, Vec<I>> {
     /// For an accumulator: emit a partial batch once its first item has waited `wait`.
     pub fn max_wait(&self, wait: Duration) -> Self {
@@ -1105,6 +1116,11 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
 
     let run = Arc::new(RunShared::new(def.no_signals));
     let stats: Vec<Arc<StageStats>> = (0..n).map(|_| Arc::new(StageStats::default())).collect();
+    for (v, s) in def.stages.iter().enumerate() {
+        if let Some(total) = s.declared_total {
+            let _ = stats[v].declared_total.set(total);
+        }
+    }
     let mut makers = Vec::with_capacity(n);
     let mut inputs = Vec::with_capacity(n);
     let mut capacities = Vec::with_capacity(n);

@@ -93,6 +93,9 @@ pub struct Snapshot {
     pub edges: Vec<(usize, usize)>,
     /// Items emitted by producers so far.
     pub produced: u64,
+    /// Items the producers said they will emit, if every producer declared it
+    /// ([`StageRef::total`](crate::StageRef::total)).
+    pub total: Option<u64>,
     /// Failures so far.
     pub failures_total: u64,
     /// Whether the run has ended.
@@ -211,6 +214,7 @@ impl Monitor {
             .map(|(_, i)| i);
         let mut stages = Vec::with_capacity(inner.stages.len());
         let mut produced = 0;
+        let mut total = Some(0u64);
         for (i, s) in inner.stages.iter().enumerate() {
             let st = &s.ctx.stats;
             let items_in = st.items_in.load(Ordering::Relaxed);
@@ -223,6 +227,9 @@ impl Monitor {
             };
             if s.kind == StageKind::Producer {
                 produced += items_out;
+                total = total
+                    .zip(st.declared_total.get().copied())
+                    .map(|(a, b)| a + b);
             }
             let delta = counted.saturating_sub(last.1[i]);
             last.1[i] = counted;
@@ -302,6 +309,7 @@ impl Monitor {
             stages,
             edges: inner.edges.clone(),
             produced,
+            total,
             failures_total: inner.shared.failures().1,
             finished: inner.finished.get().is_some(),
             stopping: inner.shared.stop.load(Ordering::Relaxed),

@@ -34,6 +34,8 @@ pub(crate) struct StageStats {
     pub(crate) latency: Mutex<Histogram<u64>>,
     pub(crate) started: Mutex<Option<Instant>>,
     pub(crate) finished: Mutex<Option<Instant>>,
+    /// How many items a producer said it will emit (for progress and ETA).
+    pub(crate) declared_total: std::sync::OnceLock<u64>,
     /// Live forked children of a fork stage (updated by its supervisor).
     pub(crate) children: Mutex<Vec<ChildInfo>>,
     /// Reads the current length of the stage's input queue.
@@ -104,6 +106,7 @@ impl Default for StageStats {
             started: Mutex::new(None),
             finished: Mutex::new(None),
             children: Mutex::new(Vec::new()),
+            declared_total: std::sync::OnceLock::new(),
             queue_len: Mutex::new(None),
         }
     }

@@ -125,3 +125,27 @@ fn latencies_of_a_slow_stage_show_before_it_ends() {
     });
     handle.wait().unwrap();
 }
+
+#[test]
+fn producers_declare_their_total() {
+    let p = Pipeline::new("totals");
+    p.producer("a", |out| out.emit_all(0..5u64).map_err(Into::into))
+        .total(5);
+    p.producer("b", |out| out.emit_all(0..7u64).map_err(Into::into))
+        .total(7);
+    p.consumer("sink", |_x: u64| Ok(()));
+    let r = p.build().unwrap();
+    let monitor = r.monitor();
+    r.run().unwrap();
+    assert_eq!(monitor.snapshot().total, Some(12));
+    // Unknown as soon as one producer does not say.
+    let p = Pipeline::new("no-total");
+    p.producer("a", |out| out.emit_all(0..5u64).map_err(Into::into))
+        .total(5);
+    p.producer("b", |out| out.emit_all(0..7u64).map_err(Into::into));
+    p.consumer("sink", |_x: u64| Ok(()));
+    let r = p.build().unwrap();
+    let monitor = r.monitor();
+    r.run().unwrap();
+    assert_eq!(monitor.snapshot().total, None);
+}
