@@ -9,6 +9,7 @@ use crate::error::{DefinitionError, StageResult};
 use crate::exec::local::Parts;
 use crate::graph::{Declared, Port, StageKind};
 use crate::hooks::{ForkHook, OnceHook, StageHooks};
+use crate::ipc::protocol::{Codec, Postcard, WireFns};
 use crate::loops::{Loop, Membership, Unit};
 use crate::node::{
     self, AccumulatorNode, ForkHooks, Node, PreparedRun, ProcessorNode, ProducerNode,
@@ -479,6 +480,8 @@ fn processor_node<I: Item, O: Item>(kind: StageKind, factory: Factory<I, O>) -> 
         factory,
         cow: None,
         ipc: None,
+        wire: None,
+        codec_chosen: false,
     })
 }
 
@@ -791,6 +794,9 @@ impl<I: Item, O: Wire> StageRef<I, O> {
         self.with(|s| {
             if let Some(n) = s.node.as_any().downcast_mut::<ProcessorNode<I, O>>() {
                 n.cow = Some(cow_runner::<I, O>);
+                if n.wire.is_none() {
+                    n.wire = Some(WireFns::outputs::<Postcard>());
+                }
             }
         });
     }
@@ -817,6 +823,42 @@ impl<I: Wire, O: Wire> StageRef<I, O> {
         self.with(|s| {
             if let Some(n) = s.node.as_any().downcast_mut::<ProcessorNode<I, O>>() {
                 n.ipc = Some(ipc_runner::<I, O>);
+                if !n.codec_chosen {
+                    n.wire = Some(WireFns::both::<Postcard>());
+                }
+            }
+        });
+        self.this()
+    }
+
+    /// Items of this stage cross the process boundary through the codec `C` instead of
+    /// postcard (see [`Codec`](crate::Codec)). Also declares the stage serialisable, like
+    /// [`StageRef::wire`].
+    ///
+    /// ```
+    /// # use minigun::{Codec, Pipeline};
+    /// # use serde::{de::DeserializeOwned, Serialize};
+    /// # struct Json;
+    /// # impl Codec for Json {
+    /// #     fn encode<T: Serialize + ?Sized>(v: &T, out: &mut Vec<u8>) -> Result<(), String> {
+    /// #         serde_json::to_writer(out, v).map_err(|e| e.to_string())
+    /// #     }
+    /// #     fn decode<T: DeserializeOwned>(b: &[u8]) -> Result<T, String> {
+    /// #         serde_json::from_slice(b).map_err(|e| e.to_string())
+    /// #     }
+    /// # }
+    /// let p = Pipeline::new("json-over-pipes");
+    /// p.producer("gen", |out| out.emit_all(0..3u64).map_err(Into::into));
+    /// p.map("double", |x: u64| Ok(x * 2)).codec::<Json>().ipc_fork(2);
+    /// p.consumer("sink", |_: u64| Ok(()));
+    /// assert_eq!(p.run().unwrap().stage("double").unwrap().items_out, 3);
+    /// ```
+    pub fn codec<C: Codec>(&self) -> Self {
+        self.wire();
+        self.with(|s| {
+            if let Some(n) = s.node.as_any().downcast_mut::<ProcessorNode<I, O>>() {
+                n.wire = Some(WireFns::both::<C>());
+                n.codec_chosen = true;
             }
         });
         self.this()

@@ -100,7 +100,6 @@ mod error;
 mod exec;
 mod graph;
 mod hooks;
-#[cfg(target_os = "linux")]
 mod ipc;
 mod loops;
 mod monitor;
@@ -123,6 +122,7 @@ pub use error::{
 };
 pub use exec::{Dispatch, Exec, ForkOptions};
 pub use graph::StageKind;
+pub use ipc::protocol::{Codec, Postcard};
 pub use monitor::{ChildSnapshot, Monitor, Snapshot, StageSnapshot, StageStatus};
 pub use policy::OnError;
 pub use queue::{Capacity, FanOut};

@@ -178,6 +178,9 @@ pub(crate) struct ProcessorNode<I, O> {
     pub(crate) factory: Factory<I, O>,
     pub(crate) cow: Option<ForkRunner<I, O>>,
     pub(crate) ipc: Option<ForkRunner<I, O>>,
+    pub(crate) wire: Option<crate::ipc::protocol::WireFns<I, O>>,
+    /// The codec was chosen with `StageRef::codec` (not the default).
+    pub(crate) codec_chosen: bool,
 }
 
 impl<I: Item, O: Item> Node for ProcessorNode<I, O> {
@@ -210,6 +213,7 @@ impl<I: Item, O: Item> Node for ProcessorNode<I, O> {
             dead_letter: w.dead_letter.take().map(take::<QueueTx<Failed<I>>>),
             factory: self.factory,
             ctx: w.ctx,
+            wire: self.wire,
         };
         let hooks = ForkHooks {
             before_fork: w.before_fork,

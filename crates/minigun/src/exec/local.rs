@@ -21,6 +21,8 @@ pub(crate) struct Parts<I, O> {
     pub(crate) router: Router<O>,
     pub(crate) dead_letter: Option<QueueTx<Failed<I>>>,
     pub(crate) factory: Factory<I, O>,
+    /// The stage's codec, for fork executors.
+    pub(crate) wire: Option<crate::ipc::protocol::WireFns<I, O>>,
 }
 
 /// Runs `threads` workers (1 = inline, on this thread) until the input ends.

@@ -93,8 +93,14 @@ macro_rules! matrix_local {
 
 /// Collects items from a consumer across threads and processes (the consumer runs in the
 /// parent, so a plain shared Vec works).
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Sink<T>(pub std::sync::Arc<std::sync::Mutex<Vec<T>>>);
+
+impl<T> Default for Sink<T> {
+    fn default() -> Self {
+        Sink(Default::default())
+    }
+}
 
 impl<T: Clone + Ord> Sink<T> {
     pub fn push(&self, t: T) {

@@ -7,10 +7,30 @@
 use crate::error::{EmitError, FailureKind};
 use crate::hooks::{self, ForkHook};
 use crate::ipc::frame::{self, Decoder, Kind};
-use crate::ipc::protocol::{self, ChildError, Done};
+use crate::ipc::protocol::{self, ChildError, Done, WireFns};
 use crate::ipc::{FINISH_ID, START_ID};
 use crate::route::Routes;
-use crate::stage::{guarded, Factory, Output, Sink, Stage, Wire};
+
+type Enc<T> = fn(&T, &mut Vec<u8>) -> Result<(), String>;
+
+/// What a child needs of its stage (all of it in the parent's memory, seen through
+/// copy-on-write): how to make the stage, the hooks to run first, the frame limit, the route
+/// table and the codec.
+pub(crate) struct StageCode<'a, I, O> {
+    pub(crate) factory: &'a Factory<I, O>,
+    pub(crate) after_fork: &'a [ForkHook],
+    pub(crate) max: usize,
+    pub(crate) routes: &'a Routes,
+    pub(crate) wire: WireFns<I, O>,
+}
+
+impl<I, O> Clone for StageCode<'_, I, O> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<I, O> Copy for StageCode<'_, I, O> {}
+use crate::stage::{guarded, Factory, Output, Sink, Stage};
 use std::any::Any;
 use std::os::fd::OwnedFd;
 use std::time::Instant;
@@ -55,9 +75,11 @@ impl ChildOut {
         Ok(())
     }
 
-    fn result<O: Wire>(&mut self, id: u64, value: &O) -> Result<(), EmitError> {
-        protocol::encode_frame(&mut self.buf, Kind::Result, id, value, self.max)
-            .map_err(|e| EmitError::Encode(format!("a {}: {e}", std::any::type_name::<O>())))?;
+    fn result<O>(&mut self, id: u64, value: &O, encode: Enc<O>) -> Result<(), EmitError> {
+        protocol::frame_with(&mut self.buf, Kind::Result, id, self.max, |b| {
+            encode(value, b)
+        })
+        .map_err(|e| EmitError::Encode(format!("a {}: {e}", std::any::type_name::<O>())))?;
         self.outputs += 1;
         if self.buf.len() >= FLUSH_AT {
             self.flush().map_err(|_| EmitError::Closed)?;
@@ -109,15 +131,16 @@ impl ChildOut {
     }
 }
 
-struct PipeSink<'a> {
+struct PipeSink<'a, O> {
     out: &'a mut ChildOut,
     id: u64,
     routes: &'a Routes,
+    encode: Enc<O>,
 }
 
-impl<O: Wire> Sink<O> for PipeSink<'_> {
+impl<O> Sink<O> for PipeSink<'_, O> {
     fn send(&mut self, item: O) -> Result<(), EmitError> {
-        self.out.result(self.id, &item)
+        self.out.result(self.id, &item, self.encode)
     }
     fn route(&mut self, target: &str, item: Box<dyn Any + Send>) -> Result<(), EmitError> {
         let index = self.routes.index(target)?;
@@ -129,13 +152,14 @@ impl<O: Wire> Sink<O> for PipeSink<'_> {
 }
 
 /// One item through the stage, reported as result frames then `done` or `error`.
-fn run_item<I: 'static, O: Wire>(
+fn run_item<I: 'static, O: 'static>(
     stage: &mut dyn Stage<I, O>,
     item: I,
     id: u64,
     out: &mut ChildOut,
     finish: bool,
     routes: &Routes,
+    encode: Enc<O>,
 ) {
     out.outputs = 0;
     let t0 = Instant::now();
@@ -144,6 +168,7 @@ fn run_item<I: 'static, O: Wire>(
             out: &mut *out,
             id,
             routes,
+            encode,
         };
         let mut output = Output::new(&mut sink);
         stage.process(item, &mut output)?;
@@ -170,22 +195,34 @@ fn start<I, O>(
 /// A cow_fork child: the items came through copy-on-write memory; results go to `fd`. Each
 /// item's frames leave before the next item starts; the stage instance is flushed
 /// (`finish`) with the last item.
-pub(crate) fn cow_child<I: 'static, O: Wire>(
+pub(crate) fn cow_child<I: 'static, O: 'static>(
     items: Vec<I>,
     ids: &[u64],
-    factory: &Factory<I, O>,
-    after_fork: &[ForkHook],
+    stage: &StageCode<'_, I, O>,
     fd: OwnedFd,
-    max: usize,
-    routes: &Routes,
 ) -> i32 {
+    let StageCode {
+        factory,
+        after_fork,
+        max,
+        routes,
+        wire,
+    } = *stage;
     super::log::enter_child();
     let mut out = ChildOut::new(fd, max);
     match start(factory, after_fork) {
         Ok(mut stage) => {
             let last = items.len().saturating_sub(1);
             for (k, (item, &id)) in items.into_iter().zip(ids).enumerate() {
-                run_item(&mut *stage, item, id, &mut out, k == last, routes);
+                run_item(
+                    &mut *stage,
+                    item,
+                    id,
+                    &mut out,
+                    k == last,
+                    routes,
+                    wire.encode_out,
+                );
                 if out.flush().is_err() {
                     return 74;
                 }
@@ -205,14 +242,18 @@ pub(crate) fn cow_child<I: 'static, O: Wire>(
 
 /// An ipc_fork worker: reads item frames from `input` until `shutdown` (or end of file),
 /// answers each on `output`, flushes its stage instance, exits 0.
-pub(crate) fn ipc_worker<I: Wire, O: Wire>(
+pub(crate) fn ipc_worker<I: 'static, O: 'static>(
     input: OwnedFd,
     output: OwnedFd,
-    factory: &Factory<I, O>,
-    after_fork: &[ForkHook],
-    max: usize,
-    routes: &Routes,
+    stage: &StageCode<'_, I, O>,
 ) -> i32 {
+    let StageCode {
+        factory,
+        after_fork,
+        max,
+        routes,
+        wire,
+    } = *stage;
     super::log::enter_child();
     let mut out = ChildOut::new(output, max);
     let mut stage = match start(factory, after_fork) {
@@ -226,7 +267,7 @@ pub(crate) fn ipc_worker<I: Wire, O: Wire>(
     let mut dec = Decoder::new(max);
     loop {
         let next = dec.next(|kind, id, payload| match kind {
-            Kind::Item => Some((id, protocol::decode::<I>(payload))),
+            Kind::Item => Some((id, (wire.decode_in)(payload))),
             Kind::Shutdown => None,
             other => Some((
                 id,
@@ -235,7 +276,15 @@ pub(crate) fn ipc_worker<I: Wire, O: Wire>(
         });
         match next {
             Ok(Some(Some((id, Ok(item))))) => {
-                run_item(&mut *stage, item, id, &mut out, false, routes);
+                run_item(
+                    &mut *stage,
+                    item,
+                    id,
+                    &mut out,
+                    false,
+                    routes,
+                    wire.encode_out,
+                );
                 // Every item's frames leave before the next item starts: if the next one
                 // kills the process, the parent knows exactly which item it was running.
                 if out.flush().is_err() {
@@ -283,6 +332,7 @@ pub(crate) fn ipc_worker<I: Wire, O: Wire>(
             routes,
             out: &mut out,
             id: FINISH_ID,
+            encode: wire.encode_out,
         }))
     });
     match r {

@@ -275,10 +275,18 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         let after_fork = &self.hooks.after_fork;
         let keep = [sys::raw(&w)];
         let name = format!("mg:{}", ctx.name);
+        let wire = self.parts.wire.expect("fork stages have a codec");
         let routes = &self.parts.router.routes;
         let forked = sys::fork_child(&keep, &name, move || {
             let items = slot_ref.take().expect("the child's copy of the items");
-            child::cow_child::<I, O>(items, &ids, factory, after_fork, w, max, routes)
+            let code = child::StageCode {
+                factory,
+                after_fork,
+                max,
+                routes,
+                wire,
+            };
+            child::cow_child::<I, O>(items, &ids, &code, w)
         });
         let items = slot.expect("the parent keeps its copy");
         let jobs: Vec<Pending<I>> = items
@@ -331,6 +339,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         loop {
             let index = r.jobs.get(r.cur).map_or(u64::MAX, |j| j.index);
             let (stage, pid) = (&self.parts.ctx.name, r.child.pid);
+            let wire = self.parts.wire.expect("fork stages have a codec");
             let routes = &self.parts.router.routes;
             let next = r.stream.dec.next(|kind, id, payload| {
                 if kind == Kind::Log {
@@ -350,7 +359,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     Kind::Routed => {
                         super::decode_routed(routes, payload).map(|(i, t)| Event::Routed(i, t))
                     }
-                    Kind::Result => protocol::decode::<O>(payload)
+                    Kind::Result => (wire.decode_out)(payload)
                         .map(Event::Result)
                         .map_err(|e| format!("cannot decode a result: {e}")),
                     Kind::Done => protocol::decode::<Done>(payload)

@@ -106,9 +106,17 @@ fn spawn<I: Wire, O: Wire>(
     sys::grow_pipe(&out_w, PIPE_SIZE);
     let keep = [sys::raw(&in_r), sys::raw(&out_w)];
     let (factory, after_fork, max) = (&parts.factory, &hooks.after_fork, opts.max_frame);
+    let wire = parts.wire.expect("fork stages have a codec");
     let routes = &parts.router.routes;
     let child = sys::fork_child(&keep, &format!("mg:{}#{slot}", parts.ctx.name), move || {
-        child::ipc_worker::<I, O>(in_r, out_w, factory, after_fork, max, routes)
+        let code = child::StageCode {
+            factory,
+            after_fork,
+            max,
+            routes,
+            wire,
+        };
+        child::ipc_worker::<I, O>(in_r, out_w, &code)
     })?;
     parts.ctx.stats.child_started(child.pid);
     Ok(Worker {
@@ -181,10 +189,16 @@ fn run<I: Wire, O: Wire>(
         std::thread::Builder::new()
             .name(format!("{}:feed", ctx.name))
             .spawn_scoped(s, || {
+                let wire = parts.wire.expect("fork stages have a codec");
                 let mut index = 0u64;
                 feed(ctx, &parts.input, tx, &wake, |item: I| {
                     index += 1;
-                    Some(encode_input(index - 1, item, opts.max_frame))
+                    Some(encode_input(
+                        wire.encode_in,
+                        index - 1,
+                        item,
+                        opts.max_frame,
+                    ))
                 })
             })
             .expect("spawn feeder thread");
@@ -209,9 +223,14 @@ fn run<I: Wire, O: Wire>(
 type Encoded<I> = (u64, Result<Vec<u8>, (I, String)>);
 
 /// Serialises an input item on the feeder thread.
-fn encode_input<I: Wire>(index: u64, item: I, max: usize) -> Encoded<I> {
+fn encode_input<I>(
+    encode: fn(&I, &mut Vec<u8>) -> Result<(), String>,
+    index: u64,
+    item: I,
+    max: usize,
+) -> Encoded<I> {
     let mut payload = Vec::new();
-    match protocol::encode(&item, &mut payload) {
+    match encode(&item, &mut payload) {
         Ok(()) if payload.len() + frame::HEADER - 4 <= max => (index, Ok(payload)),
         Ok(()) => {
             let m = format!(
@@ -481,6 +500,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 let w = self.workers[slot].as_mut().expect("live worker");
                 let front = w.flights.front().map(|f| f.index);
                 let (stage, pid) = (&self.parts.ctx.name, w.child.pid);
+                let wire = self.parts.wire.expect("fork stages have a codec");
                 let routes = &self.parts.router.routes;
                 let next = w
                     .stream
@@ -502,7 +522,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                         match kind {
                             Kind::Routed => super::decode_routed(routes, payload)
                                 .map(|(i, t)| Event::Routed(i, t)),
-                            Kind::Result => protocol::decode::<O>(payload)
+                            Kind::Result => (wire.decode_out)(payload)
                                 .map(Event::Result)
                                 .map_err(|e| format!("cannot decode a result: {e}")),
                             Kind::Done => protocol::decode::<Done>(payload)
@@ -681,7 +701,8 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         queue: &mut VecDeque<Flight>,
     ) {
         let parts = self.parts;
-        let dead = |failure| match protocol::decode::<I>(&f.payload) {
+        let decode_in = parts.wire.expect("fork stages have a codec").decode_in;
+        let dead = |failure| match decode_in(&f.payload) {
             Ok(item) => dead_letter(parts, item, failure),
             Err(e) => {
                 let stage = &parts.ctx.name;

@@ -1,0 +1,74 @@
+//! A stage can choose the codec its items cross the pipe with. postcard (the default) cannot
+//! represent an untagged enum; a self-describing codec (JSON here) can.
+mod common;
+use common::Sink;
+use minigun::{Codec, Exec, FailureKind, Pipeline};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+struct Json;
+impl Codec for Json {
+    fn encode<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), String> {
+        serde_json::to_writer(out, value).map_err(|e| e.to_string())
+    }
+    fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Value {
+    Number(u64),
+    Text(String),
+}
+
+fn run(exec: Exec, json: bool) -> (Vec<Value>, minigun::RunReport) {
+    let p = Pipeline::new("codec");
+    let got = Sink::default();
+    let g = got.clone();
+    p.producer("gen", |out| out.emit_all(0..20u64).map_err(Into::into));
+    let s = p.map("convert", |x: u64| {
+        Ok(if x.is_multiple_of(2) {
+            Value::Number(x)
+        } else {
+            Value::Text(format!("#{x}"))
+        })
+    });
+    let s = if json { s.codec::<Json>() } else { s.wire() };
+    s.executor(exec);
+    p.map("back", |v: Value| Ok(v)).codec::<Json>().ipc_fork(2);
+    p.consumer("sink", move |v: Value| {
+        g.push(v);
+        Ok(())
+    });
+    let report = p.run().unwrap();
+    (got.sorted(), report)
+}
+
+#[test]
+fn a_chosen_codec_carries_what_postcard_cannot() {
+    let mut want: Vec<Value> = (0..20u64)
+        .map(|x| {
+            if x.is_multiple_of(2) {
+                Value::Number(x)
+            } else {
+                Value::Text(format!("#{x}"))
+            }
+        })
+        .collect();
+    want.sort();
+    for exec in [Exec::cow_fork(2), Exec::ipc_fork(2)] {
+        let (got, report) = run(exec.clone(), true);
+        assert_eq!(got, want, "{exec}: {report}");
+        // The default codec cannot decode the untagged enum: each item fails, typed.
+        let (got, report) = run(exec.clone(), false);
+        assert!(got.is_empty(), "{exec}");
+        let convert = report.stage("convert").unwrap();
+        assert_eq!(convert.failed, 20, "{exec}: {report}");
+        assert_eq!(
+            report.failures[0].kind,
+            FailureKind::Protocol,
+            "{exec}: {report}"
+        );
+    }
+}
