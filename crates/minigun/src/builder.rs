@@ -1164,6 +1164,7 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         }
     }
     let mut makers = Vec::with_capacity(n);
+    let mut closers: Vec<Option<crate::queue::Closer>> = Vec::with_capacity(n);
     let mut inputs = Vec::with_capacity(n);
     let mut capacities = Vec::with_capacity(n);
     for (v, s) in def.stages.iter().enumerate() {
@@ -1177,12 +1178,14 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
             s.capacity.unwrap_or(def.default_capacity)
         };
         match s.node.make_queue(cap, stats[v].clone()) {
-            Some((maker, rx)) => {
+            Some((maker, rx, closer)) => {
                 makers.push(Some(maker));
                 inputs.push(Some(rx));
                 capacities.push(Some(cap));
+                closers.push(Some(closer));
             }
             None => {
+                closers.push(None);
                 makers.push(None);
                 inputs.push(None);
                 capacities.push(None);
@@ -1197,6 +1200,9 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         let lp = Loop::new();
         for &m in members {
             loop_of[m] = Some(lp.clone());
+            if let Some(close) = closers[m].take() {
+                lp.member(close);
+            }
         }
         loops.push(lp);
     }

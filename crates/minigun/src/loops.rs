@@ -14,30 +14,42 @@
 //! process in the loop and none can arrive. The loop is then closed and its members end
 //! together, as if their queues had disconnected.
 
-use crossbeam_channel::{Receiver, Sender};
+use crate::queue::Closer;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The work counter of one routing loop.
-#[derive(Debug)]
 pub(crate) struct Loop {
     work: AtomicU64,
-    close: Mutex<Option<Sender<()>>>,
-    /// Disconnects when the loop is closed.
-    pub(crate) closed: Receiver<()>,
+    /// Closes the members' queues; `None` once the loop is closed.
+    close: Mutex<Option<Vec<Closer>>>,
+}
+
+impl std::fmt::Debug for Loop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loop").field("work", &self.work).finish()
+    }
 }
 
 impl Loop {
     /// A loop with no unit yet: units are taken as the senders into it are made, then
     /// [`Loop::close_if_idle`] closes it if there were none.
     pub(crate) fn new() -> Arc<Loop> {
-        let (tx, rx) = crossbeam_channel::bounded(0);
-        let lp = Loop {
+        Arc::new(Loop {
             work: AtomicU64::new(0),
-            close: Mutex::new(Some(tx)),
-            closed: rx,
-        };
-        Arc::new(lp)
+            close: Mutex::new(Some(Vec::new())),
+        })
+    }
+    /// Registers a member's queue, to be closed with the loop (at once if it already is).
+    pub(crate) fn member(&self, closer: Closer) {
+        let mut c = self.close.lock().unwrap_or_else(|e| e.into_inner());
+        match c.as_mut() {
+            Some(list) => list.push(closer),
+            None => {
+                drop(c);
+                closer();
+            }
+        }
     }
     pub(crate) fn close_if_idle(&self) {
         if self.work.load(Ordering::SeqCst) == 0 {
@@ -53,7 +65,10 @@ impl Loop {
         }
     }
     fn close(&self) {
-        drop(self.close.lock().unwrap_or_else(|e| e.into_inner()).take());
+        let closers = self.close.lock().unwrap_or_else(|e| e.into_inner()).take();
+        for close in closers.into_iter().flatten() {
+            close();
+        }
     }
 }
 
@@ -83,22 +98,4 @@ pub(crate) struct Membership {
     /// dropping the edge's last sender releases it.
     #[allow(dead_code)]
     pub(crate) unit: Option<Arc<Unit>>,
-}
-
-/// Receives the next item of a stage's queue; `None` at end of stream (queue disconnected, or
-/// the stage's loop closed).
-pub(crate) fn recv<I>(input: &Receiver<I>, lp: Option<&Loop>) -> Option<I> {
-    match lp {
-        None => input.recv().ok(),
-        Some(lp) => {
-            // Prefer items: the loop closes only when none can be queued.
-            if let Ok(item) = input.try_recv() {
-                return Some(item);
-            }
-            crossbeam_channel::select! {
-                recv(input) -> m => m.ok(),
-                recv(lp.closed) -> _ => input.try_recv().ok(),
-            }
-        }
-    }
 }

@@ -10,12 +10,13 @@ use crate::graph::StageKind;
 use crate::hooks::ForkHook;
 use crate::policy::StageCtx;
 use crate::queue::{self, Capacity, FanOut, QueueTx};
+use crate::queue::{Closer, Receiver};
 use crate::route::Router;
 use crate::stage::{guarded, Factory, Failed, Item, Output, TypeInfo};
 use crate::stats::StageStats;
 use crate::Exec;
-use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::any::Any;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +24,10 @@ use std::time::{Duration, Instant};
 pub(crate) type AnyBox = Box<dyn Any + Send>;
 /// Makes one more sender (a `QueueTx<I>`) into a stage's queue.
 pub(crate) type TxMaker = Box<dyn Fn(crate::loops::Membership) -> AnyBox + Send>;
+
+/// A stage's new input queue: a maker of senders (one per upstream edge), the receiver (as
+/// `Box<Receiver<I>>`) and a handle that closes the queue (for routing loops).
+pub(crate) type QueueEnds = (TxMaker, AnyBox, Closer);
 
 /// The typed ends a node receives when the graph is wired.
 pub(crate) struct Wiring {
@@ -56,7 +61,7 @@ pub(crate) trait Node: Send {
     fn failed_type(&self) -> Option<TypeInfo>;
     /// Whether the node can run under this executor (fork executors need serde).
     fn supports(&self, exec: &Exec) -> bool;
-    fn make_queue(&self, cap: Capacity, stats: Arc<StageStats>) -> Option<(TxMaker, AnyBox)>;
+    fn make_queue(&self, cap: Capacity, stats: Arc<StageStats>) -> Option<QueueEnds>;
     /// Checks the node's own settings.
     fn validate(&self) -> Result<(), String> {
         Ok(())
@@ -80,14 +85,16 @@ fn router<O: Item>(w: &mut Wiring) -> Router<O> {
     router
 }
 
-fn queue_for<I: Item>(cap: Capacity, stats: Arc<StageStats>) -> Option<(TxMaker, AnyBox)> {
-    let (tx, rx) = queue::channel::<I>(cap);
-    let probe = rx.clone();
-    *stats.queue_len.lock().unwrap_or_else(|e| e.into_inner()) =
-        Some(Box::new(move || probe.len()));
+fn queue_for<I: Item>(cap: Capacity, stats: Arc<StageStats>) -> Option<QueueEnds> {
+    let (tx, rx) = queue::channel::<I>(cap, stats.clone());
+    // The probe reads the length without holding a receiver (which would keep senders going).
+    let len = rx.len_probe();
+    *stats.queue_len.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(len));
+    let closer = rx.closer();
     Some((
-        Box::new(move |m| Box::new(QueueTx::new(tx.clone(), stats.clone(), m))),
+        Box::new(move |m| Box::new(QueueTx::new(tx.clone(), m))),
         Box::new(rx),
+        closer,
     ))
 }
 
@@ -116,7 +123,7 @@ impl<O: Item> Node for ProducerNode<O> {
     fn supports(&self, _: &Exec) -> bool {
         true
     }
-    fn make_queue(&self, _: Capacity, _: Arc<StageStats>) -> Option<(TxMaker, AnyBox)> {
+    fn make_queue(&self, _: Capacity, _: Arc<StageStats>) -> Option<QueueEnds> {
         None
     }
     fn into_task(self: Box<Self>, mut w: Wiring) -> Box<dyn Task> {
@@ -203,7 +210,7 @@ impl<I: Item, O: Item> Node for ProcessorNode<I, O> {
             _ => true,
         }
     }
-    fn make_queue(&self, cap: Capacity, stats: Arc<StageStats>) -> Option<(TxMaker, AnyBox)> {
+    fn make_queue(&self, cap: Capacity, stats: Arc<StageStats>) -> Option<QueueEnds> {
         queue_for::<I>(cap, stats)
     }
     fn into_task(self: Box<Self>, mut w: Wiring) -> Box<dyn Task> {
@@ -315,7 +322,7 @@ impl<I: Item> Node for AccumulatorNode<I> {
         // Batching is bookkeeping in the driver: identical under every executor.
         true
     }
-    fn make_queue(&self, cap: Capacity, stats: Arc<StageStats>) -> Option<(TxMaker, AnyBox)> {
+    fn make_queue(&self, cap: Capacity, stats: Arc<StageStats>) -> Option<QueueEnds> {
         queue_for::<I>(cap, stats)
     }
     fn into_task(self: Box<Self>, mut w: Wiring) -> Box<dyn Task> {
@@ -356,37 +363,44 @@ impl<I: Item> AccumulatorTask<I> {
 impl<I: Item> Task for AccumulatorTask<I> {
     fn run(self: Box<Self>) {
         let mut batch: Vec<I> = Vec::with_capacity(self.size);
+        let mut ready = VecDeque::new();
         // The time limit counts from the first item of a batch.
         let mut deadline: Option<Instant> = None;
         loop {
-            let next = match (deadline, self.max_wait) {
-                (Some(d), Some(_)) => self.input.recv_deadline(d),
-                _ => self
-                    .input
-                    .recv()
-                    .map_err(|_| RecvTimeoutError::Disconnected),
+            let more = match deadline {
+                Some(d) => self.input.recv_into_until(&mut ready, d),
+                None => Some(self.ctx.recv_into(&self.input, &mut ready, 1)),
             };
-            match next {
-                Ok(item) => {
+            match more {
+                Some(true) => {
                     if self.ctx.run.aborting() {
-                        self.ctx.received_cancelled(1);
+                        self.ctx.received_cancelled(ready.len() as u64);
+                        ready.clear();
                         continue;
                     }
-                    self.ctx.stats.items_in.fetch_add(1, Ordering::Relaxed);
-                    if batch.is_empty() {
-                        deadline = self.max_wait.map(|w| Instant::now() + w);
+                    let n = ready.len() as u64;
+                    self.ctx.stats.items_in.fetch_add(n, Ordering::Relaxed);
+                    for item in ready.drain(..) {
+                        if batch.is_empty() {
+                            deadline = self.max_wait.map(|w| Instant::now() + w);
+                        }
+                        batch.push(item);
+                        if batch.len() >= self.size {
+                            self.flush(&mut batch);
+                            deadline = None;
+                        }
                     }
-                    batch.push(item);
-                    if batch.len() >= self.size {
+                    // A steady trickle of items never times the wait out: check here too.
+                    if deadline.is_some_and(|d| Instant::now() >= d) {
                         self.flush(&mut batch);
                         deadline = None;
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {
+                None => {
                     self.flush(&mut batch);
                     deadline = None;
                 }
-                Err(RecvTimeoutError::Disconnected) => break,
+                Some(false) => break,
             }
         }
         if self.ctx.run.aborting() {

@@ -160,9 +160,16 @@ impl StageCtx {
         }
     }
 
-    /// The next item of this stage's queue; `None` at end of stream.
-    pub(crate) fn recv<I>(&self, input: &crossbeam_channel::Receiver<I>) -> Option<I> {
-        crate::loops::recv(input, self.lp.as_deref())
+    /// Moves the next ready items of this stage's queue into `buf` (at least one; see
+    /// [`Receiver::recv_into`](crate::queue::Receiver::recv_into)); `false` at end of stream:
+    /// every upstream ended, or the stage's routing loop closed (which closes its queue).
+    pub(crate) fn recv_into<I>(
+        &self,
+        input: &crate::queue::Receiver<I>,
+        buf: &mut std::collections::VecDeque<I>,
+        workers: usize,
+    ) -> bool {
+        input.recv_into(buf, workers)
     }
 
     /// Counts items just received from the queue that will not be processed.

@@ -149,7 +149,14 @@ pub(crate) struct Router<O> {
     stop: Option<Arc<AtomicBool>>,
     /// Declared dynamic-routing targets.
     pub(crate) routes: Routes,
+    /// Batched mode (see [`Router::batched`]): items waiting to be sent, one list per output.
+    /// Only touched through `&mut self` (`get_mut`, no locking); the mutex makes the router
+    /// `Sync` for items that are only `Send`.
+    pending: Option<std::sync::Mutex<Vec<Vec<O>>>>,
 }
+
+/// A batched router sends an output's items once this many wait.
+const MAX_PENDING: usize = 256;
 
 impl<O> Clone for Router<O> {
     fn clone(&self) -> Self {
@@ -160,7 +167,39 @@ impl<O> Clone for Router<O> {
             stats: self.stats.clone(),
             stop: self.stop.clone(),
             routes: self.routes.clone(),
+            pending: self
+                .pending
+                .as_ref()
+                .map(|_| std::sync::Mutex::new(self.outs.iter().map(|_| Vec::new()).collect())),
         }
+    }
+}
+
+impl<O> Router<O> {
+    /// Sends every held item. `Err` counts the items a closed downstream (an aborting run)
+    /// did not take.
+    pub(crate) fn flush(&mut self) -> Result<(), u64> {
+        let Some(pending) = self.pending.as_mut() else {
+            return Ok(());
+        };
+        let pending = pending.get_mut().unwrap_or_else(|e| e.into_inner());
+        let mut lost = 0;
+        for (q, items) in self.outs.iter().zip(pending.iter_mut()) {
+            if !items.is_empty() {
+                lost += q.send_all(items);
+            }
+        }
+        match lost {
+            0 => Ok(()),
+            n => Err(n),
+        }
+    }
+}
+
+impl<O> Drop for Router<O> {
+    fn drop(&mut self) {
+        // Workers flush before they end; this only matters if one unwinds past its flush.
+        let _ = self.flush();
     }
 }
 
@@ -173,7 +212,63 @@ impl<O: Clone> Router<O> {
             stats,
             stop: None,
             routes: Routes::default(),
+            pending: None,
         }
+    }
+
+    /// A router for one in-process worker: what the stage emits through [`Sink::send`] is
+    /// held and sent in batches (one queue lock per batch instead of one per item). The
+    /// worker calls [`Router::flush`] when it has handled the items it took from its queue,
+    /// before it can block, and at least every [`LINGER`](crate::exec::local) while busy, so
+    /// holding adds no wait for items: a downstream never waits on a batch that is not sent.
+    pub(crate) fn batched(mut self) -> Self {
+        self.pending = Some(std::sync::Mutex::new(
+            self.outs.iter().map(|_| Vec::new()).collect(),
+        ));
+        self
+    }
+
+    fn hold(&mut self, item: O) -> Result<(), EmitError> {
+        if let Some(stop) = &self.stop {
+            if stop.load(Ordering::Relaxed) {
+                return Err(EmitError::Stopped);
+            }
+        }
+        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
+        let pending = self
+            .pending
+            .as_mut()
+            .expect("batched router")
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner());
+        let full = match (pending.len(), self.mode) {
+            (0, _) => return Ok(()),
+            (1, _) => {
+                pending[0].push(item);
+                pending[0].len() >= MAX_PENDING
+            }
+            (n, FanOut::RoundRobin) => {
+                let i = self.rr.fetch_add(1, Ordering::Relaxed) % n;
+                pending[i].push(item);
+                pending[i].len() >= MAX_PENDING
+            }
+            (n, FanOut::Broadcast) => {
+                for p in &mut pending[..n - 1] {
+                    p.push(item.clone());
+                }
+                pending[n - 1].push(item);
+                pending[0].len() >= MAX_PENDING
+            }
+        };
+        if full {
+            // Every downstream gone: the run is aborting; the emit says so.
+            if let Err(n) = self.flush() {
+                if n > 0 && self.outs.iter().all(|q| q.is_closed()) {
+                    return Err(EmitError::Closed);
+                }
+            }
+        }
+        Ok(())
     }
 
     pub(crate) fn stop_on(mut self, flag: Arc<AtomicBool>) -> Self {
@@ -235,6 +330,9 @@ impl<O: Clone> Router<O> {
 
 impl<O: Clone> Sink<O> for Router<O> {
     fn send(&mut self, item: O) -> Result<(), EmitError> {
+        if self.pending.is_some() {
+            return self.hold(item);
+        }
         Router::route(&*self, item)
     }
     fn route(

@@ -1,16 +1,14 @@
 //! Live per-stage counters and latency histograms.
 //!
-//! Workers update atomics per item and keep a local histogram that they merge into the stage's
-//! shared one every [`MERGE_EVERY`] items and when they end, so the hot path takes no lock.
+//! Workers keep a local histogram and busy time that they merge into the stage's shared ones
+//! every [`MERGE_AFTER`] and when they end, so the hot path takes no lock and writes no
+//! shared cache line (a merge walks the whole histogram: it is not done per item).
 //! Fork executors measure latency in the child and send it back with each item's completion.
 
 use hdrhistogram::Histogram;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
-
-/// How often a worker merges its local histogram into the shared one.
-pub(crate) const MERGE_EVERY: u64 = 1024;
 
 pub(crate) fn new_histogram() -> Histogram<u64> {
     // 1 ns .. 1 hour, 3 significant digits.
@@ -151,7 +149,7 @@ impl StageStats {
 pub(crate) struct Recorder<'a> {
     stats: &'a StageStats,
     local: Histogram<u64>,
-    pending: u64,
+    busy_ns: u64,
     merged: Instant,
 }
 
@@ -164,7 +162,7 @@ impl<'a> Recorder<'a> {
         Recorder {
             stats,
             local: new_histogram(),
-            pending: 0,
+            busy_ns: 0,
             merged: Instant::now(),
         }
     }
@@ -183,18 +181,24 @@ impl<'a> Recorder<'a> {
 
     fn record(&mut self, ns: u64, busy_ns: u64, now: Instant) {
         self.local.saturating_record(ns.max(1));
-        self.stats.busy_ns.fetch_add(busy_ns, Ordering::Relaxed);
-        self.pending += 1;
-        if self.pending >= MERGE_EVERY || now.duration_since(self.merged) >= MERGE_AFTER {
-            self.pending = 0;
+        self.busy_ns += busy_ns;
+        if now.saturating_duration_since(self.merged) >= MERGE_AFTER {
             self.merged = now;
-            self.stats.merge(&mut self.local);
+            self.publish();
         }
+    }
+
+    fn publish(&mut self) {
+        self.stats
+            .busy_ns
+            .fetch_add(self.busy_ns, Ordering::Relaxed);
+        self.busy_ns = 0;
+        self.stats.merge(&mut self.local);
     }
 }
 
 impl Drop for Recorder<'_> {
     fn drop(&mut self) {
-        self.stats.merge(&mut self.local);
+        self.publish();
     }
 }

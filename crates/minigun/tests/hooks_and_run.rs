@@ -1,5 +1,6 @@
 //! Hooks and running: run and stage hooks (once each, in order), real concurrency, backpressure,
 //! background runs with stop, the report (Display, serde), and executor selection.
+#[macro_use]
 mod common;
 use common::Sink;
 use minigun::{Capacity, Exec, OnError, Output, Pipeline, RunError};
@@ -495,3 +496,62 @@ fn fork_blocks_apply_to_wired_stages_only() {
     assert_eq!(report.stage("unwired").unwrap().executor, "inline");
     assert_eq!(report.stage("sink").unwrap().executor, "inline");
 }
+
+// In-process workers take every ready item from their queue at once and send what they emit
+// in batches. A batch must never hold an output back while its stage works on later items of
+// the same batch: here the stage's workers start once all 20 items are queued (so an inline
+// worker takes them in one batch), and the stage cannot get past item 5 until the consumer
+// has seen item 1. Were item 1's output held until the end of its batch, the wait would fail.
+struct Slow {
+    seen: Arc<Mutex<crossbeam_channel::Receiver<u64>>>,
+}
+
+impl minigun::Stage<u64, u64> for Slow {
+    fn process(&mut self, x: u64, out: &mut Output<'_, u64>) -> minigun::StageResult {
+        if x == 5 {
+            let t0 = Instant::now();
+            let rx = self.seen.lock().unwrap();
+            let seen_one = loop {
+                match rx.recv_timeout(Duration::from_secs(20).saturating_sub(t0.elapsed())) {
+                    Ok(1) => break true,
+                    Ok(_) => continue,
+                    Err(_) => break false,
+                }
+            };
+            assert!(seen_one, "item 1 not delivered while its stage was busy");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        out.emit(x)?;
+        Ok(())
+    }
+}
+
+matrix_local!(fn an_output_is_delivered_while_its_stage_is_still_busy(ex) {
+    let (seen_tx, seen_rx) = crossbeam_channel::unbounded::<u64>();
+    let seen = Arc::new(Mutex::new(seen_rx));
+    let emitted = Arc::new(AtomicBool::new(false));
+    let p = Pipeline::new("no-holding");
+    let done = emitted.clone();
+    p.producer("src", move |out| {
+        numbers(20)(out)?;
+        done.store(true, Ordering::SeqCst);
+        Ok(())
+    });
+    ex.apply_local(&p.stage("slow", move || {
+        let t0 = Instant::now();
+        while !emitted.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Slow { seen: seen.clone() }
+    }));
+    let sink = Sink::default();
+    let s = sink.clone();
+    p.consumer("sink", move |x: u64| {
+        s.push(x);
+        let _ = seen_tx.send(x);
+        Ok(())
+    });
+    let report = p.run().unwrap();
+    assert_eq!(report.stage("slow").unwrap().failed, 0, "{report}");
+    assert_eq!(sink.sorted(), (0..20).collect::<Vec<_>>());
+});

@@ -108,23 +108,28 @@ impl Wake {
 /// Counts each item taken as `items_in` once; items arriving after an abort are cancelled.
 fn feed<I, T>(
     ctx: &StageCtx,
-    input: &Receiver<I>,
+    input: &crate::queue::Receiver<I>,
     handoff: Sender<T>,
     wake: &Wake,
     mut make: impl FnMut(I) -> Option<T>,
 ) {
-    while let Some(item) = ctx.recv(input) {
-        if ctx.run.aborting() {
-            ctx.received_cancelled(1);
-            continue;
+    let mut ready = std::collections::VecDeque::new();
+    'feed: while ctx.recv_into(input, &mut ready, 1) {
+        while let Some(item) = ready.pop_front() {
+            if ctx.run.aborting() {
+                ctx.received_cancelled(1);
+                continue;
+            }
+            ctx.stats.items_in.fetch_add(1, Ordering::Relaxed);
+            let Some(t) = make(item) else { continue };
+            if handoff.send(t).is_err() {
+                ctx.cancelled(1);
+                // Taken from the queue but never handed off: cancelled, not lost.
+                ctx.received_cancelled(ready.len() as u64);
+                break 'feed;
+            }
+            wake.notify();
         }
-        ctx.stats.items_in.fetch_add(1, Ordering::Relaxed);
-        let Some(t) = make(item) else { continue };
-        if handoff.send(t).is_err() {
-            ctx.cancelled(1);
-            break;
-        }
-        wake.notify();
     }
     drop(handoff);
     wake.sleeping.store(false, Ordering::SeqCst);
