@@ -242,7 +242,17 @@ impl<T> Receiver<T> {
     /// An empty queue is watched briefly (spinning, then yielding) before sleeping: a busy
     /// upstream fills it again within microseconds, and the wait costs no system call.
     pub(crate) fn recv_into(&self, buf: &mut VecDeque<T>, workers: usize) -> bool {
-        self.recv_inner(buf, workers, None).unwrap_or(true)
+        self.recv_waited(buf, workers).is_some()
+    }
+
+    /// [`Receiver::recv_into`] that also says whether it had to wait for items: `None` at
+    /// end of stream, `Some(false)` when items were ready at once.
+    pub(crate) fn recv_waited(&self, buf: &mut VecDeque<T>, workers: usize) -> Option<bool> {
+        let waited = self.shared.len.load(Ordering::Relaxed) == 0;
+        match self.recv_inner(buf, workers, None) {
+            Some(false) => None,
+            _ => Some(waited),
+        }
     }
 
     /// [`Receiver::recv_into`] that gives up at `deadline`: `None` on timeout.

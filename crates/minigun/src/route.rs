@@ -153,6 +153,8 @@ pub(crate) struct Router<O> {
     /// Only touched through `&mut self` (`get_mut`, no locking); the mutex makes the router
     /// `Sync` for items that are only `Send`.
     pending: Option<std::sync::Mutex<Vec<Vec<O>>>>,
+    /// Items emitted in batched mode and not yet added to `items_out` (added by `flush`).
+    held_out: u64,
 }
 
 /// A batched router sends an output's items once this many wait.
@@ -171,6 +173,7 @@ impl<O> Clone for Router<O> {
                 .pending
                 .as_ref()
                 .map(|_| std::sync::Mutex::new(self.outs.iter().map(|_| Vec::new()).collect())),
+            held_out: 0,
         }
     }
 }
@@ -182,6 +185,11 @@ impl<O> Router<O> {
         let Some(pending) = self.pending.as_mut() else {
             return Ok(());
         };
+        if self.held_out > 0 {
+            self.stats
+                .items_out
+                .fetch_add(std::mem::take(&mut self.held_out), Ordering::Relaxed);
+        }
         let pending = pending.get_mut().unwrap_or_else(|e| e.into_inner());
         let mut lost = 0;
         for (q, items) in self.outs.iter().zip(pending.iter_mut()) {
@@ -213,6 +221,7 @@ impl<O: Clone> Router<O> {
             stop: None,
             routes: Routes::default(),
             pending: None,
+            held_out: 0,
         }
     }
 
@@ -234,7 +243,7 @@ impl<O: Clone> Router<O> {
                 return Err(EmitError::Stopped);
             }
         }
-        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
+        self.held_out += 1;
         let pending = self
             .pending
             .as_mut()

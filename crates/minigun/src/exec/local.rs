@@ -52,7 +52,8 @@ pub(crate) fn run<I: Clone + Send + 'static, O: Clone + Send + 'static>(
         let mut ready = VecDeque::new();
         // Items are taken from the queue in batches (whatever is ready); counters and the
         // item indices are updated once per batch, the clock read once per item.
-        while parts.ctx.recv_into(&parts.input, &mut ready, threads) {
+        let mut t0 = Instant::now();
+        while let Some(waited) = parts.input.recv_waited(&mut ready, threads) {
             let n = ready.len() as u64;
             if parts.ctx.run.aborting() {
                 parts.ctx.received_cancelled(n);
@@ -61,7 +62,10 @@ pub(crate) fn run<I: Clone + Send + 'static, O: Clone + Send + 'static>(
             }
             parts.ctx.stats.items_in.fetch_add(n, Ordering::Relaxed);
             let first = next_index.fetch_add(n, Ordering::Relaxed);
-            let mut t0 = Instant::now();
+            // The first item starts now, or when the last one ended if nothing was awaited.
+            if waited {
+                t0 = Instant::now();
+            }
             let mut flushed = t0;
             for (index, item) in (first..).zip(ready.drain(..)) {
                 if parts.ctx.run.aborting() {
