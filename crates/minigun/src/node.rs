@@ -352,11 +352,14 @@ impl<I: Item> AccumulatorTask<I> {
         if batch.is_empty() {
             return;
         }
-        self.ctx.items_done(batch.len() as u64);
+        let n = batch.len() as u64;
         let full = std::mem::replace(batch, Vec::with_capacity(self.size));
+        // Sent before the items count as done: inside a routing loop, releasing their units
+        // first could close the loop with the batch still to be queued.
         if self.router.route(full).is_err() {
-            self.ctx.cancelled(1);
+            self.ctx.stats.cancelled.fetch_add(n, Ordering::Relaxed);
         }
+        self.ctx.items_done(n);
     }
 }
 

@@ -61,6 +61,7 @@ pub(crate) fn channel<T>(cap: Capacity, target: Arc<StageStats>) -> (Sender<T>, 
         not_full: Condvar::new(),
         cap,
         len: CachePadded::new(AtomicUsize::new(0)),
+        sleepers: CachePadded::new(AtomicUsize::new(0)),
         target,
     });
     (
@@ -73,11 +74,12 @@ pub(crate) fn channel<T>(cap: Capacity, target: Arc<StageStats>) -> (Sender<T>, 
 
 /// A stage's input queue, shared by its senders and receivers.
 ///
-/// A mutex around a `VecDeque`, not a lock-free ring: a sender pays one uncontended lock per
-/// item (the line stays in its cache while the receiver works), and a receiver takes every
-/// ready item under one lock ([`Receiver::recv_into`]), so the line moves between cores once
-/// per batch instead of once per item. Nothing is buffered on the sending side: an item is
-/// visible to the receiver the moment `send` returns, so batching adds no latency.
+/// A mutex around a `VecDeque`, not a lock-free ring: a sender pays one lock per item or per
+/// batch ([`Sender::send_all`]), and a receiver takes every ready item under one lock
+/// ([`Receiver::recv_into`]), so the line moves between cores once per batch instead of once
+/// per item. The queue itself holds nothing back: an item is visible to the receiver the
+/// moment it is sent (what an in-process worker holds before sending is described in
+/// `exec::local`).
 struct Shared<T> {
     state: Mutex<State<T>>,
     not_empty: Condvar,
@@ -85,6 +87,9 @@ struct Shared<T> {
     cap: usize,
     /// The queue's length, readable without the lock (probes, the receiver's spin).
     len: CachePadded<AtomicUsize>,
+    /// Receivers asleep on the queue (mirrors `recv_waiting`): a sender holding a batch sends
+    /// it at once when someone waits for it.
+    sleepers: CachePadded<AtomicUsize>,
     /// The receiving stage's statistics (high-water mark).
     target: Arc<StageStats>,
 }
@@ -228,6 +233,11 @@ impl<T> Sender<T> {
     pub(crate) fn is_closed(&self) -> bool {
         self.shared.lock().receivers == 0
     }
+
+    /// Whether a receiver is asleep waiting for items (a hint, read without the lock).
+    pub(crate) fn awaited(&self) -> bool {
+        self.shared.sleepers.load(Ordering::Relaxed) > 0
+    }
 }
 
 /// How many items one receive takes at most.
@@ -292,15 +302,15 @@ impl<T> Receiver<T> {
             if s.senders == 0 || s.closed {
                 return Some(false);
             }
+            if deadline.is_some_and(|d| d <= Instant::now()) {
+                return None;
+            }
             s.recv_waiting += 1;
+            sh.sleepers.store(s.recv_waiting, Ordering::Relaxed);
             s = match deadline {
                 None => sh.not_empty.wait(s).unwrap_or_else(|e| e.into_inner()),
                 Some(d) => {
                     let left = d.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        s.recv_waiting -= 1;
-                        return None;
-                    }
                     sh.not_empty
                         .wait_timeout(s, left)
                         .unwrap_or_else(|e| e.into_inner())
@@ -308,7 +318,13 @@ impl<T> Receiver<T> {
                 }
             };
             s.recv_waiting -= 1;
+            sh.sleepers.store(s.recv_waiting, Ordering::Relaxed);
         }
+    }
+
+    /// How many items wait in the queue now.
+    pub(crate) fn len(&self) -> usize {
+        self.shared.len.load(Ordering::Relaxed)
     }
 
     /// Reads the queue's length without being a receiver (a probe must not keep senders going).
@@ -372,6 +388,10 @@ impl<T> QueueTx<T> {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.tx.is_closed()
+    }
+
+    pub(crate) fn awaited(&self) -> bool {
+        self.tx.awaited()
     }
 
     /// Blocking send; `Err` gives the item back when the receiving stage is gone.

@@ -179,11 +179,11 @@ impl<O> Clone for Router<O> {
 }
 
 impl<O> Router<O> {
-    /// Sends every held item. `Err` counts the items a closed downstream (an aborting run)
-    /// did not take.
-    pub(crate) fn flush(&mut self) -> Result<(), u64> {
+    /// Sends every held item; `Ok(true)` if there were any. `Err` counts the items closed
+    /// downstreams (an aborting run) did not take, once per refusing downstream.
+    pub(crate) fn flush(&mut self) -> Result<bool, u64> {
         let Some(pending) = self.pending.as_mut() else {
-            return Ok(());
+            return Ok(false);
         };
         if self.held_out > 0 {
             self.stats
@@ -192,13 +192,15 @@ impl<O> Router<O> {
         }
         let pending = pending.get_mut().unwrap_or_else(|e| e.into_inner());
         let mut lost = 0;
+        let mut sent = false;
         for (q, items) in self.outs.iter().zip(pending.iter_mut()) {
             if !items.is_empty() {
+                sent = true;
                 lost += q.send_all(items);
             }
         }
         match lost {
-            0 => Ok(()),
+            0 => Ok(sent),
             n => Err(n),
         }
     }
@@ -226,10 +228,9 @@ impl<O: Clone> Router<O> {
     }
 
     /// A router for one in-process worker: what the stage emits through [`Sink::send`] is
-    /// held and sent in batches (one queue lock per batch instead of one per item). The
-    /// worker calls [`Router::flush`] when it has handled the items it took from its queue,
-    /// before it can block, and at least every [`LINGER`](crate::exec::local) while busy, so
-    /// holding adds no wait for items: a downstream never waits on a batch that is not sent.
+    /// held and sent in batches (one queue lock per batch instead of one per item): at once
+    /// when a downstream is asleep waiting, when 256 are held, and by the worker (see
+    /// `exec::local`) when it has handled the items it took and every 100 us while busy.
     pub(crate) fn batched(mut self) -> Self {
         self.pending = Some(std::sync::Mutex::new(
             self.outs.iter().map(|_| Vec::new()).collect(),
@@ -269,12 +270,12 @@ impl<O: Clone> Router<O> {
                 pending[0].len() >= MAX_PENDING
             }
         };
-        if full {
+        // Send now when the batch is full, or when a downstream is asleep waiting for items
+        // (it would gain nothing from the wait; a busy one takes the batch later).
+        if full || self.outs.iter().any(|q| q.awaited()) {
             // Every downstream gone: the run is aborting; the emit says so.
-            if let Err(n) = self.flush() {
-                if n > 0 && self.outs.iter().all(|q| q.is_closed()) {
-                    return Err(EmitError::Closed);
-                }
+            if self.flush().is_err() && self.outs.iter().all(|q| q.is_closed()) {
+                return Err(EmitError::Closed);
             }
         }
         Ok(())

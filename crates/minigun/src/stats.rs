@@ -156,6 +156,8 @@ pub(crate) struct Recorder<'a> {
 /// A worker also merges its histogram when this long has passed since its last merge, so
 /// live views of slow stages see their latencies.
 const MERGE_AFTER: Duration = Duration::from_millis(250);
+/// A worker about to wait merges its histogram if this long has passed since its last merge.
+const MERGE_IDLE: Duration = Duration::from_millis(10);
 
 impl<'a> Recorder<'a> {
     pub(crate) fn new(stats: &'a StageStats) -> Self {
@@ -188,6 +190,20 @@ impl<'a> Recorder<'a> {
         if now.saturating_duration_since(self.merged) >= MERGE_AFTER {
             self.merged = now;
             self.publish();
+        }
+    }
+
+    /// The worker is about to wait for input: publish what it has (histograms at most every
+    /// [`MERGE_IDLE`], a merge walks the whole histogram).
+    pub(crate) fn idle(&mut self, now: Instant) {
+        if self.busy_ns > 0 {
+            self.stats
+                .busy_ns
+                .fetch_add(std::mem::take(&mut self.busy_ns), Ordering::Relaxed);
+        }
+        if now.saturating_duration_since(self.merged) >= MERGE_IDLE {
+            self.merged = now;
+            self.stats.merge(&mut self.local);
         }
     }
 

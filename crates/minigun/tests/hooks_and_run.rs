@@ -555,3 +555,32 @@ matrix_local!(fn an_output_is_delivered_while_its_stage_is_still_busy(ex) {
     assert_eq!(report.stage("slow").unwrap().failed, 0, "{report}");
     assert_eq!(sink.sorted(), (0..20).collect::<Vec<_>>());
 });
+
+// An output emitted in the middle of a long call reaches a downstream that sits idle, before
+// the call returns (a worker holds its outputs only while its downstreams have work).
+matrix_local!(fn an_output_reaches_an_idle_downstream_during_a_long_call(ex) {
+    let (seen_tx, seen_rx) = crossbeam_channel::unbounded::<u64>();
+    let seen_rx = Arc::new(Mutex::new(seen_rx));
+    let p = Pipeline::new("long-call");
+    p.producer("src", numbers(1));
+    let rx = seen_rx.clone();
+    ex.apply_local(&p.processor("long", move |x: u64, out: &mut Output<'_, u64>| {
+        // Let the consumer go idle, then emit and wait for it to arrive downstream.
+        std::thread::sleep(Duration::from_millis(50));
+        out.emit(x + 100)?;
+        let got = rx.lock().unwrap().recv_timeout(Duration::from_secs(20));
+        assert_eq!(got, Ok(100), "the output did not leave during the call");
+        out.emit(x + 200)?;
+        Ok(())
+    }));
+    let sink = Sink::default();
+    let s = sink.clone();
+    p.consumer("sink", move |x: u64| {
+        s.push(x);
+        let _ = seen_tx.send(x);
+        Ok(())
+    });
+    let report = p.run().unwrap();
+    assert_eq!(report.stage("long").unwrap().failed, 0, "{report}");
+    assert_eq!(sink.sorted(), vec![100, 200]);
+});

@@ -6,9 +6,17 @@
 //!
 //! A worker takes every ready item from its queue at once (its share under `threads(n)`),
 //! counts them and reserves their indices once, reads the clock once per item (an item's end
-//! is the next one's start), and holds what it emits until it has handled the batch or has
-//! been busy [`LINGER`] since its last send. Latencies and busy time are merged into the
-//! stage's statistics every 250 ms, not per item.
+//! is the next one's start; time blocked sending is nobody's), and holds what it emits until
+//! it has handled the batch, has been busy [`LINGER`] since its last send (checked between
+//! items), a downstream is asleep waiting, or 256 are held. So an output waits at most
+//! `LINGER` plus the rest of the call that emitted it, and never while its downstream idles
+//! after that call. Latencies and busy time are merged into the stage's statistics every
+//! 250 ms, and before the worker waits for input.
+//!
+//! Under `threads(n)` a worker takes `ready / 2n` items at a time (at least one), so a
+//! backlog of slow items is shared out, in smaller takes as it shrinks. A worker's taken
+//! items are outside the queue: the memory bound is the queue's capacity plus one take per
+//! worker.
 
 use crate::error::FailureKind;
 use crate::policy::{StageCtx, Verdict};
@@ -73,15 +81,23 @@ pub(crate) fn run<I: Clone + Send + 'static, O: Clone + Send + 'static>(
                     continue;
                 }
                 t0 = process_item(&parts, &mut *stage, &mut router, &mut rec, item, index, t0);
-                if t0.saturating_duration_since(flushed) >= LINGER {
-                    flush(&parts.ctx, &mut router);
+                if t0.saturating_duration_since(flushed) >= LINGER && flush(&parts.ctx, &mut router)
+                {
+                    // Time blocked on a full downstream is not the next item's.
+                    t0 = Instant::now();
                     flushed = t0;
                 }
             }
-            flush(&parts.ctx, &mut router);
+            if flush(&parts.ctx, &mut router) {
+                t0 = Instant::now();
+            }
             // Every item of the batch reached its final outcome (for a routing loop, its
             // unit is released only now, which is later but never too early).
             parts.ctx.items_done(n);
+            if parts.input.len() == 0 {
+                // Likely to wait: let live views see this worker's figures first.
+                rec.idle(t0);
+            }
         }
         let mut out = Output::new(&mut router);
         if let Err(c) = guarded(|| stage.finish(&mut out)) {
@@ -110,11 +126,16 @@ pub(crate) fn run<I: Clone + Send + 'static, O: Clone + Send + 'static>(
 /// The longest a worker holds emitted items while it is busy with a batch of input.
 const LINGER: Duration = Duration::from_micros(100);
 
-/// Sends what a worker's router holds; outputs a closed downstream refused (the run is
-/// aborting) are counted as cancelled.
-fn flush<O>(ctx: &StageCtx, router: &mut Router<O>) {
-    if let Err(lost) = router.flush() {
-        ctx.stats.cancelled.fetch_add(lost, Ordering::Relaxed);
+/// Sends what a worker's router holds; whether it sent anything. Outputs refused by a
+/// closed downstream (only while the run aborts: a stage's queue closes when the stage is
+/// gone) are logged; the downstream's own accounting and the aborted report cover the rest.
+fn flush<O>(ctx: &StageCtx, router: &mut Router<O>) -> bool {
+    match router.flush() {
+        Ok(sent) => sent,
+        Err(lost) => {
+            tracing::debug!(stage = %ctx.name, lost, "outputs refused by a closed downstream");
+            true
+        }
     }
 }
 
