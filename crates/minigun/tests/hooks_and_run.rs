@@ -497,6 +497,18 @@ fn fork_blocks_apply_to_wired_stages_only() {
     assert_eq!(report.stage("sink").unwrap().executor, "inline");
 }
 
+/// A consumer "sink" that keeps its items and announces each on `seen`.
+fn announcing_sink(p: &Pipeline, seen: crossbeam_channel::Sender<u64>) -> Sink<u64> {
+    let sink = Sink::default();
+    let s = sink.clone();
+    p.consumer("sink", move |x: u64| {
+        s.push(x);
+        let _ = seen.send(x);
+        Ok(())
+    });
+    sink
+}
+
 // In-process workers take every ready item from their queue at once and send what they emit
 // in batches. A batch must never hold an output back while its stage works on later items of
 // the same batch: here the stage's workers start once all 20 items are queued (so an inline
@@ -544,13 +556,7 @@ matrix_local!(fn an_output_is_delivered_while_its_stage_is_still_busy(ex) {
         }
         Slow { seen: seen.clone() }
     }));
-    let sink = Sink::default();
-    let s = sink.clone();
-    p.consumer("sink", move |x: u64| {
-        s.push(x);
-        let _ = seen_tx.send(x);
-        Ok(())
-    });
+    let sink = announcing_sink(&p, seen_tx);
     let report = p.run().unwrap();
     assert_eq!(report.stage("slow").unwrap().failed, 0, "{report}");
     assert_eq!(sink.sorted(), (0..20).collect::<Vec<_>>());
@@ -573,13 +579,7 @@ matrix_local!(fn an_output_reaches_an_idle_downstream_during_a_long_call(ex) {
         out.emit(x + 200)?;
         Ok(())
     }));
-    let sink = Sink::default();
-    let s = sink.clone();
-    p.consumer("sink", move |x: u64| {
-        s.push(x);
-        let _ = seen_tx.send(x);
-        Ok(())
-    });
+    let sink = announcing_sink(&p, seen_tx);
     let report = p.run().unwrap();
     assert_eq!(report.stage("long").unwrap().failed, 0, "{report}");
     assert_eq!(sink.sorted(), vec![100, 200]);
