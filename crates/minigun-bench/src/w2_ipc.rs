@@ -26,6 +26,8 @@ enum Mode {
     Default,
     /// ipc_fork with this window.
     InFlight(usize),
+    /// ipc_fork with `batch_results` and the default window.
+    Batched,
     /// No fork at all: the cost of the in-process part of the same pipeline.
     Inline,
 }
@@ -44,6 +46,7 @@ fn minigun_run(items: u64, workers: usize, mode: Mode) -> (Duration, u64) {
     match mode {
         Mode::Default => m.ipc_fork(workers),
         Mode::InFlight(k) => m.wire().executor(Exec::ipc_fork(workers).in_flight(k)),
+        Mode::Batched => m.wire().executor(Exec::ipc_fork(workers).batch_results()),
         Mode::Inline => m.executor(Exec::inline()),
     };
     p.consumer("sink", move |x: u64| {
@@ -168,31 +171,29 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
             minigun_run(items, workers, Mode::InFlight(best_k))
         });
         assert_eq!(sum, expect, "W2 minigun: wrong sum");
-        let mut r = Row::new(
-            "W2",
-            "minigun",
-            format!("ipc_fork({workers})"),
-            workers,
-            items,
-            wall,
-        )
-        .variant("default in_flight")
-        .floor(floor);
-        r.in_flight = Some(default);
-        rows.push(r);
-        let mut r = Row::new(
-            "W2",
-            "minigun",
-            format!("ipc_fork({workers})"),
-            workers,
-            items,
-            best_wall,
-        )
-        .variant("best in_flight")
-        .floor(floor)
-        .note(format!("in_flight sweep (single runs): {sweep_note}"));
-        r.in_flight = Some(best_k);
-        rows.push(r);
+        let ours = |wall: Duration, variant: &str, in_flight: usize| {
+            let mut r = Row::new(
+                "W2",
+                "minigun",
+                format!("ipc_fork({workers})"),
+                workers,
+                items,
+                wall,
+            )
+            .variant(variant)
+            .floor(floor);
+            r.in_flight = Some(in_flight);
+            r
+        };
+        rows.push(ours(wall, "default in_flight", default));
+        rows.push(
+            ours(best_wall, "best in_flight", best_k)
+                .note(format!("in_flight sweep (single runs): {sweep_note}")),
+        );
+        progress(format!("W2 minigun ipc_fork({workers}) with batch_results"));
+        let (wall, sum) = best_of(cfg.reps, || minigun_run(items, workers, Mode::Batched));
+        assert_eq!(sum, expect, "W2 minigun batched: wrong sum");
+        rows.push(ours(wall, "batch_results", default));
     }
     progress("W2 minigun, same pipeline with the map inline (no fork, no IPC)");
     let (wall, sum) = best_of(cfg.reps, || minigun_run(items, 1, Mode::Inline));

@@ -155,10 +155,36 @@ pub(crate) struct Router<O> {
     pending: Option<std::sync::Mutex<Vec<Vec<O>>>>,
     /// Items emitted in batched mode and not yet added to `items_out` (added by `flush`).
     held_out: u64,
+    /// Batched mode sends at once to a downstream asleep waiting (in-process workers, whose
+    /// stage code may run long between flushes); a fork supervisor flushes after each read.
+    eager: bool,
 }
 
 /// A batched router sends an output's items once this many wait.
 const MAX_PENDING: usize = 256;
+
+/// Adds an item to a batched router's held lists by the fan-out rule; whether a list is full.
+fn push_held<O: Clone>(pending: &mut [Vec<O>], mode: FanOut, rr: &AtomicUsize, item: O) -> bool {
+    match (pending.len(), mode) {
+        (0, _) => false,
+        (1, _) => {
+            pending[0].push(item);
+            pending[0].len() >= MAX_PENDING
+        }
+        (n, FanOut::RoundRobin) => {
+            let i = rr.fetch_add(1, Ordering::Relaxed) % n;
+            pending[i].push(item);
+            pending[i].len() >= MAX_PENDING
+        }
+        (n, FanOut::Broadcast) => {
+            for p in &mut pending[..n - 1] {
+                p.push(item.clone());
+            }
+            pending[n - 1].push(item);
+            pending[0].len() >= MAX_PENDING
+        }
+    }
+}
 
 impl<O> Clone for Router<O> {
     fn clone(&self) -> Self {
@@ -174,6 +200,7 @@ impl<O> Clone for Router<O> {
                 .as_ref()
                 .map(|_| std::sync::Mutex::new(self.outs.iter().map(|_| Vec::new()).collect())),
             held_out: 0,
+            eager: self.eager,
         }
     }
 }
@@ -191,9 +218,13 @@ impl<O> Router<O> {
                 .fetch_add(std::mem::take(&mut self.held_out), Ordering::Relaxed);
         }
         let pending = pending.get_mut().unwrap_or_else(|e| e.into_inner());
+        Self::send_held(&self.outs, pending)
+    }
+
+    fn send_held(outs: &[QueueTx<O>], pending: &mut [Vec<O>]) -> Result<bool, u64> {
         let mut lost = 0;
         let mut sent = false;
-        for (q, items) in self.outs.iter().zip(pending.iter_mut()) {
+        for (q, items) in outs.iter().zip(pending.iter_mut()) {
             if !items.is_empty() {
                 sent = true;
                 lost += q.send_all(items);
@@ -224,6 +255,7 @@ impl<O: Clone> Router<O> {
             routes: Routes::default(),
             pending: None,
             held_out: 0,
+            eager: true,
         }
     }
 
@@ -236,6 +268,40 @@ impl<O: Clone> Router<O> {
             self.outs.iter().map(|_| Vec::new()).collect(),
         ));
         self
+    }
+
+    /// A batched router for a fork supervisor: [`Router::route`] holds items too, until
+    /// [`Router::flush_shared`] (after each read of the children's pipes) or 256 are held.
+    pub(crate) fn batched_until_flush(self) -> Self {
+        let mut r = self.batched();
+        r.eager = false;
+        r
+    }
+
+    /// [`Router::flush`] through a shared reference (takes the hold's lock).
+    pub(crate) fn flush_shared(&self) -> Result<bool, u64> {
+        let Some(pending) = &self.pending else {
+            return Ok(false);
+        };
+        let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
+        Self::send_held(&self.outs, &mut pending)
+    }
+
+    /// `route` on a supervisor's batched router: held under the hold's lock.
+    fn hold_shared(
+        &self,
+        pending: &std::sync::Mutex<Vec<Vec<O>>>,
+        item: O,
+    ) -> Result<(), EmitError> {
+        let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
+        let full = push_held(&mut pending, self.mode, &self.rr, item);
+        if full
+            && Self::send_held(&self.outs, &mut pending).is_err()
+            && self.outs.iter().all(|q| q.is_closed())
+        {
+            return Err(EmitError::Closed);
+        }
+        Ok(())
     }
 
     fn hold(&mut self, item: O) -> Result<(), EmitError> {
@@ -251,28 +317,10 @@ impl<O: Clone> Router<O> {
             .expect("batched router")
             .get_mut()
             .unwrap_or_else(|e| e.into_inner());
-        let full = match (pending.len(), self.mode) {
-            (0, _) => return Ok(()),
-            (1, _) => {
-                pending[0].push(item);
-                pending[0].len() >= MAX_PENDING
-            }
-            (n, FanOut::RoundRobin) => {
-                let i = self.rr.fetch_add(1, Ordering::Relaxed) % n;
-                pending[i].push(item);
-                pending[i].len() >= MAX_PENDING
-            }
-            (n, FanOut::Broadcast) => {
-                for p in &mut pending[..n - 1] {
-                    p.push(item.clone());
-                }
-                pending[n - 1].push(item);
-                pending[0].len() >= MAX_PENDING
-            }
-        };
+        let full = push_held(pending, self.mode, &self.rr, item);
         // Send now when the batch is full, or when a downstream is asleep waiting for items
         // (it would gain nothing from the wait; a busy one takes the batch later).
-        if full || self.outs.iter().any(|q| q.awaited()) {
+        if full || self.eager && self.outs.iter().any(|q| q.awaited()) {
             // Every downstream gone: the run is aborting; the emit says so.
             if self.flush().is_err() && self.outs.iter().all(|q| q.is_closed()) {
                 return Err(EmitError::Closed);
@@ -315,6 +363,9 @@ impl<O: Clone> Router<O> {
             }
         }
         self.stats.items_out.fetch_add(1, Ordering::Relaxed);
+        if let (Some(pending), false) = (&self.pending, self.eager) {
+            return self.hold_shared(pending, item);
+        }
         match (self.outs.len(), self.mode) {
             (0, _) => Ok(()),
             (1, _) => self.outs[0].send(item).map_err(|_| EmitError::Closed),

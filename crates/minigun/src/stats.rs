@@ -76,9 +76,12 @@ impl StageStats {
             .push(info);
     }
     pub(crate) fn child_item(&self, pid: i32) {
+        self.child_items(pid, 1);
+    }
+    pub(crate) fn child_items(&self, pid: i32, n: u64) {
         let mut c = self.children.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(ch) = c.iter_mut().find(|c| c.pid == pid as u32) {
-            ch.items += 1;
+            ch.items += n;
         }
     }
     pub(crate) fn child_ended(&self, pid: i32) {
@@ -177,11 +180,11 @@ impl<'a> Recorder<'a> {
 
     /// Records an attempt's latency in stage code and the wall time its worker was occupied
     /// (for fork executors the latter includes fork, transfer and exit).
-    pub(crate) fn latency_busy(&mut self, ns: u64, busy_ns: u64) {
+    pub(crate) fn latency_busy(&mut self, ns: u64, busy_ns: u64, now: Instant) {
         // A fork item costs far more than an atomic add: its busy time shows at once (live
         // views rank the bottleneck by it).
         self.stats.busy_ns.fetch_add(busy_ns, Ordering::Relaxed);
-        self.record(ns, 0, Instant::now());
+        self.record(ns, 0, now);
     }
 
     fn record(&mut self, ns: u64, busy_ns: u64, now: Instant) {

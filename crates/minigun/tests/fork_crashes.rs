@@ -21,6 +21,8 @@ enum Fork {
     Ipc,
     /// ipc_fork with `in_flight(1)`: a worker holds one item at a time.
     IpcStrict,
+    /// ipc_fork with `batch_results`: workers send results in batches through shared memory.
+    IpcBatched,
 }
 
 impl Fork {
@@ -35,6 +37,7 @@ impl Fork {
             Fork::Cow => (s.cow_fork(n), Exec::cow_fork(n)),
             Fork::Ipc => (s.ipc_fork(n), Exec::ipc_fork(n)),
             Fork::IpcStrict => (s.ipc_fork(n), Exec::ipc_fork(n).in_flight(1)),
+            Fork::IpcBatched => (s.ipc_fork(n), Exec::ipc_fork(n).batch_results()),
         };
         match timeout {
             None => s.executor(exec),
@@ -317,6 +320,14 @@ macro_rules! crash_tests {
                 fn ipc_fork_in_flight_1() {
                     one_crash(Fork::IpcStrict, $crash);
                 }
+                #[test]
+                fn ipc_fork_batched() {
+                    one_crash(Fork::IpcBatched, $crash);
+                }
+                #[test]
+                fn ipc_fork_batched_retried() {
+                    crash_once_then_retry(Fork::IpcBatched, $crash);
+                }
             }
         )*
     };
@@ -342,6 +353,11 @@ fn ipc_worker_killed_mid_stream() {
 #[test]
 fn ipc_worker_killed_mid_stream_in_flight_1() {
     worker_killed_mid_stream(Fork::IpcStrict);
+}
+
+#[test]
+fn ipc_worker_killed_mid_stream_batched() {
+    worker_killed_mid_stream(Fork::IpcBatched);
 }
 
 fn worker_killed_mid_stream(fk: Fork) {
@@ -454,7 +470,9 @@ fn killed_from_outside(fk: Fork) {
     let r = finish(rx);
     let got = got.sorted();
     match fk {
-        Fork::Ipc | Fork::IpcStrict => check_worker_replaced(&r, &got, n, bad, Some(pid as u32)),
+        Fork::Ipc | Fork::IpcStrict | Fork::IpcBatched => {
+            check_worker_replaced(&r, &got, n, bad, Some(pid as u32))
+        }
         Fork::Cow => {
             let values: Vec<u64> = got.iter().map(|x| x.0).collect();
             let expected: Vec<u64> = (0..n).filter(|&x| x != bad).map(|x| x * 2).collect();
@@ -478,6 +496,11 @@ fn cow_child_killed_from_outside() {
 #[test]
 fn ipc_worker_killed_from_outside() {
     killed_from_outside(Fork::Ipc);
+}
+
+#[test]
+fn ipc_worker_killed_from_outside_batched() {
+    killed_from_outside(Fork::IpcBatched);
 }
 
 /// Every fifth item crashes, each time a different way: each is one failure of its own kind,
@@ -543,6 +566,11 @@ fn cow_fork_many_crash_kinds() {
 #[test]
 fn ipc_fork_many_crash_kinds() {
     many_crashes(Fork::Ipc);
+}
+
+#[test]
+fn ipc_fork_batched_many_crash_kinds() {
+    many_crashes(Fork::IpcBatched);
 }
 
 /// A crashed item goes to the dead-letter stage intact, with its failure.

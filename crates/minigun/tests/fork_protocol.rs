@@ -230,3 +230,33 @@ fn an_ipc_input_over_the_frame_limit_fails_its_item() {
         f.message
     );
 }
+
+// With `batch_results`, a worker's finished items can wait in shared memory when stage code
+// corrupts the stream. A corrupt stream is a stage error; the worker's items run again on a
+// replacement that writes each item's results before the next, where the repeat fails
+// exactly the item that does it. Every other item arrives exactly once.
+#[test]
+fn batched_results_corruption_fails_the_writer_and_loses_nothing() {
+    for (act, kind) in [
+        (garbage as fn(), FailureKind::Protocol),
+        (huge_length, FailureKind::Protocol),
+        (half_a_frame_then_exit, FailureKind::Truncated),
+    ] {
+        let r = run(Exec::ipc_fork(2).batch_results(), 7, act);
+        let work = r.stage("work").unwrap();
+        assert_eq!((work.items_out, work.failed), (19, 1), "{r}");
+        let items: Vec<_> = r.failures.iter().filter(|f| f.item != u64::MAX).collect();
+        assert_eq!(items.len(), 1, "{r}");
+        assert_eq!(
+            (items[0].item, &items[0].kind),
+            (7, &kind),
+            "{:?}",
+            items[0]
+        );
+        let errors = work.errors;
+        match kind {
+            FailureKind::Protocol => assert!(errors >= 1, "the corrupt stream is reported: {r}"),
+            _ => assert_eq!(errors, 0, "{r}"),
+        }
+    }
+}

@@ -107,10 +107,14 @@ impl Decoder {
         rustix::io::read(fd, rustix::buffer::spare_capacity(&mut self.buf))
     }
 
-    /// Appends bytes.
-    #[cfg(test)]
+    /// Appends bytes (received some other way than `read_from`).
     pub(crate) fn extend(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);
+    }
+
+    /// The bytes received that do not yet form a complete frame.
+    pub(crate) fn pending_bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
     }
 
     /// Bytes received that do not yet form a complete frame.

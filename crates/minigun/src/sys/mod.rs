@@ -222,3 +222,139 @@ pub(crate) fn grow_pipe(fd: &OwnedFd, bytes: usize) {
 pub(crate) fn raw(fd: &OwnedFd) -> RawFd {
     fd.as_raw_fd()
 }
+
+/// A byte log shared between the parent and the child it forks afterwards
+/// (`MAP_SHARED | MAP_ANONYMOUS`), which outlives the child.
+///
+/// An ipc worker appends the frames of each finished item here instead of writing them to its
+/// pipe at once, and writes the log to the pipe in batches. If it dies in between, the parent
+/// (after reaping it and reading its pipe to the end) takes the unsent frames from the log, so
+/// no finished item's results are lost and none has to run again.
+///
+/// Layout: `base` (u64, stream offset of the first logged byte), `len` (u64), `running`
+/// (u64, the child's progress), then the bytes.
+/// Only the child writes; the parent reads only once the child is gone.
+pub(crate) struct SharedLog {
+    ptr: std::ptr::NonNull<u8>,
+    map_len: usize,
+}
+
+// SAFETY: the mapping is owned by this value; its header is accessed atomically and its bytes
+// are written by one process (the child, single-threaded) and read by the parent only after
+// that process ended.
+unsafe impl Send for SharedLog {}
+// SAFETY: as above.
+unsafe impl Sync for SharedLog {}
+
+const LOG_HEADER: usize = 64;
+
+impl SharedLog {
+    /// A log holding up to `cap` bytes.
+    pub(crate) fn new(cap: usize) -> io::Result<Self> {
+        let map_len = (LOG_HEADER + cap).next_multiple_of(4096);
+        // SAFETY: a fresh anonymous mapping, not aliasing anything; checked before use.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(raw.cast::<u8>()).expect("mmap never returns null");
+        let log = SharedLog { ptr, map_len };
+        log.set_running(u64::MAX);
+        Ok(log)
+    }
+
+    fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
+        debug_assert!(i < 3);
+        // SAFETY: the header's three words lie inside the live mapping, page-aligned, zero-filled
+        // at creation (valid AtomicU64s) and only accessed atomically.
+        unsafe {
+            &*self
+                .ptr
+                .as_ptr()
+                .add(8 * i)
+                .cast::<std::sync::atomic::AtomicU64>()
+        }
+    }
+
+    fn cap(&self) -> usize {
+        self.map_len - LOG_HEADER
+    }
+
+    /// Child side: the item the child is about to run (or, with a flag bit, has finished).
+    pub(crate) fn set_running(&self, word: u64) {
+        self.word(2)
+            .store(word, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Parent side: the last value of [`SharedLog::set_running`] (`u64::MAX` if none).
+    pub(crate) fn running(&self) -> u64 {
+        self.word(2).load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The logged bytes (child side: what to write to the pipe).
+    pub(crate) fn bytes(&self) -> &[u8] {
+        let len = self.word(1).load(std::sync::atomic::Ordering::Acquire) as usize;
+        // SAFETY: `len <= cap` (only `append` raises it, within bounds); the range is inside
+        // the mapping, and nobody writes it while this borrow lives (the child is
+        // single-threaded; the parent reads after the child ended).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(LOG_HEADER), len) }
+    }
+
+    /// Appends `data` if it fits (child side); `false` if the log is too full.
+    pub(crate) fn append(&self, data: &[u8]) -> bool {
+        let len = self.word(1).load(std::sync::atomic::Ordering::Relaxed) as usize;
+        if len + data.len() > self.cap() {
+            return false;
+        }
+        // SAFETY: the destination range `len..len + data.len()` is inside the mapping (checked
+        // above) and does not overlap `data` (a private buffer); only this process writes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                data.as_ptr(),
+                self.ptr.as_ptr().add(LOG_HEADER + len),
+                data.len(),
+            );
+        }
+        self.word(1).store(
+            (len + data.len()) as u64,
+            std::sync::atomic::Ordering::Release,
+        );
+        true
+    }
+
+    /// The logged bytes were written to the pipe (child side): empty the log. The length is
+    /// cleared before the base moves, so a death in between never makes old bytes look unsent.
+    pub(crate) fn sent(&self) {
+        let len = self.word(1).swap(0, std::sync::atomic::Ordering::AcqRel);
+        self.word(0)
+            .fetch_add(len, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Child side: `n` bytes went to the pipe directly (not through the log).
+    pub(crate) fn wrote(&self, n: usize) {
+        self.word(0)
+            .fetch_add(n as u64, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// The stream offset of the first logged byte: every byte the child wrote to the pipe
+    /// before it, through the log or directly.
+    pub(crate) fn base(&self) -> u64 {
+        self.word(0).load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Drop for SharedLog {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; no borrow outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+    }
+}

@@ -31,48 +31,95 @@ impl<I, O> Clone for StageCode<'_, I, O> {
 }
 impl<I, O> Copy for StageCode<'_, I, O> {}
 use crate::stage::{guarded, Factory, Output, Sink, Stage};
+use crate::sys::SharedLog;
 use std::any::Any;
 use std::os::fd::OwnedFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Flush the child's buffer once it holds this much, so the parent reads while we run.
 const FLUSH_AT: usize = 64 << 10;
 
+/// The size of an ipc worker's shared log (finished items' frames not yet written).
+pub(crate) const LOG_BYTES: usize = 256 << 10;
+
+/// The bit of a log's `running` word set once the item it names has ended.
+pub(crate) const PROGRESS_DONE: u64 = 1 << 63;
+
+fn write_all(fd: &OwnedFd, bytes: &[u8]) -> std::io::Result<()> {
+    let mut off = 0;
+    while off < bytes.len() {
+        match rustix::io::write(fd, &bytes[off..]) {
+            Ok(n) => off += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 /// The child's side of its result pipe: buffered frames, written with blocking writes.
-pub(crate) struct ChildOut {
+///
+/// An ipc worker also has a [`SharedLog`]: it `commit`s each finished item's frames there and
+/// writes the log to the pipe in batches; a cow child writes each item's frames at once.
+pub(crate) struct ChildOut<'a> {
     fd: OwnedFd,
     buf: Vec<u8>,
     max: usize,
     outputs: u64,
+    log: Option<&'a SharedLog>,
 }
 
-impl ChildOut {
-    pub(crate) fn new(fd: OwnedFd, max: usize) -> Self {
+impl<'a> ChildOut<'a> {
+    pub(crate) fn new(fd: OwnedFd, max: usize, log: Option<&'a SharedLog>) -> Self {
         ChildOut {
             fd,
             buf: Vec::with_capacity(FLUSH_AT),
             max,
             outputs: 0,
+            log,
         }
     }
 
+    /// Writes everything: the shared log first (earlier items), then the buffer.
     pub(crate) fn flush(&mut self) -> std::io::Result<()> {
         for rec in super::log::take() {
             let _ = protocol::encode_frame(&mut self.buf, Kind::Log, 0, &rec, self.max);
         }
-        let mut off = 0;
-        while off < self.buf.len() {
-            match rustix::io::write(&self.fd, &self.buf[off..]) {
-                Ok(n) => off += n,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => {
+        if let Some(log) = self.log {
+            if !log.bytes().is_empty() {
+                if let Err(e) = write_all(&self.fd, log.bytes()) {
                     self.buf.clear();
-                    return Err(e.into());
+                    return Err(e);
                 }
+                log.sent();
             }
         }
+        let r = write_all(&self.fd, &self.buf);
+        if let (Ok(()), Some(log)) = (&r, self.log) {
+            log.wrote(self.buf.len());
+        }
         self.buf.clear();
-        Ok(())
+        r
+    }
+
+    /// The current item has ended: its frames go to the shared log (which survives this
+    /// process), or out at once when the log is full or there is none.
+    fn commit(&mut self) -> std::io::Result<()> {
+        for rec in super::log::take() {
+            let _ = protocol::encode_frame(&mut self.buf, Kind::Log, 0, &rec, self.max);
+        }
+        match self.log {
+            Some(log) if log.append(&self.buf) => {
+                self.buf.clear();
+                Ok(())
+            }
+            _ => self.flush(),
+        }
+    }
+
+    /// Whether frames wait to be written.
+    fn holds(&self) -> bool {
+        !self.buf.is_empty() || self.log.is_some_and(|l| !l.bytes().is_empty())
     }
 
     fn result<O>(&mut self, id: u64, value: &O, encode: Enc<O>) -> Result<(), EmitError> {
@@ -131,14 +178,14 @@ impl ChildOut {
     }
 }
 
-struct PipeSink<'a, O> {
-    out: &'a mut ChildOut,
+struct PipeSink<'a, 'b, O> {
+    out: &'a mut ChildOut<'b>,
     id: u64,
     routes: &'a Routes,
     encode: Enc<O>,
 }
 
-impl<O> Sink<O> for PipeSink<'_, O> {
+impl<O> Sink<O> for PipeSink<'_, '_, O> {
     fn send(&mut self, item: O) -> Result<(), EmitError> {
         self.out.result(self.id, &item, self.encode)
     }
@@ -156,11 +203,11 @@ fn run_item<I: 'static, O: 'static>(
     stage: &mut dyn Stage<I, O>,
     item: I,
     id: u64,
-    out: &mut ChildOut,
+    out: &mut ChildOut<'_>,
     finish: bool,
     routes: &Routes,
     encode: Enc<O>,
-) {
+) -> Duration {
     out.outputs = 0;
     let t0 = Instant::now();
     let r = guarded(|| {
@@ -177,11 +224,12 @@ fn run_item<I: 'static, O: 'static>(
         }
         Ok(())
     });
-    let ns = t0.elapsed().as_nanos() as u64;
+    let ran = t0.elapsed();
     match r {
-        Ok(()) => out.done(id, ns),
+        Ok(()) => out.done(id, ran.as_nanos() as u64),
         Err(c) => out.error(id, c.kind, c.message),
     }
+    ran
 }
 
 fn start<I, O>(
@@ -209,7 +257,7 @@ pub(crate) fn cow_child<I: 'static, O: 'static>(
         wire,
     } = *stage;
     super::log::enter_child();
-    let mut out = ChildOut::new(fd, max);
+    let mut out = ChildOut::new(fd, max, None);
     match start(factory, after_fork) {
         Ok(mut stage) => {
             let last = items.len().saturating_sub(1);
@@ -242,9 +290,23 @@ pub(crate) fn cow_child<I: 'static, O: 'static>(
 
 /// An ipc_fork worker: reads item frames from `input` until `shutdown` (or end of file),
 /// answers each on `output`, flushes its stage instance, exits 0.
+/// An ipc worker writes the frames of its finished items right after an item that ran at
+/// least this long ...
+const SLOW_ITEM: Duration = Duration::from_micros(50);
+/// ... and otherwise keeps them in its shared log at most this long (checked between items),
+/// or until its input is empty or its log full: a stream of cheap items costs one write per
+/// batch, not one per item.
+const HOLD: Duration = Duration::from_micros(100);
+
+/// An ipc worker: decodes items from `input`, runs them one at a time, and writes their frames
+/// to `output`: each item's before the next starts, or, with `log` (`batch_results`), through
+/// the shared log (see [`SharedLog`]) in batches: if it dies, the parent still gets the frames
+/// of every item it finished, so only the item it was running fails and nothing runs twice.
+/// With a log it also keeps the item it runs in the log's `running` word.
 pub(crate) fn ipc_worker<I: 'static, O: 'static>(
     input: OwnedFd,
     output: OwnedFd,
+    log: Option<&SharedLog>,
     stage: &StageCode<'_, I, O>,
 ) -> i32 {
     let StageCode {
@@ -255,7 +317,7 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
         wire,
     } = *stage;
     super::log::enter_child();
-    let mut out = ChildOut::new(output, max);
+    let mut out = ChildOut::new(output, max, log);
     let mut stage = match start(factory, after_fork) {
         Ok(s) => s,
         Err(m) => {
@@ -265,9 +327,23 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
         }
     };
     let mut dec = Decoder::new(max);
+    // Since when committed frames wait in the log.
+    let mut held_since: Option<Instant> = None;
     loop {
+        if held_since.is_some_and(|t| t.elapsed() >= HOLD) {
+            held_since = None;
+            if out.flush().is_err() {
+                return 74;
+            }
+        }
         let next = dec.next(|kind, id, payload| match kind {
-            Kind::Item => Some((id, (wire.decode_in)(payload))),
+            Kind::Item => {
+                // From here on a death is this item's (decoding included).
+                if let Some(log) = log {
+                    log.set_running(id);
+                }
+                Some((id, (wire.decode_in)(payload)))
+            }
             Kind::Shutdown => None,
             other => Some((
                 id,
@@ -276,7 +352,7 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
         });
         match next {
             Ok(Some(Some((id, Ok(item))))) => {
-                run_item(
+                let ran = run_item(
                     &mut *stage,
                     item,
                     id,
@@ -285,13 +361,31 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
                     routes,
                     wire.encode_out,
                 );
-                // Every item's frames leave before the next item starts: if the next one
-                // kills the process, the parent knows exactly which item it was running.
-                if out.flush().is_err() {
+                if let Some(log) = log {
+                    log.set_running(id | PROGRESS_DONE);
+                }
+                // Every item's frames are safe (written, or in the shared log) before the
+                // next item starts: if the next one kills the process, the parent gets them
+                // and knows exactly which item was running.
+                let r = if ran >= SLOW_ITEM {
+                    held_since = None;
+                    out.flush()
+                } else {
+                    out.commit()
+                };
+                if r.is_err() {
                     return 74;
+                }
+                if !out.holds() {
+                    held_since = None;
+                } else if held_since.is_none() {
+                    held_since = Some(Instant::now());
                 }
             }
             Ok(Some(Some((id, Err(m))))) => {
+                if let Some(log) = log {
+                    log.set_running(id | PROGRESS_DONE);
+                }
                 out.error(
                     id,
                     FailureKind::Protocol,
@@ -301,6 +395,7 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
             Ok(Some(None)) => break,
             Ok(None) => {
                 // About to block: send what we have first.
+                held_since = None;
                 if out.flush().is_err() {
                     return 74;
                 }

@@ -73,7 +73,19 @@ pub(super) fn run<I: Item, O: Wire>(parts: Parts<I, O>, opts: ForkOptions, hooks
     std::thread::scope(|s| {
         std::thread::Builder::new()
             .name(format!("{}:feed", parts.ctx.name))
-            .spawn_scoped(s, || feed(&parts.ctx, &parts.input, tx, &wake, Some))
+            .spawn_scoped(s, || {
+                // One item per hand-off: children are forked as items come.
+                let send = move |items: Vec<I>| {
+                    let n = items.len() as u64;
+                    for (k, item) in items.into_iter().enumerate() {
+                        if tx.send(item).is_err() {
+                            return Err(n - k as u64);
+                        }
+                    }
+                    Ok(())
+                };
+                feed(&parts.ctx, &parts.input, &wake, 1, Some, send)
+            })
             .expect("spawn feeder thread");
         // The supervisor owns the hand-off receiver: if it ever unwinds, the feeder's sends
         // fail instead of blocking forever.
@@ -159,7 +171,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 }
             }
             if ctx.run.aborting() {
-                input_done |= super::cancel_ready(ctx, &rx);
+                input_done |= super::cancel_ready(ctx, &rx, |_| 1);
             }
             if input_done && running.is_empty() && retry.is_empty() {
                 self.release.borrow_mut().release_all(&self.parts.router);
@@ -343,12 +355,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             let routes = &self.parts.router.routes;
             let next = r.stream.dec.next(|kind, id, payload| {
                 if kind == Kind::Log {
-                    return protocol::decode::<super::log::LogRecord>(payload)
-                        .map(|rec| {
-                            super::log::emit(stage, pid, &rec);
-                            Event::Log
-                        })
-                        .map_err(|e| format!("bad log frame: {e}"));
+                    return super::log::forward(stage, pid, payload).map(|()| Event::Log);
                 }
                 if id != index {
                     return Err(format!(
@@ -456,7 +463,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         for (k, (job, end)) in r.jobs.into_iter().zip(r.ends).enumerate() {
             match end {
                 Some(Ok((d, busy))) => {
-                    rec.latency_busy(d.latency_ns, busy);
+                    rec.latency_busy(d.latency_ns, busy, Instant::now());
                     self.release
                         .borrow_mut()
                         .finished(job.index, &self.parts.router);
@@ -503,6 +510,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         let again = super::settle(
             self.parts,
             &mut release,
+            &self.parts.router,
             index,
             attempt,
             kind,

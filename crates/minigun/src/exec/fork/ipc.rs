@@ -1,10 +1,18 @@
 //! ipc_fork: `workers` persistent forked workers fed over pipes.
 //!
 //! Workers are forked when the run prepares its stages, before any stage thread exists. Items
-//! are serialised by the feeder thread and dispatched round-robin to workers that hold fewer
-//! than `in_flight` items; a worker answers in order, so the first item it holds is the one it
-//! is running. Writes are non-blocking (a slow worker never stalls the others) and several
-//! ready items go out in one write.
+//! are serialised by the feeder thread, handed to the supervisor up to [`FEED_CHUNK`] at a
+//! time, and dispatched round-robin to workers that hold fewer than `in_flight` items; a
+//! worker answers in order, so the first item it holds (without an answer) is the one it is
+//! running. Writes are non-blocking (a slow worker never stalls the others) and several ready
+//! items go out in one write. Results are held and sent downstream once per read of the
+//! workers' pipes; their items count as done after that (a routing loop's unit outlives the
+//! sending of its item's results).
+//!
+//! A worker writes each item's frames before it starts the next, or, with `batch_results`,
+//! keeps them in a log shared with the parent and writes the log in batches: the parent
+//! recovers the log of a dead worker, so the answer order above still holds (see
+//! `Supervisor::recover`).
 //!
 //! A worker that dies is noticed at once (its pidfd): the item it was running fails with the
 //! way it died, the items queued behind it go back to the front of the queue (their attempt is
@@ -31,6 +39,9 @@ use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
+/// Items the feeder hands the supervisor at once (one wake-up, one write per worker).
+const FEED_CHUNK: usize = 64;
+
 /// A worker is given no more items while it holds this many payload bytes (at least one
 /// item always fits), so a large `in_flight` is safe for large items.
 const MAX_IN_FLIGHT_BYTES: usize = 1 << 20;
@@ -45,6 +56,8 @@ struct Flight {
 
 struct Worker {
     child: sys::Child,
+    /// With `batch_results`: frames of finished items the worker has not written yet.
+    log: Option<sys::SharedLog>,
     input: Option<OwnedFd>,
     out: Vec<u8>,
     stream: Stream,
@@ -62,6 +75,8 @@ struct Worker {
     start_error: Option<String>,
     protocol: Option<String>,
     results: u64,
+    /// Items finished since the stage's live child table was last updated.
+    reported: u64,
 }
 
 impl Worker {
@@ -98,6 +113,7 @@ fn spawn<I: Wire, O: Wire>(
     opts: &ForkOptions,
     hooks: &ForkHooks,
     slot: usize,
+    batched: bool,
 ) -> std::io::Result<Worker> {
     let (in_r, in_w) = sys::pipe(false)?;
     let (out_r, out_w) = sys::pipe(true)?;
@@ -105,6 +121,11 @@ fn spawn<I: Wire, O: Wire>(
     sys::grow_pipe(&in_w, PIPE_SIZE);
     sys::grow_pipe(&out_w, PIPE_SIZE);
     let keep = [sys::raw(&in_r), sys::raw(&out_w)];
+    let log = match batched {
+        true => Some(sys::SharedLog::new(child::LOG_BYTES)?),
+        false => None,
+    };
+    let child_log = log.as_ref();
     let (factory, after_fork, max) = (&parts.factory, &hooks.after_fork, opts.max_frame);
     let wire = parts.wire.expect("fork stages have a codec");
     let routes = &parts.router.routes;
@@ -116,11 +137,12 @@ fn spawn<I: Wire, O: Wire>(
             routes,
             wire,
         };
-        child::ipc_worker::<I, O>(in_r, out_w, &code)
+        child::ipc_worker::<I, O>(in_r, out_w, child_log, &code)
     })?;
     parts.ctx.stats.child_started(child.pid);
     Ok(Worker {
         child,
+        log,
         input: Some(in_w),
         out: Vec::new(),
         stream: Stream::new(out_r, opts.max_frame),
@@ -135,6 +157,7 @@ fn spawn<I: Wire, O: Wire>(
         start_error: None,
         protocol: None,
         results: 0,
+        reported: 0,
     })
 }
 
@@ -155,7 +178,7 @@ pub(super) fn start<I: Wire, O: Wire>(
     }
     let mut workers = Vec::with_capacity(opts.workers);
     for slot in 0..opts.workers {
-        match spawn(&parts, &opts, &hooks, slot) {
+        match spawn(&parts, &opts, &hooks, slot, opts.batch_results) {
             Ok(w) => workers.push(Some(w)),
             Err(e) => return fail(parts, format!("cannot fork worker {slot}: {e}")),
         }
@@ -183,7 +206,8 @@ fn run<I: Wire, O: Wire>(
     // Enough ready items to refill every worker's window between two wake-ups, but not a
     // copy of the whole input: large items are bounded by the per-worker byte limit anyway.
     let ready = (opts.workers * window).clamp(1, 64);
-    let (tx, rx) = crossbeam_channel::bounded::<Encoded<I>>(ready);
+    let chunk = ready.min(FEED_CHUNK);
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<Encoded<I>>>(ready.div_ceil(chunk));
     std::thread::scope(|s| {
         let ctx = &parts.ctx;
         std::thread::Builder::new()
@@ -191,7 +215,7 @@ fn run<I: Wire, O: Wire>(
             .spawn_scoped(s, || {
                 let wire = parts.wire.expect("fork stages have a codec");
                 let mut index = 0u64;
-                feed(ctx, &parts.input, tx, &wake, |item: I| {
+                let make = |item: I| {
                     index += 1;
                     Some(encode_input(
                         wire.encode_in,
@@ -199,7 +223,10 @@ fn run<I: Wire, O: Wire>(
                         item,
                         opts.max_frame,
                     ))
-                })
+                };
+                let send =
+                    move |batch: Vec<Encoded<I>>| tx.send(batch).map_err(|e| e.0.len() as u64);
+                feed(ctx, &parts.input, &wake, chunk, make, send)
             })
             .expect("spawn feeder thread");
         let respawn = vec![None; workers.len()];
@@ -212,6 +239,9 @@ fn run<I: Wire, O: Wire>(
             rr: 0,
             deaths: 0,
             release: Release::new(opts.ordered),
+            strict: false,
+            router: parts.router.clone().batched_until_flush(),
+            done: 0,
         };
         sup.run(rx, &wake);
     });
@@ -255,14 +285,23 @@ struct Supervisor<'a, I, O> {
     rr: usize,
     deaths: u32,
     release: Release<O>,
+    /// A batched worker corrupted its stream: replacements write each item's results
+    /// before the next item, so a repeat is pinned on the item that does it.
+    strict: bool,
+    /// Where results go: held, and sent after each read of the workers' pipes.
+    router: crate::route::Router<O>,
+    /// Items finished since the last send (counted done once their results are sent).
+    done: u64,
 }
 
 impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
-    fn run(&mut self, rx: Receiver<Encoded<I>>, wake: &Wake) {
+    fn run(&mut self, rx: Receiver<Vec<Encoded<I>>>, wake: &Wake) {
         let ctx = &self.parts.ctx;
         let abort_fd = ctx.run.abort_fd();
         let mut rec = Recorder::new(&ctx.stats);
         let mut queue: VecDeque<Flight> = VecDeque::new();
+        // Items handed off by the feeder, not yet dispatched.
+        let mut incoming: VecDeque<Encoded<I>> = VecDeque::new();
         let mut input_done = false;
         let mut cancelled_all = false;
         let window = self.opts.in_flight.max(1);
@@ -284,7 +323,9 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 }
             }
             if ctx.run.aborting() {
-                input_done |= super::cancel_ready(ctx, &rx);
+                ctx.cancelled(incoming.len() as u64);
+                incoming.clear();
+                input_done |= super::cancel_ready(ctx, &rx, |v| v.len() as u64);
             }
             // Replace dead workers whose backoff has passed, while there is work.
             let work_left = !input_done || !queue.is_empty() || self.in_flight() > 0;
@@ -292,7 +333,8 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 if self.workers[slot].is_none() && self.respawn[slot].is_some_and(|t| t <= now) {
                     self.respawn[slot] = None;
                     if work_left && !ctx.run.aborting() {
-                        match spawn(self.parts, self.opts, self.hooks, slot) {
+                        let batched = self.opts.batch_results && !self.strict;
+                        match spawn(self.parts, self.opts, self.hooks, slot, batched) {
                             Ok(w) => self.workers[slot] = Some(w),
                             Err(e) => {
                                 tracing::warn!(stage = %ctx.name, slot, error = %e, "cannot fork a replacement worker");
@@ -311,7 +353,14 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                     {
                         queue.pop_front().expect("front exists")
                     } else {
-                        match rx.try_recv() {
+                        let next = match incoming.pop_front() {
+                            Some(e) => Ok(e),
+                            None => rx.try_recv().map(|batch| {
+                                incoming.extend(batch);
+                                incoming.pop_front().expect("hand-offs are never empty")
+                            }),
+                        };
+                        match next {
                             Ok((index, Ok(payload))) => Flight {
                                 index,
                                 attempt: 1,
@@ -323,9 +372,10 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                                 let attempt = self.parts.ctx.policy.retries + 1;
                                 let (parts, kind) = (self.parts, FailureKind::Encode);
                                 let dead = |f| dead_letter(parts, item, f);
-                                let release = &mut self.release;
+                                let (release, router) = (&mut self.release, &self.router);
                                 super::settle(
-                                    parts, release, index, attempt, kind, message, None, dead,
+                                    parts, release, router, index, attempt, kind, message, None,
+                                    dead,
                                 );
                                 continue;
                             }
@@ -364,7 +414,8 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                     }
                 }
                 if self.workers.iter().flatten().all(|w| w.exit.is_some()) {
-                    self.release.release_all(&self.parts.router);
+                    self.release.release_all(&self.router);
+                    self.send_results();
                     break;
                 }
             }
@@ -375,7 +426,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             // deadline passes, or the run aborts.
             wake.sleepy();
             if !input_done
-                && !rx.is_empty()
+                && (!incoming.is_empty() || !rx.is_empty())
                 && self.next_worker(window).is_some()
                 && !ctx.run.aborting()
             {
@@ -447,12 +498,18 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 let w = self.workers[slot].as_mut().expect("live worker");
                 if exited && w.exit.is_none() {
                     w.exit = Some(sys::reap(w.child.pid));
-                    self.pump(slot, &mut rec, &mut queue);
+                    self.recover(slot, &mut rec, &mut queue);
                 }
                 let w = self.workers[slot].as_mut().expect("live worker");
                 if w.exit.is_none() && w.deadline.is_some_and(|d| d <= now) {
                     if w.killed.is_none() {
-                        w.timed_out = w.flights.front().map(|f| f.index);
+                        // With batched results, earlier items may have finished unreported:
+                        // the worker's own word says which one it runs.
+                        let running = w.log.as_ref().map(|l| l.running());
+                        w.timed_out = match running {
+                            Some(r) if r & child::PROGRESS_DONE == 0 => Some(r),
+                            _ => w.flights.front().map(|f| f.index),
+                        };
                     }
                     let why = w.killed.unwrap_or(Killed::Timeout);
                     terminate(w.child.pid, &mut w.killed, why, &mut w.deadline);
@@ -461,6 +518,18 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                     self.bury(slot, &mut queue);
                 }
             }
+            self.send_results();
+        }
+    }
+
+    /// Sends the results held since the last call, then counts their items done (in that
+    /// order: inside a routing loop, an item's unit must outlive the sending of its results).
+    fn send_results(&mut self) {
+        if let Err(lost) = self.router.flush_shared() {
+            tracing::debug!(stage = %self.parts.ctx.name, lost, "results refused by a closed downstream");
+        }
+        if self.done > 0 {
+            self.parts.ctx.items_done(std::mem::take(&mut self.done));
         }
     }
 
@@ -492,6 +561,23 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
 
     /// Reads what a worker sent: routes results, completes and fails its items in order.
     fn pump(&mut self, slot: usize, rec: &mut Recorder<'_>, queue: &mut VecDeque<Flight>) {
+        // One clock read for everything this read brings.
+        let now = Instant::now();
+        self.pump_at(slot, rec, queue, now);
+        let w = self.workers[slot].as_mut().expect("live worker");
+        if w.reported > 0 {
+            let n = std::mem::take(&mut w.reported);
+            self.parts.ctx.stats.child_items(w.child.pid, n);
+        }
+    }
+
+    fn pump_at(
+        &mut self,
+        slot: usize,
+        rec: &mut Recorder<'_>,
+        queue: &mut VecDeque<Flight>,
+        now: Instant,
+    ) {
         loop {
             let w = self.workers[slot].as_mut().expect("live worker");
             w.stream.read_available();
@@ -502,44 +588,15 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 let (stage, pid) = (&self.parts.ctx.name, w.child.pid);
                 let wire = self.parts.wire.expect("fork stages have a codec");
                 let routes = &self.parts.router.routes;
-                let next = w
-                    .stream
-                    .dec
-                    .next(|kind, id, payload| -> Result<Event<O>, String> {
-                        if kind == Kind::Log {
-                            return protocol::decode::<super::log::LogRecord>(payload)
-                                .map(|rec| {
-                                    super::log::emit(stage, pid, &rec);
-                                    Event::Log
-                                })
-                                .map_err(|e| format!("bad log frame: {e}"));
-                        }
-                        if id != FINISH_ID && id != START_ID && Some(id) != front {
-                            return Err(format!(
-                                "frame for item {id} while the worker runs item {front:?}"
-                            ));
-                        }
-                        match kind {
-                            Kind::Routed => super::decode_routed(routes, payload)
-                                .map(|(i, t)| Event::Routed(i, t)),
-                            Kind::Result => (wire.decode_out)(payload)
-                                .map(Event::Result)
-                                .map_err(|e| format!("cannot decode a result: {e}")),
-                            Kind::Done => protocol::decode::<Done>(payload)
-                                .map(|d| Event::Done(id, d))
-                                .map_err(|e| format!("bad done frame: {e}")),
-                            Kind::Error => protocol::decode::<ChildError>(payload)
-                                .map(|e| Event::Error(id, e))
-                                .map_err(|e| format!("bad error frame: {e}")),
-                            other => Err(format!("unexpected {other:?} frame from a worker")),
-                        }
-                    });
+                let next = w.stream.dec.next(|kind, id, payload| {
+                    frame_event(wire, routes, stage, pid, front, kind, id, payload)
+                });
                 match next {
                     Ok(None) => break,
                     Ok(Some(ev)) => {
                         progressed = true;
                         match ev {
-                            Ok(ev) => self.event(slot, ev, rec, queue),
+                            Ok(ev) => self.event(slot, ev, rec, queue, now),
                             Err(m) => {
                                 self.protocol_error(slot, m);
                                 return;
@@ -559,14 +616,15 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn event(
         &mut self,
         slot: usize,
         ev: Event<O>,
         rec: &mut Recorder<'_>,
         queue: &mut VecDeque<Flight>,
+        now: Instant,
     ) {
-        let now = Instant::now();
         let w = self.workers[slot].as_mut().expect("live worker");
         match ev {
             Event::Log => {}
@@ -577,7 +635,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             Event::Result(o) => {
                 w.results += 1;
                 let index = w.flights.front().map_or(u64::MAX, |f| f.index);
-                self.release.emit(index, o, &self.parts.router);
+                self.release.emit(index, o, &self.router);
             }
             Event::Done(FINISH_ID, _) | Event::Done(START_ID, _) => w.results = 0,
             Event::Done(_, d) => {
@@ -586,12 +644,12 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                     .front_since
                     .map_or(d.latency_ns, |t| now.duration_since(t).as_nanos() as u64);
                 let flight = w.front_ended(now, self.opts.timeout);
-                self.parts.ctx.stats.child_item(w.child.pid);
+                w.reported += 1;
                 self.deaths = 0;
                 if d.outputs == results {
-                    rec.latency_busy(d.latency_ns, busy);
-                    self.release.finished(flight.index, &self.parts.router);
-                    self.parts.ctx.items_done(1);
+                    rec.latency_busy(d.latency_ns, busy, now);
+                    self.release.finished(flight.index, &self.router);
+                    self.done += 1;
                 } else {
                     let m = format!(
                         "worker reported {} results, parent received {results}",
@@ -620,6 +678,81 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         }
     }
 
+    /// A worker has exited: reads its pipe to the end, then (with `batch_results`) takes the
+    /// frames of the items it had finished but not written from its shared log, so that only
+    /// the item it was running (then the front of its flights) fails, and nothing runs twice.
+    fn recover(&mut self, slot: usize, rec: &mut Recorder<'_>, queue: &mut VecDeque<Flight>) {
+        loop {
+            let before = self.workers[slot]
+                .as_ref()
+                .expect("live worker")
+                .stream
+                .received;
+            self.pump(slot, rec, queue);
+            let w = self.workers[slot].as_ref().expect("live worker");
+            // A grandchild holding the pipe open can keep it from reaching its end.
+            if w.stream.eof || w.stream.received == before {
+                break;
+            }
+        }
+        let w = self.workers[slot].as_mut().expect("live worker");
+        let Some(log) = &w.log else { return };
+        let bytes = log.bytes();
+        if bytes.is_empty() {
+            return;
+        }
+        // An intact stream continues in the log exactly where the pipe left off: the bytes
+        // of a frame the parent has in part are the log's bytes just before that point.
+        let pending = w.stream.dec.pending() as u64;
+        let at = w.stream.received.checked_sub(log.base());
+        let intact = w.protocol.is_none()
+            && at.is_some_and(|at| {
+                at <= bytes.len() as u64
+                    && at >= pending
+                    && w.stream.dec.pending_bytes() == &bytes[(at - pending) as usize..at as usize]
+            });
+        if intact {
+            let unsent = bytes[at.unwrap_or(0) as usize..].to_vec();
+            w.stream.dec.extend(&unsent);
+            return self.pump(slot, rec, queue);
+        }
+        // Foreign bytes in the stream: take the logged frames of the items still in flight,
+        // in order, skipping results of the front item that already arrived.
+        let now = Instant::now();
+        let mut dec = frame::Decoder::new(self.opts.max_frame);
+        dec.extend(bytes);
+        let mut skip = w.results;
+        loop {
+            let w = self.workers[slot].as_mut().expect("live worker");
+            let front = w.flights.front().map(|f| f.index);
+            let (stage, pid) = (&self.parts.ctx.name, w.child.pid);
+            let wire = self.parts.wire.expect("fork stages have a codec");
+            let routes = &self.parts.router.routes;
+            let next = dec.next(|kind, id, payload| {
+                if kind != Kind::Log && (Some(id) != front || id == START_ID || id == FINISH_ID) {
+                    return None; // an item whose frames arrived before
+                }
+                if matches!(kind, Kind::Result | Kind::Routed) && skip > 0 {
+                    skip -= 1;
+                    return None;
+                }
+                Some(frame_event(
+                    wire, routes, stage, pid, front, kind, id, payload,
+                ))
+            });
+            match next {
+                Ok(Some(None)) => continue,
+                Ok(Some(Some(Ok(ev)))) => {
+                    if matches!(ev, Event::Done(..) | Event::Error(..)) {
+                        skip = 0;
+                    }
+                    self.event(slot, ev, rec, queue, now);
+                }
+                _ => break,
+            }
+        }
+    }
+
     fn protocol_error(&mut self, slot: usize, m: String) {
         let w = self.workers[slot].as_mut().expect("live worker");
         if w.protocol.is_none() {
@@ -638,6 +771,23 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         let exit = w.exit.expect("buried workers have exited");
         let pid = Some(w.child.pid as u32);
         let clean = w.shutdown && w.flights.is_empty() && exit == sys::Exit::Code(0);
+        // A corrupt stream with batched results: the parent cannot tell which of the items
+        // the worker ran since its last readable write did it, and what it wrote after the
+        // corruption is lost. Those items run again, on workers that now write each item's
+        // results before the next (so a repeat fails exactly the item that does it); their
+        // results never arrived, so nothing is delivered twice. The corruption is a stage error.
+        let mut rerun: Vec<Flight> = Vec::new();
+        if let (Some(m), Some(_)) = (&w.protocol, &w.log) {
+            if !self.strict {
+                tracing::warn!(stage = %self.parts.ctx.name, slot, "a worker's result stream was corrupt; its items run again, one write per item from now on");
+            }
+            self.strict = true;
+            self.parts
+                .ctx
+                .stage_error(FailureKind::Protocol, m.clone(), pid);
+            w.protocol = None;
+            rerun.extend(w.flights.drain(..));
+        }
         if let Some(m) = w.start_error.take() {
             self.deaths += 1;
             if self.deaths as usize > 3 * self.workers.len() {
@@ -673,9 +823,14 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             let (_, m) = exit_failure(exit, false);
             tracing::warn!(stage = %self.parts.ctx.name, slot, message = %m, "idle worker died");
         }
-        // Items queued behind the failed one were never started: back to the front.
+        // Items queued behind the failed one were never started: back to the front (after
+        // the ones to run again), their attempt not counted.
         let cancelled = self.parts.ctx.run.aborting();
-        for f in w.flights.drain(..).rev() {
+        if !rerun.is_empty() && !cancelled {
+            tracing::debug!(stage = %self.parts.ctx.name, slot, items = rerun.len(),
+                "results lost in a corrupt stream; those items run again");
+        }
+        for f in w.flights.drain(..).rev().chain(rerun.into_iter().rev()) {
             if cancelled {
                 self.parts.ctx.cancelled(1);
             } else {
@@ -713,6 +868,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         let again = super::settle(
             parts,
             &mut self.release,
+            &self.router,
             index,
             attempt,
             kind,
@@ -755,6 +911,41 @@ fn flush_input(w: &mut Worker) {
     w.out.drain(..off);
     if w.shutdown && w.out.is_empty() {
         w.input = None;
+    }
+}
+
+/// Decodes a frame from a worker running item `front` into what it means.
+#[allow(clippy::too_many_arguments)]
+fn frame_event<I, O>(
+    wire: crate::ipc::protocol::WireFns<I, O>,
+    routes: &crate::route::Routes,
+    stage: &str,
+    pid: i32,
+    front: Option<u64>,
+    kind: Kind,
+    id: u64,
+    payload: &[u8],
+) -> Result<Event<O>, String> {
+    if kind == Kind::Log {
+        return super::log::forward(stage, pid, payload).map(|()| Event::Log);
+    }
+    if id != FINISH_ID && id != START_ID && Some(id) != front {
+        return Err(format!(
+            "frame for item {id} while the worker runs item {front:?}"
+        ));
+    }
+    match kind {
+        Kind::Routed => super::decode_routed(routes, payload).map(|(i, t)| Event::Routed(i, t)),
+        Kind::Result => (wire.decode_out)(payload)
+            .map(Event::Result)
+            .map_err(|e| format!("cannot decode a result: {e}")),
+        Kind::Done => protocol::decode::<Done>(payload)
+            .map(|d| Event::Done(id, d))
+            .map_err(|e| format!("bad done frame: {e}")),
+        Kind::Error => protocol::decode::<ChildError>(payload)
+            .map(|e| Event::Error(id, e))
+            .map_err(|e| format!("bad error frame: {e}")),
+        other => Err(format!("unexpected {other:?} frame from a worker")),
     }
 }
 

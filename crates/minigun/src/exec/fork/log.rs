@@ -192,3 +192,10 @@ pub(crate) fn emit(stage: &str, pid: i32, r: &LogRecord) {
         _ => tracing::trace!(target: "minigun::child", stage, pid, child_target = t, "{m}"),
     }
 }
+
+/// Decodes a child's `log` frame and emits the record in the parent.
+pub(super) fn forward(stage: &str, pid: i32, payload: &[u8]) -> Result<(), String> {
+    crate::ipc::protocol::decode::<LogRecord>(payload)
+        .map(|rec| emit(stage, pid, &rec))
+        .map_err(|e| format!("bad log frame: {e}"))
+}

@@ -37,7 +37,7 @@ use crate::policy::StageCtx;
 use crate::route::Router;
 use crate::stage::{Item, Wire};
 use crate::sys;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Receiver;
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,26 +104,34 @@ impl Wake {
     }
 }
 
-/// The feeder: stage queue -> hand-off, turning items into what the supervisor needs.
-/// Counts each item taken as `items_in` once; items arriving after an abort are cancelled.
+/// The feeder: stage queue -> hand-off, turning items into what the supervisor needs, in
+/// hand-offs of up to `chunk` items (`send` returns how many it could not hand off when the
+/// supervisor is gone). Counts each item taken as `items_in` once; items taken after an
+/// abort are cancelled.
 fn feed<I, T>(
     ctx: &StageCtx,
     input: &crate::queue::Receiver<I>,
-    handoff: Sender<T>,
     wake: &Wake,
+    chunk: usize,
     mut make: impl FnMut(I) -> Option<T>,
+    mut send: impl FnMut(Vec<T>) -> Result<(), u64>,
 ) {
     let mut ready = std::collections::VecDeque::new();
     'feed: while ctx.recv_into(input, &mut ready, 1) {
-        while let Some(item) = ready.pop_front() {
+        while !ready.is_empty() {
             if ctx.run.aborting() {
-                ctx.received_cancelled(1);
+                ctx.received_cancelled(ready.len() as u64);
+                ready.clear();
+                break;
+            }
+            let take = ready.len().min(chunk.max(1));
+            ctx.stats.items_in.fetch_add(take as u64, Ordering::Relaxed);
+            let batch: Vec<T> = ready.drain(..take).filter_map(&mut make).collect();
+            if batch.is_empty() {
                 continue;
             }
-            ctx.stats.items_in.fetch_add(1, Ordering::Relaxed);
-            let Some(t) = make(item) else { continue };
-            if handoff.send(t).is_err() {
-                ctx.cancelled(1);
+            if let Err(unsent) = send(batch) {
+                ctx.cancelled(unsent);
                 // Taken from the queue but never handed off: cancelled, not lost.
                 ctx.received_cancelled(ready.len() as u64);
                 break 'feed;
@@ -131,17 +139,18 @@ fn feed<I, T>(
             wake.notify();
         }
     }
-    drop(handoff);
+    // The hand-off ends with `send`.
+    drop(send);
     wake.sleeping.store(false, Ordering::SeqCst);
     let _ = rustix::io::write(&wake.w, &[1]);
 }
 
-/// While aborting: cancels the items already in the hand-off (the feeder cancels what is
-/// still queued). Returns whether the input has ended.
-fn cancel_ready<T>(ctx: &StageCtx, rx: &Receiver<T>) -> bool {
+/// While aborting: cancels the items already in the hand-off (`size` items per message; the
+/// feeder cancels what is still queued). Returns whether the input has ended.
+fn cancel_ready<T>(ctx: &StageCtx, rx: &Receiver<T>, size: impl Fn(&T) -> u64) -> bool {
     loop {
         match rx.try_recv() {
-            Ok(_) => ctx.cancelled(1),
+            Ok(t) => ctx.cancelled(size(&t)),
             Err(crossbeam_channel::TryRecvError::Empty) => return false,
             Err(crossbeam_channel::TryRecvError::Disconnected) => return true,
         }
@@ -153,6 +162,8 @@ pub(crate) struct Stream {
     fd: OwnedFd,
     dec: Decoder,
     eof: bool,
+    /// Bytes read from the pipe so far.
+    received: u64,
 }
 
 impl Stream {
@@ -161,6 +172,7 @@ impl Stream {
             fd,
             dec: Decoder::new(max),
             eof: false,
+            received: 0,
         }
     }
     /// Reads what is available now (non-blocking), up to the read budget.
@@ -170,7 +182,10 @@ impl Stream {
         while !self.eof && total < READ_BUDGET {
             match self.dec.read_from(&self.fd, CHUNK) {
                 Ok(0) => self.eof = true,
-                Ok(n) => total += n,
+                Ok(n) => {
+                    total += n;
+                    self.received += n as u64;
+                }
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(rustix::io::Errno::AGAIN) => break,
                 Err(_) => self.eof = true,
@@ -315,6 +330,7 @@ fn decode_routed(
 fn settle<I, O: Item>(
     parts: &Parts<I, O>,
     release: &mut Release<O>,
+    router: &Router<O>,
     index: u64,
     attempt: u32,
     kind: crate::FailureKind,
@@ -331,7 +347,8 @@ fn settle<I, O: Item>(
         }
     }
     // Outputs held back for ordering go out while the item still holds its loop unit.
-    release.finished(index, &parts.router);
+    release.finished(index, router);
+    let _ = router.flush_shared();
     if cancelled {
         parts.ctx.cancelled(1);
     } else {
