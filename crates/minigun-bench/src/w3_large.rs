@@ -181,7 +181,7 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
     base.mb_per_sec = Some(mb(raw_wall));
     let floor = base.items_per_sec;
     let mut vec_row = Row::new("W3", "minigun", "ipc_fork(2)", workers, items, wall)
-        .variant("Vec<u8> (serde seq)")
+        .variant("Vec<u8> (block copy)")
         .floor(floor);
     vec_row.mb_per_sec = Some(mb(wall));
 
