@@ -241,7 +241,7 @@ impl<T> Sender<T> {
 }
 
 /// How many items one receive takes at most.
-const MAX_TAKE: usize = 1024;
+const MAX_TAKE: usize = 256;
 
 impl<T> Receiver<T> {
     /// Moves ready items into `buf`, blocking until there is at least one; `false` at end of
@@ -255,11 +255,17 @@ impl<T> Receiver<T> {
         self.recv_waited(buf, workers).is_some()
     }
 
+    /// [`Receiver::recv_into`] for a sole receiver that takes at most `max` items (a fork
+    /// feeder takes what it can hand on: the rest stay visible in the queue).
+    pub(crate) fn recv_upto(&self, buf: &mut VecDeque<T>, max: usize) -> bool {
+        self.recv_inner(buf, 1, max, None).is_some_and(|more| more)
+    }
+
     /// [`Receiver::recv_into`] that also says whether it had to wait for items: `None` at
     /// end of stream, `Some(false)` when items were ready at once.
     pub(crate) fn recv_waited(&self, buf: &mut VecDeque<T>, workers: usize) -> Option<bool> {
         let waited = self.shared.len.load(Ordering::Relaxed) == 0;
-        match self.recv_inner(buf, workers, None) {
+        match self.recv_inner(buf, workers, MAX_TAKE, None) {
             Some(false) => None,
             _ => Some(waited),
         }
@@ -267,13 +273,14 @@ impl<T> Receiver<T> {
 
     /// [`Receiver::recv_into`] that gives up at `deadline`: `None` on timeout.
     pub(crate) fn recv_into_until(&self, buf: &mut VecDeque<T>, deadline: Instant) -> Option<bool> {
-        self.recv_inner(buf, 1, Some(deadline))
+        self.recv_inner(buf, 1, MAX_TAKE, Some(deadline))
     }
 
     fn recv_inner(
         &self,
         buf: &mut VecDeque<T>,
         workers: usize,
+        max: usize,
         deadline: Option<Instant>,
     ) -> Option<bool> {
         let sh = &*self.shared;
@@ -289,7 +296,7 @@ impl<T> Receiver<T> {
                     0 | 1 => ready,
                     n => ready / (2 * n),
                 }
-                .clamp(1, MAX_TAKE);
+                .clamp(1, max.clamp(1, MAX_TAKE));
                 buf.extend(s.items.drain(..take));
                 sh.len.store(s.items.len(), Ordering::Relaxed);
                 let wake = s.send_waiting > 0;

@@ -153,7 +153,8 @@ pub(crate) struct Recorder<'a> {
     stats: &'a StageStats,
     local: Histogram<u64>,
     busy_ns: u64,
-    merged: Instant,
+    /// The TSC clock (`quanta`): workers time every item with it.
+    merged: quanta::Instant,
 }
 
 /// A worker also merges its histogram when this long has passed since its last merge, so
@@ -168,26 +169,26 @@ impl<'a> Recorder<'a> {
             stats,
             local: new_histogram(),
             busy_ns: 0,
-            merged: Instant::now(),
+            merged: quanta::Instant::now(),
         }
     }
 
     /// Records an attempt that started at `start` and ended at `end` (also its busy time).
-    pub(crate) fn attempt(&mut self, start: Instant, end: Instant) {
+    pub(crate) fn attempt(&mut self, start: quanta::Instant, end: quanta::Instant) {
         let ns = end.duration_since(start).as_nanos() as u64;
         self.record(ns, ns, end);
     }
 
     /// Records an attempt's latency in stage code and the wall time its worker was occupied
     /// (for fork executors the latter includes fork, transfer and exit).
-    pub(crate) fn latency_busy(&mut self, ns: u64, busy_ns: u64, now: Instant) {
+    pub(crate) fn latency_busy(&mut self, ns: u64, busy_ns: u64) {
         // A fork item costs far more than an atomic add: its busy time shows at once (live
         // views rank the bottleneck by it).
         self.stats.busy_ns.fetch_add(busy_ns, Ordering::Relaxed);
-        self.record(ns, 0, now);
+        self.record(ns, 0, quanta::Instant::now());
     }
 
-    fn record(&mut self, ns: u64, busy_ns: u64, now: Instant) {
+    fn record(&mut self, ns: u64, busy_ns: u64, now: quanta::Instant) {
         self.local.saturating_record(ns.max(1));
         self.busy_ns += busy_ns;
         if now.saturating_duration_since(self.merged) >= MERGE_AFTER {
@@ -198,7 +199,7 @@ impl<'a> Recorder<'a> {
 
     /// The worker is about to wait for input: publish what it has (histograms at most every
     /// [`MERGE_IDLE`], a merge walks the whole histogram).
-    pub(crate) fn idle(&mut self, now: Instant) {
+    pub(crate) fn idle(&mut self, now: quanta::Instant) {
         if self.busy_ns > 0 {
             self.stats
                 .busy_ns

@@ -4,9 +4,10 @@
 //! The stage ends when every worker has seen the queue disconnect and flushed its instance;
 //! the workers' router clones are dropped then, which ends the downstream streams.
 //!
-//! A worker takes every ready item from its queue at once (its share under `threads(n)`),
-//! counts them and reserves their indices once, reads the clock once per item (an item's end
-//! is the next one's start; time blocked sending is nobody's), and holds what it emits until
+//! A worker takes every ready item from its queue at once (up to 256; its share under
+//! `threads(n)`), counts them and reserves their indices once, reads the clock (the TSC,
+//! through `quanta`) once per item (an item's end is the next one's start; time blocked
+//! sending is nobody's), and holds what it emits until
 //! it has handled the batch, has been busy [`LINGER`] since its last send (checked between
 //! items), a downstream is asleep waiting, or 256 are held. So an output waits at most
 //! `LINGER` plus the rest of the call that emitted it, and never while its downstream idles
@@ -24,9 +25,10 @@ use crate::queue::{QueueTx, Receiver};
 use crate::route::Router;
 use crate::stage::{guarded, Factory, Failed, Output, Stage};
 use crate::stats::Recorder;
+use quanta::Instant;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The parts of a running processor stage, whatever its executor.
 pub(crate) struct Parts<I, O> {

@@ -463,7 +463,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         for (k, (job, end)) in r.jobs.into_iter().zip(r.ends).enumerate() {
             match end {
                 Some(Ok((d, busy))) => {
-                    rec.latency_busy(d.latency_ns, busy, Instant::now());
+                    rec.latency_busy(d.latency_ns, busy);
                     self.release
                         .borrow_mut()
                         .finished(job.index, &self.parts.router);

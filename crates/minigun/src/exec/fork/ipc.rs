@@ -647,7 +647,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 w.reported += 1;
                 self.deaths = 0;
                 if d.outputs == results {
-                    rec.latency_busy(d.latency_ns, busy, now);
+                    rec.latency_busy(d.latency_ns, busy);
                     self.release.finished(flight.index, &self.router);
                     self.done += 1;
                 } else {

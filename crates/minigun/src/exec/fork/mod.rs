@@ -117,7 +117,9 @@ fn feed<I, T>(
     mut send: impl FnMut(Vec<T>) -> Result<(), u64>,
 ) {
     let mut ready = std::collections::VecDeque::new();
-    'feed: while ctx.recv_into(input, &mut ready, 1) {
+    // Take only what can be handed on now: the rest stays in the queue, where live views
+    // and backpressure see it.
+    'feed: while input.recv_upto(&mut ready, chunk) {
         while !ready.is_empty() {
             if ctx.run.aborting() {
                 ctx.received_cancelled(ready.len() as u64);
