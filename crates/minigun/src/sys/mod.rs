@@ -285,7 +285,7 @@ impl SharedLog {
         }
     }
 
-    fn cap(&self) -> usize {
+    fn capacity(&self) -> usize {
         self.map_len - LOG_HEADER
     }
 
@@ -312,7 +312,7 @@ impl SharedLog {
     /// Appends `data` if it fits (child side); `false` if the log is too full.
     pub(crate) fn append(&self, data: &[u8]) -> bool {
         let len = self.word(1).load(std::sync::atomic::Ordering::Relaxed) as usize;
-        if len + data.len() > self.cap() {
+        if len + data.len() > self.capacity() {
             return false;
         }
         // SAFETY: the destination range `len..len + data.len()` is inside the mapping (checked

@@ -103,17 +103,17 @@ impl<'a> ChildOut<'a> {
     }
 
     /// The current item has ended: its frames go to the shared log (which survives this
-    /// process), or out at once when the log is full or there is none.
-    fn commit(&mut self) -> std::io::Result<()> {
+    /// process), or out at once when the log is full or there is none (`Ok(true)`: written).
+    fn commit(&mut self) -> std::io::Result<bool> {
         for rec in super::log::take() {
             let _ = protocol::encode_frame(&mut self.buf, Kind::Log, 0, &rec, self.max);
         }
         match self.log {
             Some(log) if log.append(&self.buf) => {
                 self.buf.clear();
-                Ok(())
+                Ok(false)
             }
-            _ => self.flush(),
+            _ => self.flush().map(|()| true),
         }
     }
 
@@ -198,7 +198,9 @@ impl<O> Sink<O> for PipeSink<'_, '_, O> {
     }
 }
 
-/// One item through the stage, reported as result frames then `done` or `error`.
+/// One item through the stage, reported as result frames then `done` or `error`; it starts
+/// at `t0` (`None`: now). Returns when it ended.
+#[allow(clippy::too_many_arguments)]
 fn run_item<I: 'static, O: 'static>(
     stage: &mut dyn Stage<I, O>,
     item: I,
@@ -207,9 +209,10 @@ fn run_item<I: 'static, O: 'static>(
     finish: bool,
     routes: &Routes,
     encode: Enc<O>,
-) -> Duration {
+    t0: Option<Instant>,
+) -> Instant {
     out.outputs = 0;
-    let t0 = Instant::now();
+    let t0 = t0.unwrap_or_else(Instant::now);
     let r = guarded(|| {
         let mut sink = PipeSink {
             out: &mut *out,
@@ -224,12 +227,12 @@ fn run_item<I: 'static, O: 'static>(
         }
         Ok(())
     });
-    let ran = t0.elapsed();
+    let end = Instant::now();
     match r {
-        Ok(()) => out.done(id, ran.as_nanos() as u64),
+        Ok(()) => out.done(id, end.duration_since(t0).as_nanos() as u64),
         Err(c) => out.error(id, c.kind, c.message),
     }
-    ran
+    end
 }
 
 fn start<I, O>(
@@ -270,6 +273,7 @@ pub(crate) fn cow_child<I: 'static, O: 'static>(
                     k == last,
                     routes,
                     wire.encode_out,
+                    None,
                 );
                 if out.flush().is_err() {
                     return 74;
@@ -329,11 +333,17 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
     let mut dec = Decoder::new(max);
     // Since when committed frames wait in the log.
     let mut held_since: Option<Instant> = None;
+    // When the last item ended, if nothing since took time (a wait for input, a write): the
+    // next item starts then, and the hold is checked against it (one clock read per item).
+    let mut last_end: Option<Instant> = None;
     loop {
-        if held_since.is_some_and(|t| t.elapsed() >= HOLD) {
-            held_since = None;
-            if out.flush().is_err() {
-                return 74;
+        if let (Some(held), Some(now)) = (held_since, last_end) {
+            if now.duration_since(held) >= HOLD {
+                held_since = None;
+                last_end = None;
+                if out.flush().is_err() {
+                    return 74;
+                }
             }
         }
         let next = dec.next(|kind, id, payload| match kind {
@@ -352,7 +362,8 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
         });
         match next {
             Ok(Some(Some((id, Ok(item))))) => {
-                let ran = run_item(
+                let t0 = last_end.unwrap_or_else(Instant::now);
+                let end = run_item(
                     &mut *stage,
                     item,
                     id,
@@ -360,6 +371,7 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
                     false,
                     routes,
                     wire.encode_out,
+                    Some(t0),
                 );
                 if let Some(log) = log {
                     log.set_running(id | PROGRESS_DONE);
@@ -367,19 +379,17 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
                 // Every item's frames are safe (written, or in the shared log) before the
                 // next item starts: if the next one kills the process, the parent gets them
                 // and knows exactly which item was running.
-                let r = if ran >= SLOW_ITEM {
-                    held_since = None;
-                    out.flush()
-                } else {
-                    out.commit()
+                let r = match end.duration_since(t0) >= SLOW_ITEM {
+                    true => out.flush().map(|()| true),
+                    false => out.commit(),
                 };
-                if r.is_err() {
-                    return 74;
-                }
+                let Ok(wrote) = r else { return 74 };
+                // A write can block: the next item's clock starts after it.
+                last_end = (!wrote).then_some(end);
                 if !out.holds() {
                     held_since = None;
                 } else if held_since.is_none() {
-                    held_since = Some(Instant::now());
+                    held_since = Some(end);
                 }
             }
             Ok(Some(Some((id, Err(m))))) => {
@@ -396,6 +406,7 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
             Ok(None) => {
                 // About to block: send what we have first.
                 held_since = None;
+                last_end = None;
                 if out.flush().is_err() {
                     return 74;
                 }
