@@ -56,6 +56,7 @@ pub(crate) fn channel<T>(cap: Capacity, target: Arc<StageStats>) -> (Sender<T>, 
             recv_waiting: 0,
             send_waiting: 0,
             high_water: 0,
+            taken: 0,
         }),
         not_empty: Condvar::new(),
         not_full: Condvar::new(),
@@ -105,6 +106,8 @@ struct State<T> {
     recv_waiting: usize,
     send_waiting: usize,
     high_water: usize,
+    /// Items taken by receivers so far: the next item's index in the stage's input.
+    taken: u64,
 }
 
 impl<T> Shared<T> {
@@ -240,6 +243,14 @@ impl<T> Sender<T> {
     }
 }
 
+/// What a worker's receive took (see [`Receiver::recv_waited`]).
+pub(crate) struct Taken {
+    /// The queue was empty when the receive began.
+    pub(crate) waited: bool,
+    /// The index in the stage's input of the first item taken.
+    pub(crate) first: u64,
+}
+
 /// How many items one receive takes at most.
 const MAX_TAKE: usize = 256;
 
@@ -258,22 +269,25 @@ impl<T> Receiver<T> {
     /// [`Receiver::recv_into`] for a sole receiver that takes at most `max` items (a fork
     /// feeder takes what it can hand on: the rest stay visible in the queue).
     pub(crate) fn recv_upto(&self, buf: &mut VecDeque<T>, max: usize) -> bool {
-        self.recv_inner(buf, 1, max, None).is_some_and(|more| more)
+        self.recv_inner(buf, 1, max, None, &mut 0)
+            .is_some_and(|more| more)
     }
 
-    /// [`Receiver::recv_into`] that also says whether it had to wait for items: `None` at
-    /// end of stream, `Some(false)` when items were ready at once.
-    pub(crate) fn recv_waited(&self, buf: &mut VecDeque<T>, workers: usize) -> Option<bool> {
+    /// [`Receiver::recv_into`] that also says whether it had to wait for items, and the
+    /// index in the stage's input of the first item taken (indices follow the queue's order
+    /// whichever worker takes them); `None` at end of stream.
+    pub(crate) fn recv_waited(&self, buf: &mut VecDeque<T>, workers: usize) -> Option<Taken> {
         let waited = self.shared.len.load(Ordering::Relaxed) == 0;
-        match self.recv_inner(buf, workers, MAX_TAKE, None) {
+        let mut first = 0;
+        match self.recv_inner(buf, workers, MAX_TAKE, None, &mut first) {
             Some(false) => None,
-            _ => Some(waited),
+            _ => Some(Taken { waited, first }),
         }
     }
 
     /// [`Receiver::recv_into`] that gives up at `deadline`: `None` on timeout.
     pub(crate) fn recv_into_until(&self, buf: &mut VecDeque<T>, deadline: Instant) -> Option<bool> {
-        self.recv_inner(buf, 1, MAX_TAKE, Some(deadline))
+        self.recv_inner(buf, 1, MAX_TAKE, Some(deadline), &mut 0)
     }
 
     fn recv_inner(
@@ -282,6 +296,7 @@ impl<T> Receiver<T> {
         workers: usize,
         max: usize,
         deadline: Option<Instant>,
+        first: &mut u64,
     ) -> Option<bool> {
         let sh = &*self.shared;
         let backoff = Backoff::new();
@@ -298,6 +313,8 @@ impl<T> Receiver<T> {
                 }
                 .clamp(1, max.clamp(1, MAX_TAKE));
                 buf.extend(s.items.drain(..take));
+                *first = s.taken;
+                s.taken += take as u64;
                 sh.len.store(s.items.len(), Ordering::Relaxed);
                 let wake = s.send_waiting > 0;
                 drop(s);
@@ -484,6 +501,26 @@ mod tests {
         assert_eq!(buf.len(), 1);
         assert!(rx.recv_into(&mut buf, 2));
         assert_eq!(buf.len(), 2);
+    }
+
+    #[test]
+    fn receives_number_items_in_queue_order() {
+        let (tx, rx) = queue(100);
+        let rx2 = rx.clone();
+        for i in 0..10 {
+            tx.send(i).unwrap();
+        }
+        let mut buf = VecDeque::new();
+        let a = rx.recv_waited(&mut buf, 2).unwrap();
+        let n = buf.len() as u64;
+        let b = rx2.recv_waited(&mut buf, 2).unwrap();
+        assert_eq!((a.first, b.first), (0, n));
+        assert!(!a.waited, "items were ready");
+        assert_eq!(
+            buf.iter().copied().collect::<Vec<_>>(),
+            (0..buf.len() as u32).collect::<Vec<_>>()
+        );
+        drop(tx);
     }
 
     #[test]

@@ -260,3 +260,50 @@ fn batched_results_corruption_fails_the_writer_and_loses_nothing() {
         }
     }
 }
+
+// Under `batch_results`, an item that had results delivered before it corrupted the stream
+// (its own writes mid-item) fails once and is not run again: none of its results arrive twice.
+#[test]
+fn batched_results_partial_item_then_corruption_is_not_duplicated() {
+    let p = Pipeline::new("partial");
+    p.producer("gen", |out| out.emit_all(0..20u64).map_err(Into::into));
+    p.processor("work", |x: u64, out: &mut Output<'_, u64>| {
+        if x == 7 {
+            // Far more than one buffer of results: some leave while the item runs.
+            for k in 0..20_000u64 {
+                out.emit(1_000_000 + k)?;
+            }
+            garbage();
+        }
+        out.emit(x)?;
+        Ok(())
+    })
+    .wire()
+    .executor(Exec::ipc_fork(2).batch_results());
+    let got = common::Sink::default();
+    let g = got.clone();
+    p.consumer("sink", move |x: u64| {
+        g.push(x);
+        Ok(())
+    });
+    let r = p.run().unwrap();
+    let items: Vec<_> = r.failures.iter().filter(|f| f.item != u64::MAX).collect();
+    assert_eq!(items.len(), 1, "{r}");
+    assert_eq!(
+        (items[0].item, &items[0].kind),
+        (7, &FailureKind::Protocol),
+        "{r}"
+    );
+    let got = got.sorted();
+    let twice = got.windows(2).filter(|w| w[0] == w[1]).count();
+    assert_eq!(
+        twice,
+        0,
+        "results arrived twice ({} results in all)",
+        got.len()
+    );
+    let plain: Vec<u64> = got.iter().copied().filter(|&x| x < 1_000_000).collect();
+    let expected: Vec<u64> = (0..20).filter(|&x| x != 7).collect();
+    assert_eq!(plain, expected, "every other item exactly once");
+    assert!(common::live_children().is_empty() && common::zombies().is_empty());
+}

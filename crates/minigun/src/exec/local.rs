@@ -27,7 +27,7 @@ use crate::stage::{guarded, Factory, Failed, Output, Stage};
 use crate::stats::Recorder;
 use quanta::Instant;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 /// The parts of a running processor stage, whatever its executor.
@@ -46,7 +46,6 @@ pub(crate) fn run<I: Clone + Send + 'static, O: Clone + Send + 'static>(
     parts: Parts<I, O>,
     threads: usize,
 ) {
-    let next_index = AtomicU64::new(0);
     let worker = || {
         let mut stage = match guarded(|| Ok((parts.factory)())) {
             Ok(s) => s,
@@ -63,7 +62,7 @@ pub(crate) fn run<I: Clone + Send + 'static, O: Clone + Send + 'static>(
         // Items are taken from the queue in batches (whatever is ready); counters and the
         // item indices are updated once per batch, the clock read once per item.
         let mut t0 = Instant::now();
-        while let Some(waited) = parts.input.recv_waited(&mut ready, threads) {
+        while let Some(taken) = parts.input.recv_waited(&mut ready, threads) {
             let n = ready.len() as u64;
             if parts.ctx.run.aborting() {
                 parts.ctx.received_cancelled(n);
@@ -71,9 +70,9 @@ pub(crate) fn run<I: Clone + Send + 'static, O: Clone + Send + 'static>(
                 continue;
             }
             parts.ctx.stats.items_in.fetch_add(n, Ordering::Relaxed);
-            let first = next_index.fetch_add(n, Ordering::Relaxed);
+            let first = taken.first;
             // The first item starts now, or when the last one ended if nothing was awaited.
-            if waited {
+            if taken.waited {
                 t0 = Instant::now();
             }
             let mut flushed = t0;

@@ -300,23 +300,29 @@ impl SharedLog {
         self.word(2).load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// The logged bytes (child side: what to write to the pipe).
+    /// The logged bytes: the child's, to write them; the parent's, once the child is gone.
+    /// The length is capped at the capacity: a child that scribbled over its header cannot
+    /// make the parent read outside the mapping.
     pub(crate) fn bytes(&self) -> &[u8] {
         let len = self.word(1).load(std::sync::atomic::Ordering::Acquire) as usize;
-        // SAFETY: `len <= cap` (only `append` raises it, within bounds); the range is inside
-        // the mapping, and nobody writes it while this borrow lives (the child is
-        // single-threaded; the parent reads after the child ended).
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(LOG_HEADER), len) }
+        // SAFETY: the range is inside the live mapping (`len` capped at the capacity). The
+        // bytes are only written through `&mut self` (`append`) by the one process that
+        // appends (the child; a single thread), so they do not change while this borrow
+        // lives; the parent reads them only after that child ended.
+        unsafe {
+            std::slice::from_raw_parts(self.ptr.as_ptr().add(LOG_HEADER), len.min(self.capacity()))
+        }
     }
 
     /// Appends `data` if it fits (child side); `false` if the log is too full.
-    pub(crate) fn append(&self, data: &[u8]) -> bool {
-        let len = self.word(1).load(std::sync::atomic::Ordering::Relaxed) as usize;
+    pub(crate) fn append(&mut self, data: &[u8]) -> bool {
+        let len = self.bytes().len();
         if len + data.len() > self.capacity() {
             return false;
         }
         // SAFETY: the destination range `len..len + data.len()` is inside the mapping (checked
-        // above) and does not overlap `data` (a private buffer); only this process writes.
+        // above) and does not overlap `data` (a private buffer); `&mut self` excludes any
+        // borrow from `bytes` in this process.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 data.as_ptr(),
@@ -333,14 +339,14 @@ impl SharedLog {
 
     /// The logged bytes were written to the pipe (child side): empty the log. The length is
     /// cleared before the base moves, so a death in between never makes old bytes look unsent.
-    pub(crate) fn sent(&self) {
+    pub(crate) fn sent(&mut self) {
         let len = self.word(1).swap(0, std::sync::atomic::Ordering::AcqRel);
         self.word(0)
             .fetch_add(len, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Child side: `n` bytes went to the pipe directly (not through the log).
-    pub(crate) fn wrote(&self, n: usize) {
+    pub(crate) fn wrote(&mut self, n: usize) {
         self.word(0)
             .fetch_add(n as u64, std::sync::atomic::Ordering::AcqRel);
     }

@@ -66,11 +66,11 @@ pub(crate) struct ChildOut<'a> {
     buf: Vec<u8>,
     max: usize,
     outputs: u64,
-    log: Option<&'a SharedLog>,
+    log: Option<&'a mut SharedLog>,
 }
 
 impl<'a> ChildOut<'a> {
-    pub(crate) fn new(fd: OwnedFd, max: usize, log: Option<&'a SharedLog>) -> Self {
+    pub(crate) fn new(fd: OwnedFd, max: usize, log: Option<&'a mut SharedLog>) -> Self {
         ChildOut {
             fd,
             buf: Vec::with_capacity(FLUSH_AT),
@@ -85,7 +85,7 @@ impl<'a> ChildOut<'a> {
         for rec in super::log::take() {
             let _ = protocol::encode_frame(&mut self.buf, Kind::Log, 0, &rec, self.max);
         }
-        if let Some(log) = self.log {
+        if let Some(log) = self.log.as_deref_mut() {
             if !log.bytes().is_empty() {
                 if let Err(e) = write_all(&self.fd, log.bytes()) {
                     self.buf.clear();
@@ -95,7 +95,7 @@ impl<'a> ChildOut<'a> {
             }
         }
         let r = write_all(&self.fd, &self.buf);
-        if let (Ok(()), Some(log)) = (&r, self.log) {
+        if let (Ok(()), Some(log)) = (&r, self.log.as_deref_mut()) {
             log.wrote(self.buf.len());
         }
         self.buf.clear();
@@ -108,18 +108,27 @@ impl<'a> ChildOut<'a> {
         for rec in super::log::take() {
             let _ = protocol::encode_frame(&mut self.buf, Kind::Log, 0, &rec, self.max);
         }
-        match self.log {
-            Some(log) if log.append(&self.buf) => {
-                self.buf.clear();
-                Ok(false)
-            }
-            _ => self.flush().map(|()| true),
+        let logged = match self.log.as_deref_mut() {
+            Some(log) => log.append(&self.buf),
+            None => false,
+        };
+        if logged {
+            self.buf.clear();
+            return Ok(false);
         }
+        self.flush().map(|()| true)
     }
 
     /// Whether frames wait to be written.
     fn holds(&self) -> bool {
-        !self.buf.is_empty() || self.log.is_some_and(|l| !l.bytes().is_empty())
+        !self.buf.is_empty() || self.log.as_ref().is_some_and(|l| !l.bytes().is_empty())
+    }
+
+    /// Records in the shared log which item runs (a flag bit: has ended), if there is one.
+    fn running(&self, word: u64) {
+        if let Some(log) = &self.log {
+            log.set_running(word);
+        }
     }
 
     fn result<O>(&mut self, id: u64, value: &O, encode: Enc<O>) -> Result<(), EmitError> {
@@ -310,7 +319,7 @@ const HOLD: Duration = Duration::from_micros(100);
 pub(crate) fn ipc_worker<I: 'static, O: 'static>(
     input: OwnedFd,
     output: OwnedFd,
-    log: Option<&SharedLog>,
+    log: Option<&mut SharedLog>,
     stage: &StageCode<'_, I, O>,
 ) -> i32 {
     let StageCode {
@@ -349,9 +358,7 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
         let next = dec.next(|kind, id, payload| match kind {
             Kind::Item => {
                 // From here on a death is this item's (decoding included).
-                if let Some(log) = log {
-                    log.set_running(id);
-                }
+                out.running(id);
                 Some((id, (wire.decode_in)(payload)))
             }
             Kind::Shutdown => None,
@@ -373,9 +380,7 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
                     wire.encode_out,
                     Some(t0),
                 );
-                if let Some(log) = log {
-                    log.set_running(id | PROGRESS_DONE);
-                }
+                out.running(id | PROGRESS_DONE);
                 // Every item's frames are safe (written, or in the shared log) before the
                 // next item starts: if the next one kills the process, the parent gets them
                 // and knows exactly which item was running.
@@ -393,14 +398,21 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
                 }
             }
             Ok(Some(Some((id, Err(m))))) => {
-                if let Some(log) = log {
-                    log.set_running(id | PROGRESS_DONE);
-                }
+                out.running(id | PROGRESS_DONE);
                 out.error(
                     id,
                     FailureKind::Protocol,
                     format!("cannot decode the input item: {m}"),
                 );
+                // Safe before the next item, like any item's frames.
+                match out.commit() {
+                    Ok(true) => last_end = None,
+                    Ok(false) => {}
+                    Err(_) => return 74,
+                }
+                if out.holds() && held_since.is_none() {
+                    held_since = last_end.or_else(|| Some(Instant::now()));
+                }
             }
             Ok(Some(None)) => break,
             Ok(None) => {

@@ -121,11 +121,11 @@ fn spawn<I: Wire, O: Wire>(
     sys::grow_pipe(&in_w, PIPE_SIZE);
     sys::grow_pipe(&out_w, PIPE_SIZE);
     let keep = [sys::raw(&in_r), sys::raw(&out_w)];
-    let log = match batched {
+    let mut log = match batched {
         true => Some(sys::SharedLog::new(child::LOG_BYTES)?),
         false => None,
     };
-    let child_log = log.as_ref();
+    let child_log = log.as_mut();
     let (factory, after_fork, max) = (&parts.factory, &hooks.after_fork, opts.max_frame);
     let wire = parts.wire.expect("fork stages have a codec");
     let routes = &parts.router.routes;
@@ -501,6 +501,11 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                     self.recover(slot, &mut rec, &mut queue);
                 }
                 let w = self.workers[slot].as_mut().expect("live worker");
+                if w.exit.is_none() && w.killed.is_none() && w.deadline.is_some_and(|d| d <= now) {
+                    // The answer may have come since the poll: read it before judging.
+                    self.pump(slot, &mut rec, &mut queue);
+                }
+                let w = self.workers[slot].as_mut().expect("live worker");
                 if w.exit.is_none() && w.deadline.is_some_and(|d| d <= now) {
                     if w.killed.is_none() {
                         // With batched results, earlier items may have finished unreported:
@@ -717,11 +722,11 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             return self.pump(slot, rec, queue);
         }
         // Foreign bytes in the stream: take the logged frames of the items still in flight,
-        // in order, skipping results of the front item that already arrived.
+        // in order. (Results of the front item that already arrived came from a write of
+        // its own while it ran, never through the log: the log holds only its later ones.)
         let now = Instant::now();
         let mut dec = frame::Decoder::new(self.opts.max_frame);
         dec.extend(bytes);
-        let mut skip = w.results;
         loop {
             let w = self.workers[slot].as_mut().expect("live worker");
             let front = w.flights.front().map(|f| f.index);
@@ -732,24 +737,20 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 if kind != Kind::Log && (Some(id) != front || id == START_ID || id == FINISH_ID) {
                     return None; // an item whose frames arrived before
                 }
-                if matches!(kind, Kind::Result | Kind::Routed) && skip > 0 {
-                    skip -= 1;
-                    return None;
-                }
                 Some(frame_event(
                     wire, routes, stage, pid, front, kind, id, payload,
                 ))
             });
             match next {
                 Ok(Some(None)) => continue,
-                Ok(Some(Some(Ok(ev)))) => {
-                    if matches!(ev, Event::Done(..) | Event::Error(..)) {
-                        skip = 0;
-                    }
-                    self.event(slot, ev, rec, queue, now);
-                }
+                Ok(Some(Some(Ok(ev)))) => self.event(slot, ev, rec, queue, now),
                 _ => break,
             }
+        }
+        let w = self.workers[slot].as_mut().expect("live worker");
+        if w.reported > 0 {
+            let n = std::mem::take(&mut w.reported);
+            self.parts.ctx.stats.child_items(w.child.pid, n);
         }
     }
 
@@ -774,9 +775,12 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         // A corrupt stream with batched results: the parent cannot tell which of the items
         // the worker ran since its last readable write did it, and what it wrote after the
         // corruption is lost. Those items run again, on workers that now write each item's
-        // results before the next (so a repeat fails exactly the item that does it); their
-        // results never arrived, so nothing is delivered twice. The corruption is a stage error.
+        // results before the next (so a repeat fails exactly the item that does it); no
+        // result of theirs arrived, so nothing is delivered twice. An item some of whose
+        // results did arrive is not run again: it fails with the protocol error. The
+        // corruption is a stage error.
         let mut rerun: Vec<Flight> = Vec::new();
+        let mut corrupt = false;
         if let (Some(m), Some(_)) = (&w.protocol, &w.log) {
             if !self.strict {
                 tracing::warn!(stage = %self.parts.ctx.name, slot, "a worker's result stream was corrupt; its items run again, one write per item from now on");
@@ -785,8 +789,12 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             self.parts
                 .ctx
                 .stage_error(FailureKind::Protocol, m.clone(), pid);
-            w.protocol = None;
-            rerun.extend(w.flights.drain(..));
+            corrupt = true;
+            let keep_front = usize::from(w.results > 0).min(w.flights.len());
+            rerun.extend(w.flights.drain(keep_front..));
+            if keep_front == 0 {
+                w.protocol = None;
+            }
         }
         if let Some(m) = w.start_error.take() {
             self.deaths += 1;
@@ -818,7 +826,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             };
             self.deaths += 1;
             self.failed(front, kind, message, pid, queue);
-        } else if !clean && !self.parts.ctx.run.aborting() {
+        } else if !clean && !corrupt && !self.parts.ctx.run.aborting() {
             self.deaths += 1;
             let (_, m) = exit_failure(exit, false);
             tracing::warn!(stage = %self.parts.ctx.name, slot, message = %m, "idle worker died");
