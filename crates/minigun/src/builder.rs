@@ -1164,7 +1164,7 @@ fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         }
     }
     let mut makers = Vec::with_capacity(n);
-    let mut closers: Vec<Option<crate::queue::Closer>> = Vec::with_capacity(n);
+    let mut closers: Vec<Option<crate::loops::Closer>> = Vec::with_capacity(n);
     let mut inputs = Vec::with_capacity(n);
     let mut capacities = Vec::with_capacity(n);
     for (v, s) in def.stages.iter().enumerate() {

@@ -14,9 +14,12 @@
 //! process in the loop and none can arrive. The loop is then closed and its members end
 //! together, as if their queues had disconnected.
 
-use crate::queue::Closer;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+/// Closes a member's queue (made by `queue::Receiver::closer`): its receivers end once it is
+/// empty.
+pub(crate) type Closer = Arc<dyn Fn() + Send + Sync>;
 
 /// The work counter of one routing loop.
 pub(crate) struct Loop {

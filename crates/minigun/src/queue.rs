@@ -18,7 +18,7 @@
 //! one transfer per batch; the W6 benchmark measures the difference against a hand-written
 //! `crossbeam-channel` chain.
 
-use crate::loops::Membership;
+use crate::loops::{Closer, Membership};
 use crate::stats::StageStats;
 use crossbeam_utils::{Backoff, CachePadded};
 use std::collections::VecDeque;
@@ -372,9 +372,6 @@ impl<T> Receiver<T> {
         })
     }
 }
-
-/// Closes a queue (see [`Receiver::closer`]).
-pub(crate) type Closer = Arc<dyn Fn() + Send + Sync>;
 
 /// A sender into a stage's queue that also takes routing-loop units.
 pub(crate) struct QueueTx<T> {
