@@ -8,8 +8,8 @@
 //! up/down/left/right bits per cell, so lines that meet become `┬ ┤ ┼ ...` junctions.
 
 use crate::format;
-use crate::render::status_of;
 use crate::scene::Scene;
+use crate::status::status_of;
 use ratatui::buffer::Buffer;
 use ratatui::layout::Rect;
 use ratatui::style::{Color, Modifier, Style};

@@ -75,6 +75,7 @@ mod logging;
 mod progress;
 mod render;
 mod scene;
+mod status;
 mod tui;
 
 pub use logging::{init_logging, LOG_ENV};

@@ -7,6 +7,11 @@ use std::sync::Mutex;
 use tracing_subscriber::filter::{EnvFilter, LevelFilter};
 use tracing_subscriber::fmt::MakeWriter;
 
+/// Whether the dashboard owns the terminal (raw mode, alternate screen): log lines are held
+/// back meanwhile. Set and cleared by the dashboard.
+pub(crate) static TERMINAL_OWNED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 /// The environment variable read by [`init_logging`].
 pub const LOG_ENV: &str = "MINIGUN_LOG";
 
@@ -75,7 +80,7 @@ impl Drop for Record {
         if self.0.is_empty() {
             return;
         }
-        if crate::tui::active() {
+        if TERMINAL_OWNED.load(std::sync::atomic::Ordering::SeqCst) {
             let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
             hold(&mut held, std::mem::take(&mut self.0));
             return;

@@ -1,5 +1,6 @@
 //! The live dashboard's event loop and the guard that always gives the terminal back.
 
+use crate::logging::{flush_held, TERMINAL_OWNED};
 use crate::render::{self, ViewState};
 use crate::scene::{RateWindow, Scene};
 use crate::Options;
@@ -22,26 +23,19 @@ const FRAME: Duration = Duration::from_millis(66);
 /// Rates are measured over this much time.
 const RATE_WINDOW: Duration = Duration::from_secs(1);
 
-/// Whether the dashboard owns the terminal (raw mode, alternate screen).
-static ACTIVE: AtomicBool = AtomicBool::new(false);
 /// Whether a dashboard is running: one at a time (others show progress lines).
 static CLAIMED: AtomicBool = AtomicBool::new(false);
-
-/// Whether the dashboard owns the terminal right now: log lines are held back meanwhile.
-pub(crate) fn active() -> bool {
-    ACTIVE.load(Ordering::SeqCst)
-}
 
 /// Gives the terminal back: raw mode off, main screen, cursor shown, held log lines out.
 /// Safe to call any number of times, from a panic hook too.
 fn restore() {
-    if ACTIVE.swap(false, Ordering::SeqCst) {
+    if TERMINAL_OWNED.swap(false, Ordering::SeqCst) {
         if let Ok(mut owner) = OWNER.try_lock() {
             *owner = None;
         }
         let _ = disable_raw_mode();
         let _ = execute!(io::stderr(), LeaveAlternateScreen, cursor::Show);
-        crate::logging::flush_held();
+        flush_held();
     }
 }
 
@@ -59,7 +53,7 @@ impl TerminalGuard {
         // From here on, an early return drops the guard, which undoes what was done.
         let guard = TerminalGuard;
         enable_raw_mode()?;
-        ACTIVE.store(true, Ordering::SeqCst);
+        TERMINAL_OWNED.store(true, Ordering::SeqCst);
         execute!(
             io::stderr(),
             EnterAlternateScreen,
