@@ -322,8 +322,10 @@ fn print_targets(rows: &[Row], quick: bool) {
         .filter(|r| r.workload == "W2" && r.runner == "python")
         .map(|r| r.items_per_sec)
         .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+    // Item by item: the chunked row batches explicitly (an accumulator waits for its
+    // chunk), which the target's "no added latency" rules out; it is shown, not judged.
     let our_best = ours(rows, "W2")
-        .filter(|r| r.executor.starts_with("ipc_fork"))
+        .filter(|r| r.executor.starts_with("ipc_fork") && !r.variant.starts_with("chunks"))
         .map(|r| r.items_per_sec)
         .fold(0.0, f64::max);
     if our_best > 0.0 {

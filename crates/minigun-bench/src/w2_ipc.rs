@@ -32,6 +32,37 @@ enum Mode {
     Inline,
 }
 
+/// Items per chunk when the pipeline batches explicitly before the ipc stage.
+const CHUNK: usize = 1000;
+
+/// The same work with the items grouped by an accumulator: the ipc stage maps chunks of
+/// `CHUNK` items and a processor flattens them again (what a user does for tiny items).
+fn chunked_run(items: u64, workers: usize) -> (Duration, u64) {
+    let sum = Arc::new(AtomicU64::new(0));
+    let s = sum.clone();
+    let p = Pipeline::new("w2-chunked");
+    p.producer("gen", move |out| {
+        for i in 0..items {
+            out.emit(i)?;
+        }
+        Ok(())
+    });
+    p.batch::<u64>("chunk", CHUNK);
+    p.map("double", |xs: Vec<u64>| Ok(xs.into_iter().map(|x| x * 2).collect::<Vec<u64>>()))
+        .ipc_fork(workers);
+    p.processor("flatten", |xs: Vec<u64>, out: &mut minigun::Output<'_, u64>| {
+        out.emit_all(xs)?;
+        Ok(())
+    });
+    p.consumer("sink", move |x: u64| {
+        s.fetch_add(x, Ordering::Relaxed);
+        Ok(())
+    });
+    let (wall, report) = timed(|| p.run().expect("W2 chunked pipeline runs"));
+    assert_eq!(report.consumed, items, "W2 chunked: every item consumed");
+    (wall, sum.load(Ordering::Relaxed))
+}
+
 fn minigun_run(items: u64, workers: usize, mode: Mode) -> (Duration, u64) {
     let sum = Arc::new(AtomicU64::new(0));
     let s = sum.clone();
@@ -194,6 +225,12 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
         let (wall, sum) = best_of(cfg.reps, || minigun_run(items, workers, Mode::Batched));
         assert_eq!(sum, expect, "W2 minigun batched: wrong sum");
         rows.push(ours(wall, "batch_results", default));
+        progress(format!(
+            "W2 minigun ipc_fork({workers}) on chunks of {CHUNK} (accumulator before it)"
+        ));
+        let (wall, sum) = best_of(cfg.reps, || chunked_run(items, workers));
+        assert_eq!(sum, expect, "W2 minigun chunked: wrong sum");
+        rows.push(ours(wall, &format!("chunks of {CHUNK} items"), default));
     }
     progress("W2 minigun, same pipeline with the map inline (no fork, no IPC)");
     let (wall, sum) = best_of(cfg.reps, || minigun_run(items, 1, Mode::Inline));
