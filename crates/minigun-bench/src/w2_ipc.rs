@@ -48,12 +48,17 @@ fn chunked_run(items: u64, workers: usize) -> (Duration, u64) {
         Ok(())
     });
     p.batch::<u64>("chunk", CHUNK);
-    p.map("double", |xs: Vec<u64>| Ok(xs.into_iter().map(|x| x * 2).collect::<Vec<u64>>()))
-        .ipc_fork(workers);
-    p.processor("flatten", |xs: Vec<u64>, out: &mut minigun::Output<'_, u64>| {
-        out.emit_all(xs)?;
-        Ok(())
-    });
+    p.map("double", |xs: Vec<u64>| {
+        Ok(xs.into_iter().map(|x| x * 2).collect::<Vec<u64>>())
+    })
+    .ipc_fork(workers);
+    p.processor(
+        "flatten",
+        |xs: Vec<u64>, out: &mut minigun::Output<'_, u64>| {
+            out.emit_all(xs)?;
+            Ok(())
+        },
+    );
     p.consumer("sink", move |x: u64| {
         s.fetch_add(x, Ordering::Relaxed);
         Ok(())
