@@ -571,8 +571,9 @@ matrix_local!(fn an_output_reaches_an_idle_downstream_during_a_long_call(ex) {
     p.producer("src", numbers(1));
     let rx = seen_rx.clone();
     ex.apply_local(&p.processor("long", move |x: u64, out: &mut Output<'_, u64>| {
-        // Let the consumer go idle, then emit and wait for it to arrive downstream.
-        std::thread::sleep(Duration::from_millis(50));
+        // Let the consumer go idle (asleep on its empty queue: generous, for loaded
+        // machines), then emit and wait for the item to arrive downstream.
+        std::thread::sleep(Duration::from_millis(300));
         out.emit(x + 100)?;
         let got = rx.lock().unwrap().recv_timeout(Duration::from_secs(20));
         assert_eq!(got, Ok(100), "the output did not leave during the call");
