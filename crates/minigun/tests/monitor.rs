@@ -36,6 +36,13 @@ fn snapshots_show_fork_children_queues_and_statuses() {
     wait_until("the slow stage to be active", || {
         monitor.snapshot().stages[1].status == StageStatus::Active
     });
+    // 40 items, a queue of 8 and 30 ms per item: the backlog shows in the queue for a while
+    // (its workers and feeder hold a few items of their own).
+    wait_until("the slow stage's queue to show its backlog", || {
+        let len = monitor.snapshot().stages[1].queue_len;
+        saw_queue = saw_queue.max(len);
+        len > 0
+    });
     let snap = monitor.snapshot();
     assert_eq!(
         snap.stages

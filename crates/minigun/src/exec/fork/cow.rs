@@ -69,22 +69,17 @@ pub(super) fn run<I: Item, O: Wire>(parts: Parts<I, O>, opts: ForkOptions, hooks
             return drain(&parts.ctx, &parts.input);
         }
     };
-    let (tx, rx) = crossbeam_channel::bounded::<I>(opts.workers.max(1));
+    // Items are handed over in chunks: the feeder wakes once per chunk, not once per fork
+    // (a thread of the parent running while it forks costs every copy-on-write fault of the
+    // fork a cross-CPU TLB flush). At most `workers` items wait in a chunk.
+    let chunk = opts.workers.max(1);
+    let (tx, rx) = crossbeam_channel::bounded::<Vec<I>>(1);
     std::thread::scope(|s| {
         std::thread::Builder::new()
             .name(format!("{}:feed", parts.ctx.name))
             .spawn_scoped(s, || {
-                // One item per hand-off: children are forked as items come.
-                let send = move |items: Vec<I>| {
-                    let n = items.len() as u64;
-                    for (k, item) in items.into_iter().enumerate() {
-                        if tx.send(item).is_err() {
-                            return Err(n - k as u64);
-                        }
-                    }
-                    Ok(())
-                };
-                feed(&parts.ctx, &parts.input, &wake, 1, Some, send)
+                let send = move |items: Vec<I>| tx.send(items).map_err(|e| e.0.len() as u64);
+                feed(&parts.ctx, &parts.input, &wake, chunk, Some, send)
             })
             .expect("spawn feeder thread");
         // The supervisor owns the hand-off receiver: if it ever unwinds, the feeder's sends
@@ -109,12 +104,14 @@ struct Supervisor<'a, I, O> {
 }
 
 impl<I: Item, O: Wire> Supervisor<'_, I, O> {
-    fn run(&mut self, rx: Receiver<I>, wake: &Wake) {
+    fn run(&mut self, rx: Receiver<Vec<I>>, wake: &Wake) {
         let ctx = &self.parts.ctx;
         let abort_fd = ctx.run.abort_fd();
         let mut rec = Recorder::new(&ctx.stats);
         let mut running: Vec<Running<I>> = Vec::new();
         let mut retry: VecDeque<Pending<I>> = VecDeque::new();
+        // Items handed over by the feeder, not yet given to a child.
+        let mut incoming: VecDeque<I> = VecDeque::new();
         let mut next_index = 0u64;
         let mut input_done = false;
         let mut cancelled_all = false;
@@ -145,7 +142,14 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                         batch.extend(retry.pop_front());
                         continue;
                     }
-                    match rx.try_recv() {
+                    let next = match incoming.pop_front() {
+                        Some(item) => Ok(item),
+                        None => rx.try_recv().map(|items| {
+                            incoming.extend(items);
+                            incoming.pop_front().expect("hand-offs are never empty")
+                        }),
+                    };
+                    match next {
                         Ok(item) => {
                             next_index += 1;
                             let index = next_index - 1;
@@ -171,7 +175,9 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 }
             }
             if ctx.run.aborting() {
-                input_done |= super::cancel_ready(ctx, &rx, |_| 1);
+                ctx.cancelled(incoming.len() as u64);
+                incoming.clear();
+                input_done |= super::cancel_ready(ctx, &rx, |v| v.len() as u64);
             }
             if input_done && running.is_empty() && retry.is_empty() {
                 self.release.borrow_mut().release_all(&self.parts.router);
@@ -179,7 +185,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             }
             // Sleep until a child speaks or exits, an item arrives, or a deadline passes.
             wake.sleepy();
-            if running.len() < self.opts.workers && !rx.is_empty() {
+            if running.len() < self.opts.workers && (!incoming.is_empty() || !rx.is_empty()) {
                 wake.awake();
                 continue;
             }
