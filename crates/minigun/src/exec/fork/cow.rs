@@ -142,14 +142,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                         batch.extend(retry.pop_front());
                         continue;
                     }
-                    let next = match incoming.pop_front() {
-                        Some(item) => Ok(item),
-                        None => rx.try_recv().map(|items| {
-                            incoming.extend(items);
-                            incoming.pop_front().expect("hand-offs are never empty")
-                        }),
-                    };
-                    match next {
+                    match super::next_handed(&mut incoming, &rx) {
                         Ok(item) => {
                             next_index += 1;
                             let index = next_index - 1;

@@ -353,14 +353,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                     {
                         queue.pop_front().expect("front exists")
                     } else {
-                        let next = match incoming.pop_front() {
-                            Some(e) => Ok(e),
-                            None => rx.try_recv().map(|batch| {
-                                incoming.extend(batch);
-                                incoming.pop_front().expect("hand-offs are never empty")
-                            }),
-                        };
-                        match next {
+                        match super::next_handed(&mut incoming, &rx) {
                             Ok((index, Ok(payload))) => Flight {
                                 index,
                                 attempt: 1,

@@ -147,6 +147,19 @@ fn feed<I, T>(
     let _ = rustix::io::write(&wake.w, &[1]);
 }
 
+/// The next item the feeder handed over: the rest of the last chunk, else a new chunk.
+fn next_handed<T>(
+    incoming: &mut std::collections::VecDeque<T>,
+    rx: &Receiver<Vec<T>>,
+) -> Result<T, crossbeam_channel::TryRecvError> {
+    if let Some(t) = incoming.pop_front() {
+        return Ok(t);
+    }
+    let chunk = rx.try_recv()?;
+    incoming.extend(chunk);
+    Ok(incoming.pop_front().expect("hand-offs are never empty"))
+}
+
 /// While aborting: cancels the items already in the hand-off (`size` items per message; the
 /// feeder cancels what is still queued). Returns whether the input has ended.
 fn cancel_ready<T>(ctx: &StageCtx, rx: &Receiver<T>, size: impl Fn(&T) -> u64) -> bool {
