@@ -497,6 +497,18 @@ fn fork_blocks_apply_to_wired_stages_only() {
     assert_eq!(report.stage("sink").unwrap().executor, "inline");
 }
 
+/// A producer "src" of `0..n`; the flag it returns is set once all are emitted (queued).
+fn producer_then_flag(p: &Pipeline, n: u64) -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let done = flag.clone();
+    p.producer("src", move |out| {
+        numbers(n)(out)?;
+        done.store(true, Ordering::SeqCst);
+        Ok(())
+    });
+    flag
+}
+
 /// A consumer "sink" that keeps its items and announces each on `seen`.
 fn announcing_sink(p: &Pipeline, seen: crossbeam_channel::Sender<u64>) -> Sink<u64> {
     let sink = Sink::default();
@@ -541,14 +553,8 @@ impl minigun::Stage<u64, u64> for Slow {
 matrix_local!(fn an_output_is_delivered_while_its_stage_is_still_busy(ex) {
     let (seen_tx, seen_rx) = crossbeam_channel::unbounded::<u64>();
     let seen = Arc::new(Mutex::new(seen_rx));
-    let emitted = Arc::new(AtomicBool::new(false));
     let p = Pipeline::new("no-holding");
-    let done = emitted.clone();
-    p.producer("src", move |out| {
-        numbers(20)(out)?;
-        done.store(true, Ordering::SeqCst);
-        Ok(())
-    });
+    let emitted = producer_then_flag(&p, 20);
     ex.apply_local(&p.stage("slow", move || {
         let t0 = Instant::now();
         while !emitted.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(20) {
@@ -585,3 +591,74 @@ matrix_local!(fn an_output_reaches_an_idle_downstream_during_a_long_call(ex) {
     assert_eq!(report.stage("long").unwrap().failed, 0, "{report}");
     assert_eq!(sink.sorted(), vec![100, 200]);
 });
+
+/// A meeting point for `n` threads that gives up after a while (`false`): a plain barrier
+/// would hang a test whose workers cannot all arrive.
+struct Rendezvous {
+    n: usize,
+    state: Mutex<(usize, u64)>,
+    cv: Condvar,
+}
+
+impl Rendezvous {
+    fn new(n: usize) -> Self {
+        Rendezvous {
+            n,
+            state: Mutex::new((0, 0)),
+            cv: Condvar::new(),
+        }
+    }
+    fn meet(&self, patience: Duration) -> bool {
+        let mut s = self.state.lock().unwrap();
+        let generation = s.1;
+        s.0 += 1;
+        if s.0 == self.n {
+            *s = (0, generation + 1);
+            self.cv.notify_all();
+            return true;
+        }
+        let (s, _) = self
+            .cv
+            .wait_timeout_while(s, patience, |s| s.1 == generation)
+            .unwrap();
+        s.1 != generation
+    }
+}
+
+// threads(4) on a backlog of slow items: every item waits until four are in progress at once.
+// That holds to the last item only if no worker sits on a private pile of items while others
+// have none: a worker takes its share of what is ready (a fraction that shrinks with the
+// backlog), never all of it.
+struct Meeting {
+    meet: Arc<Rendezvous>,
+}
+
+impl minigun::Stage<u64, u64> for Meeting {
+    fn process(&mut self, x: u64, out: &mut Output<'_, u64>) -> minigun::StageResult {
+        if !self.meet.meet(Duration::from_secs(5)) {
+            return Err(format!("item {x}: fewer than four items in progress").into());
+        }
+        out.emit(x)?;
+        Ok(())
+    }
+}
+
+#[test]
+fn a_backlog_of_slow_items_stays_shared_among_threads() {
+    let meet = Arc::new(Rendezvous::new(4));
+    let p = Pipeline::new("shared-backlog");
+    let queued = producer_then_flag(&p, 40);
+    // The workers start once the whole backlog is queued.
+    p.stage("slow", move || {
+        let t0 = Instant::now();
+        while !queued.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(20) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Meeting { meet: meet.clone() }
+    })
+    .executor(Exec::threads(4));
+    p.consumer("sink", |_: u64| Ok(()));
+    let report = p.run().unwrap();
+    let slow = report.stage("slow").unwrap();
+    assert_eq!((slow.items_out, slow.failed), (40, 0), "{report}");
+}
