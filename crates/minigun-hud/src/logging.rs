@@ -80,11 +80,14 @@ impl Drop for Record {
         if self.0.is_empty() {
             return;
         }
+        // The flag is read under the lock: the dashboard clears it before it takes the lock
+        // to print what is held, so a line is either held and printed then, or printed here.
+        let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
         if TERMINAL_OWNED.load(std::sync::atomic::Ordering::SeqCst) {
-            let mut held = HELD.lock().unwrap_or_else(|e| e.into_inner());
             hold(&mut held, std::mem::take(&mut self.0));
             return;
         }
+        drop(held);
         let _ = io::stderr().lock().write_all(&self.0);
     }
 }
@@ -100,8 +103,19 @@ fn hold(held: &mut (VecDeque<Vec<u8>>, u64), record: Vec<u8>) {
 /// Prints the held log lines (called when the dashboard gives the terminal back; never
 /// blocks, as it may run in a panic hook).
 pub(crate) fn flush_held() {
-    let Ok(mut held) = HELD.try_lock() else {
-        return;
+    // Not a blocking lock: this also runs from the panic hook, maybe on a thread that holds
+    // it. A thread holding a line holds the lock only while it stores it: wait for that.
+    let mut tries = 0;
+    let mut held = loop {
+        match HELD.try_lock() {
+            Ok(held) => break held,
+            Err(std::sync::TryLockError::Poisoned(e)) => break e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) if tries < 1000 => {
+                tries += 1;
+                std::thread::yield_now();
+            }
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        }
     };
     let lines = std::mem::take(&mut held.0);
     let dropped = std::mem::take(&mut held.1);

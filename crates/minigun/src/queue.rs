@@ -244,8 +244,9 @@ impl<T> Sender<T> {
 }
 
 /// What a worker's receive took (see [`Receiver::recv_waited`]).
+#[derive(Default)]
 pub(crate) struct Taken {
-    /// The queue was empty when the receive began.
+    /// The receive had to wait for items (spun or slept).
     pub(crate) waited: bool,
     /// The index in the stage's input of the first item taken.
     pub(crate) first: u64,
@@ -269,7 +270,7 @@ impl<T> Receiver<T> {
     /// [`Receiver::recv_into`] for a sole receiver that takes at most `max` items (a fork
     /// feeder takes what it can hand on: the rest stay visible in the queue).
     pub(crate) fn recv_upto(&self, buf: &mut VecDeque<T>, max: usize) -> bool {
-        self.recv_inner(buf, 1, max, None, &mut 0)
+        self.recv_inner(buf, 1, max, None, &mut Taken::default())
             .is_some_and(|more| more)
     }
 
@@ -277,17 +278,19 @@ impl<T> Receiver<T> {
     /// index in the stage's input of the first item taken (indices follow the queue's order
     /// whichever worker takes them); `None` at end of stream.
     pub(crate) fn recv_waited(&self, buf: &mut VecDeque<T>, workers: usize) -> Option<Taken> {
-        let waited = self.shared.len.load(Ordering::Relaxed) == 0;
-        let mut first = 0;
-        match self.recv_inner(buf, workers, MAX_TAKE, None, &mut first) {
+        let mut taken = Taken {
+            waited: false,
+            first: 0,
+        };
+        match self.recv_inner(buf, workers, MAX_TAKE, None, &mut taken) {
             Some(false) => None,
-            _ => Some(Taken { waited, first }),
+            _ => Some(taken),
         }
     }
 
     /// [`Receiver::recv_into`] that gives up at `deadline`: `None` on timeout.
     pub(crate) fn recv_into_until(&self, buf: &mut VecDeque<T>, deadline: Instant) -> Option<bool> {
-        self.recv_inner(buf, 1, MAX_TAKE, Some(deadline), &mut 0)
+        self.recv_inner(buf, 1, MAX_TAKE, Some(deadline), &mut Taken::default())
     }
 
     fn recv_inner(
@@ -296,11 +299,12 @@ impl<T> Receiver<T> {
         workers: usize,
         max: usize,
         deadline: Option<Instant>,
-        first: &mut u64,
+        taken: &mut Taken,
     ) -> Option<bool> {
         let sh = &*self.shared;
         let backoff = Backoff::new();
         while sh.len.load(Ordering::Relaxed) == 0 && !backoff.is_completed() {
+            taken.waited = true;
             backoff.snooze();
         }
         let mut s = sh.lock();
@@ -313,7 +317,7 @@ impl<T> Receiver<T> {
                 }
                 .clamp(1, max.clamp(1, MAX_TAKE));
                 buf.extend(s.items.drain(..take));
-                *first = s.taken;
+                taken.first = s.taken;
                 s.taken += take as u64;
                 sh.len.store(s.items.len(), Ordering::Relaxed);
                 let wake = s.send_waiting > 0;
@@ -329,6 +333,7 @@ impl<T> Receiver<T> {
             if deadline.is_some_and(|d| d <= Instant::now()) {
                 return None;
             }
+            taken.waited = true;
             s.recv_waiting += 1;
             sh.sleepers.store(s.recv_waiting, Ordering::Relaxed);
             s = match deadline {

@@ -127,6 +127,9 @@ impl Runnable {
         after_run: Vec<OnceHook>,
     ) -> Result<RunReport, RunError> {
         let t0 = Instant::now();
+        // The workers' clock calibrates once per process, on first use: here, before any
+        // stage thread or fork exists, never in a thread racing a fork.
+        let _ = quanta::Instant::now();
         hooks::run_once(before_run, "before_run").map_err(RunError::BeforeRun)?;
         let guard = (!shared.no_signals).then(|| crate::signals::Guard::install(&shared));
         let mut infos = Vec::with_capacity(stages.len());
