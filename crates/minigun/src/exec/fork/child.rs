@@ -24,6 +24,23 @@ pub(crate) struct StageCode<'a, I, O> {
     pub(crate) wire: WireFns<I, O>,
 }
 
+impl<'a, I, O> StageCode<'a, I, O> {
+    /// The child's view of a fork stage's parts.
+    pub(crate) fn new(
+        parts: &'a crate::exec::local::Parts<I, O>,
+        after_fork: &'a [ForkHook],
+        max: usize,
+    ) -> Self {
+        StageCode {
+            factory: &parts.factory,
+            after_fork,
+            max,
+            routes: &parts.router.routes,
+            wire: parts.wire.expect("fork stages have a codec"),
+        }
+    }
+}
+
 impl<I, O> Clone for StageCode<'_, I, O> {
     fn clone(&self) -> Self {
         *self

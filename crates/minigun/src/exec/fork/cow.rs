@@ -281,22 +281,11 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         let ids: Vec<u64> = metas.iter().map(|m| m.0).collect();
         let mut slot = Some(items);
         let slot_ref = &mut slot;
-        let max = self.opts.max_frame;
-        let factory = &self.parts.factory;
-        let after_fork = &self.hooks.after_fork;
+        let code = child::StageCode::new(self.parts, &self.hooks.after_fork, self.opts.max_frame);
         let keep = [sys::raw(&w)];
         let name = format!("mg:{}", ctx.name);
-        let wire = self.parts.wire.expect("fork stages have a codec");
-        let routes = &self.parts.router.routes;
         let forked = sys::fork_child(&keep, &name, move || {
             let items = slot_ref.take().expect("the child's copy of the items");
-            let code = child::StageCode {
-                factory,
-                after_fork,
-                max,
-                routes,
-                wire,
-            };
             child::cow_child::<I, O>(items, &ids, &code, w)
         });
         let items = slot.expect("the parent keeps its copy");

@@ -126,17 +126,8 @@ fn spawn<I: Wire, O: Wire>(
         false => None,
     };
     let child_log = log.as_mut();
-    let (factory, after_fork, max) = (&parts.factory, &hooks.after_fork, opts.max_frame);
-    let wire = parts.wire.expect("fork stages have a codec");
-    let routes = &parts.router.routes;
+    let code = child::StageCode::new(parts, &hooks.after_fork, opts.max_frame);
     let child = sys::fork_child(&keep, &format!("mg:{}#{slot}", parts.ctx.name), move || {
-        let code = child::StageCode {
-            factory,
-            after_fork,
-            max,
-            routes,
-            wire,
-        };
         child::ipc_worker::<I, O>(in_r, out_w, child_log, &code)
     })?;
     parts.ctx.stats.child_started(child.pid);
