@@ -4,12 +4,11 @@
 #![allow(unsafe_code)] // raising signals and killing processes goes through libc
 
 mod common;
-use common::assert_no_children;
 use common::Sink;
+use common::{assert_no_children, TempDir};
 use minigun::{
     Exec, Failed, FailureKind, OnError, Pipeline, RunError, RunReport, StageRef, StageResult, Wire,
 };
-use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -150,30 +149,6 @@ fn assert_accounted(r: &RunReport, stage: &str, n: u64, failed: u64) {
     assert_eq!(s.items_out, n - failed, "{stage}: items_out");
     assert_eq!(s.items_out + s.failed, n, "{stage}: nothing lost");
     assert_eq!(s.cancelled, 0, "{stage}: cancelled");
-}
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let p = std::env::temp_dir().join(format!("minigun-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 const N: u64 = 20;

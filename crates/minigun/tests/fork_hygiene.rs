@@ -4,36 +4,12 @@
 //! locks (allocator, stdout, channels) never leaves a child hanging.
 mod common;
 use common::{assert_no_children, run_bounded, Fork};
-use common::{open_fds, Sink};
+use common::{open_fds, Sink, TempDir};
 use minigun::{Exec, Output, Pipeline, RunReport};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// A temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let p = std::env::temp_dir().join(format!("minigun-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Appends one line to a file (created if missing).
 fn append(path: &Path, line: &str) -> std::io::Result<()> {

@@ -5,7 +5,7 @@
 #![allow(unsafe_code)] // Sends real signals and reads real dispositions.
 mod common;
 use common::DieWithParent;
-use minigun::{Exec, Pipeline};
+use minigun::Pipeline;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
@@ -19,24 +19,7 @@ fn inner_entry() {
     let Ok(role) = std::env::var(ROLE) else {
         return;
     };
-    let exec = if role == "cow" {
-        Exec::cow_fork(2)
-    } else {
-        Exec::ipc_fork(2)
-    };
-    let p = Pipeline::new("signals");
-    p.producer("endless", |out| {
-        for i in 0u64.. {
-            out.emit(i)?;
-        }
-        Ok(())
-    });
-    p.map("slow", |x: u64| {
-        std::thread::sleep(Duration::from_millis(100));
-        Ok(x)
-    })
-    .wire()
-    .executor(exec);
+    let p = common::endless_forked("signals", &role, "slow", 2, Duration::from_millis(100));
     let seen = std::sync::atomic::AtomicBool::new(false);
     p.consumer("sink", move |_x: u64| {
         if !seen.swap(true, std::sync::atomic::Ordering::Relaxed) {

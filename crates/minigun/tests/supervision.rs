@@ -16,24 +16,7 @@ fn inner_entry() {
     let Ok(role) = std::env::var(ROLE) else {
         return;
     };
-    let exec = if role == "cow" {
-        Exec::cow_fork(3)
-    } else {
-        Exec::ipc_fork(3)
-    };
-    let p = Pipeline::new("orphans");
-    p.producer("endless", |out| {
-        for i in 0u64.. {
-            out.emit(i)?;
-        }
-        Ok(())
-    });
-    p.map("sleepy", |x: u64| {
-        std::thread::sleep(Duration::from_secs(60));
-        Ok(x)
-    })
-    .wire()
-    .executor(exec);
+    let p = common::endless_forked("orphans", &role, "sleepy", 3, Duration::from_secs(60));
     p.consumer("sink", |_x: u64| Ok(()));
     let handle = p.spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -244,3 +244,58 @@ pub fn assert_no_children() {
         "live children after the run"
     );
 }
+
+/// A temporary directory, removed on drop.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let p = std::env::temp_dir().join(format!("minigun-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// For re-executed test binaries: a pipeline `name` whose producer "endless" never stops and
+/// whose stage `stage` spends `item` on each item in forked children (`cow_fork(workers)` for
+/// the role "cow", else `ipc_fork(workers)`). The caller adds the rest.
+pub fn endless_forked(
+    name: &str,
+    role: &str,
+    stage: &str,
+    workers: usize,
+    item: std::time::Duration,
+) -> minigun::Pipeline {
+    let exec = if role == "cow" {
+        Exec::cow_fork(workers)
+    } else {
+        Exec::ipc_fork(workers)
+    };
+    let p = minigun::Pipeline::new(name);
+    p.producer("endless", |out| {
+        for i in 0u64.. {
+            out.emit(i)?;
+        }
+        Ok(())
+    });
+    p.map(stage, move |x: u64| {
+        std::thread::sleep(item);
+        Ok(x)
+    })
+    .wire()
+    .executor(exec);
+    p
+}
