@@ -61,7 +61,6 @@ fn checksum(b: &[u8]) -> u64 {
 fn map_run(fk: Fork, workers: usize, input: Vec<u64>) -> (RunReport, Vec<u64>) {
     let p = Pipeline::new("map");
     let got = Sink::default();
-    let g = got.clone();
     p.producer("gen", move |out| {
         for i in input {
             out.emit(i)?;
@@ -73,10 +72,7 @@ fn map_run(fk: Fork, workers: usize, input: Vec<u64>) -> (RunReport, Vec<u64>) {
         Ok(())
     });
     fk.apply(&s, workers);
-    p.consumer("collect", move |x: u64| {
-        g.push(x);
-        Ok(())
-    });
+    Sink::<u64>::consume(&got, &p);
     let r = run_bounded(p).expect("run succeeds");
     (r, got.sorted())
 }
@@ -133,7 +129,6 @@ both!(fn bursty_and_randomly_delayed_items(fk) {
     let n = 600u64;
     let p = Pipeline::new("bursty");
     let got = Sink::default();
-    let g = got.clone();
     p.producer("gen", move |out| {
         let mut rng = Lcg(7);
         let mut i = 0u64;
@@ -165,10 +160,7 @@ both!(fn bursty_and_randomly_delayed_items(fk) {
         Ok(())
     });
     fk.apply(&s, 4);
-    p.consumer("collect", move |x: u64| {
-        g.push(x);
-        Ok(())
-    });
+    Sink::<u64>::consume(&got, &p);
     let r = run_bounded(p).expect("run succeeds");
     let expected: Vec<u64> = (0..n).map(|x| x * 3 + 1).collect();
     assert_eq!(got.sorted(), expected);
@@ -184,12 +176,7 @@ both!(fn one_mib_results(fk) {
     let p = Pipeline::new("big-results");
     let got = Sink::default();
     let g = got.clone();
-    p.producer("gen", move |out| {
-        for i in 0..n {
-            out.emit(i)?;
-        }
-        Ok(())
-    });
+    common::gen(&p, n);
     let s = p.processor("work", |x: u64, out: &mut Output<'_, (u64, Vec<u8>)>| {
         out.emit((x, pattern(x, MIB)))?;
         Ok(())
@@ -246,7 +233,6 @@ both!(fn one_mib_items(fk) {
     let n = 8u64;
     let p = Pipeline::new("big-items");
     let got = Sink::default();
-    let g = got.clone();
     p.producer("gen", move |out| {
         for i in 0..n {
             out.emit((i, pattern(i + 100, MIB)))?;
@@ -255,10 +241,7 @@ both!(fn one_mib_items(fk) {
     });
     let s = p.map("work", |(i, v): (u64, Vec<u8>)| Ok((i, v.len(), checksum(&v))));
     fk.apply(&s, 3);
-    p.consumer("collect", move |x: (u64, usize, u64)| {
-        g.push(x);
-        Ok(())
-    });
+    Sink::<(u64, usize, u64)>::consume(&got, &p);
     let r = run_bounded(p).expect("run succeeds");
     let expected: Vec<(u64, usize, u64)> = (0..n)
         .map(|i| (i, MIB, checksum(&pattern(i + 100, MIB))))
@@ -272,13 +255,7 @@ both!(fn one_mib_items(fk) {
 fn zero_one_three(ex: Option<Fork>, n: u64) -> (RunReport, Vec<Vec<u64>>) {
     let p = Pipeline::new("zero-one-three");
     let got = Sink::default();
-    let g = got.clone();
-    p.producer("gen", move |out| {
-        for i in 0..n {
-            out.emit(i)?;
-        }
-        Ok(())
-    });
+    common::gen(&p, n);
     let s = p.processor("work", |x: u64, out: &mut Output<'_, Vec<u64>>| {
         match x % 3 {
             0 => {}
@@ -299,10 +276,7 @@ fn zero_one_three(ex: Option<Fork>, n: u64) -> (RunReport, Vec<Vec<u64>>) {
             s.executor(Exec::inline());
         }
     }
-    p.consumer("collect", move |v: Vec<u64>| {
-        g.push(v);
-        Ok(())
-    });
+    Sink::<Vec<u64>>::consume(&got, &p);
     let r = run_bounded(p).expect("run succeeds");
     (r, got.sorted())
 }
@@ -347,19 +321,10 @@ impl Stage<u64, Counted> for Counter {
 fn stateful_run(fk: Fork, n: u64, workers: usize) -> (RunReport, Vec<Counted>) {
     let p = Pipeline::new("stateful");
     let got: Sink<Counted> = Sink(Default::default());
-    let g = got.clone();
-    p.producer("gen", move |out| {
-        for i in 0..n {
-            out.emit(i)?;
-        }
-        Ok(())
-    });
+    common::gen(&p, n);
     let s = p.stage("count", || Counter { seen: 0 });
     fk.apply(&s, workers);
-    p.consumer("collect", move |c: Counted| {
-        g.push(c);
-        Ok(())
-    });
+    Sink::<Counted>::consume(&got, &p);
     (run_bounded(p).expect("run succeeds"), got.sorted())
 }
 
@@ -426,23 +391,14 @@ fn cow_then_ipc_in_one_pipeline() {
     let n = 500u64;
     let p = Pipeline::new("two-forks");
     let got = Sink::default();
-    let g = got.clone();
-    p.producer("gen", move |out| {
-        for i in 0..n {
-            out.emit(i)?;
-        }
-        Ok(())
-    });
+    common::gen(&p, n);
     p.map("cow", |x: u64| Ok((x + 1, std::process::id())))
         .cow_fork(3);
     p.map("ipc", |(x, pid): (u64, u32)| {
         Ok((x * 2, pid, std::process::id()))
     })
     .ipc_fork(3);
-    p.consumer("collect", move |x: (u64, u32, u32)| {
-        g.push(x);
-        Ok(())
-    });
+    Sink::<(u64, u32, u32)>::consume(&got, &p);
     let r = run_bounded(p).expect("run succeeds");
     let got = got.sorted();
     let me = std::process::id();

@@ -158,7 +158,6 @@ const BAD: u64 = 7;
 fn one_crash(fk: Fork, c: Crash) {
     let p = Pipeline::new("crash");
     let got = Sink::default();
-    let g = got.clone();
     p.producer("gen", |out| {
         for i in 0..N {
             out.emit(i)?;
@@ -172,10 +171,7 @@ fn one_crash(fk: Fork, c: Crash) {
         Ok(x * 2)
     });
     fk.apply(&s, 4, c.timeout());
-    p.consumer("collect", move |x: u64| {
-        g.push(x);
-        Ok(())
-    });
+    Sink::<u64>::consume(&got, &p);
     let r = finish(run_in_background(p));
 
     let expected: Vec<u64> = (0..N).filter(|&x| x != BAD).map(|x| x * 2).collect();
@@ -218,7 +214,6 @@ fn crash_once_then_retry(fk: Fork, c: Crash) {
     let runs = dir.path().to_path_buf();
     let p = Pipeline::new("retry");
     let got = Sink::default();
-    let g = got.clone();
     p.producer("gen", |out| {
         for i in 0..N {
             out.emit(i)?;
@@ -238,10 +233,7 @@ fn crash_once_then_retry(fk: Fork, c: Crash) {
         })
         .on_error(OnError::retry(2));
     fk.apply(&s, 4, c.timeout());
-    p.consumer("collect", move |x: u64| {
-        g.push(x);
-        Ok(())
-    });
+    Sink::<u64>::consume(&got, &p);
     let r = finish(run_in_background(p));
 
     let mut executions = vec![0u32; N as usize];
@@ -339,13 +331,7 @@ fn worker_killed_mid_stream(fk: Fork) {
     let (n, bad) = (200u64, 50u64);
     let p = Pipeline::new("mid-stream");
     let got = Sink::default();
-    let g = got.clone();
-    p.producer("gen", move |out| {
-        for i in 0..n {
-            out.emit(i)?;
-        }
-        Ok(())
-    });
+    common::gen(&p, n);
     let s = p.map("work", move |x: u64| {
         if x == bad {
             crash(Crash::Kill)?;
@@ -353,10 +339,7 @@ fn worker_killed_mid_stream(fk: Fork) {
         Ok((x * 2, std::process::id()))
     });
     fk.apply(&s, 4, None);
-    p.consumer("collect", move |x: (u64, u32)| {
-        g.push(x);
-        Ok(())
-    });
+    Sink::<(u64, u32)>::consume(&got, &p);
     let r = finish(run_in_background(p));
     check_worker_replaced(&r, &got.sorted(), n, bad, None);
 }
@@ -408,13 +391,7 @@ fn killed_from_outside(fk: Fork) {
     let (n, bad) = (200u64, 50u64);
     let p = Pipeline::new("outside");
     let got = Sink::default();
-    let g = got.clone();
-    p.producer("gen", move |out| {
-        for i in 0..n {
-            out.emit(i)?;
-        }
-        Ok(())
-    });
+    common::gen(&p, n);
     let pf = pidfile.clone();
     let s = p.map("work", move |x: u64| {
         // Only the first attempt announces itself and waits to be killed: if the item were
@@ -429,10 +406,7 @@ fn killed_from_outside(fk: Fork) {
         Ok((x * 2, std::process::id()))
     });
     fk.apply(&s, 4, None);
-    p.consumer("collect", move |x: (u64, u32)| {
-        g.push(x);
-        Ok(())
-    });
+    Sink::<(u64, u32)>::consume(&got, &p);
     let rx = run_in_background(p);
     let pid: i32 = wait_for("the child of item 50", Duration::from_secs(30), || {
         std::fs::read_to_string(&pidfile).ok()?.parse().ok()
@@ -493,13 +467,7 @@ fn many_crashes(fk: Fork) {
     let which = move |x: u64| (x % 5 == 2).then(|| kinds[(x / 5) as usize % kinds.len()]);
     let p = Pipeline::new("many");
     let got = Sink::default();
-    let g = got.clone();
-    p.producer("gen", move |out| {
-        for i in 0..n {
-            out.emit(i)?;
-        }
-        Ok(())
-    });
+    common::gen(&p, n);
     let s = p.map("work", move |x: u64| {
         if let Some(c) = which(x) {
             crash(c)?;
@@ -507,10 +475,7 @@ fn many_crashes(fk: Fork) {
         Ok(x * 2)
     });
     fk.apply(&s, 4, None);
-    p.consumer("collect", move |x: u64| {
-        g.push(x);
-        Ok(())
-    });
+    Sink::<u64>::consume(&got, &p);
     let r = finish(run_in_background(p));
     let bad: Vec<u64> = (0..n).filter(|&x| which(x).is_some()).collect();
     let expected: Vec<u64> = (0..n)
@@ -553,7 +518,7 @@ fn crash_dead_lettered(fk: Fork) {
     let p = Pipeline::new("dead-letter");
     let got = Sink::default();
     let dead: Sink<(u64, String)> = Sink(Default::default());
-    let (g, d) = (got.clone(), dead.clone());
+    let d = dead.clone();
     p.producer("gen", |out| {
         for i in 0..N {
             out.emit(i)?;
@@ -567,10 +532,7 @@ fn crash_dead_lettered(fk: Fork) {
         Ok(x * 2)
     });
     fk.apply(&s, 4, None);
-    p.consumer("collect", move |x: u64| {
-        g.push(x);
-        Ok(())
-    });
+    Sink::<u64>::consume(&got, &p);
     let dl = p.consumer("dead", move |f: Failed<u64>| {
         d.push((f.item, format!("{:?}/{}", f.failure.kind, f.failure.item)));
         Ok(())

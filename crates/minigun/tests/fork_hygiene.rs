@@ -98,13 +98,7 @@ both!(fn child_writes_do_not_reach_the_parent(fk) {
     let n = 60u64;
     let p = Pipeline::new("cow-memory");
     let got = Sink::default();
-    let g = got.clone();
-    p.producer("gen", move |out| {
-        for i in 0..n {
-            out.emit(i)?;
-        }
-        Ok(())
-    });
+    common::gen(&p, n);
     let sh = shared.clone();
     let s = p.map("touch", move |x: u64| {
         let before = TOUCHED[slot].fetch_add(1000, Ordering::SeqCst);
@@ -113,10 +107,7 @@ both!(fn child_writes_do_not_reach_the_parent(fk) {
         Ok((std::process::id(), before, v.len() as u64, x))
     });
     fk.apply(&s, 3);
-    p.consumer("collect", move |t: (u32, u64, u64, u64)| {
-        g.push(t);
-        Ok(())
-    });
+    Sink::<(u32, u64, u64, u64)>::consume(&got, &p);
     let r = run_bounded(p).expect("run succeeds");
     assert_eq!(r.stage("touch").unwrap().items_out, n);
 
@@ -168,7 +159,6 @@ fn cow_fork_input_needs_no_serde() {
     let table: Arc<Vec<u64>> = Arc::new((0..1_000_000u64).map(|i| i * i).collect());
     let p = Pipeline::new("no-serde");
     let got = Sink::default();
-    let g = got.clone();
     p.producer("gen", move |out| {
         for i in 0..n {
             out.emit(Big(vec![i as u8; 64 << 10]))?;
@@ -181,10 +171,7 @@ fn cow_fork_input_needs_no_serde() {
         Ok((i, b.0.len(), checksum(&b.0), t[(i * 1000) as usize]))
     })
     .cow_fork(2);
-    p.consumer("collect", move |x: (u64, usize, u64, u64)| {
-        g.push(x);
-        Ok(())
-    });
+    Sink::<(u64, usize, u64, u64)>::consume(&got, &p);
     let r = run_bounded(p).expect("run succeeds");
     let expected: Vec<(u64, usize, u64, u64)> = (0..n)
         .map(|i| {
@@ -227,12 +214,7 @@ both!(fn fork_hooks_where_and_in_order(fk) {
             Ok(())
         });
     }
-    p.producer("gen", move |out| {
-        for i in 0..n {
-            out.emit(i)?;
-        }
-        Ok(())
-    });
+    common::gen(&p, n);
     let f = own_file.clone();
     let s = p.map("work", move |x: u64| {
         append(&f(), &format!("item {x}"))?;
@@ -476,13 +458,7 @@ fn fork_storm_while_other_threads_allocate_print_and_use_channels() {
     }
     let p = Pipeline::new("storm");
     let got = Sink::default();
-    let g = got.clone();
-    p.producer("gen", move |out| {
-        for i in 0..n {
-            out.emit(i)?;
-        }
-        Ok(())
-    });
+    common::gen(&p, n);
     let s = p.processor("work", |x: u64, out: &mut Output<'_, (u64, usize)>| {
         // Allocate and print in the child: both use locks other parent threads were using.
         let v: Vec<String> = (0..(x % 50)).map(|k| format!("{x}-{k}")).collect();
@@ -493,10 +469,7 @@ fn fork_storm_while_other_threads_allocate_print_and_use_channels() {
     s.cow_fork(4);
     // A hung child would become a Timeout failure (and fail the checks) instead of a hang.
     s.executor(Exec::cow_fork(4).timeout(Duration::from_secs(20)));
-    p.consumer("collect", move |x: (u64, usize)| {
-        g.push(x);
-        Ok(())
-    });
+    Sink::<(u64, usize)>::consume(&got, &p);
     let r = run_bounded(p);
     stop.store(true, Ordering::Relaxed);
     let iterations: Vec<u64> = noise.into_iter().map(|h| h.join().unwrap()).collect();

@@ -6,7 +6,6 @@ use minigun::{Output, Pipeline};
 fn run(ex: Ex) -> Vec<u64> {
     let p = Pipeline::new("smoke");
     let got = Sink::default();
-    let g = got.clone();
     p.producer("gen", |out| {
         for i in 0..1000u64 {
             out.emit(i)?;
@@ -21,10 +20,7 @@ fn run(ex: Ex) -> Vec<u64> {
         Ok(())
     });
     ex.apply(&s);
-    p.consumer("collect", move |x: u64| {
-        g.push(x);
-        Ok(())
-    });
+    Sink::<u64>::consume(&got, &p);
     p.run().unwrap();
     got.sorted()
 }

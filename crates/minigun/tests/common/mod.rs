@@ -102,6 +102,27 @@ impl<T> Default for Sink<T> {
     }
 }
 
+impl<T: Clone + Ord + Send + 'static> Sink<T> {
+    /// Adds a consumer "collect" that keeps every item here.
+    pub fn consume(&self, p: &minigun::Pipeline) {
+        let s = self.clone();
+        p.consumer("collect", move |x: T| {
+            s.push(x);
+            Ok(())
+        });
+    }
+}
+
+/// Adds a producer "gen" of `0..n`.
+pub fn gen(p: &minigun::Pipeline, n: u64) {
+    p.producer("gen", move |out| {
+        for i in 0..n {
+            out.emit(i)?;
+        }
+        Ok(())
+    });
+}
+
 impl<T: Clone + Ord> Sink<T> {
     pub fn push(&self, t: T) {
         self.0.lock().unwrap().push(t);
