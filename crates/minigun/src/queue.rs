@@ -6,7 +6,8 @@
 //! - end of stream is the queue disconnecting: it happens exactly when the last upstream has
 //!   ended and dropped its sender, which is per-source end-of-stream accounting for free;
 //! - a full bounded queue blocks the sender, so backpressure reaches the producer, and the
-//!   queue length never exceeds its capacity (the high-water mark records the peak);
+//!   queue length never exceeds its capacity (the high-water mark records the peak); a
+//!   blocked sender is woken once half the queue is free, not at every take;
 //! - items move in batches without waiting for one: a receiver takes every ready item under
 //!   one lock, an in-process worker sends what it emitted when it has handled what it took
 //!   (or after [`LINGER`](crate::exec::local) of work), so no item waits for others to arrive;
@@ -320,7 +321,9 @@ impl<T> Receiver<T> {
                 taken.first = s.taken;
                 s.taken += take as u64;
                 sh.len.store(s.items.len(), Ordering::Relaxed);
-                let wake = s.send_waiting > 0;
+                // A blocked sender is woken once the queue has drained to half, so it
+                // refills half a queue per wake-up instead of one take's worth.
+                let wake = s.send_waiting > 0 && s.items.len() <= sh.cap / 2;
                 drop(s);
                 if wake {
                     sh.not_full.notify_all();
@@ -472,6 +475,30 @@ mod tests {
         }
         assert_eq!(sender.join().unwrap(), (0, 0));
         assert_eq!(got, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_blocked_sender_wakes_when_half_the_queue_is_free() {
+        let (tx, rx) = queue(8);
+        for i in 0..8 {
+            tx.send(i).unwrap();
+        }
+        let sender = std::thread::spawn(move || tx.send(8));
+        let waiting = || rx.shared.lock().send_waiting;
+        while waiting() == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut buf = VecDeque::new();
+        for left in (5..8).rev() {
+            assert!(rx.recv_upto(&mut buf, 1));
+            assert_eq!(rx.len(), left);
+            // Room for one, but the sender is left asleep until half the queue is free.
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(waiting(), 1, "sender woken with {left} of 8 queued");
+        }
+        assert!(rx.recv_upto(&mut buf, 1));
+        sender.join().unwrap().unwrap();
+        assert_eq!(rx.len(), 5);
     }
 
     #[test]
