@@ -270,38 +270,13 @@ impl<O: Clone> Router<O> {
         self
     }
 
-    /// A batched router for a fork supervisor: [`Router::route`] holds items too, until
-    /// [`Router::flush_shared`] (after each read of the children's pipes) or 256 are held.
+    /// A batched router for a fork supervisor: what it sends through [`Sink::send`] is held
+    /// until [`Router::flush`] (after each read of the children's pipes) or 256 are held,
+    /// even while a downstream waits.
     pub(crate) fn batched_until_flush(self) -> Self {
         let mut r = self.batched();
         r.eager = false;
         r
-    }
-
-    /// [`Router::flush`] through a shared reference (takes the hold's lock).
-    pub(crate) fn flush_shared(&self) -> Result<bool, u64> {
-        let Some(pending) = &self.pending else {
-            return Ok(false);
-        };
-        let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
-        Self::send_held(&self.outs, &mut pending)
-    }
-
-    /// `route` on a supervisor's batched router: held under the hold's lock.
-    fn hold_shared(
-        &self,
-        pending: &std::sync::Mutex<Vec<Vec<O>>>,
-        item: O,
-    ) -> Result<(), EmitError> {
-        let mut pending = pending.lock().unwrap_or_else(|e| e.into_inner());
-        let full = push_held(&mut pending, self.mode, &self.rr, item);
-        if full
-            && Self::send_held(&self.outs, &mut pending).is_err()
-            && self.outs.iter().all(|q| q.is_closed())
-        {
-            return Err(EmitError::Closed);
-        }
-        Ok(())
     }
 
     fn hold(&mut self, item: O) -> Result<(), EmitError> {
@@ -356,16 +331,18 @@ impl<O: Clone> Router<O> {
         }
     }
 
+    /// Sends an item at once (an unbatched router; a batched one holds through `Sink::send`).
     pub(crate) fn route(&self, item: O) -> Result<(), EmitError> {
         if let Some(stop) = &self.stop {
             if stop.load(Ordering::Relaxed) {
                 return Err(EmitError::Stopped);
             }
         }
+        debug_assert!(
+            self.pending.is_none(),
+            "a batched router sends through `Sink::send`"
+        );
         self.stats.items_out.fetch_add(1, Ordering::Relaxed);
-        if let (Some(pending), false) = (&self.pending, self.eager) {
-            return self.hold_shared(pending, item);
-        }
         match (self.outs.len(), self.mode) {
             (0, _) => Ok(()),
             (1, _) => self.outs[0].send(item).map_err(|_| EmitError::Closed),

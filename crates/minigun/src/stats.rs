@@ -188,6 +188,13 @@ impl<'a> Recorder<'a> {
         self.record(ns, 0, quanta::Instant::now());
     }
 
+    /// Records an attempt without reading the clock or touching shared counters: the caller
+    /// handles items in batches and calls [`Recorder::idle`] after each batch.
+    pub(crate) fn latency_busy_local(&mut self, ns: u64, busy_ns: u64) {
+        self.local.saturating_record(ns.max(1));
+        self.busy_ns += busy_ns;
+    }
+
     fn record(&mut self, ns: u64, busy_ns: u64, now: quanta::Instant) {
         self.local.saturating_record(ns.max(1));
         self.busy_ns += busy_ns;
@@ -197,8 +204,8 @@ impl<'a> Recorder<'a> {
         }
     }
 
-    /// The worker is about to wait for input: publish what it has (histograms at most every
-    /// [`MERGE_IDLE`], a merge walks the whole histogram).
+    /// The worker is about to wait for input, or has handled a batch: publish what it has
+    /// (histograms at most every [`MERGE_IDLE`], a merge walks the whole histogram).
     pub(crate) fn idle(&mut self, now: quanta::Instant) {
         if self.busy_ns > 0 {
             self.stats

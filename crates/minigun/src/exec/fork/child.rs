@@ -49,9 +49,10 @@ impl<I, O> Clone for StageCode<'_, I, O> {
 impl<I, O> Copy for StageCode<'_, I, O> {}
 use crate::stage::{guarded, Factory, Output, Sink, Stage};
 use crate::sys::SharedLog;
+use quanta::Instant;
 use std::any::Any;
 use std::os::fd::OwnedFd;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Flush the child's buffer once it holds this much, so the parent reads while we run.
 const FLUSH_AT: usize = 64 << 10;

@@ -20,6 +20,7 @@ use crate::hooks;
 use crate::ipc::frame::Kind;
 use crate::ipc::protocol::{self, ChildError, Done};
 use crate::node::ForkHooks;
+use crate::route::Router;
 use crate::stage::{Item, Wire};
 use crate::stats::Recorder;
 use crate::sys;
@@ -79,7 +80,12 @@ pub(super) fn run<I: Item, O: Wire>(parts: Parts<I, O>, opts: ForkOptions, hooks
             .name(format!("{}:feed", parts.ctx.name))
             .spawn_scoped(s, || {
                 let send = move |items: Vec<I>| tx.send(items).map_err(|e| e.0.len() as u64);
-                feed(&parts.ctx, &parts.input, &wake, chunk, Some, send)
+                let make =
+                    |items: std::collections::vec_deque::Drain<'_, I>,
+                     hand: &mut dyn FnMut(Vec<I>) -> Result<(), u64>| {
+                        hand(items.collect())
+                    };
+                feed(&parts.ctx, &parts.input, &wake, chunk, make, send)
             })
             .expect("spawn feeder thread");
         // The supervisor owns the hand-off receiver: if it ever unwinds, the feeder's sends
@@ -90,6 +96,7 @@ pub(super) fn run<I: Item, O: Wire>(parts: Parts<I, O>, opts: ForkOptions, hooks
             hooks: &hooks,
             forked_once: false,
             release: RefCell::new(Release::new(opts.ordered)),
+            router: RefCell::new(parts.router.clone()),
         }
         .run(rx, &wake);
     });
@@ -101,6 +108,8 @@ struct Supervisor<'a, I, O> {
     hooks: &'a ForkHooks,
     forked_once: bool,
     release: RefCell<Release<O>>,
+    /// Where results go (sent as they arrive).
+    router: RefCell<Router<O>>,
 }
 
 impl<I: Item, O: Wire> Supervisor<'_, I, O> {
@@ -173,7 +182,9 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 input_done |= super::cancel_ready(ctx, &rx, |v| v.len() as u64);
             }
             if input_done && running.is_empty() && retry.is_empty() {
-                self.release.borrow_mut().release_all(&self.parts.router);
+                self.release
+                    .borrow_mut()
+                    .release_all(&mut self.router.borrow_mut());
                 break;
             }
             // Sleep until a child speaks or exits, an item arrives, or a deadline passes.
@@ -258,7 +269,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     ctx.cancelled(1);
                     self.release
                         .borrow_mut()
-                        .finished(job.index, &self.parts.router);
+                        .finished(job.index, &mut self.router.borrow_mut());
                 }
                 return None;
             }
@@ -370,7 +381,9 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 Ok(None) => break,
                 Ok(Some(Ok(Event::Result(o)))) => {
                     r.results += 1;
-                    self.release.borrow_mut().emit(index, o, &self.parts.router);
+                    self.release
+                        .borrow_mut()
+                        .emit(index, o, &mut self.router.borrow_mut());
                 }
                 Ok(Some(Ok(Event::Done(d)))) if d.outputs != r.results => {
                     let m = format!(
@@ -454,7 +467,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     rec.latency_busy(d.latency_ns, busy);
                     self.release
                         .borrow_mut()
-                        .finished(job.index, &self.parts.router);
+                        .finished(job.index, &mut self.router.borrow_mut());
                     self.parts.ctx.items_done(1);
                 }
                 Some(Err(e)) => self.failed(job, e.kind, e.message, pid, retry),
@@ -498,7 +511,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         let again = super::settle(
             self.parts,
             &mut release,
-            &self.parts.router,
+            &mut self.router.borrow_mut(),
             index,
             attempt,
             kind,

@@ -37,20 +37,42 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use rustix::event::{PollFd, PollFlags};
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Items the feeder hands the supervisor at once (one wake-up, one write per worker).
-const FEED_CHUNK: usize = 64;
+const FEED_CHUNK: usize = 256;
+
+/// A hand-off ends once its items' encodings reach this many bytes, so the items waiting
+/// between feeder and supervisor stay bounded in bytes as well as in number.
+const FEED_BYTES: usize = 1 << 20;
 
 /// A worker is given no more items while it holds this many payload bytes (at least one
 /// item always fits), so a large `in_flight` is safe for large items.
 const MAX_IN_FLIGHT_BYTES: usize = 1 << 20;
 
+/// An encoded input item: its bytes in the buffer the feeder encoded its whole hand-off
+/// into (one allocation per hand-off, not one per item, freed when the last of its items
+/// ends).
+#[derive(Clone)]
+struct Payload {
+    buf: Arc<Vec<u8>>,
+    start: usize,
+    end: usize,
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+}
+
 /// One item on its way through a worker.
 struct Flight {
     index: u64,
     attempt: u32,
-    payload: Vec<u8>,
+    payload: Payload,
     not_before: Option<Instant>,
 }
 
@@ -195,8 +217,9 @@ fn run<I: Wire, O: Wire>(
     };
     let window = opts.in_flight.max(1);
     // Enough ready items to refill every worker's window between two wake-ups, but not a
-    // copy of the whole input: large items are bounded by the per-worker byte limit anyway.
-    let ready = (opts.workers * window).clamp(1, 64);
+    // copy of the whole input (and a hand-off ends at `FEED_BYTES`, so large items wait in
+    // bounded bytes too).
+    let ready = (opts.workers * window).clamp(1, 4 * FEED_CHUNK);
     let chunk = ready.min(FEED_CHUNK);
     let (tx, rx) = crossbeam_channel::bounded::<Vec<Encoded<I>>>(ready.div_ceil(chunk));
     std::thread::scope(|s| {
@@ -206,15 +229,39 @@ fn run<I: Wire, O: Wire>(
             .spawn_scoped(s, || {
                 let wire = parts.wire.expect("fork stages have a codec");
                 let mut index = 0u64;
-                let make = |item: I| {
-                    index += 1;
-                    Some(encode_input(
-                        wire.encode_in,
-                        index - 1,
-                        item,
-                        opts.max_frame,
-                    ))
-                };
+                let make =
+                    |mut items: std::collections::vec_deque::Drain<'_, I>,
+                     hand: &mut dyn FnMut(Vec<Encoded<I>>) -> Result<(), u64>| {
+                        while items.len() > 0 {
+                            let mut buf = Vec::new();
+                            let mut spans = Vec::with_capacity(items.len());
+                            for item in items.by_ref() {
+                                let span =
+                                    encode_input(wire.encode_in, item, &mut buf, opts.max_frame);
+                                spans.push((index, span));
+                                index += 1;
+                                if buf.len() >= FEED_BYTES {
+                                    break;
+                                }
+                            }
+                            let buf = Arc::new(buf);
+                            let batch = spans
+                                .into_iter()
+                                .map(|(i, span)| {
+                                    let payload = span.map(|(start, end)| Payload {
+                                        buf: buf.clone(),
+                                        start,
+                                        end,
+                                    });
+                                    (i, payload)
+                                })
+                                .collect();
+                            // What is not handed off, sent or not yet encoded, is not lost:
+                            // the feeder counts it cancelled.
+                            hand(batch).map_err(|unsent| unsent + items.len() as u64)?;
+                        }
+                        Ok(())
+                    };
                 let send =
                     move |batch: Vec<Encoded<I>>| tx.send(batch).map_err(|e| e.0.len() as u64);
                 feed(ctx, &parts.input, &wake, chunk, make, send)
@@ -241,29 +288,30 @@ fn run<I: Wire, O: Wire>(
 /// An input item as the feeder hands it over: `(index, payload)` or, when it cannot be
 /// serialised, the item and the reason (the supervisor fails it: encoding is deterministic, so
 /// it is never retried).
-type Encoded<I> = (u64, Result<Vec<u8>, (I, String)>);
+type Encoded<I> = (u64, Result<Payload, (I, String)>);
 
-/// Serialises an input item on the feeder thread.
+/// Serialises an input item at the end of `buf` on the feeder thread: the range of its
+/// encoding, or the item back with the reason it cannot cross (`buf` is then unchanged).
 fn encode_input<I>(
     encode: fn(&I, &mut Vec<u8>) -> Result<(), String>,
-    index: u64,
     item: I,
+    buf: &mut Vec<u8>,
     max: usize,
-) -> Encoded<I> {
-    let mut payload = Vec::new();
-    match encode(&item, &mut payload) {
-        Ok(()) if payload.len() + frame::HEADER - 4 <= max => (index, Ok(payload)),
+) -> Result<(usize, usize), (I, String)> {
+    let start = buf.len();
+    let res = encode(&item, buf);
+    let len = buf.len() - start;
+    match res {
+        Ok(()) if len + frame::HEADER - 4 <= max => Ok((start, buf.len())),
         Ok(()) => {
-            let m = format!(
-                "input item of {} bytes exceeds the maximum frame size of {max}",
-                payload.len()
-            );
-            (index, Err((item, m)))
+            buf.truncate(start);
+            let m = format!("input item of {len} bytes exceeds the maximum frame size of {max}");
+            Err((item, m))
         }
-        Err(e) => (
-            index,
-            Err((item, format!("cannot serialise the input item: {e}"))),
-        ),
+        Err(e) => {
+            buf.truncate(start);
+            Err((item, format!("cannot serialise the input item: {e}")))
+        }
     }
 }
 
@@ -356,7 +404,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                                 let attempt = self.parts.ctx.policy.retries + 1;
                                 let (parts, kind) = (self.parts, FailureKind::Encode);
                                 let dead = |f| dead_letter(parts, item, f);
-                                let (release, router) = (&mut self.release, &self.router);
+                                let (release, router) = (&mut self.release, &mut self.router);
                                 super::settle(
                                     parts, release, router, index, attempt, kind, message, None,
                                     dead,
@@ -398,7 +446,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                     }
                 }
                 if self.workers.iter().flatten().all(|w| w.exit.is_some()) {
-                    self.release.release_all(&self.router);
+                    self.release.release_all(&mut self.router);
                     self.send_results();
                     break;
                 }
@@ -514,7 +562,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
     /// Sends the results held since the last call, then counts their items done (in that
     /// order: inside a routing loop, an item's unit must outlive the sending of its results).
     fn send_results(&mut self) {
-        if let Err(lost) = self.router.flush_shared() {
+        if let Err(lost) = self.router.flush() {
             tracing::debug!(stage = %self.parts.ctx.name, lost, "results refused by a closed downstream");
         }
         if self.done > 0 {
@@ -553,6 +601,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         // One clock read for everything this read brings.
         let now = Instant::now();
         self.pump_at(slot, rec, queue, now);
+        rec.idle(quanta::Instant::now());
         let w = self.workers[slot].as_mut().expect("live worker");
         if w.reported > 0 {
             let n = std::mem::take(&mut w.reported);
@@ -624,7 +673,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             Event::Result(o) => {
                 w.results += 1;
                 let index = w.flights.front().map_or(u64::MAX, |f| f.index);
-                self.release.emit(index, o, &self.router);
+                self.release.emit(index, o, &mut self.router);
             }
             Event::Done(FINISH_ID, _) | Event::Done(START_ID, _) => w.results = 0,
             Event::Done(_, d) => {
@@ -636,8 +685,8 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 w.reported += 1;
                 self.deaths = 0;
                 if d.outputs == results {
-                    rec.latency_busy(d.latency_ns, busy);
-                    self.release.finished(flight.index, &self.router);
+                    rec.latency_busy_local(d.latency_ns, busy);
+                    self.release.finished(flight.index, &mut self.router);
                     self.done += 1;
                 } else {
                     let m = format!(
@@ -860,7 +909,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         let again = super::settle(
             parts,
             &mut self.release,
-            &self.router,
+            &mut self.router,
             index,
             attempt,
             kind,

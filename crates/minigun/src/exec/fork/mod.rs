@@ -35,7 +35,7 @@ use crate::ipc::frame::Decoder;
 use crate::node::{ForkHooks, PreparedRun};
 use crate::policy::StageCtx;
 use crate::route::Router;
-use crate::stage::{Item, Wire};
+use crate::stage::{Item, Sink, Wire};
 use crate::sys;
 use crossbeam_channel::Receiver;
 use std::collections::BTreeMap;
@@ -105,15 +105,19 @@ impl Wake {
 }
 
 /// The feeder: stage queue -> hand-off, turning items into what the supervisor needs, in
-/// hand-offs of up to `chunk` items (`send` returns how many it could not hand off when the
-/// supervisor is gone). Counts each item taken as `items_in` once; items taken after an
+/// hand-offs of up to `chunk` items (`make` turns each chunk taken into one or more
+/// hand-offs, calling `send` for each; `send` returns how many it could not hand off when
+/// the supervisor is gone). Counts each item taken as `items_in` once; items taken after an
 /// abort are cancelled.
 fn feed<I, T>(
     ctx: &StageCtx,
     input: &crate::queue::Receiver<I>,
     wake: &Wake,
     chunk: usize,
-    mut make: impl FnMut(I) -> Option<T>,
+    mut make: impl FnMut(
+        std::collections::vec_deque::Drain<'_, I>,
+        &mut dyn FnMut(Vec<T>) -> Result<(), u64>,
+    ) -> Result<(), u64>,
     mut send: impl FnMut(Vec<T>) -> Result<(), u64>,
 ) {
     let mut ready = std::collections::VecDeque::new();
@@ -128,17 +132,20 @@ fn feed<I, T>(
             }
             let take = ready.len().min(chunk.max(1));
             ctx.stats.items_in.fetch_add(take as u64, Ordering::Relaxed);
-            let batch: Vec<T> = ready.drain(..take).filter_map(&mut make).collect();
-            if batch.is_empty() {
-                continue;
-            }
-            if let Err(unsent) = send(batch) {
+            let mut hand = |batch: Vec<T>| {
+                if batch.is_empty() {
+                    return Ok(());
+                }
+                send(batch)?;
+                wake.notify();
+                Ok(())
+            };
+            if let Err(unsent) = make(ready.drain(..take), &mut hand) {
                 ctx.cancelled(unsent);
                 // Taken from the queue but never handed off: cancelled, not lost.
                 ctx.received_cancelled(ready.len() as u64);
                 break 'feed;
             }
-            wake.notify();
         }
     }
     // The hand-off ends with `send`.
@@ -282,15 +289,15 @@ impl<O: Item> Release<O> {
             held: BTreeMap::new(),
         }
     }
-    fn emit(&mut self, index: u64, o: O, router: &Router<O>) {
+    fn emit(&mut self, index: u64, o: O, router: &mut Router<O>) {
         if !self.ordered || index == self.next {
-            let _ = router.route(o);
+            let _ = router.send(o);
         } else {
             self.held.entry(index).or_default().0.push(o);
         }
     }
     /// Item `index` will produce nothing more.
-    fn finished(&mut self, index: u64, router: &Router<O>) {
+    fn finished(&mut self, index: u64, router: &mut Router<O>) {
         if !self.ordered {
             return;
         }
@@ -300,17 +307,17 @@ impl<O: Item> Release<O> {
                 break;
             }
             for o in entry.remove().0 {
-                let _ = router.route(o);
+                let _ = router.send(o);
             }
             self.next += 1;
         }
     }
     /// End of the stage: whatever is still held goes out, in order (nothing is lost even if
     /// an item in between never finished, e.g. on abort).
-    fn release_all(&mut self, router: &Router<O>) {
+    fn release_all(&mut self, router: &mut Router<O>) {
         for (_, (outs, _)) in std::mem::take(&mut self.held) {
             for o in outs {
-                let _ = router.route(o);
+                let _ = router.send(o);
             }
         }
     }
@@ -345,7 +352,7 @@ fn decode_routed(
 fn settle<I, O: Item>(
     parts: &Parts<I, O>,
     release: &mut Release<O>,
-    router: &Router<O>,
+    router: &mut Router<O>,
     index: u64,
     attempt: u32,
     kind: crate::FailureKind,
@@ -363,7 +370,7 @@ fn settle<I, O: Item>(
     }
     // Outputs held back for ordering go out while the item still holds its loop unit.
     release.finished(index, router);
-    let _ = router.flush_shared();
+    let _ = router.flush();
     if cancelled {
         parts.ctx.cancelled(1);
     } else {
