@@ -69,6 +69,34 @@ fn half_a_frame_then_exit() {
     unsafe { libc::_exit(0) };
 }
 
+/// A `result_done` frame (kind 8) for item 7 whose payload is too short to end in a latency.
+fn result_done_without_latency() {
+    let mut frame = 12u32.to_le_bytes().to_vec();
+    frame.push(8);
+    frame.extend_from_slice(&7u64.to_le_bytes());
+    frame.extend_from_slice(&[1, 2, 3]);
+    write_raw(&frame);
+}
+
+// A frame that decodes but makes no sense (too short, or of a kind this child never sends)
+// is a protocol error of the item: the child's own frames for it, read in the same chunk,
+// are not trusted after it.
+#[test]
+fn a_result_done_frame_too_short_for_its_latency_is_a_protocol_error() {
+    let m = one_failure(
+        &run(Exec::ipc_fork(2), 7, result_done_without_latency),
+        7,
+        FailureKind::Protocol,
+    );
+    assert!(m.contains("result_done frame without a latency"), "{m}");
+    let m = one_failure(
+        &run(Exec::cow_fork(2), 7, result_done_without_latency),
+        7,
+        FailureKind::Protocol,
+    );
+    assert!(m.contains("unexpected ResultDone frame"), "{m}");
+}
+
 #[test]
 fn cow_fork_garbage_is_a_protocol_error_of_that_item() {
     let m = one_failure(
@@ -203,6 +231,42 @@ fn an_output_over_the_frame_limit_fails_its_item() {
         );
         assert!(f.message.contains("exceeds the maximum"), "{}", f.message);
         assert_eq!(report.stage("work").unwrap().items_out, 9);
+    }
+}
+
+// An item's only result and its `done` travel as one frame when both fit the frame limit,
+// as two when only the result does: results right at the limit arrive whole either way.
+#[test]
+fn results_at_the_frame_limit_arrive_whole() {
+    const MAX: usize = 4096;
+    // A frame's length field counts kind + id (9) + payload; postcard writes a Vec<u8> of
+    // 128..16384 bytes as a 2-byte length then the bytes.
+    let sizes: Vec<usize> = (0..12).map(|k| MAX - 9 - 2 - k).collect();
+    for exec in [
+        Exec::ipc_fork(2).max_frame(MAX),
+        Exec::ipc_fork(2).max_frame(MAX).batch_results(),
+    ] {
+        let p = Pipeline::new("at-the-limit");
+        let s = sizes.clone();
+        p.producer("gen", move |out| {
+            out.emit_all(s.clone()).map_err(Into::into)
+        });
+        p.map("work", |n: usize| Ok(vec![n as u8; n]))
+            .wire()
+            .executor(exec);
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let g = got.clone();
+        p.consumer("sink", move |v: Vec<u8>| {
+            g.lock().unwrap().push(v);
+            Ok(())
+        });
+        let report = p.run().unwrap();
+        assert_eq!(report.failures_total, 0, "{report}");
+        let mut got = std::mem::take(&mut *got.lock().unwrap());
+        got.sort_by_key(Vec::len);
+        let mut want: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![n as u8; n]).collect();
+        want.sort_by_key(Vec::len);
+        assert!(got == want, "results differ from what the stage returned");
     }
 }
 

@@ -17,6 +17,7 @@ pub(crate) enum Kind {
     Shutdown = 5,
     Log = 6,
     Routed = 7,
+    ResultDone = 8,
 }
 
 impl Kind {
@@ -29,6 +30,7 @@ impl Kind {
             5 => Kind::Shutdown,
             6 => Kind::Log,
             7 => Kind::Routed,
+            8 => Kind::ResultDone,
             _ => return None,
         })
     }
@@ -63,6 +65,29 @@ pub(crate) fn finish(buf: &mut Vec<u8>, start: usize, max: usize) -> Result<(), 
     }
     buf[start..start + 4].copy_from_slice(&(len as u32).to_le_bytes());
     Ok(())
+}
+
+/// Turns the frame at `start`, which must be the last one in `buf`, into a frame of `kind`
+/// with `trailer` appended to its payload. `false` (and `buf` unchanged) if that frame is not
+/// the last one or the result would exceed `max`.
+pub(crate) fn retag(
+    buf: &mut Vec<u8>,
+    start: usize,
+    kind: Kind,
+    trailer: &[u8],
+    max: usize,
+) -> bool {
+    let Some(head) = buf.get(start..start + 4) else {
+        return false;
+    };
+    let len = u32::from_le_bytes(head.try_into().expect("4 bytes")) as usize;
+    if start + 4 + len != buf.len() || len + trailer.len() > max.min(u32::MAX as usize) {
+        return false;
+    }
+    buf[start + 4] = kind as u8;
+    buf.extend_from_slice(trailer);
+    buf[start..start + 4].copy_from_slice(&((len + trailer.len()) as u32).to_le_bytes());
+    true
 }
 
 /// Appends a complete frame with a raw payload.
@@ -216,6 +241,32 @@ mod tests {
         assert_eq!(
             d.next(|_, _, _| ()),
             Err(FrameError::TooLarge { len: 1000, max: 50 })
+        );
+    }
+
+    #[test]
+    fn retag_joins_only_the_last_frame_within_the_limit() {
+        let mut buf = Vec::new();
+        push(&mut buf, Kind::Result, 7, b"abc", 100).unwrap();
+        let second = buf.len();
+        push(&mut buf, Kind::Result, 7, b"de", 100).unwrap();
+        let before = buf.clone();
+        // Not the last frame: refused, nothing changed.
+        assert!(!retag(&mut buf, 0, Kind::ResultDone, &[9; 8], 100));
+        // Over the limit (9 + 2 + 8 = 19 > 18): refused, nothing changed.
+        assert!(!retag(&mut buf, second, Kind::ResultDone, &[9; 8], 18));
+        assert_eq!(buf, before);
+        assert!(retag(&mut buf, second, Kind::ResultDone, &[9; 8], 19));
+        let mut d = Decoder::new(100);
+        d.extend(&buf);
+        let mut joined = b"de".to_vec();
+        joined.extend_from_slice(&[9; 8]);
+        assert_eq!(
+            frames(&mut d).unwrap(),
+            vec![
+                (Kind::Result, 7, b"abc".to_vec()),
+                (Kind::ResultDone, 7, joined)
+            ]
         );
     }
 

@@ -29,6 +29,7 @@
 //! | 5 | `shutdown` | parent -> ipc worker | empty: finish (flush the stage instance) and exit 0 |
 //! | 7 | `routed` | child -> parent | an item routed by name ([`Output::to`](crate::Output::to)): `u32` little-endian index into the stage's route table, then the encoded item |
 //! | 6 | `log` | child -> parent | a `tracing` record from stage code in the child (level, target, message with fields); id 0 |
+//! | 8 | `result_done` | ipc worker -> parent | an item's only output, then its latency in ns (`u64` little-endian, the last 8 bytes): `result` and `done` in one frame, for the common item with exactly one output |
 //!
 //! Item ids are the item's index in the stage's input. Two ids are reserved: [`FINISH_ID`]
 //! carries the outputs of a worker's end-of-stream flush (`Stage::finish`), and [`START_ID`]

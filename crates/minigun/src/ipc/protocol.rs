@@ -56,12 +56,29 @@ pub struct Postcard;
 
 impl Codec for Postcard {
     fn encode<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), String> {
-        postcard::to_io(value, out)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        postcard::serialize_with_flavor(value, AppendTo(out)).map_err(|e| e.to_string())
     }
     fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
         postcard::from_bytes(bytes).map_err(|e| e.to_string())
+    }
+}
+
+/// postcard's output appended to a `Vec` in place (its `io::Write` path makes a `write_all`
+/// call for every varint byte).
+struct AppendTo<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for AppendTo<'_> {
+    type Output = ();
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
     }
 }
 

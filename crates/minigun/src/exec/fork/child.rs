@@ -84,6 +84,11 @@ pub(crate) struct ChildOut<'a> {
     buf: Vec<u8>,
     max: usize,
     outputs: u64,
+    /// Where the running item's only result frame starts in `buf`, while it is the last
+    /// frame there (its `done` may then join it as one `result_done` frame).
+    last_result: Option<usize>,
+    /// Whether `done` may join a lone result (ipc workers; cow children keep two frames).
+    combine: bool,
     log: Option<&'a mut SharedLog>,
 }
 
@@ -94,8 +99,22 @@ impl<'a> ChildOut<'a> {
             buf: Vec::with_capacity(FLUSH_AT),
             max,
             outputs: 0,
+            last_result: None,
+            combine: false,
             log,
         }
+    }
+
+    /// Lets `done` join an item's only result into one `result_done` frame.
+    fn combined(mut self) -> Self {
+        self.combine = true;
+        self
+    }
+
+    /// A new item starts: no outputs yet.
+    fn start_item(&mut self) {
+        self.outputs = 0;
+        self.last_result = None;
     }
 
     /// Writes everything: the shared log first (earlier items), then the buffer.
@@ -107,6 +126,7 @@ impl<'a> ChildOut<'a> {
             if !log.bytes().is_empty() {
                 if let Err(e) = write_all(&self.fd, log.bytes()) {
                     self.buf.clear();
+                    self.last_result = None;
                     return Err(e);
                 }
                 log.sent();
@@ -117,6 +137,7 @@ impl<'a> ChildOut<'a> {
             log.wrote(self.buf.len());
         }
         self.buf.clear();
+        self.last_result = None;
         r
     }
 
@@ -132,6 +153,7 @@ impl<'a> ChildOut<'a> {
         };
         if logged {
             self.buf.clear();
+            self.last_result = None;
             return Ok(false);
         }
         self.flush().map(|()| true)
@@ -150,10 +172,12 @@ impl<'a> ChildOut<'a> {
     }
 
     fn result<O>(&mut self, id: u64, value: &O, encode: Enc<O>) -> Result<(), EmitError> {
+        let start = self.buf.len();
         protocol::frame_with(&mut self.buf, Kind::Result, id, self.max, |b| {
             encode(value, b)
         })
         .map_err(|e| EmitError::Encode(format!("a {}: {e}", std::any::type_name::<O>())))?;
+        self.last_result = (self.outputs == 0).then_some(start);
         self.outputs += 1;
         if self.buf.len() >= FLUSH_AT {
             self.flush().map_err(|_| EmitError::Closed)?;
@@ -184,6 +208,17 @@ impl<'a> ChildOut<'a> {
     }
 
     fn done(&mut self, id: u64, latency_ns: u64) {
+        if let (true, 1, Some(start)) = (self.combine, self.outputs, self.last_result.take()) {
+            if frame::retag(
+                &mut self.buf,
+                start,
+                Kind::ResultDone,
+                &latency_ns.to_le_bytes(),
+                self.max,
+            ) {
+                return;
+            }
+        }
         let d = Done {
             latency_ns,
             outputs: self.outputs,
@@ -238,7 +273,7 @@ fn run_item<I: 'static, O: 'static>(
     encode: Enc<O>,
     t0: Option<Instant>,
 ) -> Instant {
-    out.outputs = 0;
+    out.start_item();
     let t0 = t0.unwrap_or_else(Instant::now);
     let r = guarded(|| {
         let mut sink = PipeSink {
@@ -348,7 +383,7 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
         wire,
     } = *stage;
     super::log::enter_child();
-    let mut out = ChildOut::new(output, max, log);
+    let mut out = ChildOut::new(output, max, log).combined();
     let mut stage = match start(factory, after_fork) {
         Ok(s) => s,
         Err(m) => {
@@ -464,7 +499,7 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
             }
         }
     }
-    out.outputs = 0;
+    out.start_item();
     let r = guarded(|| {
         stage.finish(&mut Output::new(&mut PipeSink {
             routes,

@@ -346,6 +346,10 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
 
     /// Reads what the child sent and routes its results.
     fn pump(&self, r: &mut Running<I>) {
+        // A stream is not trusted after a protocol error, not even bytes already read.
+        if r.protocol.is_some() {
+            return;
+        }
         r.stream.read_available();
         loop {
             let index = r.jobs.get(r.cur).map_or(u64::MAX, |j| j.index);

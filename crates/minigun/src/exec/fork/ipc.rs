@@ -618,6 +618,10 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
     ) {
         loop {
             let w = self.workers[slot].as_mut().expect("live worker");
+            // A stream is not trusted after a protocol error, not even bytes already read.
+            if w.protocol.is_some() {
+                return;
+            }
             w.stream.read_available();
             let mut progressed = false;
             loop {
@@ -674,6 +678,14 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 w.results += 1;
                 let index = w.flights.front().map_or(u64::MAX, |f| f.index);
                 self.release.emit(index, o, &mut self.router);
+            }
+            Event::ResultDone(id, o, latency_ns) => {
+                self.event(slot, Event::Result(o), rec, queue, now);
+                let d = Done {
+                    latency_ns,
+                    outputs: 1,
+                };
+                self.event(slot, Event::Done(id, d), rec, queue, now);
             }
             Event::Done(FINISH_ID, _) | Event::Done(START_ID, _) => w.results = 0,
             Event::Done(_, d) => {
@@ -980,6 +992,15 @@ fn frame_event<I, O>(
         Kind::Result => (wire.decode_out)(payload)
             .map(Event::Result)
             .map_err(|e| format!("cannot decode a result: {e}")),
+        Kind::ResultDone => {
+            let (body, latency) = payload
+                .split_last_chunk::<8>()
+                .ok_or("result_done frame without a latency")?;
+            let latency_ns = u64::from_le_bytes(*latency);
+            (wire.decode_out)(body)
+                .map(|o| Event::ResultDone(id, o, latency_ns))
+                .map_err(|e| format!("cannot decode a result: {e}"))
+        }
         Kind::Done => protocol::decode::<Done>(payload)
             .map(|d| Event::Done(id, d))
             .map_err(|e| format!("bad done frame: {e}")),
@@ -993,6 +1014,8 @@ fn frame_event<I, O>(
 enum Event<O> {
     Log,
     Result(O),
+    /// An item's only result and its latency (`Result` then `Done`).
+    ResultDone(u64, O, u64),
     Routed(usize, crate::route::AnyItem),
     Done(u64, Done),
     Error(u64, ChildError),
