@@ -72,3 +72,54 @@ fn a_chosen_codec_carries_what_postcard_cannot() {
         );
     }
 }
+
+// The feeder encodes small items into one buffer per hand-off and gives large ones a buffer
+// each, switching as sizes change: every item still crosses whole, as itself, in order.
+#[test]
+fn items_of_mixed_sizes_cross_whole_and_in_order() {
+    // Runs of small and of large items, then single large items among small ones.
+    let size = |i: u64| -> usize {
+        match i {
+            0..300 => 1 + (i as usize % 7),
+            300..400 => 40_000 + i as usize,
+            400..700 => 3,
+            _ if i.is_multiple_of(50) => 70_000,
+            _ => 10,
+        }
+    };
+    let item = move |i: u64| -> Vec<u8> { (0..size(i)).map(|k| (i as usize + k) as u8).collect() };
+    for exec in [
+        Exec::ipc_fork(2).ordered(),
+        Exec::ipc_fork(3).ordered().batch_results(),
+    ] {
+        let p = Pipeline::new("mixed-sizes");
+        p.producer("gen", move |out| {
+            out.emit_all((0..1000u64).map(item)).map_err(Into::into)
+        });
+        // Each result names its input by its bytes: length and checksum.
+        p.map("measure", |v: Vec<u8>| {
+            let sum = v.iter().map(|&b| b as u64).sum::<u64>();
+            Ok((v.len(), sum))
+        })
+        .wire()
+        .executor(exec);
+        let got = Sink::default();
+        let g = got.clone();
+        p.consumer("collect", move |r: (usize, u64)| {
+            g.push(r);
+            Ok(())
+        });
+        let report = p.run().unwrap();
+        assert_eq!(report.failures_total, 0, "{report}");
+        let want: Vec<(usize, u64)> = (0..1000u64)
+            .map(|i| {
+                let v = item(i);
+                (v.len(), v.iter().map(|&b| b as u64).sum())
+            })
+            .collect();
+        assert!(
+            *got.0.lock().unwrap() == want,
+            "results differ from the inputs' measures"
+        );
+    }
+}

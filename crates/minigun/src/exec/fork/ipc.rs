@@ -51,20 +51,106 @@ const FEED_BYTES: usize = 1 << 20;
 /// item always fits), so a large `in_flight` is safe for large items.
 const MAX_IN_FLIGHT_BYTES: usize = 1 << 20;
 
-/// An encoded input item: its bytes in the buffer the feeder encoded its whole hand-off
-/// into (one allocation per hand-off, not one per item, freed when the last of its items
-/// ends).
-#[derive(Clone)]
-struct Payload {
-    buf: Arc<Vec<u8>>,
-    start: usize,
-    end: usize,
+/// An encoded input item. Small items share the buffer the feeder encoded their whole
+/// hand-off into (one allocation per hand-off, not one per item; freed when the last of its
+/// items ends); a large one has its own (freed as soon as its item ends, so the next
+/// encoding reuses memory that is still in cache).
+enum Payload {
+    Shared {
+        buf: Arc<Vec<u8>>,
+        start: usize,
+        end: usize,
+    },
+    Own(Vec<u8>),
 }
 
 impl std::ops::Deref for Payload {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
+        match self {
+            Payload::Shared { buf, start, end } => &buf[*start..*end],
+            Payload::Own(v) => v,
+        }
+    }
+}
+
+/// Items of at least this many encoded bytes (on average, in the last hand-off) get a
+/// buffer each.
+const LARGE_ITEM: usize = 16 << 10;
+
+/// The feeder's side of the hand-off: numbers the items and encodes them.
+struct FeedEncoder<I> {
+    encode: fn(&I, &mut Vec<u8>) -> Result<(), String>,
+    max: usize,
+    /// The next item's index in the stage's input.
+    index: u64,
+    /// Encoded bytes per item in the last hand-off: sizes the next buffer (large items are
+    /// encoded once, not copied again as a buffer grows) and picks shared or own buffers.
+    per_item: usize,
+}
+
+impl<I> FeedEncoder<I> {
+    /// Encodes `items` into hand-offs of at most [`FEED_BYTES`] (plus one item) and passes
+    /// each to `hand`. On `Err`, the count includes the items not encoded yet: the feeder
+    /// counts them cancelled, not lost.
+    fn hand_off(
+        &mut self,
+        items: &mut std::collections::vec_deque::Drain<'_, I>,
+        hand: &mut dyn FnMut(Vec<Encoded<I>>) -> Result<(), u64>,
+    ) -> Result<(), u64> {
+        while items.len() > 0 {
+            let large = self.per_item >= LARGE_ITEM;
+            let guess = match large {
+                true => 0,
+                false => (self.per_item * items.len()).min(FEED_BYTES + self.per_item),
+            };
+            let mut buf = Vec::with_capacity(guess);
+            let mut spans = Vec::with_capacity(items.len());
+            let mut bytes = 0;
+            /// Where an item's encoding is, until the shared buffer is complete.
+            enum At {
+                Span(usize, usize),
+                Own(Vec<u8>),
+            }
+            for item in items.by_ref() {
+                let at = match large {
+                    true => {
+                        let mut own = Vec::new();
+                        encode_input(self.encode, item, &mut own, self.max).map(|_| At::Own(own))
+                    }
+                    false => encode_input(self.encode, item, &mut buf, self.max)
+                        .map(|(start, end)| At::Span(start, end)),
+                };
+                bytes += match &at {
+                    Ok(At::Span(start, end)) => end - start,
+                    Ok(At::Own(own)) => own.len(),
+                    Err(_) => 0,
+                };
+                spans.push((self.index, at));
+                self.index += 1;
+                if bytes >= FEED_BYTES {
+                    break;
+                }
+            }
+            self.per_item = bytes / spans.len().max(1);
+            let buf = Arc::new(buf);
+            let batch = spans
+                .into_iter()
+                .map(|(i, at)| {
+                    let payload = at.map(|at| match at {
+                        At::Span(start, end) => Payload::Shared {
+                            buf: buf.clone(),
+                            start,
+                            end,
+                        },
+                        At::Own(own) => Payload::Own(own),
+                    });
+                    (i, payload)
+                })
+                .collect();
+            hand(batch).map_err(|unsent| unsent + items.len() as u64)?;
+        }
+        Ok(())
     }
 }
 
@@ -228,39 +314,16 @@ fn run<I: Wire, O: Wire>(
             .name(format!("{}:feed", ctx.name))
             .spawn_scoped(s, || {
                 let wire = parts.wire.expect("fork stages have a codec");
-                let mut index = 0u64;
+                let mut enc = FeedEncoder {
+                    encode: wire.encode_in,
+                    max: opts.max_frame,
+                    index: 0,
+                    per_item: 0,
+                };
                 let make =
                     |mut items: std::collections::vec_deque::Drain<'_, I>,
                      hand: &mut dyn FnMut(Vec<Encoded<I>>) -> Result<(), u64>| {
-                        while items.len() > 0 {
-                            let mut buf = Vec::new();
-                            let mut spans = Vec::with_capacity(items.len());
-                            for item in items.by_ref() {
-                                let span =
-                                    encode_input(wire.encode_in, item, &mut buf, opts.max_frame);
-                                spans.push((index, span));
-                                index += 1;
-                                if buf.len() >= FEED_BYTES {
-                                    break;
-                                }
-                            }
-                            let buf = Arc::new(buf);
-                            let batch = spans
-                                .into_iter()
-                                .map(|(i, span)| {
-                                    let payload = span.map(|(start, end)| Payload {
-                                        buf: buf.clone(),
-                                        start,
-                                        end,
-                                    });
-                                    (i, payload)
-                                })
-                                .collect();
-                            // What is not handed off, sent or not yet encoded, is not lost:
-                            // the feeder counts it cancelled.
-                            hand(batch).map_err(|unsent| unsent + items.len() as u64)?;
-                        }
-                        Ok(())
+                        enc.hand_off(&mut items, hand)
                     };
                 let send =
                     move |batch: Vec<Encoded<I>>| tx.send(batch).map_err(|e| e.0.len() as u64);
