@@ -64,6 +64,17 @@ enum Payload {
     Own(Vec<u8>),
 }
 
+impl Payload {
+    /// The payload in a buffer of its own: an item that waits (a retry's backoff, a
+    /// replacement worker) does not keep its whole hand-off's buffer alive.
+    fn detach(self) -> Payload {
+        match self {
+            Payload::Shared { .. } => Payload::Own(self.to_vec()),
+            own => own,
+        }
+    }
+}
+
 impl std::ops::Deref for Payload {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
@@ -87,6 +98,8 @@ struct FeedEncoder<I> {
     /// Encoded bytes per item in the last hand-off: sizes the next buffer (large items are
     /// encoded once, not copied again as a buffer grows) and picks shared or own buffers.
     per_item: usize,
+    /// Where a small item is encoded before it joins its hand-off's buffer.
+    scratch: Vec<u8>,
 }
 
 impl<I> FeedEncoder<I> {
@@ -116,10 +129,19 @@ impl<I> FeedEncoder<I> {
                 let at = match large {
                     true => {
                         let mut own = Vec::new();
-                        encode_input(self.encode, item, &mut own, self.max).map(|_| At::Own(own))
+                        encode_input(self.encode, item, &mut own, self.max).map(|()| At::Own(own))
                     }
-                    false => encode_input(self.encode, item, &mut buf, self.max)
-                        .map(|(start, end)| At::Span(start, end)),
+                    false => {
+                        // Encoded apart, then appended: a codec that does not just append to
+                        // its output can spoil only its own item, never its neighbours'.
+                        let scratch = &mut self.scratch;
+                        scratch.clear();
+                        encode_input(self.encode, item, scratch, self.max).map(|()| {
+                            let start = buf.len();
+                            buf.extend_from_slice(scratch);
+                            At::Span(start, buf.len())
+                        })
+                    }
                 };
                 bytes += match &at {
                     Ok(At::Span(start, end)) => end - start,
@@ -133,6 +155,10 @@ impl<I> FeedEncoder<I> {
                 }
             }
             self.per_item = bytes / spans.len().max(1);
+            if buf.capacity() > 2 * buf.len() + 4096 {
+                // Sized for larger items than came: held for as long as any of its items.
+                buf.shrink_to_fit();
+            }
             let buf = Arc::new(buf);
             let batch = spans
                 .into_iter()
@@ -319,6 +345,7 @@ fn run<I: Wire, O: Wire>(
                     max: opts.max_frame,
                     index: 0,
                     per_item: 0,
+                    scratch: Vec::new(),
                 };
                 let make =
                     |mut items: std::collections::vec_deque::Drain<'_, I>,
@@ -353,28 +380,25 @@ fn run<I: Wire, O: Wire>(
 /// it is never retried).
 type Encoded<I> = (u64, Result<Payload, (I, String)>);
 
-/// Serialises an input item at the end of `buf` on the feeder thread: the range of its
-/// encoding, or the item back with the reason it cannot cross (`buf` is then unchanged).
+/// Serialises an input item into the empty `out` on the feeder thread, or gives the item
+/// back with the reason it cannot cross.
 fn encode_input<I>(
     encode: fn(&I, &mut Vec<u8>) -> Result<(), String>,
     item: I,
-    buf: &mut Vec<u8>,
+    out: &mut Vec<u8>,
     max: usize,
-) -> Result<(usize, usize), (I, String)> {
-    let start = buf.len();
-    let res = encode(&item, buf);
-    let len = buf.len() - start;
-    match res {
-        Ok(()) if len + frame::HEADER - 4 <= max => Ok((start, buf.len())),
+) -> Result<(), (I, String)> {
+    debug_assert!(out.is_empty());
+    match encode(&item, out) {
+        Ok(()) if out.len() + frame::HEADER - 4 <= max => Ok(()),
         Ok(()) => {
-            buf.truncate(start);
-            let m = format!("input item of {len} bytes exceeds the maximum frame size of {max}");
+            let m = format!(
+                "input item of {} bytes exceeds the maximum frame size of {max}",
+                out.len()
+            );
             Err((item, m))
         }
-        Err(e) => {
-            buf.truncate(start);
-            Err((item, format!("cannot serialise the input item: {e}")))
-        }
+        Err(e) => Err((item, format!("cannot serialise the input item: {e}"))),
     }
 }
 
@@ -950,7 +974,10 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             if cancelled {
                 self.parts.ctx.cancelled(1);
             } else {
-                queue.push_front(f);
+                queue.push_front(Flight {
+                    payload: f.payload.detach(),
+                    ..f
+                });
             }
         }
         if !clean && !cancelled {
@@ -997,6 +1024,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             queue.push_back(Flight {
                 attempt,
                 not_before: Some(not_before),
+                payload: f.payload.detach(),
                 ..f
             });
         }
