@@ -504,7 +504,16 @@ fn items_waiting_for_a_retry_hold_only_their_own_bytes() {
     });
     let report = p.run().unwrap();
     let work = report.stage("work").unwrap();
-    assert_eq!((work.items_out, work.retried), (N, N.div_ceil(256)), "{report}");
-    let growth = peak.load(std::sync::atomic::Ordering::Relaxed).saturating_sub(base);
-    assert!(growth < 64 << 10, "resident memory grew by {growth} KiB during the run");
+    assert_eq!(
+        (work.items_out, work.retried),
+        (N, N.div_ceil(256)),
+        "{report}"
+    );
+    let growth = peak
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(base);
+    assert!(
+        growth < 64 << 10,
+        "resident memory grew by {growth} KiB during the run"
+    );
 }

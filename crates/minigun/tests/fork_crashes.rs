@@ -562,3 +562,90 @@ fn cow_fork_crash_dead_lettered() {
 fn ipc_fork_crash_dead_lettered() {
     crash_dead_lettered(Fork::Ipc);
 }
+
+// With `batch_results`, a worker keeps finished items' results in shared memory while more
+// items wait in its input. When it then runs a long item, the parent takes those results
+// itself after a millisecond: they do not wait for the long item to end.
+#[test]
+fn batched_results_do_not_wait_for_a_long_item() {
+    let p = Pipeline::new("long-item");
+    common::gen(&p, 10);
+    let s = p.map("work", |x: u64| {
+        if x == 5 {
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        Ok(x)
+    });
+    Fork::IpcBatched.apply(&s, 1, None);
+    let t0 = Instant::now();
+    let arrived = Sink::default();
+    let a = arrived.clone();
+    p.consumer("collect", move |x: u64| {
+        a.push((x, t0.elapsed()));
+        Ok(())
+    });
+    let r = p.run().unwrap();
+    assert_accounted(&r, "work", 10, 0);
+    let arrived = arrived.sorted();
+    let long = arrived[5].1;
+    assert!(long >= Duration::from_secs(2), "{arrived:?}");
+    for &(x, at) in &arrived[..5] {
+        assert!(
+            at < Duration::from_secs(1),
+            "item {x} arrived after {at:?}, behind the long item"
+        );
+    }
+}
+
+// Results taken from a busy worker's log, then the worker dies: what it had finished arrives
+// once, the item it was running fails once, and nothing runs twice.
+#[test]
+fn batched_results_taken_from_a_busy_worker_then_crashes() {
+    let kinds = [
+        Crash::Error,
+        Crash::Panic,
+        Crash::Abort,
+        Crash::Segv,
+        Crash::Exit3,
+        Crash::Kill,
+    ];
+    let n = 300u64;
+    let which = move |x: u64| (x % 23 == 11).then(|| kinds[(x / 23) as usize % kinds.len()]);
+    let runs = TempDir::new("taken-then-crash");
+    let dir = runs.path().to_path_buf();
+    let p = Pipeline::new("taken-then-crash");
+    let got = Sink::default();
+    common::gen(&p, n);
+    let s = p.map("work", move |x: u64| {
+        // Every run of an item leaves a mark: nothing may run twice.
+        std::fs::write(dir.join(format!("{x}-{}", std::process::id())), b"")?;
+        // Every 7th item, and every crashing one, is long enough for the parent to take the
+        // results the worker holds.
+        if x.is_multiple_of(7) || which(x).is_some() {
+            std::thread::sleep(Duration::from_millis(3));
+        }
+        if let Some(c) = which(x) {
+            crash(c)?;
+        }
+        Ok(x * 2)
+    });
+    Fork::IpcBatched.apply(&s, 2, None);
+    Sink::<u64>::consume(&got, &p);
+    let r = finish(run_in_background(p));
+    let bad: Vec<u64> = (0..n).filter(|&x| which(x).is_some()).collect();
+    let expected: Vec<u64> = (0..n)
+        .filter(|&x| which(x).is_none())
+        .map(|x| x * 2)
+        .collect();
+    assert_eq!(got.sorted(), expected, "failures: {:?}", summary(&r));
+    assert_accounted(&r, "work", n, bad.len() as u64);
+    let mut failures = r.failures.clone();
+    failures.sort_by_key(|f| f.item);
+    assert_eq!(failures.iter().map(|f| f.item).collect::<Vec<_>>(), bad);
+    for f in &failures {
+        assert_eq!(f.kind, which(f.item).unwrap().kind(), "{f:?}");
+    }
+    let runs: usize = std::fs::read_dir(runs.path()).unwrap().count();
+    assert_eq!(runs, n as usize, "every item ran exactly once");
+    assert_no_children();
+}

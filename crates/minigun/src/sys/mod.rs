@@ -232,21 +232,32 @@ pub(crate) fn raw(fd: &OwnedFd) -> RawFd {
 /// no finished item's results are lost and none has to run again.
 ///
 /// Layout: `base` (u64, stream offset of the first logged byte), `len` (u64), `running`
-/// (u64, the child's progress), then the bytes.
-/// Only the child writes; the parent reads only once the child is gone.
+/// (u64, the child's progress), `owner` (u64: free, child or parent), then the bytes.
+///
+/// While the child lives, the log belongs to whoever holds `owner`: the child takes it around
+/// every append and every write to the pipe ([`SharedLog::hold`]), the parent only to take the
+/// logged bytes itself when they have waited too long ([`SharedLog::take`]: a worker busy with
+/// a long item does not sit on finished results). Whoever holds it sees every byte before
+/// `base` already in the pipe or taken, so the stream stays in order. Once the child is gone
+/// the parent reads the log without asking.
 pub(crate) struct SharedLog {
     ptr: std::ptr::NonNull<u8>,
     map_len: usize,
 }
 
 // SAFETY: the mapping is owned by this value; its header is accessed atomically and its bytes
-// are written by one process (the child, single-threaded) and read by the parent only after
-// that process ended.
+// are written by one process (the child, single-threaded) and read by the parent only while it
+// holds `owner` or after that process ended.
 unsafe impl Send for SharedLog {}
 // SAFETY: as above.
 unsafe impl Sync for SharedLog {}
 
 const LOG_HEADER: usize = 64;
+
+/// Values of the `owner` word.
+const FREE: u64 = 0;
+const CHILD: u64 = 1;
+const PARENT: u64 = 2;
 
 impl SharedLog {
     /// A log holding up to `cap` bytes.
@@ -273,8 +284,8 @@ impl SharedLog {
     }
 
     fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
-        debug_assert!(i < 3);
-        // SAFETY: the header's three words lie inside the live mapping, page-aligned, zero-filled
+        debug_assert!(i < 4);
+        // SAFETY: the header's four words lie inside the live mapping, page-aligned, zero-filled
         // at creation (valid AtomicU64s) and only accessed atomically.
         unsafe {
             &*self
@@ -300,6 +311,64 @@ impl SharedLog {
         self.word(2).load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Child side: waits until the log is the child's (the parent may be taking its bytes,
+    /// which takes microseconds) and keeps it until [`SharedLog::release`].
+    pub(crate) fn hold(&self) {
+        use std::sync::atomic::Ordering;
+        let owner = self.word(3);
+        let mut spins = 0u32;
+        while owner
+            .compare_exchange_weak(FREE, CHILD, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            spins += 1;
+            match spins {
+                0..64 => std::hint::spin_loop(),
+                _ => std::thread::yield_now(),
+            }
+        }
+    }
+
+    /// Child side: gives the log back.
+    pub(crate) fn release(&self) {
+        self.word(3)
+            .store(FREE, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Parent side, while the child lives: takes the logged bytes if the child is not using
+    /// the log. `catch_up(base)` must first receive every byte the child wrote to the pipe,
+    /// which ends at `base` (the child cannot write more meanwhile); if it cannot, or the
+    /// log is empty or busy, nothing is taken. The taken bytes count as written to the pipe.
+    pub(crate) fn take(&self, catch_up: impl FnOnce(u64) -> bool) -> Option<Vec<u8>> {
+        use std::sync::atomic::Ordering;
+        let owner = self.word(3);
+        if self.word(1).load(Ordering::Acquire) == 0
+            || owner
+                .compare_exchange(FREE, PARENT, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return None;
+        }
+        let base = self.base();
+        let bytes = match catch_up(base) {
+            true => self.bytes().to_vec(),
+            false => Vec::new(),
+        };
+        if !bytes.is_empty() {
+            // As the child's `sent`: length first, so a death in between never makes the
+            // taken bytes look unsent.
+            self.word(1).store(0, Ordering::Release);
+            self.word(0).fetch_add(bytes.len() as u64, Ordering::AcqRel);
+        }
+        owner.store(FREE, Ordering::Release);
+        (!bytes.is_empty()).then_some(bytes)
+    }
+
+    /// The number of logged bytes (a hint while the child lives).
+    pub(crate) fn len(&self) -> u64 {
+        self.word(1).load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The logged bytes: the child's, to write them; the parent's, once the child is gone.
     /// The length is capped at the capacity: a child that scribbled over its header cannot
     /// make the parent read outside the mapping.
@@ -308,7 +377,10 @@ impl SharedLog {
         // SAFETY: the range is inside the live mapping (`len` capped at the capacity). The
         // bytes are only written through `&mut self` (`append`) by the one process that
         // appends (the child; a single thread), so they do not change while this borrow
-        // lives; the parent reads them only after that child ended.
+        // lives; the parent reads them only while it holds `owner` (the child appends only
+        // while it holds it) or after that child ended. Stage code that scribbles over the
+        // mapping anyway can only make the parent read wrong bytes, which its decoder
+        // rejects as a corrupt stream.
         unsafe {
             std::slice::from_raw_parts(self.ptr.as_ptr().add(LOG_HEADER), len.min(self.capacity()))
         }
@@ -362,5 +434,38 @@ impl Drop for SharedLog {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `new`; no borrow outlives `self`.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parent_takes_logged_bytes_only_when_the_child_lets_it() {
+        let mut log = SharedLog::new(4096).unwrap();
+        assert!(
+            log.take(|_| true).is_none(),
+            "nothing logged, nothing taken"
+        );
+        log.wrote(10);
+        log.hold();
+        assert!(log.append(b"abc"));
+        // The child holds the log: the parent takes nothing and waits for nothing.
+        assert!(log
+            .take(|_| panic!("not asked while the child holds the log"))
+            .is_none());
+        log.release();
+        // The parent cannot catch up with the pipe: the log stays as it is.
+        assert!(log.take(|base| base == 0).is_none());
+        assert_eq!((log.base(), log.bytes()), (10, &b"abc"[..]));
+        assert_eq!(log.take(|base| base == 10), Some(b"abc".to_vec()));
+        assert_eq!((log.base(), log.len()), (13, 0));
+        // The child goes on where the parent stopped.
+        log.hold();
+        assert!(log.append(b"de"));
+        log.sent();
+        log.release();
+        assert_eq!((log.base(), log.len()), (15, 0));
     }
 }

@@ -122,6 +122,18 @@ impl<'a> ChildOut<'a> {
         for rec in super::log::take() {
             let _ = protocol::encode_frame(&mut self.buf, Kind::Log, 0, &rec, self.max);
         }
+        // The log is the child's while it writes (the parent may take its bytes otherwise).
+        if let Some(log) = self.log.as_deref() {
+            log.hold();
+        }
+        let r = self.write_all_held();
+        if let Some(log) = self.log.as_deref() {
+            log.release();
+        }
+        r
+    }
+
+    fn write_all_held(&mut self) -> std::io::Result<()> {
         if let Some(log) = self.log.as_deref_mut() {
             if !log.bytes().is_empty() {
                 if let Err(e) = write_all(&self.fd, log.bytes()) {
@@ -148,7 +160,12 @@ impl<'a> ChildOut<'a> {
             let _ = protocol::encode_frame(&mut self.buf, Kind::Log, 0, &rec, self.max);
         }
         let logged = match self.log.as_deref_mut() {
-            Some(log) => log.append(&self.buf),
+            Some(log) => {
+                log.hold();
+                let logged = log.append(&self.buf);
+                log.release();
+                logged
+            }
             None => false,
         };
         if logged {
@@ -161,7 +178,7 @@ impl<'a> ChildOut<'a> {
 
     /// Whether frames wait to be written.
     fn holds(&self) -> bool {
-        !self.buf.is_empty() || self.log.as_ref().is_some_and(|l| !l.bytes().is_empty())
+        !self.buf.is_empty() || self.log.as_ref().is_some_and(|l| l.len() > 0)
     }
 
     /// Records in the shared log which item runs (a flag bit: has ended), if there is one.

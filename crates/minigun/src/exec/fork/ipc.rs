@@ -12,7 +12,8 @@
 //! A worker writes each item's frames before it starts the next, or, with `batch_results`,
 //! keeps them in a log shared with the parent and writes the log in batches: the parent
 //! recovers the log of a dead worker, so the answer order above still holds (see
-//! `Supervisor::recover`).
+//! `Supervisor::recover`), and takes what a worker busy with a long item has held for
+//! 1 ms (`Supervisor::take_held`).
 //!
 //! A worker that dies is noticed at once (its pidfd): the item it was running fails with the
 //! way it died, the items queued behind it go back to the front of the queue (their attempt is
@@ -46,6 +47,10 @@ const FEED_CHUNK: usize = 256;
 /// A hand-off ends once its items' encodings reach this many bytes, so the items waiting
 /// between feeder and supervisor stay bounded in bytes as well as in number.
 const FEED_BYTES: usize = 1 << 20;
+
+/// A batched worker's finished results that have waited this long in its log, while it is
+/// busy with a long item, are taken from the log by the parent.
+const TAKE_HELD_AFTER: Duration = Duration::from_millis(1);
 
 /// A worker is given no more items while it holds this many payload bytes (at least one
 /// item always fits), so a large `in_flight` is safe for large items.
@@ -211,6 +216,8 @@ struct Worker {
     results: u64,
     /// Items finished since the stage's live child table was last updated.
     reported: u64,
+    /// With `batch_results`: the log's base when it was first seen holding bytes, and when.
+    held: Option<(u64, Instant)>,
 }
 
 impl Worker {
@@ -283,6 +290,7 @@ fn spawn<I: Wire, O: Wire>(
         protocol: None,
         results: 0,
         reported: 0,
+        held: None,
     })
 }
 
@@ -561,6 +569,13 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             for t in self.respawn.iter().flatten() {
                 deadline = earliest(deadline, Some(*t));
             }
+            // A batched worker with items may be holding results: look again soon.
+            for w in self.workers.iter().flatten() {
+                if w.log.is_some() && w.exit.is_none() && !w.flights.is_empty() {
+                    let since = w.held.map_or(now, |(_, t)| t);
+                    deadline = earliest(deadline, Some(since + TAKE_HELD_AFTER));
+                }
+            }
             let ready: Vec<(bool, bool)> = {
                 let mut fds = Vec::with_capacity(2 + 3 * self.workers.len());
                 fds.push(PollFd::new(&wake.r, PollFlags::IN));
@@ -640,6 +655,8 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 }
                 if w.exit.is_some() {
                     self.bury(slot, &mut queue);
+                } else {
+                    self.take_held(slot, now, &mut rec, &mut queue);
                 }
             }
             self.send_results();
@@ -812,6 +829,63 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 let pid = Some(w.child.pid as u32);
                 self.failed(flight, e.kind, e.message, pid, queue);
             }
+        }
+    }
+
+    /// A batched worker busy with a long item does not sit on finished results: once its log
+    /// has held the same bytes for [`TAKE_HELD_AFTER`], the parent takes them itself (see
+    /// `SharedLog`), after every byte the worker wrote to its pipe before them.
+    fn take_held(
+        &mut self,
+        slot: usize,
+        now: Instant,
+        rec: &mut Recorder<'_>,
+        queue: &mut VecDeque<Flight>,
+    ) {
+        let w = self.workers[slot].as_mut().expect("live worker");
+        let Worker {
+            log: Some(log),
+            stream,
+            held,
+            protocol: None,
+            exit: None,
+            ..
+        } = w
+        else {
+            return;
+        };
+        if log.len() == 0 {
+            *held = None;
+            return;
+        }
+        let base = log.base();
+        match *held {
+            Some((b, since)) if b == base => {
+                if now.saturating_duration_since(since) < TAKE_HELD_AFTER {
+                    return;
+                }
+            }
+            _ => {
+                *held = Some((base, now));
+                return;
+            }
+        }
+        *held = None;
+        let taken = log.take(|base| {
+            // Everything before `base` is in the pipe already: read it first.
+            while stream.received < base && !stream.eof {
+                let before = stream.received;
+                stream.read_available();
+                if stream.received == before {
+                    break;
+                }
+            }
+            stream.received == base
+        });
+        if let Some(bytes) = taken {
+            stream.dec.extend(&bytes);
+            stream.received += bytes.len() as u64;
+            self.pump(slot, rec, queue);
         }
     }
 

@@ -184,7 +184,8 @@ pub(crate) struct Stream {
     fd: OwnedFd,
     dec: Decoder,
     eof: bool,
-    /// Bytes read from the pipe so far.
+    /// Bytes of the stream received so far: read from the pipe, or taken from a batched
+    /// worker's log.
     received: u64,
 }
 
