@@ -452,19 +452,21 @@ fn ipc_worker_killed_from_outside_batched() {
     killed_from_outside(Fork::IpcBatched);
 }
 
+/// Every way an item can end badly except hanging.
+const FATAL: [Crash; 6] = [
+    Crash::Error,
+    Crash::Panic,
+    Crash::Abort,
+    Crash::Segv,
+    Crash::Exit3,
+    Crash::Kill,
+];
+
 /// Every fifth item crashes, each time a different way: each is one failure of its own kind,
 /// the rest succeed. For ipc_fork this makes workers die repeatedly (replacement and backoff).
 fn many_crashes(fk: Fork) {
-    let kinds = [
-        Crash::Error,
-        Crash::Panic,
-        Crash::Abort,
-        Crash::Segv,
-        Crash::Exit3,
-        Crash::Kill,
-    ];
     let n = 120u64;
-    let which = move |x: u64| (x % 5 == 2).then(|| kinds[(x / 5) as usize % kinds.len()]);
+    let which = move |x: u64| (x % 5 == 2).then(|| FATAL[(x / 5) as usize % FATAL.len()]);
     let p = Pipeline::new("many");
     let got = Sink::default();
     common::gen(&p, n);
@@ -601,16 +603,8 @@ fn batched_results_do_not_wait_for_a_long_item() {
 // once, the item it was running fails once, and nothing runs twice.
 #[test]
 fn batched_results_taken_from_a_busy_worker_then_crashes() {
-    let kinds = [
-        Crash::Error,
-        Crash::Panic,
-        Crash::Abort,
-        Crash::Segv,
-        Crash::Exit3,
-        Crash::Kill,
-    ];
     let n = 300u64;
-    let which = move |x: u64| (x % 23 == 11).then(|| kinds[(x / 23) as usize % kinds.len()]);
+    let which = move |x: u64| (x % 23 == 11).then(|| FATAL[(x / 23) as usize % FATAL.len()]);
     let runs = TempDir::new("taken-then-crash");
     let dir = runs.path().to_path_buf();
     let p = Pipeline::new("taken-then-crash");
