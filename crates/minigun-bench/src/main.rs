@@ -9,7 +9,7 @@
 //! | id | what | minigun | floor |
 //! |----|------|---------|-------|
 //! | W1 | fork overhead, f(x)=2x | cow_fork(2), cow_fork(4) | raw fork/pipe/_exit/waitpid loop |
-//! | W2 | IPC throughput, 1M u64 | ipc_fork(2), ipc_fork(4), in_flight sweep, batch_results; inline split | raw pipes, 4096 u64/write |
+//! | W2 | IPC throughput, 1M u64 | ipc_fork(2), ipc_fork(4), in_flight sweep, results per item; inline split | raw pipes, 4096 u64/write |
 //! | W3 | 64 KiB payloads, checksum | ipc_fork(2), `Vec<u8>` and serde-bytes `Blob` | raw pipes, 64 KiB/write |
 //! | W4 | 1 GiB copy-on-write dataset | cow_fork(4), 4 KiB pages and THP | raw fork loop |
 //! | W5 | 5 ms CPU per item | ipc_fork(2) | ideal: workers / 5 ms (and raw spinners) |

@@ -26,8 +26,8 @@ enum Mode {
     Default,
     /// ipc_fork with this window.
     InFlight(usize),
-    /// ipc_fork with `batch_results` and the default window.
-    Batched,
+    /// ipc_fork with one write per item's results (`batch_results(false)`), default window.
+    PerItem,
     /// No fork at all: the cost of the in-process part of the same pipeline.
     Inline,
 }
@@ -82,7 +82,9 @@ fn minigun_run(items: u64, workers: usize, mode: Mode) -> (Duration, u64) {
     match mode {
         Mode::Default => m.ipc_fork(workers),
         Mode::InFlight(k) => m.wire().executor(Exec::ipc_fork(workers).in_flight(k)),
-        Mode::Batched => m.wire().executor(Exec::ipc_fork(workers).batch_results()),
+        Mode::PerItem => m
+            .wire()
+            .executor(Exec::ipc_fork(workers).batch_results(false)),
         Mode::Inline => m.executor(Exec::inline()),
     };
     p.consumer("sink", move |x: u64| {
@@ -226,10 +228,12 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
             ours(best_wall, "best in_flight", best_k)
                 .note(format!("in_flight sweep (single runs): {sweep_note}")),
         );
-        progress(format!("W2 minigun ipc_fork({workers}) with batch_results"));
-        let (wall, sum) = best_of(cfg.reps, || minigun_run(items, workers, Mode::Batched));
+        progress(format!(
+            "W2 minigun ipc_fork({workers}) with batch_results(false)"
+        ));
+        let (wall, sum) = best_of(cfg.reps, || minigun_run(items, workers, Mode::PerItem));
         assert_eq!(sum, expect, "W2 minigun batched: wrong sum");
-        rows.push(ours(wall, "batch_results", default));
+        rows.push(ours(wall, "results per item", default));
         progress(format!(
             "W2 minigun ipc_fork({workers}) on chunks of {CHUNK} (accumulator before it)"
         ));

@@ -59,8 +59,8 @@
 //!   **`cow_fork(n)`** ([`StageRef::cow_fork`]). The child sees the parent's memory through
 //!   copy-on-write: the input is never serialised, only the output (which needs serde).
 //! - Expensive per-worker start-up (connections, models), strong isolation, many items:
-//!   **`ipc_fork(n)`** ([`StageRef::ipc_fork`]). Input and output cross pipes (serde). For
-//!   streams of cheap items add [`Exec::batch_results`]: workers send results in batches.
+//!   **`ipc_fork(n)`** ([`StageRef::ipc_fork`]). Input and output cross pipes (serde), in
+//!   batches when several items are ready (see [`Exec::batch_results`]).
 //! - Data that cannot be serialised: inline or threads.
 //!
 //! Errors mean the same under every executor: a stage returns `Result`, a panic is caught, and

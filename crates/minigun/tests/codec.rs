@@ -90,7 +90,7 @@ fn items_of_mixed_sizes_cross_whole_and_in_order() {
     let item = move |i: u64| -> Vec<u8> { (0..size(i)).map(|k| (i as usize + k) as u8).collect() };
     for exec in [
         Exec::ipc_fork(2).ordered(),
-        Exec::ipc_fork(3).ordered().batch_results(),
+        Exec::ipc_fork(3).ordered().batch_results(false),
     ] {
         let p = Pipeline::new("mixed-sizes");
         p.producer("gen", move |out| {

@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fork {
     Cow,
-    /// ipc_fork with its default window of items in flight per worker.
+    /// ipc_fork with its defaults: a window of items in flight per worker, results sent in
+    /// batches through shared memory.
     Ipc,
     /// ipc_fork with `in_flight(1)`: a worker holds one item at a time.
     IpcStrict,
-    /// ipc_fork with `batch_results`: workers send results in batches through shared memory.
-    IpcBatched,
+    /// ipc_fork with `batch_results(false)`: workers write each item's results at once.
+    IpcPerItem,
 }
 
 impl Fork {
@@ -36,7 +37,7 @@ impl Fork {
             Fork::Cow => (s.cow_fork(n), Exec::cow_fork(n)),
             Fork::Ipc => (s.ipc_fork(n), Exec::ipc_fork(n)),
             Fork::IpcStrict => (s.ipc_fork(n), Exec::ipc_fork(n).in_flight(1)),
-            Fork::IpcBatched => (s.ipc_fork(n), Exec::ipc_fork(n).batch_results()),
+            Fork::IpcPerItem => (s.ipc_fork(n), Exec::ipc_fork(n).batch_results(false)),
         };
         match timeout {
             None => s.executor(exec),
@@ -288,12 +289,12 @@ macro_rules! crash_tests {
                     one_crash(Fork::IpcStrict, $crash);
                 }
                 #[test]
-                fn ipc_fork_batched() {
-                    one_crash(Fork::IpcBatched, $crash);
+                fn ipc_fork_per_item() {
+                    one_crash(Fork::IpcPerItem, $crash);
                 }
                 #[test]
-                fn ipc_fork_batched_retried() {
-                    crash_once_then_retry(Fork::IpcBatched, $crash);
+                fn ipc_fork_per_item_retried() {
+                    crash_once_then_retry(Fork::IpcPerItem, $crash);
                 }
             }
         )*
@@ -323,8 +324,8 @@ fn ipc_worker_killed_mid_stream_in_flight_1() {
 }
 
 #[test]
-fn ipc_worker_killed_mid_stream_batched() {
-    worker_killed_mid_stream(Fork::IpcBatched);
+fn ipc_worker_killed_mid_stream_per_item() {
+    worker_killed_mid_stream(Fork::IpcPerItem);
 }
 
 fn worker_killed_mid_stream(fk: Fork) {
@@ -419,7 +420,7 @@ fn killed_from_outside(fk: Fork) {
     let r = finish(rx);
     let got = got.sorted();
     match fk {
-        Fork::Ipc | Fork::IpcStrict | Fork::IpcBatched => {
+        Fork::Ipc | Fork::IpcStrict | Fork::IpcPerItem => {
             check_worker_replaced(&r, &got, n, bad, Some(pid as u32))
         }
         Fork::Cow => {
@@ -448,8 +449,8 @@ fn ipc_worker_killed_from_outside() {
 }
 
 #[test]
-fn ipc_worker_killed_from_outside_batched() {
-    killed_from_outside(Fork::IpcBatched);
+fn ipc_worker_killed_from_outside_per_item() {
+    killed_from_outside(Fork::IpcPerItem);
 }
 
 /// Every way an item can end badly except hanging.
@@ -511,8 +512,8 @@ fn ipc_fork_many_crash_kinds() {
 }
 
 #[test]
-fn ipc_fork_batched_many_crash_kinds() {
-    many_crashes(Fork::IpcBatched);
+fn ipc_fork_per_item_many_crash_kinds() {
+    many_crashes(Fork::IpcPerItem);
 }
 
 /// A crashed item goes to the dead-letter stage intact, with its failure.
@@ -565,7 +566,7 @@ fn ipc_fork_crash_dead_lettered() {
     crash_dead_lettered(Fork::Ipc);
 }
 
-// With `batch_results`, a worker keeps finished items' results in shared memory while more
+// With batched results (the default), a worker keeps finished items' results in shared memory while more
 // items wait in its input. When it then runs a long item, the parent takes those results
 // itself after a millisecond: they do not wait for the long item to end.
 #[test]
@@ -578,7 +579,7 @@ fn batched_results_do_not_wait_for_a_long_item() {
         }
         Ok(x)
     });
-    Fork::IpcBatched.apply(&s, 1, None);
+    Fork::Ipc.apply(&s, 1, None);
     let t0 = Instant::now();
     let arrived = Sink::default();
     let a = arrived.clone();
@@ -623,7 +624,7 @@ fn batched_results_taken_from_a_busy_worker_then_crashes() {
         }
         Ok(x * 2)
     });
-    Fork::IpcBatched.apply(&s, 2, None);
+    Fork::Ipc.apply(&s, 2, None);
     Sink::<u64>::consume(&got, &p);
     let r = finish(run_in_background(p));
     let bad: Vec<u64> = (0..n).filter(|&x| which(x).is_some()).collect();

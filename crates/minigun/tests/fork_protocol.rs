@@ -47,6 +47,12 @@ fn run(exec: Exec, bad: u64, act: fn()) -> RunReport {
     report
 }
 
+/// ipc_fork writing each item's results at once: a corrupt stream fails exactly the item whose
+/// stage code wrote into it, and nothing else (the batched default is tested further down).
+fn per_item() -> Exec {
+    Exec::ipc_fork(2).batch_results(false)
+}
+
 fn one_failure(report: &RunReport, item: u64, kind: FailureKind) -> String {
     let work = report.stage("work").unwrap();
     assert_eq!((work.items_out, work.failed), (19, 1), "{report}");
@@ -84,7 +90,7 @@ fn result_done_without_latency() {
 #[test]
 fn a_result_done_frame_too_short_for_its_latency_is_a_protocol_error() {
     let m = one_failure(
-        &run(Exec::ipc_fork(2), 7, result_done_without_latency),
+        &run(per_item(), 7, result_done_without_latency),
         7,
         FailureKind::Protocol,
     );
@@ -109,11 +115,7 @@ fn cow_fork_garbage_is_a_protocol_error_of_that_item() {
 
 #[test]
 fn ipc_fork_garbage_kills_only_that_worker() {
-    let m = one_failure(
-        &run(Exec::ipc_fork(2), 5, garbage),
-        5,
-        FailureKind::Protocol,
-    );
+    let m = one_failure(&run(per_item(), 5, garbage), 5, FailureKind::Protocol);
     assert!(m.contains("frame"), "{m}");
 }
 
@@ -125,11 +127,7 @@ fn an_impossible_length_is_refused_not_allocated() {
         FailureKind::Protocol,
     );
     assert!(m.contains("exceeds the maximum"), "{m}");
-    let m = one_failure(
-        &run(Exec::ipc_fork(2), 4, huge_length),
-        4,
-        FailureKind::Protocol,
-    );
+    let m = one_failure(&run(per_item(), 4, huge_length), 4, FailureKind::Protocol);
     assert!(m.contains("exceeds the maximum"), "{m}");
 }
 
@@ -244,7 +242,7 @@ fn results_at_the_frame_limit_arrive_whole() {
     let sizes: Vec<usize> = (0..12).map(|k| MAX - 9 - 2 - k).collect();
     for exec in [
         Exec::ipc_fork(2).max_frame(MAX),
-        Exec::ipc_fork(2).max_frame(MAX).batch_results(),
+        Exec::ipc_fork(2).max_frame(MAX).batch_results(false),
     ] {
         let p = Pipeline::new("at-the-limit");
         let s = sizes.clone();
@@ -295,7 +293,7 @@ fn an_ipc_input_over_the_frame_limit_fails_its_item() {
     );
 }
 
-// With `batch_results`, a worker's finished items can wait in shared memory when stage code
+// With batched results (the default), a worker's finished items can wait in shared memory when stage code
 // corrupts the stream. A corrupt stream is a stage error; the worker's items run again on a
 // replacement that writes each item's results before the next, where the repeat fails
 // exactly the item that does it. Every other item arrives exactly once.
@@ -306,7 +304,7 @@ fn batched_results_corruption_fails_the_writer_and_loses_nothing() {
         (huge_length, FailureKind::Protocol),
         (half_a_frame_then_exit, FailureKind::Truncated),
     ] {
-        let r = run(Exec::ipc_fork(2).batch_results(), 7, act);
+        let r = run(Exec::ipc_fork(2), 7, act);
         let work = r.stage("work").unwrap();
         assert_eq!((work.items_out, work.failed), (19, 1), "{r}");
         let items: Vec<_> = r.failures.iter().filter(|f| f.item != u64::MAX).collect();
@@ -325,7 +323,7 @@ fn batched_results_corruption_fails_the_writer_and_loses_nothing() {
     }
 }
 
-// Under `batch_results`, an item that had results delivered before it corrupted the stream
+// With batched results, an item that had results delivered before it corrupted the stream
 // (its own writes mid-item) fails once and is not run again: none of its results arrive twice.
 #[test]
 fn batched_results_partial_item_then_corruption_is_not_duplicated() {
@@ -343,7 +341,7 @@ fn batched_results_partial_item_then_corruption_is_not_duplicated() {
         Ok(())
     })
     .wire()
-    .executor(Exec::ipc_fork(2).batch_results());
+    .executor(Exec::ipc_fork(2));
     let got = common::Sink::default();
     let g = got.clone();
     p.consumer("sink", move |x: u64| {

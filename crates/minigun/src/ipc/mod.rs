@@ -35,10 +35,12 @@
 //! carries the outputs of a worker's end-of-stream flush (`Stage::finish`), and [`START_ID`]
 //! carries a worker's start-up failure (an `after_fork` hook or the stage factory failed).
 //!
-//! An ipc_fork worker handles items in the order it receives them, and writes all of an item's
-//! frames before it starts the next item, so its `done` / `error` frames come back in that
-//! order and nothing of a finished item is still buffered in the worker: the parent relies on
-//! it to know which item a dying worker was running.
+//! An ipc_fork worker handles items in the order it receives them, and makes all of an item's
+//! frames safe before it starts the next item: written to the pipe, or (batched results, the
+//! default) appended to a log in memory shared with the parent, which the parent reads if the
+//! worker dies and takes from itself while the worker is busy with a long item. So `done` /
+//! `error` frames come back in item order and nothing of a finished item is lost with the
+//! worker: the parent relies on it to know which item a dying worker was running.
 
 pub(crate) mod frame;
 pub(crate) mod protocol;
