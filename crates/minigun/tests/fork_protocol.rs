@@ -369,3 +369,60 @@ fn batched_results_partial_item_then_corruption_is_not_duplicated() {
     assert_eq!(plain, expected, "every other item exactly once");
     assert!(common::live_children().is_empty() && common::zombies().is_empty());
 }
+
+// After a corrupt batched stream, the item that corrupted it runs again only on a worker
+// that writes each item's results at once: the other batched workers get no more items and
+// are replaced once they have answered theirs. So it runs exactly twice and the corrupt
+// stream is one stage error, not one per batched worker it lands on. Items the corrupt worker
+// finished after the garbage lost their results in it and run again; nothing arrives twice.
+#[test]
+fn a_corrupt_batched_stream_reruns_only_on_workers_that_write_per_item() {
+    let n = 200u64;
+    let bad = 57u64;
+    let runs = common::TempDir::new("corrupt-rerun");
+    let dir = runs.path().to_path_buf();
+    let p = Pipeline::new("corrupt-rerun");
+    common::gen(&p, n);
+    p.processor("work", move |x: u64, out: &mut Output<'_, u64>| {
+        std::fs::write(dir.join(format!("{x}-{}", std::process::id())), b"")?;
+        // Long items now and then, so the parent also takes results from busy workers.
+        if x % 10 == 7 {
+            std::thread::sleep(std::time::Duration::from_millis(3));
+        }
+        if x == bad {
+            garbage();
+        }
+        out.emit(x)?;
+        Ok(())
+    })
+    .wire()
+    .executor(Exec::ipc_fork(2));
+    let got: common::Sink<u64> = common::Sink::default();
+    got.consume(&p);
+    let r = p.run().unwrap();
+    let work = r.stage("work").unwrap();
+    assert_eq!(
+        (work.items_out, work.failed, work.errors),
+        (n - 1, 1, 1),
+        "{r}"
+    );
+    let items: Vec<_> = r.failures.iter().filter(|f| f.item != u64::MAX).collect();
+    assert_eq!(
+        (items[0].item, &items[0].kind),
+        (bad, &FailureKind::Protocol)
+    );
+    let want: Vec<u64> = (0..n).filter(|&x| x != bad).collect();
+    assert_eq!(got.sorted(), want, "every other item arrives exactly once");
+    let bad_runs = std::fs::read_dir(runs.path())
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            name.to_string_lossy().starts_with(&format!("{bad}-"))
+        })
+        .count();
+    assert_eq!(
+        bad_runs, 2,
+        "the corrupting item runs once more, on a per-item worker"
+    );
+    assert!(common::live_children().is_empty() && common::zombies().is_empty());
+}

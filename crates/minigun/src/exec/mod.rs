@@ -162,10 +162,12 @@ impl Exec {
     /// items), when its input is empty, or when 256 KiB wait. If it dies, the parent takes
     /// the unsent frames from that memory: a crash, a kill or a timeout still fails exactly
     /// the item that was running, and no item runs twice. While a worker is busy with a long
-    /// item, the parent takes the finished results it holds from that memory itself after
-    /// 1 ms, so a result waits at most about 1 ms longer than without batching. When stage
-    /// code writes its own bytes into the result pipe (a corrupt stream), the item failed with
-    /// the protocol error is the one that was due next, not necessarily the writer.
+    /// item, the parent takes the finished results it holds from that memory itself (it
+    /// looks every 2 ms and takes what has waited 1 ms), so a result waits at most about 3 ms
+    /// longer than without batching. When stage code writes its own bytes into the result
+    /// pipe (a corrupt stream), that is a stage error; the items whose results were lost in
+    /// it (the writer, and any the worker finished after it) run again on workers that write
+    /// each item's results at once, where the repeat fails exactly the writer.
     ///
     /// With `false`, a worker writes each item's results before it starts the next, and a
     /// corrupt stream fails exactly the item whose stage code wrote into it, without a stage

@@ -349,6 +349,11 @@ impl SharedLog {
         {
             return None;
         }
+        if self.word(1).load(Ordering::Acquire) == 0 {
+            // The child wrote the log out just before the parent got it.
+            owner.store(FREE, Ordering::Release);
+            return None;
+        }
         let base = self.base();
         let bytes = match catch_up(base) {
             true => self.bytes().to_vec(),

@@ -13,7 +13,7 @@
 //! keeps them in a log shared with the parent and writes the log in batches: the parent
 //! recovers the log of a dead worker, so the answer order above still holds (see
 //! `Supervisor::recover`), and takes what a worker busy with a long item has held for
-//! 1 ms (`Supervisor::take_held`).
+//! 1 ms (`Supervisor::take_held`; it looks every 2 ms while a worker has two items or more).
 //!
 //! A worker that dies is noticed at once (its pidfd): the item it was running fails with the
 //! way it died, the items queued behind it go back to the front of the queue (their attempt is
@@ -51,6 +51,11 @@ const FEED_BYTES: usize = 1 << 20;
 /// A batched worker's finished results that have waited this long in its log, while it is
 /// busy with a long item, are taken from the log by the parent.
 const TAKE_HELD_AFTER: Duration = Duration::from_millis(1);
+
+/// How often the parent looks at the log of a batched worker that may hold results (one
+/// with at least two items: a worker with one holds nothing, it writes when its input is
+/// empty).
+const LOOK_EVERY: Duration = Duration::from_millis(2);
 
 /// A worker is given no more items while it holds this many payload bytes (at least one
 /// item always fits), so a large `in_flight` is safe for large items.
@@ -218,6 +223,11 @@ struct Worker {
     reported: u64,
     /// With `batch_results`: the log's base when it was first seen holding bytes, and when.
     held: Option<(u64, Instant)>,
+    /// When the parent last looked at the log and found nothing to take.
+    looked: Instant,
+    /// Shut down to be replaced by a worker that writes each item's results (after a
+    /// corrupt batched stream).
+    retired: bool,
 }
 
 impl Worker {
@@ -291,6 +301,8 @@ fn spawn<I: Wire, O: Wire>(
         results: 0,
         reported: 0,
         held: None,
+        looked: Instant::now(),
+        retired: false,
     })
 }
 
@@ -547,6 +559,14 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 }
             }
             for w in self.workers.iter_mut().flatten() {
+                // After a corrupt batched stream, batched workers get nothing more and are
+                // replaced (`bury`) once they have answered what they hold.
+                let idle = w.flights.is_empty() && w.exit.is_none() && w.killed.is_none();
+                if self.strict && w.log.is_some() && idle && !w.shutdown {
+                    w.shutdown = true;
+                    w.retired = true;
+                    let _ = frame::push(&mut w.out, Kind::Shutdown, 0, &[], usize::MAX);
+                }
                 flush_input(w);
             }
             // Sleep until a worker speaks, exits or can take more bytes, an item arrives, a
@@ -571,9 +591,13 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             }
             // A batched worker with items may be holding results: look again soon.
             for w in self.workers.iter().flatten() {
-                if w.log.is_some() && w.exit.is_none() && !w.flights.is_empty() {
-                    let since = w.held.map_or(now, |(_, t)| t);
-                    deadline = earliest(deadline, Some(since + TAKE_HELD_AFTER));
+                if w.log.is_some() && w.exit.is_none() && w.protocol.is_none() {
+                    let at = match w.held {
+                        Some((_, since)) => Some(since + TAKE_HELD_AFTER),
+                        None if w.flights.len() >= 2 => Some(w.looked + LOOK_EVERY),
+                        None => None,
+                    };
+                    deadline = earliest(deadline, at);
                 }
             }
             let ready: Vec<(bool, bool)> = {
@@ -687,6 +711,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 w.exit.is_none()
                     && w.killed.is_none()
                     && !w.shutdown
+                    && !(self.strict && w.log.is_some())
                     && w.start_error.is_none()
                     && w.flights.len() < window
                     && w.bytes < MAX_IN_FLIGHT_BYTES
@@ -843,19 +868,24 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         queue: &mut VecDeque<Flight>,
     ) {
         let w = self.workers[slot].as_mut().expect("live worker");
+        if w.protocol.is_some() || w.exit.is_some() {
+            w.held = None;
+            return;
+        }
         let Worker {
             log: Some(log),
             stream,
             held,
-            protocol: None,
-            exit: None,
+            looked,
+            flights,
             ..
         } = w
         else {
             return;
         };
-        if log.len() == 0 {
+        if flights.len() < 2 || log.len() == 0 {
             *held = None;
+            *looked = now;
             return;
         }
         let base = log.base();
@@ -871,6 +901,8 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             }
         }
         *held = None;
+        *looked = now;
+        let before = stream.received;
         let taken = log.take(|base| {
             // Everything before `base` is in the pipe already: read it first.
             while stream.received < base && !stream.eof {
@@ -885,6 +917,10 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         if let Some(bytes) = taken {
             stream.dec.extend(&bytes);
             stream.received += bytes.len() as u64;
+        }
+        // What was read from the pipe on the way is decoded too, taken or not (the pipe will
+        // not wake the poll for bytes already read).
+        if stream.received != before {
             self.pump(slot, rec, queue);
         }
     }
@@ -981,8 +1017,9 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         // A corrupt stream with batched results: the parent cannot tell which of the items
         // the worker ran since its last readable write did it, and what it wrote after the
         // corruption is lost. Those items run again, on workers that now write each item's
-        // results before the next (so a repeat fails exactly the item that does it); no
-        // result of theirs arrived, so nothing is delivered twice. An item some of whose
+        // results before the next (so a repeat fails exactly the item that does it; batched
+        // workers get no more items and are replaced); no result of theirs arrived, so
+        // nothing is delivered twice. An item some of whose
         // results did arrive is not run again: it fails with the protocol error. The
         // corruption is a stage error.
         let mut rerun: Vec<Flight> = Vec::new();
@@ -1054,7 +1091,9 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 });
             }
         }
-        if !clean && !cancelled {
+        if clean && w.retired && !cancelled {
+            self.respawn[slot] = Some(Instant::now());
+        } else if !clean && !cancelled {
             let backoff = match self.deaths {
                 0..=1 => Duration::ZERO,
                 d => Duration::from_millis(10u64 << (d.min(7) - 1)),
