@@ -117,9 +117,13 @@ fn run_in_background(p: Pipeline) -> mpsc::Receiver<Result<RunReport, RunError>>
 
 /// Waits for a background run; fails the test instead of hanging.
 fn finish(rx: mpsc::Receiver<Result<RunReport, RunError>>) -> RunReport {
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("the run did not end within 60 s")
-        .expect("the run succeeds (skip policy)")
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(r) => r.expect("the run succeeds (skip policy)"),
+        Err(_) => panic!(
+            "the run did not end within 60 s\n{}",
+            common::where_everyone_waits()
+        ),
+    }
 }
 
 /// Waits until `f` yields a value (checked every 2 ms), at most `limit`.

@@ -184,6 +184,43 @@ pub fn live_children() -> Vec<u32> {
         .collect()
 }
 
+/// Where this process's threads and live children are waiting (name, state, kernel wait
+/// channel, and the kernel stack where it can be read): printed when a run does not end, so
+/// a hang seen once can be told apart from a slow machine.
+pub fn where_everyone_waits() -> String {
+    let read = |p: String| std::fs::read_to_string(p).unwrap_or_default();
+    let describe = |dir: String| {
+        let stat = read(format!("{dir}/stat"));
+        let state = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .next();
+        format!(
+            "{} [{}] wchan={} {}",
+            read(format!("{dir}/comm")).trim(),
+            state.unwrap_or("?"),
+            read(format!("{dir}/wchan")),
+            read(format!("{dir}/stack")).replace('\n', " | ")
+        )
+    };
+    let mut out = String::from("threads of this process:\n");
+    for e in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let dir = e.path().display().to_string();
+        out += &format!("  {}: {}\n", e.file_name().to_string_lossy(), describe(dir));
+    }
+    out += "live children:\n";
+    for pid in live_children() {
+        out += &format!("  {pid}: {}\n", describe(format!("/proc/{pid}")));
+    }
+    out
+}
+
 /// For tests that re-run the test binary: the copy dies with this process, even if the
 /// harness kills us mid-test.
 pub trait DieWithParent {
