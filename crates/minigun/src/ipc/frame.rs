@@ -142,6 +142,12 @@ impl Decoder {
         &self.buf[self.start..]
     }
 
+    /// Drops every byte received and not yet taken as a frame.
+    pub(crate) fn clear(&mut self) {
+        self.buf.clear();
+        self.start = 0;
+    }
+
     /// Bytes received that do not yet form a complete frame.
     pub(crate) fn pending(&self) -> usize {
         self.buf.len() - self.start

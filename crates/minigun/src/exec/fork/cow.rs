@@ -350,10 +350,6 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
 
     /// Reads what the child sent and routes its results.
     fn pump(&self, r: &mut Running<I>) {
-        // A stream is not trusted after a protocol error, not even bytes already read.
-        if r.protocol.is_some() {
-            return;
-        }
         r.stream.read_available();
         loop {
             let index = r.jobs.get(r.cur).map_or(u64::MAX, |j| j.index);
@@ -440,7 +436,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
     fn protocol_error(&self, r: &mut Running<I>, m: String) {
         if r.protocol.is_none() {
             r.protocol = Some(m);
-            r.stream.eof = true;
+            r.stream.discard();
             sys::kill(r.child.pid, libc::SIGKILL);
             r.killed.get_or_insert(Killed::Protocol);
         }

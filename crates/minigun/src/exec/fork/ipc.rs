@@ -747,10 +747,6 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
     ) {
         loop {
             let w = self.workers[slot].as_mut().expect("live worker");
-            // A stream is not trusted after a protocol error, not even bytes already read.
-            if w.protocol.is_some() {
-                return;
-            }
             w.stream.read_available();
             let mut progressed = false;
             loop {
@@ -1000,7 +996,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         let w = self.workers[slot].as_mut().expect("live worker");
         if w.protocol.is_none() {
             w.protocol = Some(m);
-            w.stream.eof = true;
+            w.stream.discard();
             w.killed.get_or_insert(Killed::Protocol);
             sys::kill(w.child.pid, libc::SIGKILL);
         }

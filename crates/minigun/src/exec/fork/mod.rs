@@ -198,6 +198,13 @@ impl Stream {
             received: 0,
         }
     }
+    /// The stream is corrupt: nothing more of it is read or decoded, not even bytes already
+    /// read (the child's own frames after a bad one are not trusted).
+    fn discard(&mut self) {
+        self.eof = true;
+        self.dec.clear();
+    }
+
     /// Reads what is available now (non-blocking), up to the read budget.
     fn read_available(&mut self) {
         const CHUNK: usize = 64 << 10;
