@@ -751,13 +751,11 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             let mut progressed = false;
             loop {
                 let w = self.workers[slot].as_mut().expect("live worker");
-                let front = w.flights.front().map(|f| f.index);
-                let (stage, pid) = (&self.parts.ctx.name, w.child.pid);
-                let wire = self.parts.wire.expect("fork stages have a codec");
-                let routes = &self.parts.router.routes;
-                let next = w.stream.dec.next(|kind, id, payload| {
-                    frame_event(wire, routes, stage, pid, front, kind, id, payload)
-                });
+                let frames = Frames::of(self.parts, w);
+                let next = w
+                    .stream
+                    .dec
+                    .next(|kind, id, payload| frames.event(kind, id, payload));
                 match next {
                     Ok(None) => break,
                     Ok(Some(ev)) => {
@@ -967,17 +965,13 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         dec.extend(bytes);
         loop {
             let w = self.workers[slot].as_mut().expect("live worker");
-            let front = w.flights.front().map(|f| f.index);
-            let (stage, pid) = (&self.parts.ctx.name, w.child.pid);
-            let wire = self.parts.wire.expect("fork stages have a codec");
-            let routes = &self.parts.router.routes;
+            let frames = Frames::of(self.parts, w);
             let next = dec.next(|kind, id, payload| {
+                let front = frames.front;
                 if kind != Kind::Log && (Some(id) != front || id == START_ID || id == FINISH_ID) {
                     return None; // an item whose frames arrived before
                 }
-                Some(frame_event(
-                    wire, routes, stage, pid, front, kind, id, payload,
-                ))
+                Some(frames.event(kind, id, payload))
             });
             match next {
                 Ok(Some(None)) => continue,
@@ -1167,47 +1161,66 @@ fn flush_input(w: &mut Worker) {
     }
 }
 
-/// Decodes a frame from a worker running item `front` into what it means.
-#[allow(clippy::too_many_arguments)]
-fn frame_event<I, O>(
+/// What decoding a worker's frames needs: the stage's codec and routes, and which item the
+/// worker runs (`front`).
+struct Frames<'a, I, O> {
     wire: crate::ipc::protocol::WireFns<I, O>,
-    routes: &crate::route::Routes,
-    stage: &str,
+    routes: &'a crate::route::Routes,
+    stage: &'a str,
     pid: i32,
     front: Option<u64>,
-    kind: Kind,
-    id: u64,
-    payload: &[u8],
-) -> Result<Event<O>, String> {
-    if kind == Kind::Log {
-        return super::log::forward(stage, pid, payload).map(|()| Event::Log);
-    }
-    if id != FINISH_ID && id != START_ID && Some(id) != front {
-        return Err(format!(
-            "frame for item {id} while the worker runs item {front:?}"
-        ));
-    }
-    match kind {
-        Kind::Routed => super::decode_routed(routes, payload).map(|(i, t)| Event::Routed(i, t)),
-        Kind::Result => (wire.decode_out)(payload)
-            .map(Event::Result)
-            .map_err(|e| format!("cannot decode a result: {e}")),
-        Kind::ResultDone => {
-            let (body, latency) = payload
-                .split_last_chunk::<8>()
-                .ok_or("result_done frame without a latency")?;
-            let latency_ns = u64::from_le_bytes(*latency);
-            (wire.decode_out)(body)
-                .map(|o| Event::ResultDone(id, o, latency_ns))
-                .map_err(|e| format!("cannot decode a result: {e}"))
+}
+
+impl<'a, I, O> Frames<'a, I, O> {
+    fn of(parts: &'a Parts<I, O>, w: &Worker) -> Self {
+        Frames {
+            wire: parts.wire.expect("fork stages have a codec"),
+            routes: &parts.router.routes,
+            stage: &parts.ctx.name,
+            pid: w.child.pid,
+            front: w.flights.front().map(|f| f.index),
         }
-        Kind::Done => protocol::decode::<Done>(payload)
-            .map(|d| Event::Done(id, d))
-            .map_err(|e| format!("bad done frame: {e}")),
-        Kind::Error => protocol::decode::<ChildError>(payload)
-            .map(|e| Event::Error(id, e))
-            .map_err(|e| format!("bad error frame: {e}")),
-        other => Err(format!("unexpected {other:?} frame from a worker")),
+    }
+
+    /// Decodes a frame into what it means.
+    fn event(&self, kind: Kind, id: u64, payload: &[u8]) -> Result<Event<O>, String> {
+        let Frames {
+            wire,
+            routes,
+            stage,
+            pid,
+            front,
+        } = *self;
+        if kind == Kind::Log {
+            return super::log::forward(stage, pid, payload).map(|()| Event::Log);
+        }
+        if id != FINISH_ID && id != START_ID && Some(id) != front {
+            return Err(format!(
+                "frame for item {id} while the worker runs item {front:?}"
+            ));
+        }
+        match kind {
+            Kind::Routed => super::decode_routed(routes, payload).map(|(i, t)| Event::Routed(i, t)),
+            Kind::Result => (wire.decode_out)(payload)
+                .map(Event::Result)
+                .map_err(|e| format!("cannot decode a result: {e}")),
+            Kind::ResultDone => {
+                let (body, latency) = payload
+                    .split_last_chunk::<8>()
+                    .ok_or("result_done frame without a latency")?;
+                let latency_ns = u64::from_le_bytes(*latency);
+                (wire.decode_out)(body)
+                    .map(|o| Event::ResultDone(id, o, latency_ns))
+                    .map_err(|e| format!("cannot decode a result: {e}"))
+            }
+            Kind::Done => protocol::decode::<Done>(payload)
+                .map(|d| Event::Done(id, d))
+                .map_err(|e| format!("bad done frame: {e}")),
+            Kind::Error => protocol::decode::<ChildError>(payload)
+                .map(|e| Event::Error(id, e))
+                .map_err(|e| format!("bad error frame: {e}")),
+            other => Err(format!("unexpected {other:?} frame from a worker")),
+        }
     }
 }
 
