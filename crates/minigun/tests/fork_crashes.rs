@@ -484,13 +484,28 @@ fn many_crashes(fk: Fork) {
     fk.apply(&s, 4, None);
     Sink::<u64>::consume(&got, &p);
     let r = finish(run_in_background(p));
+    for f in each_crash_failed_once(&r, &got, n, which) {
+        assert_eq!(f.attempt, 1);
+    }
+    assert_no_children();
+}
+
+/// Items `0..n` of a map `x -> 2x` where `which` says which crash and how: every other item's
+/// result arrived once, and each crashing item failed once, with its crash's kind. Returns the
+/// failures in item order.
+fn each_crash_failed_once(
+    r: &RunReport,
+    got: &Sink<u64>,
+    n: u64,
+    which: impl Fn(u64) -> Option<Crash>,
+) -> Vec<minigun::ItemFailure> {
     let bad: Vec<u64> = (0..n).filter(|&x| which(x).is_some()).collect();
     let expected: Vec<u64> = (0..n)
         .filter(|&x| which(x).is_none())
         .map(|x| x * 2)
         .collect();
-    assert_eq!(got.sorted(), expected, "failures: {:?}", summary(&r));
-    assert_accounted(&r, "work", n, bad.len() as u64);
+    assert_eq!(got.sorted(), expected, "failures: {:?}", summary(r));
+    assert_accounted(r, "work", n, bad.len() as u64);
     let mut failures = r.failures.clone();
     failures.sort_by_key(|f| f.item);
     assert_eq!(
@@ -500,9 +515,8 @@ fn many_crashes(fk: Fork) {
     );
     for f in &failures {
         assert_eq!(f.kind, which(f.item).unwrap().kind(), "{f:?}");
-        assert_eq!(f.attempt, 1);
     }
-    assert_no_children();
+    failures
 }
 
 #[test]
@@ -631,19 +645,7 @@ fn batched_results_taken_from_a_busy_worker_then_crashes() {
     Fork::Ipc.apply(&s, 2, None);
     Sink::<u64>::consume(&got, &p);
     let r = finish(run_in_background(p));
-    let bad: Vec<u64> = (0..n).filter(|&x| which(x).is_some()).collect();
-    let expected: Vec<u64> = (0..n)
-        .filter(|&x| which(x).is_none())
-        .map(|x| x * 2)
-        .collect();
-    assert_eq!(got.sorted(), expected, "failures: {:?}", summary(&r));
-    assert_accounted(&r, "work", n, bad.len() as u64);
-    let mut failures = r.failures.clone();
-    failures.sort_by_key(|f| f.item);
-    assert_eq!(failures.iter().map(|f| f.item).collect::<Vec<_>>(), bad);
-    for f in &failures {
-        assert_eq!(f.kind, which(f.item).unwrap().kind(), "{f:?}");
-    }
+    each_crash_failed_once(&r, &got, n, which);
     let runs: usize = std::fs::read_dir(runs.path()).unwrap().count();
     assert_eq!(runs, n as usize, "every item ran exactly once");
     assert_no_children();
