@@ -3,7 +3,7 @@
 //! Handles ([`StageRef`]) share the definition through an `Rc`, so a stage can be configured
 //! and wired after later stages exist (forward references), and so the builder reads as a
 //! sequence of `let` statements. Nothing here runs anything: `build()` checks the whole
-//! definition and returns a [`Runnable`](crate::Runnable) or a [`DefinitionError`].
+//! definition and returns a [`Runnable`] or a [`DefinitionError`].
 
 use crate::error::{DefinitionError, StageResult};
 use crate::exec::local::Parts;
@@ -832,7 +832,7 @@ impl<I: Wire, O: Wire> StageRef<I, O> {
     }
 
     /// Items of this stage cross the process boundary through the codec `C` instead of
-    /// postcard (see [`Codec`](crate::Codec)). Also declares the stage serialisable, like
+    /// postcard (see [`Codec`]). Also declares the stage serialisable, like
     /// [`StageRef::wire`].
     ///
     /// ```
