@@ -56,6 +56,16 @@ pub(crate) fn begin(buf: &mut Vec<u8>, kind: Kind, id: u64) -> usize {
     start
 }
 
+/// The header of a frame whose payload of `len` bytes is written after it separately.
+pub(crate) fn header(kind: Kind, id: u64, len: usize) -> [u8; HEADER] {
+    let len = u32::try_from(len + HEADER - 4).expect("a frame's length fits in 32 bits");
+    let mut h = [0; HEADER];
+    h[..4].copy_from_slice(&len.to_le_bytes());
+    h[4] = kind as u8;
+    h[5..].copy_from_slice(&id.to_le_bytes());
+    h
+}
+
 /// Writes the length of the frame begun at `start`; a frame over `max` is removed again.
 pub(crate) fn finish(buf: &mut Vec<u8>, start: usize, max: usize) -> Result<(), FrameError> {
     let len = buf.len() - start - 4;

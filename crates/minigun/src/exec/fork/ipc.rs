@@ -5,7 +5,8 @@
 //! time, and dispatched round-robin to workers that hold fewer than `in_flight` items; a
 //! worker answers in order, so the first item it holds (without an answer) is the one it is
 //! running. Writes are non-blocking (a slow worker never stalls the others) and several ready
-//! items go out in one write. Results are held and sent downstream once per read of the
+//! items go out in one write; a large item's bytes go out from the buffer the feeder encoded
+//! them into, not copied again (`outbox`). Results are held and sent downstream once per read of the
 //! workers' pipes; their items count as done after that (a routing loop's unit outlives the
 //! sending of its item's results).
 //!
@@ -20,6 +21,7 @@
 //! not counted), and a new worker is forked in its place, after a backoff if workers keep dying.
 //! When the input ends, each worker gets `shutdown`, flushes its stage instance and exits 0.
 
+use super::outbox::{Outbox, Payload};
 use super::{
     child, earliest, exit_failure, feed, terminate, wait, Killed, Release, Stream, Wake, PIPE_SIZE,
 };
@@ -60,40 +62,6 @@ const LOOK_EVERY: Duration = Duration::from_millis(2);
 /// A worker is given no more items while it holds this many payload bytes (at least one
 /// item always fits), so a large `in_flight` is safe for large items.
 const MAX_IN_FLIGHT_BYTES: usize = 1 << 20;
-
-/// An encoded input item. Small items share the buffer the feeder encoded their whole
-/// hand-off into (one allocation per hand-off, not one per item; freed when the last of its
-/// items ends); a large one has its own (freed as soon as its item ends, so the next
-/// encoding reuses memory that is still in cache).
-enum Payload {
-    Shared {
-        buf: Arc<Vec<u8>>,
-        start: usize,
-        end: usize,
-    },
-    Own(Vec<u8>),
-}
-
-impl Payload {
-    /// The payload in a buffer of its own: an item that waits (a retry's backoff, a
-    /// replacement worker) does not keep its whole hand-off's buffer alive.
-    fn detach(self) -> Payload {
-        match self {
-            Payload::Shared { .. } => Payload::Own(self.to_vec()),
-            own => own,
-        }
-    }
-}
-
-impl std::ops::Deref for Payload {
-    type Target = [u8];
-    fn deref(&self) -> &[u8] {
-        match self {
-            Payload::Shared { buf, start, end } => &buf[*start..*end],
-            Payload::Own(v) => v,
-        }
-    }
-}
 
 /// Items of at least this many encoded bytes (on average, in the last hand-off) get a
 /// buffer each.
@@ -174,12 +142,8 @@ impl<I> FeedEncoder<I> {
                 .into_iter()
                 .map(|(i, at)| {
                     let payload = at.map(|at| match at {
-                        At::Span(start, end) => Payload::Shared {
-                            buf: buf.clone(),
-                            start,
-                            end,
-                        },
-                        At::Own(own) => Payload::Own(own),
+                        At::Span(start, end) => Payload::shared(&buf, start, end),
+                        At::Own(own) => Payload::own(own),
                     });
                     (i, payload)
                 })
@@ -203,7 +167,7 @@ struct Worker {
     /// With `batch_results`: frames of finished items the worker has not written yet.
     log: Option<sys::SharedLog>,
     input: Option<OwnedFd>,
-    out: Vec<u8>,
+    out: Outbox,
     stream: Stream,
     exit: Option<sys::Exit>,
     flights: VecDeque<Flight>,
@@ -286,7 +250,7 @@ fn spawn<I: Wire, O: Wire>(
         child,
         log,
         input: Some(in_w),
-        out: Vec::new(),
+        out: Outbox::default(),
         stream: Stream::new(out_r, opts.max_frame),
         exit: None,
         flights: VecDeque::new(),
@@ -526,14 +490,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                         }
                     };
                     let w = self.workers[slot].as_mut().expect("chosen worker exists");
-                    frame::push(
-                        &mut w.out,
-                        Kind::Item,
-                        flight.index,
-                        &flight.payload,
-                        usize::MAX,
-                    )
-                    .expect("no limit on the parent's own frames");
+                    w.out.push_item(flight.index, &flight.payload);
                     if w.flights.is_empty() {
                         w.front_since = Some(now);
                         w.deadline = self.opts.timeout.map(|t| now + t);
@@ -549,7 +506,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 for w in self.workers.iter_mut().flatten() {
                     if !w.shutdown && w.exit.is_none() {
                         w.shutdown = true;
-                        let _ = frame::push(&mut w.out, Kind::Shutdown, 0, &[], usize::MAX);
+                        w.out.push(Kind::Shutdown, 0, &[]);
                     }
                 }
                 if self.workers.iter().flatten().all(|w| w.exit.is_some()) {
@@ -565,7 +522,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 if self.strict && w.log.is_some() && idle && !w.shutdown {
                     w.shutdown = true;
                     w.retired = true;
-                    let _ = frame::push(&mut w.out, Kind::Shutdown, 0, &[], usize::MAX);
+                    w.out.push(Kind::Shutdown, 0, &[]);
                 }
                 flush_input(w);
             }
@@ -1138,24 +1095,10 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
 /// the shutdown frame is out.
 fn flush_input(w: &mut Worker) {
     let Some(fd) = &w.input else { return };
-    let mut off = 0;
-    let mut broken = false;
-    while off < w.out.len() {
-        match rustix::io::write(fd, &w.out[off..]) {
-            Ok(n) => off += n,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(rustix::io::Errno::AGAIN) => break,
-            Err(_) => {
-                // The worker is gone (EPIPE); its pidfd tells the rest.
-                off = w.out.len();
-                broken = true;
-            }
-        }
-    }
-    if broken {
+    if w.out.write_to(fd).is_err() {
+        // The worker is gone (EPIPE); its pidfd tells the rest.
         w.input = None;
     }
-    w.out.drain(..off);
     if w.shutdown && w.out.is_empty() {
         w.input = None;
     }

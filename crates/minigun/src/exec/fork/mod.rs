@@ -28,6 +28,7 @@ mod child;
 mod cow;
 mod ipc;
 mod log;
+mod outbox;
 
 use crate::exec::local::Parts;
 use crate::exec::ForkOptions;
