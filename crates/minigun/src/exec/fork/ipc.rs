@@ -67,6 +67,11 @@ const MAX_IN_FLIGHT_BYTES: usize = 1 << 20;
 /// buffer each.
 const LARGE_ITEM: usize = 16 << 10;
 
+/// Buffers of ended large items kept for the feeder to encode into, at most (each at most
+/// [`MAX_SPARE`] bytes).
+const SPARES: usize = 8;
+const MAX_SPARE: usize = 1 << 20;
+
 /// The feeder's side of the hand-off: numbers the items and encodes them.
 struct FeedEncoder<I> {
     encode: fn(&I, &mut Vec<u8>) -> Result<(), String>,
@@ -78,6 +83,9 @@ struct FeedEncoder<I> {
     per_item: usize,
     /// Where a small item is encoded before it joins its hand-off's buffer.
     scratch: Vec<u8>,
+    /// Buffers of large items that have ended, given back by the supervisor for the next
+    /// large items (a fresh buffer costs a page fault per page, every time).
+    spares: Receiver<Vec<u8>>,
 }
 
 impl<I> FeedEncoder<I> {
@@ -106,7 +114,10 @@ impl<I> FeedEncoder<I> {
             for item in items.by_ref() {
                 let at = match large {
                     true => {
-                        let mut own = Vec::new();
+                        let mut own = self
+                            .spares
+                            .try_recv()
+                            .unwrap_or_else(|_| Vec::with_capacity(self.per_item));
                         encode_input(self.encode, item, &mut own, self.max).map(|()| At::Own(own))
                     }
                     false => {
@@ -318,6 +329,7 @@ fn run<I: Wire, O: Wire>(
     let ready = (opts.workers * window).clamp(1, 4 * FEED_CHUNK);
     let chunk = ready.min(FEED_CHUNK);
     let (tx, rx) = crossbeam_channel::bounded::<Vec<Encoded<I>>>(ready.div_ceil(chunk));
+    let (spare_tx, spare_rx) = crossbeam_channel::bounded(SPARES);
     std::thread::scope(|s| {
         let ctx = &parts.ctx;
         std::thread::Builder::new()
@@ -330,6 +342,7 @@ fn run<I: Wire, O: Wire>(
                     index: 0,
                     per_item: 0,
                     scratch: Vec::new(),
+                    spares: spare_rx,
                 };
                 let make =
                     |mut items: std::collections::vec_deque::Drain<'_, I>,
@@ -354,6 +367,7 @@ fn run<I: Wire, O: Wire>(
             strict: false,
             router: parts.router.clone().batched_until_flush(),
             done: 0,
+            spares: spare_tx,
         };
         sup.run(rx, &wake);
     });
@@ -402,6 +416,8 @@ struct Supervisor<'a, I, O> {
     router: crate::route::Router<O>,
     /// Items finished since the last send (counted done once their results are sent).
     done: u64,
+    /// Gives the feeder the buffers of large items that ended.
+    spares: crossbeam_channel::Sender<Vec<u8>>,
 }
 
 impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
@@ -780,6 +796,11 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                     rec.latency_busy_local(d.latency_ns, busy);
                     self.release.finished(flight.index, &mut self.router);
                     self.done += 1;
+                    if flight.payload.len() >= LARGE_ITEM {
+                        if let Some(buf) = flight.payload.into_buffer(MAX_SPARE) {
+                            let _ = self.spares.try_send(buf);
+                        }
+                    }
                 } else {
                     let m = format!(
                         "worker reported {} results, parent received {results}",

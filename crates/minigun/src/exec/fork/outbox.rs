@@ -56,6 +56,17 @@ impl Payload {
             false => Payload::own(self.to_vec()),
         }
     }
+
+    /// The emptied buffer, for encoding another item into, if the payload has it alone and
+    /// it holds at most `max` bytes.
+    pub(super) fn into_buffer(self, max: usize) -> Option<Vec<u8>> {
+        if self.start != 0 || self.end != self.buf.len() || self.buf.capacity() > max {
+            return None;
+        }
+        let mut buf = Arc::try_unwrap(self.buf).ok()?;
+        buf.clear();
+        Some(buf)
+    }
 }
 
 impl std::ops::Deref for Payload {
@@ -272,5 +283,17 @@ mod tests {
         let own = Payload::own(vec![9; 3]);
         let inner = own.buf.clone();
         assert!(Arc::ptr_eq(&own.detach().buf, &inner));
+    }
+
+    #[test]
+    fn a_buffer_is_reused_only_by_its_sole_owner_and_only_if_small_enough() {
+        let shared = Arc::new(vec![1; 8]);
+        assert!(Payload::shared(&shared, 0, 4).into_buffer(100).is_none());
+        let own = Payload::own(vec![2; 8]);
+        let still_held = own.clone();
+        assert!(own.into_buffer(100).is_none(), "the outbox may still write it");
+        assert!(Payload::own(vec![3; 200]).into_buffer(100).is_none());
+        let buf = still_held.into_buffer(100).expect("sole owner");
+        assert!(buf.is_empty() && buf.capacity() >= 8);
     }
 }
