@@ -529,7 +529,6 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
         Ok(()) => out.done(FINISH_ID, 0),
         Err(c) => out.error(FINISH_ID, c.kind, c.message),
     }
-    let _ = frame::HEADER;
     match out.flush() {
         Ok(()) => 0,
         Err(_) => 74,
