@@ -534,6 +534,63 @@ fn ipc_fork_per_item_many_crash_kinds() {
     many_crashes(Fork::IpcPerItem);
 }
 
+/// The bytes of large item `i`: its index, then a pattern that depends on it.
+fn large_item(i: u64, size: usize) -> Vec<u8> {
+    let mut v: Vec<u8> = (0..size as u64)
+        .map(|k| k.wrapping_mul(31).wrapping_add(i) as u8)
+        .collect();
+    v[..8].copy_from_slice(&i.to_le_bytes());
+    v
+}
+
+/// Items of 300 KiB (a worker's pipe holds about three, so the parent is usually part-way
+/// through writing one when a worker dies) through two workers that crash every seventh
+/// item: every other item reaches a worker whole and arrives once, and each crashing item
+/// fails once.
+fn large_items_with_crashes(fk: Fork) {
+    const SIZE: usize = 300 << 10;
+    let n = 42u64;
+    let which = move |x: u64| (x % 7 == 3).then(|| FATAL[(x / 7) as usize % FATAL.len()]);
+    let p = Pipeline::new("large");
+    let got = Sink::default();
+    p.producer("gen", move |out| {
+        for i in 0..n {
+            out.emit(large_item(i, SIZE))?;
+        }
+        Ok(())
+    });
+    let s = p.map("work", move |v: Vec<u8>| {
+        let x = u64::from_le_bytes(v[..8].try_into().expect("8 bytes"));
+        if v != large_item(x, SIZE) {
+            return Err(format!("item {x} arrived corrupt").into());
+        }
+        if let Some(c) = which(x) {
+            crash(c)?;
+        }
+        Ok(x * 2)
+    });
+    fk.apply(&s, 2, None);
+    Sink::<u64>::consume(&got, &p);
+    let r = finish(run_in_background(p));
+    each_crash_failed_once(&r, &got, n, which);
+    assert_no_children();
+}
+
+#[test]
+fn ipc_fork_large_items_with_crashes() {
+    large_items_with_crashes(Fork::Ipc);
+}
+
+#[test]
+fn ipc_fork_per_item_large_items_with_crashes() {
+    large_items_with_crashes(Fork::IpcPerItem);
+}
+
+#[test]
+fn cow_fork_large_items_with_crashes() {
+    large_items_with_crashes(Fork::Cow);
+}
+
 /// A crashed item goes to the dead-letter stage intact, with its failure.
 fn crash_dead_lettered(fk: Fork) {
     let p = Pipeline::new("dead-letter");

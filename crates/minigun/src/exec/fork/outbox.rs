@@ -291,7 +291,10 @@ mod tests {
         assert!(Payload::shared(&shared, 0, 4).into_buffer(100).is_none());
         let own = Payload::own(vec![2; 8]);
         let still_held = own.clone();
-        assert!(own.into_buffer(100).is_none(), "the outbox may still write it");
+        assert!(
+            own.into_buffer(100).is_none(),
+            "the outbox may still write it"
+        );
         assert!(Payload::own(vec![3; 200]).into_buffer(100).is_none());
         let buf = still_held.into_buffer(100).expect("sole owner");
         assert!(buf.is_empty() && buf.capacity() >= 8);
