@@ -11,7 +11,8 @@
 //! the ones after it go back to the queue (their attempt is not counted).
 
 use super::{
-    child, earliest, exit_failure, feed, terminate, wait, Killed, Release, Stream, Wake, PIPE_SIZE,
+    child, earliest, exit_failure, feed, poll_set, terminate, wait, Killed, Release, Stream, Wake,
+    PIPE_SIZE,
 };
 use crate::error::FailureKind;
 use crate::exec::local::{dead_letter, drain, Parts};
@@ -202,25 +203,9 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 deadline = earliest(deadline, retry.front().and_then(|p| p.not_before));
             }
             let (readable, exited) = {
-                let mut fds = Vec::with_capacity(2 + 2 * running.len());
-                fds.push(PollFd::new(&wake.r, PollFlags::IN));
-                // Once the abort is handled the pipe stays readable: stop watching it, or
-                // every poll would return at once until the children are gone.
-                let watch_abort = if cancelled_all {
-                    PollFlags::empty()
-                } else {
-                    PollFlags::IN
-                };
-                fds.push(PollFd::new(abort_fd, watch_abort));
+                let mut fds = poll_set(wake, abort_fd, cancelled_all, 2 * running.len());
                 for r in &running {
-                    fds.push(PollFd::new(
-                        &r.stream.fd,
-                        if r.stream.eof {
-                            PollFlags::empty()
-                        } else {
-                            PollFlags::IN
-                        },
-                    ));
+                    fds.push(r.stream.poll_fd());
                     fds.push(PollFd::new(&r.child.pidfd, PollFlags::IN));
                 }
                 wait(&mut fds, deadline);

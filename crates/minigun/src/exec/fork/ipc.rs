@@ -23,7 +23,8 @@
 
 use super::outbox::{Outbox, Payload};
 use super::{
-    child, earliest, exit_failure, feed, terminate, wait, Killed, Release, Stream, Wake, PIPE_SIZE,
+    child, earliest, exit_failure, feed, poll_set, terminate, wait, Killed, Release, Stream, Wake,
+    PIPE_SIZE,
 };
 use crate::error::FailureKind;
 use crate::exec::local::{dead_letter, drain, Parts};
@@ -574,25 +575,11 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 }
             }
             let ready: Vec<(bool, bool)> = {
-                let mut fds = Vec::with_capacity(2 + 3 * self.workers.len());
-                fds.push(PollFd::new(&wake.r, PollFlags::IN));
-                // Once the abort is handled the pipe stays readable: stop watching it, or
-                // every poll would return at once until the children are gone.
-                let watch_abort = if cancelled_all {
-                    PollFlags::empty()
-                } else {
-                    PollFlags::IN
-                };
-                fds.push(PollFd::new(abort_fd, watch_abort));
+                let mut fds = poll_set(wake, abort_fd, cancelled_all, 3 * self.workers.len());
                 let mut map = Vec::new();
                 for w in self.workers.iter().flatten() {
                     let base = fds.len();
-                    let rflags = if w.stream.eof {
-                        PollFlags::empty()
-                    } else {
-                        PollFlags::IN
-                    };
-                    fds.push(PollFd::new(&w.stream.fd, rflags));
+                    fds.push(w.stream.poll_fd());
                     fds.push(PollFd::new(
                         &w.child.pidfd,
                         if w.exit.is_none() {

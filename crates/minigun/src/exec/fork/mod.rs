@@ -39,6 +39,7 @@ use crate::route::Router;
 use crate::stage::{Item, Sink, Wire};
 use crate::sys;
 use crossbeam_channel::Receiver;
+use rustix::event::{PollFd, PollFlags};
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -190,7 +191,35 @@ pub(crate) struct Stream {
     received: u64,
 }
 
+/// The start of a supervisor's poll set: the wake pipe, then the run's abort pipe. Once the
+/// abort is handled the pipe stays readable: it is no longer watched, or every poll would
+/// return at once until the children are gone. Room is made for `more` entries.
+fn poll_set<'a>(
+    wake: &'a Wake,
+    abort: &'a OwnedFd,
+    abort_handled: bool,
+    more: usize,
+) -> Vec<PollFd<'a>> {
+    let mut fds = Vec::with_capacity(2 + more);
+    fds.push(PollFd::new(&wake.r, PollFlags::IN));
+    let watch_abort = match abort_handled {
+        true => PollFlags::empty(),
+        false => PollFlags::IN,
+    };
+    fds.push(PollFd::new(abort, watch_abort));
+    fds
+}
+
 impl Stream {
+    /// The stream's entry in a poll set: readable, until its end was read.
+    fn poll_fd(&self) -> PollFd<'_> {
+        let flags = match self.eof {
+            true => PollFlags::empty(),
+            false => PollFlags::IN,
+        };
+        PollFd::new(&self.fd, flags)
+    }
+
     fn new(fd: OwnedFd, max: usize) -> Self {
         Stream {
             fd,
