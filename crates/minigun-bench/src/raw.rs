@@ -332,4 +332,21 @@ impl Workers {
         }
         Ok(())
     }
+
+    /// [`Workers::drain`] for workers that answer with little-endian u64s: their wrapping
+    /// sum (a u64 may arrive split across reads).
+    pub(crate) fn sum_u64s(self, buf_size: usize) -> io::Result<u64> {
+        let mut carry: Vec<Vec<u8>> = vec![Vec::new(); self.outputs.len()];
+        let mut sum = 0u64;
+        self.drain(buf_size, |k, bytes| {
+            let c = &mut carry[k];
+            c.extend_from_slice(bytes);
+            let whole = c.len() / 8 * 8;
+            for x in c[..whole].chunks_exact(8) {
+                sum = sum.wrapping_add(u64::from_le_bytes(x.try_into().expect("8 bytes")));
+            }
+            c.drain(..whole);
+        })?;
+        Ok(sum)
+    }
 }

@@ -124,8 +124,7 @@ pub(crate) fn raw_run(items: u64, workers: usize) -> (Duration, u64) {
     let t0 = Instant::now();
     let w = Workers::spawn(workers, echo_worker).expect("fork echo workers");
     let inputs = w.inputs.clone();
-    let mut sum = 0u64;
-    std::thread::scope(|s| {
+    let sum = std::thread::scope(|s| {
         s.spawn(|| {
             let mut buf = vec![0u8; BATCH * 8];
             let mut next = 0u64;
@@ -143,17 +142,7 @@ pub(crate) fn raw_run(items: u64, workers: usize) -> (Duration, u64) {
                 raw::close(fd);
             }
         });
-        let mut carry: Vec<Vec<u8>> = vec![Vec::new(); workers];
-        w.drain(BATCH * 8 * 4, |k, bytes| {
-            let c = &mut carry[k];
-            c.extend_from_slice(bytes);
-            let whole = c.len() / 8 * 8;
-            for x in c[..whole].chunks_exact(8) {
-                sum = sum.wrapping_add(u64::from_le_bytes(x.try_into().expect("8 bytes")));
-            }
-            c.drain(..whole);
-        })
-        .expect("read echo results");
+        w.sum_u64s(BATCH * 8 * 4).expect("read echo results")
     });
     (t0.elapsed(), sum)
 }

@@ -134,8 +134,7 @@ fn raw_run(items: u64, workers: usize) -> (Duration, u64) {
     let t0 = Instant::now();
     let w = Workers::spawn(workers, checksum_worker).expect("fork checksum workers");
     let inputs = w.inputs.clone();
-    let mut sum = 0u64;
-    std::thread::scope(|s| {
+    let sum = std::thread::scope(|s| {
         s.spawn(|| {
             let mut buf = t.clone();
             for i in 0..items {
@@ -147,17 +146,7 @@ fn raw_run(items: u64, workers: usize) -> (Duration, u64) {
                 raw::close(fd);
             }
         });
-        let mut carry: Vec<Vec<u8>> = vec![Vec::new(); workers];
-        w.drain(64 << 10, |k, bytes| {
-            let c = &mut carry[k];
-            c.extend_from_slice(bytes);
-            let whole = c.len() / 8 * 8;
-            for x in c[..whole].chunks_exact(8) {
-                sum = sum.wrapping_add(u64::from_le_bytes(x.try_into().expect("8 bytes")));
-            }
-            c.drain(..whole);
-        })
-        .expect("read checksum results");
+        w.sum_u64s(64 << 10).expect("read checksum results")
     });
     (t0.elapsed(), sum)
 }
