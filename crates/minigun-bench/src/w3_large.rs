@@ -7,7 +7,7 @@
 
 use crate::common::{best_of, best_of_pair, byte_sum, progress, timed, Cfg, Row};
 use crate::raw::{self, Workers};
-use minigun::Pipeline;
+use minigun::{Pipeline, Wire};
 use serde::de::{SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,18 +71,25 @@ fn expected(template: &[u8], items: u64) -> u64 {
     (0..items).map(|i| byte_sum(&i.to_le_bytes()) + tail).sum()
 }
 
-fn minigun_vec(items: u64, workers: usize) -> (Duration, u64) {
+/// The W3 pipeline with the payload carried as `T` (`wrap` makes one from an item's bytes,
+/// `bytes` reads them back in the worker).
+fn minigun_run<T: Wire>(
+    items: u64,
+    workers: usize,
+    wrap: fn(Vec<u8>) -> T,
+    bytes: fn(&T) -> &[u8],
+) -> (Duration, u64) {
     let t = template();
     let sum = Arc::new(AtomicU64::new(0));
     let s = sum.clone();
     let p = Pipeline::new("w3");
     p.producer("gen", move |out| {
         for i in 0..items {
-            out.emit(item(&t, i))?;
+            out.emit(wrap(item(&t, i)))?;
         }
         Ok(())
     });
-    p.map("checksum", |v: Vec<u8>| Ok(byte_sum(&v)))
+    p.map("checksum", move |v: T| Ok(byte_sum(bytes(&v))))
         .ipc_fork(workers);
     p.consumer("sink", move |x: u64| {
         s.fetch_add(x, Ordering::Relaxed);
@@ -93,26 +100,12 @@ fn minigun_vec(items: u64, workers: usize) -> (Duration, u64) {
     (wall, sum.load(Ordering::Relaxed))
 }
 
+fn minigun_vec(items: u64, workers: usize) -> (Duration, u64) {
+    minigun_run(items, workers, |v| v, |v| v)
+}
+
 fn minigun_blob(items: u64, workers: usize) -> (Duration, u64) {
-    let t = template();
-    let sum = Arc::new(AtomicU64::new(0));
-    let s = sum.clone();
-    let p = Pipeline::new("w3-blob");
-    p.producer("gen", move |out| {
-        for i in 0..items {
-            out.emit(Blob(item(&t, i)))?;
-        }
-        Ok(())
-    });
-    p.map("checksum", |v: Blob| Ok(byte_sum(&v.0)))
-        .ipc_fork(workers);
-    p.consumer("sink", move |x: u64| {
-        s.fetch_add(x, Ordering::Relaxed);
-        Ok(())
-    });
-    let (wall, report) = timed(|| p.run().expect("W3 pipeline runs"));
-    assert_eq!(report.consumed, items, "W3: every item consumed");
-    (wall, sum.load(Ordering::Relaxed))
+    minigun_run(items, workers, Blob, |b| &b.0)
 }
 
 fn checksum_worker(input: i32, output: i32) -> i32 {
