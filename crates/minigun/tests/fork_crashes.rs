@@ -675,24 +675,72 @@ fn batched_results_do_not_wait_for_a_long_item() {
     }
 }
 
+/// Counters in memory that forked children share with the test (a fork inherits the
+/// mapping): counting costs an atomic add, so a counted item stays fast.
+struct SharedCounters {
+    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    n: usize,
+}
+
+// SAFETY: the mapping lives as long as the value and is only accessed through atomics.
+unsafe impl Send for SharedCounters {}
+// SAFETY: as above.
+unsafe impl Sync for SharedCounters {}
+
+impl SharedCounters {
+    fn new(n: usize) -> Self {
+        // SAFETY: a fresh anonymous shared mapping (zero-filled: valid AtomicU64s), checked
+        // before use.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                n * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(raw, libc::MAP_FAILED, "mmap");
+        let ptr = std::ptr::NonNull::new(raw.cast()).expect("mmap never returns null");
+        SharedCounters { ptr, n }
+    }
+
+    fn get(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(i < self.n);
+        // SAFETY: `i` is inside the mapping, which outlives `&self`.
+        unsafe { &*self.ptr.as_ptr().add(i) }
+    }
+}
+
+impl Drop for SharedCounters {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; no borrow outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.n * 8) };
+    }
+}
+
 // Results taken from a busy worker's log, then the worker dies: what it had finished arrives
 // once, the item it was running fails once, and nothing runs twice.
 #[test]
 fn batched_results_taken_from_a_busy_worker_then_crashes() {
+    let events = common::capture_events(tracing::Level::DEBUG);
     let n = 300u64;
     let which = move |x: u64| (x % 23 == 11).then(|| FATAL[(x / 23) as usize % FATAL.len()]);
-    let runs = TempDir::new("taken-then-crash");
-    let dir = runs.path().to_path_buf();
+    let runs = std::sync::Arc::new(SharedCounters::new(n as usize));
+    let counted = runs.clone();
     let p = Pipeline::new("taken-then-crash");
     let got = Sink::default();
     common::gen(&p, n);
     let s = p.map("work", move |x: u64| {
-        // Every run of an item leaves a mark: nothing may run twice.
-        std::fs::write(dir.join(format!("{x}-{}", std::process::id())), b"")?;
-        // Every 7th item, and every crashing one, is long enough for the parent to take the
-        // results the worker holds.
+        // Every run of an item is counted: nothing may run twice.
+        counted
+            .get(x as usize)
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // Every 7th item, and every crashing one, runs long enough for the parent to take
+        // the results the worker holds of the fast items before it.
         if x.is_multiple_of(7) || which(x).is_some() {
-            std::thread::sleep(Duration::from_millis(3));
+            std::thread::sleep(Duration::from_millis(20));
         }
         if let Some(c) = which(x) {
             crash(c)?;
@@ -703,7 +751,23 @@ fn batched_results_taken_from_a_busy_worker_then_crashes() {
     Sink::<u64>::consume(&got, &p);
     let r = finish(run_in_background(p));
     each_crash_failed_once(&r, &got, n, which);
-    let runs: usize = std::fs::read_dir(runs.path()).unwrap().count();
-    assert_eq!(runs, n as usize, "every item ran exactly once");
+    let twice: Vec<u64> = (0..n)
+        .filter(|&x| {
+            runs.get(x as usize)
+                .load(std::sync::atomic::Ordering::SeqCst)
+                != 1
+        })
+        .collect();
+    assert!(twice.is_empty(), "items not run exactly once: {twice:?}");
+    let takes = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e.contains("took finished results from a busy worker's log"))
+        .count();
+    assert!(
+        takes > 0,
+        "the parent never took results from a busy worker"
+    );
     assert_no_children();
 }

@@ -1,45 +1,10 @@
 //! A `tracing` event emitted by stage code in a cow_fork child and in an ipc_fork worker
 //! reaches the parent's subscriber, with the stage and the child's pid.
+mod common;
 use minigun::{Exec, Pipeline};
-use std::sync::Mutex;
-use tracing::field::{Field, Visit};
-use tracing::span::{Attributes, Id, Record};
-use tracing::{Event, Metadata, Subscriber};
-
-static SEEN: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-struct Capture;
-struct Fields(String);
-impl Visit for Fields {
-    fn record_debug(&mut self, f: &Field, v: &dyn std::fmt::Debug) {
-        self.0.push_str(&format!("{}={:?};", f.name(), v));
-    }
-}
-impl Subscriber for Capture {
-    fn enabled(&self, m: &Metadata<'_>) -> bool {
-        *m.level() <= tracing::Level::INFO
-    }
-    fn new_span(&self, _: &Attributes<'_>) -> Id {
-        Id::from_u64(1)
-    }
-    fn record(&self, _: &Id, _: &Record<'_>) {}
-    fn record_follows_from(&self, _: &Id, _: &Id) {}
-    fn event(&self, e: &Event<'_>) {
-        let mut f = Fields(format!(
-            "{} {}: ",
-            e.metadata().level(),
-            e.metadata().target()
-        ));
-        e.record(&mut f);
-        SEEN.lock().unwrap().push(f.0);
-    }
-    fn enter(&self, _: &Id) {}
-    fn exit(&self, _: &Id) {}
-}
 
 fn run(exec: Exec) -> Vec<String> {
-    let _ = tracing::subscriber::set_global_default(Capture);
-    SEEN.lock().unwrap().clear();
+    let seen = common::capture_events(tracing::Level::INFO);
     let p = Pipeline::new("logs");
     p.producer("gen", |out| out.emit_all(0..3u64).map_err(Into::into));
     p.map("work", |x: u64| {
@@ -51,7 +16,7 @@ fn run(exec: Exec) -> Vec<String> {
     .executor(exec);
     p.consumer("sink", |_x: u64| Ok(()));
     p.run().unwrap();
-    let seen = SEEN.lock().unwrap().clone();
+    let seen = seen.lock().unwrap().clone();
     seen.into_iter()
         .filter(|l| l.contains("minigun::child"))
         .collect()
@@ -90,7 +55,7 @@ fn ipc_fork_worker_logs_reach_the_parent() {
 /// while our own code holds that lock, and none may hang.
 #[test]
 fn children_do_not_hang_on_tracing_while_another_stage_installs_its_switch() {
-    let _ = tracing::subscriber::set_global_default(Capture);
+    common::capture_events(tracing::Level::INFO);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     // A second fork stage starting and ending repeatedly installs and removes the switch.
     let s2 = stop.clone();

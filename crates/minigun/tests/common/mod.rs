@@ -357,3 +357,46 @@ pub fn endless_forked(
     .executor(exec);
     p
 }
+
+/// Every `tracing` event this process emits at `max` or a more severe level, as
+/// `LEVEL target: field=value;...`. Installs the process's global subscriber (nextest runs
+/// each test in a process of its own) and clears what earlier calls captured.
+pub fn capture_events(max: tracing::Level) -> &'static std::sync::Mutex<Vec<String>> {
+    let _ = tracing::subscriber::set_global_default(Capture(max));
+    EVENTS.lock().unwrap().clear();
+    &EVENTS
+}
+
+static EVENTS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+struct Capture(tracing::Level);
+
+struct Fields(String);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+        self.0.push_str(&format!("{}={:?};", f.name(), v));
+    }
+}
+
+impl tracing::Subscriber for Capture {
+    fn enabled(&self, m: &tracing::Metadata<'_>) -> bool {
+        *m.level() <= self.0
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, e: &tracing::Event<'_>) {
+        let mut f = Fields(format!(
+            "{} {}: ",
+            e.metadata().level(),
+            e.metadata().target()
+        ));
+        e.record(&mut f);
+        EVENTS.lock().unwrap().push(f.0);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}

@@ -874,6 +874,8 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             stream.received == base
         });
         if let Some(bytes) = taken {
+            tracing::debug!(stage = %self.parts.ctx.name, slot, bytes = bytes.len(),
+                "took finished results from a busy worker's log");
             stream.dec.extend(&bytes);
             stream.received += bytes.len() as u64;
         }
