@@ -5,10 +5,10 @@
 //! time, and dispatched round-robin to workers that hold fewer than `in_flight` items; a
 //! worker answers in order, so the first item it holds (without an answer) is the one it is
 //! running. Writes are non-blocking (a slow worker never stalls the others) and several ready
-//! items go out in one write; a large item's bytes go out from the buffer the feeder encoded
-//! them into, not copied again (`outbox`). Results are held and sent downstream once per read of the
-//! workers' pipes; their items count as done after that (a routing loop's unit outlives the
-//! sending of its item's results).
+//! items go out in one write; an item of 4 KiB or more goes out from the buffer the feeder
+//! encoded it into, not copied again (`outbox`). Results are held and sent downstream once per
+//! read of the workers' pipes; their items count as done after that (a routing loop's unit
+//! outlives the sending of its item's results).
 //!
 //! A worker writes each item's frames before it starts the next, or, with `batch_results`,
 //! keeps them in a log shared with the parent and writes the log in batches: the parent
@@ -68,9 +68,12 @@ const MAX_IN_FLIGHT_BYTES: usize = 1 << 20;
 /// buffer each.
 const LARGE_ITEM: usize = 16 << 10;
 
-/// Buffers of ended large items kept for the feeder to encode into, at most (each at most
-/// [`MAX_SPARE`] bytes).
+/// Buffers of ended large items kept for the feeder to encode the next large items into, at
+/// most. Only buffers of at most [`MAX_SPARE`] bytes are kept, so the spares of a stage hold
+/// at most 8 MiB, until its input ends.
 const SPARES: usize = 8;
+/// The largest buffer kept as a spare, and the largest a large item's buffer is sized to in
+/// advance.
 const MAX_SPARE: usize = 1 << 20;
 
 /// The feeder's side of the hand-off: numbers the items and encodes them.
@@ -79,8 +82,9 @@ struct FeedEncoder<I> {
     max: usize,
     /// The next item's index in the stage's input.
     index: u64,
-    /// Encoded bytes per item in the last hand-off: sizes the next buffer (large items are
-    /// encoded once, not copied again as a buffer grows) and picks shared or own buffers.
+    /// Encoded bytes per item in the last hand-off: sizes the next buffers (so an item is
+    /// mostly encoded once, not copied again as its buffer grows) and picks shared or own
+    /// buffers.
     per_item: usize,
     /// Where a small item is encoded before it joins its hand-off's buffer.
     scratch: Vec<u8>,
@@ -118,8 +122,15 @@ impl<I> FeedEncoder<I> {
                         let mut own = self
                             .spares
                             .try_recv()
-                            .unwrap_or_else(|_| Vec::with_capacity(self.per_item));
-                        encode_input(self.encode, item, &mut own, self.max).map(|()| At::Own(own))
+                            .unwrap_or_else(|_| Vec::with_capacity(self.per_item.min(MAX_SPARE)));
+                        encode_input(self.encode, item, &mut own, self.max).map(|()| {
+                            // A buffer sized for a larger item (a spare, or after a huge
+                            // item) is held as long as this item: not more than it needs.
+                            if own.capacity() > 2 * own.len() + 4096 {
+                                own.shrink_to_fit();
+                            }
+                            At::Own(own)
+                        })
                     }
                     false => {
                         // Encoded apart, then appended: a codec that does not just append to
@@ -1185,4 +1196,46 @@ enum Event<O> {
     Routed(usize, crate::route::AnyItem),
     Done(u64, Done),
     Error(u64, ChildError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Hands `items` off; the length of each payload and the capacity of its buffer.
+    fn hand(enc: &mut FeedEncoder<Vec<u8>>, items: Vec<Vec<u8>>) -> Vec<(usize, usize)> {
+        let mut items: VecDeque<Vec<u8>> = items.into();
+        let mut sizes = Vec::new();
+        let mut take = |batch: Vec<Encoded<Vec<u8>>>| {
+            for (_, p) in batch {
+                let p = p.map_err(|(_, m)| m).expect("encodes");
+                sizes.push((p.len(), p.capacity()));
+            }
+            Ok(())
+        };
+        enc.hand_off(&mut items.drain(..), &mut take)
+            .expect("handed off");
+        sizes
+    }
+
+    #[test]
+    fn a_huge_item_or_a_large_spare_does_not_size_the_buffers_of_the_items_after_it() {
+        let (spare_tx, spares) = crossbeam_channel::bounded(SPARES);
+        let mut enc = FeedEncoder {
+            encode: protocol::encode::<Vec<u8>>,
+            max: usize::MAX,
+            index: 0,
+            per_item: 0,
+            scratch: Vec::new(),
+            spares,
+        };
+        hand(&mut enc, vec![vec![1; 20 << 10]; 4]);
+        hand(&mut enc, vec![vec![2; 8 << 20]]);
+        spare_tx.send(Vec::with_capacity(MAX_SPARE)).unwrap();
+        let after = hand(&mut enc, vec![vec![3; 20 << 10]; 40]);
+        assert_eq!(after.len(), 40);
+        for (len, cap) in after {
+            assert!(cap <= 2 * len + 4096, "{cap} bytes of buffer for {len}");
+        }
+    }
 }

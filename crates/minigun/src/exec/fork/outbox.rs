@@ -12,7 +12,8 @@ use std::io::IoSlice;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
-/// Payloads of at least this many bytes are written from their own buffer, not copied.
+/// Payloads of at least this many bytes are not copied: they are written from the buffer the
+/// feeder encoded them into (the item's own, or a range of its hand-off's).
 pub(super) const COPY_UNDER: usize = 4 << 10;
 
 /// Buffers passed to one `writev` at most.
@@ -66,6 +67,14 @@ impl Payload {
         let mut buf = Arc::try_unwrap(self.buf).ok()?;
         buf.clear();
         Some(buf)
+    }
+}
+
+#[cfg(test)]
+impl Payload {
+    /// The capacity of the buffer the payload is in.
+    pub(super) fn capacity(&self) -> usize {
+        self.buf.capacity()
     }
 }
 
