@@ -156,6 +156,67 @@ fn assert_accounted(r: &RunReport, stage: &str, n: u64, failed: u64) {
     assert_eq!(s.cancelled, 0, "{stage}: cancelled");
 }
 
+/// Counters in memory that forked children share with the test (a fork inherits the
+/// mapping): counting costs an atomic add, so a counted item stays fast.
+struct SharedCounters {
+    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
+    n: usize,
+}
+
+// SAFETY: the mapping lives as long as the value and is only accessed through atomics.
+unsafe impl Send for SharedCounters {}
+// SAFETY: as above.
+unsafe impl Sync for SharedCounters {}
+
+impl SharedCounters {
+    fn new(n: usize) -> Self {
+        // SAFETY: a fresh anonymous shared mapping (zero-filled: valid AtomicU64s), checked
+        // before use.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                n * 8,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(raw, libc::MAP_FAILED, "mmap");
+        let ptr = std::ptr::NonNull::new(raw.cast()).expect("mmap never returns null");
+        SharedCounters { ptr, n }
+    }
+
+    fn get(&self, i: u64) -> &std::sync::atomic::AtomicU64 {
+        assert!((i as usize) < self.n);
+        // SAFETY: `i` is inside the mapping, which outlives `&self`.
+        unsafe { &*self.ptr.as_ptr().add(i as usize) }
+    }
+
+    /// Counts one more run of item `i`; how many there were before.
+    fn count(&self, i: u64) -> u64 {
+        self.get(i)
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many runs item `i` had.
+    fn runs(&self, i: u64) -> u64 {
+        self.get(i).load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The items among `0..n` that did not run exactly once.
+    fn not_once(&self, n: u64) -> Vec<u64> {
+        (0..n).filter(|&x| self.runs(x) != 1).collect()
+    }
+}
+
+impl Drop for SharedCounters {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; no borrow outlives `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.n * 8) };
+    }
+}
+
 const N: u64 = 20;
 const BAD: u64 = 7;
 
@@ -211,12 +272,14 @@ fn one_crash(fk: Fork, c: Crash) {
 }
 
 /// Like `one_crash`, with `retry(2)`: item 7 crashes on its first attempt only and then
-/// succeeds. Every execution of an item leaves a file `run-<item>-<k>` (k = 0, 1, ...) in a
-/// directory shared by every process: it tells the attempts apart, and shows afterwards that
-/// item 7 ran twice and every other item exactly once.
+/// succeeds. Every execution of an item is counted in memory shared by every process: the
+/// count tells the attempts apart, and shows afterwards that item 7 ran twice and every other
+/// item exactly once. (Counting costs nothing, so the items around item 7 stay fast and a
+/// batched worker may still hold their results when it dies; the replay test below makes
+/// sure of that case.)
 fn crash_once_then_retry(fk: Fork, c: Crash) {
-    let dir = TempDir::new("retry");
-    let runs = dir.path().to_path_buf();
+    let runs = std::sync::Arc::new(SharedCounters::new(N as usize));
+    let counted = runs.clone();
     let p = Pipeline::new("retry");
     let got = Sink::default();
     p.producer("gen", |out| {
@@ -227,10 +290,7 @@ fn crash_once_then_retry(fk: Fork, c: Crash) {
     });
     let s = p
         .map("work", move |x: u64| {
-            let mut k = 0;
-            while std::fs::File::create_new(runs.join(format!("run-{x}-{k}"))).is_err() {
-                k += 1;
-            }
+            let k = counted.count(x);
             if x == BAD && k == 0 {
                 crash(c)?;
             }
@@ -241,13 +301,8 @@ fn crash_once_then_retry(fk: Fork, c: Crash) {
     Sink::<u64>::consume(&got, &p);
     let r = finish(run_in_background(p));
 
-    let mut executions = vec![0u32; N as usize];
-    for e in std::fs::read_dir(dir.path()).unwrap() {
-        let name = e.unwrap().file_name().into_string().unwrap();
-        let x: usize = name.split('-').nth(1).unwrap().parse().unwrap();
-        executions[x] += 1;
-    }
-    let expected_runs: Vec<u32> = (0..N).map(|x| if x == BAD { 2 } else { 1 }).collect();
+    let executions: Vec<u64> = (0..N).map(|x| runs.runs(x)).collect();
+    let expected_runs: Vec<u64> = (0..N).map(|x| if x == BAD { 2 } else { 1 }).collect();
     assert_eq!(
         executions, expected_runs,
         "executions per item: item {BAD} twice, every other item once"
@@ -543,10 +598,10 @@ fn large_item(i: u64, size: usize) -> Vec<u8> {
     v
 }
 
-/// Items of 300 KiB (a worker's pipe holds about three, so the parent is usually part-way
-/// through writing one when a worker dies) through two workers that crash every seventh
-/// item: every other item reaches a worker whole and arrives once, and each crashing item
-/// fails once.
+/// Items of 300 KiB through two workers that crash every seventh item: every other item
+/// reaches a worker whole (the worker checks its bytes) and arrives once, and each crashing
+/// item fails once. The items queued behind a crash are written again, from their own
+/// buffers, to another worker.
 fn large_items_with_crashes(fk: Fork) {
     const SIZE: usize = 300 << 10;
     let n = 42u64;
@@ -675,99 +730,104 @@ fn batched_results_do_not_wait_for_a_long_item() {
     }
 }
 
-/// Counters in memory that forked children share with the test (a fork inherits the
-/// mapping): counting costs an atomic add, so a counted item stays fast.
-struct SharedCounters {
-    ptr: std::ptr::NonNull<std::sync::atomic::AtomicU64>,
-    n: usize,
-}
-
-// SAFETY: the mapping lives as long as the value and is only accessed through atomics.
-unsafe impl Send for SharedCounters {}
-// SAFETY: as above.
-unsafe impl Sync for SharedCounters {}
-
-impl SharedCounters {
-    fn new(n: usize) -> Self {
-        // SAFETY: a fresh anonymous shared mapping (zero-filled: valid AtomicU64s), checked
-        // before use.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                n * 8,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(raw, libc::MAP_FAILED, "mmap");
-        let ptr = std::ptr::NonNull::new(raw.cast()).expect("mmap never returns null");
-        SharedCounters { ptr, n }
-    }
-
-    fn get(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
-        assert!(i < self.n);
-        // SAFETY: `i` is inside the mapping, which outlives `&self`.
-        unsafe { &*self.ptr.as_ptr().add(i) }
-    }
-}
-
-impl Drop for SharedCounters {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping made in `new`; no borrow outlives `self`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.n * 8) };
-    }
-}
-
-// Results taken from a busy worker's log, then the worker dies: what it had finished arrives
-// once, the item it was running fails once, and nothing runs twice.
-#[test]
-fn batched_results_taken_from_a_busy_worker_then_crashes() {
+/// Items `0..n` through a batched ipc stage with `workers` workers, where item `x` first
+/// sleeps `pause(x)` and then crashes as `which(x)` says: each crashing item fails once,
+/// every other item arrives once, nothing runs twice, and the parent took results from a
+/// busy worker's log at least once. Returns the run's events.
+fn batched_log_run(
+    n: u64,
+    workers: usize,
+    pause: fn(u64) -> Option<Duration>,
+    which: fn(u64) -> Option<Crash>,
+) -> &'static common::Events {
     let events = common::capture_events(tracing::Level::DEBUG);
-    let n = 300u64;
-    let which = move |x: u64| (x % 23 == 11).then(|| FATAL[(x / 23) as usize % FATAL.len()]);
     let runs = std::sync::Arc::new(SharedCounters::new(n as usize));
     let counted = runs.clone();
-    let p = Pipeline::new("taken-then-crash");
+    let p = Pipeline::new("batched-log");
     let got = Sink::default();
     common::gen(&p, n);
     let s = p.map("work", move |x: u64| {
-        // Every run of an item is counted: nothing may run twice.
-        counted
-            .get(x as usize)
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        // Every 7th item, and every crashing one, runs long enough for the parent to take
-        // the results the worker holds of the fast items before it.
-        if x.is_multiple_of(7) || which(x).is_some() {
-            std::thread::sleep(Duration::from_millis(20));
+        counted.count(x);
+        if let Some(d) = pause(x) {
+            std::thread::sleep(d);
         }
         if let Some(c) = which(x) {
             crash(c)?;
         }
         Ok(x * 2)
     });
-    Fork::Ipc.apply(&s, 2, None);
+    Fork::Ipc.apply(&s, workers, None);
     Sink::<u64>::consume(&got, &p);
     let r = finish(run_in_background(p));
     each_crash_failed_once(&r, &got, n, which);
-    let twice: Vec<u64> = (0..n)
-        .filter(|&x| {
-            runs.get(x as usize)
-                .load(std::sync::atomic::Ordering::SeqCst)
-                != 1
-        })
-        .collect();
+    let twice = runs.not_once(n);
     assert!(twice.is_empty(), "items not run exactly once: {twice:?}");
-    let takes = events
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|e| e.contains("took finished results from a busy worker's log"))
-        .count();
     assert!(
-        takes > 0,
+        events.count(common::TOOK_FROM_BUSY_WORKER) > 0,
         "the parent never took results from a busy worker"
     );
+    assert_no_children();
+    events
+}
+
+// Results taken from a busy worker's log, then the worker dies: what it had finished arrives
+// once, the item it was running fails once, and nothing runs twice. Every 7th item, and every
+// crashing one, runs long enough for the parent to take the results the worker holds of the
+// fast items before it.
+#[test]
+fn batched_results_taken_from_a_busy_worker_then_crashes() {
+    let which = |x: u64| (x % 23 == 11).then(|| FATAL[(x / 23) as usize % FATAL.len()]);
+    let pause = |x: u64| (x.is_multiple_of(7) || x % 23 == 11).then_some(Duration::from_millis(20));
+    batched_log_run(300, 2, pause, which);
+}
+
+// One batched worker, in blocks of ten items: a slow item (the next ones queue up in the
+// worker's pipe meanwhile), two fast ones (their results wait in the log), a long one (the
+// parent takes those results while it runs), two fast ones, then one that aborts the worker
+// with their results still in the log. The parent replays them from the log after a take
+// moved its start: they arrive once, only the aborting item fails, nothing runs twice.
+#[test]
+fn a_dead_workers_log_is_replayed_after_the_parent_took_from_it() {
+    let pause = |x: u64| match x % 10 {
+        0 => Some(Duration::from_millis(30)),
+        3 => Some(Duration::from_millis(20)),
+        _ => None,
+    };
+    let events = batched_log_run(50, 1, pause, |x| (x % 10 == 6).then_some(Crash::Abort));
+    assert!(
+        events.count(common::REPLAYED_DEAD_WORKER) > 0,
+        "no dead worker left results in its log"
+    );
+}
+
+// A worker that ignores SIGTERM and answers its overdue item after the SIGTERM: the SIGKILL
+// after the grace period still comes, a new worker takes the items that waited, and the run
+// ends. (An answer after the SIGTERM once cleared the kill deadline: the worker, no longer
+// given items, was never killed or replaced, and the run hung.)
+#[test]
+fn a_worker_that_ignores_sigterm_is_killed_even_if_it_answers_late() {
+    let p = Pipeline::new("ignores-sigterm");
+    common::gen(&p, 3);
+    let s = p.map("work", |x: u64| {
+        if x == 0 {
+            // SAFETY: setting this (forked worker) process's disposition for SIGTERM.
+            unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+            std::thread::sleep(Duration::from_millis(600));
+        }
+        Ok((x, std::process::id()))
+    });
+    Fork::IpcStrict.apply(&s, 1, Some(Duration::from_millis(200)));
+    let got = Sink::default();
+    Sink::<(u64, u32)>::consume(&got, &p);
+    let r = finish(run_in_background(p));
+    let got = got.sorted();
+    assert_eq!(
+        got.iter().map(|&(x, _)| x).collect::<Vec<_>>(),
+        vec![0, 1, 2],
+        "every item arrives once; failures: {:?}",
+        summary(&r)
+    );
+    assert!(r.failures.is_empty(), "{:?}", r.failures);
+    assert_ne!(got[0].1, got[1].1, "item 1 ran in a replacement worker");
     assert_no_children();
 }

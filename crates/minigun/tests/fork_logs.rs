@@ -16,7 +16,7 @@ fn run(exec: Exec) -> Vec<String> {
     .executor(exec);
     p.consumer("sink", |_x: u64| Ok(()));
     p.run().unwrap();
-    let seen = seen.lock().unwrap().clone();
+    let seen = seen.all();
     seen.into_iter()
         .filter(|l| l.contains("minigun::child"))
         .collect()

@@ -377,6 +377,7 @@ fn batched_results_partial_item_then_corruption_is_not_duplicated() {
 // finished after the garbage lost their results in it and run again; nothing arrives twice.
 #[test]
 fn a_corrupt_batched_stream_reruns_only_on_workers_that_write_per_item() {
+    let events = common::capture_events(tracing::Level::DEBUG);
     let n = 200u64;
     let bad = 57u64;
     let runs = common::TempDir::new("corrupt-rerun");
@@ -384,12 +385,13 @@ fn a_corrupt_batched_stream_reruns_only_on_workers_that_write_per_item() {
     let p = Pipeline::new("corrupt-rerun");
     common::gen(&p, n);
     p.processor("work", move |x: u64, out: &mut Output<'_, u64>| {
-        std::fs::write(dir.join(format!("{x}-{}", std::process::id())), b"")?;
-        // Long items now and then, so the parent also takes results from busy workers.
+        // Long items now and then, so the parent also takes results from busy workers (the
+        // others stay fast: their results wait in the log).
         if x % 10 == 7 {
-            std::thread::sleep(std::time::Duration::from_millis(3));
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
         if x == bad {
+            std::fs::write(dir.join(format!("{x}-{}", std::process::id())), b"")?;
             garbage();
         }
         out.emit(x)?;
@@ -423,6 +425,10 @@ fn a_corrupt_batched_stream_reruns_only_on_workers_that_write_per_item() {
     assert_eq!(
         bad_runs, 2,
         "the corrupting item runs once more, on a per-item worker"
+    );
+    assert!(
+        events.count(common::TOOK_FROM_BUSY_WORKER) > 0,
+        "the parent never took results from a busy worker"
     );
     assert!(common::live_children().is_empty() && common::zombies().is_empty());
 }

@@ -361,13 +361,38 @@ pub fn endless_forked(
 /// Every `tracing` event this process emits at `max` or a more severe level, as
 /// `LEVEL target: field=value;...`. Installs the process's global subscriber (nextest runs
 /// each test in a process of its own) and clears what earlier calls captured.
-pub fn capture_events(max: tracing::Level) -> &'static std::sync::Mutex<Vec<String>> {
+pub fn capture_events(max: tracing::Level) -> &'static Events {
     let _ = tracing::subscriber::set_global_default(Capture(max));
-    EVENTS.lock().unwrap().clear();
+    EVENTS.0.lock().unwrap().clear();
     &EVENTS
 }
 
-static EVENTS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+/// What the parent logs (at debug level) when it takes finished results from a busy
+/// worker's shared log.
+pub const TOOK_FROM_BUSY_WORKER: &str = "took finished results from a busy worker's log";
+/// ... and when it replays what a dead worker left there.
+pub const REPLAYED_DEAD_WORKER: &str = "replaying the results a dead worker left in its log";
+
+/// The events captured by [`capture_events`].
+pub struct Events(std::sync::Mutex<Vec<String>>);
+
+impl Events {
+    pub fn all(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// How many events contain `what`.
+    pub fn count(&self, what: &str) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.contains(what))
+            .count()
+    }
+}
+
+static EVENTS: Events = Events(std::sync::Mutex::new(Vec::new()));
 
 struct Capture(tracing::Level);
 
@@ -395,7 +420,7 @@ impl tracing::Subscriber for Capture {
             e.metadata().target()
         ));
         e.record(&mut f);
-        EVENTS.lock().unwrap().push(f.0);
+        EVENTS.0.lock().unwrap().push(f.0);
     }
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}

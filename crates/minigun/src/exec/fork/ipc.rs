@@ -930,6 +930,8 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                     && at >= pending
                     && w.stream.dec.pending_bytes() == &bytes[(at - pending) as usize..at as usize]
             });
+        tracing::debug!(stage = %self.parts.ctx.name, slot, bytes = bytes.len(), intact,
+            "replaying the results a dead worker left in its log");
         if intact {
             let unsent = bytes[at.unwrap_or(0) as usize..].to_vec();
             w.stream.dec.extend(&unsent);
