@@ -1,26 +1,46 @@
-//! cow_fork with several items per child: the same results, and a crash fails only the item
-//! the child was running; the items after it are run again in another child.
+//! cow_fork with several items per child: the same results from far fewer children, and a
+//! crash fails only the item the child was running; the items after it are run again in
+//! another child.
 #![allow(unsafe_code)] // Crashes a child for real.
 mod common;
 use common::Sink;
 use minigun::{Exec, FailureKind, Output, Pipeline};
+use std::collections::HashSet;
+use std::time::Duration;
 
-fn run(per_fork: usize, crash_on: Option<u64>) -> (Vec<u64>, minigun::RunReport) {
+/// Runs 200 items through a cow_fork(3) stage with `per_fork` items per child, aborting the
+/// child that runs `crash_on`. Returns each result (item times 3) with the pid of the child
+/// that made it, sorted, and the report.
+///
+/// The stage starts only once the producer has emitted every item, so its children are given
+/// full batches of consecutive items (`per_fork` divides the hand-off chunk of 32): the child
+/// running item `x` was given the items from `x / per_fork * per_fork` on.
+fn run(per_fork: usize, crash_on: Option<u64>) -> (Vec<(u64, u32)>, minigun::RunReport) {
     let p = Pipeline::new("batched-forks");
     let got = Sink::default();
     let g = got.clone();
-    p.producer("gen", |out| out.emit_all(0..200u64).map_err(Into::into));
-    p.processor("work", move |x: u64, out: &mut Output<'_, u64>| {
+    let (all_sent, wait_for_all) = std::sync::mpsc::channel();
+    p.producer("gen", move |out| {
+        out.emit_all(0..200u64)?;
+        all_sent.send(()).map_err(|e| e.to_string())?;
+        Ok(())
+    });
+    p.processor("work", move |x: u64, out: &mut Output<'_, (u64, u32)>| {
         if Some(x) == crash_on {
             // SAFETY: kills this child process, as a crash would.
             unsafe { libc::abort() };
         }
-        out.emit(x * 3)?;
+        out.emit((x * 3, std::process::id()))?;
         Ok(())
     })
     .wire()
-    .executor(Exec::cow_fork(3).items_per_fork(per_fork));
-    p.consumer("sink", move |x: u64| {
+    .executor(Exec::cow_fork(3).items_per_fork(per_fork))
+    .before(move || {
+        wait_for_all
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|e| format!("the producer did not finish: {e}").into())
+    });
+    p.consumer("sink", move |x: (u64, u32)| {
         g.push(x);
         Ok(())
     });
@@ -29,13 +49,29 @@ fn run(per_fork: usize, crash_on: Option<u64>) -> (Vec<u64>, minigun::RunReport)
     (got.sorted(), report)
 }
 
+/// Asserts that the results came from few children: at most twice one per `per_fork` items
+/// (one child per item would make 200).
+fn assert_few_children(got: &[(u64, u32)], per_fork: usize) {
+    let pids: HashSet<u32> = got.iter().map(|&(_, pid)| pid).collect();
+    let most = 2 * 200usize.div_ceil(per_fork);
+    assert!(
+        pids.len() <= most,
+        "items_per_fork {per_fork}: {} children for 200 items, expected at most {most}",
+        pids.len()
+    );
+}
+
 #[test]
 fn several_items_per_child_give_the_same_results() {
     let want: Vec<u64> = (0..200).map(|x| x * 3).collect();
     for per_fork in [1, 4, 16] {
         let (got, report) = run(per_fork, None);
-        assert_eq!(got, want, "items_per_fork {per_fork}");
+        let results: Vec<u64> = got.iter().map(|&(y, _)| y).collect();
+        assert_eq!(results, want, "items_per_fork {per_fork}");
         assert_eq!(report.stage("work").unwrap().latency.count, 200);
+        if per_fork > 1 {
+            assert_few_children(&got, per_fork);
+        }
     }
 }
 
@@ -43,11 +79,35 @@ fn several_items_per_child_give_the_same_results() {
 fn a_crash_fails_only_the_running_item() {
     for per_fork in [4, 16] {
         let (got, report) = run(per_fork, Some(77));
+        let results: Vec<u64> = got.iter().map(|&(y, _)| y).collect();
         let want: Vec<u64> = (0..200).filter(|&x| x != 77).map(|x| x * 3).collect();
-        assert_eq!(got, want, "items_per_fork {per_fork}: {report}");
+        assert_eq!(results, want, "items_per_fork {per_fork}: {report}");
         let work = report.stage("work").unwrap();
         assert_eq!((work.failed, work.retried, work.items_in), (1, 0, 200));
         let f = &report.failures[0];
         assert_eq!((f.item, &f.kind), (77, &FailureKind::Signal(libc::SIGABRT)));
+        assert_few_children(&got, per_fork);
+        // The crashed child was given the batch [first, first + per_fork), which holds 77
+        // and the items 78 and 79 after it. It ran the items before 77, and no other.
+        let crashed = f.pid.expect("the crashed child's pid");
+        let first = 77 / per_fork as u64 * per_fork as u64;
+        let ran_in_crashed: Vec<u64> = got
+            .iter()
+            .filter(|&&(_, pid)| pid == crashed)
+            .map(|&(y, _)| y / 3)
+            .collect();
+        assert_eq!(
+            ran_in_crashed,
+            (first..77).collect::<Vec<_>>(),
+            "items_per_fork {per_fork}: the items the crashed child ran"
+        );
+        // The items after 77 in its batch ran again, in another child.
+        for x in 78..first + per_fork as u64 {
+            let &(_, pid) = got.iter().find(|&&(y, _)| y == x * 3).unwrap();
+            assert_ne!(
+                pid, crashed,
+                "items_per_fork {per_fork}: item {x} ran in the crashed child"
+            );
+        }
     }
 }
