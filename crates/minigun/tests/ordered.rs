@@ -48,21 +48,46 @@ fn unordered_is_the_same_multiset() {
     assert_eq!(v, expected());
 }
 
+/// Least-loaded dispatch hands each item to the worker holding the fewest: while one worker is
+/// busy with a slow item 0, every later item goes to the other one. (Round-robin would queue
+/// every other item behind item 0.)
 #[test]
-fn least_loaded_dispatch_delivers_every_item_and_uses_both_workers() {
+fn least_loaded_dispatch_sends_nothing_to_the_worker_busy_with_a_slow_item() {
     use minigun::Dispatch;
-    // Item costs alternate between slow and fast; least-loaded hands each item to the worker
-    // holding fewer, so both take their share of slow items.
+    let n = 20u64;
+    // Item 0 runs until this file exists: it is in flight while every other item is sent.
+    let dir = common::TempDir::new("least-loaded");
+    let release = dir.path().join("release");
+    let (tx, arrived) = std::sync::mpsc::channel();
     let p = Pipeline::new("least-loaded");
     let got = Sink::default();
     let g = got.clone();
-    p.producer("gen", |out| out.emit_all(0..60u64).map_err(Into::into));
-    p.map("work", |x: u64| {
-        std::thread::sleep(Duration::from_millis(if x.is_multiple_of(2) {
-            20
-        } else {
-            0
-        }));
+    let r = release.clone();
+    p.producer("gen", move |out| {
+        out.emit(0u64)?;
+        out.emit(1)?;
+        // Each later item is sent once the one before it has arrived: when it is sent, the
+        // only item in flight is item 0.
+        let mut in_step = true;
+        for x in 2..n {
+            if in_step && arrived.recv_timeout(Duration::from_secs(5)).is_err() {
+                // The item before is stuck behind item 0: let item 0 end, stop waiting.
+                in_step = false;
+                std::fs::write(&r, b"")?;
+            }
+            out.emit(x)?;
+        }
+        if in_step {
+            arrived.recv_timeout(Duration::from_secs(5))?;
+        }
+        std::fs::write(&r, b"")?;
+        Ok(())
+    });
+    p.map("work", move |x: u64| {
+        let t0 = std::time::Instant::now();
+        while x == 0 && !release.exists() && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         Ok((x, std::process::id()))
     })
     .wire()
@@ -73,23 +98,25 @@ fn least_loaded_dispatch_delivers_every_item_and_uses_both_workers() {
     );
     p.consumer("collect", move |(x, pid): (u64, u32)| {
         g.push((x, pid));
+        if x > 0 {
+            let _ = tx.send(x);
+        }
         Ok(())
     });
     p.run().unwrap();
     let v = got.sorted();
     assert_eq!(
         v.iter().map(|(x, _)| *x).collect::<Vec<_>>(),
-        (0..60).collect::<Vec<_>>()
+        (0..n).collect::<Vec<_>>()
     );
-    // Both workers took slow items.
-    let mut per_worker = std::collections::HashMap::<u32, u32>::new();
-    for (_, pid) in v.iter().filter(|(x, _)| x.is_multiple_of(2)) {
-        *per_worker.entry(*pid).or_default() += 1;
-    }
-    let counts: Vec<u32> = per_worker.values().copied().collect();
-    assert_eq!(counts.len(), 2, "{per_worker:?}");
+    let slow = v[0].1;
+    let behind: Vec<u64> = v[1..]
+        .iter()
+        .filter(|&&(_, pid)| pid == slow)
+        .map(|&(x, _)| x)
+        .collect();
     assert!(
-        counts.iter().all(|&c| c >= 12),
-        "slow items piled up on one worker: {per_worker:?}"
+        behind.is_empty(),
+        "items sent to the worker busy with item 0: {behind:?}"
     );
 }
