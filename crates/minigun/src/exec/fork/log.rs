@@ -199,3 +199,48 @@ pub(super) fn forward(stage: &str, pid: i32, payload: &[u8]) -> Result<(), Strin
         .map(|rec| emit(stage, pid, &rec))
         .map_err(|e| format!("bad log frame: {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+    use std::sync::MutexGuard;
+    use std::time::Duration;
+
+    /// Asserts that `done` says nothing while this thread holds the fork lock, then that it
+    /// does once the lock is released: what the other thread does waits for the lock.
+    fn waits_for_the_fork_lock(held: MutexGuard<'static, ()>, done: &Receiver<()>, what: &str) {
+        // Nothing can arrive while the lock is held, however slow the other thread is.
+        assert_eq!(
+            done.recv_timeout(Duration::from_millis(50)),
+            Err(RecvTimeoutError::Timeout),
+            "{what} did not wait for the fork lock"
+        );
+        drop(held);
+        done.recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{what} did not end once the fork lock was free: {e}"));
+    }
+
+    /// No child may be forked while a thread installs or removes its switch (both take
+    /// tracing's global registry lock): both wait while another thread holds the fork lock,
+    /// as a forking thread does.
+    #[test]
+    fn installing_and_removing_the_switch_wait_for_the_fork_lock() {
+        let (installed_tx, installed) = channel();
+        let (remove_tx, remove) = channel::<()>();
+        let (removed_tx, removed) = channel();
+        let held = crate::sys::fork_lock();
+        let other = std::thread::spawn(move || {
+            let switch = install();
+            let _ = installed_tx.send(());
+            let _ = remove.recv();
+            drop(switch);
+            let _ = removed_tx.send(());
+        });
+        waits_for_the_fork_lock(held, &installed, "install");
+        let held = crate::sys::fork_lock();
+        remove_tx.send(()).unwrap();
+        waits_for_the_fork_lock(held, &removed, "removing the switch");
+        other.join().unwrap();
+    }
+}
