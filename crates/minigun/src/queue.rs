@@ -457,6 +457,23 @@ mod tests {
         channel(Capacity::Bounded(cap), Arc::new(StageStats::default()))
     }
 
+    /// Waits (polling every millisecond, for at most 5 s) until `count` of the queue's state
+    /// reaches `n`; panics, naming `what`, if it does not.
+    fn wait_until<T>(shared: &Shared<T>, what: &str, n: usize, count: impl Fn(&State<T>) -> usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = count(&shared.lock());
+            if now == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {now}, not {n}, after 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     #[test]
     fn send_all_waits_for_room_keeps_order_and_never_exceeds_capacity() {
         let (tx, rx) = queue(7);
@@ -560,13 +577,18 @@ mod tests {
         drop(tx);
         let mut buf = VecDeque::new();
         assert!(rx.recv_into(&mut buf, 1), "one sender is left");
+        let shared = rx.shared.clone();
         let waiter = std::thread::spawn(move || {
             let mut buf = VecDeque::new();
             let more = rx.recv_into(&mut buf, 1);
             (more, buf.len())
         });
-        std::thread::sleep(Duration::from_millis(20));
+        // The receiver is asleep on the empty queue (past its spin, in the wait) before the
+        // last item comes: a receiver that ended early would never get there.
+        wait_until(&shared, "receivers asleep", 1, |s| s.recv_waiting);
         tx2.send(2).unwrap();
+        // The item wakes it (a lost wake-up fails here instead of hanging the join).
+        wait_until(&shared, "receivers asleep", 0, |s| s.recv_waiting);
         drop(tx2);
         assert_eq!(waiter.join().unwrap(), (true, 1));
     }
@@ -588,8 +610,11 @@ mod tests {
         let (tx, rx) = queue(1);
         tx.send(1).unwrap();
         let blocked = std::thread::spawn(move || tx.send(2));
-        std::thread::sleep(Duration::from_millis(20));
+        // The sender is asleep on the full queue when the last receiver goes, and is woken.
+        let shared = rx.shared.clone();
+        wait_until(&shared, "senders blocked", 1, |s| s.send_waiting);
         drop(rx);
+        wait_until(&shared, "senders blocked", 0, |s| s.send_waiting);
         assert_eq!(blocked.join().unwrap(), Err(2));
         let (tx, rx) = queue(2);
         drop(rx);
