@@ -79,8 +79,17 @@ fn ipc_fork_workers_die_with_the_parent() {
 #[test]
 fn host_children_are_not_reaped_by_the_library() {
     let mut host_child = Command::new("sh").args(["-c", "exit 7"]).spawn().unwrap();
-    // Let it exit before the run so that a waitpid(-1) anywhere would steal its status.
-    std::thread::sleep(Duration::from_millis(100));
+    // It has exited (a zombie) before the run, so that a waitpid(-1) anywhere would steal
+    // its status.
+    let zombie = host_child.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !common::zombies().contains(&zombie) {
+        assert!(
+            Instant::now() < deadline,
+            "the host's child {zombie} did not exit within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     for exec in [Exec::cow_fork(2), Exec::ipc_fork(2)] {
         let p = Pipeline::new("host");
         p.producer("gen", |out| out.emit_all(0..50u64).map_err(Into::into));
