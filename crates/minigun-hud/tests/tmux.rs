@@ -189,20 +189,44 @@ fn dashboard_in_tmux_quits_cleanly_on_q() {
     );
     tmux.pid = Some(pid);
     let (_, _, _, session) = stat(pid).expect("the example is running");
-    // It has forked children (the ipc_fork workers at least), named mg:<stage>.
-    let children = wait_for(
-        "live fork children",
+    // It has forked children, named mg:<stage>: the three ipc_fork workers of `score`
+    // (mg:score#<slot>, alive for the whole run) at least.
+    let (children, workers) = wait_for(
+        "the three score workers among the live fork children",
         20,
         || {
-            let c: Vec<u32> = all_pids()
+            let c: Vec<(u32, String)> = all_pids()
                 .into_iter()
-                .filter(|p| stat(*p).is_some_and(|s| s.2 == pid && s.0.starts_with("mg:")))
+                .filter_map(|p| {
+                    let (comm, _, ppid, _) = stat(p)?;
+                    (ppid == pid && comm.starts_with("mg:")).then_some((p, comm))
+                })
                 .collect();
-            (!c.is_empty()).then_some(c)
+            let workers: Vec<String> = c
+                .iter()
+                .filter(|(_, comm)| comm.starts_with("mg:score#"))
+                .map(|(p, _)| p.to_string())
+                .collect();
+            let children: Vec<u32> = c.into_iter().map(|(p, _)| p).collect();
+            (workers.len() == 3).then_some((children, workers))
         },
         || tmux.screen(),
     );
-    assert!(!children.is_empty());
+    // The dashboard shows those very processes: its fork children panel lists each worker's
+    // pid.
+    wait_for(
+        "the fork children panel to list the score workers' pids",
+        10,
+        || {
+            let s = tmux.screen();
+            let shown: Vec<&str> = s.split_whitespace().collect();
+            workers
+                .iter()
+                .all(|w| shown.contains(&w.as_str()))
+                .then_some(())
+        },
+        || format!("workers {workers:?}\n{}", tmux.screen()),
+    );
 
     let out = tmux.cmd(&["send-keys", "-t", "hud", "q"]);
     assert!(out.status.success());
