@@ -1,8 +1,9 @@
 //! Shared test helpers: the executor matrix.
 //!
 //! `matrix!` runs one behavioural test body under every executor; `matrix_local!` under the
-//! in-process ones only (for item types that cannot be serialised). The inline run is the
-//! oracle the others are compared with.
+//! in-process ones only (for item types that cannot be serialised). A body compares its run
+//! with an expectation computed without the library, so the inline run is checked too
+//! (comparing it with itself would check nothing).
 #![allow(dead_code, unreachable_pub)]
 
 use minigun::{Exec, StageRef, Wire};
