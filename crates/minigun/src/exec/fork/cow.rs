@@ -11,8 +11,8 @@
 //! the ones after it go back to the queue (their attempt is not counted).
 
 use super::{
-    child, earliest, exit_failure, feed, poll_set, terminate, wait, Killed, Release, Stream, Wake,
-    PIPE_SIZE,
+    child, earliest, exit_failure, feed, item_ended, poll_set, terminate, wait, Killed, Release,
+    Stream, Wake, PIPE_SIZE,
 };
 use crate::error::FailureKind;
 use crate::exec::local::{dead_letter, drain, Parts};
@@ -255,10 +255,13 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             if let Err(m) = hooks::run_fork(&self.hooks.before_fork, "before_fork") {
                 ctx.stage_failed(FailureKind::Start, m);
                 for job in jobs {
-                    ctx.cancelled(1);
-                    self.release
-                        .borrow_mut()
-                        .finished(job.index, &mut self.router.borrow_mut());
+                    item_ended(
+                        ctx,
+                        &mut self.release.borrow_mut(),
+                        &mut self.router.borrow_mut(),
+                        job.index,
+                        true,
+                    );
                 }
                 return None;
             }
@@ -454,10 +457,13 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             match end {
                 Some(Ok((d, busy))) => {
                     rec.latency_busy(d.latency_ns, busy);
-                    self.release
-                        .borrow_mut()
-                        .finished(job.index, &mut self.router.borrow_mut());
-                    self.parts.ctx.items_done(1);
+                    item_ended(
+                        &self.parts.ctx,
+                        &mut self.release.borrow_mut(),
+                        &mut self.router.borrow_mut(),
+                        job.index,
+                        false,
+                    );
                 }
                 Some(Err(e)) => self.failed(job, e.kind, e.message, pid, retry),
                 None if k == cur => {

@@ -406,15 +406,27 @@ fn settle<I, O: Item>(
             crate::policy::Verdict::Dropped => {}
         }
     }
-    // Outputs held back for ordering go out while the item still holds its loop unit.
+    item_ended(&parts.ctx, release, router, index, cancelled);
+    None
+}
+
+/// Item `index` has reached its final outcome (`cancelled` or not): the outputs held back
+/// for ordering that it frees go downstream first, while the item still holds its
+/// routing-loop unit, and only then is it counted, which releases the unit (the loop could
+/// close under outputs sent after that).
+fn item_ended<O: Item>(
+    ctx: &StageCtx,
+    release: &mut Release<O>,
+    router: &mut Router<O>,
+    index: u64,
+    cancelled: bool,
+) {
     release.finished(index, router);
     let _ = router.flush();
-    if cancelled {
-        parts.ctx.cancelled(1);
-    } else {
-        parts.ctx.items_done(1);
+    match cancelled {
+        true => ctx.cancelled(1),
+        false => ctx.items_done(1),
     }
-    None
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -422,5 +434,59 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
         (Some(x), Some(y)) => Some(x.min(y)),
         (x, None) => x,
         (None, y) => y,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loops::{Loop, Membership};
+    use crate::queue::{channel, Capacity, FanOut, QueueTx};
+    use crate::stats::StageStats;
+    use std::sync::Arc;
+
+    #[test]
+    fn an_ending_item_sends_the_outputs_it_frees_before_it_releases_its_loop_unit() {
+        for cancelled in [false, true] {
+            // An ordered fork stage inside a routing loop, sending to a member of the loop.
+            let lp = Loop::new();
+            let closed = Arc::new(AtomicBool::new(false));
+            let c = closed.clone();
+            lp.member(Arc::new(move || c.store(true, Ordering::SeqCst)));
+            let stats = Arc::new(StageStats::default());
+            let (tx, rx) = channel(Capacity::Bounded(10), stats.clone());
+            let membership = Membership {
+                lp: Some(lp.clone()),
+                unit: None,
+            };
+            let out = vec![QueueTx::new(tx, membership)];
+            let mut router = Router::new(out, FanOut::Broadcast, stats.clone());
+            let mut release = Release::new(true);
+            let ctx = StageCtx {
+                name: "ordered".into(),
+                exec: crate::Exec::cow_fork(2),
+                policy: crate::OnError::default(),
+                stats,
+                run: Arc::new(crate::shared::RunShared::new(true)),
+                lp: Some(lp.clone()),
+            };
+            // Items 0 and 1 are in the stage, each holding a unit of the loop.
+            lp.take(2);
+            // Item 1 ends first: its output waits for item 0's.
+            release.emit(1, 11, &mut router);
+            item_ended(&ctx, &mut release, &mut router, 1, false);
+            assert_eq!(rx.len(), 0, "held back for ordering");
+            // Item 0 ends without output: item 1's output goes out, and only then is item
+            // 0's unit released (the output's own unit keeps the loop open).
+            item_ended(&ctx, &mut release, &mut router, 0, cancelled);
+            assert_eq!(rx.len(), 1, "item 1's output was sent");
+            assert!(
+                !closed.load(Ordering::SeqCst),
+                "the loop closed with an output on its way (cancelled: {cancelled})"
+            );
+            // The downstream member handles it: now the loop is idle and closes.
+            lp.release(1);
+            assert!(closed.load(Ordering::SeqCst));
+        }
     }
 }
