@@ -501,10 +501,8 @@ mod tests {
             tx.send(i).unwrap();
         }
         let sender = std::thread::spawn(move || tx.send(8));
+        wait_until(&rx.shared, "senders blocked", 1, |s| s.send_waiting);
         let waiting = || rx.shared.lock().send_waiting;
-        while waiting() == 0 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
         let mut buf = VecDeque::new();
         for left in (5..8).rev() {
             assert!(rx.recv_upto(&mut buf, 1));
