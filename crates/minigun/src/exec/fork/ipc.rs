@@ -70,7 +70,7 @@ const LARGE_ITEM: usize = 16 << 10;
 
 /// Buffers of ended large items kept for the feeder to encode the next large items into, at
 /// most. Only buffers of at most [`MAX_SPARE`] bytes are kept, so the spares of a stage hold
-/// at most 8 MiB, until its input ends.
+/// at most 8 MiB, until the stage ends.
 const SPARES: usize = 8;
 /// The largest buffer kept as a spare, and the largest a large item's buffer is sized to in
 /// advance.
@@ -124,11 +124,9 @@ impl<I> FeedEncoder<I> {
                             .try_recv()
                             .unwrap_or_else(|_| Vec::with_capacity(self.per_item.min(MAX_SPARE)));
                         encode_input(self.encode, item, &mut own, self.max).map(|()| {
-                            // A buffer sized for a larger item (a spare, or after a huge
-                            // item) is held as long as this item: not more than it needs.
-                            if own.capacity() > 2 * own.len() + 4096 {
-                                own.shrink_to_fit();
-                            }
+                            // A spare, or a buffer sized after a huge item, is held as
+                            // long as this item.
+                            shrink_oversized(&mut own);
                             At::Own(own)
                         })
                     }
@@ -156,10 +154,8 @@ impl<I> FeedEncoder<I> {
                 }
             }
             self.per_item = bytes / spans.len().max(1);
-            if buf.capacity() > 2 * buf.len() + 4096 {
-                // Sized for larger items than came: held for as long as any of its items.
-                buf.shrink_to_fit();
-            }
+            // Sized for larger items than came: held for as long as any of its items.
+            shrink_oversized(&mut buf);
             let buf = Arc::new(buf);
             let batch = spans
                 .into_iter()
@@ -174,6 +170,18 @@ impl<I> FeedEncoder<I> {
             hand(batch).map_err(|unsent| unsent + items.len() as u64)?;
         }
         Ok(())
+    }
+}
+
+/// Whether a buffer has much more room than its bytes need (at most twice, plus a page).
+fn oversized(len: usize, capacity: usize) -> bool {
+    capacity > 2 * len + 4096
+}
+
+/// Gives back the room an encoded buffer does not need, if it is [`oversized`].
+fn shrink_oversized(buf: &mut Vec<u8>) {
+    if oversized(buf.len(), buf.capacity()) {
+        buf.shrink_to_fit();
     }
 }
 
@@ -1220,11 +1228,20 @@ mod tests {
         sizes
     }
 
+    /// The largest room a buffer had when an item was encoded into it (since the last reset).
+    static ROOM: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+    /// postcard, recording the room it is given.
+    fn encode_recording_room(v: &Vec<u8>, out: &mut Vec<u8>) -> Result<(), String> {
+        ROOM.fetch_max(out.capacity(), std::sync::atomic::Ordering::Relaxed);
+        protocol::encode(v, out)
+    }
+
     #[test]
     fn a_huge_item_or_a_large_spare_does_not_size_the_buffers_of_the_items_after_it() {
         let (spare_tx, spares) = crossbeam_channel::bounded(SPARES);
         let mut enc = FeedEncoder {
-            encode: protocol::encode::<Vec<u8>>,
+            encode: encode_recording_room,
             max: usize::MAX,
             index: 0,
             per_item: 0,
@@ -1234,10 +1251,13 @@ mod tests {
         hand(&mut enc, vec![vec![1; 20 << 10]; 4]);
         hand(&mut enc, vec![vec![2; 8 << 20]]);
         spare_tx.send(Vec::with_capacity(MAX_SPARE)).unwrap();
+        ROOM.store(0, std::sync::atomic::Ordering::Relaxed);
         let after = hand(&mut enc, vec![vec![3; 20 << 10]; 40]);
+        let room = ROOM.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(room <= MAX_SPARE, "an item was given {room} bytes of room");
         assert_eq!(after.len(), 40);
         for (len, cap) in after {
-            assert!(cap <= 2 * len + 4096, "{cap} bytes of buffer for {len}");
+            assert!(!oversized(len, cap), "{cap} bytes of buffer for {len}");
         }
     }
 }

@@ -16,6 +16,9 @@ use std::sync::Arc;
 /// feeder encoded them into (the item's own, or a range of its hand-off's).
 pub(super) const COPY_UNDER: usize = 4 << 10;
 
+/// An emptied copy buffer of at most this many bytes is kept for the next frames.
+const KEEP_COPY_BUFFER: usize = 1 << 20;
+
 /// Buffers passed to one `writev` at most.
 const MAX_SLICES: usize = 64;
 
@@ -184,7 +187,7 @@ impl Outbox {
             written -= left;
             self.head = 0;
             if let Some(Segment::Copied(mut v)) = self.segments.pop_front() {
-                if v.capacity() <= 1 << 20 {
+                if v.capacity() <= KEEP_COPY_BUFFER {
                     v.clear();
                     self.spare = v;
                 }
