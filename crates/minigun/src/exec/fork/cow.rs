@@ -118,6 +118,15 @@ struct Supervisor<'a, I, O> {
 }
 
 impl<I: Item, O: Wire> Supervisor<'_, I, O> {
+    /// Item `index` has reached its final outcome (see [`item_ended`]).
+    fn ended(&self, index: u64, cancelled: bool) {
+        let (release, router) = (
+            &mut self.release.borrow_mut(),
+            &mut self.router.borrow_mut(),
+        );
+        item_ended(&self.parts.ctx, release, router, index, cancelled);
+    }
+
     fn run(&mut self, rx: Receiver<Vec<I>>, wake: &Wake) {
         let ctx = &self.parts.ctx;
         let abort_fd = ctx.run.abort_fd();
@@ -255,13 +264,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             if let Err(m) = hooks::run_fork(&self.hooks.before_fork, "before_fork") {
                 ctx.stage_failed(FailureKind::Start, m);
                 for job in jobs {
-                    item_ended(
-                        ctx,
-                        &mut self.release.borrow_mut(),
-                        &mut self.router.borrow_mut(),
-                        job.index,
-                        true,
-                    );
+                    self.ended(job.index, true);
                 }
                 return None;
             }
@@ -457,13 +460,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             match end {
                 Some(Ok((d, busy))) => {
                     rec.latency_busy(d.latency_ns, busy);
-                    item_ended(
-                        &self.parts.ctx,
-                        &mut self.release.borrow_mut(),
-                        &mut self.router.borrow_mut(),
-                        job.index,
-                        false,
-                    );
+                    self.ended(job.index, false);
                 }
                 Some(Err(e)) => self.failed(job, e.kind, e.message, pid, retry),
                 None if k == cur => {

@@ -413,7 +413,9 @@ fn settle<I, O: Item>(
 /// Item `index` has reached its final outcome (`cancelled` or not): the outputs held back
 /// for ordering that it frees go downstream first, while the item still holds its
 /// routing-loop unit, and only then is it counted, which releases the unit (the loop could
-/// close under outputs sent after that).
+/// close under outputs sent after that). Items cancelled in bulk while a run aborts are
+/// counted without it: the supervisor sends everything still held when it ends
+/// (`Release::release_all`).
 fn item_ended<O: Item>(
     ctx: &StageCtx,
     release: &mut Release<O>,
