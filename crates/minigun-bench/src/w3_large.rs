@@ -74,6 +74,7 @@ fn expected(template: &[u8], items: u64) -> u64 {
 /// The W3 pipeline with the payload carried as `T` (`wrap` makes one from an item's bytes,
 /// `bytes` reads them back in the worker).
 fn minigun_run<T: Wire>(
+    name: &str,
     items: u64,
     workers: usize,
     wrap: fn(Vec<u8>) -> T,
@@ -82,7 +83,7 @@ fn minigun_run<T: Wire>(
     let t = template();
     let sum = Arc::new(AtomicU64::new(0));
     let s = sum.clone();
-    let p = Pipeline::new("w3");
+    let p = Pipeline::new(name);
     p.producer("gen", move |out| {
         for i in 0..items {
             out.emit(wrap(item(&t, i)))?;
@@ -101,11 +102,11 @@ fn minigun_run<T: Wire>(
 }
 
 fn minigun_vec(items: u64, workers: usize) -> (Duration, u64) {
-    minigun_run(items, workers, |v| v, |v| v)
+    minigun_run("w3", items, workers, |v| v, |v| v)
 }
 
 fn minigun_blob(items: u64, workers: usize) -> (Duration, u64) {
-    minigun_run(items, workers, Blob, |b| &b.0)
+    minigun_run("w3-blob", items, workers, Blob, |b| &b.0)
 }
 
 fn checksum_worker(input: i32, output: i32) -> i32 {
