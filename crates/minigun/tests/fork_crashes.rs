@@ -126,18 +126,6 @@ fn finish(rx: mpsc::Receiver<Result<RunReport, RunError>>) -> RunReport {
     }
 }
 
-/// Waits until `f` yields a value (checked every 2 ms), at most `limit`.
-fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(t) = f() {
-            return t;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
 /// (item, kind) of each recorded failure, for assertion messages.
 fn summary(r: &RunReport) -> Vec<(u64, FailureKind)> {
     r.failures
@@ -468,7 +456,7 @@ fn killed_from_outside(fk: Fork) {
     fk.apply(&s, 4, None);
     Sink::<(u64, u32)>::consume(&got, &p);
     let rx = run_in_background(p);
-    let pid: i32 = wait_for("the child of item 50", Duration::from_secs(30), || {
+    let pid: i32 = common::wait_for("the child of item 50", Duration::from_secs(30), || {
         std::fs::read_to_string(&pidfile).ok()?.parse().ok()
     });
     assert_ne!(pid as u32, std::process::id());

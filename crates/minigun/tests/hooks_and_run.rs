@@ -17,15 +17,6 @@ fn numbers(n: u64) -> impl FnOnce(&mut Output<'_, u64>) -> minigun::StageResult 
     }
 }
 
-/// Waits until `cond` holds, polling; panics after `secs` seconds.
-fn wait_for(secs: u64, what: &str, cond: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
-
 /// A shared event log.
 #[derive(Clone, Default)]
 struct Log(Arc<Mutex<Vec<String>>>);
@@ -312,7 +303,7 @@ matrix!(fn spawn_then_stop_accounts_for_every_item(ex) {
         Ok(())
     });
     let handle = p.spawn().unwrap();
-    wait_for(15, "items to flow", || consumed.load(Ordering::SeqCst) >= 20);
+    common::wait_until("items to flow", Duration::from_secs(15), || consumed.load(Ordering::SeqCst) >= 20);
     assert!(!handle.is_finished(), "an endless run ended on its own");
     handle.stop();
     let report = handle.wait().unwrap();

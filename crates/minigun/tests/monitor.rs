@@ -3,13 +3,8 @@ mod common;
 use minigun::{Capacity, Exec, Pipeline, StageStatus};
 use std::time::{Duration, Instant};
 
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
+/// How long a monitor test waits for a state to show.
+const LIMIT: Duration = Duration::from_secs(20);
 
 #[test]
 fn snapshots_show_fork_children_queues_and_statuses() {
@@ -27,18 +22,18 @@ fn snapshots_show_fork_children_queues_and_statuses() {
     let handle = p.spawn().unwrap();
     let monitor = handle.monitor();
     let mut saw_queue = 0;
-    wait_until("two live ipc workers with memory", || {
+    common::wait_until("two live ipc workers with memory", LIMIT, || {
         let s = monitor.snapshot();
         saw_queue = saw_queue.max(s.stages[1].queue_len);
         let slow = &s.stages[1];
         slow.children.len() == 2 && slow.children.iter().all(|c| c.rss_bytes > 0 && c.pid > 0)
     });
-    wait_until("the slow stage to be active", || {
+    common::wait_until("the slow stage to be active", LIMIT, || {
         monitor.snapshot().stages[1].status == StageStatus::Active
     });
     // 40 items, a queue of 8 and 30 ms per item: the backlog shows in the queue for a while
     // (its workers and feeder hold a few items of their own).
-    wait_until("the slow stage's queue to show its backlog", || {
+    common::wait_until("the slow stage's queue to show its backlog", LIMIT, || {
         let len = monitor.snapshot().stages[1].queue_len;
         saw_queue = saw_queue.max(len);
         len > 0
@@ -89,7 +84,7 @@ fn cancel_stops_a_fork_run_now_and_accounts_for_everything() {
     p.consumer("sink", |_x: u64| Ok(()));
     let handle = p.spawn().unwrap();
     let monitor = handle.monitor();
-    wait_until("two children", || {
+    common::wait_until("two children", LIMIT, || {
         monitor.snapshot().stages[1].children.len() == 2
     });
     let started = Instant::now();
@@ -126,7 +121,7 @@ fn latencies_of_a_slow_stage_show_before_it_ends() {
     let handle = p.spawn().unwrap();
     let monitor = handle.monitor();
     // Far fewer items than a merge batch: the time-based merge makes p50 visible mid-run.
-    wait_until("a p50 for the slow stage", || {
+    common::wait_until("a p50 for the slow stage", LIMIT, || {
         let s = monitor.snapshot();
         s.stages[1].p50_us >= 30_000.0 && !s.finished
     });

@@ -82,14 +82,9 @@ fn host_children_are_not_reaped_by_the_library() {
     // It has exited (a zombie) before the run, so that a waitpid(-1) anywhere would steal
     // its status.
     let zombie = host_child.id();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !common::zombies().contains(&zombie) {
-        assert!(
-            Instant::now() < deadline,
-            "the host's child {zombie} did not exit within 10 s"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    common::wait_until("the host's child to exit", Duration::from_secs(10), || {
+        common::zombies().contains(&zombie)
+    });
     for exec in [Exec::cow_fork(2), Exec::ipc_fork(2)] {
         let p = Pipeline::new("host");
         p.producer("gen", |out| out.emit_all(0..50u64).map_err(Into::into));
