@@ -50,9 +50,8 @@ pub(crate) enum FrameError {
 /// Starts a frame at the end of `buf`; returns its start for [`finish`].
 pub(crate) fn begin(buf: &mut Vec<u8>, kind: Kind, id: u64) -> usize {
     let start = buf.len();
-    buf.extend_from_slice(&[0; 4]);
-    buf.push(kind as u8);
-    buf.extend_from_slice(&id.to_le_bytes());
+    // The length is written by `finish`.
+    buf.extend_from_slice(&header(kind, id, 0));
     start
 }
 

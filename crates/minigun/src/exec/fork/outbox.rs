@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 /// Payloads of at least this many bytes are not copied: they are written from the buffer the
 /// feeder encoded them into (the item's own, or a range of its hand-off's).
-pub(super) const COPY_UNDER: usize = 4 << 10;
+const COPY_UNDER: usize = 4 << 10;
 
 /// An emptied copy buffer of at most this many bytes is kept for the next frames.
 const KEEP_COPY_BUFFER: usize = 1 << 20;
@@ -52,10 +52,15 @@ impl Payload {
         }
     }
 
+    /// Whether the payload is its whole buffer (the item's own).
+    fn is_whole(&self) -> bool {
+        self.start == 0 && self.end == self.buf.len()
+    }
+
     /// The payload in a buffer of its own: an item that waits (a retry's backoff, a
     /// replacement worker) does not keep its whole hand-off's buffer alive.
     pub(super) fn detach(self) -> Payload {
-        match self.start == 0 && self.end == self.buf.len() {
+        match self.is_whole() {
             true => self,
             false => Payload::own(self.to_vec()),
         }
@@ -64,7 +69,7 @@ impl Payload {
     /// The emptied buffer, for encoding another item into, if the payload has it alone and
     /// it holds at most `max` bytes.
     pub(super) fn into_buffer(self, max: usize) -> Option<Vec<u8>> {
-        if self.start != 0 || self.end != self.buf.len() || self.buf.capacity() > max {
+        if !self.is_whole() || self.buf.capacity() > max {
             return None;
         }
         let mut buf = Arc::try_unwrap(self.buf).ok()?;
