@@ -96,12 +96,14 @@
 //! The fork executors need Linux (fork, pidfd). Elsewhere they fall back to inline with a
 //! warning.
 
-mod builder;
+mod ctx;
+mod define;
+mod erased;
 mod error;
 mod exec;
-mod graph;
 mod hooks;
 mod ipc;
+mod link;
 mod loops;
 mod monitor;
 mod node;
@@ -117,19 +119,18 @@ mod stats;
 #[cfg(target_os = "linux")]
 mod sys;
 
-pub use builder::{Pipeline, StageRef};
+pub use define::{Pipeline, StageRef};
 pub use error::{
     BoxError, DefinitionError, EmitError, FailureKind, ItemFailure, RunError, StageResult,
 };
 pub use exec::{Dispatch, Exec, ForkOptions};
-pub use graph::StageKind;
 pub use ipc::protocol::{Codec, Postcard};
 pub use monitor::{ChildSnapshot, Monitor, Snapshot, StageSnapshot, StageStatus};
 pub use policy::OnError;
 pub use queue::{Capacity, FanOut};
 pub use report::{Latency, RunReport, StageReport};
 pub use run::{RunHandle, Runnable};
-pub use stage::{Failed, Item, Output, Stage, Wire};
+pub use stage::{Failed, Item, Output, Stage, StageKind, Wire};
 #[cfg(target_os = "linux")]
 pub use sys::huge::HugeBuf;
 

@@ -2,9 +2,9 @@
 //! live fork children at any moment, from any thread. Executors never call into a monitor;
 //! it only reads what they already keep (atomics, one short lock per stage).
 
-use crate::graph::StageKind;
-use crate::policy::StageCtx;
+use crate::ctx::StageCtx;
 use crate::shared::RunShared;
+use crate::stage::StageKind;
 use serde::Serialize;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};

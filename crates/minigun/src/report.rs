@@ -1,11 +1,11 @@
 //! The run report: per-stage statistics, totals, bottleneck, failures. `Display` is a readable
 //! table; `serde::Serialize` gives the machine-readable form.
 
+use crate::ctx::StageCtx;
 use crate::error::ItemFailure;
-use crate::graph::StageKind;
-use crate::policy::StageCtx;
 use crate::queue::Capacity;
 use crate::shared::RunShared;
+use crate::stage::StageKind;
 use serde::Serialize;
 use std::fmt;
 use std::sync::atomic::Ordering;

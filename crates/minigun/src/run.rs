@@ -16,15 +16,15 @@
 //! that chain: they only make producers return early and make stages count queued items as
 //! cancelled instead of processing them, so every stage still ends and nothing hangs.
 
+use crate::ctx::StageCtx;
 use crate::error::{FailureKind, ItemFailure, RunError};
-use crate::graph::StageKind;
 use crate::hooks::{self, OnceHook};
 use crate::monitor::{Monitor, StageView};
 use crate::node::Task;
-use crate::policy::StageCtx;
 use crate::queue::Capacity;
 use crate::report::{RunReport, StageInfo};
 use crate::shared::RunShared;
+use crate::stage::StageKind;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;

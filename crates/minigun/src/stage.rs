@@ -10,6 +10,34 @@ use std::cell::RefCell;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::{Arc, Once};
 
+/// What a stage is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum StageKind {
+    /// No input; runs once and emits any number of items.
+    Producer,
+    /// Called once per input item; emits 0..n items.
+    Processor,
+    /// Collects items into batches.
+    Accumulator,
+    /// Called once per item; emits nothing.
+    Consumer,
+    /// A user-defined [`Stage`] type.
+    Custom,
+}
+
+impl std::fmt::Display for StageKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            StageKind::Producer => "producer",
+            StageKind::Processor => "processor",
+            StageKind::Accumulator => "accumulator",
+            StageKind::Consumer => "consumer",
+            StageKind::Custom => "stage",
+        })
+    }
+}
+
 /// The bound on every item that flows between stages. Fan-out broadcasts clones; the last
 /// downstream receives the original, so a single downstream never clones.
 pub trait Item: Clone + Send + 'static {}

@@ -19,27 +19,17 @@
 //! items are outside the queue: the memory bound is the queue's capacity plus one take per
 //! worker.
 
+use crate::ctx::StageCtx;
 use crate::error::FailureKind;
-use crate::policy::{StageCtx, Verdict};
-use crate::queue::{QueueTx, Receiver};
+use crate::exec::parts::{dead_letter, drain, Parts};
+use crate::policy::Verdict;
 use crate::route::Router;
-use crate::stage::{guarded, Factory, Failed, Output, Stage};
+use crate::stage::{guarded, Output, Stage};
 use crate::stats::Recorder;
 use quanta::Instant;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-/// The parts of a running processor stage, whatever its executor.
-pub(crate) struct Parts<I, O> {
-    pub(crate) ctx: std::sync::Arc<StageCtx>,
-    pub(crate) input: Receiver<I>,
-    pub(crate) router: Router<O>,
-    pub(crate) dead_letter: Option<QueueTx<Failed<I>>>,
-    pub(crate) factory: Factory<I, O>,
-    /// The stage's codec, for fork executors.
-    pub(crate) wire: Option<crate::ipc::protocol::WireFns<I, O>>,
-}
 
 /// Runs `threads` workers (1 = inline, on this thread) until the input ends.
 pub(crate) fn run<I: Clone + Send + 'static, O: Clone + Send + 'static>(
@@ -181,29 +171,5 @@ fn process_item<I: Clone + Send + 'static, O: Clone + Send + 'static>(
             }
             Verdict::Dropped => return Instant::now(),
         }
-    }
-}
-
-/// Sends a failed item to the stage's dead-letter stage.
-pub(crate) fn dead_letter<I, O>(parts: &Parts<I, O>, item: I, failure: crate::ItemFailure) {
-    if let Some(dl) = &parts.dead_letter {
-        if dl.send(Failed { item, failure }).is_ok() {
-            parts
-                .ctx
-                .stats
-                .dead_lettered
-                .fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
-/// Empties a queue whose stage cannot process it, counting every item as cancelled.
-pub(crate) fn drain<I>(ctx: &StageCtx, input: &Receiver<I>) {
-    // Inside a routing loop the items' units are released here, which lets the loop close
-    // (closing this queue) and end the drain.
-    let mut ready = VecDeque::new();
-    while ctx.recv_into(input, &mut ready, 1) {
-        ctx.received_cancelled(ready.len() as u64);
-        ready.clear();
     }
 }

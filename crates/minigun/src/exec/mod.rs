@@ -1,29 +1,38 @@
 //! Executors: where a stage's items are processed.
 //!
-//! | executor | where | item crosses a process? |
-//! |---|---|---|
-//! | [`Exec::Inline`] | the stage's driver thread, one item at a time | no |
-//! | [`Exec::Threads`] | `n` threads pulling from the stage queue, `n` items in flight | no |
-//! | [`Exec::CowFork`] | one forked child per item, at most `n` alive | output only |
-//! | [`Exec::IpcFork`] | `n` persistent forked workers fed over pipes | input and output |
+//! [`Exec`] is the public setting. Behind it, each processor stage gets one crate-private
+//! [`Runner`](runner::Runner), decided once when the pipeline is built:
 //!
-//! Every executor hands failed attempts to the stage's one policy
-//! ([`StageCtx::failure`](crate::policy::StageCtx)), so a stage means the same under all of them.
+//! 1. [`plan::precedence`]: which setting applies (stage > block or sub-pipeline > pipeline);
+//! 2. [`plan::fit`]: what it becomes for this stage (producers and accumulators run inline; a
+//!    fork executor needs the types to cross a process; fallbacks where fork is missing);
+//! 3. [`runner::Runner::new`]: the planned executor with the stage's
+//!    [`Crossing`](runner::Crossing) (the serde-bounded entry points its handle recorded);
+//! 4. [`runner::Runner::prepare`] on the run's thread, then the result on the stage's thread.
+//!
+//! | flavour | module | where items run | crosses a process |
+//! |---|---|---|---|
+//! | [`Exec::Inline`] | [`local`] | the stage's driver thread, one item at a time | no |
+//! | [`Exec::Threads`] | [`local`] | `n` threads pulling from the stage queue | no |
+//! | [`Exec::CowFork`] | `fork::cow` | one forked child per item, at most `n` alive | output only |
+//! | [`Exec::IpcFork`] | `fork::ipc` | `n` persistent forked workers fed over pipes | input and output |
+//!
+//! Every executor takes the same [`Parts`](parts::Parts) and hands failed attempts to the
+//! stage's one policy ([`StageCtx::failure`](crate::ctx::StageCtx::failure)), so a stage
+//! means the same under all of them.
+//!
+//! **Adding an executor** is one new module here and one arm in each step: a variant of
+//! [`Exec`] (with its `Display` and `concurrency`), what it needs the types to cross in
+//! `plan::fit`, and a [`Runner`](runner::Runner) arm that starts it in `prepare`.
 
 #[cfg(target_os = "linux")]
 pub(crate) mod fork;
 pub(crate) mod local;
+pub(crate) mod parts;
+pub(crate) mod plan;
+pub(crate) mod runner;
 
 use std::time::Duration;
-
-/// Whether the fork executors can run here: Linux, unless the environment variable
-/// `MINIGUN_NO_FORK` is set (then every fork stage runs inline, with a warning, which is also
-/// how the fallback is tested).
-pub(crate) fn fork_available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE
-        .get_or_init(|| cfg!(target_os = "linux") && std::env::var_os("MINIGUN_NO_FORK").is_none())
-}
 
 /// Options of the fork executors.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,6 +193,13 @@ impl Exec {
             o.dispatch = d;
         }
         self
+    }
+    /// The options of a fork executor.
+    pub(crate) fn fork_options(&self) -> Option<&ForkOptions> {
+        match self {
+            Exec::CowFork(o) | Exec::IpcFork(o) => Some(o),
+            _ => None,
+        }
     }
     fn fork_options_mut(&mut self) -> Option<&mut ForkOptions> {
         match self {

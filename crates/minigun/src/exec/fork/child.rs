@@ -27,7 +27,7 @@ pub(crate) struct StageCode<'a, I, O> {
 impl<'a, I, O> StageCode<'a, I, O> {
     /// The child's view of a fork stage's parts.
     pub(crate) fn new(
-        parts: &'a crate::exec::local::Parts<I, O>,
+        parts: &'a crate::exec::parts::Parts<I, O>,
         after_fork: &'a [ForkHook],
         max: usize,
     ) -> Self {

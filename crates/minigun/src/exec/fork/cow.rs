@@ -15,12 +15,12 @@ use super::{
     Stream, Wake, PIPE_SIZE,
 };
 use crate::error::FailureKind;
-use crate::exec::local::{dead_letter, drain, Parts};
+use crate::exec::parts::{dead_letter, drain, Parts};
+use crate::exec::runner::ForkHooks;
 use crate::exec::ForkOptions;
 use crate::hooks;
 use crate::ipc::frame::Kind;
 use crate::ipc::protocol::{self, ChildError, Done};
-use crate::node::ForkHooks;
 use crate::route::Router;
 use crate::stage::{Item, Wire};
 use crate::stats::Recorder;

@@ -27,13 +27,13 @@ use super::{
     PIPE_SIZE,
 };
 use crate::error::FailureKind;
-use crate::exec::local::{dead_letter, drain, Parts};
+use crate::exec::parts::{dead_letter, drain, Parts};
+use crate::exec::runner::{ForkHooks, PreparedRun};
 use crate::exec::{Dispatch, ForkOptions};
 use crate::hooks;
 use crate::ipc::frame::{self, Kind};
 use crate::ipc::protocol::{self, ChildError, Done};
 use crate::ipc::{FINISH_ID, START_ID};
-use crate::node::{ForkHooks, PreparedRun};
 use crate::stage::Wire;
 use crate::stats::Recorder;
 use crate::sys;

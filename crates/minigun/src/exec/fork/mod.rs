@@ -30,11 +30,11 @@ mod ipc;
 mod log;
 mod outbox;
 
-use crate::exec::local::Parts;
+use crate::ctx::StageCtx;
+use crate::exec::parts::Parts;
+use crate::exec::runner::{ForkHooks, PreparedRun};
 use crate::exec::ForkOptions;
 use crate::ipc::frame::Decoder;
-use crate::node::{ForkHooks, PreparedRun};
-use crate::policy::StageCtx;
 use crate::route::Router;
 use crate::stage::{Item, Sink, Wire};
 use crate::sys;

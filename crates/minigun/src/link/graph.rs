@@ -12,34 +12,7 @@
 //! a dynamic-route edge does not (a loop's entry stage is still fed by the stage before it).
 
 use crate::error::DefinitionError;
-
-/// What a stage is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[non_exhaustive]
-pub enum StageKind {
-    /// No input; runs once and emits any number of items.
-    Producer,
-    /// Called once per input item; emits 0..n items.
-    Processor,
-    /// Collects items into batches.
-    Accumulator,
-    /// Called once per item; emits nothing.
-    Consumer,
-    /// A user-defined [`Stage`](crate::Stage) type.
-    Custom,
-}
-
-impl std::fmt::Display for StageKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            StageKind::Producer => "producer",
-            StageKind::Processor => "processor",
-            StageKind::Accumulator => "accumulator",
-            StageKind::Consumer => "consumer",
-            StageKind::Custom => "stage",
-        })
-    }
-}
+use crate::stage::StageKind;
 
 /// The graph as the builder declared it, references already resolved to indices.
 #[derive(Debug, Default, Clone)]

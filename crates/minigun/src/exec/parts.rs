@@ -1,0 +1,48 @@
+//! The parts of a running processor stage, whatever its executor: its context, input queue,
+//! router, dead-letter sender, stage factory and codec, and the two ways an item leaves a
+//! stage without being processed (dead-lettered, or drained as cancelled).
+
+use crate::ctx::StageCtx;
+use crate::error::ItemFailure;
+use crate::ipc::protocol::WireFns;
+use crate::queue::{QueueTx, Receiver};
+use crate::route::Router;
+use crate::stage::{Factory, Failed};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// The parts of a running processor stage, whatever its executor.
+pub(crate) struct Parts<I, O> {
+    pub(crate) ctx: Arc<StageCtx>,
+    pub(crate) input: Receiver<I>,
+    pub(crate) router: Router<O>,
+    pub(crate) dead_letter: Option<QueueTx<Failed<I>>>,
+    pub(crate) factory: Factory<I, O>,
+    /// The stage's codec, for fork executors.
+    pub(crate) wire: Option<WireFns<I, O>>,
+}
+
+/// Sends a failed item to the stage's dead-letter stage.
+pub(crate) fn dead_letter<I, O>(parts: &Parts<I, O>, item: I, failure: ItemFailure) {
+    if let Some(dl) = &parts.dead_letter {
+        if dl.send(Failed { item, failure }).is_ok() {
+            parts
+                .ctx
+                .stats
+                .dead_lettered
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Empties a queue whose stage cannot process it, counting every item as cancelled.
+pub(crate) fn drain<I>(ctx: &StageCtx, input: &Receiver<I>) {
+    // Inside a routing loop the items' units are released here, which lets the loop close
+    // (closing this queue) and end the drain.
+    let mut ready = VecDeque::new();
+    while ctx.recv_into(input, &mut ready, 1) {
+        ctx.received_cancelled(ready.len() as u64);
+        ready.clear();
+    }
+}

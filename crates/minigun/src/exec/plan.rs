@@ -1,0 +1,260 @@
+//! Planning a stage's executor: which setting applies ([`precedence`]) and what it becomes for
+//! this stage ([`fit`]). Both are pure functions of the definition; the linker calls them once
+//! per stage, and the result is the stage's [`Exec`] for the whole run (its report row, its
+//! [`Runner`](super::runner::Runner)).
+//!
+//! The rule, most specific first:
+//!
+//! 1. the stage's own setting ([`StageRef::executor`](crate::StageRef::executor), or the
+//!    named context it joined with [`StageRef::context`](crate::StageRef::context));
+//! 2. the innermost of: the execution block around the stage
+//!    ([`Pipeline::with_executor`](crate::Pipeline::with_executor)) and the default executor of
+//!    the nearest enclosing sub-pipeline that sets one; a block opened inside that
+//!    sub-pipeline (or deeper) wins over its default;
+//! 3. the pipeline's default ([`Pipeline::default_executor`](crate::Pipeline::default_executor)).
+//!
+//! Then [`fit`]: producers and accumulators always run on their driver thread; a fork
+//! executor needs the stage's types to cross a process (an explicit setting that cannot
+//! apply is an error, an inherited one falls back to inline); a fork stage cannot route to a
+//! target declared with `routes_to_local`; where fork is not available, fork stages run
+//! inline with a warning.
+
+use super::runner::Crosses;
+use super::Exec;
+use crate::error::DefinitionError;
+use crate::stage::StageKind;
+
+/// The smallest `max_frame` accepted: every control frame must fit.
+const MIN_MAX_FRAME: usize = 4096;
+
+/// An execution block around a stage: its executor, and the level it was opened at (the
+/// position of its sub-pipeline in the stage's chain of enclosing sub-pipelines, innermost
+/// first; the chain's length for a block opened at the pipeline's level).
+pub(crate) type Block<'a> = (&'a Exec, usize);
+
+/// The executor setting that applies to a stage. `stage`: its own setting; `block`: the
+/// innermost execution block around it; `subs`: the default executors of its enclosing
+/// sub-pipelines, innermost first; `pipeline`: the pipeline's default.
+pub(crate) fn precedence(
+    stage: Option<&Exec>,
+    block: Option<Block<'_>>,
+    subs: &[Option<&Exec>],
+    pipeline: &Exec,
+) -> Exec {
+    if let Some(exec) = stage {
+        return exec.clone();
+    }
+    let sub = subs
+        .iter()
+        .enumerate()
+        .find_map(|(level, e)| e.map(|e| (e, level)));
+    match (sub, block) {
+        (Some((_, at)), Some((block, opened))) if opened <= at => block,
+        (Some((sub, _)), _) => sub,
+        (None, Some((block, _))) => block,
+        (None, None) => pipeline,
+    }
+    .clone()
+}
+
+/// What the planner needs to know of a stage besides the setting that applies.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Stage<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) kind: StageKind,
+    /// The setting is the stage's own (not inherited from a block, sub-pipeline or default).
+    pub(crate) explicit: bool,
+    /// What the stage's types can cross a process with.
+    pub(crate) crosses: Crosses,
+    /// The stage declared a route whose item type cannot cross a process.
+    pub(crate) local_routes: bool,
+}
+
+/// The executor a stage runs under, from the setting that applies to it (see the module
+/// docs); `fork_available` is [`fork_available`](super::runner::fork_available) in the crate.
+pub(crate) fn fit(s: Stage<'_>, exec: Exec, fork_available: bool) -> Result<Exec, DefinitionError> {
+    let invalid = |message: String| DefinitionError::InvalidConfig {
+        stage: s.name.to_string(),
+        message,
+    };
+    if let Some(o) = exec.fork_options() {
+        if o.max_frame < MIN_MAX_FRAME {
+            return Err(invalid(format!(
+                "max_frame {} is below the minimum of {MIN_MAX_FRAME} bytes",
+                o.max_frame
+            )));
+        }
+    }
+    if exec.concurrency() == 0 {
+        return Err(invalid(format!("{exec} needs at least one worker")));
+    }
+    if matches!(s.kind, StageKind::Producer | StageKind::Accumulator) {
+        // Producers and accumulators always run on their driver thread.
+        return Ok(Exec::Inline);
+    }
+    if s.crosses < needs(&exec) {
+        if s.explicit {
+            return Err(DefinitionError::NotSerialisable {
+                stage: s.name.to_string(),
+                executor: exec.to_string(),
+            });
+        }
+        // An inherited fork default does not apply to stages that cannot cross a process;
+        // they keep the in-process default.
+        tracing::debug!(stage = %s.name, %exec, "stage is not serialisable; runs inline");
+        return Ok(Exec::Inline);
+    }
+    if exec.is_fork() && s.local_routes {
+        return Err(DefinitionError::NotSerialisable {
+            stage: s.name.to_string(),
+            executor: format!("{exec} (a route declared with routes_to_local)"),
+        });
+    }
+    if exec.is_fork() && !fork_available {
+        tracing::warn!(stage = %s.name, %exec, "fork is not available here: the stage runs inline");
+        return Ok(Exec::Inline);
+    }
+    Ok(exec)
+}
+
+/// What an executor needs the stage's types to cross.
+fn needs(exec: &Exec) -> Crosses {
+    match exec {
+        Exec::Inline | Exec::Threads(_) => Crosses::Nothing,
+        Exec::CowFork(_) => Crosses::Output,
+        Exec::IpcFork(_) => Crosses::Both,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(n: usize) -> Exec {
+        Exec::threads(n)
+    }
+
+    #[test]
+    fn the_stage_setting_wins_over_everything() {
+        let e = precedence(Some(&t(1)), Some((&t(2), 0)), &[Some(&t(3))], &t(4));
+        assert_eq!(e, t(1));
+    }
+
+    #[test]
+    fn without_any_setting_the_pipeline_default_applies() {
+        assert_eq!(precedence(None, None, &[], &t(4)), t(4));
+        assert_eq!(precedence(None, None, &[None, None], &t(4)), t(4));
+    }
+
+    #[test]
+    fn a_block_wins_over_the_default_of_the_sub_pipeline_it_was_opened_in_or_below() {
+        // Opened inside the stage's own sub-pipeline, which sets a default.
+        assert_eq!(
+            precedence(None, Some((&t(2), 0)), &[Some(&t(3))], &t(4)),
+            t(2)
+        );
+        // Opened inside a sub-pipeline nested in the one with the default.
+        let subs = [None, Some(&t(3))];
+        assert_eq!(precedence(None, Some((&t(2), 0)), &subs, &t(4)), t(2));
+        // Opened at the same level as the default.
+        assert_eq!(precedence(None, Some((&t(2), 1)), &subs, &t(4)), t(2));
+    }
+
+    #[test]
+    fn a_sub_pipeline_default_inside_a_block_wins_over_the_block() {
+        // The block was opened outside the sub-pipeline that sets a default.
+        assert_eq!(
+            precedence(None, Some((&t(2), 1)), &[Some(&t(3))], &t(4)),
+            t(3)
+        );
+        // The block was opened at the pipeline's level.
+        let subs = [None, Some(&t(3))];
+        assert_eq!(precedence(None, Some((&t(2), 2)), &subs, &t(4)), t(3));
+    }
+
+    #[test]
+    fn the_innermost_sub_pipeline_default_wins() {
+        let subs = [None, Some(&t(3)), Some(&t(5))];
+        assert_eq!(precedence(None, None, &subs, &t(4)), t(3));
+    }
+
+    #[test]
+    fn a_block_alone_wins_over_the_pipeline_default() {
+        assert_eq!(precedence(None, Some((&t(2), 1)), &[None], &t(4)), t(2));
+    }
+
+    fn stage(kind: StageKind, explicit: bool, crosses: Crosses) -> Stage<'static> {
+        Stage {
+            name: "s",
+            kind,
+            explicit,
+            crosses,
+            local_routes: false,
+        }
+    }
+
+    #[test]
+    fn producers_and_accumulators_run_inline_whatever_applies() {
+        for kind in [StageKind::Producer, StageKind::Accumulator] {
+            let s = stage(kind, true, Crosses::Nothing);
+            assert_eq!(fit(s, Exec::ipc_fork(2), true).unwrap(), Exec::Inline);
+            assert_eq!(fit(s, t(3), true).unwrap(), Exec::Inline);
+        }
+    }
+
+    #[test]
+    fn a_fork_executor_needs_what_the_stage_types_cross() {
+        let cases = [
+            (Exec::cow_fork(2), Crosses::Nothing, false),
+            (Exec::cow_fork(2), Crosses::Output, true),
+            (Exec::cow_fork(2), Crosses::Both, true),
+            (Exec::ipc_fork(2), Crosses::Nothing, false),
+            (Exec::ipc_fork(2), Crosses::Output, false),
+            (Exec::ipc_fork(2), Crosses::Both, true),
+            (t(2), Crosses::Nothing, true),
+        ];
+        for (exec, crosses, fits) in cases {
+            let explicit = stage(StageKind::Processor, true, crosses);
+            match fit(explicit, exec.clone(), true) {
+                Ok(e) => assert!(fits && e == exec, "{exec} with {crosses:?}"),
+                Err(DefinitionError::NotSerialisable { stage, executor }) => {
+                    assert!(!fits, "{exec} with {crosses:?}");
+                    assert_eq!((stage.as_str(), executor), ("s", exec.to_string()));
+                }
+                Err(e) => panic!("unexpected {e}"),
+            }
+            // Inherited, a setting that cannot apply falls back to inline.
+            let inherited = stage(StageKind::Consumer, false, crosses);
+            let want = if fits { exec.clone() } else { Exec::Inline };
+            assert_eq!(fit(inherited, exec, true).unwrap(), want);
+        }
+    }
+
+    #[test]
+    fn without_fork_a_fork_stage_runs_inline() {
+        let s = stage(StageKind::Custom, true, Crosses::Both);
+        assert_eq!(fit(s, Exec::ipc_fork(2), false).unwrap(), Exec::Inline);
+        assert_eq!(fit(s, t(2), false).unwrap(), t(2));
+    }
+
+    #[test]
+    fn a_fork_stage_with_a_local_route_is_refused_even_where_fork_is_missing() {
+        let mut s = stage(StageKind::Processor, false, Crosses::Both);
+        s.local_routes = true;
+        for available in [true, false] {
+            let e = fit(s, Exec::cow_fork(2), available).unwrap_err();
+            assert!(e.to_string().contains("routes_to_local"), "{e}");
+        }
+        assert_eq!(fit(s, t(2), true).unwrap(), t(2));
+    }
+
+    #[test]
+    fn zero_workers_and_a_tiny_max_frame_are_refused() {
+        let s = stage(StageKind::Producer, true, Crosses::Both);
+        let e = fit(s, t(0), true).unwrap_err();
+        assert!(e.to_string().contains("at least one worker"), "{e}");
+        let e = fit(s, Exec::ipc_fork(1).max_frame(100), true).unwrap_err();
+        assert!(e.to_string().contains("max_frame 100"), "{e}");
+        assert!(fit(s, Exec::ipc_fork(1).max_frame(4096), true).is_ok());
+    }
+}

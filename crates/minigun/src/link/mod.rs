@@ -1,0 +1,330 @@
+//! The linker: turns a definition ([`Def`]) into a [`Runnable`], or a [`DefinitionError`]
+//! naming the stage and the reference at fault.
+//!
+//! [`build`] is a sequence of named passes; from the planning pass on, each stage has one
+//! [`StagePlan`] record that the later passes fill in:
+//!
+//! 1. `misuse`: settings applied to a handle they do not fit;
+//! 2. [`resolve::edges`]: every reference resolved, the declared graph collected;
+//! 3. [`graph::Declared::wire`]: default (sequential) wiring, validation, topological order,
+//!    routing loops, sub-pipeline entries and exits (pure, tested exhaustively there);
+//! 4. `check_types`: every edge's item types, by `TypeId`;
+//! 5. `plan`: each stage's executor ([`exec::plan`](crate::exec::plan)) and own settings;
+//! 6. [`connect`]: queues, routing loops' work counters, one sender per edge;
+//! 7. `tasks`: each node becomes its task, in topological order, with the edges live views
+//!    draw.
+
+mod connect;
+pub(crate) mod graph;
+mod resolve;
+
+use crate::ctx::StageCtx;
+use crate::define::record::{Def, ExecChoice, StageDef, SubDef};
+use crate::erased::Erased;
+use crate::error::DefinitionError;
+use crate::exec::plan::{self, Block};
+use crate::exec::runner::{self, ForkHooks};
+use crate::exec::Exec;
+use crate::hooks::ForkHook;
+use crate::loops::Loop;
+use crate::node::Wiring;
+use crate::route::{RouteEntry, Routes};
+use crate::run::{PlannedStage, Runnable};
+use crate::shared::RunShared;
+use crate::stage::{StageKind, TypeInfo};
+use crate::stats::StageStats;
+use graph::Wired;
+use resolve::Edges;
+use std::sync::Arc;
+
+/// One stage on its way from definition to task.
+pub(crate) struct StagePlan {
+    def: StageDef,
+    /// The executor it runs under (after [`plan::fit`]).
+    exec: Exec,
+    stats: Arc<StageStats>,
+    /// Its input queue (none for producers).
+    queue: Option<connect::Queue>,
+    /// The routing loop it is a member of.
+    lp: Option<Arc<Loop>>,
+    /// Senders to its downstreams, in edge order.
+    outputs: Vec<Erased>,
+    dead_letter: Option<Erased>,
+    routes: Vec<RouteEntry>,
+}
+
+/// Checks the definition and links it into something that runs.
+pub(crate) fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
+    misuse(&def)?;
+    let edges = resolve::edges(&def)?;
+    let wired = edges.declared.wire(&def.name)?;
+    check_types(&def, &wired, &edges)?;
+    let mut plans = plan(&mut def)?;
+    let closers = connect::queues(&mut plans, &wired, def.default_capacity);
+    let loops = connect::loops(&mut plans, &wired, closers);
+    connect::senders(&mut plans, &wired, &edges);
+    // A loop nothing can enter is finished before it starts.
+    for lp in &loops {
+        lp.close_if_idle();
+    }
+    let run = Arc::new(RunShared::new(def.no_signals));
+    let stages = tasks(&def, plans, &wired, &run);
+    let view_edges = view_edges(&wired, &edges);
+    Ok(Runnable::new(
+        def.name,
+        stages,
+        run,
+        def.before_run,
+        def.after_run,
+        view_edges,
+    ))
+}
+
+/// The first setting applied to a handle it does not fit.
+fn misuse(def: &Def) -> Result<(), DefinitionError> {
+    match def.misuse.first() {
+        Some((stage, message)) => Err(DefinitionError::InvalidConfig {
+            stage: stage.clone(),
+            message: message.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Every edge joins an output to an input of the same type: static edges, sub-pipeline
+/// entries and exits, dead-letter edges (which carry `Failed<I>`) and declared routes.
+fn check_types(def: &Def, wired: &Wired, edges: &Edges) -> Result<(), DefinitionError> {
+    let stage = |v: usize| &def.stages[v];
+    for (g, sub) in def.subs.iter().enumerate() {
+        for &e in &wired.subs[g].entries {
+            check_edge(
+                (&sub.name, Some(sub.input)),
+                (&stage(e).name, stage(e).node.input()),
+            )?;
+        }
+        for &x in &wired.subs[g].exits {
+            check_edge(
+                (&stage(x).name, stage(x).node.output()),
+                (&sub.name, Some(sub.output)),
+            )?;
+        }
+    }
+    for &(u, v) in &wired.edges {
+        let (a, b) = (stage(u), stage(v));
+        check_edge((&a.name, a.node.output()), (&b.name, b.node.input()))?;
+    }
+    for &(u, v) in &edges.dead {
+        let (a, b) = (stage(u), stage(v));
+        check_edge((&a.name, a.node.failed_type()), (&b.name, b.node.input()))?;
+    }
+    for &(u, v, k) in &edges.routes {
+        let (a, b) = (stage(u), stage(v));
+        let decl = &a.routes[k].1;
+        check_edge((&a.name, Some(decl.ty)), (&b.name, b.node.input()))?;
+    }
+    Ok(())
+}
+
+/// Checks one edge's types.
+fn check_edge(
+    from: (&str, Option<TypeInfo>),
+    to: (&str, Option<TypeInfo>),
+) -> Result<(), DefinitionError> {
+    match (from.1, to.1) {
+        (Some(o), Some(i)) if o.id == i.id => Ok(()),
+        (o, i) => Err(DefinitionError::TypeMismatch {
+            from: from.0.to_string(),
+            to: to.0.to_string(),
+            output: o.map_or("nothing", |t| t.name),
+            input: i.map_or("nothing", |t| t.name),
+        }),
+    }
+}
+
+/// Each stage's plan: its executor, checked settings and statistics. Takes the stages out of
+/// `def`.
+fn plan(def: &mut Def) -> Result<Vec<StagePlan>, DefinitionError> {
+    let stages = std::mem::take(&mut def.stages);
+    let mut plans = Vec::with_capacity(stages.len());
+    for s in stages {
+        let exec = executor(def, &s)?;
+        let invalid = |message: String| DefinitionError::InvalidConfig {
+            stage: s.name.clone(),
+            message,
+        };
+        s.node.validate().map_err(invalid)?;
+        if s.max_wait.is_some() && s.node.kind() != StageKind::Accumulator {
+            return Err(invalid("max_wait applies to accumulators only".into()));
+        }
+        let stats = Arc::new(StageStats::default());
+        if let Some(total) = s.declared_total {
+            let _ = stats.declared_total.set(total);
+        }
+        plans.push(StagePlan {
+            def: s,
+            exec,
+            stats,
+            queue: None,
+            lp: None,
+            outputs: Vec::new(),
+            dead_letter: None,
+            routes: Vec::new(),
+        });
+    }
+    Ok(plans)
+}
+
+/// The executor a stage runs under: the setting that applies ([`plan::precedence`]), fitted
+/// to the stage ([`plan::fit`]).
+fn executor(def: &Def, s: &StageDef) -> Result<Exec, DefinitionError> {
+    let own = match &s.exec {
+        None => None,
+        Some(ExecChoice::Exec(e)) => Some(e),
+        Some(ExecChoice::Context(c)) => Some(
+            def.contexts
+                .iter()
+                .rev()
+                .find(|(name, _)| name == c)
+                .map(|(_, e)| e)
+                .ok_or_else(|| DefinitionError::UnknownReference {
+                    stage: s.name.clone(),
+                    what: "execution context",
+                    reference: c.clone(),
+                })?,
+        ),
+    };
+    let chain = enclosing(def, s.sub);
+    let block: Option<Block<'_>> = s.group.as_ref().map(|(e, scope)| {
+        let level = scope
+            .and_then(|x| chain.iter().position(|&c| c == x))
+            .unwrap_or(chain.len());
+        (e, level)
+    });
+    let subs: Vec<Option<&Exec>> = chain.iter().map(|&g| def.subs[g].exec.as_ref()).collect();
+    let applies = plan::precedence(own, block, &subs, &def.default_exec);
+    let stage = plan::Stage {
+        name: &s.name,
+        kind: s.node.kind(),
+        explicit: own.is_some(),
+        crosses: s.crosses(),
+        local_routes: s.routes.iter().any(|(_, d)| d.codec.is_none()),
+    };
+    plan::fit(stage, applies, runner::fork_available())
+}
+
+/// The sub-pipelines around a stage of sub-pipeline `sub`, innermost first.
+fn enclosing(def: &Def, sub: Option<usize>) -> Vec<usize> {
+    let mut chain = Vec::new();
+    let mut g = sub;
+    while let Some(x) = g {
+        chain.push(x);
+        g = def.subs[x].parent;
+    }
+    chain
+}
+
+/// A stage's fork hooks in order: pipeline, enclosing sub-pipelines (outermost first), stage.
+fn fork_hooks(
+    def: &Def,
+    sub: Option<usize>,
+    of: impl Fn(&SubDef) -> &Vec<ForkHook>,
+    pipeline: &[ForkHook],
+    stage: &[ForkHook],
+) -> Vec<ForkHook> {
+    let chain = enclosing(def, sub);
+    let subs = chain.iter().rev().flat_map(|&x| of(&def.subs[x]).iter());
+    pipeline.iter().chain(subs).chain(stage).cloned().collect()
+}
+
+/// Each plan becomes its stage's task, in topological order.
+fn tasks(
+    def: &Def,
+    plans: Vec<StagePlan>,
+    wired: &Wired,
+    run: &Arc<RunShared>,
+) -> Vec<PlannedStage> {
+    let mut slots: Vec<Option<PlannedStage>> = Vec::with_capacity(plans.len());
+    for (v, p) in plans.into_iter().enumerate() {
+        let StagePlan {
+            def: mut s,
+            exec,
+            stats,
+            queue,
+            lp,
+            outputs,
+            dead_letter,
+            routes,
+        } = p;
+        let ctx = Arc::new(StageCtx {
+            name: s.name.clone(),
+            exec,
+            policy: s.policy.clone(),
+            stats,
+            run: run.clone(),
+            lp,
+        });
+        let hooks = ForkHooks {
+            before_fork: fork_hooks(
+                def,
+                s.sub,
+                |g| &g.before_fork,
+                &def.before_fork,
+                &s.hooks.before_fork,
+            ),
+            after_fork: fork_hooks(
+                def,
+                s.sub,
+                |g| &g.after_fork,
+                &def.after_fork,
+                &s.hooks.after_fork,
+            ),
+        };
+        let (input, capacity) = match queue {
+            Some(q) => (q.rx, Some(q.capacity)),
+            None => (None, None),
+        };
+        let wiring = Wiring {
+            routes: Routes {
+                stage: s.name.as_str().into(),
+                entries: routes.into(),
+            },
+            ctx: ctx.clone(),
+            input,
+            outputs,
+            fanout: s.fanout,
+            dead_letter,
+            hooks,
+            crossing: s.crossing.take().map(|c| c.typed),
+            max_wait: s.max_wait,
+        };
+        let downstreams = wired.edges.iter().filter(|&&(a, _)| a == v).count();
+        slots.push(Some(PlannedStage {
+            ctx,
+            kind: s.node.kind(),
+            capacity,
+            terminal: downstreams == 0,
+            before: std::mem::take(&mut s.hooks.before),
+            after: std::mem::take(&mut s.hooks.after),
+            task: s.node.into_task(wiring),
+        }));
+    }
+    let order = wired.order.iter();
+    order
+        .map(|&v| slots[v].take().expect("each stage planned once"))
+        .collect()
+}
+
+/// Edges for live views, as positions in the planned (topological) order.
+fn view_edges(wired: &Wired, edges: &Edges) -> Vec<(usize, usize)> {
+    let mut pos = vec![0; wired.order.len()];
+    for (k, &v) in wired.order.iter().enumerate() {
+        pos[v] = k;
+    }
+    let mut view = Vec::new();
+    for &(u, v) in wired.edges.iter().chain(&edges.declared.side) {
+        if !view.contains(&(pos[u], pos[v])) {
+            view.push((pos[u], pos[v]));
+        }
+    }
+    view
+}
