@@ -173,7 +173,7 @@ pub enum RunError {
         /// The failure that aborted the run.
         cause: ItemFailure,
         /// What the run did until then.
-        report: Box<crate::RunReport>,
+        report: Box<crate::report::RunReport>,
     },
     /// A `before_run` hook failed; nothing ran.
     #[error("before_run hook failed: {0}")]

@@ -3,6 +3,7 @@
 //! it only reads what they already keep (atomics, one short lock per stage).
 
 use crate::ctx::StageCtx;
+use crate::queue::Capacity;
 use crate::shared::RunShared;
 use crate::stage::StageKind;
 use serde::Serialize;
@@ -107,7 +108,7 @@ pub struct Snapshot {
 pub(crate) struct StageView {
     pub(crate) ctx: Arc<StageCtx>,
     pub(crate) kind: StageKind,
-    pub(crate) capacity: Option<crate::Capacity>,
+    pub(crate) capacity: Option<Capacity>,
 }
 
 struct Inner {
@@ -200,104 +201,21 @@ impl Monitor {
         let now = Instant::now();
         let mut last = inner.last.lock().unwrap_or_else(|e| e.into_inner());
         let dt = now.duration_since(last.0).as_secs_f64();
-        let busiest = inner
-            .stages
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.kind != StageKind::Producer)
-            .map(|(i, s)| {
-                let busy = s.ctx.stats.busy_ns.load(Ordering::Relaxed) as f64;
-                (busy / s.ctx.exec.concurrency().max(1) as f64, i)
-            })
-            .filter(|(b, _)| *b > 0.0)
-            .max_by(|a, b| a.0.total_cmp(&b.0))
-            .map(|(_, i)| i);
+        let busiest = busiest(&inner.stages);
         let mut stages = Vec::with_capacity(inner.stages.len());
         let mut produced = 0;
         let mut total = Some(0u64);
         for (i, s) in inner.stages.iter().enumerate() {
-            let st = &s.ctx.stats;
-            let items_in = st.items_in.load(Ordering::Relaxed);
-            let items_out = st.items_out.load(Ordering::Relaxed);
-            let failed = st.failed.load(Ordering::Relaxed);
-            let counted = if s.kind == StageKind::Producer {
-                items_out
-            } else {
-                items_in
-            };
+            let (mut snap, delta) = stage_snapshot(s, &mut last.1[i], now);
             if s.kind == StageKind::Producer {
-                produced += items_out;
-                total = total
-                    .zip(st.declared_total.get().copied())
-                    .map(|(a, b)| a + b);
+                produced += snap.items_out;
+                let declared = s.ctx.stats.declared_total.get().copied();
+                total = total.zip(declared).map(|(a, b)| a + b);
             }
-            let delta = counted.saturating_sub(last.1[i]);
-            last.1[i] = counted;
-            let queue_len = st
-                .queue_len
-                .lock()
-                .ok()
-                .and_then(|q| q.as_ref().map(|f| f()))
-                .unwrap_or(0);
-            let started = st.started.lock().map(|s| s.is_some()).unwrap_or(false);
-            let ended = st.finished.lock().map(|s| s.is_some()).unwrap_or(false);
-            let status = if ended {
-                StageStatus::Done
-            } else if !started {
-                StageStatus::Waiting
-            } else if failed > 0 {
-                StageStatus::Error
-            } else if s.kind == StageKind::Producer
-                || delta > 0
-                || queue_len > 0
-                || items_in > st.done.load(Ordering::Relaxed)
-            {
-                StageStatus::Active
-            } else {
-                StageStatus::Idle
-            };
-            let (p50_us, p99_us) = match st.latency.lock() {
-                Ok(h) if !h.is_empty() => (
-                    h.value_at_quantile(0.5) as f64 / 1e3,
-                    h.value_at_quantile(0.99) as f64 / 1e3,
-                ),
-                _ => (0.0, 0.0),
-            };
-            let children = st
-                .children
-                .lock()
-                .map(|c| c.clone())
-                .unwrap_or_default()
-                .into_iter()
-                .map(|c| ChildSnapshot {
-                    pid: c.pid,
-                    items: c.items,
-                    rss_bytes: rss(c.pid),
-                    age_secs: now.duration_since(c.started).as_secs_f64(),
-                })
-                .collect();
-            stages.push(StageSnapshot {
-                name: s.ctx.name.clone(),
-                kind: s.kind,
-                executor: s.ctx.exec.to_string(),
-                layer: inner.layers[i],
-                items_in,
-                items_out,
-                failed,
-                retried: st.retried.load(Ordering::Relaxed),
-                cancelled: st.cancelled.load(Ordering::Relaxed),
-                throughput: if dt > 0.0 { delta as f64 / dt } else { 0.0 },
-                p50_us,
-                p99_us,
-                queue_len,
-                queue_capacity: match s.capacity {
-                    Some(crate::Capacity::Bounded(n)) => Some(n),
-                    _ => None,
-                },
-                status,
-                bottleneck: busiest == Some(i),
-                children,
-            });
+            snap.layer = inner.layers[i];
+            snap.throughput = if dt > 0.0 { delta as f64 / dt } else { 0.0 };
+            snap.bottleneck = busiest == Some(i);
+            stages.push(snap);
         }
         last.0 = now;
         Snapshot {
@@ -315,6 +233,103 @@ impl Monitor {
             stopping: inner.shared.stop.load(Ordering::Relaxed),
         }
     }
+}
+
+/// The stage (not a producer) with the most busy time per worker, if any was busy.
+fn busiest(stages: &[StageView]) -> Option<usize> {
+    stages
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.kind != StageKind::Producer)
+        .map(|(i, s)| {
+            let busy = s.ctx.stats.busy_ns.load(Ordering::Relaxed) as f64;
+            (busy / s.ctx.exec.concurrency().max(1) as f64, i)
+        })
+        .filter(|(b, _)| *b > 0.0)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, i)| i)
+}
+
+/// One stage's row and how many items it took (a producer: emitted) since the last
+/// snapshot, whose count `last` holds (its layer, throughput and bottleneck mark are the
+/// caller's).
+fn stage_snapshot(s: &StageView, last: &mut u64, now: Instant) -> (StageSnapshot, u64) {
+    let st = &s.ctx.stats;
+    let items_in = st.items_in.load(Ordering::Relaxed);
+    let items_out = st.items_out.load(Ordering::Relaxed);
+    let counted = match s.kind {
+        StageKind::Producer => items_out,
+        _ => items_in,
+    };
+    let delta = counted.saturating_sub(*last);
+    *last = counted;
+    let failed = st.failed.load(Ordering::Relaxed);
+    let queue_len = st
+        .queue_len
+        .lock()
+        .ok()
+        .and_then(|q| q.as_ref().map(|f| f()))
+        .unwrap_or(0);
+    let started = st.started.lock().map(|s| s.is_some()).unwrap_or(false);
+    let ended = st.finished.lock().map(|s| s.is_some()).unwrap_or(false);
+    let status = if ended {
+        StageStatus::Done
+    } else if !started {
+        StageStatus::Waiting
+    } else if failed > 0 {
+        StageStatus::Error
+    } else if s.kind == StageKind::Producer
+        || delta > 0
+        || queue_len > 0
+        || items_in > st.done.load(Ordering::Relaxed)
+    {
+        StageStatus::Active
+    } else {
+        StageStatus::Idle
+    };
+    let (p50_us, p99_us) = match st.latency.lock() {
+        Ok(h) if !h.is_empty() => (
+            h.value_at_quantile(0.5) as f64 / 1e3,
+            h.value_at_quantile(0.99) as f64 / 1e3,
+        ),
+        _ => (0.0, 0.0),
+    };
+    let children = st
+        .children
+        .lock()
+        .map(|c| c.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| ChildSnapshot {
+            pid: c.pid,
+            items: c.items,
+            rss_bytes: rss(c.pid),
+            age_secs: now.duration_since(c.started).as_secs_f64(),
+        })
+        .collect();
+    let snap = StageSnapshot {
+        name: s.ctx.name.clone(),
+        kind: s.kind,
+        executor: s.ctx.exec.to_string(),
+        layer: 0,
+        items_in,
+        items_out,
+        failed,
+        retried: st.retried.load(Ordering::Relaxed),
+        cancelled: st.cancelled.load(Ordering::Relaxed),
+        throughput: 0.0,
+        p50_us,
+        p99_us,
+        queue_len,
+        queue_capacity: match s.capacity {
+            Some(Capacity::Bounded(n)) => Some(n),
+            _ => None,
+        },
+        status,
+        bottleneck: false,
+        children,
+    };
+    (snap, delta)
 }
 
 /// Resident set size of a process, in bytes (0 if unknown).

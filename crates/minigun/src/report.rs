@@ -217,7 +217,7 @@ fn stage_report(info: &StageInfo) -> StageReport {
         },
         latency,
         queue_capacity: match info.capacity {
-            Some(crate::Capacity::Bounded(n)) => Some(n),
+            Some(crate::queue::Capacity::Bounded(n)) => Some(n),
             _ => None,
         },
         queue_high_water: st.queue_high_water.load(Ordering::Relaxed),

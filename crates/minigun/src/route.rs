@@ -19,48 +19,41 @@
 //! From a fork child, a routed item crosses the pipe in a `routed` frame carrying the index of
 //! the target in the stage's route table; the parent decodes it and sends it on.
 
+use crate::erased::{take, Erased};
 use crate::error::EmitError;
 use crate::queue::{FanOut, QueueTx};
-use crate::stage::Sink;
-use crate::stage::TypeInfo;
+use crate::stage::{Item, Sink, TypeInfo, Wire};
 use crate::stats::StageStats;
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-pub(crate) type AnyItem = Box<dyn Any + Send>;
-pub(crate) type AnyBox = Box<dyn Any + Send>;
-
 /// Serialisation of a route's item type, for routing from fork children.
 #[derive(Clone, Copy)]
 pub(crate) struct RouteCodec {
     pub(crate) encode: fn(&(dyn Any + Send), &mut Vec<u8>) -> Result<(), String>,
-    pub(crate) decode: fn(&[u8]) -> Result<AnyItem, String>,
+    pub(crate) decode: fn(&[u8]) -> Result<Erased, String>,
 }
 
 impl RouteCodec {
-    pub(crate) fn of<T: crate::Wire>() -> Self {
+    pub(crate) fn of<T: Wire>() -> Self {
         RouteCodec {
             encode: |item, out| match item.downcast_ref::<T>() {
                 Some(t) => crate::ipc::protocol::encode(t, out),
                 None => Err(format!("expected {}", std::any::type_name::<T>())),
             },
-            decode: |bytes| {
-                crate::ipc::protocol::decode::<T>(bytes).map(|t| Box::new(t) as AnyItem)
-            },
+            decode: |bytes| crate::ipc::protocol::decode::<T>(bytes).map(|t| Box::new(t) as Erased),
         }
     }
 }
 
 /// Turns a target's `QueueTx<T>` (type-erased) into a sender of type-erased items.
-pub(crate) type MakeSender = fn(AnyBox) -> SendFn;
-pub(crate) type SendFn = Box<dyn Fn(AnyItem) -> Result<(), EmitError> + Send + Sync>;
+pub(crate) type MakeSender = fn(Erased) -> SendFn;
+pub(crate) type SendFn = Box<dyn Fn(Erased) -> Result<(), EmitError> + Send + Sync>;
 
-pub(crate) fn make_sender<T: crate::Item>(tx: AnyBox) -> SendFn {
-    let tx = *tx
-        .downcast::<QueueTx<T>>()
-        .expect("route types were checked by build()");
-    Box::new(move |item: AnyItem| match item.downcast::<T>() {
+pub(crate) fn make_sender<T: Item>(tx: Erased) -> SendFn {
+    let tx = take::<QueueTx<T>>(tx);
+    Box::new(move |item: Erased| match item.downcast::<T>() {
         Ok(t) => tx.send(*t).map_err(|_| EmitError::Closed),
         Err(_) => Err(EmitError::Route(format!(
             "the target takes {}, not this item's type",
@@ -120,7 +113,7 @@ impl Routes {
         })
     }
 
-    pub(crate) fn send(&self, target: &str, item: AnyItem) -> Result<(), EmitError> {
+    pub(crate) fn send(&self, target: &str, item: Erased) -> Result<(), EmitError> {
         let i = self.index(target)?;
         self.send_index(i, item).map_err(|e| match e {
             EmitError::Route(m) => {
@@ -130,7 +123,7 @@ impl Routes {
         })
     }
 
-    pub(crate) fn send_index(&self, i: usize, item: AnyItem) -> Result<(), EmitError> {
+    pub(crate) fn send_index(&self, i: usize, item: Erased) -> Result<(), EmitError> {
         match self.entries.get(i) {
             Some(e) => (e.send)(item),
             None => Err(EmitError::Route(format!("route index {i} out of range"))),
@@ -310,7 +303,7 @@ impl<O: Clone> Router<O> {
     }
 
     /// Sends an item to a declared route target.
-    pub(crate) fn route_dynamic(&self, target: &str, item: AnyItem) -> Result<(), EmitError> {
+    pub(crate) fn route_dynamic(&self, target: &str, item: Erased) -> Result<(), EmitError> {
         self.check_stop()?;
         self.routes.send(target, item)?;
         self.stats.items_out.fetch_add(1, Ordering::Relaxed);
@@ -318,7 +311,7 @@ impl<O: Clone> Router<O> {
     }
 
     /// Sends an item decoded from a fork child's `routed` frame.
-    pub(crate) fn route_index(&self, index: usize, item: AnyItem) -> Result<(), EmitError> {
+    pub(crate) fn route_index(&self, index: usize, item: Erased) -> Result<(), EmitError> {
         self.routes.send_index(index, item)?;
         self.stats.items_out.fetch_add(1, Ordering::Relaxed);
         Ok(())

@@ -157,7 +157,7 @@ pub struct Failed<I> {
     /// The item as it entered the failing stage.
     pub item: I,
     /// The failure.
-    pub failure: crate::ItemFailure,
+    pub failure: crate::error::ItemFailure,
 }
 
 /// The name and identity of an item type, for type checks at build time.

@@ -83,19 +83,14 @@ impl Declared {
             }
         }
         let mut edges: Vec<(usize, usize)> = Vec::new();
-        let push = |e: (usize, usize), edges: &mut Vec<(usize, usize)>| {
-            if !edges.contains(&e) {
-                edges.push(e);
-            }
-        };
         for v in 0..n {
             for &u in &self.from[v] {
-                push((u, v), &mut edges);
+                push_edge((u, v), &mut edges);
             }
         }
         for u in 0..n {
             for &v in &self.to[u] {
-                push((u, v), &mut edges);
+                push_edge((u, v), &mut edges);
             }
         }
         let subs = self.wire_defaults(&mut edges);
@@ -160,30 +155,147 @@ impl Declared {
     /// Also expands explicit edges to and from sub-pipelines. Returns each one's entries and
     /// exits.
     fn wire_defaults(&self, edges: &mut Vec<(usize, usize)>) -> Vec<SubIo> {
-        let n = self.names.len();
-        let nsub = self.sub_parent.len();
-        let push = |e: (usize, usize), edges: &mut Vec<(usize, usize)>| {
-            if !edges.contains(&e) {
-                edges.push(e);
-            }
-        };
-        let dead_letters: Vec<(usize, usize)> = self
+        let dead: Vec<(usize, usize)> = self
             .side
             .iter()
             .filter(|e| !self.routes.contains(e))
             .copied()
             .collect();
-        let explicit_in = |p: Port| match p {
+        let mut io: Vec<Option<SubIo>> = vec![None; self.sub_parent.len()];
+        let mut expanded = vec![false; self.port_edges.len()];
+        for scope in self.scopes_innermost_first() {
+            self.wire_scope(scope, &dead, &io, edges);
+            self.expand_port_edges(&io, &mut expanded, edges);
+            if let Some(g) = scope {
+                io[g] = Some(self.sub_io(g, &dead, edges));
+            }
+        }
+        io.into_iter().map(Option::unwrap_or_default).collect()
+    }
+
+    /// Every sub-pipeline, deepest first, then the pipeline itself (`None`).
+    fn scopes_innermost_first(&self) -> Vec<Option<usize>> {
+        let depth = |g: usize| {
+            let (mut d, mut c) = (0, Some(g));
+            while let Some(x) = c {
+                d += 1;
+                c = self.sub_parent[x];
+            }
+            d
+        };
+        let mut scopes: Vec<Option<usize>> = (0..self.sub_parent.len()).map(Some).collect();
+        scopes.sort_by_key(|s| std::cmp::Reverse(s.map_or(0, depth)));
+        scopes.push(None);
+        scopes
+    }
+
+    /// The sequential rule inside one scope: walking its items (stages and the sub-pipelines
+    /// directly in it) in definition order, the next item that takes input and has no
+    /// explicit input takes every open item as its upstreams.
+    fn wire_scope(
+        &self,
+        scope: Option<usize>,
+        dead: &[(usize, usize)],
+        io: &[Option<SubIo>],
+        edges: &mut Vec<(usize, usize)>,
+    ) {
+        let mut items: Vec<Port> = Vec::new();
+        for v in 0..self.names.len() {
+            if let Some(it) = self.item_in(v, scope) {
+                if !items.contains(&it) {
+                    items.push(it);
+                }
+            }
+        }
+        let mut open: Vec<usize> = Vec::new();
+        for &it in &items {
+            let ins = self.port_inputs(it, io);
+            if !ins.is_empty() && !self.explicit_in(it, dead) {
+                for &u in &open {
+                    for &v in &ins {
+                        push_edge((u, v), edges);
+                    }
+                }
+                open.clear();
+            }
+            if !self.explicit_out(it) {
+                open.extend(self.port_outputs(it, io));
+            }
+        }
+    }
+
+    /// Expands the explicit edges whose sub-pipelines are all wired inside by now.
+    fn expand_port_edges(
+        &self,
+        io: &[Option<SubIo>],
+        expanded: &mut [bool],
+        edges: &mut Vec<(usize, usize)>,
+    ) {
+        let ready = |p: Port| match p {
+            Port::Stage(_) => true,
+            Port::Sub(g) => io[g].is_some(),
+        };
+        for (k, &(a, b)) in self.port_edges.iter().enumerate() {
+            if !expanded[k] && ready(a) && ready(b) {
+                expanded[k] = true;
+                for u in self.port_outputs(a, io) {
+                    for v in self.port_inputs(b, io) {
+                        push_edge((u, v), edges);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A wired sub-pipeline's entries and exits.
+    fn sub_io(&self, g: usize, dead: &[(usize, usize)], edges: &[(usize, usize)]) -> SubIo {
+        let members: Vec<usize> = (0..self.names.len())
+            .filter(|&v| self.inside(v, g))
+            .collect();
+        // Entries: marked ones, and the others that nothing feeds explicitly and that have no
+        // upstream inside (a dead-letter stage, a stage fed from outside by an explicit edge,
+        // is not an entry).
+        let entries = members
+            .iter()
+            .copied()
+            .filter(|&m| {
+                self.kinds[m] != StageKind::Producer
+                    && (self.entry.get(m).copied().unwrap_or(false)
+                        || (!self.explicit_in(Port::Stage(m), dead)
+                            && !edges.iter().any(|&(u, d)| d == m && self.inside(u, g))))
+            })
+            .collect();
+        // Exits: stages with no downstream inside and no explicit (or rerouted) output.
+        let exits = members
+            .iter()
+            .copied()
+            .filter(|&m| {
+                self.kinds[m] != StageKind::Consumer
+                    && !self.explicit_out(Port::Stage(m))
+                    && !edges.iter().any(|&(s, d)| s == m && self.inside(d, g))
+            })
+            .collect();
+        SubIo { entries, exits }
+    }
+
+    /// Whether an item has explicit inputs: a `from`, the target of a `to`, of a dead-letter
+    /// edge (`dead`) or of an edge to a sub-pipeline, or (a stage) marked as an entry.
+    fn explicit_in(&self, p: Port, dead: &[(usize, usize)]) -> bool {
+        match p {
             Port::Stage(v) => {
                 self.entry.get(v).copied().unwrap_or(false)
                     || !self.from[v].is_empty()
                     || self.to.iter().any(|t| t.contains(&v))
-                    || dead_letters.iter().any(|&(_, d)| d == v)
+                    || dead.iter().any(|&(_, d)| d == v)
                     || self.port_edges.iter().any(|&(_, b)| b == p)
             }
             Port::Sub(_) => self.port_edges.iter().any(|&(_, b)| b == p),
-        };
-        let explicit_out = |p: Port| match p {
+        }
+    }
+
+    /// Whether an item has explicit outputs (or was rerouted to none).
+    fn explicit_out(&self, p: Port) -> bool {
+        match p {
             Port::Stage(u) => {
                 self.sealed.contains(&u)
                     || !self.to[u].is_empty()
@@ -193,105 +305,28 @@ impl Declared {
             Port::Sub(g) => {
                 self.sealed_subs.contains(&g) || self.port_edges.iter().any(|&(a, _)| a == p)
             }
-        };
-        let mut io: Vec<Option<SubIo>> = vec![None; nsub];
-        let depth = |g: usize| {
-            let (mut d, mut c) = (0, Some(g));
-            while let Some(x) = c {
-                d += 1;
-                c = self.sub_parent[x];
-            }
-            d
-        };
-        let mut scopes: Vec<Option<usize>> = (0..nsub).map(Some).collect();
-        scopes.sort_by_key(|s| std::cmp::Reverse(s.map_or(0, depth)));
-        scopes.push(None);
-        let mut expanded = vec![false; self.port_edges.len()];
-        for scope in scopes {
-            let mut items: Vec<Port> = Vec::new();
-            for v in 0..n {
-                if let Some(it) = self.item_in(v, scope) {
-                    if !items.contains(&it) {
-                        items.push(it);
-                    }
-                }
-            }
-            let inputs = |p: Port, io: &[Option<SubIo>]| -> Vec<usize> {
-                match p {
-                    Port::Stage(v) if self.kinds[v] == StageKind::Producer => Vec::new(),
-                    Port::Stage(v) => vec![v],
-                    Port::Sub(g) => io[g]
-                        .as_ref()
-                        .map(|x| x.entries.clone())
-                        .unwrap_or_default(),
-                }
-            };
-            let outputs = |p: Port, io: &[Option<SubIo>]| -> Vec<usize> {
-                match p {
-                    Port::Stage(v) if self.kinds[v] == StageKind::Consumer => Vec::new(),
-                    Port::Stage(v) => vec![v],
-                    Port::Sub(g) => io[g].as_ref().map(|x| x.exits.clone()).unwrap_or_default(),
-                }
-            };
-            let mut open: Vec<usize> = Vec::new();
-            for &it in &items {
-                let ins = inputs(it, &io);
-                if !ins.is_empty() && !explicit_in(it) {
-                    for &u in &open {
-                        for &v in &ins {
-                            push((u, v), edges);
-                        }
-                    }
-                    open.clear();
-                }
-                if !explicit_out(it) {
-                    open.extend(outputs(it, &io));
-                }
-            }
-            // Explicit edges whose sub-pipelines are all wired inside can be expanded now.
-            for (k, &(a, b)) in self.port_edges.iter().enumerate() {
-                let ready = |p: Port| match p {
-                    Port::Stage(_) => true,
-                    Port::Sub(g) => io[g].is_some(),
-                };
-                if !expanded[k] && ready(a) && ready(b) {
-                    expanded[k] = true;
-                    for u in outputs(a, &io) {
-                        for v in inputs(b, &io) {
-                            push((u, v), edges);
-                        }
-                    }
-                }
-            }
-            if let Some(g) = scope {
-                let members: Vec<usize> = (0..n).filter(|&v| self.inside(v, g)).collect();
-                // Entries: marked ones, and the others that nothing feeds explicitly and that
-                // have no upstream inside (a dead-letter stage, a stage fed from outside by an
-                // explicit edge, is not an entry).
-                let entries = members
-                    .iter()
-                    .copied()
-                    .filter(|&m| {
-                        self.kinds[m] != StageKind::Producer
-                            && (self.entry.get(m).copied().unwrap_or(false)
-                                || (!explicit_in(Port::Stage(m))
-                                    && !edges.iter().any(|&(u, d)| d == m && self.inside(u, g))))
-                    })
-                    .collect();
-                // Exits: stages with no downstream inside and no explicit (or rerouted) output.
-                let exits = members
-                    .iter()
-                    .copied()
-                    .filter(|&m| {
-                        self.kinds[m] != StageKind::Consumer
-                            && !explicit_out(Port::Stage(m))
-                            && !edges.iter().any(|&(s, d)| s == m && self.inside(d, g))
-                    })
-                    .collect();
-                io[g] = Some(SubIo { entries, exits });
-            }
         }
-        io.into_iter().map(Option::unwrap_or_default).collect()
+    }
+
+    /// The stages an item's input goes to (a sub-pipeline's entries, once it is wired).
+    fn port_inputs(&self, p: Port, io: &[Option<SubIo>]) -> Vec<usize> {
+        match p {
+            Port::Stage(v) if self.kinds[v] == StageKind::Producer => Vec::new(),
+            Port::Stage(v) => vec![v],
+            Port::Sub(g) => io[g]
+                .as_ref()
+                .map(|x| x.entries.clone())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// The stages an item's output comes from (a sub-pipeline's exits, once it is wired).
+    fn port_outputs(&self, p: Port, io: &[Option<SubIo>]) -> Vec<usize> {
+        match p {
+            Port::Stage(v) if self.kinds[v] == StageKind::Consumer => Vec::new(),
+            Port::Stage(v) => vec![v],
+            Port::Sub(g) => io[g].as_ref().map(|x| x.exits.clone()).unwrap_or_default(),
+        }
     }
 
     /// Topological order; cycles are allowed only through a route edge. Returns the order of
@@ -408,6 +443,13 @@ impl Declared {
             path.push(prev);
             cur = prev;
         }
+    }
+}
+
+/// Adds an edge once.
+fn push_edge(e: (usize, usize), edges: &mut Vec<(usize, usize)>) {
+    if !edges.contains(&e) {
+        edges.push(e);
     }
 }
 

@@ -526,7 +526,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
 enum Event<O> {
     Log,
     Result(O),
-    Routed(usize, crate::route::AnyItem),
+    Routed(usize, crate::erased::Erased),
     Done(Done),
     Error(ChildError),
 }

@@ -1203,7 +1203,7 @@ enum Event<O> {
     Result(O),
     /// An item's only result and its latency (`Result` then `Done`).
     ResultDone(u64, O, u64),
-    Routed(usize, crate::route::AnyItem),
+    Routed(usize, crate::erased::Erased),
     Done(u64, Done),
     Error(u64, ChildError),
 }

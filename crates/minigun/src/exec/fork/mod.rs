@@ -365,7 +365,7 @@ impl<O: Item> Release<O> {
 fn decode_routed(
     routes: &crate::route::Routes,
     payload: &[u8],
-) -> Result<(usize, crate::route::AnyItem), String> {
+) -> Result<(usize, crate::erased::Erased), String> {
     let (head, body) = payload
         .split_at_checked(4)
         .ok_or("routed frame without a route index")?;
