@@ -109,6 +109,7 @@ mod monitor;
 mod node;
 mod policy;
 mod queue;
+pub mod remote;
 mod report;
 mod route;
 mod run;
