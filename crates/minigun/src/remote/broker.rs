@@ -99,6 +99,8 @@ pub struct Pending {
     pub idle: Duration,
     /// How often it has been delivered.
     pub deliveries: u32,
+    /// The entry itself (`None` if it no longer exists: it was removed while pending).
+    pub entry: Option<NewEntry>,
 }
 
 /// What an entry of the out stream carries.
@@ -281,7 +283,8 @@ pub trait Session: Send {
         consumer: &str,
         ids: &[EntryId],
     ) -> BrokerResult<Vec<EntryId>>;
-    /// Up to `count` pending entries idle for at least `min_idle`, oldest first.
+    /// Up to `count` pending entries idle for at least `min_idle`, oldest first, each with
+    /// its content (the reclaimer needs the item indexes of an entry it dead-letters).
     fn pending_idle(
         &mut self,
         run: &StageRun,

@@ -136,6 +136,11 @@ pub fn commit_needs_the_lease(b: &dyn Broker, age: &dyn Fn(Duration)) {
     let idle = s.pending_idle(&r, IDLE, 10).expect("pending_idle");
     assert_eq!(idle.len(), 1);
     assert_eq!((idle[0].owner.as_str(), idle[0].deliveries), ("a", 1));
+    assert_eq!(
+        idle[0].entry,
+        Some(entry(0, 1)),
+        "a pending entry comes with its content"
+    );
     let taken = s
         .claim(&r, "b", IDLE, std::slice::from_ref(&d.id))
         .expect("claim");

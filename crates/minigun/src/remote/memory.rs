@@ -491,6 +491,7 @@ impl Session for MemorySession {
                     owner: p.owner.clone(),
                     idle: now.saturating_duration_since(p.since),
                     deliveries: p.deliveries,
+                    entry: r.work.get(id).cloned(),
                 })
                 .filter(|p| p.idle >= min_idle)
                 .take(count)
