@@ -23,6 +23,11 @@ local function owned(key, id, consumer)
   local p = redis.call('XPENDING', key, 'mg', id, id, 1)
   return #p > 0 and p[1][2] == consumer
 end
+-- Acknowledges and deletes an entry: the stream holds only outstanding entries.
+local function remove(key, group, id)
+  redis.call('XACK', key, group, id)
+  redis.call('XDEL', key, id)
+end
 local NORUN = 'NORUN the run is unknown to the server'
 local function now_ms()
   local t = redis.call('TIME')
@@ -78,8 +83,7 @@ script!(
     r#"
 if not owned(KEYS[1], ARGV[2], ARGV[1]) then return 0 end
 redis.call('XADD', KEYS[2], '*', 'k', 'results', 'c', ARGV[1], 'p', ARGV[3])
-redis.call('XACK', KEYS[1], 'mg', ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
+remove(KEYS[1], 'mg', ARGV[2])
 return 1
 "#
 );
@@ -134,8 +138,7 @@ if #e > 0 then
   redis.call(unpack(args))
 end
 redis.call('XADD', KEYS[2], '*', 'k', 'results', 'c', owner, 'p', ARGV[3])
-redis.call('XACK', KEYS[1], 'mg', ARGV[1])
-redis.call('XDEL', KEYS[1], ARGV[1])
+remove(KEYS[1], 'mg', ARGV[1])
 return 1
 "#
 );
@@ -150,8 +153,7 @@ for i = 3, #ARGV, 4 do
   redis.call('XADD', KEYS[1], '*', 's', ARGV[i], 'n', ARGV[i + 1], 'a', ARGV[i + 2],
     'p', ARGV[i + 3])
 end
-redis.call('XACK', KEYS[1], 'mg', ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
+remove(KEYS[1], 'mg', ARGV[2])
 return 1
 "#
 );
@@ -168,6 +170,16 @@ for i = 3, #ARGV, 2 do
       'RETRYCOUNT', retry, 'JUSTID')
   end
 end
+return 1
+"#
+);
+
+script!(
+    /// KEYS out; ARGV ids…  Acknowledges and deletes out entries the parent has handed on
+    /// (a script rather than MULTI: the ACL rules need no `@transaction`).
+    ack_out,
+    r#"
+for i = 1, #ARGV do remove(KEYS[1], 'parent', ARGV[i]) end
 return 1
 "#
 );

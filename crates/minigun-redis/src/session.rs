@@ -212,7 +212,15 @@ impl RedisSession {
             let c = self
                 .client
                 .get_connection_with_timeout(self.timeout)
-                .map_err(|e| map_err(&e, &self.shown))?;
+                .map_err(|e| match self.refusal() {
+                    Some(words) if e.kind() == ErrorKind::AuthenticationFailed => {
+                        BrokerError::Auth(format!(
+                            "{} refused the credentials: {words}",
+                            self.shown
+                        ))
+                    }
+                    _ => map_err(&e, &self.shown),
+                })?;
             let t = Some(self.timeout);
             c.set_read_timeout(t)
                 .and_then(|()| c.set_write_timeout(t))
@@ -220,6 +228,29 @@ impl RedisSession {
             self.conn = Some(c);
         }
         Ok(self.conn.as_mut().expect("just connected"))
+    }
+
+    /// The server's own words for refused credentials (the client reports only that they
+    /// were): the same AUTH sent again on a connection of its own.
+    fn refusal(&self) -> Option<String> {
+        let info = self.client.get_connection_info();
+        let settings = info.redis_settings();
+        let password = settings.password()?;
+        let bare = info
+            .clone()
+            .set_redis_settings(redis::RedisConnectionInfo::default());
+        let mut c = redis::Client::open(bare)
+            .ok()?
+            .get_connection_with_timeout(self.timeout)
+            .ok()?;
+        let mut auth = redis::cmd("AUTH");
+        if let Some(user) = settings.username() {
+            auth.arg(user);
+        }
+        match auth.arg(password).query::<()>(&mut c) {
+            Err(e) => Some(e.to_string()),
+            Ok(()) => None,
+        }
     }
 
     /// Runs one call on the connection; drops the connection when the error leaves it out of
@@ -447,20 +478,9 @@ impl Session for RedisSession {
             return Ok(());
         }
         let k = self.keys(run);
-        self.call(|c| {
-            redis::pipe()
-                .atomic()
-                .cmd("XACK")
-                .arg(&k.out)
-                .arg("parent")
-                .arg(&ids)
-                .ignore()
-                .cmd("XDEL")
-                .arg(&k.out)
-                .arg(&ids)
-                .ignore()
-                .query::<()>(c)
-        })
+        let mut inv = scripts::ack_out().prepare_invoke();
+        inv.key(&k.out).arg(&ids);
+        self.script::<i64>(&inv).map(drop)
     }
 
     fn set_control(&mut self, run: &StageRun, c: Control) -> BrokerResult<()> {
