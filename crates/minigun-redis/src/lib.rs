@@ -70,9 +70,8 @@ impl RedisBroker {
     /// `rediss://` for TLS (the system's root certificates, or [`RedisBroker::tls_ca`]).
     /// Nothing is connected until a session is opened.
     pub fn from_url(url: &str) -> BrokerResult<RedisBroker> {
-        let client = redis::Client::open(url).map_err(|e| {
-            BrokerError::Unusable(format!("invalid Redis URL: {}", e.detail().unwrap_or("")))
-        })?;
+        let client = redis::Client::open(url)
+            .map_err(|e| BrokerError::Unusable(format!("invalid Redis URL: {e}")))?;
         let shown = shown(client.get_connection_info());
         Ok(RedisBroker {
             client,

@@ -34,13 +34,20 @@ fn map_err(e: &RedisError, shown: &str) -> BrokerError {
         "NOAUTH" | "WRONGPASS" | "NOPERM" => {
             return BrokerError::Auth(format!("{shown} answered: {words}"))
         }
-        "NOGROUP" | "NORUN" => return BrokerError::NoRun,
+        // UNBLOCKED: the stream was deleted under a blocked read.
+        "NOGROUP" | "NORUN" | "UNBLOCKED" => return BrokerError::NoRun,
         "LOADING" | "BUSY" | "TRYAGAIN" | "CLUSTERDOWN" | "MASTERDOWN" | "READONLY" => {
             return BrokerError::Unavailable(format!("{shown}: {words}"))
         }
         _ => {}
     }
-    if words.contains("NOPERM") || words.contains("NOAUTH") || words.contains("WRONGPASS") {
+    // A command refused inside a script comes back as ERR with these words.
+    let refused_in_script = words.contains("can't run this command");
+    if refused_in_script
+        || words.contains("NOPERM")
+        || words.contains("NOAUTH")
+        || words.contains("WRONGPASS")
+    {
         return BrokerError::Auth(format!("{shown} answered: {words}"));
     }
     if words.contains("NOGROUP") {

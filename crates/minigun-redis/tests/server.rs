@@ -40,6 +40,14 @@ fn session(b: &RedisBroker) -> Box<dyn Session> {
     b.session().expect("session")
 }
 
+/// A session, and a run of `name` it announced.
+fn announced(b: &RedisBroker, name: &str) -> (Box<dyn Session>, StageRun) {
+    let mut s = session(b);
+    let r = stage_run(name);
+    s.announce(&announcement(&r)).expect("announce");
+    (s, r)
+}
+
 /// Calls `f` until it answers something other than `Unavailable`, at most `tries` times:
 /// the first call after a server restart finds its connection closed.
 fn after_reconnect<T>(
@@ -93,6 +101,12 @@ fn acl_users_with_the_documented_rules_run_their_calls_and_nothing_else() {
         users: vec![
             ("mg-worker".into(), WORKER_RULES.into()),
             ("mg-parent".into(), PARENT_RULES.into()),
+            (
+                "mg-timeless".into(),
+                WORKER_RULES
+                    .replace("worker-pass", "timeless-pass")
+                    .replace(" +time", ""),
+            ),
         ],
         ..ServerOptions::default()
     }) else {
@@ -198,6 +212,13 @@ fn acl_users_with_the_documented_rules_run_their_calls_and_nothing_else() {
         other => panic!("a worker may not delete a run: {other:?}"),
     }
 
+    // TIME is in none of the categories granted: without +time a worker cannot register.
+    let timeless = server.broker_for(&server.url_for("mg-timeless", "timeless-pass"));
+    match session(&timeless).register(&r, &me) {
+        Err(BrokerError::Auth(msg)) => assert!(msg.contains("can't run"), "{msg}"),
+        other => panic!("TIME needs +time: {other:?}"),
+    }
+
     // The parent reads what the worker published, and cleans up.
     let out = p
         .read_out(&r, 10, Duration::from_millis(100), false)
@@ -291,9 +312,7 @@ fn a_script_flush_between_two_commits_reloads_the_script() {
     let Some(server) = RedisServer::start_or_skip() else {
         return;
     };
-    let mut s = session(&server.broker());
-    let r = stage_run("script-flush");
-    s.announce(&announcement(&r)).expect("announce");
+    let (mut s, r) = announced(&server.broker(), "script-flush");
     s.send(&r, &[entry(0, b"a".to_vec()), entry(1, b"b".to_vec())])
         .expect("send");
     let got = s
@@ -463,9 +482,7 @@ fn a_lost_fetch_reply_is_found_again_in_the_own_pending_list() {
     let Some(server) = RedisServer::start_or_skip() else {
         return;
     };
-    let mut parent = session(&server.broker());
-    let r = stage_run("lost-reply");
-    parent.announce(&announcement(&r)).expect("announce");
+    let (mut parent, r) = announced(&server.broker(), "lost-reply");
     parent.send(&r, &[entry(0, b"a".to_vec())]).expect("send");
     let short = server
         .broker_for(&server.url())
