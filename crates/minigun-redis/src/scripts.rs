@@ -19,9 +19,11 @@ local function run_exists(ctl)
   end
   return true
 end
+-- The entry's delivery count if `consumer` holds it, else false.
 local function owned(key, id, consumer)
   local p = redis.call('XPENDING', key, 'mg', id, id, 1)
-  return #p > 0 and p[1][2] == consumer
+  if #p > 0 and p[1][2] == consumer then return p[1][4] end
+  return false
 end
 -- Acknowledges and deletes an entry: the stream holds only outstanding entries.
 local function remove(key, group, id)
@@ -159,15 +161,16 @@ return 1
 );
 
 script!(
-    /// KEYS in; ARGV consumer, claim idle ms, (id, deliveries)…  Makes owned entries idle
-    /// past their lease with one delivery less, so that the reclaim counts it back.
+    /// KEYS in; ARGV consumer, claim idle ms, ids…  Makes owned entries idle past their
+    /// lease with one delivery less than the server counts, so that the reclaim counts it
+    /// back (the server's count, not the caller's: it cannot be stale).
     release,
     r#"
-for i = 3, #ARGV, 2 do
-  if owned(KEYS[1], ARGV[i], ARGV[1]) then
-    local retry = math.max(tonumber(ARGV[i + 1]) - 1, 0)
+for i = 3, #ARGV do
+  local count = owned(KEYS[1], ARGV[i], ARGV[1])
+  if count then
     redis.call('XCLAIM', KEYS[1], 'mg', ARGV[1], 0, ARGV[i], 'IDLE', ARGV[2],
-      'RETRYCOUNT', retry, 'JUSTID')
+      'RETRYCOUNT', math.max(count - 1, 0), 'JUSTID')
   end
 end
 return 1

@@ -793,16 +793,18 @@ impl Session for RedisSession {
         ids: &[(EntryId, u32)],
         claim_idle: Duration,
     ) -> BrokerResult<()> {
-        let ids: Vec<&(EntryId, u32)> = ids.iter().filter(|(i, _)| value::is_entry_id(i)).collect();
+        // The server knows each entry's delivery count; the caller's copy is not needed.
+        let ids: Vec<&EntryId> = ids
+            .iter()
+            .map(|(i, _)| i)
+            .filter(|i| value::is_entry_id(i))
+            .collect();
         if ids.is_empty() {
             return Ok(());
         }
         let k = self.keys(run);
         let mut inv = scripts::release().prepare_invoke();
-        inv.key(&k.work).arg(consumer).arg(ms(claim_idle));
-        for (id, deliveries) in ids {
-            inv.arg(id).arg(*deliveries);
-        }
+        inv.key(&k.work).arg(consumer).arg(ms(claim_idle)).arg(&ids);
         self.script::<i64>(&inv).map(drop)
     }
 

@@ -525,3 +525,49 @@ fn a_lost_fetch_reply_is_found_again_in_the_own_pending_list() {
         Commit::Committed
     );
 }
+
+#[test]
+fn a_release_keeps_the_server_s_delivery_count_and_a_namespace_prefixes_every_key() {
+    let Some(server) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let b = server.broker().namespace("tenant");
+    let (mut s, r) = announced(&b, "namespace");
+    s.send(&r, &[entry(0, b"a".to_vec())]).expect("send");
+    let d = s
+        .fetch(&r, "a", 1, Duration::from_millis(200), false)
+        .expect("fetch")
+        .remove(0);
+    std::thread::sleep(IDLE + Duration::from_millis(20));
+    let taken = s.claim(&r, "b", IDLE, &[d.id.clone()]).expect("claim");
+    assert_eq!(taken[0].deliveries, 2);
+    // A stale count from the caller does not lower the server's.
+    s.release(&r, "b", &[(d.id.clone(), 1)], IDLE)
+        .expect("release");
+    let again = s.claim(&r, "c", IDLE, &[d.id.clone()]).expect("claim");
+    assert_eq!(again[0].deliveries, 2, "the release counted no delivery");
+
+    let mut admin = server.admin();
+    let mut keys: Vec<String> = redis::cmd("KEYS").arg("*").query(&mut admin).expect("KEYS");
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec![
+            "tenant:{redis-tests:namespace}:stage:ctl",
+            "tenant:{redis-tests:namespace}:stage:in",
+            "tenant:{redis-tests:namespace}:stage:out",
+            "tenant:{redis-tests}:runs",
+        ]
+    );
+    s.cleanup(&r, None).expect("cleanup");
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg("tenant:{redis-tests:*")
+        .query(&mut admin)
+        .expect("KEYS");
+    assert!(left.is_empty(), "cleanup removes the run's keys: {left:?}");
+    let runs: u64 = redis::cmd("XLEN")
+        .arg("tenant:{redis-tests}:runs")
+        .query(&mut admin)
+        .expect("XLEN");
+    assert_eq!(runs, 0, "and its announcement");
+}
