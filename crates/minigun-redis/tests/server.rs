@@ -539,12 +539,16 @@ fn a_release_keeps_the_server_s_delivery_count_and_a_namespace_prefixes_every_ke
         .expect("fetch")
         .remove(0);
     std::thread::sleep(IDLE + Duration::from_millis(20));
-    let taken = s.claim(&r, "b", IDLE, &[d.id.clone()]).expect("claim");
+    let taken = s
+        .claim(&r, "b", IDLE, std::slice::from_ref(&d.id))
+        .expect("claim");
     assert_eq!(taken[0].deliveries, 2);
     // A stale count from the caller does not lower the server's.
     s.release(&r, "b", &[(d.id.clone(), 1)], IDLE)
         .expect("release");
-    let again = s.claim(&r, "c", IDLE, &[d.id.clone()]).expect("claim");
+    let again = s
+        .claim(&r, "c", IDLE, std::slice::from_ref(&d.id))
+        .expect("claim");
     assert_eq!(again[0].deliveries, 2, "the release counted no delivery");
 
     let mut admin = server.admin();
