@@ -121,6 +121,13 @@ pub enum FailureKind {
     Start,
     /// The item was not processed because the run was aborted or stopped by a signal.
     Cancelled,
+    /// A remote stage's item was delivered `deliveries` times, and each time the worker
+    /// running it was lost (killed, crashed, or silent past its lease): it is dead-lettered
+    /// instead of being tried again.
+    WorkerLost {
+        /// How often the item was delivered.
+        deliveries: u32,
+    },
 }
 
 impl fmt::Display for FailureKind {
@@ -136,6 +143,9 @@ impl fmt::Display for FailureKind {
             FailureKind::Encode => f.write_str("encode error"),
             FailureKind::Start => f.write_str("start failure"),
             FailureKind::Cancelled => f.write_str("cancelled"),
+            FailureKind::WorkerLost { deliveries } => {
+                write!(f, "worker lost {deliveries} times")
+            }
         }
     }
 }

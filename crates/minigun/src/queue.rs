@@ -289,6 +289,16 @@ impl<T> Receiver<T> {
         }
     }
 
+    /// [`Receiver::recv_upto`] that gives up at `deadline`: `None` on timeout.
+    pub(crate) fn recv_upto_until(
+        &self,
+        buf: &mut VecDeque<T>,
+        max: usize,
+        deadline: Instant,
+    ) -> Option<bool> {
+        self.recv_inner(buf, 1, max, Some(deadline), &mut Taken::default())
+    }
+
     /// [`Receiver::recv_into`] that gives up at `deadline`: `None` on timeout.
     pub(crate) fn recv_into_until(&self, buf: &mut VecDeque<T>, deadline: Instant) -> Option<bool> {
         self.recv_inner(buf, 1, MAX_TAKE, Some(deadline), &mut Taken::default())

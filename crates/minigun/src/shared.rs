@@ -25,6 +25,11 @@ pub(crate) struct RunShared {
     pub(crate) signal: AtomicI32,
     /// The host program handles SIGINT / SIGTERM.
     pub(crate) no_signals: bool,
+    /// The pipeline's name.
+    pub(crate) pipeline: String,
+    /// This run's id: unique across processes and hosts (remote stages name their keys
+    /// with it).
+    pub(crate) id: String,
     /// Becomes readable when the run aborts: fork supervisors poll it.
     #[cfg(target_os = "linux")]
     abort_pipe: OnceLock<(OwnedFd, OwnedFd)>,
@@ -35,6 +40,23 @@ impl RunShared {
         RunShared {
             no_signals,
             ..RunShared::default()
+        }
+    }
+
+    /// Shared state whose stop flag is `stop` (set from outside to stop).
+    pub(crate) fn with_stop(stop: Arc<AtomicBool>, no_signals: bool) -> Self {
+        RunShared {
+            stop,
+            ..RunShared::new(no_signals)
+        }
+    }
+
+    /// The shared state of a run of the pipeline `pipeline`, with a new run id.
+    pub(crate) fn named(pipeline: &str, no_signals: bool) -> Self {
+        RunShared {
+            pipeline: pipeline.to_string(),
+            id: unique_id(),
+            ..RunShared::new(no_signals)
         }
     }
 
@@ -99,4 +121,28 @@ impl RunShared {
             .clone();
         (v, self.failures_total.load(Ordering::Relaxed))
     }
+}
+
+/// An id no other process or run shares: host, pid, time and a counter.
+pub(crate) fn unique_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}-{}-{nanos:x}-{}",
+        host_name(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// This machine's host name (`localhost` if unknown).
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
 }

@@ -348,8 +348,17 @@ impl Pipeline {
 
     /// Checks the definition and turns it into something that runs.
     pub fn build(self) -> Result<Runnable, DefinitionError> {
-        let def = std::mem::take(&mut *self.def.borrow_mut());
-        crate::link::build(def)
+        crate::link::build(self.take_def())
+    }
+
+    /// The pipeline's name.
+    pub fn name(&self) -> String {
+        self.def.borrow().name.clone()
+    }
+
+    /// Takes the definition records out of the handles.
+    pub(crate) fn take_def(self) -> Def {
+        std::mem::take(&mut *self.def.borrow_mut())
     }
 
     /// Builds and runs the pipeline, blocking until it ends.

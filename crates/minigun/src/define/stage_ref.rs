@@ -10,6 +10,7 @@ use crate::exec::Exec;
 use crate::ipc::protocol::{Codec, Postcard};
 use crate::policy::{Final, OnError};
 use crate::queue::{Capacity, FanOut};
+use crate::remote::Remote;
 use crate::route::{self, RouteCodec, RouteDecl};
 use crate::stage::{Failed, Item, TypeInfo, Wire};
 use std::cell::RefCell;
@@ -377,6 +378,13 @@ impl<I: Wire, O: Wire> StageRef<I, O> {
     pub fn ipc_fork(&self, n: usize) -> Self {
         self.wire();
         self.executor(Exec::ipc_fork(n))
+    }
+
+    /// Runs this stage on worker processes on any number of machines, fed through the
+    /// broker of `remote` (see [`crate::remote`]).
+    pub fn remote(&self, remote: Remote) -> Self {
+        self.wire();
+        self.executor(Exec::remote(remote))
     }
 
     /// Declares that this stage's items can cross a process, so a pipeline-wide, group or

@@ -16,6 +16,7 @@
 //! | [`Exec::Threads`] | [`local`] | `n` threads pulling from the stage queue | no |
 //! | [`Exec::CowFork`] | `fork::cow` | one forked child per item, at most `n` alive | output only |
 //! | [`Exec::IpcFork`] | `fork::ipc` | `n` persistent forked workers fed over pipes | input and output |
+//! | [`Exec::Remote`] | [`crate::remote`] | worker processes on other machines, through a broker | input and output |
 //!
 //! Every executor takes the same [`Parts`](parts::Parts) and hands failed attempts to the
 //! stage's one policy ([`StageCtx::failure`](crate::ctx::StageCtx::failure)), so a stage
@@ -32,6 +33,7 @@ pub(crate) mod parts;
 pub(crate) mod plan;
 pub(crate) mod runner;
 
+use crate::remote::Remote;
 use std::time::Duration;
 
 /// Options of the fork executors.
@@ -105,6 +107,9 @@ pub enum Exec {
     CowFork(ForkOptions),
     /// `workers` persistent forked workers fed over pipes.
     IpcFork(ForkOptions),
+    /// Worker processes on any number of machines, fed through a message broker (see
+    /// [`Exec::remote`]).
+    Remote(Remote),
 }
 
 impl Exec {
@@ -123,6 +128,13 @@ impl Exec {
     /// `n` persistent forked workers.
     pub fn ipc_fork(n: usize) -> Self {
         Exec::IpcFork(ForkOptions::new(n))
+    }
+    /// Worker processes on any number of machines, fed through the broker of `remote`. The
+    /// workers are this same program, started as workers (see
+    /// [`serve_if_worker`](crate::remote::serve_if_worker)); each runs the items under
+    /// [`Remote::worker_exec`]. Processors only, with serialisable input and output.
+    pub fn remote(remote: Remote) -> Self {
+        Exec::Remote(remote)
     }
     /// Per-item time limit (fork executors; ignored by the others).
     pub fn timeout(mut self, t: Duration) -> Self {
@@ -216,6 +228,7 @@ impl Exec {
             Exec::Inline => 1,
             Exec::Threads(n) => *n,
             Exec::CowFork(o) | Exec::IpcFork(o) => o.workers,
+            Exec::Remote(r) => r.max_in_flight,
         }
     }
 }
@@ -227,6 +240,7 @@ impl std::fmt::Display for Exec {
             Exec::Threads(n) => write!(f, "threads({n})"),
             Exec::CowFork(o) => write!(f, "cow_fork({})", o.workers),
             Exec::IpcFork(o) => write!(f, "ipc_fork({})", o.workers),
+            Exec::Remote(r) => write!(f, "remote({})", r.broker.name()),
         }
     }
 }

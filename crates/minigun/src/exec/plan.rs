@@ -57,6 +57,15 @@ pub(crate) fn precedence(
     .clone()
 }
 
+/// What the planner needs to know of the machine.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Env {
+    /// See [`fork_available`](super::runner::fork_available).
+    pub(crate) fork: bool,
+    /// See [`remote_enabled`](super::runner::remote_enabled).
+    pub(crate) remote: bool,
+}
+
 /// What the planner needs to know of a stage besides the setting that applies.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Stage<'a> {
@@ -68,11 +77,13 @@ pub(crate) struct Stage<'a> {
     pub(crate) crosses: Crosses,
     /// The stage declared a route whose item type cannot cross a process.
     pub(crate) local_routes: bool,
+    /// The stage declared any route.
+    pub(crate) routes: bool,
 }
 
 /// The executor a stage runs under, from the setting that applies to it (see the module
 /// docs); `fork_available` is [`fork_available`](super::runner::fork_available) in the crate.
-pub(crate) fn fit(s: Stage<'_>, exec: Exec, fork_available: bool) -> Result<Exec, DefinitionError> {
+pub(crate) fn fit(s: Stage<'_>, exec: Exec, env: Env) -> Result<Exec, DefinitionError> {
     let invalid = |message: String| DefinitionError::InvalidConfig {
         stage: s.name.to_string(),
         message,
@@ -110,9 +121,32 @@ pub(crate) fn fit(s: Stage<'_>, exec: Exec, fork_available: bool) -> Result<Exec
             executor: format!("{exec} (a route declared with routes_to_local)"),
         });
     }
-    if exec.is_fork() && !fork_available {
+    if exec.is_fork() && !env.fork {
         tracing::warn!(stage = %s.name, %exec, "fork is not available here: the stage runs inline");
         return Ok(Exec::Inline);
+    }
+    if let Exec::Remote(r) = &exec {
+        if s.kind == StageKind::Consumer {
+            return Err(invalid(format!(
+                "{exec} applies to processors (map, processor, stage): a consumer stays in \
+                 the parent"
+            )));
+        }
+        if s.routes {
+            return Err(invalid(format!(
+                "{exec} cannot route items by name (routes_to): a remote stage sends its \
+                 results to its downstreams only"
+            )));
+        }
+        if !env.remote {
+            tracing::info!(stage = %s.name, worker_exec = %r.worker_exec,
+                "remote stages are off (MINIGUN_REMOTE=off): the stage runs here");
+            let local = Stage {
+                explicit: true,
+                ..s
+            };
+            return fit(local, (*r.worker_exec).clone(), env);
+        }
     }
     Ok(exec)
 }
@@ -122,7 +156,7 @@ fn needs(exec: &Exec) -> Crosses {
     match exec {
         Exec::Inline | Exec::Threads(_) => Crosses::Nothing,
         Exec::CowFork(_) => Crosses::Output,
-        Exec::IpcFork(_) => Crosses::Both,
+        Exec::IpcFork(_) | Exec::Remote(_) => Crosses::Both,
     }
 }
 
@@ -183,6 +217,15 @@ mod tests {
         assert_eq!(precedence(None, Some((&t(2), 1)), &[None], &t(4)), t(2));
     }
 
+    const ENV: Env = Env {
+        fork: true,
+        remote: true,
+    };
+    const NO_FORK: Env = Env {
+        fork: false,
+        remote: true,
+    };
+
     fn stage(kind: StageKind, explicit: bool, crosses: Crosses) -> Stage<'static> {
         Stage {
             name: "s",
@@ -190,15 +233,63 @@ mod tests {
             explicit,
             crosses,
             local_routes: false,
+            routes: false,
         }
+    }
+
+    fn remote() -> Exec {
+        Exec::remote(crate::remote::Remote::new(
+            crate::remote::MemoryBroker::new(),
+        ))
+    }
+
+    #[test]
+    fn a_remote_stage_needs_both_types_to_cross_and_takes_no_consumer_or_route() {
+        let both = stage(StageKind::Processor, true, Crosses::Both);
+        let r = remote();
+        assert_eq!(fit(both, r.clone(), ENV).unwrap(), r);
+        let out = stage(StageKind::Processor, true, Crosses::Output);
+        assert!(matches!(
+            fit(out, remote(), ENV),
+            Err(DefinitionError::NotSerialisable { .. })
+        ));
+        let consumer = stage(StageKind::Consumer, true, Crosses::Both);
+        let e = fit(consumer, remote(), ENV).unwrap_err();
+        assert!(
+            e.to_string().contains("consumer stays in the parent"),
+            "{e}"
+        );
+        let mut routed = both;
+        routed.routes = true;
+        let e = fit(routed, remote(), ENV).unwrap_err();
+        assert!(e.to_string().contains("routes_to"), "{e}");
+    }
+
+    #[test]
+    fn with_remote_stages_off_a_remote_stage_runs_under_its_worker_executor() {
+        let off = Env {
+            fork: true,
+            remote: false,
+        };
+        let exec = Exec::remote(
+            crate::remote::Remote::new(crate::remote::MemoryBroker::new())
+                .worker_exec(Exec::ipc_fork(3)),
+        );
+        let s = stage(StageKind::Processor, false, Crosses::Both);
+        assert_eq!(fit(s, exec.clone(), off).unwrap(), Exec::ipc_fork(3));
+        let no_fork = Env {
+            fork: false,
+            remote: false,
+        };
+        assert_eq!(fit(s, exec, no_fork).unwrap(), Exec::Inline);
     }
 
     #[test]
     fn producers_and_accumulators_run_inline_whatever_applies() {
         for kind in [StageKind::Producer, StageKind::Accumulator] {
             let s = stage(kind, true, Crosses::Nothing);
-            assert_eq!(fit(s, Exec::ipc_fork(2), true).unwrap(), Exec::Inline);
-            assert_eq!(fit(s, t(3), true).unwrap(), Exec::Inline);
+            assert_eq!(fit(s, Exec::ipc_fork(2), ENV).unwrap(), Exec::Inline);
+            assert_eq!(fit(s, t(3), ENV).unwrap(), Exec::Inline);
         }
     }
 
@@ -215,7 +306,7 @@ mod tests {
         ];
         for (exec, crosses, fits) in cases {
             let explicit = stage(StageKind::Processor, true, crosses);
-            match fit(explicit, exec.clone(), true) {
+            match fit(explicit, exec.clone(), ENV) {
                 Ok(e) => assert!(fits && e == exec, "{exec} with {crosses:?}"),
                 Err(DefinitionError::NotSerialisable { stage, executor }) => {
                     assert!(!fits, "{exec} with {crosses:?}");
@@ -226,35 +317,35 @@ mod tests {
             // Inherited, a setting that cannot apply falls back to inline.
             let inherited = stage(StageKind::Consumer, false, crosses);
             let want = if fits { exec.clone() } else { Exec::Inline };
-            assert_eq!(fit(inherited, exec, true).unwrap(), want);
+            assert_eq!(fit(inherited, exec, ENV).unwrap(), want);
         }
     }
 
     #[test]
     fn without_fork_a_fork_stage_runs_inline() {
         let s = stage(StageKind::Custom, true, Crosses::Both);
-        assert_eq!(fit(s, Exec::ipc_fork(2), false).unwrap(), Exec::Inline);
-        assert_eq!(fit(s, t(2), false).unwrap(), t(2));
+        assert_eq!(fit(s, Exec::ipc_fork(2), NO_FORK).unwrap(), Exec::Inline);
+        assert_eq!(fit(s, t(2), NO_FORK).unwrap(), t(2));
     }
 
     #[test]
     fn a_fork_stage_with_a_local_route_is_refused_even_where_fork_is_missing() {
         let mut s = stage(StageKind::Processor, false, Crosses::Both);
         s.local_routes = true;
-        for available in [true, false] {
-            let e = fit(s, Exec::cow_fork(2), available).unwrap_err();
+        for env in [ENV, NO_FORK] {
+            let e = fit(s, Exec::cow_fork(2), env).unwrap_err();
             assert!(e.to_string().contains("routes_to_local"), "{e}");
         }
-        assert_eq!(fit(s, t(2), true).unwrap(), t(2));
+        assert_eq!(fit(s, t(2), ENV).unwrap(), t(2));
     }
 
     #[test]
     fn zero_workers_and_a_tiny_max_frame_are_refused() {
         let s = stage(StageKind::Producer, true, Crosses::Both);
-        let e = fit(s, t(0), true).unwrap_err();
+        let e = fit(s, t(0), ENV).unwrap_err();
         assert!(e.to_string().contains("at least one worker"), "{e}");
-        let e = fit(s, Exec::ipc_fork(1).max_frame(100), true).unwrap_err();
+        let e = fit(s, Exec::ipc_fork(1).max_frame(100), ENV).unwrap_err();
         assert!(e.to_string().contains("max_frame 100"), "{e}");
-        assert!(fit(s, Exec::ipc_fork(1).max_frame(4096), true).is_ok());
+        assert!(fit(s, Exec::ipc_fork(1).max_frame(4096), ENV).is_ok());
     }
 }

@@ -4,19 +4,23 @@
 //! Which executors a stage's types allow is known only where the serde bounds are: in the
 //! handle methods of [`StageRef`](crate::StageRef) that require them (`cow_fork`, `ipc_fork`,
 //! `wire`, `codec`). Those methods record a [`Crossing`]: what the types cross
-//! ([`Crosses`], read by the planner) and the serde-bounded entry points of the fork
-//! executors for exactly these types (one function pointer, monomorphised there). Nothing
-//! else in the crate needs the bounds.
+//! ([`Crosses`], read by the planner) and the serde-bounded [`Entry`] points of the crossing
+//! executors (cow_fork, ipc_fork, remote) for exactly these types, monomorphised there.
+//! Nothing else in the crate needs the bounds.
 //!
-//! Here too: whether fork is available ([`fork_available`]) and what the fork executors
-//! become where it is not (the linker plans such stages inline, so the fallbacks below only
-//! keep the crate compiling off Linux).
+//! Here too: whether fork is available ([`fork_available`]), whether remote stages run
+//! remotely ([`remote_enabled`]), and what the fork executors become where fork is missing
+//! (the planner runs such stages inline, so that fallback only keeps the crate compiling off
+//! Linux).
 
 use super::parts::Parts;
 use super::{local, Exec, ForkOptions};
 use crate::hooks::ForkHook;
 use crate::ipc::protocol::{Codec, WireFns};
+use crate::remote::worker::{Served, ServedStage};
+use crate::remote::Remote;
 use crate::stage::{Item, Wire};
+use std::marker::PhantomData;
 
 /// Whether the fork executors can run here: Linux, unless the environment variable
 /// `MINIGUN_NO_FORK` is set (then every fork stage runs inline, with a warning, which is also
@@ -25,6 +29,14 @@ pub(crate) fn fork_available() -> bool {
     static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *AVAILABLE
         .get_or_init(|| cfg!(target_os = "linux") && std::env::var_os("MINIGUN_NO_FORK").is_none())
+}
+
+/// Whether remote stages run remotely: yes, unless the environment variable `MINIGUN_REMOTE`
+/// is `off` (then each runs here under its worker executor, for development and for hosts
+/// without a broker).
+pub(crate) fn remote_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("MINIGUN_REMOTE").map_or(true, |v| v != "off"))
 }
 
 /// What a fork executor's preparation leaves to run on the stage's thread.
@@ -51,94 +63,155 @@ pub(crate) enum Crosses {
     Both,
 }
 
-/// The two fork executors.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Fork {
-    Cow,
-    Ipc,
+/// Where a crossing executor sends the items, with its options.
+#[derive(Debug, Clone)]
+pub(crate) enum Across {
+    Cow(ForkOptions),
+    Ipc(ForkOptions),
+    Remote(Remote),
 }
 
-/// Starts a fork executor for one stage's types (serde-bounded where it was made).
-type ForkStart<I, O> = fn(Fork, Parts<I, O>, ForkOptions, ForkHooks) -> PreparedRun;
+/// The serde-bounded entry points of one stage's types: made where the bounds hold
+/// ([`Crossing::output`], [`Crossing::both`]), called where they are not known.
+pub(crate) trait Entry<I, O>: Send + Sync {
+    /// Starts a crossing executor (the planner checked that the types cross what it needs).
+    fn start(&self, across: Across, parts: Parts<I, O>, hooks: ForkHooks) -> PreparedRun;
+    /// The worker side of a remote stage: the stage's code, ready to serve its runs. `None`
+    /// where the input does not cross.
+    fn serve(&self, stage: ServedStage<I, O>) -> Option<Box<dyn Served>>;
+}
 
-/// What a stage's types can cross, with the codec and the fork executors' entry points for
-/// them. Made only by the serde-bounded constructors below.
+/// What a stage's types can cross, with the codec and the entry points of the crossing
+/// executors for them. Made only by the serde-bounded constructors below.
 pub(crate) struct Crossing<I, O> {
     pub(crate) crosses: Crosses,
     codec: WireFns<I, O>,
-    start: ForkStart<I, O>,
+    pub(crate) entry: Box<dyn Entry<I, O>>,
 }
 
 impl<I: Item, O: Wire> Crossing<I, O> {
     /// The output crosses, encoded with `C`: cow_fork.
     pub(crate) fn output<C: Codec>() -> Self {
-        #[cfg(target_os = "linux")]
-        let start: ForkStart<I, O> = start_cow::<I, O>;
-        #[cfg(not(target_os = "linux"))]
-        let start: ForkStart<I, O> = inline::<I, O>;
         Crossing {
             crosses: Crosses::Output,
             codec: WireFns::outputs::<C>(),
-            start,
+            entry: Box::new(OutputOnly::<C>(PhantomData)),
         }
     }
 }
 
 impl<I: Wire, O: Wire> Crossing<I, O> {
-    /// Input and output cross, encoded with `C`: both fork executors.
+    /// Input and output cross, encoded with `C`: every crossing executor.
     pub(crate) fn both<C: Codec>() -> Self {
-        #[cfg(target_os = "linux")]
-        let start: ForkStart<I, O> = start_any::<I, O>;
-        #[cfg(not(target_os = "linux"))]
-        let start: ForkStart<I, O> = inline::<I, O>;
         Crossing {
             crosses: Crosses::Both,
             codec: WireFns::both::<C>(),
-            start,
+            entry: Box::new(Both::<C>(PhantomData)),
         }
     }
 }
 
-#[cfg(target_os = "linux")]
-fn start_cow<I: Item, O: Wire>(
-    fork: Fork,
-    parts: Parts<I, O>,
-    opts: ForkOptions,
-    hooks: ForkHooks,
-) -> PreparedRun {
-    debug_assert_eq!(fork, Fork::Cow, "the planner checks what a stage crosses");
-    super::fork::cow(parts, opts, hooks)
-}
-
-#[cfg(target_os = "linux")]
-fn start_any<I: Wire, O: Wire>(
-    fork: Fork,
-    parts: Parts<I, O>,
-    opts: ForkOptions,
-    hooks: ForkHooks,
-) -> PreparedRun {
-    match fork {
-        Fork::Cow => super::fork::cow(parts, opts, hooks),
-        Fork::Ipc => super::fork::ipc(parts, opts, hooks),
+impl<I: Wire, O: Wire> Crossing<I, O> {
+    /// Input and output cross, encoded with `C`, for the local executors only: a remote
+    /// worker's own run of the stage (which cannot be remote again).
+    pub(crate) fn local<C: Codec>() -> Self {
+        Crossing {
+            crosses: Crosses::Both,
+            codec: WireFns::both::<C>(),
+            entry: Box::new(LocalOnly::<C>(PhantomData)),
+        }
     }
 }
 
-/// Without fork the planner runs fork stages inline, so this is never called.
-#[cfg(not(target_os = "linux"))]
-fn inline<I: Item, O: Item>(_: Fork, p: Parts<I, O>, _: ForkOptions, _: ForkHooks) -> PreparedRun {
-    Box::new(move || local::run(p, 1))
+/// The entry points of a stage whose output crosses, with codec `C`.
+struct OutputOnly<C>(PhantomData<fn() -> C>);
+/// The entry points of a stage whose input and output cross, with codec `C`.
+struct Both<C>(PhantomData<fn() -> C>);
+/// The local entry points of a stage whose input and output cross, with codec `C`.
+struct LocalOnly<C>(PhantomData<fn() -> C>);
+
+impl<I: Wire, O: Wire, C: Codec> Entry<I, O> for LocalOnly<C> {
+    fn start(&self, across: Across, parts: Parts<I, O>, hooks: ForkHooks) -> PreparedRun {
+        match across {
+            #[cfg(target_os = "linux")]
+            Across::Cow(opts) => super::fork::cow(parts, opts, hooks),
+            #[cfg(target_os = "linux")]
+            Across::Ipc(opts) => super::fork::ipc(parts, opts, hooks),
+            _ => unreachable_flavour(across, parts, hooks),
+        }
+    }
+    fn serve(&self, _: ServedStage<I, O>) -> Option<Box<dyn Served>> {
+        None
+    }
+}
+
+impl<I: Item, O: Wire, C: Codec> Entry<I, O> for OutputOnly<C> {
+    fn start(&self, across: Across, parts: Parts<I, O>, hooks: ForkHooks) -> PreparedRun {
+        start_cow(across, parts, hooks)
+    }
+    fn serve(&self, _: ServedStage<I, O>) -> Option<Box<dyn Served>> {
+        None
+    }
+}
+
+impl<I: Wire, O: Wire, C: Codec> Entry<I, O> for Both<C> {
+    fn start(&self, across: Across, parts: Parts<I, O>, hooks: ForkHooks) -> PreparedRun {
+        match across {
+            Across::Remote(r) => crate::remote::parent::start::<I, O, C>(parts, r),
+            other => start_local(other, parts, hooks),
+        }
+    }
+    fn serve(&self, stage: ServedStage<I, O>) -> Option<Box<dyn Served>> {
+        Some(crate::remote::worker::served::<I, O, C>(stage))
+    }
+}
+
+/// cow_fork, for a stage whose output crosses.
+fn start_cow<I: Item, O: Wire>(
+    across: Across,
+    parts: Parts<I, O>,
+    hooks: ForkHooks,
+) -> PreparedRun {
+    match across {
+        #[cfg(target_os = "linux")]
+        Across::Cow(opts) => super::fork::cow(parts, opts, hooks),
+        other => unreachable_flavour(other, parts, hooks),
+    }
+}
+
+/// The fork executors, for a stage whose input and output cross.
+fn start_local<I: Wire, O: Wire>(
+    across: Across,
+    parts: Parts<I, O>,
+    hooks: ForkHooks,
+) -> PreparedRun {
+    match across {
+        #[cfg(target_os = "linux")]
+        Across::Ipc(opts) => super::fork::ipc(parts, opts, hooks),
+        other => start_cow(other, parts, hooks),
+    }
+}
+
+/// A flavour the planner never gives these types (or a fork flavour where fork is missing,
+/// which the planner runs inline): runs inline rather than failing.
+fn unreachable_flavour<I: Item, O: Item>(
+    across: Across,
+    parts: Parts<I, O>,
+    _: ForkHooks,
+) -> PreparedRun {
+    debug_assert!(false, "the planner does not give {across:?} to these types");
+    Box::new(move || local::run(parts, 1))
 }
 
 /// A processor stage's executor, as planned.
 pub(crate) enum Runner<I, O> {
     /// Inline (one worker, on the driver thread) or `threads(n)`.
     Local { threads: usize },
-    /// cow_fork or ipc_fork.
-    Fork {
-        fork: Fork,
-        opts: ForkOptions,
+    /// cow_fork, ipc_fork or remote.
+    Across {
+        across: Box<Across>,
         hooks: ForkHooks,
-        start: ForkStart<I, O>,
+        entry: Box<dyn Entry<I, O>>,
     },
 }
 
@@ -151,13 +224,12 @@ impl<I: Item, O: Item> Runner<I, O> {
         hooks: ForkHooks,
     ) -> (Self, Option<WireFns<I, O>>) {
         let codec = crossing.as_ref().map(|c| c.codec);
-        let fork = |fork: Fork, opts: &ForkOptions| {
-            let c = crossing.expect("the planner checks what a fork stage's types cross");
-            Runner::Fork {
-                fork,
-                opts: opts.clone(),
+        let across = |across: Across| {
+            let c = crossing.expect("the planner checks what a crossing stage's types cross");
+            Runner::Across {
+                across: Box::new(across),
                 hooks,
-                start: c.start,
+                entry: c.entry,
             }
         };
         let runner = match exec {
@@ -165,8 +237,9 @@ impl<I: Item, O: Item> Runner<I, O> {
             Exec::Threads(n) => Runner::Local {
                 threads: (*n).max(1),
             },
-            Exec::CowFork(opts) => fork(Fork::Cow, opts),
-            Exec::IpcFork(opts) => fork(Fork::Ipc, opts),
+            Exec::CowFork(opts) => across(Across::Cow(opts.clone())),
+            Exec::IpcFork(opts) => across(Across::Ipc(opts.clone())),
+            Exec::Remote(r) => across(Across::Remote(r.clone())),
         };
         (runner, codec)
     }
@@ -176,12 +249,11 @@ impl<I: Item, O: Item> Runner<I, O> {
     pub(crate) fn prepare(self, parts: Parts<I, O>) -> PreparedRun {
         match self {
             Runner::Local { threads } => Box::new(move || local::run(parts, threads)),
-            Runner::Fork {
-                fork,
-                opts,
+            Runner::Across {
+                across,
                 hooks,
-                start,
-            } => start(fork, parts, opts, hooks),
+                entry,
+            } => entry.start(*across, parts, hooks),
         }
     }
 }

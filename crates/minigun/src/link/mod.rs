@@ -27,7 +27,8 @@ use crate::exec::runner::{self, ForkHooks};
 use crate::exec::Exec;
 use crate::hooks::ForkHook;
 use crate::loops::Loop;
-use crate::node::Wiring;
+use crate::node::{ServeWiring, Wiring};
+use crate::remote::worker::Served;
 use crate::route::{RouteEntry, Routes};
 use crate::run::{PlannedStage, Runnable};
 use crate::shared::RunShared;
@@ -67,7 +68,7 @@ pub(crate) fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
     for lp in &loops {
         lp.close_if_idle();
     }
-    let run = Arc::new(RunShared::new(def.no_signals));
+    let run = Arc::new(RunShared::named(&def.name, def.no_signals));
     let stages = tasks(&def, plans, &wired, &run);
     let view_edges = view_edges(&wired, &edges);
     Ok(Runnable::new(
@@ -78,6 +79,34 @@ pub(crate) fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         def.after_run,
         view_edges,
     ))
+}
+
+/// Links the definition as a worker does: checks it exactly as [`build`] does, and returns
+/// its remote stages, ready to serve.
+pub(crate) fn served(mut def: Def) -> Result<Vec<Box<dyn Served>>, DefinitionError> {
+    misuse(&def)?;
+    let edges = resolve::edges(&def)?;
+    let wired = edges.declared.wire(&def.name)?;
+    check_types(&def, &wired, &edges)?;
+    let plans = plan(&mut def)?;
+    let mut served = Vec::new();
+    for p in plans {
+        let StagePlan {
+            def: mut s, exec, ..
+        } = p;
+        let Exec::Remote(remote) = exec else { continue };
+        let hooks = stage_fork_hooks(&def, &s);
+        let w = ServeWiring {
+            pipeline: def.name.clone(),
+            name: s.name.clone(),
+            remote,
+            policy: s.policy.clone(),
+            hooks,
+            crossing: s.crossing.take().map(|c| c.typed),
+        };
+        served.extend(s.node.into_served(w));
+    }
+    Ok(served)
 }
 
 /// The first setting applied to a handle it does not fit.
@@ -208,8 +237,13 @@ fn executor(def: &Def, s: &StageDef) -> Result<Exec, DefinitionError> {
         explicit: own.is_some(),
         crosses: s.crosses(),
         local_routes: s.routes.iter().any(|(_, d)| d.codec.is_none()),
+        routes: !s.routes.is_empty(),
     };
-    plan::fit(stage, applies, runner::fork_available())
+    let env = plan::Env {
+        fork: runner::fork_available(),
+        remote: runner::remote_enabled(),
+    };
+    plan::fit(stage, applies, env)
 }
 
 /// The sub-pipelines around a stage of sub-pipeline `sub`, innermost first.
@@ -234,6 +268,26 @@ fn fork_hooks(
     let chain = enclosing(def, sub);
     let subs = chain.iter().rev().flat_map(|&x| of(&def.subs[x]).iter());
     pipeline.iter().chain(subs).chain(stage).cloned().collect()
+}
+
+/// A stage's fork hooks, before and after.
+fn stage_fork_hooks(def: &Def, s: &StageDef) -> ForkHooks {
+    ForkHooks {
+        before_fork: fork_hooks(
+            def,
+            s.sub,
+            |g| &g.before_fork,
+            &def.before_fork,
+            &s.hooks.before_fork,
+        ),
+        after_fork: fork_hooks(
+            def,
+            s.sub,
+            |g| &g.after_fork,
+            &def.after_fork,
+            &s.hooks.after_fork,
+        ),
+    }
 }
 
 /// Each plan becomes its stage's task, in topological order.
@@ -263,22 +317,7 @@ fn tasks(
             run: run.clone(),
             lp,
         });
-        let hooks = ForkHooks {
-            before_fork: fork_hooks(
-                def,
-                s.sub,
-                |g| &g.before_fork,
-                &def.before_fork,
-                &s.hooks.before_fork,
-            ),
-            after_fork: fork_hooks(
-                def,
-                s.sub,
-                |g| &g.after_fork,
-                &def.after_fork,
-                &s.hooks.after_fork,
-            ),
-        };
+        let hooks = stage_fork_hooks(def, &s);
         let (input, capacity) = match queue {
             Some(q) => (q.rx, Some(q.capacity)),
             None => (None, None),

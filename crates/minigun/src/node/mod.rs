@@ -14,7 +14,10 @@ use crate::ctx::StageCtx;
 use crate::erased::{take, Erased};
 use crate::exec::runner::ForkHooks;
 use crate::loops::{Closer, Membership};
+use crate::policy::OnError;
 use crate::queue::{self, Capacity, FanOut, QueueTx};
+use crate::remote::worker::Served;
+use crate::remote::Remote;
 use crate::route::{Router, Routes};
 use crate::stage::{Item, StageKind, TypeInfo};
 use crate::stats::StageStats;
@@ -67,6 +70,21 @@ pub(crate) trait Node: Send {
         Ok(())
     }
     fn into_task(self: Box<Self>, w: Wiring) -> Box<dyn Task>;
+    /// The worker side of a remote stage (processors whose types cross a process only).
+    fn into_served(self: Box<Self>, _w: ServeWiring) -> Option<Box<dyn Served>> {
+        None
+    }
+}
+
+/// What a remote stage's node receives when a worker links the definition.
+pub(crate) struct ServeWiring {
+    pub(crate) pipeline: String,
+    pub(crate) name: String,
+    pub(crate) remote: Remote,
+    pub(crate) policy: OnError,
+    pub(crate) hooks: ForkHooks,
+    /// The stage's `Crossing<I, O>`.
+    pub(crate) crossing: Option<Erased>,
 }
 
 /// The stage's router: its downstream queues, fan-out rule and declared routes.

@@ -1,12 +1,13 @@
 //! Processors, consumers and custom stages: called once per item, under the executor their
 //! plan chose (see [`Runner`]).
 
-use super::{queue_for, router, Node, QueueEnds, Task, Wiring};
+use super::{queue_for, router, Node, QueueEnds, ServeWiring, Task, Wiring};
 use crate::ctx::StageCtx;
 use crate::erased::take;
 use crate::exec::parts::{drain, Parts};
 use crate::exec::runner::{Crossing, PreparedRun, Runner};
 use crate::queue::{Capacity, QueueTx, Receiver};
+use crate::remote::worker::{Served, ServedStage};
 use crate::stage::{Factory, Failed, Item, StageKind, TypeInfo};
 use crate::stats::StageStats;
 use std::sync::Arc;
@@ -51,6 +52,17 @@ impl<I: Item, O: Item> Node for ProcessorNode<I, O> {
             ctx: parts.ctx.clone(),
             planned: Some((runner, parts)),
             prepared: None,
+        })
+    }
+    fn into_served(self: Box<Self>, w: ServeWiring) -> Option<Box<dyn Served>> {
+        let crossing = take::<Crossing<I, O>>(w.crossing?);
+        crossing.entry.serve(ServedStage {
+            pipeline: w.pipeline,
+            name: w.name,
+            factory: self.factory,
+            remote: w.remote,
+            policy: w.policy,
+            hooks: w.hooks,
         })
     }
 }

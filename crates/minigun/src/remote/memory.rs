@@ -27,7 +27,9 @@ struct State {
     /// Id of the server's incarnation (changed by `restart`).
     incarnation: u64,
     next_id: u64,
-    announcements: Vec<Announcement>,
+    /// Announcements with their cursor (which keeps growing across restarts, as a
+    /// server's time-based stream ids do).
+    announcements: Vec<(u64, Announcement)>,
     runs: HashMap<StageRun, Run>,
     /// Calls that fail once with `Unavailable`, by method name (fault injection).
     fail_next: HashMap<&'static str, u32>,
@@ -77,9 +79,11 @@ impl MemoryBroker {
         let mut s = self.lock();
         let offset = s.offset;
         let incarnation = s.incarnation + 1;
+        let next_id = s.next_id;
         *s = State {
             offset,
             incarnation,
+            next_id,
             ..State::default()
         };
         drop(s);
@@ -226,7 +230,8 @@ impl Session for MemorySession {
         self.with("announce", |s| {
             let run = s.runs.entry(a.stage_run.clone()).or_default();
             run.control = Some(Control::Running);
-            s.announcements.push(a.clone());
+            let id = s.id();
+            s.announcements.push((id, a.clone()));
             Ok(())
         })
     }
@@ -333,10 +338,14 @@ impl Session for MemorySession {
         })
     }
 
-    fn cleanup(&mut self, run: &StageRun, _keep: Option<Duration>) -> BrokerResult<()> {
+    fn cleanup(&mut self, run: &StageRun, keep: Option<Duration>) -> BrokerResult<()> {
         self.with("cleanup", |s| {
+            if keep.is_some() {
+                // Kept for inspection (this broker never expires anything).
+                return Ok(());
+            }
             s.runs.remove(run);
-            s.announcements.retain(|a| &a.stage_run != run);
+            s.announcements.retain(|(_, a)| &a.stage_run != run);
             Ok(())
         })
     }
@@ -347,9 +356,8 @@ impl Session for MemorySession {
         after: Option<&str>,
         block: Duration,
     ) -> BrokerResult<Vec<(String, Announcement)>> {
-        let from = after.and_then(|a| a.parse::<usize>().ok()).map(|a| a + 1);
+        let after = after.and_then(|a| a.parse::<u64>().ok());
         self.wait("announcements", block, |s| {
-            let start = from.unwrap_or(0);
             let live = |a: &Announcement| {
                 s.runs
                     .get(&a.stage_run)
@@ -357,11 +365,10 @@ impl Session for MemorySession {
             };
             Ok(s.announcements
                 .iter()
-                .enumerate()
-                .skip(start)
+                .filter(|(id, _)| after.is_none_or(|c| *id > c))
                 .filter(|(_, a)| a.stage_run.pipeline == pipeline)
-                .filter(|(_, a)| from.is_some() || live(a))
-                .map(|(i, a)| (i.to_string(), a.clone()))
+                .filter(|(_, a)| after.is_some() || live(a))
+                .map(|(id, a)| (id.to_string(), a.clone()))
                 .collect())
         })
     }

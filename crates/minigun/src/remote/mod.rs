@@ -9,9 +9,16 @@ pub mod broker;
 #[doc(hidden)]
 pub mod conformance;
 mod memory;
+mod options;
+pub(crate) mod parent;
+mod serve;
+mod wire;
+pub(crate) mod worker;
 
 pub use broker::{Broker, BrokerError, Session};
 pub use memory::MemoryBroker;
+pub use options::Remote;
+pub use serve::{is_worker, serve_if_worker, ServeError, ServeOptions, ServeReport};
 
 #[cfg(test)]
 mod tests {

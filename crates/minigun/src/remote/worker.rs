@@ -1,0 +1,858 @@
+//! The worker side of a remote stage: this same program, started as a worker, serving the
+//! runs its parent announces.
+//!
+//! ```text
+//!  broker :in ─> fetcher ─> local queue (index, item) ─> worker_exec (e.g. ipc_fork) running
+//!                  ▲                                      the stage, wrapped: outputs tagged
+//!  keeper: register, heartbeat,                          with their item's index
+//!  reclaim, split, dead-letter           committers <─ tagged outputs, final failures
+//!                                            └─> broker: results + ack of a whole entry, atomically
+//! ```
+//!
+//! - The stage's own code runs under the local executor `worker_exec`, wrapped so that each
+//!   output carries its item's index and each success ends with a `Done` mark; a final
+//!   failure (after the stage's retries, applied here) reaches a local dead-letter queue with
+//!   the item and its index. A crash under a fork `worker_exec` is therefore an ordinary
+//!   item failure, decided here, with no redelivery.
+//! - An entry is committed when every one of its items has its terminal result: results
+//!   and acknowledgement in one atomic call that publishes nothing if another worker has
+//!   taken the entry since (`lease_lost`).
+//! - The keeper refreshes the worker's registration and the lease of every entry it holds
+//!   every `heartbeat`, and every quarter of `claim_idle` reclaims entries idle past
+//!   `claim_idle` (their worker was lost): past `max_deliveries` an entry is dead-lettered
+//!   with a `WorkerLost` failure for each item; a reclaimed batch of several items is split
+//!   into single-item entries, so a poison item is isolated after one redelivery.
+//! - On `Finishing` the worker stops fetching, lets its local run end (which runs the
+//!   stage's `finish`), and publishes its `finish` outputs once. On `Aborted`, or when the
+//!   run's keys are gone, it stops at once and leaves its entries.
+//! - On SIGTERM (or [`ServeOptions::stop_flag`](super::ServeOptions::stop_flag)) it stops fetching, gives its running items
+//!   `grace` to finish and commit, releases the rest (claimable at once, no delivery
+//!   counted), and leaves.
+
+use super::broker::*;
+use super::options::{fingerprint, Remote};
+use super::wire::{self, RemoteFailure, WorkerStats, FINISH_ID};
+use crate::ctx::StageCtx;
+use crate::error::{EmitError, FailureKind, StageResult};
+use crate::exec::parts::Parts;
+use crate::exec::runner::{Crossing, ForkHooks, Runner};
+use crate::exec::Exec;
+use crate::ipc::protocol::Codec;
+use crate::loops::Membership;
+use crate::policy::{Final, OnError};
+use crate::queue::{self, Capacity, FanOut, QueueTx, Receiver};
+use crate::route::Router;
+use crate::shared::{host_name, unique_id, RunShared};
+use crate::stage::{Factory, Failed, Output, Sink, Stage, Wire};
+use crate::stats::StageStats;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// How long a fetch waits for an entry before the fetcher looks at the run's state.
+const FETCH_BLOCK: Duration = Duration::from_millis(200);
+
+/// A remote stage's code, as a worker serves it.
+pub(crate) struct ServedStage<I, O> {
+    pub(crate) pipeline: String,
+    pub(crate) name: String,
+    pub(crate) factory: Factory<I, O>,
+    pub(crate) remote: Remote,
+    pub(crate) policy: OnError,
+    pub(crate) hooks: ForkHooks,
+}
+
+/// A remote stage a worker can serve (type-erased).
+pub(crate) trait Served: Send + Sync {
+    /// The stage's qualified name.
+    fn stage(&self) -> &str;
+    /// Its settings (the broker among them).
+    fn remote(&self) -> &Remote;
+    /// The fingerprint a run must have to be served, and its text.
+    fn fingerprint(&self) -> (String, String);
+    /// Serves one announced run until it ends.
+    fn serve(&self, a: &Announcement, stop: &AtomicBool) -> Result<WorkerStats, String>;
+}
+
+/// The typed [`Served`] of a stage with codec `C`.
+pub(crate) fn served<I: Wire, O: Wire, C: Codec>(s: ServedStage<I, O>) -> Box<dyn Served> {
+    Box::new(Typed::<I, O, C> {
+        s,
+        _c: std::marker::PhantomData,
+    })
+}
+
+struct Typed<I, O, C> {
+    s: ServedStage<I, O>,
+    _c: std::marker::PhantomData<fn() -> C>,
+}
+
+impl<I: Wire, O: Wire, C: Codec> Served for Typed<I, O, C> {
+    fn stage(&self) -> &str {
+        &self.s.name
+    }
+    fn remote(&self) -> &Remote {
+        &self.s.remote
+    }
+    fn fingerprint(&self) -> (String, String) {
+        fingerprint(
+            &self.s.pipeline,
+            &self.s.name,
+            std::any::type_name::<I>(),
+            std::any::type_name::<O>(),
+            std::any::type_name::<C>(),
+            self.s.remote.build_id.as_deref(),
+        )
+    }
+    fn serve(&self, a: &Announcement, stop: &AtomicBool) -> Result<WorkerStats, String> {
+        let (fp, text) = self.fingerprint();
+        if a.fingerprint != fp {
+            return Err(format!(
+                "refusing run {}: the parent's definition differs from this worker's \
+                 (parent: {}; worker: {text})",
+                a.stage_run, a.fingerprint_text
+            ));
+        }
+        RunServer::<I, O, C>::new(&self.s, a, stop)?.serve()
+    }
+}
+
+/// What a wrapped stage emits: its outputs tagged with their item's index, each success's
+/// end, and its `finish` outputs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(bound(
+    serialize = "O: Serialize",
+    deserialize = "O: serde::de::DeserializeOwned"
+))]
+pub(crate) enum Tagged<O> {
+    Out(u64, O),
+    Done(u64, u64),
+    Flush(O),
+}
+
+/// The user's stage, taking `(index, item)` and tagging what it emits.
+struct Indexed<I, O> {
+    inner: Box<dyn Stage<I, O>>,
+}
+
+struct TagSink<'a, 'b, O> {
+    index: Option<u64>,
+    out: &'a mut Output<'b, Tagged<O>>,
+}
+
+impl<O> Sink<O> for TagSink<'_, '_, O> {
+    fn send(&mut self, item: O) -> Result<(), EmitError> {
+        match self.index {
+            Some(i) => self.out.emit(Tagged::Out(i, item)),
+            None => self.out.emit(Tagged::Flush(item)),
+        }
+    }
+    fn route(&mut self, target: &str, _: Box<dyn std::any::Any + Send>) -> Result<(), EmitError> {
+        Err(EmitError::Route(format!(
+            "a remote stage cannot route to {target:?}: it sends its results to its downstreams"
+        )))
+    }
+}
+
+impl<I: Send + 'static, O: Send + 'static> Stage<(u64, I), Tagged<O>> for Indexed<I, O> {
+    fn process(&mut self, (index, item): (u64, I), out: &mut Output<'_, Tagged<O>>) -> StageResult {
+        let t0 = quanta::Instant::now();
+        let mut sink = TagSink {
+            index: Some(index),
+            out,
+        };
+        self.inner.process(item, &mut Output::new(&mut sink))?;
+        let ns = t0.elapsed().as_nanos() as u64;
+        out.emit(Tagged::Done(index, ns))?;
+        Ok(())
+    }
+    fn finish(&mut self, out: &mut Output<'_, Tagged<O>>) -> StageResult {
+        let mut sink = TagSink { index: None, out };
+        self.inner.finish(&mut Output::new(&mut sink))
+    }
+}
+
+/// An entry this worker holds, until it is committed, released or given up.
+struct Held {
+    id: EntryId,
+    count: u32,
+    /// Items without a terminal result yet.
+    left: u32,
+    deliveries: u32,
+    /// Each item's frames so far (outputs, then its terminal frame).
+    frames: BTreeMap<u64, Vec<u8>>,
+    /// Items whose output could not be encoded: they fail with `Encode`.
+    broken: HashMap<u64, String>,
+}
+
+struct Book {
+    /// Held entries by their first index.
+    held: BTreeMap<u64, Held>,
+    /// Items in the local run.
+    local: usize,
+    /// The `finish` outputs.
+    flush: Vec<u8>,
+    stats: WorkerStats,
+}
+
+/// One run being served.
+struct RunServer<'a, I, O, C> {
+    s: &'a ServedStage<I, O>,
+    run: StageRun,
+    a: &'a Announcement,
+    consumer: String,
+    stop: &'a AtomicBool,
+    book: Mutex<Book>,
+    changed: Condvar,
+    /// Items the local run may hold at once.
+    room: usize,
+    /// Entries the keeper took over, for the fetcher to run.
+    reclaimed: Mutex<VecDeque<Delivery>>,
+    _c: std::marker::PhantomData<fn() -> C>,
+}
+
+impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
+    fn new(
+        s: &'a ServedStage<I, O>,
+        a: &'a Announcement,
+        stop: &'a AtomicBool,
+    ) -> Result<Self, String> {
+        let exec = local_exec(&s.remote.worker_exec);
+        Ok(RunServer {
+            s,
+            run: a.stage_run.clone(),
+            a,
+            consumer: unique_id(),
+            stop,
+            book: Mutex::new(Book {
+                held: BTreeMap::new(),
+                local: 0,
+                flush: Vec::new(),
+                stats: WorkerStats {
+                    host: host_name(),
+                    pid: std::process::id(),
+                    ..WorkerStats::default()
+                },
+            }),
+            changed: Condvar::new(),
+            room: (exec.concurrency() * 2).max(1),
+            reclaimed: Mutex::new(VecDeque::new()),
+            _c: std::marker::PhantomData,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn session(&self) -> Result<Box<dyn Session>, String> {
+        self.s.remote.broker.session().map_err(|e| e.to_string())
+    }
+
+    fn info(&self) -> WorkerInfo {
+        WorkerInfo {
+            consumer: self.consumer.clone(),
+            host: host_name(),
+            pid: std::process::id(),
+            concurrency: local_exec(&self.s.remote.worker_exec).concurrency() as u32,
+            since_heartbeat: Duration::ZERO,
+        }
+    }
+
+    fn serve(self) -> Result<WorkerStats, String> {
+        let mut keeper = self.session()?;
+        keeper
+            .register(&self.run, &self.info())
+            .map_err(|e| e.to_string())?;
+        tracing::info!(run = %self.run, consumer = %self.consumer, "serving a remote stage");
+        let local_run = Arc::new(RunShared::named(&self.s.pipeline, true));
+        let stats = Arc::new(StageStats::default());
+        let exec = local_exec(&self.s.remote.worker_exec);
+        let (tx, rx) = queue::channel::<(u64, I)>(Capacity::Bounded(self.room), stats.clone());
+        let (otx, orx) = queue::channel::<Tagged<O>>(Capacity::Unbounded, stats.clone());
+        let (dtx, drx) = queue::channel::<Failed<(u64, I)>>(Capacity::Unbounded, stats.clone());
+        let ctx = Arc::new(StageCtx {
+            name: self.s.name.clone(),
+            exec: exec.clone(),
+            policy: OnError {
+                then: Final::DeadLetter,
+                ..self.s.policy.clone()
+            },
+            stats: stats.clone(),
+            run: local_run.clone(),
+            lp: None,
+        });
+        let inner = self.s.factory.clone();
+        let factory: Factory<(u64, I), Tagged<O>> =
+            Arc::new(move || Box::new(Indexed { inner: inner() }));
+        let crossing = Crossing::<(u64, I), Tagged<O>>::local::<C>();
+        let (runner, codec) = Runner::new(&exec, Some(crossing), self.s.hooks.clone());
+        let parts = Parts {
+            ctx,
+            input: rx,
+            router: Router::new(
+                vec![QueueTx::new(otx, Membership::default())],
+                FanOut::Broadcast,
+                stats.clone(),
+            ),
+            dead_letter: Some(QueueTx::new(dtx, Membership::default())),
+            factory,
+            wire: codec,
+        };
+        let prepared = runner.prepare(parts);
+        let done = AtomicBool::new(false);
+        let ended = std::thread::scope(|scope| {
+            let builder =
+                |name: &str| std::thread::Builder::new().name(format!("{}:{name}", self.s.name));
+            let spawned = "spawn a worker thread";
+            let local = builder("local")
+                .spawn_scoped(scope, prepared)
+                .expect(spawned);
+            let outputs = builder("outputs")
+                .spawn_scoped(scope, || self.outputs(orx))
+                .expect(spawned);
+            let failures = builder("failures")
+                .spawn_scoped(scope, || self.failures(drx))
+                .expect(spawned);
+            let keep = builder("keeper")
+                .spawn_scoped(scope, || self.keeper(&mut keeper, &done))
+                .expect(spawned);
+            let ended = self.fetcher(tx, &local_run);
+            let _ = local.join();
+            let _ = outputs.join();
+            let _ = failures.join();
+            done.store(true, Ordering::Relaxed);
+            self.changed.notify_all();
+            let _ = keep.join();
+            ended
+        });
+        self.end(ended)
+    }
+
+    /// Fetches entries into the local run until the run is over for this worker.
+    fn fetcher(&self, tx: queue::Sender<(u64, I)>, local_run: &RunShared) -> Ended {
+        let mut session = match self.session() {
+            Ok(s) => s,
+            Err(_) => return Ended::Lost,
+        };
+        let mut own = true;
+        // Since when the run's keys are missing: a server that restarted without them gets
+        // them back from the parent within moments; a run whose parent is gone does not.
+        let mut missing: Option<Instant> = None;
+        let patience = (self.a.claim_idle * 2).max(Duration::from_secs(5));
+        let ended = loop {
+            if self.stop.load(Ordering::Relaxed) {
+                break Ended::Stopped;
+            }
+            match session.control(&self.run) {
+                Ok(Some(Control::Running)) => missing = None,
+                Ok(Some(Control::Finishing)) => break Ended::Finishing,
+                Ok(Some(Control::Aborted)) => break Ended::Aborted,
+                Ok(None) | Err(BrokerError::NoRun) => {
+                    let since = *missing.get_or_insert_with(Instant::now);
+                    if since.elapsed() > patience {
+                        break Ended::Aborted;
+                    }
+                    own = true;
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+                Err(e) if e.is_transient() => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    if let Ok(s) = self.session() {
+                        session = s;
+                    }
+                    own = true;
+                    continue;
+                }
+                Err(_) => break Ended::Lost,
+            }
+            let taken_over: Vec<Delivery> = self
+                .reclaimed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain(..)
+                .collect();
+            for d in taken_over {
+                self.take(&mut *session, d, &tx);
+            }
+            if !self.wait_for_room() {
+                continue;
+            }
+            let got = session.fetch(
+                &self.run,
+                &self.consumer,
+                1,
+                FETCH_BLOCK,
+                std::mem::take(&mut own),
+            );
+            match got {
+                Ok(deliveries) => {
+                    for d in deliveries {
+                        self.take(&mut *session, d, &tx);
+                    }
+                }
+                Err(_) => {
+                    // Read our own pending entries first after any error: a reply lost on
+                    // the way left them delivered to us.
+                    own = true;
+                    std::thread::sleep(Duration::from_millis(50));
+                    if let Ok(s) = self.session() {
+                        session = s;
+                    }
+                }
+            }
+        };
+        match ended {
+            Ended::Finishing => drop(tx),
+            Ended::Stopped => {
+                self.grace();
+                local_run.abort(self.stop_failure());
+                drop(tx);
+                self.release(&mut *session);
+            }
+            _ => {
+                local_run.abort(self.stop_failure());
+                drop(tx);
+                self.lock().held.clear();
+            }
+        }
+        ended
+    }
+
+    fn stop_failure(&self) -> crate::error::ItemFailure {
+        crate::error::ItemFailure {
+            stage: self.s.name.clone(),
+            item: u64::MAX,
+            attempt: 1,
+            kind: FailureKind::Cancelled,
+            message: "the worker stops serving the run".into(),
+            pid: Some(std::process::id()),
+        }
+    }
+
+    /// Waits until the local run has room; `false` if it is time to look at the run again.
+    fn wait_for_room(&self) -> bool {
+        let book = self.lock();
+        if book.local < self.room {
+            return true;
+        }
+        let (book, _) = self
+            .changed
+            .wait_timeout(book, FETCH_BLOCK)
+            .unwrap_or_else(|e| e.into_inner());
+        book.local < self.room
+    }
+
+    /// A delivered entry: split if it is a redelivered batch, else its items go to the local
+    /// run.
+    fn take(&self, session: &mut dyn Session, d: Delivery, tx: &queue::Sender<(u64, I)>) {
+        let items = match wire::decode_items::<C, I>(&d.entry.payload, self.s.remote.max_frame) {
+            Ok(items) if items.len() == d.entry.count as usize => items,
+            Ok(items) => {
+                return self.garbage(
+                    session,
+                    &d,
+                    format!(
+                        "{} items where the entry says {}",
+                        items.len(),
+                        d.entry.count
+                    ),
+                )
+            }
+            Err(m) => return self.garbage(session, &d, m),
+        };
+        if d.deliveries >= 2 && items.len() > 1 {
+            return self.split(session, &d, items);
+        }
+        {
+            let mut book = self.lock();
+            book.local += items.len();
+            book.held.insert(
+                d.entry.first,
+                Held {
+                    id: d.id.clone(),
+                    count: d.entry.count,
+                    left: d.entry.count,
+                    deliveries: d.deliveries,
+                    frames: BTreeMap::new(),
+                    broken: HashMap::new(),
+                },
+            );
+        }
+        for item in items {
+            if tx.send(item).is_err() {
+                break;
+            }
+        }
+    }
+
+    /// An entry that does not decode into this stage's items: dead-lettered as `Protocol`.
+    fn garbage(&self, session: &mut dyn Session, d: &Delivery, why: String) {
+        tracing::warn!(run = %self.run, entry = %d.id, error = %why, "a malformed work entry is dead-lettered");
+        let mut results = Vec::new();
+        let f = self.failure(
+            FailureKind::Protocol,
+            format!("malformed work entry: {why}"),
+            1,
+        );
+        for i in d.entry.first
+            ..d.entry
+                .first
+                .saturating_add(d.entry.count.min(1 << 20) as u64)
+        {
+            wire::push_failed(&mut results, i, &f);
+        }
+        if let Ok(true) = session.dead_letter(&self.run, &d.id, Duration::ZERO, &results) {
+            self.lock().stats.dead_lettered += 1;
+        }
+    }
+
+    /// A redelivered batch becomes single-item entries, each carrying the deliveries spent.
+    fn split(&self, session: &mut dyn Session, d: &Delivery, items: Vec<(u64, I)>) {
+        let attempts = d.entry.attempts + d.deliveries.saturating_sub(1);
+        let mut parts = Vec::with_capacity(items.len());
+        for (index, item) in &items {
+            let mut payload = Vec::new();
+            if wire::push_item::<C, I>(&mut payload, *index, item, self.s.remote.max_frame).is_ok()
+            {
+                parts.push(NewEntry {
+                    first: *index,
+                    count: 1,
+                    attempts,
+                    payload,
+                });
+            }
+        }
+        match session.split(&self.run, &self.consumer, &d.id, &parts) {
+            Ok(true) => {
+                tracing::debug!(run = %self.run, entry = %d.id, items = parts.len(), "a redelivered batch was split")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::debug!(run = %self.run, error = %e, "split failed; the entry will be reclaimed again")
+            }
+        }
+    }
+
+    fn failure(&self, kind: FailureKind, message: String, attempt: u32) -> RemoteFailure {
+        RemoteFailure {
+            kind,
+            message,
+            attempt,
+            pid: Some(std::process::id()),
+            host: host_name(),
+        }
+    }
+
+    /// The held entry that item `index` belongs to.
+    fn entry_of(book: &mut Book, index: u64) -> Option<(u64, &mut Held)> {
+        let (&first, held) = book.held.range_mut(..=index).next_back()?;
+        (index < first + held.count as u64).then_some((first, held))
+    }
+
+    /// Tagged outputs of the local run.
+    fn outputs(&self, rx: Receiver<Tagged<O>>) {
+        let mut session = self.session().ok();
+        let mut ready = VecDeque::new();
+        while rx.recv_upto(&mut ready, 256) {
+            for t in ready.drain(..) {
+                match t {
+                    Tagged::Out(i, o) => {
+                        let mut book = self.lock();
+                        if let Some((_, h)) = Self::entry_of(&mut book, i) {
+                            let buf = h.frames.entry(i).or_default();
+                            if let Err(e) =
+                                wire::push_output::<C, O>(buf, i, &o, self.s.remote.max_frame)
+                            {
+                                h.broken.insert(i, e);
+                            }
+                        }
+                    }
+                    Tagged::Done(i, ns) => {
+                        let f = {
+                            let mut book = self.lock();
+                            let broken =
+                                Self::entry_of(&mut book, i).and_then(|(_, h)| h.broken.remove(&i));
+                            broken.map(|e| {
+                                self.failure(
+                                    FailureKind::Encode,
+                                    format!("cannot encode an output for the broker: {e}"),
+                                    1,
+                                )
+                            })
+                        };
+                        match f {
+                            Some(f) => {
+                                self.terminal(&mut session, i, |buf| wire::push_failed(buf, i, &f))
+                            }
+                            None => {
+                                self.terminal(&mut session, i, |buf| wire::push_done(buf, i, ns))
+                            }
+                        }
+                    }
+                    Tagged::Flush(o) => {
+                        let mut book = self.lock();
+                        if let Err(e) = wire::push_output::<C, O>(
+                            &mut book.flush,
+                            FINISH_ID,
+                            &o,
+                            self.s.remote.max_frame,
+                        ) {
+                            let f = self.failure(
+                                FailureKind::Encode,
+                                format!("cannot encode a finish output: {e}"),
+                                1,
+                            );
+                            wire::push_failed(&mut book.flush, FINISH_ID, &f);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Final failures of the local run.
+    fn failures(&self, rx: Receiver<Failed<(u64, I)>>) {
+        let mut session = self.session().ok();
+        let mut ready = VecDeque::new();
+        while rx.recv_upto(&mut ready, 256) {
+            for f in ready.drain(..) {
+                let i = f.item.0;
+                if f.failure.kind == FailureKind::Cancelled {
+                    continue;
+                }
+                let rf = RemoteFailure {
+                    kind: f.failure.kind,
+                    message: f.failure.message,
+                    attempt: f.failure.attempt,
+                    pid: f.failure.pid.or(Some(std::process::id())),
+                    host: host_name(),
+                };
+                self.lock().stats.failed += 1;
+                self.terminal(&mut session, i, |buf| wire::push_failed(buf, i, &rf));
+            }
+        }
+    }
+
+    /// Item `index` reached its terminal result (written by `write`): commits its entry when
+    /// that was the last one.
+    fn terminal(
+        &self,
+        session: &mut Option<Box<dyn Session>>,
+        index: u64,
+        write: impl FnOnce(&mut Vec<u8>),
+    ) {
+        let complete = {
+            let mut book = self.lock();
+            book.local = book.local.saturating_sub(1);
+            let Some((first, h)) = Self::entry_of(&mut book, index) else {
+                self.changed.notify_all();
+                return;
+            };
+            write(h.frames.entry(index).or_default());
+            h.left -= 1;
+            if h.left > 0 {
+                self.changed.notify_all();
+                return;
+            }
+            let h = book.held.remove(&first).expect("found");
+            (h.id, h.count, h.frames)
+        };
+        self.changed.notify_all();
+        let (id, count, frames) = complete;
+        let results: Vec<u8> = frames.into_values().flatten().collect();
+        let mut tries = 0;
+        let outcome = loop {
+            let s = match session {
+                Some(s) => s,
+                None => match self.session() {
+                    Ok(s) => session.insert(s),
+                    Err(_) => break Err(()),
+                },
+            };
+            match s.commit(&self.run, &self.consumer, &id, &results) {
+                Ok(c) => break Ok(c),
+                // A lost connection: the entry is still ours until claim_idle passes.
+                Err(BrokerError::Unavailable(_))
+                    if tries < 20 && !self.stop.load(Ordering::Relaxed) =>
+                {
+                    tries += 1;
+                    *session = None;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                // The run's keys are gone (a server restart): the parent sends the entry again.
+                Err(_) => break Err(()),
+            }
+        };
+        let mut book = self.lock();
+        match outcome {
+            Ok(Commit::Committed) => book.stats.items += count as u64,
+            Ok(Commit::LeaseLost) => {
+                book.stats.lease_lost += 1;
+                tracing::info!(run = %self.run, entry = %id, "another worker took the entry: its results are not published");
+            }
+            Err(()) => {
+                tracing::warn!(run = %self.run, entry = %id, "could not commit; the entry will be reclaimed")
+            }
+        }
+    }
+
+    /// Registration, heartbeats and reclaims, until the run is over for this worker.
+    fn keeper(&self, session: &mut Box<dyn Session>, done: &AtomicBool) {
+        let beat = self
+            .s
+            .remote
+            .heartbeat_every()
+            .max(Duration::from_millis(10));
+        let reclaim_every = (self.a.claim_idle / 4).max(Duration::from_millis(10));
+        let mut last_reclaim = Instant::now();
+        while !done.load(Ordering::Relaxed) {
+            let ids: Vec<EntryId> = self.lock().held.values().map(|h| h.id.clone()).collect();
+            let _ = session.register(&self.run, &self.info());
+            if !ids.is_empty() {
+                let _ = session.heartbeat(&self.run, &self.consumer, &ids);
+            }
+            if last_reclaim.elapsed() >= reclaim_every && !self.stop.load(Ordering::Relaxed) {
+                last_reclaim = Instant::now();
+                self.reclaim(&mut **session);
+            }
+            let book = self.lock();
+            let _ = self
+                .changed
+                .wait_timeout(book, beat.min(reclaim_every))
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Entries idle past `claim_idle`: dead-lettered past `max_deliveries`, else taken over.
+    fn reclaim(&self, session: &mut dyn Session) {
+        let Ok(idle) = session.pending_idle(&self.run, self.a.claim_idle, 100) else {
+            return;
+        };
+        for p in idle {
+            let Some(entry) = &p.entry else {
+                // The entry is gone: a claim drops it from the pending list.
+                let _ = session.claim(
+                    &self.run,
+                    &self.consumer,
+                    self.a.claim_idle,
+                    std::slice::from_ref(&p.id),
+                );
+                continue;
+            };
+            let total = entry.attempts + p.deliveries;
+            if total >= self.a.max_deliveries {
+                let f = self.failure(
+                    FailureKind::WorkerLost { deliveries: total },
+                    format!("the item was delivered {total} times and each time its worker was lost (last: {})", p.owner),
+                    total,
+                );
+                let mut results = Vec::new();
+                for i in entry.first..entry.first + entry.count as u64 {
+                    wire::push_failed(&mut results, i, &f);
+                }
+                if let Ok(true) = session.dead_letter(&self.run, &p.id, self.a.claim_idle, &results)
+                {
+                    tracing::warn!(run = %self.run, entry = %p.id, deliveries = total, "an entry was dead-lettered");
+                    self.lock().stats.dead_lettered += 1;
+                }
+                continue;
+            }
+            if self.lock().local >= self.room {
+                continue;
+            }
+            if let Ok(got) = session.claim(
+                &self.run,
+                &self.consumer,
+                self.a.claim_idle,
+                std::slice::from_ref(&p.id),
+            ) {
+                for d in got {
+                    tracing::info!(run = %self.run, entry = %d.id, from = %p.owner, deliveries = d.deliveries, "reclaimed an entry of a lost worker");
+                    self.lock().stats.reclaimed += 1;
+                    self.reclaimed
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push_back(d);
+                }
+            }
+        }
+    }
+
+    /// After a stop: the running items get `grace` to finish and commit.
+    fn grace(&self) {
+        let until = Instant::now() + self.s.remote.grace;
+        let mut book = self.lock();
+        while !book.held.is_empty() && Instant::now() < until {
+            book = self
+                .changed
+                .wait_timeout(book, Duration::from_millis(20))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Releases the entries still held: claimable at once, no delivery counted. They are
+    /// forgotten first, so nothing of them is committed after.
+    fn release(&self, session: &mut dyn Session) {
+        let held: Vec<(EntryId, u32)> = std::mem::take(&mut self.lock().held)
+            .into_values()
+            .map(|h| (h.id, h.deliveries))
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        match session.release(&self.run, &self.consumer, &held, self.a.claim_idle) {
+            Ok(()) => {
+                tracing::info!(run = %self.run, entries = held.len(), "released unfinished entries")
+            }
+            Err(e) => {
+                tracing::warn!(run = %self.run, error = %e, "could not release entries; they will be reclaimed after claim_idle")
+            }
+        }
+    }
+
+    /// The run is over for this worker: report.
+    fn end(self, ended: Ended) -> Result<WorkerStats, String> {
+        let (flush, stats) = {
+            let b = self.lock();
+            (b.flush.clone(), b.stats.clone())
+        };
+        let mut session = self.session()?;
+        match ended {
+            Ended::Finishing => {
+                let _ = session.stats(&self.run, &self.consumer, &wire::encode_stats(&stats));
+                session
+                    .finished(&self.run, &self.consumer, &flush)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ended::Stopped => {
+                let _ = session.unregister(&self.run, &self.consumer);
+            }
+            Ended::Aborted | Ended::Lost => {}
+        }
+        tracing::info!(run = %self.run, ?ended, items = stats.items, "stopped serving the run");
+        Ok(stats)
+    }
+}
+
+/// How serving a run ended for this worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    Finishing,
+    Aborted,
+    Stopped,
+    Lost,
+}
+
+/// The executor a worker runs the items under (a remote one cannot nest).
+fn local_exec(e: &Exec) -> Exec {
+    match e {
+        Exec::Remote(_) => Exec::Inline,
+        e if e.is_fork() && !crate::exec::runner::fork_available() => Exec::Inline,
+        e => e.clone(),
+    }
+}

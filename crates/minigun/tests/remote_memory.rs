@@ -1,0 +1,372 @@
+//! Remote stages over the in-memory broker: parent and workers in this process (workers on
+//! threads), so the executor's own logic is tested without a server.
+
+use minigun::remote::broker::{Delivery, StageRun};
+use minigun::remote::{Broker, MemoryBroker, Remote, ServeOptions, ServeReport, Session};
+use minigun::{Exec, Failed, FailureKind, OnError, Pipeline};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+type Seen = Arc<Mutex<Vec<u64>>>;
+
+fn define(
+    broker: &MemoryBroker,
+    remote: impl Fn(Remote) -> Remote,
+    n: u64,
+    seen: &Seen,
+) -> Pipeline {
+    let p = Pipeline::new("remote-memory");
+    p.handle_signals(false);
+    p.producer("numbers", move |out| out.emit_all(0..n).map_err(Into::into));
+    let r = remote(Remote::new(broker.clone()).claim_idle(Duration::from_millis(300)));
+    p.map("double", |x: u64| Ok(x * 2)).remote(r);
+    let seen = seen.clone();
+    p.consumer("collect", move |x: u64| {
+        seen.lock().unwrap().push(x);
+        Ok(())
+    });
+    p
+}
+
+struct Worker {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<ServeReport>,
+}
+
+/// A worker on a thread, serving the definition `define` builds there.
+fn worker(define: impl FnOnce() -> Pipeline + Send + 'static) -> Worker {
+    let opts = ServeOptions::new().handle_signals(false);
+    let stop = opts.stop_flag();
+    let handle = std::thread::spawn(move || define().serve(opts).expect("serve"));
+    Worker { stop, handle }
+}
+
+impl Worker {
+    fn stop(self) -> ServeReport {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("worker thread")
+    }
+}
+
+#[test]
+fn every_item_arrives_once_through_two_workers() {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let cfg = |r: Remote| r.worker_exec(Exec::threads(2)).batch(16);
+    let workers: Vec<Worker> = (0..2)
+        .map(|_| {
+            let (b, s) = (broker.clone(), seen.clone());
+            worker(move || define(&b, cfg, 1000, &s))
+        })
+        .collect();
+    let report = define(&broker, cfg, 1000, &seen).run().expect("run");
+    let reports: Vec<ServeReport> = workers.into_iter().map(Worker::stop).collect();
+    let mut got = seen.lock().unwrap().clone();
+    got.sort_unstable();
+    let want: Vec<u64> = (0..1000).map(|x| x * 2).collect();
+    assert_eq!(got, want, "every item exactly once");
+    let st = report.stage("double").unwrap();
+    assert_eq!((st.items_in, st.items_out, st.failed), (1000, 1000, 0));
+    assert_eq!(st.executor, "remote(memory)");
+    let committed: u64 = reports.iter().map(|r| r.items).sum();
+    assert_eq!(
+        committed, 1000,
+        "the workers committed every item: {reports:?}"
+    );
+    assert!(reports.iter().all(|r| r.runs == 1), "{reports:?}");
+}
+
+/// Runs the parent of the definition `define` builds, on a thread.
+fn parent(
+    define: impl FnOnce() -> Pipeline + Send + 'static,
+) -> JoinHandle<Result<minigun::RunReport, minigun::RunError>> {
+    std::thread::spawn(move || define().run())
+}
+
+/// Waits for the run of `pipeline` to be announced; returns its stage run.
+fn announced(broker: &MemoryBroker, pipeline: &str) -> StageRun {
+    let mut s = broker.session().unwrap();
+    for _ in 0..100 {
+        let got = s
+            .announcements(pipeline, None, Duration::from_millis(100))
+            .unwrap();
+        if let Some((_, a)) = got.into_iter().next() {
+            return a.stage_run;
+        }
+    }
+    panic!("the run of {pipeline} was never announced");
+}
+
+/// A consumer "ghost" takes one entry and is never heard of again.
+fn hold_one(broker: &MemoryBroker, run: &StageRun) -> (Box<dyn Session>, Delivery) {
+    let mut ghost = broker.session().unwrap();
+    loop {
+        let got = ghost
+            .fetch(run, "ghost", 1, Duration::from_millis(100), false)
+            .unwrap();
+        if let Some(d) = got.into_iter().next() {
+            return (ghost, d);
+        }
+    }
+}
+
+#[test]
+fn an_entry_held_by_a_lost_consumer_is_reclaimed_and_its_items_arrive_once() {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let cfg = |r: Remote| r.worker_exec(Exec::inline()).batch(10);
+    let (b, s) = (broker.clone(), seen.clone());
+    let run = parent(move || define(&b, cfg, 100, &s));
+    let stage_run = announced(&broker, "remote-memory");
+    // A consumer that takes an entry and is never heard of again.
+    let (mut ghost, held) = hold_one(&broker, &stage_run);
+    let (b, s) = (broker.clone(), seen.clone());
+    let w = worker(move || define(&b, cfg, 100, &s));
+    let report = run.join().unwrap().expect("run");
+    let served = w.stop();
+    let mut got = seen.lock().unwrap().clone();
+    got.sort_unstable();
+    assert_eq!(got, (0..100).map(|x| x * 2).collect::<Vec<_>>());
+    assert_eq!(report.stage("double").unwrap().failed, 0);
+    assert_eq!(served.reclaimed, 1, "{served:?}");
+    assert_eq!(
+        ghost.commit(&stage_run, "ghost", &held.id, b"late").ok(),
+        None,
+        "the run's keys are gone after the run"
+    );
+}
+
+/// A definition whose remote stage may fail: items in `crash` abort the process running
+/// them, items in `fail` return an error; failures go to a dead-letter stage.
+fn define_failing(
+    broker: &MemoryBroker,
+    remote: impl Fn(Remote) -> Remote,
+    n: u64,
+    crash: &'static [u64],
+    fail: &'static [u64],
+    seen: &Seen,
+    dead: &Arc<Mutex<Vec<(u64, FailureKind)>>>,
+) -> Pipeline {
+    let p = Pipeline::new("remote-failing");
+    p.handle_signals(false);
+    p.producer("numbers", move |out| out.emit_all(0..n).map_err(Into::into));
+    let r = remote(Remote::new(broker.clone()).claim_idle(Duration::from_millis(300)));
+    let stage = p
+        .map("work", move |x: u64| {
+            if crash.contains(&x) {
+                std::process::abort();
+            }
+            if fail.contains(&x) {
+                return Err(format!("item {x} is bad").into());
+            }
+            Ok(x * 2)
+        })
+        .remote(r);
+    let seen = seen.clone();
+    p.consumer("collect", move |x: u64| {
+        seen.lock().unwrap().push(x);
+        Ok(())
+    });
+    let dead = dead.clone();
+    let dl = p.consumer("dead", move |f: Failed<u64>| {
+        dead.lock().unwrap().push((f.item, f.failure.kind));
+        Ok(())
+    });
+    stage.dead_letter(&dl);
+    p
+}
+
+#[test]
+fn a_crashing_item_under_a_forked_worker_executor_fails_once_and_the_rest_complete() {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let dead = Arc::new(Mutex::new(Vec::new()));
+    let cfg = |r: Remote| r.worker_exec(Exec::ipc_fork(2)).batch(8);
+    let (b, s, d) = (broker.clone(), seen.clone(), dead.clone());
+    let w = worker(move || define_failing(&b, cfg, 50, &[7], &[20], &s, &d));
+    let report = define_failing(&broker, cfg, 50, &[7], &[20], &seen, &dead)
+        .run()
+        .expect("run");
+    let served = w.stop();
+    let mut got = seen.lock().unwrap().clone();
+    got.sort_unstable();
+    let want: Vec<u64> = (0..50)
+        .filter(|x| *x != 7 && *x != 20)
+        .map(|x| x * 2)
+        .collect();
+    assert_eq!(got, want);
+    let mut dead = dead.lock().unwrap().clone();
+    dead.sort_by_key(|d| d.0);
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert_eq!(dead[0].0, 7);
+    assert!(
+        matches!(dead[0].1, FailureKind::Signal(6)),
+        "the aborting item failed with its signal: {:?}",
+        dead[0].1
+    );
+    assert_eq!(dead[1], (20, FailureKind::Error));
+    let st = report.stage("work").unwrap();
+    assert_eq!((st.items_in, st.failed), (50, 2));
+    assert_eq!(served.reclaimed, 0, "no entry was redelivered: {served:?}");
+    let f = report
+        .failures
+        .iter()
+        .find(|f| f.item == 20)
+        .expect("item 20's failure");
+    assert!(
+        f.message.contains("item 20 is bad"),
+        "the user's words are kept: {}",
+        f.message
+    );
+}
+
+#[test]
+fn an_entry_past_max_deliveries_is_dead_lettered_as_worker_lost() {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let dead = Arc::new(Mutex::new(Vec::new()));
+    let cfg = |r: Remote| {
+        r.worker_exec(Exec::inline())
+            .batch(5)
+            .max_deliveries(1)
+            .keep_keys(Duration::from_secs(60))
+    };
+    let (b, s, d) = (broker.clone(), seen.clone(), dead.clone());
+    let run = parent(move || define_failing(&b, cfg, 20, &[], &[], &s, &d));
+    let stage_run = announced(&broker, "remote-failing");
+    let (_ghost, held) = hold_one(&broker, &stage_run);
+    let lost: Vec<u64> = (held.entry.first..held.entry.first + 5).collect();
+    let (b, s, d) = (broker.clone(), seen.clone(), dead.clone());
+    let w = worker(move || define_failing(&b, cfg, 20, &[], &[], &s, &d));
+    let report = run.join().unwrap().expect("run");
+    let served = w.stop();
+    let mut dead = dead.lock().unwrap().clone();
+    dead.sort_by_key(|d| d.0);
+    let want: Vec<(u64, FailureKind)> = lost
+        .iter()
+        .map(|&i| (i, FailureKind::WorkerLost { deliveries: 1 }))
+        .collect();
+    assert_eq!(
+        dead, want,
+        "the ghost's entry went to the dead-letter stage"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 15, "everything else completed");
+    assert_eq!(report.stage("work").unwrap().failed, 5);
+    assert_eq!(served.dead_lettered, 1, "{served:?}");
+    let dlq = broker.dead_letters(&stage_run);
+    assert_eq!(dlq.len(), 1, "the entry is in the dead-letter stream");
+    assert_eq!((dlq[0].1, dlq[0].2.as_str()), (1, "ghost"));
+}
+
+#[test]
+fn a_broker_that_loses_everything_mid_run_is_reconciled_and_every_item_arrives_once() {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let slow = |r: Remote| r.worker_exec(Exec::threads(2)).batch(4).max_in_flight(40);
+    let n = 400;
+    let (b, s) = (broker.clone(), seen.clone());
+    let def = move || {
+        let p = Pipeline::new("remote-restart");
+        p.handle_signals(false);
+        p.producer("numbers", move |out| out.emit_all(0..n).map_err(Into::into));
+        let r = slow(Remote::new(b.clone()).claim_idle(Duration::from_millis(300)));
+        p.map("slow", |x: u64| {
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(x)
+        })
+        .remote(r);
+        let s = s.clone();
+        p.consumer("collect", move |x: u64| {
+            s.lock().unwrap().push(x);
+            Ok(())
+        });
+        p
+    };
+    let w = worker(def.clone());
+    let run = parent(def);
+    // Lose everything once items are flowing.
+    while seen.lock().unwrap().len() < 50 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    broker.restart();
+    let report = run.join().unwrap().expect("run");
+    w.stop();
+    let mut got = seen.lock().unwrap().clone();
+    got.sort_unstable();
+    assert_eq!(got, (0..n).collect::<Vec<_>>(), "every item exactly once");
+    assert_eq!(report.stage("slow").unwrap().failed, 0);
+}
+
+#[test]
+fn a_worker_with_another_definition_refuses_the_run() {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let cfg = |r: Remote| {
+        r.worker_exec(Exec::inline())
+            .wait_for_workers(Duration::from_millis(800))
+    };
+    let b = broker.clone();
+    // Same names, other output type: the fingerprint differs.
+    let w = worker(move || {
+        let p = Pipeline::new("remote-memory");
+        p.producer("numbers", |out| out.emit_all(0..10u64).map_err(Into::into));
+        p.map("double", |x: u64| Ok(format!("{x}")))
+            .remote(cfg(Remote::new(b.clone())));
+        p.consumer("collect", |_: String| Ok(()));
+        p
+    });
+    let err = define(&broker, cfg, 10, &seen).run().unwrap_err();
+    let served = w.stop();
+    assert!(served.refused >= 1, "{served:?}");
+    assert_eq!(served.items, 0);
+    let text = err.to_string();
+    assert!(text.contains("no worker served"), "{text}");
+    assert!(seen.lock().unwrap().is_empty());
+}
+
+#[test]
+fn fail_fast_on_a_remote_stage_aborts_the_run_and_the_workers_stop_serving_it() {
+    let broker = MemoryBroker::new();
+    let b = broker.clone();
+    let def = move || {
+        let p = Pipeline::new("remote-fail-fast");
+        p.handle_signals(false);
+        p.producer("numbers", |out| {
+            out.emit_all(0..100_000u64).map_err(Into::into)
+        });
+        p.map("work", |x: u64| {
+            if x == 30 {
+                return Err("item 30 is fatal".into());
+            }
+            Ok(x)
+        })
+        .remote(Remote::new(b.clone()).worker_exec(Exec::inline()).batch(4))
+        .on_error(OnError::fail_fast());
+        p.consumer("sink", |_: u64| Ok(()));
+        p
+    };
+    let w = worker(def.clone());
+    let t0 = std::time::Instant::now();
+    let err = def().run().unwrap_err();
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "took {:?}",
+        t0.elapsed()
+    );
+    match err {
+        minigun::RunError::Aborted { cause, report } => {
+            assert_eq!(cause.item, 30);
+            assert!(
+                cause.message.contains("item 30 is fatal"),
+                "{}",
+                cause.message
+            );
+            assert!(report.stage("work").unwrap().items_in < 100_000);
+        }
+        other => panic!("expected an abort, got {other}"),
+    }
+    let served = w.stop();
+    assert_eq!(served.runs, 1, "{served:?}");
+}
