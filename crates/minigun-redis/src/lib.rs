@@ -4,18 +4,34 @@
 //! (a commit, a heartbeat, a dead-letter move, a split, a release, the `finished` marker) is
 //! one Lua script, loaded once and re-sent when the server answers `NOSCRIPT`.
 //!
+//! ```no_run
+//! use minigun::remote::Broker;
+//! use std::time::Duration;
+//!
+//! # fn main() -> Result<(), minigun::remote::BrokerError> {
+//! // MINIGUN_REDIS_URL=rediss://mg-parent:secret@redis:6380/0
+//! let broker = minigun_redis::RedisBroker::from_env()?
+//!     .timeout(Duration::from_secs(2))
+//!     .tls_ca(&std::fs::read("ca.crt").expect("the CA certificate"))?;
+//! let mut session = broker.session()?;
+//! println!("server {}", session.server_id()?);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Keys
 //!
 //! With the namespace `mg` (see [`RedisBroker::namespace`]), a run of a stage lives under
 //! `mg:{<pipeline>:<run>}:<stage>:…`: the hash tag keeps one run in one cluster slot, so the
-//! scripts may touch all of its keys.
+//! scripts may touch all of its keys. In the names, `{`, `}`, `:` and `%` are written as `%`
+//! and their hex code, so that no name can end the tag early or run into the next.
 //!
 //! | key | type | content |
 //! |---|---|---|
 //! | `…:in` | stream, group `mg` | work entries: `s` first index, `n` count, `a` attempts, `p` payload |
 //! | `…:out` | stream, group `parent` | `k` kind (`results`, `stats`, `finished`), `c` consumer, `p` payload |
 //! | `…:dlq` | stream, `MAXLEN ~ 10000` | a dead-lettered entry's fields, `d` deliveries, `o` last owner, `id` |
-//! | `…:ctl` | hash | `state`, the announcement's cursor `ann`, one `fin:<consumer>` marker per finished worker |
+//! | `…:ctl` | hash | `state`, the announcement's fields and cursor `ann`, one `fin:<consumer>` marker per finished worker |
 //! | `…:workers` | hash | consumer → `<server ms> <pid> <concurrency> <host>` |
 //! | `mg:{<pipeline>}:runs` | stream | announcements, read without a group |
 //!

@@ -575,3 +575,32 @@ fn a_release_keeps_the_server_s_delivery_count_and_a_namespace_prefixes_every_ke
         .expect("XLEN");
     assert_eq!(runs, 0, "and its announcement");
 }
+
+#[test]
+fn a_blocking_read_longer_than_the_timeout_waits_its_block_time() {
+    let Some(server) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let short = server
+        .broker_for(&server.url())
+        .timeout(Duration::from_millis(200));
+    let (mut s, r) = announced(&short, "block");
+    let started = Instant::now();
+    let got = s
+        .fetch(&r, "w", 1, Duration::from_millis(500), false)
+        .expect("a block past the timeout is no timeout");
+    let waited = started.elapsed();
+    assert!(got.is_empty());
+    assert!(
+        waited >= Duration::from_millis(450),
+        "it blocked: {waited:?}"
+    );
+    let out = s
+        .read_out(&r, 10, Duration::from_millis(400), false)
+        .expect("read_out blocks as long");
+    assert!(out.is_empty());
+    let ann = s
+        .announcements("redis-tests", Some("0-0"), Duration::from_millis(400))
+        .expect("announcements after a cursor");
+    assert_eq!(ann.len(), 1, "the run's own announcement is after 0-0");
+}
