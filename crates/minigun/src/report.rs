@@ -78,6 +78,73 @@ pub struct StageReport {
     pub queue_capacity: Option<usize>,
     /// Largest queue length seen.
     pub queue_high_water: usize,
+    /// For a remote stage: its workers and the broker's counters.
+    pub remote: Option<RemoteReport>,
+}
+
+/// What a remote stage's workers and broker did.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct RemoteReport {
+    /// The broker's engine.
+    pub broker: String,
+    /// One row per worker process that served the run.
+    pub workers: Vec<RemoteWorker>,
+    /// Work entries sent by the parent.
+    pub entries_sent: u64,
+    /// Entries re-sent after the broker lost them (reconciliation).
+    pub entries_resent: u64,
+    /// Entries taken over from lost workers.
+    pub reclaims: u64,
+    /// Entries released by stopping workers (no delivery counted).
+    pub releases: u64,
+    /// Commits refused because another worker had taken the entry.
+    pub lease_lost: u64,
+    /// Results dropped because the item already had one (an item that ran twice).
+    pub duplicates: u64,
+    /// Entries moved to the broker's dead-letter stream.
+    pub dead_lettered: u64,
+    /// Most entries seen waiting in the broker at once (sampled).
+    pub queue_high_water: u64,
+    /// Time from sending an entry to having all its results, in microseconds.
+    pub round_trip: Latency,
+    /// Time spent waiting for an unreachable broker, in seconds.
+    pub outage_secs: f64,
+}
+
+/// One worker process of a remote stage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct RemoteWorker {
+    /// Host name.
+    pub host: String,
+    /// Process id.
+    pub pid: u32,
+    /// Items whose results it committed.
+    pub items: u64,
+    /// Items that finally failed there.
+    pub failed: u64,
+    /// Attempts it retried.
+    pub retried: u64,
+    /// Latency of the stage code there.
+    pub latency: Latency,
+}
+
+/// Percentiles of a histogram of nanoseconds.
+pub(crate) fn latency_of(h: &hdrhistogram::Histogram<u64>) -> Latency {
+    let us = |ns: u64| ns as f64 / 1000.0;
+    if h.is_empty() {
+        return Latency::default();
+    }
+    Latency {
+        count: h.len(),
+        mean_us: h.mean() / 1000.0,
+        p50_us: us(h.value_at_quantile(0.50)),
+        p90_us: us(h.value_at_quantile(0.90)),
+        p95_us: us(h.value_at_quantile(0.95)),
+        p99_us: us(h.value_at_quantile(0.99)),
+        max_us: us(h.max()),
+    }
 }
 
 /// What a run did.
@@ -168,21 +235,7 @@ impl RunReport {
 
 fn stage_report(info: &StageInfo) -> StageReport {
     let st = &info.ctx.stats;
-    let h = st.latency.lock().unwrap_or_else(|e| e.into_inner());
-    let us = |ns: u64| ns as f64 / 1000.0;
-    let latency = if h.is_empty() {
-        Latency::default()
-    } else {
-        Latency {
-            count: h.len(),
-            mean_us: h.mean() / 1000.0,
-            p50_us: us(h.value_at_quantile(0.50)),
-            p90_us: us(h.value_at_quantile(0.90)),
-            p95_us: us(h.value_at_quantile(0.95)),
-            p99_us: us(h.value_at_quantile(0.99)),
-            max_us: us(h.max()),
-        }
-    };
+    let latency = latency_of(&st.latency.lock().unwrap_or_else(|e| e.into_inner()));
     let runtime = st.runtime().as_secs_f64();
     let items_in = st.items_in.load(Ordering::Relaxed);
     let items_out = st.items_out.load(Ordering::Relaxed);
@@ -221,6 +274,7 @@ fn stage_report(info: &StageInfo) -> StageReport {
             _ => None,
         },
         queue_high_water: st.queue_high_water.load(Ordering::Relaxed),
+        remote: st.remote.lock().unwrap_or_else(|e| e.into_inner()).clone(),
     }
 }
 
@@ -287,6 +341,11 @@ impl fmt::Display for RunReport {
         if let Some(b) = &self.bottleneck {
             writeln!(f, "  bottleneck: {b} (*)")?;
         }
+        for s in &self.stages {
+            if let Some(r) = &s.remote {
+                write_remote(f, &s.name, r)?;
+            }
+        }
         if self.failures_total > 0 {
             writeln!(f, "  {} failures; first:", self.failures_total)?;
             for fl in self.failures.iter().take(5) {
@@ -295,6 +354,36 @@ impl fmt::Display for RunReport {
         }
         Ok(())
     }
+}
+
+/// A remote stage's broker counters and worker rows.
+fn write_remote(f: &mut fmt::Formatter<'_>, stage: &str, r: &RemoteReport) -> fmt::Result {
+    writeln!(
+        f,
+        "  {stage} on {}: {} entries sent, {} re-sent, {} reclaimed, {} released, {} lease lost, \
+         {} duplicates dropped, {} dead-lettered, queue hw {} entries, round trip p50 {:.0} us \
+         p99 {:.0} us, outage {:.1}s",
+        r.broker,
+        r.entries_sent,
+        r.entries_resent,
+        r.reclaims,
+        r.releases,
+        r.lease_lost,
+        r.duplicates,
+        r.dead_lettered,
+        r.queue_high_water,
+        r.round_trip.p50_us,
+        r.round_trip.p99_us,
+        r.outage_secs
+    )?;
+    for w in &r.workers {
+        writeln!(
+            f,
+            "    worker {}:{} {:>9} items {:>6} failed {:>6} retried  p50 {:.1} us  p99 {:.1} us",
+            w.host, w.pid, w.items, w.failed, w.retried, w.latency.p50_us, w.latency.p99_us
+        )?;
+    }
+    Ok(())
 }
 
 fn truncate(s: &str, n: usize) -> String {

@@ -40,6 +40,8 @@ pub(crate) struct StageStats {
     /// Dropped when the stage ends: a probe must not keep its queue open (sends to an ended
     /// stage then fail instead of filling a queue nobody reads).
     pub(crate) queue_len: Mutex<Option<QueueLen>>,
+    /// A remote stage's report part (written by its parent side).
+    pub(crate) remote: Mutex<Option<crate::report::RemoteReport>>,
 }
 
 impl std::fmt::Debug for StageStats {
@@ -109,6 +111,7 @@ impl Default for StageStats {
             children: Mutex::new(Vec::new()),
             declared_total: std::sync::OnceLock::new(),
             queue_len: Mutex::new(None),
+            remote: Mutex::new(None),
         }
     }
 }

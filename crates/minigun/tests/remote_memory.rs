@@ -370,3 +370,218 @@ fn fail_fast_on_a_remote_stage_aborts_the_run_and_the_workers_stop_serving_it() 
     let served = w.stop();
     assert_eq!(served.runs, 1, "{served:?}");
 }
+
+#[test]
+fn the_report_has_a_row_per_worker_and_the_broker_counters() {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let cfg = |r: Remote| r.worker_exec(Exec::inline()).batch(10);
+    let workers: Vec<Worker> = (0..2)
+        .map(|_| {
+            let (b, s) = (broker.clone(), seen.clone());
+            worker(move || define(&b, cfg, 500, &s))
+        })
+        .collect();
+    let report = define(&broker, cfg, 500, &seen).run().expect("run");
+    for w in workers {
+        w.stop();
+    }
+    let r = report
+        .stage("double")
+        .unwrap()
+        .remote
+        .clone()
+        .expect("a remote part");
+    assert_eq!(r.broker, "memory");
+    assert_eq!(r.entries_sent, 50, "500 items in entries of 10");
+    assert_eq!(r.duplicates, 0);
+    assert_eq!(r.round_trip.count, 50, "one round trip per entry");
+    let items: u64 = r.workers.iter().map(|w| w.items).sum();
+    assert_eq!(items, 500, "the worker rows add up: {:?}", r.workers);
+    assert!(r.workers.iter().all(|w| w.pid == std::process::id()));
+    let measured: u64 = r.workers.iter().map(|w| w.latency.count).sum();
+    assert_eq!(measured, 500, "every item's latency reached the report");
+    let text = report.to_string();
+    assert!(text.contains("double on memory: 50 entries sent"), "{text}");
+    assert!(text.contains("worker "), "{text}");
+}
+
+/// A stage with state: it counts its items and emits the count at `finish`.
+struct Counter(u64);
+
+impl minigun::Stage<u64, u64> for Counter {
+    fn process(&mut self, x: u64, out: &mut minigun::Output<'_, u64>) -> minigun::StageResult {
+        self.0 += 1;
+        out.emit(x)?;
+        Ok(())
+    }
+    fn finish(&mut self, out: &mut minigun::Output<'_, u64>) -> minigun::StageResult {
+        out.emit(1_000_000 + self.0)?;
+        Ok(())
+    }
+}
+
+#[test]
+fn each_workers_finish_outputs_arrive_once() {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let (b, s) = (broker.clone(), seen.clone());
+    let def = move || {
+        let p = Pipeline::new("remote-finish");
+        p.handle_signals(false);
+        p.producer("numbers", |out| out.emit_all(0..300u64).map_err(Into::into));
+        p.stage("count", || Counter(0)).remote(
+            Remote::new(b.clone())
+                .worker_exec(Exec::threads(2))
+                .batch(8),
+        );
+        let s = s.clone();
+        p.consumer("collect", move |x: u64| {
+            s.lock().unwrap().push(x);
+            Ok(())
+        });
+        p
+    };
+    let workers: Vec<Worker> = (0..3).map(|_| worker(def.clone())).collect();
+    let report = def().run().expect("run");
+    for w in workers {
+        w.stop();
+    }
+    let got = seen.lock().unwrap().clone();
+    let (counts, items): (Vec<u64>, Vec<u64>) = got.iter().partition(|&&x| x >= 1_000_000);
+    assert_eq!(items.len(), 300, "every item once");
+    // Three workers with two stage instances each: six flushes, counting 300 items.
+    assert_eq!(
+        counts.len(),
+        6,
+        "each instance's flush arrived once: {counts:?}"
+    );
+    let total: u64 = counts.iter().map(|c| c - 1_000_000).sum();
+    assert_eq!(total, 300);
+    assert_eq!(report.stage("count").unwrap().errors, 0);
+}
+
+#[test]
+fn a_stopped_worker_releases_its_entries_and_another_finishes_them_without_a_delivery_counted() {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let (b, s) = (broker.clone(), seen.clone());
+    // Slow items and a short grace: the first worker is stopped with entries in hand. With
+    // max_deliveries(1), a release that counted a delivery would dead-letter them.
+    let def = move |item_time: Duration| {
+        let p = Pipeline::new("remote-release");
+        p.handle_signals(false);
+        p.producer("numbers", |out| out.emit_all(0..60u64).map_err(Into::into));
+        let r = Remote::new(b.clone())
+            .worker_exec(Exec::threads(2))
+            .batch(3)
+            .max_deliveries(1)
+            .grace(Duration::from_millis(10))
+            .claim_idle(Duration::from_millis(400));
+        p.map("slow", move |x: u64| {
+            std::thread::sleep(item_time);
+            Ok(x)
+        })
+        .remote(r);
+        let s = s.clone();
+        p.consumer("collect", move |x: u64| {
+            s.lock().unwrap().push(x);
+            Ok(())
+        });
+        p
+    };
+    let slow = Duration::from_millis(30);
+    let (d1, d2) = (def.clone(), def.clone());
+    let first = worker(move || d1(slow));
+    let run = parent(move || def(slow));
+    while seen.lock().unwrap().len() < 5 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    first.stop();
+    let second = worker(move || d2(Duration::ZERO));
+    let report = run.join().unwrap().expect("run");
+    let served = second.stop();
+    let mut got = seen.lock().unwrap().clone();
+    got.sort_unstable();
+    assert_eq!(got, (0..60).collect::<Vec<_>>(), "every item exactly once");
+    let st = report.stage("slow").unwrap();
+    assert_eq!(st.failed, 0, "no release counted as a delivery");
+    let r = st.remote.clone().unwrap();
+    assert!(
+        r.releases >= 1,
+        "the stopped worker released entries: {r:?}"
+    );
+    assert!(
+        served.reclaimed >= 1,
+        "the second worker took them over: {served:?}"
+    );
+}
+
+#[test]
+fn items_in_flight_never_exceed_max_in_flight() {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let (b, s) = (broker.clone(), seen.clone());
+    let def = move || {
+        let p = Pipeline::new("remote-backpressure");
+        p.handle_signals(false);
+        p.producer("numbers", |out| out.emit_all(0..400u64).map_err(Into::into));
+        let r = Remote::new(b.clone())
+            .worker_exec(Exec::inline())
+            .batch(5)
+            .max_in_flight(20);
+        p.map("slow", |x: u64| {
+            std::thread::sleep(Duration::from_millis(1));
+            Ok(x)
+        })
+        .remote(r);
+        let s = s.clone();
+        p.consumer("collect", move |x: u64| {
+            s.lock().unwrap().push(x);
+            Ok(())
+        });
+        p
+    };
+    let w = worker(def.clone());
+    let run = parent(def);
+    let stage_run = announced(&broker, "remote-backpressure");
+    let mut probe = broker.session().unwrap();
+    let mut most = 0u64;
+    let mut samples = 0;
+    while !run.is_finished() {
+        if let Ok(entries) = probe.outstanding(&stage_run) {
+            let items: u64 = entries.iter().map(|(_, n)| *n as u64).sum();
+            most = most.max(items);
+            samples += 1;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    run.join().unwrap().expect("run");
+    w.stop();
+    assert_eq!(seen.lock().unwrap().len(), 400);
+    assert!(
+        samples > 20,
+        "the probe sampled the run ({samples} samples)"
+    );
+    assert!(most > 5, "items were in flight: {most}");
+    assert!(
+        most <= 20,
+        "at most max_in_flight items outstanding, saw {most}"
+    );
+}
+
+#[test]
+fn with_remote_stages_off_the_stage_runs_here_under_its_worker_executor() {
+    std::env::set_var("MINIGUN_REMOTE", "off");
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let cfg = |r: Remote| r.worker_exec(Exec::threads(3));
+    let report = define(&broker, cfg, 100, &seen).run().expect("run");
+    assert_eq!(report.stage("double").unwrap().executor, "threads(3)");
+    assert_eq!(seen.lock().unwrap().len(), 100);
+    let mut s = broker.session().unwrap();
+    let ever = s
+        .announcements("remote-memory", Some("0"), Duration::ZERO)
+        .unwrap();
+    assert!(ever.is_empty(), "nothing went through the broker: {ever:?}");
+}

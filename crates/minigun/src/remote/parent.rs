@@ -34,6 +34,7 @@ use crate::exec::runner::PreparedRun;
 use crate::ipc::protocol::Codec;
 use crate::policy::Verdict;
 use crate::queue::QueueTx;
+use crate::report::{latency_of, RemoteReport, RemoteWorker};
 use crate::route::Router;
 use crate::stage::{Failed, Sink, Wire};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -59,14 +60,24 @@ struct Book<I> {
     in_flight: usize,
     /// Indexes sent and not finished.
     open: HashSet<u64>,
-    /// Entries not finished, by first index: what a reconciliation re-sends.
-    entries: BTreeMap<u64, (NewEntry, u32)>,
+    /// Entries not finished, by first index: what a reconciliation re-sends, with the
+    /// items left and when it was sent.
+    entries: BTreeMap<u64, Open>,
+    /// Entries sent.
+    sent: u64,
     /// Items kept for the dead-letter stage.
     kept: HashMap<u64, I>,
     /// Every item was sent: the stage has this many.
     total: Option<u64>,
     /// The collector stopped (the stage failed, or everything finished).
     over: bool,
+}
+
+/// An entry not finished.
+struct Open {
+    entry: NewEntry,
+    left: u32,
+    sent: Instant,
 }
 
 struct Shared<I> {
@@ -117,6 +128,7 @@ fn run<I: Wire, O: Wire, C: Codec>(parts: Parts<I, O>, remote: Remote) {
             in_flight: 0,
             open: HashSet::new(),
             entries: BTreeMap::new(),
+            sent: 0,
             kept: HashMap::new(),
             total: None,
             over: false,
@@ -145,7 +157,12 @@ fn run<I: Wire, O: Wire, C: Codec>(parts: Parts<I, O>, remote: Remote) {
             server: None,
             workers_seen: false,
             started: Instant::now(),
-            duplicates: 0,
+            report: RemoteReport {
+                broker: remote.broker.name().to_string(),
+                ..RemoteReport::default()
+            },
+            workers: BTreeMap::new(),
+            round_trip: crate::stats::new_histogram(),
             _c: std::marker::PhantomData,
         };
         std::thread::Builder::new()
@@ -203,6 +220,8 @@ struct Link<'a> {
     remote: &'a Remote,
     ctx: &'a StageCtx,
     announcement: &'a Announcement,
+    /// Time spent waiting for the broker to answer again, in ns.
+    outage_ns: std::sync::atomic::AtomicU64,
 }
 
 impl<'a> Link<'a> {
@@ -211,7 +230,13 @@ impl<'a> Link<'a> {
             remote,
             ctx,
             announcement,
+            outage_ns: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Time spent waiting for the broker to answer again.
+    fn outage(&self) -> Duration {
+        Duration::from_nanos(self.outage_ns.load(Ordering::Relaxed))
     }
 
     fn open(&self) -> BrokerResult<Box<dyn Session>> {
@@ -250,6 +275,8 @@ impl<'a> Link<'a> {
                 {
                     tracing::debug!(stage = %self.ctx.name, error = %m, "broker unavailable; retrying");
                     std::thread::sleep(wait);
+                    self.outage_ns
+                        .fetch_add(wait.as_nanos() as u64, Ordering::Relaxed);
                     wait = (wait * 2).min(MAX_BACKOFF);
                 }
                 r => return r,
@@ -410,10 +437,15 @@ impl<I: Wire, C: Codec> Sender<'_, I, C> {
             payload: std::mem::take(entry),
         };
         *count = 0;
-        self.shared
-            .lock()
-            .entries
-            .insert(first, (e.clone(), e.count));
+        let mut book = self.shared.lock();
+        book.sent += 1;
+        let open = Open {
+            entry: e.clone(),
+            left: e.count,
+            sent: Instant::now(),
+        };
+        book.entries.insert(first, open);
+        drop(book);
         if let Err(err) = self
             .link
             .call(session, |s| s.send(self.run, std::slice::from_ref(&e)))
@@ -441,8 +473,12 @@ struct Collector<'a, I, O, C> {
     /// A worker registered at least once.
     workers_seen: bool,
     started: Instant,
-    /// Terminal results dropped because the index already had one.
-    duplicates: u64,
+    /// The report's remote part, filled in as the run goes.
+    report: RemoteReport,
+    /// Each worker's row, by consumer.
+    workers: BTreeMap<String, RemoteWorker>,
+    /// Round trips of entries (send to last result).
+    round_trip: hdrhistogram::Histogram<u64>,
     _c: std::marker::PhantomData<fn() -> C>,
 }
 
@@ -492,6 +528,9 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
             self.reconcile(session).map_err(|e| e.to_string())?;
         }
         self.server = Some(id);
+        if let Ok((entries, _)) = self.link.call(session, |s| s.depth(self.run)) {
+            self.report.queue_high_water = self.report.queue_high_water.max(entries);
+        }
         if !self.workers_seen {
             let workers = self.link.call(session, |s| s.workers(self.run));
             self.workers_seen = workers.is_ok_and(|w| !w.is_empty());
@@ -519,7 +558,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
         let missing: Vec<NewEntry> = book
             .entries
             .values()
-            .map(|(e, _)| e)
+            .map(|o| &o.entry)
             .filter(|e| {
                 (e.first..e.first + e.count as u64)
                     .any(|i| book.open.contains(&i) && !present.contains(&i))
@@ -530,6 +569,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
         if !missing.is_empty() {
             tracing::warn!(stage = %self.ctx.name, entries = missing.len(), "re-sending entries the broker lost");
             self.link.call(session, |s| s.send(self.run, &missing))?;
+            self.report.entries_resent += missing.len() as u64;
         }
         Ok(())
     }
@@ -549,15 +589,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
             match e.kind {
                 OutKind::Results => self.results(&e),
                 OutKind::Finished => self.finished_outputs(&e),
-                OutKind::Stats => match wire::decode_stats(&e.payload) {
-                    Ok(st) => tracing::debug!(stage = %self.ctx.name, worker = %e.consumer,
-                        host = %st.host, pid = st.pid, items = st.items, failed = st.failed,
-                        lease_lost = st.lease_lost, reclaimed = st.reclaimed,
-                        dead_lettered = st.dead_lettered, "worker statistics"),
-                    Err(m) => {
-                        tracing::debug!(stage = %self.ctx.name, error = %m, "bad worker statistics")
-                    }
-                },
+                OutKind::Stats => self.worker_stats(&e),
             }
         }
         let _ = self.router.flush();
@@ -590,7 +622,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                         latencies.push(ns);
                         self.ctx.items_done(1);
                     } else {
-                        self.duplicates += 1;
+                        self.report.duplicates += 1;
                     }
                 }
                 Outcome::Failed(i, f) => {
@@ -602,7 +634,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                         self.failed(i, f, &e.consumer);
                         self.ctx.items_done(1);
                     } else {
-                        self.duplicates += 1;
+                        self.report.duplicates += 1;
                     }
                 }
             }
@@ -621,17 +653,19 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
     }
 
     /// Item `index` reached its terminal result: whether this is the first one.
-    fn close(&self, index: u64) -> bool {
+    fn close(&mut self, index: u64) -> bool {
         let mut book = self.shared.lock();
         if !book.open.remove(&index) {
             return false;
         }
         book.in_flight -= 1;
         if let Some((&first, _)) = book.entries.range(..=index).next_back() {
-            let left = &mut book.entries.get_mut(&first).expect("found").1;
-            *left -= 1;
-            if *left == 0 {
+            let open = book.entries.get_mut(&first).expect("found");
+            open.left -= 1;
+            if open.left == 0 {
+                let ns = open.sent.elapsed().as_nanos() as u64;
                 book.entries.remove(&first);
+                self.round_trip.saturating_record(ns.max(1));
             }
         }
         true
@@ -649,6 +683,28 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                 send_dead_letter(self.ctx, self.dead_letter.as_ref(), item, failure);
             }
         }
+    }
+
+    /// A worker's statistics: its row, and its part of the broker counters.
+    fn worker_stats(&mut self, e: &OutEntry) {
+        let st = match wire::decode_stats(&e.payload) {
+            Ok(st) => st,
+            Err(m) => {
+                tracing::debug!(stage = %self.ctx.name, error = %m, "undecodable worker statistics");
+                return;
+            }
+        };
+        self.report.reclaims += st.reclaimed;
+        self.report.releases += st.released;
+        self.report.lease_lost += st.lease_lost;
+        self.report.dead_lettered += st.dead_lettered;
+        let row = self.workers.entry(e.consumer.clone()).or_default();
+        row.host = st.host;
+        row.pid = st.pid;
+        row.items += st.items;
+        row.failed += st.failed;
+        row.retried += st.retried;
+        row.latency = latency_of(&wire::histogram_of(&st.latency));
     }
 
     /// A worker's `finish` outputs.
@@ -729,8 +785,8 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
             }
         }
         let _ = self.router.flush();
-        if self.duplicates > 0 {
-            tracing::debug!(stage = %self.ctx.name, duplicates = self.duplicates,
+        if self.report.duplicates > 0 {
+            tracing::debug!(stage = %self.ctx.name, duplicates = self.report.duplicates,
                 "results of items that ran more than once were dropped");
         }
         self.over();
@@ -750,7 +806,19 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
         self.over();
     }
 
-    fn over(&self) {
+    /// The collector is done: the report's remote part, and the sender may end.
+    fn over(mut self) {
+        let mut report = std::mem::take(&mut self.report);
+        report.workers = std::mem::take(&mut self.workers).into_values().collect();
+        report.round_trip = latency_of(&self.round_trip);
+        report.entries_sent = self.shared.lock().sent;
+        report.outage_secs = self.link.outage().as_secs_f64();
+        *self
+            .ctx
+            .stats
+            .remote
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(report);
         self.shared.lock().over = true;
         self.shared.changed.notify_all();
     }

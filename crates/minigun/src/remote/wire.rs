@@ -50,6 +50,25 @@ pub(crate) struct WorkerStats {
     pub(crate) reclaimed: u64,
     /// Entries it dead-lettered.
     pub(crate) dead_lettered: u64,
+    /// Entries it released when it was stopped.
+    pub(crate) released: u64,
+    /// Its latency histogram (HdrHistogram V2 serialisation; empty: none).
+    pub(crate) latency: Vec<u8>,
+}
+
+/// Serialises a latency histogram for [`WorkerStats::latency`].
+pub(crate) fn histogram_bytes(h: &hdrhistogram::Histogram<u64>) -> Vec<u8> {
+    let mut out = Vec::new();
+    use hdrhistogram::serialization::Serializer as _;
+    let _ = hdrhistogram::serialization::V2Serializer::new().serialize(h, &mut out);
+    out
+}
+
+/// A histogram from [`histogram_bytes`] (an empty one if it does not decode).
+pub(crate) fn histogram_of(bytes: &[u8]) -> hdrhistogram::Histogram<u64> {
+    let mut d = hdrhistogram::serialization::Deserializer::new();
+    d.deserialize(&mut std::io::Cursor::new(bytes))
+        .unwrap_or_else(|_| crate::stats::new_histogram())
 }
 
 /// What one frame of a results payload says.

@@ -303,6 +303,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
         };
         let prepared = runner.prepare(parts);
         let done = AtomicBool::new(false);
+        let local_stats = stats.clone();
         let ended = std::thread::scope(|scope| {
             let builder =
                 |name: &str| std::thread::Builder::new().name(format!("{}:{name}", self.s.name));
@@ -328,6 +329,15 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             let _ = keep.join();
             ended
         });
+        {
+            let mut book = self.lock();
+            book.stats.retried = local_stats.retried.load(Ordering::Relaxed);
+            let h = local_stats
+                .latency
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            book.stats.latency = wire::histogram_bytes(&h);
+        }
         self.end(ended)
     }
 
@@ -807,7 +817,8 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
         }
         match session.release(&self.run, &self.consumer, &held, self.a.claim_idle) {
             Ok(()) => {
-                tracing::info!(run = %self.run, entries = held.len(), "released unfinished entries")
+                self.lock().stats.released += held.len() as u64;
+                tracing::info!(run = %self.run, entries = held.len(), "released unfinished entries");
             }
             Err(e) => {
                 tracing::warn!(run = %self.run, error = %e, "could not release entries; they will be reclaimed after claim_idle")
@@ -830,6 +841,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                     .map_err(|e| e.to_string())?;
             }
             Ended::Stopped => {
+                let _ = session.stats(&self.run, &self.consumer, &wire::encode_stats(&stats));
                 let _ = session.unregister(&self.run, &self.consumer);
             }
             Ended::Aborted | Ended::Lost => {}
