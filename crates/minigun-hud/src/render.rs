@@ -484,7 +484,15 @@ fn children_lines(scene: &Scene) -> usize {
 fn render_children(scene: &Scene, area: Rect, buf: &mut Buffer) {
     use ratatui::widgets::Widget;
     let live: usize = scene.stages.iter().map(|s| s.children.len()).sum();
-    let block = Block::bordered().title(format!(" fork children ({live} live) "));
+    let remote = scene
+        .stages
+        .iter()
+        .any(|s| s.children.iter().any(|c| c.host.is_some()));
+    let title = match remote {
+        true => format!(" fork children and remote workers ({live} live) "),
+        false => format!(" fork children ({live} live) "),
+    };
+    let block = Block::bordered().title(title);
     let inner = block.inner(area);
     block.render(area, buf);
     let visible = inner.height.saturating_sub(1) as usize;
@@ -510,7 +518,11 @@ fn render_children(scene: &Scene, area: Rect, buf: &mut Buffer) {
                 first,
                 Cell::from(format!("{:>7}", c.pid)),
                 Cell::from(format!("{:>6}", format::count(c.items))),
-                Cell::from(format!("{:>6}", format::bytes(c.rss_bytes))),
+                // A remote worker's memory is on its own host: show the host instead.
+                Cell::from(match &c.host {
+                    Some(h) => format!("{:>6}", h.chars().take(6).collect::<String>()),
+                    None => format!("{:>6}", format::bytes(c.rss_bytes)),
+                }),
                 Cell::from(format!("{:>6}", format::secs(c.age_secs))),
             ]));
         }

@@ -27,14 +27,16 @@ pub enum StageStatus {
     Done,
 }
 
-/// A live child process of a fork stage.
+/// A live child process of a fork stage, or a live worker process of a remote stage.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ChildSnapshot {
     /// Process id.
     pub pid: u32,
+    /// The host of a remote stage's worker (`None`: a child of this process).
+    pub host: Option<String>,
     /// Items it has handled (ipc_fork workers; 0 for a cow_fork child, which has one).
     pub items: u64,
-    /// Resident set size, from the kernel (0 if it already exited).
+    /// Resident set size, from the kernel (0 if it already exited, or runs on another host).
     pub rss_bytes: u64,
     /// Seconds since it was forked.
     pub age_secs: f64,
@@ -303,7 +305,8 @@ fn stage_snapshot(s: &StageView, last: &mut u64, now: Instant) -> (StageSnapshot
         .map(|c| ChildSnapshot {
             pid: c.pid,
             items: c.items,
-            rss_bytes: rss(c.pid),
+            rss_bytes: if c.host.is_none() { rss(c.pid) } else { 0 },
+            host: c.host,
             age_secs: now.duration_since(c.started).as_secs_f64(),
         })
         .collect();

@@ -63,6 +63,8 @@ pub(crate) struct ChildInfo {
     pub(crate) pid: u32,
     pub(crate) started: Instant,
     pub(crate) items: u64,
+    /// The host of a remote stage's worker (`None`: a child of this process).
+    pub(crate) host: Option<String>,
 }
 
 impl StageStats {
@@ -71,6 +73,7 @@ impl StageStats {
             pid: pid as u32,
             started: Instant::now(),
             items: 0,
+            host: None,
         };
         self.children
             .lock()
@@ -84,6 +87,24 @@ impl StageStats {
         let mut c = self.children.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(ch) = c.iter_mut().find(|c| c.pid == pid as u32) {
             ch.items += n;
+        }
+    }
+    /// The live workers of a remote stage, replacing the last list (a worker keeps the time
+    /// it was first seen).
+    pub(crate) fn remote_workers(&self, workers: impl IntoIterator<Item = (String, u32)>) {
+        let mut c = self.children.lock().unwrap_or_else(|e| e.into_inner());
+        let old = std::mem::take(&mut *c);
+        for (host, pid) in workers {
+            let started = old
+                .iter()
+                .find(|o| o.pid == pid && o.host.as_deref() == Some(host.as_str()))
+                .map_or_else(Instant::now, |o| o.started);
+            c.push(ChildInfo {
+                pid,
+                started,
+                items: 0,
+                host: Some(host),
+            });
         }
     }
     pub(crate) fn child_ended(&self, pid: i32) {

@@ -585,3 +585,33 @@ fn with_remote_stages_off_the_stage_runs_here_under_its_worker_executor() {
         .unwrap();
     assert!(ever.is_empty(), "nothing went through the broker: {ever:?}");
 }
+
+#[test]
+fn live_views_list_the_remote_workers_beside_local_children() {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let cfg = |r: Remote| r.worker_exec(Exec::inline()).batch(1).max_in_flight(2);
+    let (b, s) = (broker.clone(), seen.clone());
+    let w = worker(move || define(&b, cfg, 3000, &s));
+    let handle = define(&broker, cfg, 3000, &seen).spawn().expect("build");
+    let monitor = handle.monitor();
+    let mut listed = None;
+    for _ in 0..500 {
+        let snap = monitor.snapshot();
+        let st = snap.stages.iter().find(|s| s.name == "double").unwrap();
+        if let Some(c) = st.children.iter().find(|c| c.host.is_some()) {
+            listed = Some(c.clone());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let report = handle.wait().expect("run");
+    w.stop();
+    let c = listed.expect("the remote worker was listed while the run went on");
+    assert_eq!(c.pid, std::process::id());
+    assert_eq!(
+        c.rss_bytes, 0,
+        "a remote worker's memory is not read from this host"
+    );
+    assert_eq!(report.stage("double").unwrap().items_out, 3000);
+}

@@ -531,16 +531,26 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
         if let Ok((entries, _)) = self.link.call(session, |s| s.depth(self.run)) {
             self.report.queue_high_water = self.report.queue_high_water.max(entries);
         }
-        if !self.workers_seen {
-            let workers = self.link.call(session, |s| s.workers(self.run));
-            self.workers_seen = workers.is_ok_and(|w| !w.is_empty());
-            if !self.workers_seen && self.started.elapsed() > self.remote.wait_for_workers {
-                return Err(format!(
-                    "no worker served the remote stage within {:?}: start workers of this \
-                     program with MINIGUN_WORKER=1 (fingerprint: {})",
-                    self.remote.wait_for_workers, self.announcement.fingerprint_text
-                ));
-            }
+        if let Ok(workers) = self.link.call(session, |s| s.workers(self.run)) {
+            let live = workers
+                .into_iter()
+                .filter(|w| w.since_heartbeat < self.remote.claim_idle)
+                .map(|w| (w.host, w.pid));
+            self.ctx.stats.remote_workers(live);
+            self.workers_seen |= !self
+                .ctx
+                .stats
+                .children
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty();
+        }
+        if !self.workers_seen && self.started.elapsed() > self.remote.wait_for_workers {
+            return Err(format!(
+                "no worker served the remote stage within {:?}: start workers of this \
+                 program with MINIGUN_WORKER=1 (fingerprint: {})",
+                self.remote.wait_for_workers, self.announcement.fingerprint_text
+            ));
         }
         Ok(())
     }
@@ -808,6 +818,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
 
     /// The collector is done: the report's remote part, and the sender may end.
     fn over(mut self) {
+        self.ctx.stats.remote_workers(std::iter::empty());
         let mut report = std::mem::take(&mut self.report);
         report.workers = std::mem::take(&mut self.workers).into_values().collect();
         report.round_trip = latency_of(&self.round_trip);
