@@ -61,6 +61,9 @@
 //! - Expensive per-worker start-up (connections, models), strong isolation, many items:
 //!   **`ipc_fork(n)`** ([`StageRef::ipc_fork`]). Input and output cross pipes (serde), in
 //!   batches when several items are ready (see [`Exec::batch_results`]).
+//! - More work than one machine holds: **`remote`** ([`StageRef::remote`], see [`remote`]):
+//!   worker processes on any number of machines, carried by a broker (Redis Streams in the
+//!   `minigun-redis` crate), each running the items under a local executor.
 //! - Data that cannot be serialised: inline or threads.
 //!
 //! Errors mean the same under every executor: a stage returns `Result`, a panic is caught, and
