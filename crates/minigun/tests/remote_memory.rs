@@ -615,3 +615,36 @@ fn live_views_list_the_remote_workers_beside_local_children() {
     );
     assert_eq!(report.stage("double").unwrap().items_out, 3000);
 }
+
+#[test]
+fn a_bound_smaller_than_a_batch_sends_partial_entries_instead_of_waiting() {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    // 64 items per entry, at most 10 in flight, a long linger: only sending the partial
+    // entry when the bound is reached lets the run go on.
+    let cfg = |r: Remote| {
+        r.worker_exec(Exec::inline())
+            .batch(64)
+            .max_in_flight(10)
+            .linger(Duration::from_secs(3600))
+    };
+    let (b, s) = (broker.clone(), seen.clone());
+    let w = worker(move || define(&b, cfg, 200, &s));
+    let run = parent({
+        let (b, s) = (broker.clone(), seen.clone());
+        move || define(&b, cfg, 200, &s)
+    });
+    let t0 = std::time::Instant::now();
+    while !run.is_finished() && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        run.is_finished(),
+        "the run did not end: the sender waited for credit it held"
+    );
+    let report = run.join().unwrap().expect("run");
+    w.stop();
+    assert_eq!(seen.lock().unwrap().len(), 200);
+    let r = report.stage("double").unwrap().remote.clone().unwrap();
+    assert_eq!(r.entries_sent, 20, "entries of the bound's size: {r:?}");
+}

@@ -305,7 +305,14 @@ impl<I: Wire, C: Codec> Sender<'_, I, C> {
         let mut count = 0u32;
         let mut first = 0u64;
         let mut opened: Option<Instant> = None;
-        while let Some(credit) = self.credit() {
+        while let Some(credit) = self.credit(count > 0) {
+            if credit == 0 {
+                // No room for more items: the partial entry goes now (its items are what
+                // holds the credit, so waiting for its linger would wait for ever).
+                self.send(session, &mut entry, first, &mut count);
+                opened = None;
+                continue;
+            }
             let room = credit.min(self.remote.batch - count as usize).max(1);
             let more = match opened {
                 None => Some(input.recv_upto(&mut ready, room)),
@@ -373,8 +380,9 @@ impl<I: Wire, C: Codec> Sender<'_, I, C> {
         }
     }
 
-    /// Free room for items (waits for it); `None` once the stage is over.
-    fn credit(&self) -> Option<usize> {
+    /// Free room for items (waits for it, unless a partial entry is waiting to be sent:
+    /// then `Some(0)`); `None` once the stage is over.
+    fn credit(&self, partial: bool) -> Option<usize> {
         let mut book = self.shared.lock();
         loop {
             if book.over {
@@ -383,6 +391,9 @@ impl<I: Wire, C: Codec> Sender<'_, I, C> {
             let free = self.remote.max_in_flight.saturating_sub(book.in_flight);
             if free > 0 || self.ctx.run.aborting() {
                 return Some(free.max(1));
+            }
+            if partial {
+                return Some(0);
             }
             book = self
                 .shared
