@@ -175,7 +175,8 @@ fn run<I: Wire, O: Wire, C: Codec>(parts: Parts<I, O>, remote: Remote) {
             link: &link,
             run: &stage_run,
             shared: &shared,
-            keep: ctx.policy.keeps_item(),
+            // Items are kept only for the dead-letter stage (retries happen on the worker).
+            keep: sender_dl.is_some(),
             dead_letter: sender_dl,
             next: 0,
             _c: std::marker::PhantomData,
@@ -636,7 +637,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                 Outcome::Output(i, out) => held.entry(i).or_default().push(out),
                 Outcome::Done(i, ns) => {
                     let outs = held.remove(&i).unwrap_or_default();
-                    if self.close(i) {
+                    if self.close(i).is_some() {
                         for out in outs {
                             let _ = Sink::send(&mut self.router, out);
                         }
@@ -648,11 +649,11 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                 }
                 Outcome::Failed(i, f) => {
                     let outs = held.remove(&i).unwrap_or_default();
-                    if self.close(i) {
+                    if let Some(kept) = self.close(i) {
                         for out in outs {
                             let _ = Sink::send(&mut self.router, out);
                         }
-                        self.failed(i, f, &e.consumer);
+                        self.failed(i, kept, f, &e.consumer);
                         self.ctx.items_done(1);
                     } else {
                         self.report.duplicates += 1;
@@ -673,13 +674,15 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
         }
     }
 
-    /// Item `index` reached its terminal result: whether this is the first one.
-    fn close(&mut self, index: u64) -> bool {
+    /// Item `index` reached its terminal result: `None` if it had one already, else the item
+    /// if the parent kept it (for the dead-letter stage).
+    fn close(&mut self, index: u64) -> Option<Option<I>> {
         let mut book = self.shared.lock();
         if !book.open.remove(&index) {
-            return false;
+            return None;
         }
         book.in_flight -= 1;
+        let kept = book.kept.remove(&index);
         if let Some((&first, _)) = book.entries.range(..=index).next_back() {
             let open = book.entries.get_mut(&first).expect("found");
             open.left -= 1;
@@ -689,12 +692,11 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                 self.round_trip.saturating_record(ns.max(1));
             }
         }
-        true
+        Some(kept)
     }
 
     /// A final failure from a worker: the policy decides (no retry: the worker retried).
-    fn failed(&mut self, index: u64, f: RemoteFailure, consumer: &str) {
-        let item = self.shared.lock().kept.remove(&index);
+    fn failed(&mut self, index: u64, item: Option<I>, f: RemoteFailure, consumer: &str) {
         let attempt = f.attempt.max(self.ctx.policy.retries + 1);
         let message = format!("{} (on {}, worker {consumer})", f.message, f.host);
         if let Verdict::DeadLetter(failure) =
