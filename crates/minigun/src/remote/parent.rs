@@ -607,33 +607,43 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
             return;
         }
         let ids: Vec<EntryId> = entries.iter().map(|e| e.id.clone()).collect();
+        let mut lost = false;
         for e in entries {
             match e.kind {
-                OutKind::Results => self.results(&e),
+                OutKind::Results => lost |= !self.results(&e),
                 OutKind::Finished => self.finished_outputs(&e),
                 OutKind::Stats => self.worker_stats(&e),
             }
         }
         let _ = self.router.flush();
         let _ = self.link.call(session, |s| s.ack_out(self.run, &ids));
+        if lost {
+            // The items of an entry that could not be read at all: whatever the broker no
+            // longer holds is sent again (a duplicate of anything else is dropped later).
+            let _ = self.reconcile(session);
+        }
         self.shared.changed.notify_all();
     }
 
-    fn results(&mut self, e: &OutEntry) {
+    /// A results entry; `false` if it could not be read at all.
+    fn results(&mut self, e: &OutEntry) -> bool {
         let outcomes = match wire::decode_results::<C, O>(&e.payload, self.remote.max_frame) {
             Ok(o) => o,
             Err(m) => {
                 tracing::warn!(stage = %self.ctx.name, consumer = %e.consumer, error = %m,
                     "a results entry could not be decoded; its items run again");
-                return;
+                return false;
             }
         };
         // Outputs are held per item until its terminal frame: only the first terminal
         // result of an index counts, with its own outputs.
         let mut held: HashMap<u64, Vec<O>> = HashMap::new();
+        let mut bad: HashSet<u64> = HashSet::new();
         let mut latencies = Vec::new();
         for o in outcomes {
             match o {
+                Outcome::Output(i, _) | Outcome::Done(i, _) | Outcome::Failed(i, _)
+                    if bad.contains(&i) => {}
                 Outcome::Output(i, out) => held.entry(i).or_default().push(out),
                 Outcome::Done(i, ns) => {
                     let outs = held.remove(&i).unwrap_or_default();
@@ -646,6 +656,21 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                     } else {
                         self.report.duplicates += 1;
                     }
+                }
+                Outcome::Bad(i, m) => {
+                    held.remove(&i);
+                    if let Some(kept) = self.close(i) {
+                        let f = RemoteFailure {
+                            kind: FailureKind::Protocol,
+                            message: format!("its results from the worker are unreadable: {m}"),
+                            attempt: 1,
+                            pid: None,
+                            host: String::from("?"),
+                        };
+                        self.failed(i, kept, f, &e.consumer);
+                        self.ctx.items_done(1);
+                    }
+                    bad.insert(i);
                 }
                 Outcome::Failed(i, f) => {
                     let outs = held.remove(&i).unwrap_or_default();
@@ -672,6 +697,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                 h.saturating_record(ns.max(1));
             }
         }
+        true
     }
 
     /// Item `index` reached its terminal result: `None` if it had one already, else the item

@@ -80,6 +80,9 @@ pub(crate) enum Outcome<O> {
     Done(u64, u64),
     /// Item `index` finally failed.
     Failed(u64, RemoteFailure),
+    /// A frame of item `index` that does not decode (an output not of the stage's type, a
+    /// malformed failure): the item fails with `Protocol`.
+    Bad(u64, String),
 }
 
 fn encode_with<C: Codec, T: Serialize>(
@@ -172,18 +175,18 @@ pub(crate) fn decode_results<C: Codec, O: DeserializeOwned>(
     max: usize,
 ) -> Result<Vec<Outcome<O>>, String> {
     frames(payload, max, |kind, id, bytes| match kind {
-        Kind::Result => C::decode(bytes)
-            .map(|o| Outcome::Output(id, o))
-            .map_err(|e| format!("an output of item {id}: {e}")),
-        Kind::Done => {
-            let ns: [u8; 8] = bytes
-                .try_into()
-                .map_err(|_| format!("item {id}: a done frame of {} bytes", bytes.len()))?;
-            Ok(Outcome::Done(id, u64::from_le_bytes(ns)))
-        }
-        Kind::Error => postcard::from_bytes(bytes)
-            .map(|f| Outcome::Failed(id, f))
-            .map_err(|e| format!("the failure of item {id}: {e}")),
+        Kind::Result => Ok(C::decode(bytes).map_or_else(
+            |e| Outcome::Bad(id, format!("an output does not decode: {e}")),
+            |o| Outcome::Output(id, o),
+        )),
+        Kind::Done => Ok(match <[u8; 8]>::try_from(bytes) {
+            Ok(ns) => Outcome::Done(id, u64::from_le_bytes(ns)),
+            Err(_) => Outcome::Bad(id, format!("a done frame of {} bytes", bytes.len())),
+        }),
+        Kind::Error => Ok(postcard::from_bytes(bytes).map_or_else(
+            |e| Outcome::Bad(id, format!("its failure does not decode: {e}")),
+            |f| Outcome::Failed(id, f),
+        )),
         other => Err(format!(
             "a results entry holds an unexpected {other:?} frame"
         )),
@@ -264,6 +267,15 @@ mod tests {
         push_done(&mut results, 1, 1);
         assert!(decode_items::<Postcard, u64>(&results, 1 << 20).is_err());
         assert!(decode_results::<Postcard, u64>(&entry, 1 << 20).is_err());
+        // An output of another type, a short done frame: that item is bad, not the entry.
+        let mut mixed = Vec::new();
+        push_output::<Postcard, String>(&mut mixed, 3, &"not a bool".into(), 1 << 20).unwrap();
+        frame::push(&mut mixed, Kind::Done, 4, &[1, 2], 1 << 20).unwrap();
+        push_done(&mut mixed, 5, 7);
+        let got = decode_results::<Postcard, bool>(&mixed, 1 << 20).unwrap();
+        assert!(matches!(&got[0], Outcome::Bad(3, m) if m.contains("does not decode")));
+        assert!(matches!(&got[1], Outcome::Bad(4, m) if m.contains("2 bytes")));
+        assert_eq!(got[2], Outcome::Done(5, 7));
         // An item of another type.
         let mut other = Vec::new();
         push_item::<Postcard, String>(&mut other, 1, &"not a number".into(), 1 << 20).unwrap();
