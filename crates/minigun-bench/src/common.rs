@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 /// One line of the result table / one object of the JSON array.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Row {
-    /// `W1` .. `W6`.
+    /// `W1` .. `W7`.
     pub(crate) workload: String,
     /// `minigun`, `baseline` (hand-written, measured in the same run) or `python` (bench_mp.py).
     pub(crate) runner: String,
@@ -44,6 +44,13 @@ pub(crate) struct Row {
     /// disturbed by other work on the machine.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub(crate) foreign_cpu_share: Option<f64>,
+    /// Median latency in ms (W7c: an item's round trip; W7d: from the kill of a worker to
+    /// its item's result elsewhere).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub(crate) p50_ms: Option<f64>,
+    /// 99th percentile latency in ms (W7d: the worst of its repetitions).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub(crate) p99_ms: Option<f64>,
     /// Anything else worth knowing about the measurement.
     #[serde(skip_serializing_if = "String::is_empty", default)]
     pub(crate) note: String,
@@ -77,6 +84,8 @@ impl Row {
             pss_bytes: None,
             in_flight: None,
             foreign_cpu_share: None,
+            p50_ms: None,
+            p99_ms: None,
             note: String::new(),
         }
     }

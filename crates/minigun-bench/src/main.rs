@@ -14,6 +14,9 @@
 //! | W4 | 1 GiB copy-on-write dataset | cow_fork(4), 4 KiB pages and THP | raw fork loop |
 //! | W5 | 5 ms CPU per item | ipc_fork(2) | ideal: workers / 5 ms (and raw spinners) |
 //! | W6 | 4-stage in-process chain | inline, threads(4) | crossbeam thread chain |
+//! | W7 | remote stage over a private redis-server: a) 1M u64 `batch(64)`, b) 1 KiB `batch(1)`, c) round trip, d) reclaim after kill -9 | remote(redis), 2 worker processes | `redis`-crate XADD/XREADGROUP loop |
+//!
+//! W7's workers are this binary re-executed with a hidden first argument (see `w7_remote`).
 //!
 //! Each workload runs in its own process (this binary re-executed with `--job`), so peak RSS
 //! (getrusage) is per workload and one workload's heap never slows another's forks.
@@ -32,12 +35,13 @@ mod w3_large;
 mod w4_cow;
 mod w5_cpu;
 mod w6_inproc;
+mod w7_remote;
 
 use common::{mib, Cfg, MachineCpu, Row};
 use std::process::{Command, ExitCode, Stdio};
 
 /// The jobs, each run in its own process; the part before `-` is the workload id.
-const JOBS: [&str; 7] = ["W1", "W2", "W3", "W4", "W4-thp", "W5", "W6"];
+const JOBS: [&str; 8] = ["W1", "W2", "W3", "W4", "W4-thp", "W5", "W6", "W7"];
 
 const USAGE: &str = "usage: minigun-bench [--quick] [--only W1,W3] [--json] [--reps N] \
                      [--python] [--in-process] [--wait-quiet SECS]";
@@ -82,7 +86,7 @@ fn parse_args() -> Result<Args, String> {
                     .collect();
                 for id in &ids {
                     if !JOBS.iter().any(|j| workload_of(j) == id) {
-                        return Err(format!("unknown workload {id:?} (W1..W6)"));
+                        return Err(format!("unknown workload {id:?} (W1..W7)"));
                     }
                 }
                 a.only = Some(ids);
@@ -127,6 +131,7 @@ fn run_job(job: &str, cfg: &Cfg) -> Vec<Row> {
         "W4-thp" => w4_cow::run(cfg, w4_cow::Memory::Thp),
         "W5" => w5_cpu::run(cfg),
         "W6" => w6_inproc::run(cfg),
+        "W7" => w7_remote::run(cfg),
         other => panic!("unknown job {other}"),
     }
 }
@@ -283,6 +288,21 @@ fn print_table(rows: &[Row]) {
             noisy.join(", ")
         );
     }
+    let timed: Vec<&Row> = rows.iter().filter(|r| r.p50_ms.is_some()).collect();
+    if !timed.is_empty() {
+        println!("\nlatency:");
+        for r in timed {
+            println!(
+                "  {} {:<8} {:<16} {:<40} p50 {:>8} ms  p99 {:>8} ms",
+                r.workload,
+                r.runner,
+                r.executor,
+                truncate(&r.variant, 40),
+                fmt_opt(r.p50_ms, 3),
+                fmt_opt(r.p99_ms, 3),
+            );
+        }
+    }
     let notes: Vec<&Row> = rows.iter().filter(|r| !r.note.is_empty()).collect();
     if !notes.is_empty() {
         println!("\nnotes:");
@@ -377,6 +397,7 @@ fn print_targets(rows: &[Row], quick: bool) {
             lines.push((Some(x >= 0.5), text));
         }
     }
+    w7_targets(rows, &mut lines);
     if lines.is_empty() {
         return;
     }
@@ -398,7 +419,49 @@ fn print_targets(rows: &[Row], quick: bool) {
     }
 }
 
+/// The W7 targets (design note, benchmark targets): throughput ratios, added latency, reclaim.
+fn w7_targets(rows: &[Row], lines: &mut Vec<(Option<bool>, String)>) {
+    let w7 = |runner: &str, variant: &str| {
+        rows.iter()
+            .find(|r| r.workload == "W7" && r.runner == runner && r.variant.starts_with(variant))
+    };
+    for (v, min) in [("a:", 0.7), ("b:", 0.6)] {
+        if let Some(x) = w7("minigun", v).and_then(|r| r.ratio) {
+            let text = format!(
+                "W7{}: {x:.3}x the hand-written redis loop (>= {min})",
+                &v[..1]
+            );
+            lines.push((Some(x >= min), text));
+        }
+    }
+    if let (Some(ours), Some(raw)) = (w7("minigun", "c:"), w7("baseline", "c:")) {
+        if let (Some(a50), Some(a99), Some(b50), Some(b99)) =
+            (ours.p50_ms, ours.p99_ms, raw.p50_ms, raw.p99_ms)
+        {
+            let (d50, d99) = (a50 - b50, a99 - b99);
+            lines.push((
+                Some(d50 <= 0.5 && d99 <= 2.0),
+                format!(
+                    "W7c: adds {d50:+.3} ms p50 (<= 0.5) and {d99:+.3} ms p99 (<= 2) to the \
+                     raw round trip ({b50:.3} / {b99:.3} ms)"
+                ),
+            ));
+        }
+    }
+    if let Some(worst) = w7("minigun", "d:").and_then(|r| r.p99_ms) {
+        let limit = w7_remote::d_limit_ms();
+        lines.push((
+            Some(worst <= limit),
+            format!("W7d: kill -9 to the item's result in {worst:.0} ms at worst (<= {limit:.0})"),
+        ));
+    }
+}
+
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some(w7_remote::WORKER_FLAG) {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        return w7_remote::worker_main(&args);
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(m) => {

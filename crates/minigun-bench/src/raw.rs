@@ -350,3 +350,10 @@ impl Workers {
         Ok(sum)
     }
 }
+
+/// Sends `sig` to process `pid` (one this program started and has not reaped yet).
+pub(crate) fn signal(pid: u32, sig: libc::c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(io::Error::other)?;
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    check(unsafe { libc::kill(pid, sig) }).map(drop)
+}
