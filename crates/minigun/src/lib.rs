@@ -128,7 +128,7 @@ pub use error::{
     BoxError, DefinitionError, EmitError, FailureKind, ItemFailure, RunError, StageResult,
 };
 pub use exec::{Dispatch, Exec, ForkOptions};
-pub use ipc::protocol::{Codec, Postcard};
+pub use ipc::codec::{Codec, Postcard};
 pub use monitor::{ChildSnapshot, Monitor, Snapshot, StageSnapshot, StageStatus};
 pub use policy::OnError;
 pub use queue::{Capacity, FanOut};
@@ -146,5 +146,13 @@ pub mod fuzzing {
     /// complete frames before the end of the data or the first error. Must never panic.
     pub fn decode_frames(data: &[u8], chunk: usize, max_frame: usize) -> usize {
         crate::ipc::frame::fuzz_decode(data, chunk, max_frame)
+    }
+
+    /// Feeds `data` in chunks of `chunk` bytes to a frame decoder and decodes each frame's
+    /// message as the parent or an ipc worker would (results are byte vectors, one route of
+    /// `u32`); returns the number of messages before the end of the data or the first error.
+    /// Must never panic.
+    pub fn decode_messages(data: &[u8], chunk: usize, max_frame: usize) -> usize {
+        crate::ipc::message::fuzz_decode(data, chunk, max_frame)
     }
 }

@@ -39,10 +39,10 @@ impl RouteCodec {
     pub(crate) fn of<T: Wire>() -> Self {
         RouteCodec {
             encode: |item, out| match item.downcast_ref::<T>() {
-                Some(t) => crate::ipc::protocol::encode(t, out),
+                Some(t) => crate::ipc::codec::encode(t, out),
                 None => Err(format!("expected {}", std::any::type_name::<T>())),
             },
-            decode: |bytes| crate::ipc::protocol::decode::<T>(bytes).map(|t| Box::new(t) as Erased),
+            decode: |bytes| crate::ipc::codec::decode::<T>(bytes).map(|t| Box::new(t) as Erased),
         }
     }
 }

@@ -7,7 +7,7 @@ use super::record::{CrossingRecord, Def, ExecChoice, Ref, StageDef};
 use crate::error::StageResult;
 use crate::exec::runner::{Crosses, Crossing};
 use crate::exec::Exec;
-use crate::ipc::protocol::{Codec, Postcard};
+use crate::ipc::codec::{Codec, Postcard};
 use crate::policy::{Final, OnError};
 use crate::queue::{Capacity, FanOut};
 use crate::remote::Remote;

@@ -4,7 +4,7 @@
 
 use crate::ctx::StageCtx;
 use crate::error::ItemFailure;
-use crate::ipc::protocol::WireFns;
+use crate::ipc::codec::WireFns;
 use crate::queue::{QueueTx, Receiver};
 use crate::route::Router;
 use crate::stage::{Factory, Failed};

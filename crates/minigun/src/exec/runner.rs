@@ -16,7 +16,7 @@
 use super::parts::Parts;
 use super::{local, Exec, ForkOptions};
 use crate::hooks::ForkHook;
-use crate::ipc::protocol::{Codec, WireFns};
+use crate::ipc::codec::{Codec, WireFns};
 use crate::remote::worker::{Served, ServedStage};
 use crate::remote::Remote;
 use crate::stage::{Item, Wire};

@@ -31,7 +31,7 @@ use crate::ctx::StageCtx;
 use crate::error::{FailureKind, ItemFailure};
 use crate::exec::parts::{drain, Parts};
 use crate::exec::runner::PreparedRun;
-use crate::ipc::protocol::Codec;
+use crate::ipc::codec::Codec;
 use crate::policy::Verdict;
 use crate::queue::QueueTx;
 use crate::report::{latency_of, RemoteReport, RemoteWorker};

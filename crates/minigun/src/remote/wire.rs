@@ -13,7 +13,7 @@
 
 use crate::error::FailureKind;
 use crate::ipc::frame::{self, Decoder, Kind};
-use crate::ipc::protocol::Codec;
+use crate::ipc::codec::Codec;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -206,7 +206,7 @@ pub(crate) fn decode_stats(payload: &[u8]) -> Result<WorkerStats, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ipc::protocol::Postcard;
+    use crate::ipc::codec::Postcard;
 
     #[test]
     fn entries_and_results_round_trip() {

@@ -37,7 +37,7 @@ use crate::error::{EmitError, FailureKind, StageResult};
 use crate::exec::parts::Parts;
 use crate::exec::runner::{Crossing, ForkHooks, Runner};
 use crate::exec::Exec;
-use crate::ipc::protocol::Codec;
+use crate::ipc::codec::Codec;
 use crate::loops::Membership;
 use crate::policy::{Final, OnError};
 use crate::queue::{self, Capacity, FanOut, QueueTx, Receiver};

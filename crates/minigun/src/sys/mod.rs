@@ -1,4 +1,6 @@
-//! The only module with `unsafe`: fork, `_exit`, signal dispositions, fds. Linux only.
+//! The only module with `unsafe`: fork, `_exit`, signal dispositions, fds, memory shared with
+//! children ([`SharedMem`]). Linux only: mechanisms, no protocol (what the wire and the shared
+//! memory carry is `ipc`'s).
 //!
 //! # Forking from a multi-threaded process
 //!
@@ -15,7 +17,7 @@
 //!   (or siblings would never see end-of-file); `PR_SET_PDEATHSIG = SIGKILL` and re-check the
 //!   parent (it may have died before the prctl); name the process; run the body under
 //!   `catch_unwind`; flush stdio; `_exit`. (`tracing` in the child goes through a switch the
-//!   parent installed on the forking thread; see `exec::fork::log`.)
+//!   parent installed on the forking thread; see `exec::fork::trace`.)
 //! - The child never returns into the parent's frames, never unwinds out of the body, and never
 //!   runs `atexit` handlers (`_exit`, not `exit`).
 //!
@@ -72,7 +74,7 @@ pub(crate) fn fork_child(
     title[..n].copy_from_slice(&name.as_bytes()[..n]);
 
     // No thread of ours may be inside a global registration (tracing's dispatcher list) while
-    // we fork: such code runs under this lock too (see `exec::fork::log`).
+    // we fork: such code runs under this lock too (see `exec::fork::trace`).
     let fork_lock = fork_lock();
     let mut out = io::stdout().lock();
     let err = io::stderr().lock();
@@ -223,46 +225,35 @@ pub(crate) fn raw(fd: &OwnedFd) -> RawFd {
     fd.as_raw_fd()
 }
 
-/// A byte log shared between the parent and the child it forks afterwards
-/// (`MAP_SHARED | MAP_ANONYMOUS`), which outlives the child.
+/// Memory shared between the parent and the children it forks afterwards
+/// (`MAP_SHARED | MAP_ANONYMOUS`): [`SharedMem::WORDS`] atomic header words, then
+/// [`SharedMem::capacity`] bytes. It outlives the children.
 ///
-/// An ipc worker appends the frames of each finished item here instead of writing them to its
-/// pipe at once, and writes the log to the pipe in batches. If it dies in between, the parent
-/// (after reaping it and reading its pipe to the end) takes the unsent frames from the log, so
-/// no finished item's results are lost and none has to run again.
-///
-/// Layout: `base` (u64, stream offset of the first logged byte), `len` (u64), `running`
-/// (u64, the child's progress), `owner` (u64: free, child or parent), then the bytes.
-///
-/// While the child lives, the log belongs to whoever holds `owner`: the child takes it around
-/// every append and every write to the pipe ([`SharedLog::hold`]), the parent only to take the
-/// logged bytes itself when they have waited too long ([`SharedLog::take`]: a worker busy with
-/// a long item does not sit on finished results). Whoever holds it sees every byte before
-/// `base` already in the pipe or taken, so the stream stays in order. Once the child is gone
-/// the parent reads the log without asking.
-pub(crate) struct SharedLog {
+/// This is only the mechanism: what the words and bytes mean, and who may write the bytes
+/// when, is the caller's protocol (`ipc::results_log`). Within one process the bytes are
+/// written only through `&mut self`; another process sharing the mapping that writes them
+/// against the protocol can only make this one read wrong bytes, never memory outside the
+/// mapping.
+pub(crate) struct SharedMem {
     ptr: std::ptr::NonNull<u8>,
     map_len: usize,
 }
 
 // SAFETY: the mapping is owned by this value; its header is accessed atomically and its bytes
-// are written by one process (the child, single-threaded) and read by the parent only while it
-// holds `owner` or after that process ended.
-unsafe impl Send for SharedLog {}
+// are written only through `&mut self` in each process (another process's writes are the
+// caller's protocol to order, see the type's docs).
+unsafe impl Send for SharedMem {}
 // SAFETY: as above.
-unsafe impl Sync for SharedLog {}
+unsafe impl Sync for SharedMem {}
 
-const LOG_HEADER: usize = 64;
+impl SharedMem {
+    /// Header words before the bytes.
+    pub(crate) const WORDS: usize = 8;
+    const HEADER: usize = 8 * Self::WORDS;
 
-/// Values of the `owner` word.
-const FREE: u64 = 0;
-const CHILD: u64 = 1;
-const PARENT: u64 = 2;
-
-impl SharedLog {
-    /// A log holding up to `cap` bytes.
+    /// A mapping of at least `cap` bytes after the header; the words start at 0.
     pub(crate) fn new(cap: usize) -> io::Result<Self> {
-        let map_len = (LOG_HEADER + cap).next_multiple_of(4096);
+        let map_len = (Self::HEADER + cap).next_multiple_of(4096);
         // SAFETY: a fresh anonymous mapping, not aliasing anything; checked before use.
         let raw = unsafe {
             libc::mmap(
@@ -278,15 +269,14 @@ impl SharedLog {
             return Err(io::Error::last_os_error());
         }
         let ptr = std::ptr::NonNull::new(raw.cast::<u8>()).expect("mmap never returns null");
-        let log = SharedLog { ptr, map_len };
-        log.set_running(u64::MAX);
-        Ok(log)
+        Ok(SharedMem { ptr, map_len })
     }
 
-    fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
-        debug_assert!(i < 4);
-        // SAFETY: the header's four words lie inside the live mapping, page-aligned, zero-filled
-        // at creation (valid AtomicU64s) and only accessed atomically.
+    /// Header word `i` (below [`SharedMem::WORDS`]).
+    pub(crate) fn word(&self, i: usize) -> &std::sync::atomic::AtomicU64 {
+        assert!(i < Self::WORDS, "header word {i} of {}", Self::WORDS);
+        // SAFETY: the header's words lie inside the live mapping, page-aligned, zero-filled at
+        // creation (valid AtomicU64s) and only accessed atomically.
         unsafe {
             &*self
                 .ptr
@@ -296,146 +286,49 @@ impl SharedLog {
         }
     }
 
-    fn capacity(&self) -> usize {
-        self.map_len - LOG_HEADER
+    /// Bytes after the header.
+    pub(crate) fn capacity(&self) -> usize {
+        self.map_len - Self::HEADER
     }
 
-    /// Child side: the item the child is about to run (or, with a flag bit, has finished).
-    pub(crate) fn set_running(&self, word: u64) {
-        self.word(2)
-            .store(word, std::sync::atomic::Ordering::Release);
-    }
-
-    /// Parent side: the last value of [`SharedLog::set_running`] (`u64::MAX` if none).
-    pub(crate) fn running(&self) -> u64 {
-        self.word(2).load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// Child side: waits until the log is the child's (the parent may be taking its bytes,
-    /// which takes microseconds) and keeps it until [`SharedLog::release`].
-    pub(crate) fn hold(&self) {
-        use std::sync::atomic::Ordering;
-        let owner = self.word(3);
-        let mut spins = 0u32;
-        while owner
-            .compare_exchange_weak(FREE, CHILD, Ordering::Acquire, Ordering::Relaxed)
-            .is_err()
-        {
-            spins += 1;
-            match spins {
-                0..64 => std::hint::spin_loop(),
-                _ => std::thread::yield_now(),
-            }
-        }
-    }
-
-    /// Child side: gives the log back.
-    pub(crate) fn release(&self) {
-        self.word(3)
-            .store(FREE, std::sync::atomic::Ordering::Release);
-    }
-
-    /// Parent side, while the child lives: takes the logged bytes if the child is not using
-    /// the log. `catch_up(base)` must first receive every byte the child wrote to the pipe,
-    /// which ends at `base` (the child cannot write more meanwhile); if it cannot, or the
-    /// log is empty or busy, nothing is taken. The taken bytes count as written to the pipe.
-    pub(crate) fn take(&self, catch_up: impl FnOnce(u64) -> bool) -> Option<Vec<u8>> {
-        use std::sync::atomic::Ordering;
-        let owner = self.word(3);
-        if self.word(1).load(Ordering::Acquire) == 0
-            || owner
-                .compare_exchange(FREE, PARENT, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
-        {
-            return None;
-        }
-        if self.word(1).load(Ordering::Acquire) == 0 {
-            // The child wrote the log out just before the parent got it.
-            owner.store(FREE, Ordering::Release);
-            return None;
-        }
-        let base = self.base();
-        let bytes = match catch_up(base) {
-            true => self.bytes().to_vec(),
-            false => Vec::new(),
-        };
-        if !bytes.is_empty() {
-            // As the child's `sent`: length first, so a death in between never makes the
-            // taken bytes look unsent.
-            self.word(1).store(0, Ordering::Release);
-            self.word(0).fetch_add(bytes.len() as u64, Ordering::AcqRel);
-        }
-        owner.store(FREE, Ordering::Release);
-        (!bytes.is_empty()).then_some(bytes)
-    }
-
-    /// The number of logged bytes (a hint while the child lives).
-    pub(crate) fn len(&self) -> u64 {
-        self.word(1).load(std::sync::atomic::Ordering::Acquire)
-    }
-
-    /// The logged bytes: the child's, to write them; the parent's, once the child is gone.
-    /// The length is capped at the capacity: a child that scribbled over its header cannot
-    /// make the parent read outside the mapping.
-    pub(crate) fn bytes(&self) -> &[u8] {
-        let len = self.word(1).load(std::sync::atomic::Ordering::Acquire) as usize;
-        // SAFETY: the range is inside the live mapping (`len` capped at the capacity). The
-        // bytes are only written through `&mut self` (`append`) by the one process that
-        // appends (the child; a single thread), so they do not change while this borrow
-        // lives; the parent reads them only while it holds `owner` (the child appends only
-        // while it holds it) or after that child ended. Stage code that scribbles over the
-        // mapping anyway can only make the parent read wrong bytes, which its decoder
-        // rejects as a corrupt stream.
+    /// The first `len` bytes after the header (at most [`SharedMem::capacity`]).
+    pub(crate) fn bytes(&self, len: usize) -> &[u8] {
+        // SAFETY: the range is inside the live mapping (`len` capped at the capacity). In this
+        // process the bytes are only written through `&mut self` (`write`), so they do not
+        // change while this borrow lives; another process's writes are excluded by the
+        // caller's protocol, and break at worst the values read (any byte is a valid `u8`).
         unsafe {
-            std::slice::from_raw_parts(self.ptr.as_ptr().add(LOG_HEADER), len.min(self.capacity()))
+            std::slice::from_raw_parts(
+                self.ptr.as_ptr().add(Self::HEADER),
+                len.min(self.capacity()),
+            )
         }
     }
 
-    /// Appends `data` if it fits (child side); `false` if the log is too full.
-    pub(crate) fn append(&mut self, data: &[u8]) -> bool {
-        let len = self.bytes().len();
-        if len + data.len() > self.capacity() {
+    /// Copies `data` to bytes `at..at + data.len()`; `false` (nothing written) if that range
+    /// is not inside the capacity.
+    pub(crate) fn write(&mut self, at: usize, data: &[u8]) -> bool {
+        if at
+            .checked_add(data.len())
+            .is_none_or(|end| end > self.capacity())
+        {
             return false;
         }
-        // SAFETY: the destination range `len..len + data.len()` is inside the mapping (checked
-        // above) and does not overlap `data` (a private buffer); `&mut self` excludes any
-        // borrow from `bytes` in this process.
+        // SAFETY: the destination range is inside the mapping (checked above) and does not
+        // overlap `data` (a borrow of memory this value does not hand out mutably); `&mut
+        // self` excludes any borrow from `bytes` in this process.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 data.as_ptr(),
-                self.ptr.as_ptr().add(LOG_HEADER + len),
+                self.ptr.as_ptr().add(Self::HEADER + at),
                 data.len(),
             );
         }
-        self.word(1).store(
-            (len + data.len()) as u64,
-            std::sync::atomic::Ordering::Release,
-        );
         true
-    }
-
-    /// The logged bytes were written to the pipe (child side): empty the log. The length is
-    /// cleared before the base moves, so a death in between never makes old bytes look unsent.
-    pub(crate) fn sent(&mut self) {
-        let len = self.word(1).swap(0, std::sync::atomic::Ordering::AcqRel);
-        self.word(0)
-            .fetch_add(len, std::sync::atomic::Ordering::AcqRel);
-    }
-
-    /// Child side: `n` bytes went to the pipe directly (not through the log).
-    pub(crate) fn wrote(&mut self, n: usize) {
-        self.word(0)
-            .fetch_add(n as u64, std::sync::atomic::Ordering::AcqRel);
-    }
-
-    /// The stream offset of the first logged byte: every byte the child wrote to the pipe
-    /// before it, through the log or directly.
-    pub(crate) fn base(&self) -> u64 {
-        self.word(0).load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
-impl Drop for SharedLog {
+impl Drop for SharedMem {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping made in `new`; no borrow outlives `self`.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
@@ -447,30 +340,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_parent_takes_logged_bytes_only_when_the_child_lets_it() {
-        let mut log = SharedLog::new(4096).unwrap();
-        assert!(
-            log.take(|_| true).is_none(),
-            "nothing logged, nothing taken"
+    fn shared_memory_keeps_its_bytes_inside_the_mapping() {
+        let mut mem = SharedMem::new(100).unwrap();
+        let cap = mem.capacity();
+        assert!(cap >= 100);
+        assert!(mem.write(0, b"abc"));
+        assert!(mem.write(cap - 2, b"yz"));
+        assert!(!mem.write(cap - 1, b"yz"), "past the end");
+        assert!(!mem.write(usize::MAX, b"a"), "an offset that overflows");
+        assert_eq!(mem.bytes(3), b"abc");
+        assert_eq!(mem.bytes(usize::MAX).len(), cap, "capped at the capacity");
+        mem.word(SharedMem::WORDS - 1)
+            .store(7, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            mem.word(SharedMem::WORDS - 1)
+                .load(std::sync::atomic::Ordering::Relaxed),
+            7
         );
-        log.wrote(10);
-        log.hold();
-        assert!(log.append(b"abc"));
-        // The child holds the log: the parent takes nothing and waits for nothing.
-        assert!(log
-            .take(|_| panic!("not asked while the child holds the log"))
-            .is_none());
-        log.release();
-        // The parent cannot catch up with the pipe: the log stays as it is.
-        assert!(log.take(|base| base == 0).is_none());
-        assert_eq!((log.base(), log.bytes()), (10, &b"abc"[..]));
-        assert_eq!(log.take(|base| base == 10), Some(b"abc".to_vec()));
-        assert_eq!((log.base(), log.len()), (13, 0));
-        // The child goes on where the parent stopped.
-        log.hold();
-        assert!(log.append(b"de"));
-        log.sent();
-        log.release();
-        assert_eq!((log.base(), log.len()), (15, 0));
     }
 }

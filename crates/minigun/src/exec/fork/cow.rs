@@ -10,22 +10,23 @@
 //! next starts, so when it dies the parent knows which item it was running: that one fails,
 //! the ones after it go back to the queue (their attempt is not counted).
 
-use super::{
-    child, earliest, exit_failure, feed, item_ended, poll_set, terminate, wait, Killed, Release,
-    Stream, Wake, PIPE_SIZE,
+use super::child;
+use super::supervise::{
+    child_frames, earliest, exit_failure, feed, item_ended, result_pipe, settle, supervised,
+    terminate, Handoff, Killed, PollSet, Release, Wake,
 };
 use crate::error::FailureKind;
-use crate::exec::parts::{dead_letter, drain, Parts};
-use crate::exec::runner::ForkHooks;
+use crate::exec::parts::{dead_letter, Parts};
 use crate::exec::ForkOptions;
 use crate::hooks;
-use crate::ipc::frame::Kind;
-use crate::ipc::protocol::{self, ChildError, Done};
+use crate::ipc::message::{ChildError, Done, FromChild, Sender};
+use crate::ipc::reader::Stream;
+use crate::exec::runner::ForkHooks;
 use crate::route::Router;
 use crate::stage::{Item, Wire};
 use crate::stats::Recorder;
 use crate::sys;
-use crossbeam_channel::{Receiver, TryRecvError};
+use crossbeam_channel::TryRecvError;
 use rustix::event::{PollFd, PollFlags};
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -54,7 +55,6 @@ struct Running<I> {
     exit: Option<sys::Exit>,
     deadline: Option<Instant>,
     killed: Option<Killed>,
-    protocol: Option<String>,
     results: u64,
     /// The job whose time limit ran out, if the child is being killed for it.
     timed_out: Option<usize>,
@@ -65,45 +65,37 @@ struct Running<I> {
 const FEED_CHUNK: usize = 32;
 
 pub(super) fn run<I: Item, O: Wire>(parts: Parts<I, O>, opts: ForkOptions, hooks: ForkHooks) {
-    let _log = super::log::install();
-    let wake = match Wake::new() {
-        Ok(w) => w,
-        Err(e) => {
-            parts
-                .ctx
-                .stage_failed(FailureKind::Start, format!("cannot create a pipe: {e}"));
-            return drain(&parts.ctx, &parts.input);
-        }
-    };
     // Items are handed over in chunks: the feeder wakes once per chunk, not once per fork
     // (a thread of the parent running while it forks costs every copy-on-write fault of the
     // fork a cross-CPU TLB flush). At most `FEED_CHUNK` (or `workers`) items wait in a chunk.
     let chunk = FEED_CHUNK.max(opts.workers);
     let (tx, rx) = crossbeam_channel::bounded::<Vec<I>>(1);
-    std::thread::scope(|s| {
-        std::thread::Builder::new()
-            .name(format!("{}:feed", parts.ctx.name))
-            .spawn_scoped(s, || {
-                let send = move |items: Vec<I>| tx.send(items).map_err(|e| e.0.len() as u64);
-                let make =
-                    |items: std::collections::vec_deque::Drain<'_, I>,
-                     hand: &mut dyn FnMut(Vec<I>) -> Result<(), u64>| {
-                        hand(items.collect())
-                    };
-                feed(&parts.ctx, &parts.input, &wake, chunk, make, send)
-            })
-            .expect("spawn feeder thread");
-        // The supervisor owns the hand-off receiver: if it ever unwinds, the feeder's sends
-        // fail instead of blocking forever.
-        Supervisor {
-            parts: &parts,
-            opts: &opts,
-            hooks: &hooks,
-            forked_once: false,
-            release: RefCell::new(Release::new(opts.ordered)),
-            router: RefCell::new(parts.router.clone()),
-        }
-        .run(rx, &wake);
+    supervised(&parts, |wake| {
+        std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name(format!("{}:feed", parts.ctx.name))
+                .spawn_scoped(s, || {
+                    let send = move |items: Vec<I>| tx.send(items).map_err(|e| e.0.len() as u64);
+                    let make =
+                        |items: std::collections::vec_deque::Drain<'_, I>,
+                         hand: &mut dyn FnMut(Vec<I>) -> Result<(), u64>| {
+                            hand(items.collect())
+                        };
+                    feed(&parts.ctx, &parts.input, wake, chunk, make, send)
+                })
+                .expect("spawn feeder thread");
+            // The supervisor owns the hand-off receiver: if it ever unwinds, the feeder's
+            // sends fail instead of blocking forever.
+            Supervisor {
+                parts: &parts,
+                opts: &opts,
+                hooks: &hooks,
+                forked_once: false,
+                release: RefCell::new(Release::new(opts.ordered)),
+                router: RefCell::new(parts.router.clone()),
+            }
+            .run(Handoff::new(rx), wake);
+        })
     });
 }
 
@@ -127,14 +119,12 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         item_ended(&self.parts.ctx, release, router, index, cancelled);
     }
 
-    fn run(&mut self, rx: Receiver<Vec<I>>, wake: &Wake) {
+    fn run(&mut self, mut incoming: Handoff<I>, wake: &Wake) {
         let ctx = &self.parts.ctx;
         let abort_fd = ctx.run.abort_fd();
         let mut rec = Recorder::new(&ctx.stats);
         let mut running: Vec<Running<I>> = Vec::new();
         let mut retry: VecDeque<Pending<I>> = VecDeque::new();
-        // Items handed over by the feeder, not yet given to a child.
-        let mut incoming: VecDeque<I> = VecDeque::new();
         let mut next_index = 0u64;
         let mut input_done = false;
         let mut cancelled_all = false;
@@ -155,34 +145,8 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             // Fork while there is room: due retries first, then new items, up to
             // `items_per_fork` per child (never waiting for more than are ready).
             while running.len() < self.opts.workers && !ctx.run.aborting() {
-                let now = Instant::now();
-                let mut batch = Vec::new();
-                while batch.len() < self.opts.items_per_fork.max(1) {
-                    if retry
-                        .front()
-                        .is_some_and(|p| p.not_before.is_none_or(|t| t <= now))
-                    {
-                        batch.extend(retry.pop_front());
-                        continue;
-                    }
-                    match super::next_handed(&mut incoming, &rx) {
-                        Ok(item) => {
-                            next_index += 1;
-                            let index = next_index - 1;
-                            batch.push(Pending {
-                                item,
-                                index,
-                                attempt: 1,
-                                not_before: None,
-                            });
-                        }
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Disconnected) => {
-                            input_done = true;
-                            break;
-                        }
-                    }
-                }
+                let (batch, ended) = self.next_batch(&mut retry, &mut incoming, &mut next_index);
+                input_done |= ended;
                 if batch.is_empty() {
                     break;
                 }
@@ -191,9 +155,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 }
             }
             if ctx.run.aborting() {
-                ctx.cancelled(incoming.len() as u64);
-                incoming.clear();
-                input_done |= super::cancel_ready(ctx, &rx, |v| v.len() as u64);
+                input_done |= incoming.cancel(ctx);
             }
             if input_done && running.is_empty() && retry.is_empty() {
                 self.release
@@ -203,7 +165,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             }
             // Sleep until a child speaks or exits, an item arrives, or a deadline passes.
             wake.sleepy();
-            if running.len() < self.opts.workers && (!incoming.is_empty() || !rx.is_empty()) {
+            if running.len() < self.opts.workers && incoming.waiting() {
                 wake.awake();
                 continue;
             }
@@ -212,44 +174,85 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 deadline = earliest(deadline, retry.front().and_then(|p| p.not_before));
             }
             let (readable, exited) = {
-                let mut fds = poll_set(wake, abort_fd, cancelled_all, 2 * running.len());
+                let mut fds = PollSet::new(wake, abort_fd, cancelled_all, 2 * running.len());
+                let mut at = Vec::with_capacity(running.len());
                 for r in &running {
-                    fds.push(r.stream.poll_fd());
+                    at.push(fds.push(r.stream.poll_fd()));
                     fds.push(PollFd::new(&r.child.pidfd, PollFlags::IN));
                 }
-                wait(&mut fds, deadline);
-                let ready = |f: &PollFd<'_>| !f.revents().is_empty();
-                let pairs = fds[2..].chunks(2);
-                pairs
-                    .map(|p| (ready(&p[0]), ready(&p[1])))
+                fds.wait(deadline);
+                at.iter()
+                    .map(|&i| (fds.ready(i), fds.ready(i + 1)))
                     .unzip::<_, _, Vec<_>, Vec<_>>()
             };
             wake.awake();
             // Read, reap, decide. Children are visited from the last so removal keeps indices.
             let now = Instant::now();
             for i in (0..running.len()).rev() {
-                let r = &mut running[i];
-                if readable[i] {
-                    self.pump(r);
-                }
-                if exited[i] && r.exit.is_none() {
-                    r.exit = Some(sys::reap(r.child.pid));
-                    // Everything the child wrote before exiting is in the pipe now.
-                    self.pump(r);
-                }
-                if r.exit.is_none() && r.deadline.is_some_and(|d| d <= now) {
-                    if r.killed.is_none() {
-                        r.timed_out = Some(r.cur);
-                    }
-                    let why = r.killed.unwrap_or(Killed::Timeout);
-                    terminate(r.child.pid, &mut r.killed, why, &mut r.deadline);
-                }
-                if r.exit.is_some() {
+                if self.visit(&mut running[i], readable[i], exited[i], now) {
                     let r = running.swap_remove(i);
                     self.finish(r, &mut rec, &mut retry);
                 }
             }
         }
+    }
+
+    /// The items for the next child: due retries first, then new items, up to
+    /// `items_per_fork` (never waiting for more than are ready), numbered from `next_index`.
+    /// Also whether the input has ended.
+    fn next_batch(
+        &self,
+        retry: &mut VecDeque<Pending<I>>,
+        incoming: &mut Handoff<I>,
+        next_index: &mut u64,
+    ) -> (Vec<Pending<I>>, bool) {
+        let now = Instant::now();
+        let mut batch = Vec::new();
+        while batch.len() < self.opts.items_per_fork.max(1) {
+            if retry
+                .front()
+                .is_some_and(|p| p.not_before.is_none_or(|t| t <= now))
+            {
+                batch.extend(retry.pop_front());
+                continue;
+            }
+            match incoming.next() {
+                Ok(item) => {
+                    *next_index += 1;
+                    let index = *next_index - 1;
+                    batch.push(Pending {
+                        item,
+                        index,
+                        attempt: 1,
+                        not_before: None,
+                    });
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => return (batch, true),
+            }
+        }
+        (batch, false)
+    }
+
+    /// One child after a poll: reads what it sent, reaps it if it exited (then reads the
+    /// rest), and ends it if its deadline passed. Returns whether it has exited.
+    fn visit(&self, r: &mut Running<I>, readable: bool, exited: bool, now: Instant) -> bool {
+        if readable {
+            self.pump(r);
+        }
+        if exited && r.exit.is_none() {
+            r.exit = Some(sys::reap(r.child.pid));
+            // Everything the child wrote before exiting is in the pipe now.
+            self.pump(r);
+        }
+        if r.exit.is_none() && r.deadline.is_some_and(|d| d <= now) {
+            if r.killed.is_none() {
+                r.timed_out = Some(r.cur);
+            }
+            let why = r.killed.unwrap_or(Killed::Timeout);
+            terminate(r.child.pid, &mut r.killed, why, &mut r.deadline);
+        }
+        r.exit.is_some()
     }
 
     /// Forks a child for `jobs`; on fork failure the items fail (and may be retried).
@@ -269,7 +272,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 return None;
             }
         }
-        let (r, w) = match sys::pipe(true) {
+        let (stream, w) = match result_pipe(self.opts.max_frame) {
             Ok(p) => p,
             Err(e) => {
                 for job in jobs {
@@ -279,7 +282,6 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 return None;
             }
         };
-        sys::grow_pipe(&w, PIPE_SIZE);
         let (items, metas): (Vec<I>, Vec<(u64, u32)>) = jobs
             .into_iter()
             .map(|j| (j.item, (j.index, j.attempt)))
@@ -315,11 +317,10 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     cur: 0,
                     since: now,
                     child,
-                    stream: Stream::new(r, self.opts.max_frame),
+                    stream,
                     exit: None,
                     deadline: self.opts.timeout.map(|t| now + t),
                     killed: None,
-                    protocol: None,
                     results: 0,
                     timed_out: None,
                 })
@@ -344,43 +345,21 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         r.stream.read_available();
         loop {
             let index = r.jobs.get(r.cur).map_or(u64::MAX, |j| j.index);
-            let (stage, pid) = (&self.parts.ctx.name, r.child.pid);
-            let wire = self.parts.wire.expect("fork stages have a codec");
-            let routes = &self.parts.router.routes;
-            let next = r.stream.dec.next(|kind, id, payload| {
-                if kind == Kind::Log {
-                    return super::log::forward(stage, pid, payload).map(|()| Event::Log);
-                }
-                if id != index {
-                    return Err(format!(
-                        "frame for item {id} while the child runs item {index}"
-                    ));
-                }
-                match kind {
-                    Kind::Routed => {
-                        super::decode_routed(routes, payload).map(|(i, t)| Event::Routed(i, t))
-                    }
-                    Kind::Result => (wire.decode_out)(payload)
-                        .map(Event::Result)
-                        .map_err(|e| format!("cannot decode a result: {e}")),
-                    Kind::Done => protocol::decode::<Done>(payload)
-                        .map(Event::Done)
-                        .map_err(|e| format!("bad done frame: {e}")),
-                    Kind::Error => protocol::decode::<ChildError>(payload)
-                        .map(Event::Error)
-                        .map_err(|e| format!("bad error frame: {e}")),
-                    other => Err(format!("unexpected {other:?} frame from a child")),
-                }
-            });
+            let from = Sender::CowChild { running: index };
+            let frames = child_frames(self.parts);
+            let next = r
+                .stream
+                .dec
+                .next(|kind, id, payload| frames.decode(from, kind, id, payload));
             match next {
                 Ok(None) => break,
-                Ok(Some(Ok(Event::Result(o)))) => {
+                Ok(Some(Ok(FromChild::Result(o)))) => {
                     r.results += 1;
                     self.release
                         .borrow_mut()
                         .emit(index, o, &mut self.router.borrow_mut());
                 }
-                Ok(Some(Ok(Event::Done(d)))) if d.outputs != r.results => {
+                Ok(Some(Ok(FromChild::Done(d)))) if d.outputs != r.results => {
                     let m = format!(
                         "child reported {} results, parent received {}",
                         d.outputs, r.results
@@ -388,19 +367,24 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     self.protocol_error(r, m);
                     break;
                 }
-                Ok(Some(Ok(Event::Done(d)))) => {
+                Ok(Some(Ok(FromChild::Done(d)))) => {
                     let busy = r.since.elapsed().as_nanos() as u64;
                     self.parts.ctx.stats.child_item(r.child.pid);
                     self.next_job(r, Ok((d, busy)));
                 }
-                Ok(Some(Ok(Event::Routed(i, t)))) => {
+                Ok(Some(Ok(FromChild::Routed(i, t)))) => {
                     r.results += 1;
                     let _ = self.parts.router.route_index(i, t);
                 }
-                Ok(Some(Ok(Event::Log))) => {}
-                Ok(Some(Ok(Event::Error(e)))) => self.next_job(r, Err(e)),
-                Ok(Some(Err(m))) => {
-                    self.protocol_error(r, m);
+                Ok(Some(Ok(FromChild::Log(rec)))) => {
+                    super::trace::emit(&self.parts.ctx.name, r.child.pid, &rec)
+                }
+                Ok(Some(Ok(FromChild::ResultDone(..)))) => {
+                    unreachable!("decoding refuses result_done frames from a cow child")
+                }
+                Ok(Some(Ok(FromChild::Error(e)))) => self.next_job(r, Err(e)),
+                Ok(Some(Err(e))) => {
+                    self.protocol_error(r, e.to_string());
                     break;
                 }
                 Err(e) => {
@@ -425,9 +409,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
     }
 
     fn protocol_error(&self, r: &mut Running<I>, m: String) {
-        if r.protocol.is_none() {
-            r.protocol = Some(m);
-            r.stream.discard();
+        if r.stream.discard(m) {
             sys::kill(r.child.pid, libc::SIGKILL);
             r.killed.get_or_insert(Killed::Protocol);
         }
@@ -440,7 +422,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         let exit = r.exit.expect("finished children have exited");
         let (cur, partial) = (r.cur, r.stream.dec.pending() > 0);
         // How the item the child was running ended, if it never said.
-        let died = || match (r.killed, &r.protocol) {
+        let died = || match (r.killed, &r.stream.corrupt) {
             (Some(Killed::Cancelled), _) => (
                 FailureKind::Cancelled,
                 "run interrupted; child terminated".to_string(),
@@ -500,7 +482,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             }
         };
         let mut release = self.release.borrow_mut();
-        let again = super::settle(
+        let again = settle(
             self.parts,
             &mut release,
             &mut self.router.borrow_mut(),
@@ -521,12 +503,4 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             });
         }
     }
-}
-
-enum Event<O> {
-    Log,
-    Result(O),
-    Routed(usize, crate::erased::Erased),
-    Done(Done),
-    Error(ChildError),
 }

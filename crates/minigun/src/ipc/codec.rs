@@ -1,24 +1,9 @@
-//! Payloads of the control messages, and the codec trait for item payloads.
+//! How values become payloads and back: the [`Codec`] trait for items (postcard by default),
+//! a stage's codec bound to its item types ([`WireFns`]), and the encoding of the control
+//! messages' own payloads (always postcard).
 
-use crate::error::FailureKind;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::any::{Any, TypeId};
-
-/// Payload of a `done` frame.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-pub(crate) struct Done {
-    /// Time the child spent in stage code for this item.
-    pub(crate) latency_ns: u64,
-    /// How many `result` frames it sent for this item (checked by the parent).
-    pub(crate) outputs: u64,
-}
-
-/// Payload of an `error` frame.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct ChildError {
-    pub(crate) kind: FailureKind,
-    pub(crate) message: String,
-}
 
 /// How items are turned into frame payloads and back when they cross a process.
 ///
@@ -194,41 +179,9 @@ impl<I: Serialize + DeserializeOwned + 'static, O: Serialize + DeserializeOwned 
     }
 }
 
-/// Appends one frame carrying `value` to `buf`. On failure `buf` is unchanged.
-pub(crate) fn encode_frame<T: Serialize + ?Sized>(
-    buf: &mut Vec<u8>,
-    kind: super::frame::Kind,
-    id: u64,
-    value: &T,
-    max: usize,
-) -> Result<(), String> {
-    let start = super::frame::begin(buf, kind, id);
-    if let Err(e) = Postcard::encode(value, buf) {
-        buf.truncate(start);
-        return Err(e);
-    }
-    super::frame::finish(buf, start, max).map_err(|e| e.to_string())
-}
-
 /// Encodes a payload (appends to `out`).
 pub(crate) fn encode<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), String> {
     Postcard::encode(value, out)
-}
-
-/// Appends one frame whose payload `write` produces. On failure `buf` is unchanged.
-pub(crate) fn frame_with(
-    buf: &mut Vec<u8>,
-    kind: super::frame::Kind,
-    id: u64,
-    max: usize,
-    write: impl FnOnce(&mut Vec<u8>) -> Result<(), String>,
-) -> Result<(), String> {
-    let start = super::frame::begin(buf, kind, id);
-    if let Err(e) = write(buf) {
-        buf.truncate(start);
-        return Err(e);
-    }
-    super::frame::finish(buf, start, max).map_err(|e| e.to_string())
 }
 
 /// Decodes a payload.
@@ -252,10 +205,7 @@ mod tests {
         assert!(postcard_bytes::<Postcard, Vec<u8>>(&v).is_some());
         // Other types and codecs are untouched.
         assert!(postcard_bytes::<Postcard, Vec<u16>>(&vec![1u16]).is_none());
-        assert!(!is_postcard_bytes::<
-            crate::ipc::protocol::tests::Other,
-            Vec<u8>,
-        >());
+        assert!(!is_postcard_bytes::<crate::ipc::codec::tests::Other, Vec<u8>>());
         assert!(
             dec::<Postcard, Vec<u8>>(&[200]).is_err(),
             "a truncated payload is an error"

@@ -25,7 +25,7 @@ const MAX_SLICES: usize = 64;
 /// An encoded input item: a range of a buffer, shared by the items of one hand-off (small
 /// items) or its own (large ones).
 #[derive(Clone)]
-pub(super) struct Payload {
+pub(crate) struct Payload {
     buf: Arc<Vec<u8>>,
     start: usize,
     end: usize,
@@ -33,7 +33,7 @@ pub(super) struct Payload {
 
 impl Payload {
     /// A payload with a buffer of its own.
-    pub(super) fn own(buf: Vec<u8>) -> Self {
+    pub(crate) fn own(buf: Vec<u8>) -> Self {
         let end = buf.len();
         Payload {
             buf: Arc::new(buf),
@@ -43,7 +43,7 @@ impl Payload {
     }
 
     /// `buf[start..end]`, sharing `buf`.
-    pub(super) fn shared(buf: &Arc<Vec<u8>>, start: usize, end: usize) -> Self {
+    pub(crate) fn shared(buf: &Arc<Vec<u8>>, start: usize, end: usize) -> Self {
         debug_assert!(start <= end && end <= buf.len());
         Payload {
             buf: buf.clone(),
@@ -59,7 +59,7 @@ impl Payload {
 
     /// The payload in a buffer of its own: an item that waits (a retry's backoff, a
     /// replacement worker) does not keep its whole hand-off's buffer alive.
-    pub(super) fn detach(self) -> Payload {
+    pub(crate) fn detach(self) -> Payload {
         match self.is_whole() {
             true => self,
             false => Payload::own(self.to_vec()),
@@ -68,7 +68,7 @@ impl Payload {
 
     /// The emptied buffer, for encoding another item into, if the payload has it alone and
     /// it holds at most `max` bytes.
-    pub(super) fn into_buffer(self, max: usize) -> Option<Vec<u8>> {
+    pub(crate) fn into_buffer(self, max: usize) -> Option<Vec<u8>> {
         if !self.is_whole() || self.buf.capacity() > max {
             return None;
         }
@@ -81,7 +81,7 @@ impl Payload {
 #[cfg(test)]
 impl Payload {
     /// The capacity of the buffer the payload is in.
-    pub(super) fn capacity(&self) -> usize {
+    pub(crate) fn capacity(&self) -> usize {
         self.buf.capacity()
     }
 }
@@ -111,7 +111,7 @@ impl Segment {
 
 /// The bytes waiting for a worker's pipe, in order.
 #[derive(Default)]
-pub(super) struct Outbox {
+pub(crate) struct Outbox {
     segments: VecDeque<Segment>,
     /// Bytes of the first segment already written.
     head: usize,
@@ -121,10 +121,10 @@ pub(super) struct Outbox {
 
 /// The worker's end of the pipe is closed: it is gone (its pidfd tells the rest).
 #[derive(Debug)]
-pub(super) struct Broken;
+pub(crate) struct Broken;
 
 impl Outbox {
-    pub(super) fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.segments.is_empty()
     }
 
@@ -141,13 +141,13 @@ impl Outbox {
     }
 
     /// Queues a frame of the parent's own (no size limit applies to it).
-    pub(super) fn push(&mut self, kind: Kind, id: u64, payload: &[u8]) {
+    pub(crate) fn push(&mut self, kind: Kind, id: u64, payload: &[u8]) {
         frame::push(self.copy_buffer(), kind, id, payload, usize::MAX)
             .expect("no limit on the parent's own frames");
     }
 
     /// Queues an item frame; a large payload is referenced, not copied.
-    pub(super) fn push_item(&mut self, id: u64, payload: &Payload) {
+    pub(crate) fn push_item(&mut self, id: u64, payload: &Payload) {
         if payload.len() < COPY_UNDER {
             return self.push(Kind::Item, id, payload);
         }
@@ -157,7 +157,7 @@ impl Outbox {
     }
 
     /// Writes as much as the pipe takes now.
-    pub(super) fn write_to(&mut self, fd: &OwnedFd) -> Result<(), Broken> {
+    pub(crate) fn write_to(&mut self, fd: &OwnedFd) -> Result<(), Broken> {
         while !self.segments.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let mut n = 0;

@@ -8,7 +8,7 @@
 //! flag ([`enter_child`]): from then on the same subscriber keeps records in a thread-local
 //! queue (the child has one thread), which the child's pipe writer drains into frames.
 
-use serde::{Deserialize, Serialize};
+use crate::ipc::message::LogRecord;
 use std::cell::RefCell;
 use std::fmt::Write as _;
 use tracing::field::{Field, Visit};
@@ -16,15 +16,6 @@ use tracing::level_filters::LevelFilter;
 use tracing::span::{Attributes, Id, Record};
 use tracing::subscriber::Interest;
 use tracing::{Dispatch, Event, Level, Metadata, Subscriber};
-
-/// Payload of a `log` frame.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub(crate) struct LogRecord {
-    /// 0 = error .. 4 = trace.
-    pub(crate) level: u8,
-    pub(crate) target: String,
-    pub(crate) message: String,
-}
 
 thread_local! {
     static QUEUE: RefCell<Vec<LogRecord>> = const { RefCell::new(Vec::new()) };
@@ -191,13 +182,6 @@ pub(crate) fn emit(stage: &str, pid: i32, r: &LogRecord) {
         3 => tracing::debug!(target: "minigun::child", stage, pid, child_target = t, "{m}"),
         _ => tracing::trace!(target: "minigun::child", stage, pid, child_target = t, "{m}"),
     }
-}
-
-/// Decodes a child's `log` frame and emits the record in the parent.
-pub(super) fn forward(stage: &str, pid: i32, payload: &[u8]) -> Result<(), String> {
-    crate::ipc::protocol::decode::<LogRecord>(payload)
-        .map(|rec| emit(stage, pid, &rec))
-        .map_err(|e| format!("bad log frame: {e}"))
 }
 
 #[cfg(test)]

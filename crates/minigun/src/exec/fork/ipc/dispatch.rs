@@ -1,0 +1,116 @@
+//! Dispatch: which worker gets the next item, and writing items to workers.
+//!
+//! Items go to workers that are alive, taking items, and hold fewer than `in_flight` items
+//! and fewer than [`MAX_IN_FLIGHT_BYTES`] payload bytes: in turn (round-robin) or to the one
+//! holding the fewest. Retries that are due go first, then new items in input order. Writes
+//! are non-blocking: a slow worker never stalls the others, and what its pipe does not take
+//! waits in its outbox for the next pass.
+
+use super::supervisor::Supervisor;
+use super::worker::Flight;
+use crate::error::FailureKind;
+use crate::exec::parts::dead_letter;
+use crate::exec::Dispatch;
+use crate::stage::Wire;
+use crossbeam_channel::TryRecvError;
+use std::time::Instant;
+
+/// A worker is given no more items while it holds this many payload bytes (at least one
+/// item always fits), so a large `in_flight` is safe for large items.
+const MAX_IN_FLIGHT_BYTES: usize = 1 << 20;
+
+impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
+    /// Hands items to workers while one has room: retries that are due first, then new
+    /// items, round-robin.
+    pub(super) fn dispatch(&mut self, now: Instant) {
+        while let Some(slot) = self.next_worker() {
+            let flight = if self
+                .queue
+                .front()
+                .is_some_and(|f| f.not_before.is_none_or(|t| t <= now))
+            {
+                self.queue.pop_front().expect("front exists")
+            } else {
+                match self.incoming.next() {
+                    Ok((index, Ok(payload))) => Flight {
+                        index,
+                        attempt: 1,
+                        payload,
+                        not_before: None,
+                    },
+                    Ok((index, Err((item, message)))) => {
+                        // Encoding is deterministic: no retry (last attempt).
+                        let attempt = self.parts.ctx.policy.retries + 1;
+                        let (parts, kind) = (self.parts, FailureKind::Encode);
+                        let dead = |f| dead_letter(parts, item, f);
+                        let (release, router) = (&mut self.release, &mut self.router);
+                        super::super::supervise::settle(
+                            parts, release, router, index, attempt, kind, message, None, dead,
+                        );
+                        continue;
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        self.input_done = true;
+                        break;
+                    }
+                }
+            };
+            self.hand(slot, flight, now);
+        }
+    }
+
+    /// Queues `flight` for the worker in `slot`; an item that becomes its front starts its
+    /// time limit now.
+    fn hand(&mut self, slot: usize, flight: Flight, now: Instant) {
+        let w = self.workers[slot].as_mut().expect("chosen worker exists");
+        w.push(flight, now, self.opts.timeout);
+        self.rr = slot + 1;
+    }
+
+    /// Whether items are ready and a worker can take one now (then the loop goes round
+    /// again instead of sleeping).
+    pub(super) fn can_dispatch_more(&self) -> bool {
+        !self.input_done
+            && self.incoming.waiting()
+            && self.next_worker().is_some()
+            && !self.parts.ctx.run.aborting()
+    }
+
+    /// Writes what each worker's input pipe takes now. After a corrupt batched stream,
+    /// batched workers get nothing more and are shut down once they have answered what they
+    /// hold, to be replaced (`bury`).
+    pub(super) fn write_inputs(&mut self) {
+        for w in self.workers.iter_mut().flatten() {
+            if self.strict && w.log.is_some() && w.flights.is_empty() && !w.killing() {
+                w.shut_down(true);
+            }
+            w.flush_input();
+        }
+    }
+
+    /// Items the workers hold.
+    pub(super) fn in_flight(&self) -> usize {
+        self.workers.iter().flatten().map(|w| w.flights.len()).sum()
+    }
+
+    /// The next worker that is alive, not shutting down and has room: in turn (round-robin,
+    /// the default) or the one holding the fewest items (least-loaded; ties in turn).
+    pub(super) fn next_worker(&self) -> Option<usize> {
+        let n = self.workers.len();
+        let open = (0..n).map(|k| (self.rr + k) % n).filter(|&s| {
+            self.workers[s].as_ref().is_some_and(|w| {
+                w.open()
+                    && !(self.strict && w.log.is_some())
+                    && w.flights.len() < self.window
+                    && w.bytes < MAX_IN_FLIGHT_BYTES
+            })
+        });
+        match self.opts.dispatch {
+            Dispatch::RoundRobin => open.into_iter().next(),
+            Dispatch::LeastLoaded => {
+                open.min_by_key(|&s| self.workers[s].as_ref().map_or(0, |w| w.flights.len()))
+            }
+        }
+    }
+}

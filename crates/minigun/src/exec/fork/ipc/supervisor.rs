@@ -1,0 +1,406 @@
+//! The supervisor: the one thread that forks workers, writes to them, reads from them, reaps
+//! them and applies the error policy. Its event loop ([`Supervisor::run`]) is a list of named
+//! steps; dispatching is in `dispatch`, and everything after a worker misbehaves or dies in
+//! `recover`.
+
+use super::super::supervise::{earliest, Handoff, Killed, PollSet, Release, Wake};
+use super::feed::{Encoded, LARGE_ITEM, MAX_SPARE};
+use super::worker::{Flight, Worker};
+use super::{LOOK_EVERY, TAKE_HELD_AFTER};
+use crate::error::FailureKind;
+use crate::exec::parts::Parts;
+use crate::exec::ForkOptions;
+use crate::ipc::message::{Done, FromChild};
+use crate::ipc::results_log::ResultsLog;
+use crate::ipc::{FINISH_ID, START_ID};
+use crate::exec::runner::ForkHooks;
+use crate::stage::Wire;
+use crate::stats::Recorder;
+use crossbeam_channel::Receiver;
+use rustix::event::{PollFd, PollFlags};
+use std::collections::VecDeque;
+use std::time::Instant;
+
+pub(super) struct Supervisor<'a, I, O> {
+    pub(super) parts: &'a Parts<I, O>,
+    pub(super) opts: &'a ForkOptions,
+    pub(super) hooks: &'a ForkHooks,
+    pub(super) workers: Vec<Option<Worker>>,
+    /// When to fork a replacement for each dead worker's slot.
+    pub(super) respawn: Vec<Option<Instant>>,
+    /// Where the round-robin dispatch looks first.
+    pub(super) rr: usize,
+    /// Workers that died since an item last succeeded (the respawn backoff grows with it).
+    pub(super) deaths: u32,
+    pub(super) release: Release<O>,
+    /// A batched worker corrupted its stream: replacements write each item's results
+    /// before the next item, so a repeat is pinned on the item that does it.
+    pub(super) strict: bool,
+    /// Where results go: held, and sent after each read of the workers' pipes.
+    pub(super) router: crate::route::Router<O>,
+    /// Items finished since the last send (counted done once their results are sent).
+    pub(super) done: u64,
+    /// Gives the feeder the buffers of large items that ended.
+    pub(super) spares: crossbeam_channel::Sender<Vec<u8>>,
+    /// Items waiting for a worker: retries (after their backoff) and items put back when
+    /// their worker died before running them.
+    pub(super) queue: VecDeque<Flight>,
+    /// Items handed off by the feeder, not yet dispatched.
+    pub(super) incoming: Handoff<Encoded<I>>,
+    pub(super) wake: &'a Wake,
+    pub(super) rec: Recorder<'a>,
+    /// The feeder has handed off its last item.
+    pub(super) input_done: bool,
+    /// The run's abort has been handled (queued items cancelled, workers terminated).
+    pub(super) cancelled_all: bool,
+    /// Items a worker holds at most (`in_flight`).
+    pub(super) window: usize,
+}
+
+impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
+    pub(super) fn new(
+        parts: &'a Parts<I, O>,
+        opts: &'a ForkOptions,
+        hooks: &'a ForkHooks,
+        workers: Vec<Option<Worker>>,
+        rx: Receiver<Vec<Encoded<I>>>,
+        wake: &'a Wake,
+        spares: crossbeam_channel::Sender<Vec<u8>>,
+    ) -> Self {
+        Supervisor {
+            parts,
+            opts,
+            hooks,
+            respawn: vec![None; workers.len()],
+            workers,
+            rr: 0,
+            deaths: 0,
+            release: Release::new(opts.ordered),
+            strict: false,
+            router: parts.router.clone().batched_until_flush(),
+            done: 0,
+            spares,
+            queue: VecDeque::new(),
+            incoming: Handoff::new(rx),
+            wake,
+            rec: Recorder::new(&parts.ctx.stats),
+            input_done: false,
+            cancelled_all: false,
+            window: opts.in_flight.max(1),
+        }
+    }
+
+    /// The event loop. Each pass: handle an abort; replace dead workers whose backoff has
+    /// passed; hand items to workers with room; end once nothing is left; write what the
+    /// workers' pipes take; then, unless more items can go out at once, sleep in one `poll`
+    /// until a worker speaks, exits or can take more bytes, an item arrives, a deadline
+    /// passes or the run aborts; and visit every worker: read, reap, recover, time out,
+    /// bury, take held results. Results read in a pass go downstream at its end.
+    pub(super) fn run(&mut self) {
+        loop {
+            let now = Instant::now();
+            self.on_abort();
+            self.respawn_due(now);
+            if !self.parts.ctx.run.aborting() {
+                self.dispatch(now);
+            }
+            if self.shut_down_when_done() {
+                break;
+            }
+            self.write_inputs();
+            self.wake.sleepy();
+            if self.can_dispatch_more() {
+                self.wake.awake();
+                continue;
+            }
+            let ready = self.sleep(self.next_deadline());
+            self.wake.awake();
+            self.visit_all(&ready);
+            self.send_results();
+        }
+    }
+
+    /// Once the run aborts: the queued items are cancelled and every worker is terminated
+    /// (once); the items handed off since are cancelled on every pass.
+    fn on_abort(&mut self) {
+        let ctx = &self.parts.ctx;
+        if ctx.run.aborting() && !self.cancelled_all {
+            self.cancelled_all = true;
+            ctx.cancelled(self.queue.len() as u64);
+            self.queue.clear();
+            for w in self.workers.iter_mut().flatten() {
+                if w.alive() && !w.killing() {
+                    w.terminate(Killed::Cancelled, None);
+                }
+            }
+        }
+        if ctx.run.aborting() {
+            self.input_done |= self.incoming.cancel(ctx);
+        }
+    }
+
+    /// When the input has ended and no item is left (or the run aborts): each live worker
+    /// gets `shutdown`, flushes its instance and exits. `true` once they all have: what is
+    /// still held goes downstream and the stage ends.
+    fn shut_down_when_done(&mut self) -> bool {
+        let nothing_left = self.input_done && self.queue.is_empty() && self.in_flight() == 0;
+        if !(nothing_left || self.parts.ctx.run.aborting() && self.input_done) {
+            return false;
+        }
+        for w in self.workers.iter_mut().flatten() {
+            w.shut_down(false);
+        }
+        if self.workers.iter().flatten().any(Worker::alive) {
+            return false;
+        }
+        self.release.release_all(&mut self.router);
+        self.send_results();
+        true
+    }
+
+    /// The nearest time the loop must wake without a poll event: a worker's deadline (its
+    /// item's time limit, or SIGKILL after SIGTERM), a retry's backoff, a respawn, or a look
+    /// at a batched worker's log that may hold results.
+    fn next_deadline(&self) -> Option<Instant> {
+        let mut deadline = self
+            .workers
+            .iter()
+            .flatten()
+            .fold(None, |d, w| earliest(d, w.deadline()));
+        deadline = earliest(deadline, self.queue.front().and_then(|f| f.not_before));
+        for t in self.respawn.iter().flatten() {
+            deadline = earliest(deadline, Some(*t));
+        }
+        // A batched worker with items may be holding results: look again soon.
+        for w in self.workers.iter().flatten() {
+            if w.log.is_some() && w.alive() && w.stream.corrupt.is_none() {
+                let at = match w.held {
+                    Some((_, since)) => Some(since + TAKE_HELD_AFTER),
+                    None if w.flights.len() >= 2 => Some(w.looked + LOOK_EVERY),
+                    None => None,
+                };
+                deadline = earliest(deadline, at);
+            }
+        }
+        deadline
+    }
+
+    /// Sleeps in one `poll` over the wake pipe, the abort pipe and each live worker's result
+    /// pipe, pidfd and (with bytes waiting) input pipe, until one is ready or `deadline`.
+    /// Returns, for each live worker in slot order, whether its result pipe and its pidfd
+    /// were ready.
+    fn sleep(&self, deadline: Option<Instant>) -> Vec<(bool, bool)> {
+        let abort_fd = self.parts.ctx.run.abort_fd();
+        let mut fds = PollSet::new(
+            self.wake,
+            abort_fd,
+            self.cancelled_all,
+            3 * self.workers.len(),
+        );
+        let mut map = Vec::new();
+        for w in self.workers.iter().flatten() {
+            map.push(fds.push(w.stream.poll_fd()));
+            fds.push(PollFd::new(
+                &w.child.pidfd,
+                if w.alive() {
+                    PollFlags::IN
+                } else {
+                    PollFlags::empty()
+                },
+            ));
+            if let (Some(fd), false) = (&w.input, w.out.is_empty()) {
+                fds.push(PollFd::new(fd, PollFlags::OUT));
+            }
+        }
+        fds.wait(deadline);
+        map.iter()
+            .map(|&b| (fds.ready(b), fds.ready(b + 1)))
+            .collect()
+    }
+
+    /// Visits every worker that was live when the loop slept, with what `poll` said of it.
+    fn visit_all(&mut self, ready: &[(bool, bool)]) {
+        let now = Instant::now();
+        let live: Vec<usize> = (0..self.workers.len())
+            .filter(|&s| self.workers[s].is_some())
+            .collect();
+        for (k, &slot) in live.iter().enumerate() {
+            let (readable, exited) = ready[k];
+            self.visit(slot, readable, exited, now);
+        }
+    }
+
+    /// One worker after a poll: reads what it sent; reaps it if it exited and recovers what
+    /// it left; judges its deadline; buries it if it is gone, or else takes the results it
+    /// holds for too long.
+    fn visit(&mut self, slot: usize, readable: bool, exited: bool, now: Instant) {
+        if readable {
+            self.pump(slot);
+        }
+        let w = self.workers[slot].as_mut().expect("live worker");
+        if exited && w.alive() {
+            w.reap();
+            self.recover(slot);
+        }
+        let w = self.workers[slot].as_mut().expect("live worker");
+        if w.alive() && !w.killing() && w.deadline().is_some_and(|d| d <= now) {
+            // The answer may have come since the poll: read it before judging.
+            self.pump(slot);
+        }
+        self.deadline_passed(slot, now);
+        let w = self.workers[slot].as_mut().expect("live worker");
+        if !w.alive() {
+            self.bury(slot);
+        } else {
+            self.take_held(slot, now);
+        }
+    }
+
+    /// A live worker whose deadline has passed: SIGTERM for the item that overran (the
+    /// worker's own progress word says which one it runs, with batched results), SIGKILL
+    /// once the grace after SIGTERM is over.
+    fn deadline_passed(&mut self, slot: usize, now: Instant) {
+        let w = self.workers[slot].as_mut().expect("live worker");
+        if !w.alive() || w.deadline().is_none_or(|d| d > now) {
+            return;
+        }
+        // With batched results, earlier items may have finished unreported. (A worker being
+        // killed already keeps its reason: it now gets SIGKILL.)
+        let running = w.log.as_ref().and_then(ResultsLog::running_item);
+        let timed_out = running.or_else(|| w.flights.front().map(|f| f.index));
+        w.terminate(Killed::Timeout, timed_out);
+    }
+
+    /// Sends the results held since the last call, then counts their items done (in that
+    /// order: inside a routing loop, an item's unit must outlive the sending of its results).
+    pub(super) fn send_results(&mut self) {
+        if let Err(lost) = self.router.flush() {
+            tracing::debug!(stage = %self.parts.ctx.name, lost, "results refused by a closed downstream");
+        }
+        if self.done > 0 {
+            self.parts.ctx.items_done(std::mem::take(&mut self.done));
+        }
+    }
+
+    /// Reads what a worker sent: routes results, completes and fails its items in order.
+    pub(super) fn pump(&mut self, slot: usize) {
+        // One clock read for everything this read brings.
+        let now = Instant::now();
+        self.pump_at(slot, now);
+        self.rec.idle(quanta::Instant::now());
+        let w = self.workers[slot].as_mut().expect("live worker");
+        if w.reported > 0 {
+            let n = std::mem::take(&mut w.reported);
+            self.parts.ctx.stats.child_items(w.child.pid, n);
+        }
+    }
+
+    fn pump_at(&mut self, slot: usize, now: Instant) {
+        loop {
+            let w = self.workers[slot].as_mut().expect("live worker");
+            w.stream.read_available();
+            let mut progressed = false;
+            loop {
+                let w = self.workers[slot].as_mut().expect("live worker");
+                let (frames, from) = (
+                    super::super::supervise::child_frames(self.parts),
+                    w.sender(),
+                );
+                let next = w.stream.dec.next(|kind, id, payload| {
+                    frames.decode(from, kind, id, payload).map(|m| (id, m))
+                });
+                match next {
+                    Ok(None) => break,
+                    Ok(Some(m)) => {
+                        progressed = true;
+                        match m {
+                            Ok((id, m)) => self.event(slot, id, m, now),
+                            Err(e) => {
+                                self.protocol_error(slot, e.to_string());
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        self.protocol_error(slot, e.to_string());
+                        return;
+                    }
+                }
+            }
+            let w = self.workers[slot].as_ref().expect("live worker");
+            if !progressed || w.stream.eof {
+                return;
+            }
+        }
+    }
+
+    /// One message from a worker, about item `id`.
+    pub(super) fn event(&mut self, slot: usize, id: u64, m: FromChild<O>, now: Instant) {
+        let w = self.workers[slot].as_mut().expect("live worker");
+        match (id, m) {
+            (_, FromChild::Log(r)) => {
+                super::super::trace::emit(&self.parts.ctx.name, w.child.pid, &r)
+            }
+            (_, FromChild::Routed(i, t)) => {
+                w.results += 1;
+                let _ = self.parts.router.route_index(i, t);
+            }
+            (_, FromChild::Result(o)) => {
+                w.results += 1;
+                let index = w.flights.front().map_or(u64::MAX, |f| f.index);
+                self.release.emit(index, o, &mut self.router);
+            }
+            (id, FromChild::ResultDone(o, latency_ns)) => {
+                self.event(slot, id, FromChild::Result(o), now);
+                let d = Done {
+                    latency_ns,
+                    outputs: 1,
+                };
+                self.event(slot, id, FromChild::Done(d), now);
+            }
+            (FINISH_ID | START_ID, FromChild::Done(_)) => w.results = 0,
+            (_, FromChild::Done(d)) => {
+                let results = std::mem::take(&mut w.results);
+                let busy = w
+                    .front_since
+                    .map_or(d.latency_ns, |t| now.duration_since(t).as_nanos() as u64);
+                let flight = w.front_ended(now, self.opts.timeout);
+                w.reported += 1;
+                self.deaths = 0;
+                if d.outputs == results {
+                    self.rec.latency_busy_local(d.latency_ns, busy);
+                    self.release.finished(flight.index, &mut self.router);
+                    self.done += 1;
+                    if flight.payload.len() >= LARGE_ITEM {
+                        if let Some(buf) = flight.payload.into_buffer(MAX_SPARE) {
+                            let _ = self.spares.try_send(buf);
+                        }
+                    }
+                } else {
+                    let m = format!(
+                        "worker reported {} results, parent received {results}",
+                        d.outputs
+                    );
+                    let pid = Some(w.child.pid as u32);
+                    self.failed(flight, FailureKind::Protocol, m, pid);
+                }
+            }
+            (START_ID, FromChild::Error(e)) => {
+                w.start_failed(e.message);
+            }
+            (FINISH_ID, FromChild::Error(e)) => {
+                let pid = Some(w.child.pid as u32);
+                w.results = 0;
+                self.parts
+                    .ctx
+                    .stage_error(e.kind, format!("finish: {}", e.message), pid);
+            }
+            (_, FromChild::Error(e)) => {
+                w.results = 0;
+                let flight = w.front_ended(now, self.opts.timeout);
+                let pid = Some(w.child.pid as u32);
+                self.failed(flight, e.kind, e.message, pid);
+            }
+        }
+    }
+}

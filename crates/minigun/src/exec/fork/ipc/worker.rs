@@ -1,0 +1,409 @@
+//! A worker: its process, pipes, results log and the items it holds.
+
+use super::super::child;
+use super::super::supervise::{end_child, result_pipe, Killed, PIPE_SIZE};
+use crate::exec::parts::Parts;
+use crate::exec::ForkOptions;
+use crate::ipc::frame::Kind;
+use crate::ipc::message::Sender;
+use crate::ipc::outbox::{Outbox, Payload};
+use crate::ipc::reader::Stream;
+use crate::ipc::results_log::{ResultsLog, LOG_BYTES};
+use crate::exec::runner::ForkHooks;
+use crate::stage::Wire;
+use crate::sys;
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+/// One item on its way through a worker.
+pub(super) struct Flight {
+    pub(super) index: u64,
+    pub(super) attempt: u32,
+    pub(super) payload: Payload,
+    pub(super) not_before: Option<Instant>,
+}
+
+pub(super) struct Worker {
+    pub(super) child: sys::Child,
+    /// With `batch_results`: frames of finished items the worker has not written yet.
+    pub(super) log: Option<ResultsLog>,
+    /// The worker's input pipe, until it is closed (after `shutdown`, or once it broke).
+    pub(super) input: Option<OwnedFd>,
+    pub(super) out: Outbox,
+    pub(super) stream: Stream,
+    /// Where the worker is in its life.
+    life: Life,
+    pub(super) flights: VecDeque<Flight>,
+    /// Payload bytes of `flights`.
+    pub(super) bytes: usize,
+    /// When the first flight started running (deadline base).
+    pub(super) front_since: Option<Instant>,
+    /// When the first flight's time limit runs out.
+    item_deadline: Option<Instant>,
+    pub(super) results: u64,
+    /// Items finished since the stage's live child table was last updated.
+    pub(super) reported: u64,
+    /// With `batch_results`: the log's base when it was first seen holding bytes, and when.
+    pub(super) held: Option<(u64, Instant)>,
+    /// When the parent last looked at the log and found nothing to take.
+    pub(super) looked: Instant,
+}
+
+/// Whether a worker takes items.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Intake {
+    /// It takes items while it has room.
+    Open,
+    /// `shutdown` is queued: it finishes its stage instance and exits 0. A `retired` worker
+    /// is replaced at once, by one that writes each item's results (after a corrupt batched
+    /// stream).
+    Shutdown { retired: bool },
+    /// It reported that it cannot start (its `after_fork` hook or the stage factory failed):
+    /// it takes nothing and exits.
+    StartFailed(String),
+}
+
+/// The parent ending a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Kill {
+    pub(super) why: Killed,
+    /// With [`Killed::Timeout`]: the item whose time limit ran out.
+    pub(super) timed_out: Option<u64>,
+}
+
+/// Where a worker is in its life. Only a live worker can be given items or signals; only a
+/// worker being killed has a kill deadline; only an exited one has an exit status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Life {
+    /// Running.
+    Alive { intake: Intake },
+    /// Being ended by the parent: SIGTERM sent and SIGKILL due at `kill_at`, or SIGKILL sent
+    /// (`kill_at` is then the item's deadline after a corrupt stream, or none).
+    Killing {
+        intake: Intake,
+        kill: Kill,
+        kill_at: Option<Instant>,
+    },
+    /// Reaped.
+    Exited {
+        intake: Intake,
+        kill: Option<Kill>,
+        exit: sys::Exit,
+    },
+}
+
+impl Life {
+    fn intake(&self) -> &Intake {
+        match self {
+            Life::Alive { intake } | Life::Killing { intake, .. } | Life::Exited { intake, .. } => {
+                intake
+            }
+        }
+    }
+    fn intake_mut(&mut self) -> &mut Intake {
+        match self {
+            Life::Alive { intake } | Life::Killing { intake, .. } | Life::Exited { intake, .. } => {
+                intake
+            }
+        }
+    }
+}
+
+impl Worker {
+    fn new(child: sys::Child, log: Option<ResultsLog>, input: OwnedFd, stream: Stream) -> Self {
+        Worker {
+            child,
+            log,
+            input: Some(input),
+            out: Outbox::default(),
+            stream,
+            life: Life::Alive {
+                intake: Intake::Open,
+            },
+            flights: VecDeque::new(),
+            bytes: 0,
+            front_since: None,
+            item_deadline: None,
+            results: 0,
+            reported: 0,
+            held: None,
+            looked: Instant::now(),
+        }
+    }
+
+    /// Whether the worker has not been reaped.
+    pub(super) fn alive(&self) -> bool {
+        !matches!(self.life, Life::Exited { .. })
+    }
+
+    /// Whether the worker runs and takes items (it may still have no room).
+    pub(super) fn open(&self) -> bool {
+        matches!(
+            self.life,
+            Life::Alive {
+                intake: Intake::Open
+            }
+        )
+    }
+
+    /// Whether the parent is ending (or has ended) the worker, and why.
+    pub(super) fn kill(&self) -> Option<Kill> {
+        match self.life {
+            Life::Alive { .. } => None,
+            Life::Killing { kill, .. } => Some(kill),
+            Life::Exited { kill, .. } => kill,
+        }
+    }
+
+    /// Whether the worker is being ended by the parent (and not yet reaped).
+    pub(super) fn killing(&self) -> bool {
+        matches!(self.life, Life::Killing { .. })
+    }
+
+    pub(super) fn intake(&self) -> &Intake {
+        self.life.intake()
+    }
+
+    /// How it ended, once reaped.
+    pub(super) fn exit(&self) -> Option<sys::Exit> {
+        match self.life {
+            Life::Exited { exit, .. } => Some(exit),
+            _ => None,
+        }
+    }
+
+    /// When the loop must act on the worker: its running item's time limit, or (while it is
+    /// being killed) SIGKILL.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        match self.life {
+            Life::Alive { .. } => self.item_deadline,
+            Life::Killing { kill_at, .. } => kill_at,
+            Life::Exited { .. } => None,
+        }
+    }
+
+    /// Queues `shutdown` for a live worker that takes items (`retired`: to be replaced at
+    /// once). A worker that failed to start takes nothing, `shutdown` included.
+    pub(super) fn shut_down(&mut self, retired: bool) {
+        if !self.alive() {
+            return;
+        }
+        let intake = self.life.intake_mut();
+        if *intake == Intake::Open {
+            *intake = Intake::Shutdown { retired };
+            self.out.push(Kind::Shutdown, 0, &[]);
+        }
+    }
+
+    /// The worker reported that it cannot start.
+    pub(super) fn start_failed(&mut self, message: String) {
+        *self.life.intake_mut() = Intake::StartFailed(message);
+    }
+
+    /// The parent ends a live worker for `why`: SIGTERM first, SIGKILL once the grace
+    /// period is over (a second call). `timed_out` names the item whose time limit ran out.
+    pub(super) fn terminate(&mut self, why: Killed, timed_out: Option<u64>) {
+        match &mut self.life {
+            Life::Alive { intake } => {
+                self.life = Life::Killing {
+                    intake: std::mem::replace(intake, Intake::Open),
+                    kill: Kill { why, timed_out },
+                    kill_at: end_child(self.child.pid, true),
+                };
+            }
+            Life::Killing { kill_at, .. } => *kill_at = end_child(self.child.pid, false),
+            Life::Exited { .. } => {}
+        }
+    }
+
+    /// The worker's stream is corrupt: SIGKILL at once (a worker already being killed keeps
+    /// its reason and its kill deadline; a live one keeps its item's deadline).
+    pub(super) fn kill_now(&mut self) {
+        if let Life::Alive { intake } = &mut self.life {
+            self.life = Life::Killing {
+                intake: std::mem::replace(intake, Intake::Open),
+                kill: Kill {
+                    why: Killed::Protocol,
+                    timed_out: None,
+                },
+                kill_at: self.item_deadline,
+            };
+        }
+        sys::kill(self.child.pid, libc::SIGKILL);
+    }
+
+    /// The worker has exited: reaps it.
+    pub(super) fn reap(&mut self) {
+        if !self.alive() {
+            return;
+        }
+        let exit = sys::reap(self.child.pid);
+        let kill = self.kill();
+        let intake = std::mem::replace(self.life.intake_mut(), Intake::Open);
+        self.life = Life::Exited { intake, kill, exit };
+    }
+
+    /// `flight` goes to the worker; as its front, it starts its time limit now.
+    pub(super) fn push(&mut self, flight: Flight, now: Instant, timeout: Option<Duration>) {
+        self.out.push_item(flight.index, &flight.payload);
+        if self.flights.is_empty() {
+            self.front_since = Some(now);
+            self.item_deadline = timeout.map(|t| now + t);
+        }
+        self.bytes += flight.payload.len();
+        self.flights.push_back(flight);
+    }
+
+    /// The item the worker was running has ended (`done` or `error`): the next one, if any,
+    /// starts now, with its own deadline (which counts once the worker is no longer being
+    /// killed: it never is again, so a kill deadline stands, whatever it still answers).
+    pub(super) fn front_ended(&mut self, now: Instant, timeout: Option<Duration>) -> Flight {
+        let flight = self
+            .flights
+            .pop_front()
+            .expect("an answer for the running item");
+        self.bytes -= flight.payload.len();
+        let more = !self.flights.is_empty();
+        self.front_since = more.then_some(now);
+        self.item_deadline = timeout.filter(|_| more).map(|t| now + t);
+        flight
+    }
+
+    /// Writes as much of the worker's pending input as its pipe takes now; closes the input
+    /// after the shutdown frame is out.
+    pub(super) fn flush_input(&mut self) {
+        let Some(fd) = &self.input else { return };
+        if self.out.write_to(fd).is_err() {
+            // The worker is gone (EPIPE); its pidfd tells the rest.
+            self.input = None;
+        }
+        if matches!(self.intake(), Intake::Shutdown { .. }) && self.out.is_empty() {
+            self.input = None;
+        }
+    }
+
+    /// The sender of the worker's frames, as decoding them needs to know it.
+    pub(super) fn sender(&self) -> Sender {
+        Sender::Worker {
+            running: self.flights.front().map(|f| f.index),
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if self.alive() {
+            sys::kill(self.child.pid, libc::SIGKILL);
+            self.reap();
+        }
+    }
+}
+
+pub(super) fn spawn<I: Wire, O: Wire>(
+    parts: &Parts<I, O>,
+    opts: &ForkOptions,
+    hooks: &ForkHooks,
+    slot: usize,
+    batched: bool,
+) -> std::io::Result<Worker> {
+    let (in_r, in_w) = sys::pipe(false)?;
+    let (stream, out_w) = result_pipe(opts.max_frame)?;
+    sys::set_nonblocking(&in_w)?;
+    sys::grow_pipe(&in_w, PIPE_SIZE);
+    let keep = [sys::raw(&in_r), sys::raw(&out_w)];
+    let mut log = match batched {
+        true => Some(ResultsLog::new(LOG_BYTES)?),
+        false => None,
+    };
+    let child_log = log.as_mut();
+    let code = child::StageCode::new(parts, &hooks.after_fork, opts.max_frame);
+    let child = sys::fork_child(&keep, &format!("mg:{}#{slot}", parts.ctx.name), move || {
+        child::ipc_worker::<I, O>(in_r, out_w, child_log, &code)
+    })?;
+    parts.ctx.stats.child_started(child.pid);
+    Ok(Worker::new(child, log, in_w, stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A worker around a child that only sleeps (and dies by the first signal).
+    fn sleeper() -> Worker {
+        let (out_r, _out_w) = sys::pipe(true).unwrap();
+        let (_in_r, in_w) = sys::pipe(false).unwrap();
+        let child = sys::fork_child(&[], "mg:sleeper", || {
+            std::thread::sleep(Duration::from_secs(60));
+            0
+        })
+        .unwrap();
+        Worker::new(child, None, in_w, Stream::new(out_r, 1 << 20))
+    }
+
+    fn flight(index: u64) -> Flight {
+        Flight {
+            index,
+            attempt: 1,
+            payload: Payload::own(vec![1, 2, 3]),
+            not_before: None,
+        }
+    }
+
+    #[test]
+    fn a_killed_worker_keeps_its_kill_deadline_and_reason_until_it_is_reaped() {
+        let mut w = sleeper();
+        let now = Instant::now();
+        w.push(flight(0), now, Some(Duration::from_secs(30)));
+        w.push(flight(1), now, Some(Duration::from_secs(30)));
+        assert!(w.open() && w.alive() && w.kill().is_none());
+        assert_eq!(w.deadline(), Some(now + Duration::from_secs(30)));
+        w.terminate(Killed::Timeout, Some(0));
+        let kill = Kill {
+            why: Killed::Timeout,
+            timed_out: Some(0),
+        };
+        assert!(w.killing() && !w.open());
+        assert_eq!(w.kill(), Some(kill));
+        let kill_at = w.deadline().expect("SIGKILL is due");
+        assert!(kill_at < now + Duration::from_secs(30));
+        // An answer that arrives now starts the next item, but the kill deadline stands.
+        w.front_ended(Instant::now(), Some(Duration::from_secs(30)));
+        assert_eq!(w.deadline(), Some(kill_at));
+        // A second reason does not replace the first: SIGKILL now, nothing more is due.
+        w.terminate(Killed::Cancelled, None);
+        assert_eq!((w.kill(), w.deadline()), (Some(kill), None));
+        w.reap();
+        assert!(!w.alive() && !w.killing() && w.exit().is_some());
+        assert_eq!((w.kill(), w.deadline()), (Some(kill), None));
+        // Nothing more happens to a reaped worker.
+        w.shut_down(false);
+        w.terminate(Killed::Cancelled, None);
+        assert_eq!(*w.intake(), Intake::Open);
+        assert_eq!(w.kill(), Some(kill));
+    }
+
+    #[test]
+    fn a_worker_that_shuts_down_or_failed_to_start_takes_nothing_more() {
+        let mut w = sleeper();
+        w.shut_down(true);
+        assert_eq!(*w.intake(), Intake::Shutdown { retired: true });
+        assert!(!w.open() && w.alive() && !w.out.is_empty());
+        // Queued once: a second shutdown changes nothing.
+        w.shut_down(false);
+        assert_eq!(*w.intake(), Intake::Shutdown { retired: true });
+        w.start_failed("factory failed".into());
+        assert_eq!(*w.intake(), Intake::StartFailed("factory failed".into()));
+        assert!(!w.open());
+
+        // A corrupt stream kills at once; the running item's deadline stays the one due.
+        let mut w = sleeper();
+        let now = Instant::now();
+        w.push(flight(0), now, Some(Duration::from_secs(30)));
+        w.kill_now();
+        assert!(w.killing());
+        assert_eq!(w.kill().map(|k| k.why), Some(Killed::Protocol));
+        assert_eq!(w.deadline(), Some(now + Duration::from_secs(30)));
+        // Dropping a live worker kills and reaps it.
+    }
+}

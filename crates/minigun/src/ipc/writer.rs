@@ -1,0 +1,190 @@
+//! The child's writer: its side of the result pipe (and of an ipc worker's results log).
+
+use super::message::{self, ChildError, Done};
+use super::results_log::ResultsLog;
+use crate::error::{EmitError, FailureKind};
+use std::any::Any;
+use std::os::fd::OwnedFd;
+
+type Enc<T> = fn(&T, &mut Vec<u8>) -> Result<(), String>;
+
+/// Flush the child's buffer once it holds this much, so the parent reads while we run.
+const FLUSH_AT: usize = 64 << 10;
+
+fn write_all(fd: &OwnedFd, bytes: &[u8]) -> std::io::Result<()> {
+    let mut off = 0;
+    while off < bytes.len() {
+        match rustix::io::write(fd, &bytes[off..]) {
+            Ok(n) => off += n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The child's side of its result pipe: buffered frames, written with blocking writes.
+///
+/// An ipc worker also has a [`ResultsLog`]: it `commit`s each finished item's frames there and
+/// writes the log to the pipe in batches; a cow child writes each item's frames at once.
+pub(crate) struct ChildOut<'a> {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+    max: usize,
+    outputs: u64,
+    /// Where the running item's only result frame starts in `buf`, while it is the last
+    /// frame there (its `done` may then join it as one `result_done` frame).
+    last_result: Option<usize>,
+    /// Whether `done` may join a lone result (ipc workers; cow children keep two frames).
+    combine: bool,
+    log: Option<&'a mut ResultsLog>,
+}
+
+impl<'a> ChildOut<'a> {
+    pub(crate) fn new(fd: OwnedFd, max: usize, log: Option<&'a mut ResultsLog>) -> Self {
+        ChildOut {
+            fd,
+            buf: Vec::with_capacity(FLUSH_AT),
+            max,
+            outputs: 0,
+            last_result: None,
+            combine: false,
+            log,
+        }
+    }
+
+    /// Lets `done` join an item's only result into one `result_done` frame.
+    pub(crate) fn combined(mut self) -> Self {
+        self.combine = true;
+        self
+    }
+
+    /// A new item starts: no outputs yet.
+    pub(crate) fn start_item(&mut self) {
+        self.outputs = 0;
+        self.last_result = None;
+    }
+
+    /// Frames the `tracing` records stage code logged so far (after the running item's frames).
+    fn take_records(&mut self) {
+        for rec in crate::exec::fork::trace::take() {
+            let _ = message::push_log(&mut self.buf, &rec, self.max);
+        }
+    }
+
+    /// Writes everything: the results log first (earlier items), then the buffer.
+    pub(crate) fn flush(&mut self) -> std::io::Result<()> {
+        self.take_records();
+        // The log is the child's while it writes (the parent may take its bytes otherwise).
+        if let Some(log) = self.log.as_deref() {
+            log.hold();
+        }
+        let r = self.write_all_held();
+        if let Some(log) = self.log.as_deref() {
+            log.release();
+        }
+        r
+    }
+
+    fn write_all_held(&mut self) -> std::io::Result<()> {
+        if let Some(log) = self.log.as_deref_mut() {
+            if !log.bytes().is_empty() {
+                if let Err(e) = write_all(&self.fd, log.bytes()) {
+                    self.buf.clear();
+                    self.last_result = None;
+                    return Err(e);
+                }
+                log.sent();
+            }
+        }
+        let r = write_all(&self.fd, &self.buf);
+        if let (Ok(()), Some(log)) = (&r, self.log.as_deref_mut()) {
+            log.wrote(self.buf.len());
+        }
+        self.buf.clear();
+        self.last_result = None;
+        r
+    }
+
+    /// The current item has ended: its frames go to the results log (which survives this
+    /// process), or out at once when the log is full or there is none (`Ok(true)`: written).
+    pub(crate) fn commit(&mut self) -> std::io::Result<bool> {
+        self.take_records();
+        let logged = match self.log.as_deref_mut() {
+            Some(log) => {
+                log.hold();
+                let logged = log.append(&self.buf);
+                log.release();
+                logged
+            }
+            None => false,
+        };
+        if logged {
+            self.buf.clear();
+            self.last_result = None;
+            return Ok(false);
+        }
+        self.flush().map(|()| true)
+    }
+
+    /// Whether frames wait to be written.
+    pub(crate) fn holds(&self) -> bool {
+        !self.buf.is_empty() || self.log.as_ref().is_some_and(|l| l.len() > 0)
+    }
+
+    /// Records in the results log which item runs (a flag bit: has ended), if there is one.
+    pub(crate) fn running(&self, word: u64) {
+        if let Some(log) = &self.log {
+            log.set_running(word);
+        }
+    }
+
+    pub(crate) fn result<O>(
+        &mut self,
+        id: u64,
+        value: &O,
+        encode: Enc<O>,
+    ) -> Result<(), EmitError> {
+        let start = message::push_result(&mut self.buf, id, value, encode, self.max)
+            .map_err(|e| EmitError::Encode(format!("a {}: {e}", std::any::type_name::<O>())))?;
+        self.last_result = (self.outputs == 0).then_some(start);
+        self.outputs += 1;
+        if self.buf.len() >= FLUSH_AT {
+            self.flush().map_err(|_| EmitError::Closed)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn routed(
+        &mut self,
+        id: u64,
+        index: u32,
+        item: &(dyn Any + Send),
+        encode: fn(&(dyn Any + Send), &mut Vec<u8>) -> Result<(), String>,
+    ) -> Result<(), EmitError> {
+        message::push_routed(&mut self.buf, id, index, item, encode, self.max)
+            .map_err(EmitError::Encode)?;
+        self.outputs += 1;
+        if self.buf.len() >= FLUSH_AT {
+            self.flush().map_err(|_| EmitError::Closed)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn done(&mut self, id: u64, latency_ns: u64) {
+        if let (true, 1, Some(start)) = (self.combine, self.outputs, self.last_result.take()) {
+            if message::join_done(&mut self.buf, start, latency_ns, self.max) {
+                return;
+            }
+        }
+        let d = Done {
+            latency_ns,
+            outputs: self.outputs,
+        };
+        message::push_done(&mut self.buf, id, &d, self.max);
+    }
+
+    pub(crate) fn error(&mut self, id: u64, kind: FailureKind, message: String) {
+        message::push_error(&mut self.buf, id, ChildError { kind, message }, self.max);
+    }
+}
