@@ -176,23 +176,14 @@ impl Exec {
     }
     /// Whether ipc_fork workers send the results of cheap items in batches (the default) or
     /// with one write per item (ignored by the others). For streams of small items, batches
-    /// give about twice the throughput.
+    /// give about twice the throughput; a result then waits at most about 3 ms longer.
     ///
-    /// A worker keeps the frames of each finished item in memory it shares with the parent
-    /// and writes them after an item that ran 50 us or more, after 100 us (checked between
-    /// items), when its input is empty, or when 256 KiB wait. If it dies, the parent takes
-    /// the unsent frames from that memory: a crash, a kill or a timeout still fails exactly
-    /// the item that was running, and no item runs twice. While a worker is busy with a long
-    /// item, the parent takes the finished results it holds from that memory itself (it
-    /// looks every 2 ms and takes what has waited 1 ms), so a result waits at most about 3 ms
-    /// longer than without batching. When stage code writes its own bytes into the result
-    /// pipe (a corrupt stream), that is a stage error; the items whose results were lost in
-    /// it (the writer, and any the worker finished after it) run again on workers that write
-    /// each item's results at once, where the repeat fails exactly the writer.
-    ///
-    /// With `false`, a worker writes each item's results before it starts the next, and a
-    /// corrupt stream fails exactly the item whose stage code wrote into it, without a stage
-    /// error.
+    /// A batched worker keeps finished results in memory it shares with the parent, so a
+    /// crash, a kill or a timeout still fails exactly the item that was running and no item
+    /// runs twice; if stage code writes its own bytes into the result pipe, the items whose
+    /// results were lost run again on workers that write per item. With `false`, a corrupt
+    /// stream fails exactly the item whose code wrote into it. The protocol, with its
+    /// invariants, is described in the repository's `crates/minigun/src/ipc/README.md`.
     pub fn batch_results(mut self, on: bool) -> Self {
         if let Some(o) = self.fork_options_mut() {
             o.batch_results = on;
