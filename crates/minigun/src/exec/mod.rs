@@ -29,6 +29,7 @@
 #[cfg(target_os = "linux")]
 pub(crate) mod fork;
 pub(crate) mod local;
+pub(crate) mod order;
 pub(crate) mod parts;
 pub(crate) mod plan;
 pub(crate) mod runner;

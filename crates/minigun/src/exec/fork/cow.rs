@@ -13,15 +13,16 @@
 use super::child;
 use super::supervise::{
     child_frames, earliest, exit_failure, feed, item_ended, result_pipe, settle, supervised,
-    terminate, Handoff, Killed, PollSet, Release, Wake,
+    terminate, Handoff, Killed, PollSet, Wake,
 };
 use crate::error::FailureKind;
+use crate::exec::order::Release;
 use crate::exec::parts::{dead_letter, Parts};
+use crate::exec::runner::ForkHooks;
 use crate::exec::ForkOptions;
 use crate::hooks;
 use crate::ipc::message::{ChildError, Done, FromChild, Sender};
 use crate::ipc::reader::Stream;
-use crate::exec::runner::ForkHooks;
 use crate::route::Router;
 use crate::stage::{Item, Wire};
 use crate::stats::Recorder;

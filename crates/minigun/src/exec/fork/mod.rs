@@ -44,8 +44,8 @@ mod supervise;
 pub(crate) mod trace;
 
 use crate::exec::parts::Parts;
-use crate::exec::ForkOptions;
 use crate::exec::runner::{ForkHooks, PreparedRun};
+use crate::exec::ForkOptions;
 use crate::stage::{Item, Wire};
 
 pub(crate) fn cow<I: Item, O: Wire>(

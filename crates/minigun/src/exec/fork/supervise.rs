@@ -17,23 +17,24 @@
 //!      grace, a retry's backoff;
 //!    - each child is read, and reaped once its pidfd says it exited (then its pipe is read to
 //!      the end); a deadline that passed ends it ([`terminate`]);
-//!    - each item that ended is settled: results go downstream in order ([`Release`]), a
+//!    - each item that ended is settled: results go downstream in order ([`Release`](crate::exec::order::Release)), a
 //!      failure (from its `error` frame, or from how the child ended: [`exit_failure`]) goes
 //!      to the stage's policy ([`settle`]), and the item is counted only after the outputs
 //!      it frees were sent ([`item_ended`]).
-//! 4. **End**: what is still held goes downstream ([`Release::release_all`]).
+//! 4. **End**: what is still held goes downstream ([`Release::release_all`](crate::exec::order::Release::release_all)).
 
+use crate::ctx::StageCtx;
 use crate::error::FailureKind;
+use crate::exec::order::Release;
 use crate::exec::parts::{drain, Parts};
 use crate::ipc::message::ChildFrames;
 use crate::ipc::reader::Stream;
-use crate::ctx::StageCtx;
 use crate::route::Router;
-use crate::stage::{Item, Sink};
+use crate::stage::Item;
 use crate::sys;
 use crossbeam_channel::{Receiver, TryRecvError};
 use rustix::event::{PollFd, PollFlags};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -305,56 +306,6 @@ fn signal_name(s: i32) -> &'static str {
     nix::sys::signal::Signal::try_from(s)
         .map(|s| s.as_str())
         .unwrap_or("unknown")
-}
-
-/// Routes results downstream, in input order when asked: results of item `i` are held until
-/// every item before `i` has finished (succeeded or finally failed).
-pub(crate) struct Release<O> {
-    ordered: bool,
-    next: u64,
-    held: BTreeMap<u64, (Vec<O>, bool)>,
-}
-
-impl<O: Item> Release<O> {
-    pub(crate) fn new(ordered: bool) -> Self {
-        Release {
-            ordered,
-            next: 0,
-            held: BTreeMap::new(),
-        }
-    }
-    pub(crate) fn emit(&mut self, index: u64, o: O, router: &mut Router<O>) {
-        if !self.ordered || index == self.next {
-            let _ = router.send(o);
-        } else {
-            self.held.entry(index).or_default().0.push(o);
-        }
-    }
-    /// Item `index` will produce nothing more.
-    pub(crate) fn finished(&mut self, index: u64, router: &mut Router<O>) {
-        if !self.ordered {
-            return;
-        }
-        self.held.entry(index).or_default().1 = true;
-        while let Some(entry) = self.held.first_entry() {
-            if *entry.key() != self.next || !entry.get().1 {
-                break;
-            }
-            for o in entry.remove().0 {
-                let _ = router.send(o);
-            }
-            self.next += 1;
-        }
-    }
-    /// End of the stage: whatever is still held goes out, in order (nothing is lost even if
-    /// an item in between never finished, e.g. on abort).
-    pub(crate) fn release_all(&mut self, router: &mut Router<O>) {
-        for (_, (outs, _)) in std::mem::take(&mut self.held) {
-            for o in outs {
-                let _ = router.send(o);
-            }
-        }
-    }
 }
 
 /// What decoding the frames of a stage's children needs.

@@ -3,17 +3,18 @@
 //! steps; dispatching is in `dispatch`, and everything after a worker misbehaves or dies in
 //! `recover`.
 
-use super::super::supervise::{earliest, Handoff, Killed, PollSet, Release, Wake};
+use super::super::supervise::{earliest, Handoff, Killed, PollSet, Wake};
 use super::feed::{Encoded, LARGE_ITEM, MAX_SPARE};
 use super::worker::{Flight, Worker};
 use super::{LOOK_EVERY, TAKE_HELD_AFTER};
 use crate::error::FailureKind;
+use crate::exec::order::Release;
 use crate::exec::parts::Parts;
+use crate::exec::runner::ForkHooks;
 use crate::exec::ForkOptions;
 use crate::ipc::message::{Done, FromChild};
 use crate::ipc::results_log::ResultsLog;
 use crate::ipc::{FINISH_ID, START_ID};
-use crate::exec::runner::ForkHooks;
 use crate::stage::Wire;
 use crate::stats::Recorder;
 use crossbeam_channel::Receiver;

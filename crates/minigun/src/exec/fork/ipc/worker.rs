@@ -3,13 +3,13 @@
 use super::super::child;
 use super::super::supervise::{end_child, result_pipe, Killed, PIPE_SIZE};
 use crate::exec::parts::Parts;
+use crate::exec::runner::ForkHooks;
 use crate::exec::ForkOptions;
 use crate::ipc::frame::Kind;
 use crate::ipc::message::Sender;
 use crate::ipc::outbox::{Outbox, Payload};
 use crate::ipc::reader::Stream;
 use crate::ipc::results_log::{ResultsLog, LOG_BYTES};
-use crate::exec::runner::ForkHooks;
 use crate::stage::Wire;
 use crate::sys;
 use std::collections::VecDeque;
