@@ -13,8 +13,8 @@
 use super::codec::{self, Codec, Postcard, WireFns};
 use super::frame::{self, Kind};
 use super::{FINISH_ID, START_ID};
-use crate::error::FailureKind;
 use crate::erased::Erased;
+use crate::error::FailureKind;
 use crate::route::Routes;
 use serde::{Deserialize, Serialize};
 use std::any::Any;

@@ -12,7 +12,6 @@ pub(crate) mod results_log;
 #[cfg(target_os = "linux")]
 pub(crate) mod writer;
 
-
 /// The id of a worker's end-of-stream flush outputs.
 pub(crate) const FINISH_ID: u64 = u64::MAX;
 /// The id of a worker's start-up failure.

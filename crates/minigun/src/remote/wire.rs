@@ -12,8 +12,8 @@
 //! a panic.
 
 use crate::error::FailureKind;
-use crate::ipc::frame::{self, Decoder, Kind};
 use crate::ipc::codec::Codec;
+use crate::ipc::frame::{self, Decoder, Kind};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
