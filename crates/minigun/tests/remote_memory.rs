@@ -648,3 +648,44 @@ fn a_bound_smaller_than_a_batch_sends_partial_entries_instead_of_waiting() {
     let r = report.stage("double").unwrap().remote.clone().unwrap();
     assert_eq!(r.entries_sent, 20, "entries of the bound's size: {r:?}");
 }
+
+#[test]
+fn an_ordered_remote_stage_emits_results_in_input_order() {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let (b, s) = (broker.clone(), seen.clone());
+    let def = move |ordered: bool| {
+        let p = Pipeline::new("remote-ordered");
+        p.handle_signals(false);
+        p.producer("numbers", |out| out.emit_all(0..300u64).map_err(Into::into));
+        let r = Remote::new(b.clone())
+            .worker_exec(Exec::threads(4))
+            .batch(3)
+            .ordered(ordered);
+        // Later items of each entry finish first.
+        p.map("jumble", |x: u64| {
+            std::thread::sleep(Duration::from_micros(300 * (3 - x % 3)));
+            Ok(x)
+        })
+        .remote(r);
+        let s = s.clone();
+        p.consumer("collect", move |x: u64| {
+            s.lock().unwrap().push(x);
+            Ok(())
+        });
+        p
+    };
+    let d = def.clone();
+    let workers: Vec<Worker> = (0..2)
+        .map(|_| {
+            let d = d.clone();
+            worker(move || d(true))
+        })
+        .collect();
+    def(true).run().expect("run");
+    for w in workers {
+        w.stop();
+    }
+    let got = seen.lock().unwrap().clone();
+    assert_eq!(got, (0..300).collect::<Vec<_>>(), "in input order");
+}

@@ -43,6 +43,7 @@ pub struct Remote {
     pub(crate) grace: Duration,
     pub(crate) max_outage: Duration,
     pub(crate) build_id: Option<String>,
+    pub(crate) ordered: bool,
 }
 
 impl Remote {
@@ -70,6 +71,7 @@ impl Remote {
             grace: Duration::from_secs(25),
             max_outage: Duration::from_secs(60),
             build_id: None,
+            ordered: false,
         }
     }
 
@@ -145,6 +147,12 @@ impl Remote {
         self.max_outage = d;
         self
     }
+    /// Emit results in input order (default: as they come back). Results of a finished item
+    /// wait in the parent for every earlier item to finish: at most `max_in_flight` items.
+    pub fn ordered(mut self, on: bool) -> Self {
+        self.ordered = on;
+        self
+    }
     /// A build id (a version or a commit hash) that parent and workers must share.
     pub fn build_id(mut self, id: impl Into<String>) -> Self {
         self.build_id = Some(id.into());
@@ -188,6 +196,7 @@ impl PartialEq for Remote {
             && self.grace == other.grace
             && self.max_outage == other.max_outage
             && self.build_id == other.build_id
+            && self.ordered == other.ordered
     }
 }
 

@@ -29,6 +29,7 @@ use super::options::{fingerprint, Remote};
 use super::wire::{self, Outcome, RemoteFailure, FINISH_ID};
 use crate::ctx::StageCtx;
 use crate::error::{FailureKind, ItemFailure};
+use crate::exec::order::Release;
 use crate::exec::parts::{drain, Parts};
 use crate::exec::runner::PreparedRun;
 use crate::ipc::codec::Codec;
@@ -163,6 +164,7 @@ fn run<I: Wire, O: Wire, C: Codec>(parts: Parts<I, O>, remote: Remote) {
             },
             workers: BTreeMap::new(),
             round_trip: crate::stats::new_histogram(),
+            release: Release::new(remote.ordered),
             _c: std::marker::PhantomData,
         };
         std::thread::Builder::new()
@@ -491,6 +493,8 @@ struct Collector<'a, I, O, C> {
     workers: BTreeMap<String, RemoteWorker>,
     /// Round trips of entries (send to last result).
     round_trip: hdrhistogram::Histogram<u64>,
+    /// Sends the outputs downstream, in input order with `ordered`.
+    release: Release<O>,
     _c: std::marker::PhantomData<fn() -> C>,
 }
 
@@ -513,7 +517,11 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                 return self.finish(session);
             }
             let got = self.link.call(session, |s| {
-                s.read_out(self.run, 256, READ_BLOCK, std::mem::take(&mut own))
+                let r = s.read_out(self.run, 256, READ_BLOCK, own);
+                // After an error (a timeout, a lost connection) the entries may have been
+                // delivered with the reply lost: they wait in the parent's own pending list.
+                own = r.is_err();
+                r
             });
             match got {
                 Ok(entries) => self.take(session, entries),
@@ -648,9 +656,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                 Outcome::Done(i, ns) => {
                     let outs = held.remove(&i).unwrap_or_default();
                     if self.close(i).is_some() {
-                        for out in outs {
-                            let _ = Sink::send(&mut self.router, out);
-                        }
+                        self.release_item(i, outs);
                         latencies.push(ns);
                         self.ctx.items_done(1);
                     } else {
@@ -660,6 +666,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                 Outcome::Bad(i, m) => {
                     held.remove(&i);
                     if let Some(kept) = self.close(i) {
+                        self.release.finished(i, &mut self.router);
                         let f = RemoteFailure {
                             kind: FailureKind::Protocol,
                             message: format!("its results from the worker are unreadable: {m}"),
@@ -675,9 +682,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                 Outcome::Failed(i, f) => {
                     let outs = held.remove(&i).unwrap_or_default();
                     if let Some(kept) = self.close(i) {
-                        for out in outs {
-                            let _ = Sink::send(&mut self.router, out);
-                        }
+                        self.release_item(i, outs);
                         self.failed(i, kept, f, &e.consumer);
                         self.ctx.items_done(1);
                     } else {
@@ -698,6 +703,15 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
             }
         }
         true
+    }
+
+    /// The outputs of item `index`, which has ended: downstream (in order with `ordered`),
+    /// before the item counts as done.
+    fn release_item(&mut self, index: u64, outs: Vec<O>) {
+        for out in outs {
+            self.release.emit(index, out, &mut self.router);
+        }
+        self.release.finished(index, &mut self.router);
     }
 
     /// Item `index` reached its terminal result: `None` if it had one already, else the item
@@ -795,6 +809,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
             .call(session, |s| s.set_control(self.run, Control::Finishing));
         let mut finished: HashSet<String> = HashSet::new();
         let deadline_idle = self.remote.claim_idle.max(Duration::from_millis(500));
+        let mut own = false;
         while let Ok(workers) = self.link.call(session, |s| s.workers(self.run)) {
             let waiting: Vec<&WorkerInfo> = workers
                 .iter()
@@ -818,10 +833,12 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
             if live.is_empty() || self.ctx.run.aborting() {
                 break;
             }
-            match self
-                .link
-                .call(session, |s| s.read_out(self.run, 256, READ_BLOCK, false))
-            {
+            let got = self.link.call(session, |s| {
+                let r = s.read_out(self.run, 256, READ_BLOCK, own);
+                own = r.is_err();
+                r
+            });
+            match got {
                 Ok(entries) => {
                     for e in &entries {
                         if e.kind == OutKind::Finished {
@@ -833,7 +850,6 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                 Err(_) => break,
             }
         }
-        let _ = self.router.flush();
         if self.report.duplicates > 0 {
             tracing::debug!(stage = %self.ctx.name, duplicates = self.report.duplicates,
                 "results of items that ran more than once were dropped");
@@ -857,6 +873,9 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
 
     /// The collector is done: the report's remote part, and the sender may end.
     fn over(mut self) {
+        // Whatever is still held for ordering goes out (nothing is lost on an abort).
+        self.release.release_all(&mut self.router);
+        let _ = self.router.flush();
         self.ctx.stats.remote_workers(std::iter::empty());
         let mut report = std::mem::take(&mut self.report);
         report.workers = std::mem::take(&mut self.workers).into_values().collect();
