@@ -18,7 +18,11 @@ fn define() -> Pipeline {
     p.map("steps", |mut n: u64| {
         let mut steps = 0u64;
         while n != 1 {
-            n = if n.is_multiple_of(2) { n / 2 } else { 3 * n + 1 };
+            n = if n.is_multiple_of(2) {
+                n / 2
+            } else {
+                3 * n + 1
+            };
             steps += 1;
         }
         Ok(steps)
