@@ -21,7 +21,10 @@
 //!   every `heartbeat`, and every quarter of `claim_idle` reclaims entries idle past
 //!   `claim_idle` (their worker was lost): past `max_deliveries` an entry is dead-lettered
 //!   with a `WorkerLost` failure for each item; a reclaimed batch of several items is split
-//!   into single-item entries, so a poison item is isolated after one redelivery.
+//!   into single-item entries, so a poison item is isolated after one redelivery. A worker
+//!   claims one entry at a time, busy or not, and while it runs an entry delivered before it
+//!   fetches and claims nothing else, so that entry, if it kills the worker again, takes no
+//!   other entry's delivery with it.
 //! - On `Finishing` the worker stops fetching, lets its local run end (which runs the
 //!   stage's `finish`), and publishes its `finish` outputs once. On `Aborted`, or when the
 //!   run's keys are gone, it stops at once and leaves its entries.
@@ -181,6 +184,8 @@ struct Held {
     /// Items without a terminal result yet.
     left: u32,
     deliveries: u32,
+    /// Delivered before (a redelivery, or a part split from one): it runs alone.
+    suspect: bool,
     /// Each item's frames so far (outputs, then its terminal frame).
     frames: BTreeMap<u64, Vec<u8>>,
     /// Items whose output could not be encoded: they fail with `Encode`.
@@ -192,6 +197,8 @@ struct Book {
     held: BTreeMap<u64, Held>,
     /// Items in the local run.
     local: usize,
+    /// Held entries that were delivered before (see `Held::suspect`).
+    suspects: usize,
     /// The `finish` outputs.
     flush: Vec<u8>,
     stats: WorkerStats,
@@ -229,6 +236,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             book: Mutex::new(Book {
                 held: BTreeMap::new(),
                 local: 0,
+                suspects: 0,
                 flush: Vec::new(),
                 stats: WorkerStats {
                     host: host_name(),
@@ -426,7 +434,9 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             _ => {
                 local_run.abort(self.stop_failure());
                 drop(tx);
-                self.lock().held.clear();
+                let mut book = self.lock();
+                book.held.clear();
+                book.suspects = 0;
             }
         }
         ended
@@ -444,16 +454,19 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
     }
 
     /// Waits until the local run has room; `false` if it is time to look at the run again.
+    /// While it runs an entry that was delivered before, nothing else is fetched: if that
+    /// entry kills the worker again, it takes no other entry's delivery with it.
     fn wait_for_room(&self) -> bool {
+        let free = |b: &Book| b.local < self.room && b.suspects == 0;
         let book = self.lock();
-        if book.local < self.room {
+        if free(&book) {
             return true;
         }
         let (book, _) = self
             .changed
             .wait_timeout(book, FETCH_BLOCK)
             .unwrap_or_else(|e| e.into_inner());
-        book.local < self.room
+        free(&book)
     }
 
     /// A delivered entry: split if it is a redelivered batch, else its items go to the local
@@ -478,8 +491,10 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             return self.split(session, &d, items);
         }
         {
+            let suspect = d.entry.attempts + d.deliveries >= 2;
             let mut book = self.lock();
             book.local += items.len();
+            book.suspects += suspect as usize;
             book.held.insert(
                 d.entry.first,
                 Held {
@@ -487,6 +502,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                     count: d.entry.count,
                     left: d.entry.count,
                     deliveries: d.deliveries,
+                    suspect,
                     frames: BTreeMap::new(),
                     broken: HashMap::new(),
                 },
@@ -669,6 +685,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                 return;
             }
             let h = book.held.remove(&first).expect("found");
+            book.suspects -= h.suspect as usize;
             (h.id, h.count, h.frames)
         };
         self.changed.notify_all();
@@ -720,7 +737,9 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
         let reclaim_every = (self.a.claim_idle / 4).max(Duration::from_millis(10));
         let mut last_reclaim = Instant::now();
         while !done.load(Ordering::Relaxed) {
-            let ids: Vec<EntryId> = self.lock().held.values().map(|h| h.id.clone()).collect();
+            // Entries claimed and not yet taken by the fetcher are kept too.
+            let mut ids: Vec<EntryId> = self.lock().held.values().map(|h| h.id.clone()).collect();
+            ids.extend(self.claimed().iter().map(|d| d.id.clone()));
             let _ = session.register(&self.run, &self.info());
             if !ids.is_empty() {
                 let _ = session.heartbeat(&self.run, &self.consumer, &ids);
@@ -771,7 +790,11 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                 }
                 continue;
             }
-            if self.lock().local >= self.room {
+            // One entry at a time, even when busy (an idle worker is not needed for a lost
+            // worker's entry to move on): none while a claimed one waits for the fetcher or a
+            // redelivered one runs here, which also keeps a poison entry from taking
+            // another entry's delivery with it.
+            if self.lock().suspects > 0 || !self.claimed().is_empty() {
                 continue;
             }
             if let Ok(got) = session.claim(
@@ -792,6 +815,11 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
         }
     }
 
+    /// Entries the keeper claimed that the fetcher has not taken yet.
+    fn claimed(&self) -> MutexGuard<'_, VecDeque<Delivery>> {
+        self.reclaimed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// After a stop: the running items get `grace` to finish and commit.
     fn grace(&self) {
         let until = Instant::now() + self.s.remote.grace;
@@ -808,10 +836,12 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
     /// Releases the entries still held: claimable at once, no delivery counted. They are
     /// forgotten first, so nothing of them is committed after.
     fn release(&self, session: &mut dyn Session) {
-        let held: Vec<(EntryId, u32)> = std::mem::take(&mut self.lock().held)
-            .into_values()
-            .map(|h| (h.id, h.deliveries))
-            .collect();
+        let held = {
+            let mut book = self.lock();
+            book.suspects = 0;
+            std::mem::take(&mut book.held)
+        };
+        let held: Vec<(EntryId, u32)> = held.into_values().map(|h| (h.id, h.deliveries)).collect();
         if held.is_empty() {
             return;
         }
