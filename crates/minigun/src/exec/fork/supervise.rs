@@ -17,11 +17,11 @@
 //!      grace, a retry's backoff;
 //!    - each child is read, and reaped once its pidfd says it exited (then its pipe is read to
 //!      the end); a deadline that passed ends it ([`terminate`]);
-//!    - each item that ended is settled: results go downstream in order ([`Release`](crate::exec::order::Release)), a
+//!    - each item that ended is settled: results go downstream in order ([`Release`]), a
 //!      failure (from its `error` frame, or from how the child ended: [`exit_failure`]) goes
 //!      to the stage's policy ([`settle`]), and the item is counted only after the outputs
 //!      it frees were sent ([`item_ended`]).
-//! 4. **End**: what is still held goes downstream ([`Release::release_all`](crate::exec::order::Release::release_all)).
+//! 4. **End**: what is still held goes downstream ([`Release::release_all`]).
 
 use crate::ctx::StageCtx;
 use crate::error::FailureKind;
