@@ -55,10 +55,16 @@ fn in_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
 }
 
-/// Whether `program` runs (`program --version`).
+/// Whether `program` runs here: asked for its version (`openssl` takes `version`, not
+/// `--version`, which OpenSSL 3 refuses).
 fn runs(program: &str) -> bool {
+    let ask = if program == "openssl" {
+        "version"
+    } else {
+        "--version"
+    };
     Command::new(program)
-        .arg("--version")
+        .arg(ask)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()

@@ -132,7 +132,7 @@ pub use ipc::codec::{Codec, Postcard};
 pub use monitor::{ChildSnapshot, Monitor, Snapshot, StageSnapshot, StageStatus};
 pub use policy::OnError;
 pub use queue::{Capacity, FanOut};
-pub use report::{Latency, RunReport, StageReport};
+pub use report::{Latency, RemoteReport, RemoteWorker, RunReport, StageReport};
 pub use run::{RunHandle, Runnable};
 pub use stage::{Failed, Item, Output, Stage, StageKind, Wire};
 #[cfg(target_os = "linux")]

@@ -55,7 +55,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// How long a fetch waits for an entry before the fetcher looks at the run's state.
-const FETCH_BLOCK: Duration = Duration::from_millis(200);
+const FETCH_BLOCK: Duration = Duration::from_millis(50);
 
 /// A remote stage's code, as a worker serves it.
 pub(crate) struct ServedStage<I, O> {
@@ -245,7 +245,9 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                 },
             }),
             changed: Condvar::new(),
-            room: (exec.concurrency() * 2).max(1),
+            // Room for the items running and one more entry of the parent's batch size, so
+            // the next entry is fetched while the last one runs.
+            room: (exec.concurrency() * 2).max(1) + s.remote.batch,
             reclaimed: Mutex::new(VecDeque::new()),
             _c: std::marker::PhantomData,
         })
@@ -332,7 +334,11 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             let _ = local.join();
             let _ = outputs.join();
             let _ = failures.join();
-            done.store(true, Ordering::Relaxed);
+            {
+                // Under the lock the keeper checks `done` with: it cannot miss the wake-up.
+                let _book = self.lock();
+                done.store(true, Ordering::Relaxed);
+            }
             self.changed.notify_all();
             let _ = keep.join();
             ended
@@ -735,23 +741,37 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             .heartbeat_every()
             .max(Duration::from_millis(10));
         let reclaim_every = (self.a.claim_idle / 4).max(Duration::from_millis(10));
-        let mut last_reclaim = Instant::now();
+        // Each is done when it is due, not whenever `changed` wakes the keeper (it is
+        // notified at every finished item).
+        let mut beat_due = Instant::now();
+        let mut reclaim_due = Instant::now() + reclaim_every;
         while !done.load(Ordering::Relaxed) {
-            // Entries claimed and not yet taken by the fetcher are kept too.
-            let mut ids: Vec<EntryId> = self.lock().held.values().map(|h| h.id.clone()).collect();
-            ids.extend(self.claimed().iter().map(|d| d.id.clone()));
-            let _ = session.register(&self.run, &self.info());
-            if !ids.is_empty() {
-                let _ = session.heartbeat(&self.run, &self.consumer, &ids);
+            let now = Instant::now();
+            if now >= beat_due {
+                beat_due = now + beat;
+                // Entries claimed and not yet taken by the fetcher are kept too.
+                let mut ids: Vec<EntryId> =
+                    self.lock().held.values().map(|h| h.id.clone()).collect();
+                ids.extend(self.claimed().iter().map(|d| d.id.clone()));
+                let _ = session.register(&self.run, &self.info());
+                if !ids.is_empty() {
+                    let _ = session.heartbeat(&self.run, &self.consumer, &ids);
+                }
             }
-            if last_reclaim.elapsed() >= reclaim_every && !self.stop.load(Ordering::Relaxed) {
-                last_reclaim = Instant::now();
-                self.reclaim(&mut **session);
+            if now >= reclaim_due {
+                reclaim_due = now + reclaim_every;
+                if !self.stop.load(Ordering::Relaxed) {
+                    self.reclaim(&mut **session);
+                }
             }
+            let due = beat_due.min(reclaim_due);
             let book = self.lock();
+            if done.load(Ordering::Relaxed) {
+                break;
+            }
             let _ = self
                 .changed
-                .wait_timeout(book, beat.min(reclaim_every))
+                .wait_timeout(book, due.saturating_duration_since(Instant::now()))
                 .unwrap_or_else(|e| e.into_inner());
         }
     }
