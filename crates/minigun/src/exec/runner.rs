@@ -77,8 +77,10 @@ pub(crate) trait Entry<I, O>: Send + Sync {
     /// Starts a crossing executor (the planner checked that the types cross what it needs).
     fn start(&self, across: Across, parts: Parts<I, O>, hooks: ForkHooks) -> PreparedRun;
     /// The worker side of a remote stage: the stage's code, ready to serve its runs. `None`
-    /// where the input does not cross.
-    fn serve(&self, stage: ServedStage<I, O>) -> Option<Box<dyn Served>>;
+    /// for entry points that cannot be remote.
+    fn serve(&self, _stage: ServedStage<I, O>) -> Option<Box<dyn Served>> {
+        None
+    }
 }
 
 /// What a stage's types can cross, with the codec and the entry points of the crossing
@@ -140,17 +142,11 @@ impl<I: Wire, O: Wire, C: Codec> Entry<I, O> for LocalOnly<C> {
             _ => unreachable_flavour(across, parts, hooks),
         }
     }
-    fn serve(&self, _: ServedStage<I, O>) -> Option<Box<dyn Served>> {
-        None
-    }
 }
 
 impl<I: Item, O: Wire, C: Codec> Entry<I, O> for OutputOnly<C> {
     fn start(&self, across: Across, parts: Parts<I, O>, hooks: ForkHooks) -> PreparedRun {
         start_cow(across, parts, hooks)
-    }
-    fn serve(&self, _: ServedStage<I, O>) -> Option<Box<dyn Served>> {
-        None
     }
 }
 
