@@ -99,17 +99,32 @@ fn announced(broker: &MemoryBroker, pipeline: &str) -> StageRun {
     panic!("the run of {pipeline} was never announced");
 }
 
+/// Waits until `done` holds, failing the test with `what` after `limit`.
+fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !done() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The number of items collected so far.
+fn collected(seen: &Seen) -> usize {
+    seen.lock().unwrap().len()
+}
+
 /// A consumer "ghost" takes one entry and is never heard of again.
 fn hold_one(broker: &MemoryBroker, run: &StageRun) -> (Box<dyn Session>, Delivery) {
     let mut ghost = broker.session().unwrap();
-    loop {
+    let mut held = None;
+    wait_until("an entry for the ghost", Duration::from_secs(30), || {
         let got = ghost
             .fetch(run, "ghost", 1, Duration::from_millis(100), false)
             .unwrap();
-        if let Some(d) = got.into_iter().next() {
-            return (ghost, d);
-        }
-    }
+        held = got.into_iter().next();
+        held.is_some()
+    });
+    (ghost, held.expect("fetched"))
 }
 
 #[test]
@@ -287,9 +302,9 @@ fn a_broker_that_loses_everything_mid_run_is_reconciled_and_every_item_arrives_o
     let w = worker(def.clone());
     let run = parent(def);
     // Lose everything once items are flowing.
-    while seen.lock().unwrap().len() < 50 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until("50 items", Duration::from_secs(30), || {
+        collected(&seen) >= 50
+    });
     broker.restart();
     let report = run.join().unwrap().expect("run");
     w.stop();
@@ -494,9 +509,7 @@ fn a_stopped_worker_releases_its_entries_and_another_finishes_them_without_a_del
     let (d1, d2) = (def.clone(), def.clone());
     let first = worker(move || d1(slow));
     let run = parent(move || def(slow));
-    while seen.lock().unwrap().len() < 5 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_until("5 items", Duration::from_secs(30), || collected(&seen) >= 5);
     first.stop();
     let second = worker(move || d2(Duration::ZERO));
     let report = run.join().unwrap().expect("run");
@@ -548,7 +561,12 @@ fn items_in_flight_never_exceed_max_in_flight() {
     let mut probe = broker.session().unwrap();
     let mut most = 0u64;
     let mut samples = 0;
+    let t0 = std::time::Instant::now();
     while !run.is_finished() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "the run did not end"
+        );
         if let Ok(entries) = probe.outstanding(&stage_run) {
             let items: u64 = entries.iter().map(|(_, n)| *n as u64).sum();
             most = most.max(items);
