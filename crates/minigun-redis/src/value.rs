@@ -23,6 +23,14 @@ pub(crate) fn bytes(v: &Value) -> Option<Vec<u8>> {
     }
 }
 
+/// [`bytes`] of a reply that is no longer needed (a bulk string is moved, not copied).
+fn owned_bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        v => bytes(&v),
+    }
+}
+
 /// A string reply as text (ids, names).
 pub(crate) fn text(v: &Value) -> Option<String> {
     bytes(v).map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -52,24 +60,25 @@ pub(crate) fn pairs(v: Value) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
         v => items(v),
     };
     let mut out = Vec::with_capacity(list.len() / 2);
-    for kv in list.chunks(2) {
-        if let [k, v] = kv {
-            out.push((bytes(k)?, bytes(v)?));
-        }
+    let mut it = list.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        out.push((owned_bytes(k)?, owned_bytes(v)?));
     }
     Some(out)
 }
 
 /// One entry `[id, [field, value, …]]`.
 pub(crate) fn entry(v: Value) -> BrokerResult<Entry> {
-    let shown = format!("{v:?}");
-    let mut it = items(v).into_iter();
-    let id = it
-        .next()
-        .as_ref()
-        .and_then(text)
-        .ok_or_else(|| BrokerError::Other(format!("unexpected stream entry: {shown}")))?;
-    Ok((id, it.next().and_then(pairs)))
+    let id = match &v {
+        Value::Array(a) | Value::Set(a) => a.first().and_then(text),
+        _ => None,
+    };
+    let Some(id) = id else {
+        return Err(BrokerError::Other(format!(
+            "unexpected stream entry: {v:?}"
+        )));
+    };
+    Ok((id, items(v).into_iter().nth(1).and_then(pairs)))
 }
 
 /// The entries of one stream in an XREAD or XREADGROUP reply (nil when the block timed out).
