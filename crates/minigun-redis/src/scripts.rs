@@ -80,13 +80,27 @@ return ids
 );
 
 script!(
-    /// KEYS in, out; ARGV consumer, id, results. 1: committed; 0: lease lost.
+    /// KEYS in, out; ARGV consumer, (id, results)…  Commits each entry the consumer still
+    /// holds: the results of all of them in one out entry, then one XACK and one XDEL.
+    /// Returns 1 (committed) or 0 (lease lost) per entry.
     commit,
     r#"
-if not owned(KEYS[1], ARGV[2], ARGV[1]) then return 0 end
-redis.call('XADD', KEYS[2], '*', 'k', 'results', 'c', ARGV[1], 'p', ARGV[3])
-remove(KEYS[1], 'mg', ARGV[2])
-return 1
+local done, ids, parts = {}, {}, {}
+for i = 2, #ARGV, 2 do
+  if owned(KEYS[1], ARGV[i], ARGV[1]) then
+    done[#done + 1] = 1
+    ids[#ids + 1] = ARGV[i]
+    parts[#parts + 1] = ARGV[i + 1]
+  else
+    done[#done + 1] = 0
+  end
+end
+if #ids > 0 then
+  redis.call('XADD', KEYS[2], '*', 'k', 'results', 'c', ARGV[1], 'p', table.concat(parts))
+  redis.call('XACK', KEYS[1], 'mg', unpack(ids))
+  redis.call('XDEL', KEYS[1], unpack(ids))
+end
+return done
 "#
 );
 

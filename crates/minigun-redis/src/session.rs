@@ -653,29 +653,30 @@ impl Session for RedisSession {
             .collect())
     }
 
-    fn commit(
+    fn commit_many(
         &mut self,
         run: &StageRun,
         consumer: &str,
-        id: &EntryId,
-        results: &[u8],
-    ) -> BrokerResult<Commit> {
-        if !value::is_entry_id(id) {
-            return Ok(Commit::LeaseLost);
+        done: &[(&EntryId, &[u8])],
+    ) -> BrokerResult<Vec<Commit>> {
+        let valid = |id: &EntryId| value::is_entry_id(id);
+        if !done.iter().any(|(id, _)| valid(id)) {
+            return Ok(vec![Commit::LeaseLost; done.len()]);
         }
         let k = self.keys(run);
         let mut inv = scripts::commit().prepare_invoke();
-        inv.key(&k.work)
-            .key(&k.out)
-            .arg(consumer)
-            .arg(id)
-            .arg(results);
-        let done: i64 = self.script(&inv)?;
-        Ok(if done == 1 {
-            Commit::Committed
-        } else {
-            Commit::LeaseLost
-        })
+        inv.key(&k.work).key(&k.out).arg(consumer);
+        for (id, results) in done.iter().filter(|(id, _)| valid(id)) {
+            inv.arg(*id).arg(*results);
+        }
+        let mut answers: std::vec::IntoIter<i64> = self.script::<Vec<i64>>(&inv)?.into_iter();
+        Ok(done
+            .iter()
+            .map(|(id, _)| match valid(id) && answers.next() == Some(1) {
+                true => Commit::Committed,
+                false => Commit::LeaseLost,
+            })
+            .collect())
     }
 
     fn heartbeat(

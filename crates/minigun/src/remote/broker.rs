@@ -11,7 +11,7 @@
 //! executor (see `remote::wire`). What the broker guarantees is the **ownership rule**, which
 //! every conforming implementation must keep (the conformance suite checks it):
 //!
-//! - [`Session::commit`], [`Session::heartbeat`] and [`Session::split`] act only on entries
+//! - [`Session::commit_many`], [`Session::heartbeat`] and [`Session::split`] act only on entries
 //!   the calling consumer still holds; otherwise they change nothing
 //!   ([`Commit::LeaseLost`], an id left out, `false`). A commit publishes the results and
 //!   removes the entry atomically.
@@ -267,15 +267,27 @@ pub trait Session: Send {
         block: Duration,
         own: bool,
     ) -> BrokerResult<Vec<Delivery>>;
-    /// Publishes an entry's results and removes the entry, atomically, if `consumer` still
-    /// holds it.
+    /// For each `(id, results)`: if `consumer` still holds entry `id`, publishes its results
+    /// and removes the entry, atomically; one outcome per entry, in order. The results of
+    /// several entries may be published together (the parent reads results by item index,
+    /// not by entry), and a broker that can should do the whole call in one round trip.
+    fn commit_many(
+        &mut self,
+        run: &StageRun,
+        consumer: &str,
+        done: &[(&EntryId, &[u8])],
+    ) -> BrokerResult<Vec<Commit>>;
+    /// [`Session::commit_many`] of one entry.
     fn commit(
         &mut self,
         run: &StageRun,
         consumer: &str,
         id: &EntryId,
         results: &[u8],
-    ) -> BrokerResult<Commit>;
+    ) -> BrokerResult<Commit> {
+        let mut c = self.commit_many(run, consumer, &[(id, results)])?;
+        Ok(c.pop().unwrap_or(Commit::LeaseLost))
+    }
     /// Resets the idle time of the entries `consumer` still holds among `ids`; returns those.
     fn heartbeat(
         &mut self,

@@ -67,6 +67,7 @@ fn out(s: &mut dyn Session, r: &StageRun) -> Vec<OutEntry> {
 pub fn run_all(broker: &dyn Broker, age: &dyn Fn(Duration)) {
     round_trip(broker);
     commit_needs_the_lease(broker, age);
+    commit_many_publishes_only_owned_entries(broker, age);
     heartbeat_keeps_the_lease(broker, age);
     release_counts_no_delivery(broker);
     dead_letter_rechecks_idle(broker, age);
@@ -111,6 +112,53 @@ pub fn round_trip(b: &dyn Broker) {
     assert_eq!(o[0].payload, b"r0");
     assert_eq!(s.outstanding(&r).expect("outstanding"), vec![(2, 1)]);
     assert!(out(&mut *s, &r).is_empty(), "acknowledged entries are gone");
+    s.cleanup(&r, None).expect("cleanup");
+}
+
+/// A commit of several entries publishes the results of those the consumer still holds,
+/// and only those, and removes exactly them.
+pub fn commit_many_publishes_only_owned_entries(b: &dyn Broker, age: &dyn Fn(Duration)) {
+    let mut s = session(b);
+    let r = run("commit_many_publishes_only_owned_entries");
+    announce(&mut *s, &r);
+    s.send(&r, &[entry(0, 1), entry(1, 1), entry(2, 1)])
+        .expect("send");
+    let got = s
+        .fetch(&r, "a", 10, Duration::from_millis(500), false)
+        .expect("fetch");
+    assert_eq!(got.len(), 3);
+    age(IDLE + Duration::from_millis(50));
+    let taken = s
+        .claim(&r, "b", IDLE, std::slice::from_ref(&got[1].id))
+        .expect("claim");
+    assert_eq!(taken.len(), 1, "the middle entry is taken over");
+    let done: Vec<(&EntryId, &[u8])> = vec![
+        (&got[0].id, b"r0"),
+        (&got[1].id, b"r1"),
+        (&got[2].id, b"r2"),
+    ];
+    assert_eq!(
+        s.commit_many(&r, "a", &done).expect("commit_many"),
+        vec![Commit::Committed, Commit::LeaseLost, Commit::Committed]
+    );
+    let published: Vec<u8> = out(&mut *s, &r)
+        .into_iter()
+        .inspect(|o| assert_eq!((o.kind, o.consumer.as_str()), (OutKind::Results, "a")))
+        .flat_map(|o| o.payload)
+        .collect();
+    assert_eq!(
+        published, b"r0r2",
+        "only the held entries' results, in order"
+    );
+    assert_eq!(
+        s.outstanding(&r).expect("outstanding"),
+        vec![(1, 1)],
+        "the entry taken over stays"
+    );
+    assert_eq!(
+        s.commit_many(&r, "a", &[]).expect("an empty commit"),
+        Vec::<Commit>::new()
+    );
     s.cleanup(&r, None).expect("cleanup");
 }
 

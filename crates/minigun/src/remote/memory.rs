@@ -438,25 +438,33 @@ impl Session for MemorySession {
         })
     }
 
-    fn commit(
+    fn commit_many(
         &mut self,
         run: &StageRun,
         consumer: &str,
-        id: &EntryId,
-        results: &[u8],
-    ) -> BrokerResult<Commit> {
+        done: &[(&EntryId, &[u8])],
+    ) -> BrokerResult<Vec<Commit>> {
         self.with("commit", |s| {
             let r = s.run(run)?;
-            let Some(n) = id_of(id) else {
-                return Ok(Commit::LeaseLost);
-            };
-            if r.pending.get(&n).is_none_or(|p| p.owner != consumer) {
-                return Ok(Commit::LeaseLost);
+            let mut results = Vec::new();
+            let outcomes: Vec<Commit> = done
+                .iter()
+                .map(|(id, payload)| {
+                    let held =
+                        id_of(id).filter(|n| r.pending.get(n).is_some_and(|p| p.owner == consumer));
+                    let Some(n) = held else {
+                        return Commit::LeaseLost;
+                    };
+                    r.pending.remove(&n);
+                    r.work.remove(&n);
+                    results.extend_from_slice(payload);
+                    Commit::Committed
+                })
+                .collect();
+            if outcomes.contains(&Commit::Committed) {
+                push_out(s, run, OutKind::Results, consumer, &results);
             }
-            r.pending.remove(&n);
-            r.work.remove(&n);
-            push_out(s, run, OutKind::Results, consumer, results);
-            Ok(Commit::Committed)
+            Ok(outcomes)
         })
     }
 

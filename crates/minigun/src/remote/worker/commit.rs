@@ -1,6 +1,10 @@
 //! The committers of a run a worker serves: the local run's tagged outputs and final
-//! failures, gathered per held entry, and the atomic commit of an entry once every one of its
-//! items has its terminal result.
+//! failures, gathered per held entry, and the atomic commit of the entries whose items all
+//! have their terminal result.
+//!
+//! Each committer takes what the local run has ready (up to [`CHUNK`] messages), settles it
+//! under one lock of the book, and commits every entry that became complete in one call
+//! ([`Session::commit_many`]): under load, one round trip commits several entries.
 
 use super::{Book, Held, RunServer, Tagged};
 use crate::error::FailureKind;
@@ -14,6 +18,16 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+/// Messages of the local run taken at once.
+const CHUNK: usize = 1024;
+
+/// An entry whose items all have their terminal result: ready to commit.
+pub(super) struct Complete {
+    id: EntryId,
+    count: u32,
+    results: Vec<u8>,
+}
+
 impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
     /// The held entry that item `index` belongs to.
     pub(super) fn entry_of(book: &mut Book, index: u64) -> Option<(u64, &mut Held)> {
@@ -25,58 +39,53 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
     pub(super) fn outputs(&self, rx: Receiver<Tagged<O>>) {
         let mut session = self.session().ok();
         let mut ready = VecDeque::new();
-        while rx.recv_upto(&mut ready, 256) {
-            for t in ready.drain(..) {
-                match t {
-                    Tagged::Out(i, o) => {
-                        let mut book = self.lock();
-                        if let Some((_, h)) = Self::entry_of(&mut book, i) {
-                            let buf = h.frames.entry(i).or_default();
-                            if let Err(e) =
-                                wire::push_output::<C, O>(buf, i, &o, self.s.remote.max_frame)
-                            {
-                                h.broken.insert(i, e);
-                            }
-                        }
+        while rx.recv_upto(&mut ready, CHUNK) {
+            let mut complete = Vec::new();
+            {
+                let mut book = self.lock();
+                for t in ready.drain(..) {
+                    self.output(&mut book, t, &mut complete);
+                }
+            }
+            self.changed.notify_all();
+            self.commit_all(&mut session, complete);
+        }
+    }
+
+    /// One message of the local run, under the book's lock.
+    fn output(&self, book: &mut Book, t: Tagged<O>, complete: &mut Vec<Complete>) {
+        let max = self.s.remote.max_frame;
+        match t {
+            Tagged::Out(i, o) => {
+                if let Some((_, h)) = Self::entry_of(book, i) {
+                    if let Err(e) = wire::push_output::<C, O>(&mut h.results, i, &o, max) {
+                        h.broken.insert(i, e);
                     }
-                    Tagged::Done(i, ns) => {
-                        let f = {
-                            let mut book = self.lock();
-                            let broken =
-                                Self::entry_of(&mut book, i).and_then(|(_, h)| h.broken.remove(&i));
-                            broken.map(|e| {
-                                self.failure(
-                                    FailureKind::Encode,
-                                    format!("cannot encode an output for the broker: {e}"),
-                                    1,
-                                )
-                            })
-                        };
-                        match f {
-                            Some(f) => {
-                                self.terminal(&mut session, i, |buf| wire::push_failed(buf, i, &f))
-                            }
-                            None => {
-                                self.terminal(&mut session, i, |buf| wire::push_done(buf, i, ns))
-                            }
-                        }
+                }
+            }
+            Tagged::Done(i, ns) => {
+                let broken = Self::entry_of(book, i).and_then(|(_, h)| h.broken.remove(&i));
+                let done = match broken {
+                    Some(e) => {
+                        let f = self.failure(
+                            FailureKind::Encode,
+                            format!("cannot encode an output for the broker: {e}"),
+                            1,
+                        );
+                        Self::settle(book, i, |buf| wire::push_failed(buf, i, &f))
                     }
-                    Tagged::Flush(o) => {
-                        let mut book = self.lock();
-                        if let Err(e) = wire::push_output::<C, O>(
-                            &mut book.flush,
-                            FINISH_ID,
-                            &o,
-                            self.s.remote.max_frame,
-                        ) {
-                            let f = self.failure(
-                                FailureKind::Encode,
-                                format!("cannot encode a finish output: {e}"),
-                                1,
-                            );
-                            wire::push_failed(&mut book.flush, FINISH_ID, &f);
-                        }
-                    }
+                    None => Self::settle(book, i, |buf| wire::push_done(buf, i, ns)),
+                };
+                complete.extend(done);
+            }
+            Tagged::Flush(o) => {
+                if let Err(e) = wire::push_output::<C, O>(&mut book.flush, FINISH_ID, &o, max) {
+                    let f = self.failure(
+                        FailureKind::Encode,
+                        format!("cannot encode a finish output: {e}"),
+                        1,
+                    );
+                    wire::push_failed(&mut book.flush, FINISH_ID, &f);
                 }
             }
         }
@@ -86,53 +95,62 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
     pub(super) fn failures(&self, rx: Receiver<Failed<(u64, I)>>) {
         let mut session = self.session().ok();
         let mut ready = VecDeque::new();
-        while rx.recv_upto(&mut ready, 256) {
-            for f in ready.drain(..) {
-                let i = f.item.0;
-                if f.failure.kind == FailureKind::Cancelled {
-                    continue;
+        while rx.recv_upto(&mut ready, CHUNK) {
+            let mut complete = Vec::new();
+            {
+                let mut book = self.lock();
+                for f in ready.drain(..) {
+                    let i = f.item.0;
+                    if f.failure.kind == FailureKind::Cancelled {
+                        continue;
+                    }
+                    let rf = RemoteFailure {
+                        kind: f.failure.kind,
+                        message: f.failure.message,
+                        attempt: f.failure.attempt,
+                        pid: f.failure.pid.or(Some(std::process::id())),
+                        host: host_name(),
+                    };
+                    book.stats.failed += 1;
+                    complete.extend(Self::settle(&mut book, i, |buf| {
+                        wire::push_failed(buf, i, &rf)
+                    }));
                 }
-                let rf = RemoteFailure {
-                    kind: f.failure.kind,
-                    message: f.failure.message,
-                    attempt: f.failure.attempt,
-                    pid: f.failure.pid.or(Some(std::process::id())),
-                    host: host_name(),
-                };
-                self.lock().stats.failed += 1;
-                self.terminal(&mut session, i, |buf| wire::push_failed(buf, i, &rf));
             }
+            self.changed.notify_all();
+            self.commit_all(&mut session, complete);
         }
     }
 
-    /// Item `index` reached its terminal result (written by `write`): commits its entry when
-    /// that was the last one.
-    pub(super) fn terminal(
-        &self,
-        session: &mut Option<Box<dyn Session>>,
-        index: u64,
-        write: impl FnOnce(&mut Vec<u8>),
-    ) {
-        let complete = {
-            let mut book = self.lock();
-            book.local = book.local.saturating_sub(1);
-            let Some((first, h)) = Self::entry_of(&mut book, index) else {
-                self.changed.notify_all();
-                return;
-            };
-            write(h.frames.entry(index).or_default());
-            h.left -= 1;
-            if h.left > 0 {
-                self.changed.notify_all();
-                return;
-            }
-            let h = book.held.remove(&first).expect("found");
-            book.suspects -= h.suspect as usize;
-            (h.id, h.count, h.frames)
-        };
-        self.changed.notify_all();
-        let (id, count, frames) = complete;
-        let results: Vec<u8> = frames.into_values().flatten().collect();
+    /// Item `index` reached its terminal result (written by `write`): its entry, removed
+    /// from the book, when that was the entry's last item.
+    fn settle(book: &mut Book, index: u64, write: impl FnOnce(&mut Vec<u8>)) -> Option<Complete> {
+        book.local = book.local.saturating_sub(1);
+        book.settled += 1;
+        let (first, h) = Self::entry_of(book, index)?;
+        write(&mut h.results);
+        h.left -= 1;
+        if h.left > 0 {
+            return None;
+        }
+        let h = book.held.remove(&first).expect("found");
+        book.suspects -= h.suspect as usize;
+        Some(Complete {
+            id: h.id,
+            count: h.count,
+            results: h.results,
+        })
+    }
+
+    /// Commits complete entries, as many as there are in one call.
+    fn commit_all(&self, session: &mut Option<Box<dyn Session>>, complete: Vec<Complete>) {
+        if complete.is_empty() {
+            return;
+        }
+        let done: Vec<(&EntryId, &[u8])> = complete
+            .iter()
+            .map(|c| (&c.id, c.results.as_slice()))
+            .collect();
         let mut tries = 0;
         let outcome = loop {
             let s = match session {
@@ -142,9 +160,9 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
                     Err(_) => break Err(()),
                 },
             };
-            match s.commit(&self.run, &self.consumer, &id, &results) {
+            match s.commit_many(&self.run, &self.consumer, &done) {
                 Ok(c) => break Ok(c),
-                // A lost connection: the entry is still ours until claim_idle passes.
+                // A lost connection: the entries are still ours until claim_idle passes.
                 Err(BrokerError::Unavailable(_))
                     if tries < 20 && !self.stop.load(Ordering::Relaxed) =>
                 {
@@ -152,19 +170,22 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
                     *session = None;
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                // The run's keys are gone (a server restart): the parent sends the entry again.
+                // The run's keys are gone (a server restart): the parent sends them again.
                 Err(_) => break Err(()),
             }
         };
         let mut book = self.lock();
-        match outcome {
-            Ok(Commit::Committed) => book.stats.items += count as u64,
-            Ok(Commit::LeaseLost) => {
-                book.stats.lease_lost += 1;
-                tracing::info!(run = %self.run, entry = %id, "another worker took the entry: its results are not published");
-            }
-            Err(()) => {
-                tracing::warn!(run = %self.run, entry = %id, "could not commit; the entry will be reclaimed")
+        let Ok(outcomes) = outcome else {
+            tracing::warn!(run = %self.run, entries = complete.len(), "could not commit; the entries will be reclaimed");
+            return;
+        };
+        for (c, o) in complete.iter().zip(outcomes) {
+            match o {
+                Commit::Committed => book.stats.items += c.count as u64,
+                Commit::LeaseLost => {
+                    book.stats.lease_lost += 1;
+                    tracing::info!(run = %self.run, entry = %c.id, "another worker took the entry: its results are not published");
+                }
             }
         }
     }

@@ -23,9 +23,12 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
             .max(Duration::from_millis(10));
         let reclaim_every = (self.a.claim_idle / 4).max(Duration::from_millis(10));
         // Each is done when it is due, not whenever `changed` wakes the keeper (it is
-        // notified at every finished item).
+        // notified whenever the local run settles items).
         let mut beat_due = Instant::now();
         let mut reclaim_due = Instant::now() + reclaim_every;
+        // Entries the last pass left idle because one it took was still running: the next
+        // pass comes as soon as that one is done, not a whole interval later.
+        let mut backlog = false;
         while !done.load(Ordering::Relaxed) {
             let now = Instant::now();
             if now >= beat_due {
@@ -42,14 +45,19 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
             if now >= reclaim_due {
                 reclaim_due = now + reclaim_every;
                 if !self.stop.load(Ordering::Relaxed) {
-                    self.reclaim(&mut **session);
+                    backlog = self.reclaim(&mut **session);
                 }
             }
-            let due = beat_due.min(reclaim_due);
             let book = self.lock();
             if done.load(Ordering::Relaxed) {
                 break;
             }
+            if backlog && book.suspects == 0 && self.claimed().is_empty() {
+                backlog = false;
+                reclaim_due = Instant::now();
+                continue;
+            }
+            let due = beat_due.min(reclaim_due);
             let _ = self
                 .changed
                 .wait_timeout(book, due.saturating_duration_since(Instant::now()))
@@ -58,10 +66,12 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
     }
 
     /// Entries idle past `claim_idle`: dead-lettered past `max_deliveries`, else taken over.
-    fn reclaim(&self, session: &mut dyn Session) {
+    /// Whether some were left because one taken over is still running.
+    fn reclaim(&self, session: &mut dyn Session) -> bool {
         let Ok(idle) = session.pending_idle(&self.run, self.a.claim_idle, 100) else {
-            return;
+            return false;
         };
+        let mut backlog = false;
         for p in idle {
             let Some(entry) = &p.entry else {
                 // The entry is gone: a claim drops it from the pending list.
@@ -96,6 +106,7 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
             // redelivered one runs here, which also keeps a poison entry from taking
             // another entry's delivery with it.
             if self.lock().suspects > 0 || !self.claimed().is_empty() {
+                backlog = true;
                 continue;
             }
             if let Ok(got) = session.claim(
@@ -114,6 +125,7 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
                 }
             }
         }
+        backlog
     }
 
     /// Entries the keeper claimed that the fetcher has not taken yet.

@@ -59,6 +59,13 @@ use std::time::{Duration, Instant};
 
 /// How long a fetch waits for an entry before the fetcher looks at the run's state.
 const FETCH_BLOCK: Duration = Duration::from_millis(50);
+/// How far a worker fetches ahead of the items it runs: what it runs in this long at the
+/// pace it has kept so far (at least one entry, at most [`MAX_AHEAD`] entries). Fast items
+/// come many entries per fetch; slow ones one entry at a time, which leaves the rest to
+/// other workers.
+const AHEAD: Duration = Duration::from_millis(20);
+/// Entries fetched ahead, at most.
+const MAX_AHEAD: usize = 16;
 
 /// A remote stage's code, as a worker serves it.
 pub(crate) struct ServedStage<I, O> {
@@ -189,8 +196,9 @@ struct Held {
     deliveries: u32,
     /// Delivered before (a redelivery, or a part split from one): it runs alone.
     suspect: bool,
-    /// Each item's frames so far (outputs, then its terminal frame).
-    frames: BTreeMap<u64, Vec<u8>>,
+    /// The frames of its items so far, as they came (each item's outputs come before its
+    /// terminal frame; the parent reads them by item index).
+    results: Vec<u8>,
     /// Items whose output could not be encoded: they fail with `Encode`.
     broken: HashMap<u64, String>,
 }
@@ -200,6 +208,8 @@ struct Book {
     held: BTreeMap<u64, Held>,
     /// Items in the local run.
     local: usize,
+    /// Items that reached their terminal result, ever.
+    settled: u64,
     /// Held entries that were delivered before (see `Held::suspect`).
     suspects: usize,
     /// The `finish` outputs.
@@ -216,8 +226,8 @@ struct RunServer<'a, I, O, C> {
     stop: &'a AtomicBool,
     book: Mutex<Book>,
     changed: Condvar,
-    /// Items the local run may hold at once.
-    room: usize,
+    /// Items the local run runs at once, and a queue's worth more (always room for them).
+    running: usize,
     /// Entries the keeper took over, for the fetcher to run.
     reclaimed: Mutex<VecDeque<Delivery>>,
     _c: std::marker::PhantomData<fn() -> C>,
@@ -239,6 +249,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             book: Mutex::new(Book {
                 held: BTreeMap::new(),
                 local: 0,
+                settled: 0,
                 suspects: 0,
                 flush: Vec::new(),
                 stats: WorkerStats {
@@ -248,9 +259,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                 },
             }),
             changed: Condvar::new(),
-            // Room for the items running and one more entry of the parent's batch size, so
-            // the next entry is fetched while the last one runs.
-            room: (exec.concurrency() * 2).max(1) + s.remote.batch,
+            running: (exec.concurrency() * 2).max(1),
             reclaimed: Mutex::new(VecDeque::new()),
             _c: std::marker::PhantomData,
         })
@@ -283,7 +292,8 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
         let local_run = Arc::new(RunShared::named(&self.s.pipeline, true));
         let stats = Arc::new(StageStats::default());
         let exec = local_exec(&self.s.remote.worker_exec);
-        let (tx, rx) = queue::channel::<(u64, I)>(Capacity::Bounded(self.room), stats.clone());
+        let most = self.running + MAX_AHEAD * self.s.remote.batch;
+        let (tx, rx) = queue::channel::<(u64, I)>(Capacity::Bounded(most), stats.clone());
         let (otx, orx) = queue::channel::<Tagged<O>>(Capacity::Unbounded, stats.clone());
         let (dtx, drx) = queue::channel::<Failed<(u64, I)>>(Capacity::Unbounded, stats.clone());
         let ctx = Arc::new(StageCtx {
@@ -369,12 +379,26 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
         // them back from the parent within moments; a run whose parent is gone does not.
         let mut missing: Option<Instant> = None;
         let patience = (self.a.claim_idle * 2).max(Duration::from_secs(5));
+        // The run's state is read when a fetch found nothing, and at least every
+        // FETCH_BLOCK while entries keep coming (not once per entry).
+        let mut looked: Option<Instant> = None;
+        let mut pace = Pace::new();
         let ended = loop {
             if self.stop.load(Ordering::Relaxed) {
                 break Ended::Stopped;
             }
-            match session.control(&self.run) {
-                Ok(Some(Control::Running)) => missing = None,
+            let look = looked.is_none_or(|t| t.elapsed() >= FETCH_BLOCK);
+            match if look {
+                session.control(&self.run)
+            } else {
+                Ok(Some(Control::Running))
+            } {
+                Ok(Some(Control::Running)) => {
+                    missing = None;
+                    if look {
+                        looked = Some(Instant::now());
+                    }
+                }
                 Ok(Some(Control::Finishing)) => break Ended::Finishing,
                 Ok(Some(Control::Aborted)) => break Ended::Aborted,
                 Ok(None) | Err(BrokerError::NoRun) => {
@@ -405,18 +429,20 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             for d in taken_over {
                 self.take(&mut *session, d, &tx);
             }
-            if !self.wait_for_room() {
+            let Some(count) = self.wait_for_room(pace.room(self)) else {
                 continue;
-            }
-            let got = session.fetch(
-                &self.run,
-                &self.consumer,
-                1,
-                FETCH_BLOCK,
-                std::mem::take(&mut own),
-            );
+            };
+            // Our own entries again (after an error) come one at a time, as claims do.
+            let again = std::mem::take(&mut own);
+            let count = if again { 1 } else { count };
+            let got = session.fetch(&self.run, &self.consumer, count, FETCH_BLOCK, again);
             match got {
                 Ok(deliveries) => {
+                    if deliveries.is_empty() {
+                        looked = None;
+                    }
+                    let (deliveries, back) = one_suspect(deliveries);
+                    self.give_back(&mut *session, &back);
                     for d in deliveries {
                         self.take(&mut *session, d, &tx);
                     }
@@ -462,20 +488,37 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
         }
     }
 
-    /// Waits until the local run has room; `false` if it is time to look at the run again.
-    /// While it runs an entry that was delivered before, nothing else is fetched: if that
-    /// entry kills the worker again, it takes no other entry's delivery with it.
-    fn wait_for_room(&self) -> bool {
-        let free = |b: &Book| b.local < self.room && b.suspects == 0;
+    /// Waits until the local run has room; the number of entries to fetch, or `None` if it
+    /// is time to look at the run again. While it runs an entry that was delivered before,
+    /// nothing else is fetched: if that entry kills the worker again, it takes no other
+    /// entry's delivery with it.
+    fn wait_for_room(&self, room: usize) -> Option<usize> {
+        let batch = self.s.remote.batch;
+        let free = |b: &Book| {
+            (b.local < room && b.suspects == 0)
+                .then(|| ((room - b.local) / batch).clamp(1, MAX_AHEAD))
+        };
         let book = self.lock();
-        if free(&book) {
-            return true;
+        if let Some(n) = free(&book) {
+            return Some(n);
         }
         let (book, _) = self
             .changed
             .wait_timeout(book, FETCH_BLOCK)
             .unwrap_or_else(|e| e.into_inner());
         free(&book)
+    }
+
+    /// Entries fetched beyond one that runs alone: claimable again at once, no delivery
+    /// counted.
+    fn give_back(&self, session: &mut dyn Session, back: &[Delivery]) {
+        if back.is_empty() {
+            return;
+        }
+        let ids: Vec<(EntryId, u32)> = back.iter().map(|d| (d.id.clone(), d.deliveries)).collect();
+        if let Err(e) = session.release(&self.run, &self.consumer, &ids, self.a.claim_idle) {
+            tracing::debug!(run = %self.run, error = %e, "could not give entries back; they will be reclaimed");
+        }
     }
 
     /// A delivered entry: split if it is a redelivered batch, else its items go to the local
@@ -500,7 +543,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             return self.split(session, &d, items);
         }
         {
-            let suspect = d.entry.attempts + d.deliveries >= 2;
+            let suspect = is_suspect(&d);
             let mut book = self.lock();
             book.local += items.len();
             book.suspects += suspect as usize;
@@ -512,16 +555,13 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                     left: d.entry.count,
                     deliveries: d.deliveries,
                     suspect,
-                    frames: BTreeMap::new(),
+                    results: Vec::new(),
                     broken: HashMap::new(),
                 },
             );
         }
-        for item in items {
-            if tx.send(item).is_err() {
-                break;
-            }
-        }
+        let mut items = items;
+        tx.send_all(&mut items);
     }
 
     /// An entry that does not decode into this stage's items: dead-lettered as `Protocol`.
@@ -641,6 +681,54 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
         tracing::info!(run = %self.run, ?ended, items = stats.items, "stopped serving the run");
         Ok(stats)
     }
+}
+
+/// The pace at which the local run settles items, for how far to fetch ahead.
+struct Pace {
+    since: Instant,
+    settled: u64,
+    per_sec: f64,
+}
+
+impl Pace {
+    fn new() -> Pace {
+        Pace {
+            since: Instant::now(),
+            settled: 0,
+            per_sec: 0.0,
+        }
+    }
+
+    /// Items the local run may hold now: those it runs, and what it settles in [`AHEAD`].
+    fn room<I: Wire, O: Wire, C: Codec>(&mut self, r: &RunServer<'_, I, O, C>) -> usize {
+        let t = self.since.elapsed();
+        if t >= AHEAD {
+            let settled = r.lock().settled;
+            let now = (settled - self.settled) as f64 / t.as_secs_f64();
+            self.per_sec = (self.per_sec + now) / 2.0;
+            self.since = Instant::now();
+            self.settled = settled;
+        }
+        let batch = r.s.remote.batch;
+        let ahead = (self.per_sec * AHEAD.as_secs_f64()) as usize;
+        r.running + ahead.clamp(batch, MAX_AHEAD * batch)
+    }
+}
+
+/// Whether an entry was delivered before (a redelivery, or a part split from one).
+fn is_suspect(d: &Delivery) -> bool {
+    d.entry.attempts + d.deliveries >= 2
+}
+
+/// Of a fetch's deliveries, those to run: every first delivery, and at most one suspect
+/// entry, which runs alone (see [`RunServer::wait_for_room`]); the others, to give back.
+fn one_suspect(deliveries: Vec<Delivery>) -> (Vec<Delivery>, Vec<Delivery>) {
+    let mut suspect = false;
+    deliveries.into_iter().partition(|d| {
+        let keep = !is_suspect(d) || !suspect;
+        suspect |= is_suspect(d);
+        keep
+    })
 }
 
 /// How serving a run ended for this worker.
