@@ -188,6 +188,9 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                 return false;
             }
         };
+        // Every terminal frame's item is closed first, under one lock of the book; then,
+        // without the lock, outputs go downstream and failures to the policy.
+        let mut closed = self.close_all(&outcomes).into_iter();
         // Outputs are held per item until its terminal frame: only the first terminal
         // result of an index counts, with its own outputs.
         let mut held: HashMap<u64, Vec<O>> = HashMap::new();
@@ -200,7 +203,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                 Outcome::Output(i, out) => held.entry(i).or_default().push(out),
                 Outcome::Done(i, ns) => {
                     let outs = held.remove(&i).unwrap_or_default();
-                    if self.close(i).is_some() {
+                    if closed.next().flatten().is_some() {
                         self.release_item(i, outs);
                         latencies.push(ns);
                         self.ctx.items_done(1);
@@ -210,7 +213,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                 }
                 Outcome::Bad(i, m) => {
                     held.remove(&i);
-                    if let Some(kept) = self.close(i) {
+                    if let Some(kept) = closed.next().flatten() {
                         self.release.finished(i, &mut self.router);
                         let f = RemoteFailure {
                             kind: FailureKind::Protocol,
@@ -226,7 +229,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                 }
                 Outcome::Failed(i, f) => {
                     let outs = held.remove(&i).unwrap_or_default();
-                    if let Some(kept) = self.close(i) {
+                    if let Some(kept) = closed.next().flatten() {
                         self.release_item(i, outs);
                         self.failed(i, kept, f, &e.consumer);
                         self.ctx.items_done(1);
@@ -259,10 +262,37 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
         self.release.finished(index, &mut self.router);
     }
 
-    /// Item `index` reached its terminal result: `None` if it had one already, else the item
-    /// if the parent kept it (for the dead-letter stage).
-    fn close(&mut self, index: u64) -> Option<Option<I>> {
+    /// Closes the item of each terminal frame that counts (not one after its item's results
+    /// were found unreadable), in order, under one lock: for each, `None` if the item had its
+    /// terminal result already, else the item if the parent kept it (for the dead-letter
+    /// stage).
+    fn close_all(&mut self, outcomes: &[Outcome<O>]) -> Vec<Option<Option<I>>> {
+        let mut bad: HashSet<u64> = HashSet::new();
         let mut book = self.shared.lock();
+        let mut closed = Vec::new();
+        for o in outcomes {
+            match o {
+                Outcome::Output(..) => {}
+                Outcome::Done(i, _) | Outcome::Failed(i, _) if bad.contains(i) => {}
+                Outcome::Done(i, _) | Outcome::Failed(i, _) => {
+                    closed.push(Self::close(&mut book, &mut self.round_trip, *i))
+                }
+                Outcome::Bad(i, _) => {
+                    closed.push(Self::close(&mut book, &mut self.round_trip, *i));
+                    bad.insert(*i);
+                }
+            }
+        }
+        closed
+    }
+
+    /// Item `index` reached its terminal result: `None` if it had one already, else the item
+    /// if the parent kept it.
+    fn close(
+        book: &mut super::Book<I>,
+        round_trip: &mut hdrhistogram::Histogram<u64>,
+        index: u64,
+    ) -> Option<Option<I>> {
         if !book.open.remove(&index) {
             return None;
         }
@@ -274,7 +304,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
             if open.left == 0 {
                 let ns = open.sent.elapsed().as_nanos() as u64;
                 book.entries.remove(&first);
-                self.round_trip.saturating_record(ns.max(1));
+                round_trip.saturating_record(ns.max(1));
             }
         }
         Some(kept)

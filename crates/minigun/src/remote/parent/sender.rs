@@ -1,4 +1,8 @@
 //! The sender: the stage's items into batched entries, under the bound of items in flight.
+//!
+//! Complete entries wait in an outbox and go to the broker together, in one call, when
+//! [`SEND_MAX`] are there or before the sender would wait (for items or for room): under
+//! load one round trip carries many entries, and a lone item still goes at once.
 
 use super::{send_dead_letter, Link, Open, Shared};
 use crate::ctx::StageCtx;
@@ -13,6 +17,9 @@ use crate::stage::{Failed, Wire};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
+
+/// Entries sent in one call, at most.
+const SEND_MAX: usize = 32;
 
 pub(super) struct Sender<'a, I, C> {
     pub(super) ctx: &'a StageCtx,
@@ -35,14 +42,23 @@ impl<I: Wire, C: Codec> Sender<'_, I, C> {
     ) {
         let mut ready = VecDeque::new();
         let mut entry = Vec::new();
+        let mut outbox = Vec::new();
+        let mut opening = Vec::new();
         let mut count = 0u32;
         let mut first = 0u64;
         let mut opened: Option<Instant> = None;
-        while let Some(credit) = self.credit(count > 0) {
+        loop {
+            if !outbox.is_empty() && (input.len() == 0 || self.credit_now() == 0) {
+                self.flush(session, &mut outbox);
+            }
+            let Some(credit) = self.credit(count > 0) else {
+                break;
+            };
             if credit == 0 {
                 // No room for more items: the partial entry goes now (its items are what
                 // holds the credit, so waiting for its linger would wait for ever).
-                self.send(session, &mut entry, first, &mut count);
+                self.close(&mut entry, first, &mut count, &mut outbox);
+                self.flush(session, &mut outbox);
                 opened = None;
                 continue;
             }
@@ -55,7 +71,7 @@ impl<I: Wire, C: Codec> Sender<'_, I, C> {
                 Some(false) => break,
                 None => {
                     // The linger passed: send the partial entry.
-                    self.send(session, &mut entry, first, &mut count);
+                    self.close(&mut entry, first, &mut count, &mut outbox);
                     opened = None;
                     continue;
                 }
@@ -80,7 +96,7 @@ impl<I: Wire, C: Codec> Sender<'_, I, C> {
                 match wire::push_item::<C, I>(&mut entry, index, &item, self.remote.max_frame) {
                     Ok(()) => {
                         count += 1;
-                        self.opened(index, item);
+                        opening.push((index, item));
                     }
                     Err(e) => {
                         // Not sendable: this item fails here, alone.
@@ -88,16 +104,22 @@ impl<I: Wire, C: Codec> Sender<'_, I, C> {
                     }
                 }
                 if count as usize >= self.remote.batch || entry.len() >= self.remote.batch_bytes {
-                    self.send(session, &mut entry, first, &mut count);
+                    self.close(&mut entry, first, &mut count, &mut outbox);
                     opened = None;
                 }
             }
+            // Recorded before any entry holding them is sent.
+            self.opened(&mut opening);
             if self.remote.linger.is_zero() {
-                self.send(session, &mut entry, first, &mut count);
+                self.close(&mut entry, first, &mut count, &mut outbox);
                 opened = None;
             }
+            if outbox.len() >= SEND_MAX {
+                self.flush(session, &mut outbox);
+            }
         }
-        self.send(session, &mut entry, first, &mut count);
+        self.close(&mut entry, first, &mut count, &mut outbox);
+        self.flush(session, &mut outbox);
         let mut book = self.shared.lock();
         book.total = Some(self.next);
         drop(book);
@@ -114,7 +136,7 @@ impl<I: Wire, C: Codec> Sender<'_, I, C> {
     }
 
     /// Free room for items (waits for it, unless a partial entry is waiting to be sent:
-    /// then `Some(0)`); `None` once the stage is over.
+    /// then `Some(0)`); `None` once the stage is over. The outbox is empty when it waits.
     fn credit(&self, partial: bool) -> Option<usize> {
         let mut book = self.shared.lock();
         loop {
@@ -136,13 +158,21 @@ impl<I: Wire, C: Codec> Sender<'_, I, C> {
         }
     }
 
-    /// Item `index` is on its way.
-    fn opened(&self, index: u64, item: I) {
+    /// Free room for items now.
+    fn credit_now(&self) -> usize {
+        let book = self.shared.lock();
+        self.remote.max_in_flight.saturating_sub(book.in_flight)
+    }
+
+    /// Items on their way, by index.
+    fn opened(&self, items: &mut Vec<(u64, I)>) {
         let mut book = self.shared.lock();
-        book.in_flight += 1;
-        book.open.insert(index);
-        if self.keep {
-            book.kept.insert(index, item);
+        book.in_flight += items.len();
+        for (index, item) in items.drain(..) {
+            book.open.insert(index);
+            if self.keep {
+                book.kept.insert(index, item);
+            }
         }
     }
 
@@ -162,14 +192,8 @@ impl<I: Wire, C: Codec> Sender<'_, I, C> {
         self.ctx.items_done(1);
     }
 
-    /// Sends the entry being built (if any) and records it.
-    fn send(
-        &self,
-        session: &mut Box<dyn Session>,
-        entry: &mut Vec<u8>,
-        first: u64,
-        count: &mut u32,
-    ) {
+    /// Closes the entry being built (if any): recorded, and into the outbox.
+    fn close(&self, entry: &mut Vec<u8>, first: u64, count: &mut u32, outbox: &mut Vec<NewEntry>) {
         if *count == 0 {
             entry.clear();
             return;
@@ -190,15 +214,21 @@ impl<I: Wire, C: Codec> Sender<'_, I, C> {
         };
         book.entries.insert(first, open);
         drop(book);
-        if let Err(err) = self
-            .link
-            .call(session, |s| s.send(self.run, std::slice::from_ref(&e)))
-        {
+        outbox.push(e);
+    }
+
+    /// Sends the outbox's entries in one call.
+    fn flush(&self, session: &mut Box<dyn Session>, outbox: &mut Vec<NewEntry>) {
+        if outbox.is_empty() {
+            return;
+        }
+        if let Err(err) = self.link.call(session, |s| s.send(self.run, outbox)) {
             // The outage lasted too long: the stage fails; the collector ends it.
             self.ctx.stage_failed(
                 FailureKind::Error,
                 format!("remote stage lost its broker: {err}"),
             );
         }
+        outbox.clear();
     }
 }
