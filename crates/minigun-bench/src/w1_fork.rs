@@ -3,13 +3,18 @@
 
 use crate::common::{best_of_pair, progress, timed, Cfg, Row};
 use crate::raw::{self, Counters};
-use minigun::Pipeline;
+use minigun::{Exec, Pipeline};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 /// One minigun run: producer -> map (cow_fork(workers)) -> summing consumer.
 pub(crate) fn minigun_run(items: u64, workers: usize) -> (Duration, u64) {
+    run_on(items, Exec::cow_fork(workers))
+}
+
+/// [`minigun_run`] on any executor.
+fn run_on(items: u64, exec: Exec) -> (Duration, u64) {
     let sum = Arc::new(AtomicU64::new(0));
     let s = sum.clone();
     let p = Pipeline::new("w1");
@@ -19,7 +24,7 @@ pub(crate) fn minigun_run(items: u64, workers: usize) -> (Duration, u64) {
         }
         Ok(())
     });
-    p.map("double", |x: u64| Ok(x * 2)).cow_fork(workers);
+    p.map("double", |x: u64| Ok(x * 2)).wire().executor(exec);
     p.consumer("sink", move |x: u64| {
         s.fetch_add(x, Ordering::Relaxed);
         Ok(())
@@ -57,7 +62,7 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
             .variant(format!("{workers} in flight"));
         let floor = base.items_per_sec;
         rows.push(base);
-        rows.push(
+        let ours = |wall| {
             Row::new(
                 "W1",
                 "minigun",
@@ -66,16 +71,33 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
                 items,
                 wall,
             )
-            .floor(floor)
-            .note(format!(
-                "per item: {:.0} us minigun vs {:.0} us raw (wall / items); in the parent \
+        };
+        rows.push(ours(wall).floor(floor).note(format!(
+            "per item: {:.0} us minigun vs {:.0} us raw (wall / items); in the parent \
                  process per item: minigun {}, raw {}",
-                wall.as_secs_f64() * 1e6 / items as f64,
-                raw_wall.as_secs_f64() * 1e6 / items as f64,
-                ctr.per_item(items),
-                raw_ctr.per_item(items)
-            )),
+            wall.as_secs_f64() * 1e6 / items as f64,
+            raw_wall.as_secs_f64() * 1e6 / items as f64,
+            ctr.per_item(items),
+            raw_ctr.per_item(items)
+        )));
+        // The same stage letting cow_fork share forks over these cheap items: not a fork
+        // loop any more, so no ratio to one; the gain over one child per item is the point.
+        let (auto_wall, auto_sum) = (0..cfg.reps)
+            .map(|_| run_on(items, Exec::cow_fork(workers).items_per_fork_auto(AUTO_MAX)))
+            .min_by_key(|r| r.0)
+            .expect("at least one rep");
+        assert_eq!(auto_sum, expect, "W1 minigun auto: wrong sum");
+        rows.push(
+            ours(auto_wall)
+                .variant(format!("items_per_fork_auto({AUTO_MAX})"))
+                .note(format!(
+                    "{:.1}x one child per item in the same run",
+                    wall.as_secs_f64() / auto_wall.as_secs_f64()
+                )),
         );
     }
     rows
 }
+
+/// The bound of the automatic items per fork in W1.
+const AUTO_MAX: usize = 64;

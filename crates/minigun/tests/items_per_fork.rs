@@ -16,12 +16,27 @@ use std::time::Duration;
 /// full batches of consecutive items (`per_fork` divides the hand-off chunk of 32): the child
 /// running item `x` was given the items from `x / per_fork * per_fork` on.
 fn run(per_fork: usize, crash_on: Option<u64>) -> (Vec<(u64, u32)>, minigun::RunReport) {
+    run_with(
+        Exec::cow_fork(3).items_per_fork(per_fork),
+        200,
+        Duration::ZERO,
+        crash_on,
+    )
+}
+
+/// [`run`] with any executor, `n` items, each taking `each`.
+fn run_with(
+    exec: Exec,
+    n: u64,
+    each: Duration,
+    crash_on: Option<u64>,
+) -> (Vec<(u64, u32)>, minigun::RunReport) {
     let p = Pipeline::new("batched-forks");
     let got = Sink::default();
     let g = got.clone();
     let (all_sent, wait_for_all) = std::sync::mpsc::channel();
     p.producer("gen", move |out| {
-        out.emit_all(0..200u64)?;
+        out.emit_all(0..n)?;
         all_sent.send(()).map_err(|e| e.to_string())?;
         Ok(())
     });
@@ -30,11 +45,12 @@ fn run(per_fork: usize, crash_on: Option<u64>) -> (Vec<(u64, u32)>, minigun::Run
             // SAFETY: kills this child process, as a crash would.
             unsafe { libc::abort() };
         }
+        std::thread::sleep(each);
         out.emit((x * 3, std::process::id()))?;
         Ok(())
     })
     .wire()
-    .executor(Exec::cow_fork(3).items_per_fork(per_fork))
+    .executor(exec)
     .before(move || {
         wait_for_all
             .recv_timeout(Duration::from_secs(60))
@@ -110,4 +126,71 @@ fn a_crash_fails_only_the_running_item() {
             );
         }
     }
+}
+
+/// [`run_with`] on cow_fork(3) choosing up to 16 items per child itself.
+fn auto(n: u64, each: Duration, crash_on: Option<u64>) -> (Vec<(u64, u32)>, minigun::RunReport) {
+    run_with(Exec::cow_fork(3).items_per_fork_auto(16), n, each, crash_on)
+}
+
+/// Items per child, by child.
+fn per_child(got: &[(u64, u32)]) -> std::collections::HashMap<u32, usize> {
+    let mut n = std::collections::HashMap::new();
+    for &(_, pid) in got {
+        *n.entry(pid).or_insert(0) += 1;
+    }
+    n
+}
+
+#[test]
+fn automatic_items_per_fork_shares_forks_over_cheap_items_within_its_bound() {
+    let (got, report) = auto(200, Duration::ZERO, None);
+    let results: Vec<u64> = got.iter().map(|&(y, _)| y).collect();
+    assert_eq!(results, (0..200).map(|x| x * 3).collect::<Vec<_>>());
+    assert_eq!(report.stage("work").unwrap().latency.count, 200);
+    let children = per_child(&got);
+    let most = children.values().max().copied().unwrap_or(0);
+    assert!(
+        most <= 16,
+        "a child ran {most} items, above the bound of 16"
+    );
+    assert!(
+        children.len() < 100,
+        "cheap items should share children: {} children for 200 items",
+        children.len()
+    );
+}
+
+#[test]
+fn automatic_items_per_fork_gives_slow_items_a_child_each() {
+    // Items of 100 ms against a fork of well under 10 ms: one item per child keeps the
+    // fork's share under a tenth.
+    let (got, _) = auto(12, Duration::from_millis(100), None);
+    assert_eq!(got.len(), 12);
+    let children = per_child(&got);
+    assert_eq!(
+        children.len(),
+        12,
+        "each slow item in its own child: {children:?}"
+    );
+}
+
+#[test]
+fn with_automatic_items_per_fork_a_crash_fails_only_the_running_item() {
+    let (got, report) = auto(200, Duration::ZERO, Some(150));
+    let results: Vec<u64> = got.iter().map(|&(y, _)| y).collect();
+    let want: Vec<u64> = (0..200).filter(|&x| x != 150).map(|x| x * 3).collect();
+    assert_eq!(results, want, "{report}");
+    let work = report.stage("work").unwrap();
+    assert_eq!((work.failed, work.retried, work.items_in), (1, 0, 200));
+    let f = &report.failures[0];
+    assert_eq!(
+        (f.item, &f.kind),
+        (150, &FailureKind::Signal(libc::SIGABRT))
+    );
+    let crashed = f.pid.expect("the crashed child's pid");
+    assert!(
+        got.iter().all(|&(y, pid)| pid != crashed || y / 3 < 150),
+        "only items before the crash ran in the crashed child"
+    );
 }

@@ -54,8 +54,12 @@ pub struct ForkOptions {
     pub ordered: bool,
     /// How ipc_fork picks the worker for the next item.
     pub dispatch: Dispatch,
-    /// Items handed to one forked child (cow_fork); 1 = one child per item.
+    /// Items handed to one forked child (cow_fork); 1 = one child per item. With
+    /// `items_per_fork_auto`, the most a child is given.
     pub items_per_fork: usize,
+    /// cow_fork chooses the items per child itself, from the measured fork cost and item
+    /// time, up to `items_per_fork` (see [`Exec::items_per_fork_auto`]).
+    pub items_per_fork_auto: bool,
     /// ipc_fork workers send results in batches (see [`Exec::batch_results`]; on by default).
     pub batch_results: bool,
 }
@@ -82,6 +86,7 @@ impl ForkOptions {
             ordered: false,
             dispatch: Dispatch::RoundRobin,
             items_per_fork: 1,
+            items_per_fork_auto: false,
             batch_results: true,
         }
     }
@@ -172,6 +177,24 @@ impl Exec {
     pub fn items_per_fork(mut self, n: usize) -> Self {
         if let Some(o) = self.fork_options_mut() {
             o.items_per_fork = n.max(1);
+            o.items_per_fork_auto = false;
+        }
+        self
+    }
+    /// Lets cow_fork choose how many ready items each child gets, up to `max` (ignored by
+    /// the others): it measures what a fork costs (the fork, the child's start and exit)
+    /// and how long items run, and gives a child enough items that the fork is about a
+    /// tenth of its life. Expensive items still get a child each; cheap ones share one.
+    ///
+    /// Items that share a child share its stage instance, its `after_fork` hooks and its
+    /// memory (an item sees what earlier items of its child wrote; the parent never does).
+    /// When a child dies, the item it was running fails alone (with its crash kind) and the
+    /// items after it run again in a new child, once, their attempt not counted. Ordering,
+    /// timeouts and retries stay per item.
+    pub fn items_per_fork_auto(mut self, max: usize) -> Self {
+        if let Some(o) = self.fork_options_mut() {
+            o.items_per_fork = max.max(1);
+            o.items_per_fork_auto = true;
         }
         self
     }

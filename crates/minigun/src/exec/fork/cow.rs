@@ -11,6 +11,7 @@
 //! the ones after it go back to the queue (their attempt is not counted).
 
 use super::child;
+use super::per_fork::PerFork;
 use super::supervise::{
     child_frames, earliest, exit_failure, feed, item_ended, result_pipe, settle, supervised,
     terminate, Handoff, Killed, PollSet, Wake,
@@ -51,6 +52,8 @@ struct Running<I> {
     cur: usize,
     /// When the current job started (its deadline and busy time count from here).
     since: Instant,
+    /// When the fork was called.
+    forked: Instant,
     child: sys::Child,
     stream: Stream,
     exit: Option<sys::Exit>,
@@ -92,6 +95,7 @@ pub(super) fn run<I: Item, O: Wire>(parts: Parts<I, O>, opts: ForkOptions, hooks
                 opts: &opts,
                 hooks: &hooks,
                 forked_once: false,
+                per_fork: PerFork::new(opts.items_per_fork, opts.items_per_fork_auto),
                 release: RefCell::new(Release::new(opts.ordered)),
                 router: RefCell::new(parts.router.clone()),
             }
@@ -105,6 +109,7 @@ struct Supervisor<'a, I, O> {
     opts: &'a ForkOptions,
     hooks: &'a ForkHooks,
     forked_once: bool,
+    per_fork: PerFork,
     release: RefCell<Release<O>>,
     /// Where results go (sent as they arrive).
     router: RefCell<Router<O>>,
@@ -209,7 +214,8 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
     ) -> (Vec<Pending<I>>, bool) {
         let now = Instant::now();
         let mut batch = Vec::new();
-        while batch.len() < self.opts.items_per_fork.max(1) {
+        let size = self.per_fork.size();
+        while batch.len() < size {
             if retry
                 .front()
                 .is_some_and(|p| p.not_before.is_none_or(|t| t <= now))
@@ -293,6 +299,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         let code = child::StageCode::new(self.parts, &self.hooks.after_fork, self.opts.max_frame);
         let keep = [sys::raw(&w)];
         let name = format!("mg:{}", ctx.name);
+        let forked_at = Instant::now();
         let forked = sys::fork_child(&keep, &name, move || {
             let items = slot_ref.take().expect("the child's copy of the items");
             child::cow_child::<I, O>(items, &ids, &code, w)
@@ -317,6 +324,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     jobs,
                     cur: 0,
                     since: now,
+                    forked: forked_at,
                     child,
                     stream,
                     exit: None,
@@ -417,7 +425,13 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
     }
 
     /// The child has exited and its stream is drained: decide each of its items' outcome.
-    fn finish(&self, r: Running<I>, rec: &mut Recorder<'_>, retry: &mut VecDeque<Pending<I>>) {
+    fn finish(&mut self, r: Running<I>, rec: &mut Recorder<'_>, retry: &mut VecDeque<Pending<I>>) {
+        let busy: Vec<u64> = r
+            .ends
+            .iter()
+            .filter_map(|e| e.as_ref()?.as_ref().ok().map(|(_, busy)| *busy))
+            .collect();
+        self.per_fork.measured(r.forked.elapsed(), &busy);
         let pid = Some(r.child.pid as u32);
         self.parts.ctx.stats.child_ended(r.child.pid);
         let exit = r.exit.expect("finished children have exited");

@@ -28,7 +28,7 @@
 //!
 //! - `supervise`: the skeleton both supervisors follow, step by step, and what they share
 //!   (the feeder and its hand-off, the poll set, ending a child, settling an item).
-//! - `cow`: cow_fork's supervisor; `ipc/`: ipc_fork's (worker, feeding, dispatch, recovery,
+//! - `cow`: cow_fork's supervisor, and `per_fork` how many items each of its children gets; `ipc/`: ipc_fork's (worker, feeding, dispatch, recovery,
 //!   the event loop).
 //! - `child`: where a forked child starts (a cow child, an ipc worker); it never returns
 //!   into the parent's code.
@@ -40,6 +40,7 @@
 mod child;
 mod cow;
 mod ipc;
+mod per_fork;
 mod supervise;
 pub(crate) mod trace;
 
