@@ -25,6 +25,12 @@
 //!   claims one entry at a time, busy or not, and while it runs an entry delivered before it
 //!   fetches and claims nothing else, so that entry, if it kills the worker again, takes no
 //!   other entry's delivery with it.
+//! - The fetcher fetches what the local run has room for: the items it runs at once and
+//!   what it settles in [`AHEAD`] at the pace it has kept (at least one entry, at most
+//!   [`MAX_AHEAD`]), so fast items come many entries per round trip and slow ones one entry
+//!   at a time, leaving the rest to other workers. The committers commit every entry that a
+//!   chunk of the local run's results completed in one call. The run's state is read every
+//!   [`FETCH_BLOCK`] or after an empty fetch.
 //! - On `Finishing` the worker stops fetching, lets its local run end (which runs the
 //!   stage's `finish`), and publishes its `finish` outputs once. On `Aborted`, or when the
 //!   run's keys are gone, it stops at once and leaves its entries.
