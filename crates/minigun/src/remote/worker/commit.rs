@@ -20,6 +20,9 @@ use std::time::Duration;
 
 /// Messages of the local run taken at once.
 const CHUNK: usize = 1024;
+/// Results committed in one call, at most (a larger entry still goes alone): one call
+/// stays well inside what a broker takes in one request.
+const COMMIT_BYTES: usize = 4 << 20;
 
 /// An entry whose items all have their terminal result: ready to commit.
 pub(super) struct Complete {
@@ -142,11 +145,18 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
         })
     }
 
-    /// Commits complete entries, as many as there are in one call.
-    fn commit_all(&self, session: &mut Option<Box<dyn Session>>, complete: Vec<Complete>) {
-        if complete.is_empty() {
-            return;
+    /// Commits complete entries: as many in one call as [`COMMIT_BYTES`] allows.
+    fn commit_all(&self, session: &mut Option<Box<dyn Session>>, mut complete: Vec<Complete>) {
+        while !complete.is_empty() {
+            let n = first_call(complete.iter().map(|c| c.results.len()), COMMIT_BYTES);
+            let rest = complete.split_off(n);
+            self.commit_some(session, complete);
+            complete = rest;
         }
+    }
+
+    /// Commits complete entries in one call.
+    fn commit_some(&self, session: &mut Option<Box<dyn Session>>, complete: Vec<Complete>) {
         let done: Vec<(&EntryId, &[u8])> = complete
             .iter()
             .map(|c| (&c.id, c.results.as_slice()))
@@ -188,5 +198,35 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
                 }
             }
         }
+    }
+}
+
+/// How many of the entries (by their results' sizes) go in the first call: as many as fit in
+/// `max` bytes, and at least one.
+fn first_call(sizes: impl Iterator<Item = usize>, max: usize) -> usize {
+    let mut bytes = 0;
+    sizes
+        .take_while(|n| {
+            bytes += n;
+            bytes <= max
+        })
+        .count()
+        .max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_call;
+
+    #[test]
+    fn a_call_takes_what_fits_and_at_least_one_entry() {
+        assert_eq!(first_call([10, 20, 30].into_iter(), 100), 3);
+        assert_eq!(first_call([60, 40, 1].into_iter(), 100), 2);
+        assert_eq!(
+            first_call([500, 1].into_iter(), 100),
+            1,
+            "a large entry goes alone"
+        );
+        assert_eq!(first_call([1, 500].into_iter(), 100), 1);
     }
 }
