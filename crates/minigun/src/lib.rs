@@ -123,7 +123,7 @@ mod stats;
 #[cfg(target_os = "linux")]
 mod sys;
 
-pub use define::{Pipeline, StageRef};
+pub use define::{CowFork, ForkKind, ForkRef, IpcFork, Pipeline, StageRef};
 pub use error::{
     BoxError, DefinitionError, EmitError, FailureKind, ItemFailure, RunError, StageResult,
 };

@@ -8,9 +8,11 @@
 //! records to the linker, which returns a [`Runnable`](crate::Runnable) or a
 //! [`DefinitionError`](crate::DefinitionError).
 
+mod fork_ref;
 mod pipeline;
 pub(crate) mod record;
 mod stage_ref;
 
+pub use fork_ref::{CowFork, ForkKind, ForkRef, IpcFork};
 pub use pipeline::Pipeline;
 pub use stage_ref::StageRef;

@@ -88,7 +88,7 @@ pub(crate) struct Def {
     pub(crate) after_fork: Vec<ForkHook>,
     pub(crate) subs: Vec<SubDef>,
     /// Settings that were applied to a handle they do not fit (reported by `build()`).
-    pub(crate) misuse: Vec<(String, String)>,
+    pub(crate) misuse: Vec<crate::error::DefinitionError>,
     /// Leave SIGINT / SIGTERM to the host program.
     pub(crate) no_signals: bool,
 }

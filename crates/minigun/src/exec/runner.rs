@@ -229,7 +229,8 @@ impl<I: Item, O: Item> Runner<I, O> {
             }
         };
         let runner = match exec {
-            Exec::Inline => Runner::Local { threads: 1 },
+            // The planner refuses misapplied options before any runner is made.
+            Exec::Inline | Exec::Misapplied { .. } => Runner::Local { threads: 1 },
             Exec::Threads(n) => Runner::Local {
                 threads: (*n).max(1),
             },

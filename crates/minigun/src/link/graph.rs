@@ -360,9 +360,8 @@ impl Declared {
                     .expect_err("the component has a cycle"));
             }
             if let Some(&a) = m.iter().find(|&&v| self.kinds[v] == StageKind::Accumulator) {
-                return Err(DefinitionError::InvalidConfig {
+                return Err(DefinitionError::AccumulatorInLoop {
                     stage: self.names[a].clone(),
-                    message: "an accumulator cannot be part of a routing loop".into(),
                 });
             }
             loops.push(m.clone());
@@ -635,7 +634,7 @@ mod tests {
         d.side = vec![(2, 1)];
         d.routes = vec![(2, 1)];
         assert!(
-            matches!(d.wire("t"), Err(DefinitionError::InvalidConfig { stage, .. }) if stage == "b")
+            matches!(d.wire("t"), Err(DefinitionError::AccumulatorInLoop { stage }) if stage == "b")
         );
     }
 

@@ -112,10 +112,7 @@ pub(crate) fn served(mut def: Def) -> Result<Vec<Box<dyn Served>>, DefinitionErr
 /// The first setting applied to a handle it does not fit.
 fn misuse(def: &Def) -> Result<(), DefinitionError> {
     match def.misuse.first() {
-        Some((stage, message)) => Err(DefinitionError::InvalidConfig {
-            stage: stage.clone(),
-            message: message.clone(),
-        }),
+        Some(e) => Err(e.clone()),
         None => Ok(()),
     }
 }
@@ -177,14 +174,8 @@ fn plan(def: &mut Def) -> Result<Vec<StagePlan>, DefinitionError> {
     let mut plans = Vec::with_capacity(stages.len());
     for s in stages {
         let exec = executor(def, &s)?;
-        let invalid = |message: String| DefinitionError::InvalidConfig {
-            stage: s.name.clone(),
-            message,
-        };
-        s.node.validate().map_err(invalid)?;
-        if s.max_wait.is_some() && s.node.kind() != StageKind::Accumulator {
-            return Err(invalid("max_wait applies to accumulators only".into()));
-        }
+        s.node.validate(&s.name)?;
+        settings_fit_the_kind(&s)?;
         let stats = Arc::new(StageStats::default());
         if let Some(total) = s.declared_total {
             let _ = stats.declared_total.set(total);
@@ -201,6 +192,38 @@ fn plan(def: &mut Def) -> Result<Vec<StagePlan>, DefinitionError> {
         });
     }
     Ok(plans)
+}
+
+/// The stage's own settings that are not executors fit its kind: `max_wait` on accumulators
+/// only; no input capacity on a producer; fork hooks not on producers and accumulators
+/// (which never fork).
+fn settings_fit_the_kind(s: &StageDef) -> Result<(), DefinitionError> {
+    let kind = s.node.kind();
+    let refuse = |setting: &str, applies_to: &'static str| {
+        Err(DefinitionError::NotForThisKind {
+            stage: s.name.clone(),
+            kind,
+            setting: setting.to_string(),
+            applies_to,
+        })
+    };
+    let forks = !matches!(kind, StageKind::Producer | StageKind::Accumulator);
+    if s.max_wait.is_some() && kind != StageKind::Accumulator {
+        return refuse("max_wait", "accumulators");
+    }
+    if s.capacity.is_some() && kind == StageKind::Producer {
+        return refuse(
+            "a capacity",
+            "stages with an input queue (a producer has none)",
+        );
+    }
+    if !forks && !s.hooks.before_fork.is_empty() {
+        return refuse("a before_fork hook", "stages that can fork");
+    }
+    if !forks && !s.hooks.after_fork.is_empty() {
+        return refuse("an after_fork hook", "stages that can fork");
+    }
+    Ok(())
 }
 
 /// The executor a stage runs under: the setting that applies ([`plan::precedence`]), fitted

@@ -65,8 +65,8 @@ pub(crate) trait Node: Send {
     /// The item type a dead-letter stage of this stage must take.
     fn failed_type(&self) -> Option<TypeInfo>;
     fn make_queue(&self, cap: Capacity, stats: Arc<StageStats>) -> Option<QueueEnds>;
-    /// Checks the node's own settings.
-    fn validate(&self) -> Result<(), String> {
+    /// Checks the node's own settings (`stage`: its name, for the error).
+    fn validate(&self, _stage: &str) -> Result<(), crate::error::DefinitionError> {
         Ok(())
     }
     fn into_task(self: Box<Self>, w: Wiring) -> Box<dyn Task>;
