@@ -480,11 +480,11 @@ fn type_mismatch_through_default_wiring() {
     p.map("len", |s: String| Ok(s.len()));
     p.consumer("sink", |_: usize| Ok(()));
     match definition_error(p) {
-        DefinitionError::TypeMismatch { from, to, .. } => {
+        DefinitionError::DefaultEdgeMismatch { from, to, .. } => {
             assert_eq!(from, "numbers");
             assert_eq!(to, "len");
         }
-        other => panic!("expected TypeMismatch, got {other:?}"),
+        other => panic!("expected DefaultEdgeMismatch, got {other:?}"),
     }
 }
 

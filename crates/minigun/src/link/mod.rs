@@ -137,7 +137,24 @@ fn check_types(def: &Def, wired: &Wired, edges: &Edges) -> Result<(), Definition
     }
     for &(u, v) in &wired.edges {
         let (a, b) = (stage(u), stage(v));
-        check_edge((&a.name, a.node.output()), (&b.name, b.node.input()))?;
+        let checked = check_edge((&a.name, a.node.output()), (&b.name, b.node.input()));
+        match checked {
+            // An edge of the default wiring: the message says how to wire otherwise.
+            Err(DefinitionError::TypeMismatch {
+                from,
+                to,
+                output,
+                input,
+            }) if wired.defaults.contains(&(u, v)) => {
+                return Err(DefinitionError::DefaultEdgeMismatch {
+                    from,
+                    to,
+                    output,
+                    input,
+                })
+            }
+            other => other?,
+        }
     }
     for &(u, v) in &edges.dead {
         let (a, b) = (stage(u), stage(v));
