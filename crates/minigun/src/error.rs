@@ -219,6 +219,64 @@ pub enum DefinitionError {
         /// The setting.
         setting: &'static str,
     },
+    /// [`Pipeline::collect`](crate::Pipeline::collect) (or `fold`, ...) on a pipeline whose
+    /// stages all end in consumers: no stage's items are left to collect.
+    #[error(
+        "pipeline {pipeline:?}: nothing to collect, every stage ends in a consumer: end the \
+         pipeline with the stage whose items you want back"
+    )]
+    NothingToCollect {
+        /// The pipeline.
+        pipeline: String,
+    },
+    /// [`Pipeline::collect`](crate::Pipeline::collect) (or `fold`, ...) on a pipeline with
+    /// several stages that emit items to no downstream.
+    #[error(
+        "pipeline {pipeline:?}: collect needs one final stage, but {stages:?} all emit items \
+         to no downstream: join them into one stage, or end the others with consumers"
+    )]
+    SeveralFinalStages {
+        /// The pipeline.
+        pipeline: String,
+        /// The stages that emit to no downstream.
+        stages: Vec<String>,
+    },
+    /// The type asked of `collect` (or `fold`, ...) is not what the final stage emits.
+    #[error("cannot collect {wanted}: the final stage {stage:?} emits {emits}")]
+    CollectTypeMismatch {
+        /// The final stage.
+        stage: String,
+        /// What it emits.
+        emits: &'static str,
+        /// The type asked for.
+        wanted: &'static str,
+    },
+    /// [`Pipeline::collect_ordered`](crate::Pipeline::collect_ordered): a stage on the way
+    /// runs under an executor that finishes items out of order.
+    #[error(
+        "collect_ordered: stage {stage:?} runs under {executor}, which finishes items out of \
+         order: run it inline or under a fork executor (kept in input order), or collect() in \
+         arrival order"
+    )]
+    OrderLostByExecutor {
+        /// The stage.
+        stage: String,
+        /// Its executor.
+        executor: String,
+    },
+    /// [`Pipeline::collect_ordered`](crate::Pipeline::collect_ordered): a stage on the way
+    /// has several upstreams (several producers, a fan-in, a routing loop, a dead-letter
+    /// edge), whose items interleave.
+    #[error(
+        "collect_ordered: stage {stage:?} takes items from {upstreams:?}, which interleave: \
+         there is no one input order; collect() in arrival order instead"
+    )]
+    OrderLostByFanIn {
+        /// The stage.
+        stage: String,
+        /// Its upstreams.
+        upstreams: Vec<String>,
+    },
     /// An accumulator inside a routing loop (a loop cannot end while it holds a partial
     /// batch).
     #[error(

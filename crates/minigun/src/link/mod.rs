@@ -14,12 +14,13 @@
 //! 7. `tasks`: each node becomes its task, in topological order, with the edges live views
 //!    draw.
 
+mod collect;
 mod connect;
 pub(crate) mod graph;
 mod resolve;
 
 use crate::ctx::StageCtx;
-use crate::define::record::{Def, ExecChoice, StageDef, SubDef};
+use crate::define::record::{Def, ExecChoice, Ref, StageDef, SubDef};
 use crate::erased::Erased;
 use crate::error::DefinitionError;
 use crate::exec::plan::{self, Block};
@@ -61,6 +62,9 @@ pub(crate) fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
     let wired = edges.declared.wire(&def.name)?;
     check_types(&def, &wired, &edges)?;
     let mut plans = plan(&mut def)?;
+    if let Some(sink) = def.keep_order {
+        collect::keep_order(&mut plans, &wired, &edges, sink)?;
+    }
     let closers = connect::queues(&mut plans, &wired, def.default_capacity);
     let loops = connect::loops(&mut plans, &wired, closers);
     connect::senders(&mut plans, &wired, &edges);
@@ -79,6 +83,24 @@ pub(crate) fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         def.after_run,
         view_edges,
     ))
+}
+
+/// Links a definition whose last stage collects the items of the final stage: that sink is
+/// connected to the one stage that emits items and has no downstream (see
+/// [`collect::final_stage`]); with `ordered`, every stage upstream of it keeps the order.
+pub(crate) fn collecting(mut def: Def, ordered: bool) -> Result<Runnable, DefinitionError> {
+    let mut sink = def
+        .stages
+        .pop()
+        .expect("the collecting sink is the last stage");
+    misuse(&def)?;
+    let edges = resolve::edges(&def)?;
+    let wired = edges.declared.wire(&def.name)?;
+    let last = collect::final_stage(&def, &wired, &sink)?;
+    sink.from.push(Ref::Id(last));
+    def.stages.push(sink);
+    def.keep_order = ordered.then_some(def.stages.len() - 1);
+    build(def)
 }
 
 /// Links the definition as a worker does: checks it exactly as [`build`] does, and returns
