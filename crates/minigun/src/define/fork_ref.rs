@@ -74,6 +74,27 @@ impl ForkKind for IpcFork {
 /// p.map("parse", |x: u64| Ok(x + 1)).ipc_fork(2).items_per_fork(8);
 /// ```
 ///
+/// Nor does a fork executor the stage's types do not allow: cow_fork needs a serialisable
+/// output, ipc_fork a serialisable input too.
+///
+/// ```compile_fail
+/// # use minigun::Pipeline;
+/// #[derive(Clone)]
+/// struct Table(u64); // no serde
+/// let p = Pipeline::new("typed-executors");
+/// p.producer("gen", |out| out.emit(Table(1)).map_err(Into::into));
+/// p.map("look", |t: Table| Ok(t.0)).ipc_fork(2); // cow_fork(2) compiles
+/// ```
+///
+/// ```compile_fail
+/// # use minigun::Pipeline;
+/// #[derive(Clone)]
+/// struct Table(u64); // no serde
+/// let p = Pipeline::new("typed-executors");
+/// p.producer("gen", |out| out.emit(1u64).map_err(Into::into));
+/// p.map("make", |x: u64| Ok(Table(x))).cow_fork(2);
+/// ```
+///
 /// If the stage's executor is replaced after the handle was made (with
 /// [`StageRef::executor`] through the `Deref`), an option set afterwards through this handle
 /// is a [`DefinitionError::OptionNotForExecutor`] when the pipeline is built.
