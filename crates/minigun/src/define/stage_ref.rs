@@ -226,9 +226,9 @@ impl<I, O> StageRef<I, O> {
     /// time and return a handle for the fork options), or declare the types first with
     /// [`StageRef::wire_output`] (cow_fork) or [`StageRef::wire`] (every executor); without
     /// that, `build()` fails with
-    /// [`DefinitionError::NotSerialisable`](crate::DefinitionError::NotSerialisable).
+    /// [`DefinitionError::NotSerialisable`].
     /// Producers and accumulators take no executor of their own (they run on their thread):
-    /// `build()` fails with [`DefinitionError::NotForThisKind`](crate::DefinitionError::NotForThisKind).
+    /// `build()` fails with [`DefinitionError::NotForThisKind`].
     pub fn executor(&self, exec: Exec) -> Self {
         if self.sub {
             self.def.borrow_mut().subs[self.id].exec = Some(exec);
