@@ -161,6 +161,17 @@ pub(crate) fn fit(s: Stage<'_>, exec: Exec, env: Env) -> Result<Exec, Definition
                 executor: exec.to_string(),
             });
         }
+        // The workers run the items under `worker_exec`: its mistakes are found here, where
+        // the definition is built, not silently on the workers.
+        let local = Stage {
+            explicit: true,
+            ..s
+        };
+        let on_workers = Env {
+            fork: true,
+            remote: false,
+        };
+        fit(local, (*r.worker_exec).clone(), on_workers)?;
         if !env.remote {
             tracing::info!(stage = %s.name, worker_exec = %r.worker_exec,
                 "remote stages are off (MINIGUN_REMOTE=off): the stage runs here");
@@ -287,6 +298,26 @@ mod tests {
         routed.routes = true;
         let e = fit(routed, remote(), ENV).unwrap_err();
         assert!(e.to_string().contains("routes_to"), "{e}");
+    }
+
+    #[test]
+    fn a_remote_stage_worker_executor_is_checked_where_the_definition_is_built() {
+        let exec = Exec::remote(
+            crate::remote::Remote::new(crate::remote::MemoryBroker::new())
+                .worker_exec(Exec::threads(2).items_per_fork(3)),
+        );
+        let s = stage(StageKind::Processor, true, Crosses::Both);
+        match fit(s, exec, ENV) {
+            Err(DefinitionError::OptionNotForExecutor {
+                option, executor, ..
+            }) => {
+                assert_eq!(
+                    (option, executor.as_str()),
+                    ("items_per_fork", "threads(2)")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
