@@ -252,19 +252,6 @@ pub enum DefinitionError {
         wanted: &'static str,
     },
     /// [`Pipeline::collect_ordered`](crate::Pipeline::collect_ordered): a stage on the way
-    /// runs under an executor that finishes items out of order.
-    #[error(
-        "collect_ordered: stage {stage:?} runs under {executor}, which finishes items out of \
-         order: run it inline or under a fork executor (kept in input order), or collect() in \
-         arrival order"
-    )]
-    OrderLostByExecutor {
-        /// The stage.
-        stage: String,
-        /// Its executor.
-        executor: String,
-    },
-    /// [`Pipeline::collect_ordered`](crate::Pipeline::collect_ordered): a stage on the way
     /// has several upstreams (several producers, a fan-in, a routing loop, a dead-letter
     /// edge), whose items interleave.
     #[error(

@@ -59,21 +59,27 @@ fn collect_ordered_keeps_input_order_through_fork_stages_that_did_not_ask_for_it
 }
 
 #[test]
-fn collect_ordered_refuses_a_stage_that_finishes_items_out_of_order() {
+fn collect_ordered_keeps_input_order_through_thread_pools() {
     let p = Pipeline::new("threads");
-    p.producer("gen", |out| out.emit_all(0..10u64).map_err(Into::into));
-    p.map("work", |x: u64| Ok(x)).executor(Exec::threads(4));
-    match definition_error(p.collect_ordered::<u64>()) {
-        DefinitionError::OrderLostByExecutor { stage, executor } => {
-            assert_eq!((stage.as_str(), executor.as_str()), ("work", "threads(4)"));
+    p.producer("gen", |out| out.emit_all(0..300u64).map_err(Into::into));
+    p.processor("work", |x: u64, out: &mut Output<'_, u64>| {
+        if x == 5 {
+            return Err("five".into()); // a failed item holds nothing up
         }
-        other => panic!("expected OrderLostByExecutor, got {other}"),
-    }
-    // In arrival order, the same pipeline is fine.
-    let p = Pipeline::new("threads");
-    p.producer("gen", |out| out.emit_all(0..10u64).map_err(Into::into));
-    p.map("work", |x: u64| Ok(x)).executor(Exec::threads(4));
-    assert_eq!(p.collect::<u64>().unwrap().items.len(), 10);
+        out.emit(shuffled(x))?;
+        out.emit(x % 7)?;
+        Ok(())
+    })
+    .executor(Exec::threads(4));
+    p.map("plus", |x: u64| Ok(x + 1)).executor(Exec::threads(3));
+    let got = p.collect_ordered::<u64>().unwrap();
+    let want: Vec<u64> = (0..300)
+        .filter(|&x| x != 5)
+        .flat_map(|x| [x * 10 + 1, x % 7 + 1])
+        .collect();
+    assert_eq!(got.items, want);
+    assert_eq!(got.report.stage("work").unwrap().executor, "threads(4)");
+    assert_eq!(got.report.failures.len(), 1);
 }
 
 #[test]
@@ -190,4 +196,22 @@ fn collects_from_a_nested_pipeline_under_a_default_executor_and_a_taken_name() {
         got.report.stage("clean/twice").unwrap().executor,
         "threads(3)"
     );
+}
+
+#[test]
+fn an_aborted_run_with_results_held_for_order_ends() {
+    let p = Pipeline::new("abort-in-order");
+    p.producer("gen", |out| out.emit_all(0..2_000u64).map_err(Into::into));
+    p.map("work", |x: u64| {
+        if x == 50 {
+            return Err("stop here".into());
+        }
+        Ok(shuffled(x % 3))
+    })
+    .executor(Exec::threads(4))
+    .on_error(minigun::OnError::fail_fast());
+    match p.collect_ordered::<u64>() {
+        Err(RunError::Aborted { cause, .. }) => assert_eq!(cause.message, "stop here"),
+        other => panic!("expected an aborted run, got {other:?}"),
+    }
 }

@@ -67,11 +67,11 @@ impl Pipeline {
 
     /// Like [`Pipeline::collect`], with the items in input order: the order in which the
     /// pipeline's producer emitted the items they come from, as `Pool.map` keeps it. Every
-    /// fork and remote stage on the way emits in input order (as with `ordered()`); a stage
-    /// under `threads(n)` (n > 1) or with several upstreams (several producers, a fan-in, a
-    /// routing loop, a dead-letter edge) on the way is a definition error
-    /// ([`OrderLostByExecutor`](crate::DefinitionError::OrderLostByExecutor),
-    /// [`OrderLostByFanIn`](crate::DefinitionError::OrderLostByFanIn)).
+    /// stage on the way then emits in input order: fork and remote stages as with
+    /// `ordered()`, and `threads(n)` stages too (an item's results wait for every earlier
+    /// item). A stage with several upstreams on the way (several producers, a fan-in, a
+    /// routing loop, a dead-letter edge) has no one input order: that is a definition error,
+    /// [`OrderLostByFanIn`](crate::DefinitionError::OrderLostByFanIn).
     ///
     /// ```
     /// use minigun::Pipeline;

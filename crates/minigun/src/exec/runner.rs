@@ -196,13 +196,14 @@ fn unreachable_flavour<I: Item, O: Item>(
     _: ForkHooks,
 ) -> PreparedRun {
     debug_assert!(false, "the planner does not give {across:?} to these types");
-    Box::new(move || local::run(parts, 1))
+    Box::new(move || local::run(parts, 1, false))
 }
 
 /// A processor stage's executor, as planned.
 pub(crate) enum Runner<I, O> {
-    /// Inline (one worker, on the driver thread) or `threads(n)`.
-    Local { threads: usize },
+    /// Inline (one worker, on the driver thread) or `threads(n)`, whose workers emit in
+    /// input order when `in_order`.
+    Local { threads: usize, in_order: bool },
     /// cow_fork, ipc_fork or remote.
     Across {
         across: Box<Across>,
@@ -230,9 +231,13 @@ impl<I: Item, O: Item> Runner<I, O> {
         };
         let runner = match exec {
             // The planner refuses misapplied options before any runner is made.
-            Exec::Inline | Exec::Misapplied { .. } => Runner::Local { threads: 1 },
+            Exec::Inline | Exec::Misapplied { .. } => Runner::Local {
+                threads: 1,
+                in_order: false,
+            },
             Exec::Threads(n) => Runner::Local {
                 threads: (*n).max(1),
+                in_order: false,
             },
             Exec::CowFork(opts) => across(Across::Cow(opts.clone())),
             Exec::IpcFork(opts) => across(Across::Ipc(opts.clone())),
@@ -241,11 +246,25 @@ impl<I: Item, O: Item> Runner<I, O> {
         (runner, codec)
     }
 
+    /// The same runner, emitting in input order (for `threads(n)`; the fork and remote
+    /// executors keep order through their own `ordered` option).
+    pub(crate) fn in_order(self) -> Self {
+        match self {
+            Runner::Local { threads, .. } => Runner::Local {
+                threads,
+                in_order: true,
+            },
+            other => other,
+        }
+    }
+
     /// Prepares the stage's run; called on the run's thread before any stage thread exists
     /// (ipc_fork forks its workers here). The result runs on the stage's driver thread.
     pub(crate) fn prepare(self, parts: Parts<I, O>) -> PreparedRun {
         match self {
-            Runner::Local { threads } => Box::new(move || local::run(parts, threads)),
+            Runner::Local { threads, in_order } => {
+                Box::new(move || local::run(parts, threads, in_order))
+            }
             Runner::Across {
                 across,
                 hooks,

@@ -55,8 +55,8 @@ pub(super) fn final_stage(
 }
 
 /// Makes every stage upstream of `sink` keep its input order, or says which cannot: a fork
-/// or remote stage is set to emit in input order; a stage with several upstreams (fan-in, a
-/// dead-letter or route edge into it) or under `threads(n > 1)` is an error.
+/// or remote stage is set to emit in input order, and so is a stage under `threads(n)`; a
+/// stage with several upstreams (fan-in, a dead-letter or route edge into it) is an error.
 pub(super) fn keep_order(
     plans: &mut [StagePlan],
     wired: &Wired,
@@ -91,15 +91,10 @@ pub(super) fn keep_order(
             continue;
         }
         match &mut plan.exec {
-            Exec::Inline | Exec::Threads(1) => {}
+            Exec::Threads(_) => plan.in_order = true,
             Exec::CowFork(o) | Exec::IpcFork(o) => o.ordered = true,
             Exec::Remote(r) => r.ordered = true,
-            other => {
-                return Err(DefinitionError::OrderLostByExecutor {
-                    stage: plan.def.name.clone(),
-                    executor: other.to_string(),
-                })
-            }
+            Exec::Inline | Exec::Misapplied { .. } => {}
         }
     }
     Ok(())

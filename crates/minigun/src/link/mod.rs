@@ -53,6 +53,8 @@ pub(crate) struct StagePlan {
     outputs: Vec<Erased>,
     dead_letter: Option<Erased>,
     routes: Vec<RouteEntry>,
+    /// Under `threads(n)`, emit in input order (see [`collect::keep_order`]).
+    in_order: bool,
 }
 
 /// Checks the definition and links it into something that runs.
@@ -228,6 +230,7 @@ fn plan(def: &mut Def) -> Result<Vec<StagePlan>, DefinitionError> {
             outputs: Vec::new(),
             dead_letter: None,
             routes: Vec::new(),
+            in_order: false,
         });
     }
     Ok(plans)
@@ -370,6 +373,7 @@ fn tasks(
             outputs,
             dead_letter,
             routes,
+            in_order,
         } = p;
         let ctx = Arc::new(StageCtx {
             name: s.name.clone(),
@@ -397,6 +401,7 @@ fn tasks(
             hooks,
             crossing: s.crossing.take().map(|c| c.typed),
             max_wait: s.max_wait,
+            in_order,
         };
         let downstreams = wired.edges.iter().filter(|&&(a, _)| a == v).count();
         slots.push(Some(PlannedStage {

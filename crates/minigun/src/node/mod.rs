@@ -44,6 +44,9 @@ pub(crate) struct Wiring {
     pub(crate) crossing: Option<Erased>,
     /// An accumulator's time limit for a partial batch.
     pub(crate) max_wait: Option<Duration>,
+    /// A processor under `threads(n)` emits in input order (its results are collected in
+    /// input order).
+    pub(crate) in_order: bool,
 }
 
 /// A running stage: `prepare` runs for every stage, in order, on the run's thread before any
