@@ -1,7 +1,8 @@
 //! [`StageRef`]: a typed handle to one stage (or sub-pipeline) of a definition, for wiring it
 //! and setting it. Settings that need the stage's types to cross a process (`cow_fork`,
-//! `ipc_fork`, `wire`, `codec`) exist only where the serde bounds hold, and record the stage's
-//! [`Crossing`] for the planner.
+//! `ipc_fork`, `wire`, `wire_output`, `codec`) exist only where the serde bounds hold, and
+//! record the stage's [`Crossing`] for the planner; `cow_fork` and `ipc_fork` return a
+//! [`ForkRef`] for their options.
 
 use super::fork_ref::{CowFork, ForkRef, IpcFork};
 use super::record::{CrossingRecord, Def, ExecChoice, Ref, StageDef};
@@ -225,10 +226,9 @@ impl<I, O> StageRef<I, O> {
     /// [`StageRef::cow_fork`] / [`StageRef::ipc_fork`] (which check the bounds at compile
     /// time and return a handle for the fork options), or declare the types first with
     /// [`StageRef::wire_output`] (cow_fork) or [`StageRef::wire`] (every executor); without
-    /// that, `build()` fails with
-    /// [`DefinitionError::NotSerialisable`].
-    /// Producers and accumulators take no executor of their own (they run on their thread):
-    /// `build()` fails with [`DefinitionError::NotForThisKind`].
+    /// that, `build()` fails with [`DefinitionError::NotSerialisable`]. Producers and
+    /// accumulators take no executor of their own (they run on their thread): `build()` fails
+    /// with [`DefinitionError::NotForThisKind`].
     pub fn executor(&self, exec: Exec) -> Self {
         if self.sub {
             self.def.borrow_mut().subs[self.id].exec = Some(exec);

@@ -3,7 +3,7 @@
 //!
 //! Which executors a stage's types allow is known only where the serde bounds are: in the
 //! handle methods of [`StageRef`](crate::StageRef) that require them (`cow_fork`, `ipc_fork`,
-//! `wire`, `codec`). Those methods record a [`Crossing`]: what the types cross
+//! `wire`, `wire_output`, `codec`). Those methods record a [`Crossing`]: what the types cross
 //! ([`Crosses`], read by the planner) and the serde-bounded [`Entry`] points of the crossing
 //! executors (cow_fork, ipc_fork, remote) for exactly these types, monomorphised there.
 //! Nothing else in the crate needs the bounds.
