@@ -80,11 +80,9 @@ fn minigun_run(items: u64, workers: usize, mode: Mode) -> (Duration, u64) {
     });
     let m = p.map("double", |x: u64| Ok(x * 2));
     match mode {
-        Mode::Default => m.ipc_fork(workers),
-        Mode::InFlight(k) => m.wire().executor(Exec::ipc_fork(workers).in_flight(k)),
-        Mode::PerItem => m
-            .wire()
-            .executor(Exec::ipc_fork(workers).batch_results(false)),
+        Mode::Default => m.ipc_fork(workers).stage(),
+        Mode::InFlight(k) => m.ipc_fork(workers).in_flight(k).stage(),
+        Mode::PerItem => m.ipc_fork(workers).batch_results(false).stage(),
         Mode::Inline => m.executor(Exec::inline()),
     };
     p.consumer("sink", move |x: u64| {

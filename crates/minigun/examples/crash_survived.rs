@@ -1,6 +1,6 @@
 //! Crash isolation: items that abort, panic, exit or hang kill only their own forked child;
 //! the run goes on and the report lists each failure with its kind.
-use minigun::{Exec, FailureKind, Pipeline};
+use minigun::{FailureKind, Pipeline};
 use std::time::Duration;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -16,8 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         Ok(x * 10)
     })
-    .wire()
-    .executor(Exec::cow_fork(4).timeout(Duration::from_secs(1)));
+    .cow_fork(4)
+    .timeout(Duration::from_secs(1));
     p.consumer("sink", |_x: u64| Ok(()));
 
     let report = p.run()?;

@@ -12,8 +12,10 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 pub type StageResult<T = ()> = Result<T, BoxError>;
 
 /// A pipeline definition that cannot run. Returned by [`Pipeline::build`](crate::Pipeline::build)
-/// (and by `run`), never a panic.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// (and by `run`), never a panic. Each variant is one mistake, and names the stage (or the
+/// pipeline) at fault; its message says how to fix it. `Debug` prints the same message as
+/// `Display`, so an `unwrap()` reads well.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DefinitionError {
     /// Two stages share a name.
@@ -44,14 +46,31 @@ pub enum DefinitionError {
         /// Qualified names that match.
         candidates: Vec<String>,
     },
+    /// A dead-letter or route target names a sub-pipeline instead of a stage.
+    #[error("stage {stage:?}: the {what} {target:?} is a sub-pipeline; name a stage inside it")]
+    TargetIsSubPipeline {
+        /// The stage holding the reference.
+        stage: String,
+        /// What the reference is ("dead-letter target", "route target").
+        what: &'static str,
+        /// The sub-pipeline named.
+        target: String,
+    },
     /// The stage graph has a cycle.
-    #[error("the stages {stages:?} form a cycle")]
+    #[error(
+        "the stages {stages:?} form a cycle of static edges: break it, or make the edge back a \
+         declared route (routes_to) to get a routing loop"
+    )]
     Cycle {
         /// Stages on the cycle, in order.
         stages: Vec<String>,
     },
     /// A non-producer stage that nothing feeds.
-    #[error("stage {stage:?} is not a producer and nothing feeds it")]
+    #[error(
+        "stage {stage:?} is not a producer and nothing feeds it: give it an upstream with \
+         .from(&stage), declare it as a route target (routes_to), or define it right after the \
+         stage that should feed it (stages connect in definition order)"
+    )]
     Unfed {
         /// The stage.
         stage: String,
@@ -64,7 +83,7 @@ pub enum DefinitionError {
         /// The upstream it was wired to.
         upstream: String,
     },
-    /// An edge connects an output to an input of another type.
+    /// An explicit edge connects an output to an input of another type.
     #[error("edge {from:?} -> {to:?}: {from:?} emits {output} but {to:?} takes {input}")]
     TypeMismatch {
         /// Upstream stage.
@@ -76,10 +95,30 @@ pub enum DefinitionError {
         /// Downstream input type.
         input: &'static str,
     },
-    /// A fork executor was chosen for a stage whose item types cannot cross a process.
+    /// An edge of the default wiring (stages connect in definition order) connects an output
+    /// to an input of another type: the stage was meant to be fed otherwise.
+    #[error(
+        "stage {to:?} takes {input} but is fed by definition order from {from:?}, which emits \
+         {output}: wire {to:?} with .from(&stage) (or declare it as a route target of an \
+         earlier stage with routes_to), or define it after the stage that should feed it"
+    )]
+    DefaultEdgeMismatch {
+        /// Upstream stage.
+        from: String,
+        /// Downstream stage.
+        to: String,
+        /// Upstream output type.
+        output: &'static str,
+        /// Downstream input type.
+        input: &'static str,
+    },
+    /// A fork or remote executor was chosen for a stage whose item types were not declared
+    /// serialisable.
     #[error(
         "stage {stage:?} runs under {executor} but its types are not declared serialisable: \
-             set it with .cow_fork(n) / .ipc_fork(n) or call .wire()"
+         set it with .cow_fork(n) / .ipc_fork(n) on the stage (fork options go on the handle \
+         they return, e.g. .cow_fork(4).timeout(d)), or declare the types with \
+         .wire_output() (cow_fork) / .wire() (every executor) before .executor(..)"
     )]
     NotSerialisable {
         /// The stage.
@@ -87,13 +126,153 @@ pub enum DefinitionError {
         /// The executor that needs serde.
         executor: String,
     },
-    /// A setting is out of range.
-    #[error("stage {stage:?}: {message}")]
-    InvalidConfig {
-        /// The stage (or pipeline).
+    /// A stage that runs in a forked child or remotely declared a route with
+    /// `routes_to_local`, whose items cannot cross a process.
+    #[error(
+        "stage {stage:?} runs under {executor} but declares a route with routes_to_local, \
+         whose items cannot cross a process: declare it with routes_to, or run the stage \
+         in-process (inline or threads)"
+    )]
+    LocalRouteAcrossProcess {
+        /// The stage.
         stage: String,
-        /// What is wrong.
-        message: String,
+        /// Its executor.
+        executor: String,
+    },
+    /// A remote stage declared a route: remote stages send results to their downstreams
+    /// only.
+    #[error(
+        "stage {stage:?} runs under {executor}, which cannot route items by name (routes_to): \
+         a remote stage sends its results to its downstreams only"
+    )]
+    RemoteRoutes {
+        /// The stage.
+        stage: String,
+        /// Its executor.
+        executor: String,
+    },
+    /// An executor with no workers (`threads(0)`, `cow_fork(0)`, ...).
+    #[error("stage {stage:?}: {executor} needs at least one worker")]
+    NoWorkers {
+        /// The stage.
+        stage: String,
+        /// The executor.
+        executor: String,
+    },
+    /// A fork executor's `max_frame` is too small for the protocol's control frames.
+    #[error("stage {stage:?}: max_frame {max_frame} is below the minimum of {minimum} bytes")]
+    MaxFrameTooSmall {
+        /// The stage.
+        stage: String,
+        /// The frame size asked for.
+        max_frame: usize,
+        /// The smallest accepted.
+        minimum: usize,
+    },
+    /// An accumulator with a batch size of 0.
+    #[error("accumulator {stage:?}: the batch size must be at least 1")]
+    ZeroBatchSize {
+        /// The accumulator.
+        stage: String,
+    },
+    /// A setting that this kind of stage cannot take: an executor, an execution context, fork
+    /// options or fork hooks on a producer or an accumulator (they run on their own thread),
+    /// a capacity on a producer (it has no input queue), `max_wait` on a stage that is not an
+    /// accumulator, a remote executor on a consumer.
+    #[error(
+        "stage {stage:?} is a {kind}, which cannot take {setting}: it applies to {applies_to}; \
+         remove it from this stage"
+    )]
+    NotForThisKind {
+        /// The stage.
+        stage: String,
+        /// What the stage is.
+        kind: crate::stage::StageKind,
+        /// The setting (e.g. `executor cow_fork(2)`, `max_wait`).
+        setting: String,
+        /// The stages the setting applies to.
+        applies_to: &'static str,
+    },
+    /// An executor option set on an executor it is not an option of (e.g. `timeout` on
+    /// `threads(4)`, `items_per_fork` on `ipc_fork(2)`).
+    #[error(
+        "stage {stage:?}: {option} is not an option of {executor}; it applies to {applies_to}"
+    )]
+    OptionNotForExecutor {
+        /// The stage (for an inherited executor: the first stage it applies to).
+        stage: String,
+        /// The option.
+        option: &'static str,
+        /// The executor it was set on.
+        executor: String,
+        /// The executors it applies to.
+        applies_to: &'static str,
+    },
+    /// A stage setting applied to the handle of a sub-pipeline.
+    #[error(
+        "sub-pipeline {sub:?}: {setting} applies to stages, not to a sub-pipeline; set it on \
+         a stage inside it"
+    )]
+    SettingOnSubPipeline {
+        /// The sub-pipeline.
+        sub: String,
+        /// The setting.
+        setting: &'static str,
+    },
+    /// [`Pipeline::collect`](crate::Pipeline::collect) (or `fold`, ...) on a pipeline whose
+    /// stages all end in consumers: no stage's items are left to collect.
+    #[error(
+        "pipeline {pipeline:?}: nothing to collect, every stage ends in a consumer: end the \
+         pipeline with the stage whose items you want back"
+    )]
+    NothingToCollect {
+        /// The pipeline.
+        pipeline: String,
+    },
+    /// [`Pipeline::collect`](crate::Pipeline::collect) (or `fold`, ...) on a pipeline with
+    /// several stages that emit items to no downstream.
+    #[error(
+        "pipeline {pipeline:?}: collect needs one final stage, but {stages:?} all emit items \
+         to no downstream: join them into one stage, or end the others with consumers"
+    )]
+    SeveralFinalStages {
+        /// The pipeline.
+        pipeline: String,
+        /// The stages that emit to no downstream.
+        stages: Vec<String>,
+    },
+    /// The type asked of `collect` (or `fold`, ...) is not what the final stage emits.
+    #[error("cannot collect {wanted}: the final stage {stage:?} emits {emits}")]
+    CollectTypeMismatch {
+        /// The final stage.
+        stage: String,
+        /// What it emits.
+        emits: &'static str,
+        /// The type asked for.
+        wanted: &'static str,
+    },
+    /// [`Pipeline::collect_ordered`](crate::Pipeline::collect_ordered): a stage on the way
+    /// has several upstreams (several producers, a fan-in, a routing loop, a dead-letter
+    /// edge), whose items interleave.
+    #[error(
+        "collect_ordered: stage {stage:?} takes items from {upstreams:?}, which interleave: \
+         there is no one input order; collect() in arrival order instead"
+    )]
+    OrderLostByFanIn {
+        /// The stage.
+        stage: String,
+        /// Its upstreams.
+        upstreams: Vec<String>,
+    },
+    /// An accumulator inside a routing loop (a loop cannot end while it holds a partial
+    /// batch).
+    #[error(
+        "accumulator {stage:?} is part of a routing loop, which could then never end: move it \
+         out of the loop"
+    )]
+    AccumulatorInLoop {
+        /// The accumulator.
+        stage: String,
     },
 }
 
@@ -169,8 +348,9 @@ pub struct ItemFailure {
     pub pid: Option<u32>,
 }
 
-/// Why a run did not complete normally.
-#[derive(Debug, thiserror::Error)]
+/// Why a run did not complete normally. `Debug` prints the same message as `Display` (the
+/// report of an aborted run is in the variant, not in the message).
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum RunError {
     /// The definition is invalid.
@@ -193,8 +373,8 @@ pub enum RunError {
     Thread(String),
 }
 
-/// Why an emit did not go through.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why an emit did not go through. `Debug` prints the same message as `Display`.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum EmitError {
     /// The run is stopping: a producer should return.
@@ -210,6 +390,20 @@ pub enum EmitError {
     #[error("cannot route: {0}")]
     Route(String),
 }
+
+/// `Debug` as `Display`: what `unwrap()` and `{:?}` print reads like the message, without
+/// the structure (an aborted run's whole report) around it.
+macro_rules! debug_as_display {
+    ($($t:ty),*) => {$(
+        impl fmt::Debug for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Display::fmt(self, f)
+            }
+        }
+    )*};
+}
+
+debug_as_display!(DefinitionError, RunError, EmitError);
 
 /// Whether a stage error is only the run stopping (not counted as a failure).
 pub(crate) fn is_stop(e: &BoxError) -> bool {

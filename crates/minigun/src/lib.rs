@@ -47,6 +47,25 @@
 //! # Ok::<(), minigun::RunError>(())
 //! ```
 //!
+//! ## Getting results back
+//!
+//! [`Pipeline::run`] returns the [`RunReport`]; consumers keep what they need. To get the
+//! items of the final stage back, as rayon's `collect`, Python's `Pool.map` or Ruby's
+//! `Parallel.map` give them, call [`Pipeline::collect`] (arrival order),
+//! [`Pipeline::collect_ordered`] (input order), [`Pipeline::fold`] or [`Pipeline::reduce`]
+//! instead; each returns the report alongside ([`Collected`], [`Folded`]).
+//!
+//! ```
+//! use minigun::Pipeline;
+//! let p = Pipeline::new("lengths");
+//! p.producer("words", |out| out.emit_all(["fork", "pipe", "copy-on-write"]).map_err(Into::into));
+//! p.map("len", |w: &'static str| Ok(w.len())).cow_fork(2);
+//! let got = p.collect_ordered::<usize>()?;
+//! assert_eq!(got.items, [4, 4, 13]);
+//! assert_eq!(got.report.stage("len").unwrap().items_out, 3);
+//! # Ok::<(), minigun::RunError>(())
+//! ```
+//!
 //! ## Choosing an executor
 //!
 //! Set one per stage ([`StageRef::executor`]), for a group of stages
@@ -57,7 +76,9 @@
 //! - I/O-bound or CPU-bound work on data that is `Send`: **`threads(n)`**, `n` items at once.
 //! - Crash isolation, or large read-only data in the parent that each item reads:
 //!   **`cow_fork(n)`** ([`StageRef::cow_fork`]). The child sees the parent's memory through
-//!   copy-on-write: the input is never serialised, only the output (which needs serde).
+//!   copy-on-write: the input is never serialised, only the output (which needs serde). The
+//!   fork options (`timeout`, `ordered`, `items_per_fork`, ...) are set on the [`ForkRef`]
+//!   that `cow_fork` and `ipc_fork` return.
 //! - Expensive per-worker start-up (connections, models), strong isolation, many items:
 //!   **`ipc_fork(n)`** ([`StageRef::ipc_fork`]). Input and output cross pipes (serde), in
 //!   batches when several items are ready (see [`Exec::batch_results`]).
@@ -123,7 +144,7 @@ mod stats;
 #[cfg(target_os = "linux")]
 mod sys;
 
-pub use define::{Pipeline, StageRef};
+pub use define::{Collected, CowFork, Folded, ForkKind, ForkRef, IpcFork, Pipeline, StageRef};
 pub use error::{
     BoxError, DefinitionError, EmitError, FailureKind, ItemFailure, RunError, StageResult,
 };

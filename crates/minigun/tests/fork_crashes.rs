@@ -34,10 +34,13 @@ impl Fork {
         timeout: Option<Duration>,
     ) -> StageRef<I, O> {
         let (s, exec) = match self {
-            Fork::Cow => (s.cow_fork(n), Exec::cow_fork(n)),
-            Fork::Ipc => (s.ipc_fork(n), Exec::ipc_fork(n)),
-            Fork::IpcStrict => (s.ipc_fork(n), Exec::ipc_fork(n).in_flight(1)),
-            Fork::IpcPerItem => (s.ipc_fork(n), Exec::ipc_fork(n).batch_results(false)),
+            Fork::Cow => (s.cow_fork(n).stage(), Exec::cow_fork(n)),
+            Fork::Ipc => (s.ipc_fork(n).stage(), Exec::ipc_fork(n)),
+            Fork::IpcStrict => (s.ipc_fork(n).stage(), Exec::ipc_fork(n).in_flight(1)),
+            Fork::IpcPerItem => (
+                s.ipc_fork(n).stage(),
+                Exec::ipc_fork(n).batch_results(false),
+            ),
         };
         match timeout {
             None => s.executor(exec),

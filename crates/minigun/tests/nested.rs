@@ -235,7 +235,7 @@ fn settings_that_do_not_fit_a_sub_pipeline_are_errors() {
     s.on_error(minigun::OnError::fail_fast());
     p.consumer("sink", |_: u64| Ok(()));
     assert!(
-        matches!(p.build(), Err(DefinitionError::InvalidConfig { stage, .. }) if stage == "sub")
+        matches!(p.build(), Err(DefinitionError::SettingOnSubPipeline { sub, setting: "on_error" }) if sub == "sub")
     );
 }
 

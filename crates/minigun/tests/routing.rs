@@ -132,7 +132,7 @@ fn local_routes_cannot_run_in_a_fork_stage() {
     let t = p.consumer("local", |_x: NotSerde| Ok(()));
     s.routes_to_local(&t);
     assert!(
-        matches!(p.build(), Err(DefinitionError::NotSerialisable { stage, .. }) if stage == "route")
+        matches!(p.build(), Err(DefinitionError::LocalRouteAcrossProcess { stage, .. }) if stage == "route")
     );
 }
 

@@ -3,7 +3,7 @@
 //! error `build()` can return.
 mod common;
 use common::Sink;
-use minigun::{Capacity, DefinitionError, Exec, Output, Pipeline, RunError};
+use minigun::{Capacity, DefinitionError, Exec, Output, Pipeline, RunError, StageKind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -480,11 +480,11 @@ fn type_mismatch_through_default_wiring() {
     p.map("len", |s: String| Ok(s.len()));
     p.consumer("sink", |_: usize| Ok(()));
     match definition_error(p) {
-        DefinitionError::TypeMismatch { from, to, .. } => {
+        DefinitionError::DefaultEdgeMismatch { from, to, .. } => {
             assert_eq!(from, "numbers");
             assert_eq!(to, "len");
         }
-        other => panic!("expected TypeMismatch, got {other:?}"),
+        other => panic!("expected DefaultEdgeMismatch, got {other:?}"),
     }
 }
 
@@ -504,57 +504,61 @@ fn type_mismatch_of_a_dead_letter_stage_by_name() {
 }
 
 #[test]
-fn invalid_config_zero_threads() {
+fn zero_threads_is_a_no_workers_error() {
     let p = Pipeline::new("zero-threads");
     p.producer("src", numbers(3));
     p.map("work", |x: u64| Ok(x)).executor(Exec::threads(0));
     p.consumer("sink", |_: u64| Ok(()));
     match definition_error(p) {
-        DefinitionError::InvalidConfig { stage, message } => {
-            assert_eq!(stage, "work");
-            assert!(!message.is_empty());
+        DefinitionError::NoWorkers { stage, executor } => {
+            assert_eq!((stage.as_str(), executor.as_str()), ("work", "threads(0)"));
         }
-        other => panic!("expected InvalidConfig, got {other:?}"),
+        other => panic!("expected NoWorkers, got {other:?}"),
     }
 }
 
 #[test]
-fn invalid_config_zero_fork_workers() {
+fn zero_fork_workers_is_a_no_workers_error() {
     let p = Pipeline::new("zero-forks");
     p.producer("src", numbers(3));
     p.map("work", |x: u64| Ok(x)).ipc_fork(0);
     p.consumer("sink", |_: u64| Ok(()));
     match definition_error(p) {
-        DefinitionError::InvalidConfig { stage, .. } => assert_eq!(stage, "work"),
-        other => panic!("expected InvalidConfig, got {other:?}"),
+        DefinitionError::NoWorkers { stage, .. } => assert_eq!(stage, "work"),
+        other => panic!("expected NoWorkers, got {other:?}"),
     }
 }
 
 #[test]
-fn invalid_config_zero_batch_size() {
+fn zero_batch_size_is_an_error() {
     let p = Pipeline::new("zero-batch");
     p.producer("src", numbers(3));
     p.batch::<u64>("batch", 0);
     p.consumer("sink", |_: Vec<u64>| Ok(()));
     match definition_error(p) {
-        DefinitionError::InvalidConfig { stage, message } => {
-            assert_eq!(stage, "batch");
-            assert!(message.contains("size"), "{message}");
-        }
-        other => panic!("expected InvalidConfig, got {other:?}"),
+        DefinitionError::ZeroBatchSize { stage } => assert_eq!(stage, "batch"),
+        other => panic!("expected ZeroBatchSize, got {other:?}"),
     }
 }
 
 #[test]
-fn invalid_config_max_wait_on_a_non_accumulator() {
+fn max_wait_on_a_non_accumulator_is_an_error() {
     let p = Pipeline::new("max-wait");
     p.producer("src", numbers(3));
     p.map("pairs", |x: u64| Ok(vec![x, x]))
         .max_wait(Duration::from_millis(10));
     p.consumer("sink", |_: Vec<u64>| Ok(()));
     match definition_error(p) {
-        DefinitionError::InvalidConfig { stage, .. } => assert_eq!(stage, "pairs"),
-        other => panic!("expected InvalidConfig, got {other:?}"),
+        DefinitionError::NotForThisKind {
+            stage,
+            kind,
+            setting,
+            ..
+        } => {
+            assert_eq!((stage.as_str(), setting.as_str()), ("pairs", "max_wait"));
+            assert_eq!(kind, StageKind::Processor);
+        }
+        other => panic!("expected NotForThisKind, got {other:?}"),
     }
 }
 

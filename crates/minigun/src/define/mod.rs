@@ -8,9 +8,13 @@
 //! records to the linker, which returns a [`Runnable`](crate::Runnable) or a
 //! [`DefinitionError`](crate::DefinitionError).
 
+mod collect;
+mod fork_ref;
 mod pipeline;
 pub(crate) mod record;
 mod stage_ref;
 
+pub use collect::{Collected, Folded};
+pub use fork_ref::{CowFork, ForkKind, ForkRef, IpcFork};
 pub use pipeline::Pipeline;
 pub use stage_ref::StageRef;

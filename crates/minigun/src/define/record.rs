@@ -88,9 +88,12 @@ pub(crate) struct Def {
     pub(crate) after_fork: Vec<ForkHook>,
     pub(crate) subs: Vec<SubDef>,
     /// Settings that were applied to a handle they do not fit (reported by `build()`).
-    pub(crate) misuse: Vec<(String, String)>,
+    pub(crate) misuse: Vec<crate::error::DefinitionError>,
     /// Leave SIGINT / SIGTERM to the host program.
     pub(crate) no_signals: bool,
+    /// The stage that collects the final stage's items in input order (every stage upstream
+    /// of it must keep the order).
+    pub(crate) keep_order: Option<usize>,
 }
 
 /// What a stage's types can cross, as its serde-bounded handle methods recorded it.

@@ -1,10 +1,12 @@
 //! [`StageRef`]: a typed handle to one stage (or sub-pipeline) of a definition, for wiring it
 //! and setting it. Settings that need the stage's types to cross a process (`cow_fork`,
-//! `ipc_fork`, `wire`, `codec`) exist only where the serde bounds hold, and record the stage's
-//! [`Crossing`] for the planner.
+//! `ipc_fork`, `wire`, `wire_output`, `codec`) exist only where the serde bounds hold, and
+//! record the stage's [`Crossing`] for the planner; `cow_fork` and `ipc_fork` return a
+//! [`ForkRef`] for their options.
 
+use super::fork_ref::{CowFork, ForkRef, IpcFork};
 use super::record::{CrossingRecord, Def, ExecChoice, Ref, StageDef};
-use crate::error::StageResult;
+use crate::error::{DefinitionError, StageResult};
 use crate::exec::runner::{Crosses, Crossing};
 use crate::exec::Exec;
 use crate::ipc::codec::{Codec, Postcard};
@@ -56,16 +58,18 @@ impl<I, O> std::fmt::Debug for StageRef<I, O> {
 }
 
 impl<I, O> StageRef<I, O> {
-    /// Applies a stage setting; on a sub-pipeline handle it is recorded as a misuse that
-    /// `build()` reports.
-    fn with<R: Default>(&self, f: impl FnOnce(&mut StageDef) -> R) -> R {
+    /// Applies the stage setting named `setting`; on a sub-pipeline handle it is recorded as
+    /// a misuse that `build()` reports.
+    pub(super) fn with<R: Default>(
+        &self,
+        setting: &'static str,
+        f: impl FnOnce(&mut StageDef) -> R,
+    ) -> R {
         let mut d = self.def.borrow_mut();
         if self.sub {
-            let name = d.subs[self.id].name.clone();
-            d.misuse.push((
-                name,
-                "this setting applies to stages, not to a sub-pipeline".into(),
-            ));
+            let sub = d.subs[self.id].name.clone();
+            d.misuse
+                .push(DefinitionError::SettingOnSubPipeline { sub, setting });
             return R::default();
         }
         f(&mut d.stages[self.id])
@@ -149,7 +153,7 @@ impl<I, O> StageRef<I, O> {
     /// Inside a sub-pipeline: this stage receives what enters the sub-pipeline (an entry),
     /// even if it is not the first one. Several entries take the input in parallel.
     pub fn entry(&self) -> Self {
-        self.with(|s| s.entry = true);
+        self.with("entry", |s| s.entry = true);
         self.this()
     }
 
@@ -208,40 +212,28 @@ impl<I, O> StageRef<I, O> {
 
     /// With several downstreams: send each item to one of them in turn instead of to all.
     pub fn round_robin(&self) -> Self {
-        self.with(|s| s.fanout = FanOut::RoundRobin);
+        self.with("round_robin", |s| s.fanout = FanOut::RoundRobin);
         self.this()
     }
 
     /// With several downstreams: send every item to each of them (the default).
     pub fn broadcast(&self) -> Self {
-        self.with(|s| s.fanout = FanOut::Broadcast);
+        self.with("broadcast", |s| s.fanout = FanOut::Broadcast);
         self.this()
     }
 
     /// Runs this stage under `exec`. Fork executors need serde on the stage's types: use
-    /// [`StageRef::cow_fork`] / [`StageRef::ipc_fork`], or [`StageRef::wire`] first.
+    /// [`StageRef::cow_fork`] / [`StageRef::ipc_fork`] (which check the bounds at compile
+    /// time and return a handle for the fork options), or declare the types first with
+    /// [`StageRef::wire_output`] (cow_fork) or [`StageRef::wire`] (every executor); without
+    /// that, `build()` fails with [`DefinitionError::NotSerialisable`]. Producers and
+    /// accumulators take no executor of their own (they run on their thread): `build()` fails
+    /// with [`DefinitionError::NotForThisKind`].
     pub fn executor(&self, exec: Exec) -> Self {
         if self.sub {
             self.def.borrow_mut().subs[self.id].exec = Some(exec);
         } else {
-            self.with(|s| s.exec = Some(ExecChoice::Exec(exec)));
-        }
-        self.this()
-    }
-
-    /// Per-item time limit of this stage's fork executor (set the executor first).
-    pub fn timeout(&self, limit: Duration) -> Self {
-        let bad = self.with(|s| match &mut s.exec {
-            Some(ExecChoice::Exec(e)) if e.is_fork() => {
-                *e = e.clone().timeout(limit);
-                false
-            }
-            _ => true,
-        });
-        if bad {
-            let name = self.name();
-            let m = "timeout needs a fork executor set on the stage first".to_string();
-            self.def.borrow_mut().misuse.push((name, m));
+            self.with("executor", |s| s.exec = Some(ExecChoice::Exec(exec)));
         }
         self.this()
     }
@@ -249,19 +241,19 @@ impl<I, O> StageRef<I, O> {
     /// Runs this stage in the named execution context (see [`Pipeline::context`](crate::Pipeline::context)).
     pub fn context(&self, name: impl Into<String>) -> Self {
         let c = ExecChoice::Context(name.into());
-        self.with(|s| s.exec = Some(c));
+        self.with("context", |s| s.exec = Some(c));
         self.this()
     }
 
     /// This stage's input queue capacity.
     pub fn capacity(&self, cap: Capacity) -> Self {
-        self.with(|s| s.capacity = Some(cap));
+        self.with("capacity", |s| s.capacity = Some(cap));
         self.this()
     }
 
     /// This stage's error policy.
     pub fn on_error(&self, policy: OnError) -> Self {
-        self.with(|s| {
+        self.with("on_error", |s| {
             let dead_letter = s.policy.then == Final::DeadLetter;
             s.policy = policy;
             if dead_letter {
@@ -274,7 +266,7 @@ impl<I, O> StageRef<I, O> {
     /// Sends each item that finally fails (after any retries) to `target`, with its failure.
     pub fn dead_letter<Y>(&self, target: &StageRef<Failed<I>, Y>) -> Self {
         let r = self.reference(target);
-        self.with(|s| {
+        self.with("dead_letter", |s| {
             s.dead_letter = Some(r);
             s.policy.then = Final::DeadLetter;
         });
@@ -308,31 +300,35 @@ impl<I, O> StageRef<I, O> {
             make: route::make_sender::<T>,
             codec,
         };
-        self.with(|s| s.routes.push((target, decl)));
+        self.with("a route", |s| s.routes.push((target, decl)));
         self.this()
     }
 
     /// Runs once on the stage's thread before it handles its first item.
     pub fn before(&self, hook: impl FnOnce() -> StageResult + Send + 'static) -> Self {
-        self.with(|s| s.hooks.before.push(Box::new(hook)));
+        self.with("a before hook", |s| s.hooks.before.push(Box::new(hook)));
         self.this()
     }
 
     /// Runs once after the stage handled its last item.
     pub fn after(&self, hook: impl FnOnce() -> StageResult + Send + 'static) -> Self {
-        self.with(|s| s.hooks.after.push(Box::new(hook)));
+        self.with("an after hook", |s| s.hooks.after.push(Box::new(hook)));
         self.this()
     }
 
     /// Runs in the parent before this fork stage first forks.
     pub fn before_fork(&self, hook: impl Fn() -> StageResult + Send + Sync + 'static) -> Self {
-        self.with(|s| s.hooks.before_fork.push(Arc::new(hook)));
+        self.with("a before_fork hook", |s| {
+            s.hooks.before_fork.push(Arc::new(hook))
+        });
         self.this()
     }
 
     /// Runs in each child of this fork stage (per item for cow_fork, per worker for ipc_fork).
     pub fn after_fork(&self, hook: impl Fn() -> StageResult + Send + Sync + 'static) -> Self {
-        self.with(|s| s.hooks.after_fork.push(Arc::new(hook)));
+        self.with("an after_fork hook", |s| {
+            s.hooks.after_fork.push(Arc::new(hook))
+        });
         self.this()
     }
 }
@@ -341,7 +337,7 @@ impl<O> StageRef<(), O> {
     /// For a producer: declares how many items it will emit, so progress views can show a
     /// percentage and the time left.
     pub fn total(&self, items: u64) -> Self {
-        self.with(|s| s.declared_total = Some(items));
+        self.with("total", |s| s.declared_total = Some(items));
         self.this()
     }
 }
@@ -349,35 +345,72 @@ impl<O> StageRef<(), O> {
 impl<I: Item> StageRef<I, Vec<I>> {
     /// For an accumulator: emit a partial batch once its first item has waited `wait`.
     pub fn max_wait(&self, wait: Duration) -> Self {
-        self.with(|s| s.max_wait = Some(wait));
+        self.with("max_wait", |s| s.max_wait = Some(wait));
         self.this()
     }
 }
 
 impl<I: Item, O: Wire> StageRef<I, O> {
-    /// Records that the output crosses a process (postcard), unless more was recorded.
-    fn set_cow(&self) {
-        self.with(|s| {
+    /// Declares that this stage's output can cross a process (its input need not), so that
+    /// a cow_fork executor set with [`StageRef::executor`], a context, a block or a default
+    /// can apply to it. [`StageRef::wire`] declares both types, for every executor.
+    pub fn wire_output(&self) -> Self {
+        self.with("wire_output", |s| {
             if s.crosses() == Crosses::Nothing {
                 let c = Crossing::<I, O>::output::<Postcard>();
                 s.crossing = Some(CrossingRecord::new(c, false));
             }
         });
+        self.this()
     }
 
     /// Runs this stage in one forked child per item, at most `n` at once. The child reads the
-    /// item through copy-on-write memory: only the output crosses the pipe.
-    pub fn cow_fork(&self, n: usize) -> Self {
-        self.set_cow();
-        self.executor(Exec::cow_fork(n))
+    /// item through copy-on-write memory: only the output crosses the pipe, so only the
+    /// output needs serde. Returns a handle for the cow_fork options (and, through `Deref`,
+    /// everything a [`StageRef`] does):
+    ///
+    /// ```
+    /// use minigun::Pipeline;
+    /// use std::time::Duration;
+    /// # #[derive(Clone)] struct Table(u64);
+    /// let p = Pipeline::new("lookup");
+    /// p.producer("keys", |out| out.emit_all((0..8u64).map(Table)).map_err(Into::into));
+    /// // `Table` has no serde: it reaches the child through copy-on-write memory.
+    /// p.map("look", |t: Table| Ok(t.0 * 2))
+    ///     .cow_fork(4)
+    ///     .timeout(Duration::from_secs(5))
+    ///     .items_per_fork(2)
+    ///     .ordered();
+    /// p.consumer("store", |_: u64| Ok(()));
+    /// assert_eq!(p.run().unwrap().stage("store").unwrap().items_in, 8);
+    /// ```
+    pub fn cow_fork(&self, n: usize) -> ForkRef<I, O, CowFork> {
+        self.wire_output();
+        self.executor(Exec::cow_fork(n));
+        ForkRef::new(self.this())
     }
 }
 
 impl<I: Wire, O: Wire> StageRef<I, O> {
-    /// Runs this stage on `n` persistent forked workers fed over pipes.
-    pub fn ipc_fork(&self, n: usize) -> Self {
+    /// Runs this stage on `n` persistent forked workers fed over pipes (input and output
+    /// need serde). Returns a handle for the ipc_fork options (and, through `Deref`,
+    /// everything a [`StageRef`] does):
+    ///
+    /// ```
+    /// use minigun::{Dispatch, Pipeline};
+    /// let p = Pipeline::new("score");
+    /// p.producer("ids", |out| out.emit_all(0..100u64).map_err(Into::into));
+    /// p.map("score", |x: u64| Ok(x + 1))
+    ///     .ipc_fork(2)
+    ///     .in_flight(16)
+    ///     .dispatch(Dispatch::LeastLoaded);
+    /// p.consumer("store", |_: u64| Ok(()));
+    /// assert_eq!(p.run().unwrap().stage("store").unwrap().items_in, 100);
+    /// ```
+    pub fn ipc_fork(&self, n: usize) -> ForkRef<I, O, IpcFork> {
         self.wire();
-        self.executor(Exec::ipc_fork(n))
+        self.executor(Exec::ipc_fork(n));
+        ForkRef::new(self.this())
     }
 
     /// Runs this stage on worker processes on any number of machines, fed through the
@@ -390,7 +423,7 @@ impl<I: Wire, O: Wire> StageRef<I, O> {
     /// Declares that this stage's items can cross a process, so a pipeline-wide, group or
     /// context fork executor can apply to it.
     pub fn wire(&self) -> Self {
-        self.with(|s| {
+        self.with("wire", |s| {
             if !s.crossing.as_ref().is_some_and(|c| c.codec_chosen) {
                 let c = Crossing::<I, O>::both::<Postcard>();
                 s.crossing = Some(CrossingRecord::new(c, false));
@@ -422,7 +455,9 @@ impl<I: Wire, O: Wire> StageRef<I, O> {
     /// assert_eq!(p.run().unwrap().stage("double").unwrap().items_out, 3);
     /// ```
     pub fn codec<C: Codec>(&self) -> Self {
-        self.with(|s| s.crossing = Some(CrossingRecord::new(Crossing::<I, O>::both::<C>(), true)));
+        self.with("codec", |s| {
+            s.crossing = Some(CrossingRecord::new(Crossing::<I, O>::both::<C>(), true))
+        });
         self.this()
     }
 }

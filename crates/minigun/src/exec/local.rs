@@ -21,21 +21,26 @@
 
 use crate::ctx::StageCtx;
 use crate::error::FailureKind;
+use crate::exec::order::{Held, Shared};
 use crate::exec::parts::{dead_letter, drain, Parts};
 use crate::policy::Verdict;
 use crate::route::Router;
-use crate::stage::{guarded, Output, Stage};
+use crate::stage::{guarded, Output, Sink, Stage};
 use crate::stats::Recorder;
 use quanta::Instant;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-/// Runs `threads` workers (1 = inline, on this thread) until the input ends.
+/// Runs `threads` workers (1 = inline, on this thread) until the input ends; with
+/// `in_order` (and several threads), the stage emits in input order: each item's outputs are
+/// held until every earlier item is done ([`Shared`]).
 pub(crate) fn run<I: Clone + Send + 'static, O: Clone + Send + 'static>(
     parts: Parts<I, O>,
     threads: usize,
+    in_order: bool,
 ) {
+    let shared = (in_order && threads > 1).then(|| Shared::new(parts.router.clone()));
     let worker = || {
         let mut stage = match guarded(|| Ok((parts.factory)())) {
             Ok(s) => s,
@@ -71,7 +76,18 @@ pub(crate) fn run<I: Clone + Send + 'static, O: Clone + Send + 'static>(
                     parts.ctx.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                t0 = process_item(&parts, &mut *stage, &mut router, &mut rec, item, index, t0);
+                t0 = match &shared {
+                    None => {
+                        process_item(&parts, &mut *stage, &mut router, &mut rec, item, index, t0)
+                    }
+                    Some(shared) => {
+                        let mut held = Held::new(&router);
+                        let t =
+                            process_item(&parts, &mut *stage, &mut held, &mut rec, item, index, t0);
+                        shared.done(index, held.outs);
+                        t
+                    }
+                };
                 if t0.saturating_duration_since(flushed) >= LINGER && flush(&parts.ctx, &mut router)
                 {
                     // Time blocked on a full downstream is not the next item's.
@@ -90,8 +106,16 @@ pub(crate) fn run<I: Clone + Send + 'static, O: Clone + Send + 'static>(
                 rec.idle(t0);
             }
         }
-        let mut out = Output::new(&mut router);
-        if let Err(c) = guarded(|| stage.finish(&mut out)) {
+        let finished = match &shared {
+            None => guarded(|| stage.finish(&mut Output::new(&mut router))),
+            Some(shared) => {
+                let mut held = Held::new(&router);
+                let r = guarded(|| stage.finish(&mut Output::new(&mut held)));
+                shared.send(held.outs);
+                r
+            }
+        };
+        if let Err(c) = finished {
             if !c.stop {
                 parts
                     .ctx
@@ -111,6 +135,9 @@ pub(crate) fn run<I: Clone + Send + 'static, O: Clone + Send + 'static>(
                     .expect("spawn stage worker thread");
             }
         });
+    }
+    if let Some(shared) = shared {
+        shared.end();
     }
 }
 
@@ -136,7 +163,7 @@ fn flush<O>(ctx: &StageCtx, router: &mut Router<O>) -> bool {
 fn process_item<I: Clone + Send + 'static, O: Clone + Send + 'static>(
     parts: &Parts<I, O>,
     stage: &mut dyn Stage<I, O>,
-    router: &mut Router<O>,
+    sink: &mut dyn Sink<O>,
     rec: &mut Recorder<'_>,
     item: I,
     index: u64,
@@ -147,7 +174,7 @@ fn process_item<I: Clone + Send + 'static, O: Clone + Send + 'static>(
     let mut attempt = 1;
     loop {
         let this = if keep { item.clone() } else { item.take() }.expect("item present");
-        let r = guarded(|| stage.process(this, &mut Output::new(router)));
+        let r = guarded(|| stage.process(this, &mut Output::new(sink)));
         let end = Instant::now();
         rec.attempt(t0, end);
         let Err(c) = r else {

@@ -116,6 +116,46 @@ pub enum Exec {
     /// Worker processes on any number of machines, fed through a message broker (see
     /// [`Exec::remote`]).
     Remote(Remote),
+    /// An option set on an executor it does not apply to (`Exec::threads(2).timeout(d)`),
+    /// kept so that `build()` reports it as a definition error naming the stage.
+    #[doc(hidden)]
+    Misapplied {
+        /// The executor, with the options that did apply.
+        base: Box<Exec>,
+        /// The first option that did not.
+        option: Opt,
+    },
+}
+
+/// A fork option: its name and the fork executors it applies to.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Opt {
+    pub(crate) name: &'static str,
+    cow: bool,
+    ipc: bool,
+}
+
+impl Opt {
+    const fn new(name: &'static str, cow: bool, ipc: bool) -> Self {
+        Opt { name, cow, ipc }
+    }
+    const TIMEOUT: Opt = Opt::new("timeout", true, true);
+    const MAX_FRAME: Opt = Opt::new("max_frame", true, true);
+    const ORDERED: Opt = Opt::new("ordered", true, true);
+    const ITEMS_PER_FORK: Opt = Opt::new("items_per_fork", true, false);
+    const IN_FLIGHT: Opt = Opt::new("in_flight", false, true);
+    const BATCH_RESULTS: Opt = Opt::new("batch_results", false, true);
+    const DISPATCH: Opt = Opt::new("dispatch", false, true);
+
+    /// The executors the option applies to, for messages.
+    pub(crate) fn applies_to(&self) -> &'static str {
+        match (self.cow, self.ipc) {
+            (true, true) => "cow_fork and ipc_fork",
+            (true, false) => "cow_fork",
+            _ => "ipc_fork",
+        }
+    }
 }
 
 impl Exec {
@@ -142,65 +182,53 @@ impl Exec {
     pub fn remote(remote: Remote) -> Self {
         Exec::Remote(remote)
     }
-    /// Per-item time limit (fork executors; ignored by the others).
-    pub fn timeout(mut self, t: Duration) -> Self {
-        if let Some(o) = self.fork_options_mut() {
-            o.timeout = Some(t);
-        }
-        self
+    /// Per-item time limit (fork executors). On another executor, `build()` fails with
+    /// [`DefinitionError::OptionNotForExecutor`](crate::DefinitionError::OptionNotForExecutor)
+    /// naming the stage; the same holds for every option below.
+    pub fn timeout(self, t: Duration) -> Self {
+        self.option(Opt::TIMEOUT, |o| o.timeout = Some(t))
     }
-    /// Largest frame accepted on a pipe (fork executors; ignored by the others).
-    pub fn max_frame(mut self, bytes: usize) -> Self {
-        if let Some(o) = self.fork_options_mut() {
-            o.max_frame = bytes;
-        }
-        self
+    /// Largest frame accepted on a pipe (fork executors).
+    pub fn max_frame(self, bytes: usize) -> Self {
+        self.option(Opt::MAX_FRAME, |o| o.max_frame = bytes)
     }
-    /// Items a persistent worker may hold at once (ipc_fork; ignored by the others).
-    pub fn in_flight(mut self, n: usize) -> Self {
-        if let Some(o) = self.fork_options_mut() {
-            o.in_flight = n;
-        }
-        self
+    /// Items a persistent worker may hold at once (ipc_fork).
+    pub fn in_flight(self, n: usize) -> Self {
+        self.option(Opt::IN_FLIGHT, |o| o.in_flight = n)
     }
-    /// Emit results in input order (fork executors; ignored by the others). Results of a
-    /// finished item wait for every earlier item to finish.
-    pub fn ordered(mut self) -> Self {
-        if let Some(o) = self.fork_options_mut() {
-            o.ordered = true;
-        }
-        self
+    /// Emit results in input order (fork executors). Results of a finished item wait for
+    /// every earlier item to finish.
+    pub fn ordered(self) -> Self {
+        self.option(Opt::ORDERED, |o| o.ordered = true)
     }
-    /// Up to `n` ready items per forked child (cow_fork; ignored by the others): for cheap
-    /// items, the fork's cost is shared. `after_fork` hooks and the stage instance are then
-    /// per child, not per item. Default 1.
-    pub fn items_per_fork(mut self, n: usize) -> Self {
-        if let Some(o) = self.fork_options_mut() {
+    /// Up to `n` ready items per forked child (cow_fork): for cheap items, the fork's cost is
+    /// shared. `after_fork` hooks and the stage instance are then per child, not per item.
+    /// Default 1.
+    pub fn items_per_fork(self, n: usize) -> Self {
+        self.option(Opt::ITEMS_PER_FORK, |o| {
             o.items_per_fork = n.max(1);
             o.items_per_fork_auto = false;
-        }
-        self
+        })
     }
-    /// Lets cow_fork choose how many ready items each child gets, up to `max` (ignored by
-    /// the others): it measures what a fork costs (the fork, the child's start and exit)
-    /// and how long items run, and gives a child enough items that the fork is about a
-    /// tenth of its life. Expensive items still get a child each; cheap ones share one.
+    /// Lets cow_fork choose how many ready items each child gets, up to `max`: it measures
+    /// what a fork costs (the fork, the child's start and exit) and how long items run, and
+    /// gives a child enough items that the fork is about a tenth of its life. Expensive items
+    /// still get a child each; cheap ones share one.
     ///
     /// Items that share a child share its stage instance, its `after_fork` hooks and its
     /// memory (an item sees what earlier items of its child wrote; the parent never does).
     /// When a child dies, the item it was running fails alone (with its crash kind) and the
     /// items after it run again in a new child, once, their attempt not counted. Ordering,
     /// timeouts and retries stay per item.
-    pub fn items_per_fork_auto(mut self, max: usize) -> Self {
-        if let Some(o) = self.fork_options_mut() {
+    pub fn items_per_fork_auto(self, max: usize) -> Self {
+        self.option(Opt::ITEMS_PER_FORK, |o| {
             o.items_per_fork = max.max(1);
             o.items_per_fork_auto = true;
-        }
-        self
+        })
     }
     /// Whether ipc_fork workers send the results of cheap items in batches (the default) or
-    /// with one write per item (ignored by the others). For streams of small items, batches
-    /// give about twice the throughput; a result then waits at most about 3 ms longer.
+    /// with one write per item. For streams of small items, batches give about twice the
+    /// throughput; a result then waits at most about 3 ms longer.
     ///
     /// A batched worker keeps finished results in memory it shares with the parent, so a
     /// crash, a kill or a timeout still fails exactly the item that was running and no item
@@ -208,27 +236,44 @@ impl Exec {
     /// results were lost run again on workers that write per item. With `false`, a corrupt
     /// stream fails exactly the item whose code wrote into it. The protocol, with its
     /// invariants, is described in the repository's `crates/minigun/src/ipc/README.md`.
-    pub fn batch_results(mut self, on: bool) -> Self {
-        if let Some(o) = self.fork_options_mut() {
-            o.batch_results = on;
-        }
-        self
+    pub fn batch_results(self, on: bool) -> Self {
+        self.option(Opt::BATCH_RESULTS, |o| o.batch_results = on)
     }
-    /// How ipc_fork picks a worker for each item (ignored by the others).
-    pub fn dispatch(mut self, d: Dispatch) -> Self {
-        if let Some(o) = self.fork_options_mut() {
-            o.dispatch = d;
+    /// How ipc_fork picks a worker for each item.
+    pub fn dispatch(self, d: Dispatch) -> Self {
+        self.option(Opt::DISPATCH, |o| o.dispatch = d)
+    }
+    /// Sets a fork option where it applies; elsewhere keeps it as misapplied, for the planner
+    /// to report (the first misapplied option is the one reported).
+    fn option(self, opt: Opt, set: impl FnOnce(&mut ForkOptions)) -> Self {
+        match self {
+            Exec::CowFork(mut o) if opt.cow => {
+                set(&mut o);
+                Exec::CowFork(o)
+            }
+            Exec::IpcFork(mut o) if opt.ipc => {
+                set(&mut o);
+                Exec::IpcFork(o)
+            }
+            Exec::Misapplied { base, option } => Exec::Misapplied {
+                base: Box::new(base.option(opt, set).without_misapplied()),
+                option,
+            },
+            other => Exec::Misapplied {
+                base: Box::new(other),
+                option: opt,
+            },
         }
-        self
+    }
+    /// The executor with its misapplied options dropped.
+    fn without_misapplied(self) -> Self {
+        match self {
+            Exec::Misapplied { base, .. } => *base,
+            other => other,
+        }
     }
     /// The options of a fork executor.
     pub(crate) fn fork_options(&self) -> Option<&ForkOptions> {
-        match self {
-            Exec::CowFork(o) | Exec::IpcFork(o) => Some(o),
-            _ => None,
-        }
-    }
-    fn fork_options_mut(&mut self) -> Option<&mut ForkOptions> {
         match self {
             Exec::CowFork(o) | Exec::IpcFork(o) => Some(o),
             _ => None,
@@ -244,6 +289,7 @@ impl Exec {
             Exec::Threads(n) => *n,
             Exec::CowFork(o) | Exec::IpcFork(o) => o.workers,
             Exec::Remote(r) => r.max_in_flight,
+            Exec::Misapplied { base, .. } => base.concurrency(),
         }
     }
 }
@@ -256,6 +302,7 @@ impl std::fmt::Display for Exec {
             Exec::CowFork(o) => write!(f, "cow_fork({})", o.workers),
             Exec::IpcFork(o) => write!(f, "ipc_fork({})", o.workers),
             Exec::Remote(r) => write!(f, "remote({})", r.broker.name()),
+            Exec::Misapplied { base, .. } => base.fmt(f),
         }
     }
 }

@@ -1,9 +1,12 @@
 //! Results in input order, for the executors that can finish items out of order (the fork
-//! executors and remote stages): [`Release`].
+//! executors and remote stages): [`Release`]; and for the workers of `threads(n)` when the
+//! stage must keep input order ([`Shared`], with [`Held`] collecting one item's outputs).
 
+use crate::error::EmitError;
 use crate::route::Router;
 use crate::stage::{Item, Sink};
 use std::collections::BTreeMap;
+use std::sync::{Mutex, PoisonError};
 
 /// Routes results downstream, in input order when asked: results of item `i` are held until
 /// every item before `i` has finished (succeeded or finally failed).
@@ -52,5 +55,75 @@ impl<O: Item> Release<O> {
                 let _ = router.send(o);
             }
         }
+    }
+}
+
+/// One [`Release`] (in order) with the stage's router, shared by the workers of
+/// `threads(n)`: each hands over an item's outputs when the item is done.
+pub(crate) struct Shared<O> {
+    inner: Mutex<(Release<O>, Router<O>)>,
+}
+
+impl<O: Item> Shared<O> {
+    pub(crate) fn new(router: Router<O>) -> Self {
+        Shared {
+            inner: Mutex::new((Release::new(true), router)),
+        }
+    }
+    /// Item `index` is done and emitted `outs`.
+    pub(crate) fn done(&self, index: u64, outs: Vec<O>) {
+        self.with(|release, router| {
+            for o in outs {
+                release.emit(index, o, router);
+            }
+            release.finished(index, router);
+        });
+    }
+    /// Outputs that belong to no item (a stage instance's `finish`), sent now.
+    pub(crate) fn send(&self, outs: Vec<O>) {
+        self.with(|_, router| {
+            for o in outs {
+                let _ = router.send(o);
+            }
+        });
+    }
+    /// The end of the stage: whatever is still held goes out.
+    pub(crate) fn end(&self) {
+        self.with(|release, router| release.release_all(router));
+    }
+    fn with(&self, f: impl FnOnce(&mut Release<O>, &mut Router<O>)) {
+        let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let (release, router) = &mut *g;
+        f(release, router)
+    }
+}
+
+/// Collects what one item emits, for [`Shared::done`]; routed items go out at once through
+/// the worker's router (their order is not the stage's).
+pub(crate) struct Held<'r, O> {
+    pub(crate) outs: Vec<O>,
+    router: &'r Router<O>,
+}
+
+impl<'r, O> Held<'r, O> {
+    pub(crate) fn new(router: &'r Router<O>) -> Self {
+        Held {
+            outs: Vec::new(),
+            router,
+        }
+    }
+}
+
+impl<O: Clone> Sink<O> for Held<'_, O> {
+    fn send(&mut self, item: O) -> Result<(), EmitError> {
+        self.outs.push(item);
+        Ok(())
+    }
+    fn route(
+        &mut self,
+        target: &str,
+        item: Box<dyn std::any::Any + Send>,
+    ) -> Result<(), EmitError> {
+        self.router.route_dynamic(target, item)
     }
 }

@@ -13,7 +13,9 @@
 //!    sub-pipeline (or deeper) wins over its default;
 //! 3. the pipeline's default ([`Pipeline::default_executor`](crate::Pipeline::default_executor)).
 //!
-//! Then [`fit`]: producers and accumulators always run on their driver thread; a fork
+//! Then [`fit`]: an option set on an executor it does not belong to is an error;
+//! producers and accumulators always run on their driver thread (a setting of their own that
+//! says otherwise is an error, an inherited one does not apply to them); a fork
 //! executor needs the stage's types to cross a process (an explicit setting that cannot
 //! apply is an error, an inherited one falls back to inline); a fork stage cannot route to a
 //! target declared with `routes_to_local`; where fork is not available, fork stages run
@@ -84,29 +86,48 @@ pub(crate) struct Stage<'a> {
 /// The executor a stage runs under, from the setting that applies to it (see the module
 /// docs); `fork_available` is [`fork_available`](super::runner::fork_available) in the crate.
 pub(crate) fn fit(s: Stage<'_>, exec: Exec, env: Env) -> Result<Exec, DefinitionError> {
-    let invalid = |message: String| DefinitionError::InvalidConfig {
-        stage: s.name.to_string(),
-        message,
-    };
+    let stage = || s.name.to_string();
+    if matches!(s.kind, StageKind::Producer | StageKind::Accumulator) {
+        // Producers and accumulators always run on their driver thread: a setting of their
+        // own that says otherwise cannot apply.
+        if s.explicit && exec != Exec::Inline {
+            return Err(DefinitionError::NotForThisKind {
+                stage: stage(),
+                kind: s.kind,
+                setting: format!("executor {exec}"),
+                applies_to: "processors, consumers and custom stages (producers and \
+                             accumulators run on their own thread)",
+            });
+        }
+        return Ok(Exec::Inline);
+    }
+    if let Exec::Misapplied { base, option } = &exec {
+        return Err(DefinitionError::OptionNotForExecutor {
+            stage: stage(),
+            option: option.name,
+            executor: base.to_string(),
+            applies_to: option.applies_to(),
+        });
+    }
     if let Some(o) = exec.fork_options() {
         if o.max_frame < MIN_MAX_FRAME {
-            return Err(invalid(format!(
-                "max_frame {} is below the minimum of {MIN_MAX_FRAME} bytes",
-                o.max_frame
-            )));
+            return Err(DefinitionError::MaxFrameTooSmall {
+                stage: stage(),
+                max_frame: o.max_frame,
+                minimum: MIN_MAX_FRAME,
+            });
         }
     }
     if exec.concurrency() == 0 {
-        return Err(invalid(format!("{exec} needs at least one worker")));
-    }
-    if matches!(s.kind, StageKind::Producer | StageKind::Accumulator) {
-        // Producers and accumulators always run on their driver thread.
-        return Ok(Exec::Inline);
+        return Err(DefinitionError::NoWorkers {
+            stage: stage(),
+            executor: exec.to_string(),
+        });
     }
     if s.crosses < needs(&exec) {
         if s.explicit {
             return Err(DefinitionError::NotSerialisable {
-                stage: s.name.to_string(),
+                stage: stage(),
                 executor: exec.to_string(),
             });
         }
@@ -116,9 +137,9 @@ pub(crate) fn fit(s: Stage<'_>, exec: Exec, env: Env) -> Result<Exec, Definition
         return Ok(Exec::Inline);
     }
     if exec.is_fork() && s.local_routes {
-        return Err(DefinitionError::NotSerialisable {
-            stage: s.name.to_string(),
-            executor: format!("{exec} (a route declared with routes_to_local)"),
+        return Err(DefinitionError::LocalRouteAcrossProcess {
+            stage: stage(),
+            executor: exec.to_string(),
         });
     }
     if exec.is_fork() && !env.fork {
@@ -127,17 +148,30 @@ pub(crate) fn fit(s: Stage<'_>, exec: Exec, env: Env) -> Result<Exec, Definition
     }
     if let Exec::Remote(r) = &exec {
         if s.kind == StageKind::Consumer {
-            return Err(invalid(format!(
-                "{exec} applies to processors (map, processor, stage): a consumer stays in \
-                 the parent"
-            )));
+            return Err(DefinitionError::NotForThisKind {
+                stage: stage(),
+                kind: s.kind,
+                setting: format!("executor {exec}"),
+                applies_to: "processors (map, processor, stage): a consumer stays in the parent",
+            });
         }
         if s.routes {
-            return Err(invalid(format!(
-                "{exec} cannot route items by name (routes_to): a remote stage sends its \
-                 results to its downstreams only"
-            )));
+            return Err(DefinitionError::RemoteRoutes {
+                stage: stage(),
+                executor: exec.to_string(),
+            });
         }
+        // The workers run the items under `worker_exec`: its mistakes are found here, where
+        // the definition is built, not silently on the workers.
+        let local = Stage {
+            explicit: true,
+            ..s
+        };
+        let on_workers = Env {
+            fork: true,
+            remote: false,
+        };
+        fit(local, (*r.worker_exec).clone(), on_workers)?;
         if !env.remote {
             tracing::info!(stage = %s.name, worker_exec = %r.worker_exec,
                 "remote stages are off (MINIGUN_REMOTE=off): the stage runs here");
@@ -157,6 +191,7 @@ fn needs(exec: &Exec) -> Crosses {
         Exec::Inline | Exec::Threads(_) => Crosses::Nothing,
         Exec::CowFork(_) => Crosses::Output,
         Exec::IpcFork(_) | Exec::Remote(_) => Crosses::Both,
+        Exec::Misapplied { base, .. } => needs(base),
     }
 }
 
@@ -266,6 +301,26 @@ mod tests {
     }
 
     #[test]
+    fn a_remote_stage_worker_executor_is_checked_where_the_definition_is_built() {
+        let exec = Exec::remote(
+            crate::remote::Remote::new(crate::remote::MemoryBroker::new())
+                .worker_exec(Exec::threads(2).items_per_fork(3)),
+        );
+        let s = stage(StageKind::Processor, true, Crosses::Both);
+        match fit(s, exec, ENV) {
+            Err(DefinitionError::OptionNotForExecutor {
+                option, executor, ..
+            }) => {
+                assert_eq!(
+                    (option, executor.as_str()),
+                    ("items_per_fork", "threads(2)")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn with_remote_stages_off_a_remote_stage_runs_under_its_worker_executor() {
         let off = Env {
             fork: true,
@@ -285,12 +340,73 @@ mod tests {
     }
 
     #[test]
-    fn producers_and_accumulators_run_inline_whatever_applies() {
+    fn producers_and_accumulators_run_inline_whatever_they_inherit() {
         for kind in [StageKind::Producer, StageKind::Accumulator] {
-            let s = stage(kind, true, Crosses::Nothing);
+            let s = stage(kind, false, Crosses::Both);
             assert_eq!(fit(s, Exec::ipc_fork(2), ENV).unwrap(), Exec::Inline);
             assert_eq!(fit(s, t(3), ENV).unwrap(), Exec::Inline);
         }
+    }
+
+    #[test]
+    fn an_executor_of_their_own_on_producers_and_accumulators_is_an_error() {
+        for kind in [StageKind::Producer, StageKind::Accumulator] {
+            let s = stage(kind, true, Crosses::Both);
+            for exec in [Exec::ipc_fork(2), Exec::cow_fork(2), t(3)] {
+                match fit(s, exec.clone(), ENV) {
+                    Err(DefinitionError::NotForThisKind {
+                        stage,
+                        kind: k,
+                        setting,
+                        ..
+                    }) => {
+                        assert_eq!((stage.as_str(), k), ("s", kind));
+                        assert_eq!(setting, format!("executor {exec}"));
+                    }
+                    other => panic!("{kind} under {exec}: {other:?}"),
+                }
+            }
+            assert_eq!(fit(s, Exec::Inline, ENV).unwrap(), Exec::Inline);
+        }
+    }
+
+    #[test]
+    fn an_option_on_an_executor_it_does_not_belong_to_is_an_error() {
+        let s = stage(StageKind::Processor, false, Crosses::Both);
+        let cases = [
+            (t(2).timeout(std::time::Duration::from_secs(1)), "timeout"),
+            (Exec::Inline.ordered(), "ordered"),
+            (Exec::ipc_fork(2).items_per_fork(4), "items_per_fork"),
+            (Exec::cow_fork(2).in_flight(4), "in_flight"),
+            (
+                Exec::cow_fork(2).dispatch(crate::Dispatch::LeastLoaded),
+                "dispatch",
+            ),
+            (
+                Exec::cow_fork(2).ordered().batch_results(false),
+                "batch_results",
+            ),
+        ];
+        for (exec, want) in cases {
+            match fit(s, exec, ENV) {
+                Err(DefinitionError::OptionNotForExecutor { stage, option, .. }) => {
+                    assert_eq!((stage.as_str(), option), ("s", want));
+                }
+                other => panic!("{want}: {other:?}"),
+            }
+        }
+        // The options that apply are kept beside a misapplied one; the first misapplied is
+        // the one reported.
+        let e = Exec::cow_fork(2)
+            .in_flight(3)
+            .ordered()
+            .dispatch(crate::Dispatch::LeastLoaded);
+        let Exec::Misapplied { base, option } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(**base, Exec::cow_fork(2).ordered());
+        assert_eq!(option.name, "in_flight");
+        assert_eq!(option.applies_to(), "ipc_fork");
     }
 
     #[test]
@@ -341,11 +457,22 @@ mod tests {
 
     #[test]
     fn zero_workers_and_a_tiny_max_frame_are_refused() {
-        let s = stage(StageKind::Producer, true, Crosses::Both);
+        let s = stage(StageKind::Processor, true, Crosses::Both);
         let e = fit(s, t(0), ENV).unwrap_err();
+        assert!(matches!(&e, DefinitionError::NoWorkers { .. }), "{e}");
         assert!(e.to_string().contains("at least one worker"), "{e}");
         let e = fit(s, Exec::ipc_fork(1).max_frame(100), ENV).unwrap_err();
-        assert!(e.to_string().contains("max_frame 100"), "{e}");
+        assert!(
+            matches!(
+                &e,
+                DefinitionError::MaxFrameTooSmall {
+                    max_frame: 100,
+                    minimum: 4096,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         assert!(fit(s, Exec::ipc_fork(1).max_frame(4096), ENV).is_ok());
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! Which executors a stage's types allow is known only where the serde bounds are: in the
 //! handle methods of [`StageRef`](crate::StageRef) that require them (`cow_fork`, `ipc_fork`,
-//! `wire`, `codec`). Those methods record a [`Crossing`]: what the types cross
+//! `wire`, `wire_output`, `codec`). Those methods record a [`Crossing`]: what the types cross
 //! ([`Crosses`], read by the planner) and the serde-bounded [`Entry`] points of the crossing
 //! executors (cow_fork, ipc_fork, remote) for exactly these types, monomorphised there.
 //! Nothing else in the crate needs the bounds.
@@ -196,13 +196,14 @@ fn unreachable_flavour<I: Item, O: Item>(
     _: ForkHooks,
 ) -> PreparedRun {
     debug_assert!(false, "the planner does not give {across:?} to these types");
-    Box::new(move || local::run(parts, 1))
+    Box::new(move || local::run(parts, 1, false))
 }
 
 /// A processor stage's executor, as planned.
 pub(crate) enum Runner<I, O> {
-    /// Inline (one worker, on the driver thread) or `threads(n)`.
-    Local { threads: usize },
+    /// Inline (one worker, on the driver thread) or `threads(n)`, whose workers emit in
+    /// input order when `in_order`.
+    Local { threads: usize, in_order: bool },
     /// cow_fork, ipc_fork or remote.
     Across {
         across: Box<Across>,
@@ -229,9 +230,14 @@ impl<I: Item, O: Item> Runner<I, O> {
             }
         };
         let runner = match exec {
-            Exec::Inline => Runner::Local { threads: 1 },
+            // The planner refuses misapplied options before any runner is made.
+            Exec::Inline | Exec::Misapplied { .. } => Runner::Local {
+                threads: 1,
+                in_order: false,
+            },
             Exec::Threads(n) => Runner::Local {
                 threads: (*n).max(1),
+                in_order: false,
             },
             Exec::CowFork(opts) => across(Across::Cow(opts.clone())),
             Exec::IpcFork(opts) => across(Across::Ipc(opts.clone())),
@@ -240,11 +246,25 @@ impl<I: Item, O: Item> Runner<I, O> {
         (runner, codec)
     }
 
+    /// The same runner, emitting in input order (for `threads(n)`; the fork and remote
+    /// executors keep order through their own `ordered` option).
+    pub(crate) fn in_order(self) -> Self {
+        match self {
+            Runner::Local { threads, .. } => Runner::Local {
+                threads,
+                in_order: true,
+            },
+            other => other,
+        }
+    }
+
     /// Prepares the stage's run; called on the run's thread before any stage thread exists
     /// (ipc_fork forks its workers here). The result runs on the stage's driver thread.
     pub(crate) fn prepare(self, parts: Parts<I, O>) -> PreparedRun {
         match self {
-            Runner::Local { threads } => Box::new(move || local::run(parts, threads)),
+            Runner::Local { threads, in_order } => {
+                Box::new(move || local::run(parts, threads, in_order))
+            }
             Runner::Across {
                 across,
                 hooks,

@@ -8,8 +8,11 @@
 //! names it in `from`. Walking the stages in order, producers and stages without explicit
 //! outputs are *open*; the next non-producer stage without explicit inputs takes every open
 //! stage as its upstreams (so several producers each feed the next stage). Consumers are never
-//! open: their output is `()`. A dead-letter edge counts as an explicit input of its target;
-//! a dynamic-route edge does not (a loop's entry stage is still fed by the stage before it).
+//! open: their output is `()`. A dead-letter edge counts as an explicit input of its target,
+//! and so does a declared route from a stage defined before the target (a stage fed by a
+//! router takes nothing by definition order); a route back to a stage defined earlier (a
+//! routing loop's edge back to its entry) does not, so a loop's entry stage is still fed by
+//! the stage before it. A route's source keeps its own default output.
 
 use crate::error::DefinitionError;
 use crate::stage::StageKind;
@@ -66,6 +69,9 @@ pub(crate) struct Wired {
     pub(crate) order: Vec<usize>,
     /// Routing loops: the stages of each strongly connected component with a cycle.
     pub(crate) loops: Vec<Vec<usize>>,
+    /// The edges among `edges` that only the sequential default wiring made (for messages
+    /// that say how to wire otherwise).
+    pub(crate) defaults: Vec<(usize, usize)>,
     /// Entries and exits of each sub-pipeline.
     pub(crate) subs: Vec<SubIo>,
 }
@@ -93,7 +99,8 @@ impl Declared {
                 push_edge((u, v), &mut edges);
             }
         }
-        let subs = self.wire_defaults(&mut edges);
+        let mut defaults = Vec::new();
+        let subs = self.wire_defaults(&mut edges, &mut defaults);
         for &(u, v) in &edges {
             if self.kinds[v] == StageKind::Producer {
                 return Err(DefinitionError::ProducerHasInput {
@@ -113,6 +120,7 @@ impl Declared {
         let (order, loops) = self.order_with_loops(&all)?;
         Ok(Wired {
             edges,
+            defaults,
             order,
             loops,
             subs,
@@ -154,7 +162,11 @@ impl Declared {
     /// each scope a sub-pipeline is one node (its entries as inputs, its exits as outputs).
     /// Also expands explicit edges to and from sub-pipelines. Returns each one's entries and
     /// exits.
-    fn wire_defaults(&self, edges: &mut Vec<(usize, usize)>) -> Vec<SubIo> {
+    fn wire_defaults(
+        &self,
+        edges: &mut Vec<(usize, usize)>,
+        defaults: &mut Vec<(usize, usize)>,
+    ) -> Vec<SubIo> {
         let dead: Vec<(usize, usize)> = self
             .side
             .iter()
@@ -164,7 +176,7 @@ impl Declared {
         let mut io: Vec<Option<SubIo>> = vec![None; self.sub_parent.len()];
         let mut expanded = vec![false; self.port_edges.len()];
         for scope in self.scopes_innermost_first() {
-            self.wire_scope(scope, &dead, &io, edges);
+            self.wire_scope(scope, &dead, &io, edges, defaults);
             self.expand_port_edges(&io, &mut expanded, edges);
             if let Some(g) = scope {
                 io[g] = Some(self.sub_io(g, &dead, edges));
@@ -198,6 +210,7 @@ impl Declared {
         dead: &[(usize, usize)],
         io: &[Option<SubIo>],
         edges: &mut Vec<(usize, usize)>,
+        defaults: &mut Vec<(usize, usize)>,
     ) {
         let mut items: Vec<Port> = Vec::new();
         for v in 0..self.names.len() {
@@ -213,7 +226,10 @@ impl Declared {
             if !ins.is_empty() && !self.explicit_in(it, dead) {
                 for &u in &open {
                     for &v in &ins {
-                        push_edge((u, v), edges);
+                        if !edges.contains(&(u, v)) {
+                            edges.push((u, v));
+                            defaults.push((u, v));
+                        }
                     }
                 }
                 open.clear();
@@ -279,7 +295,8 @@ impl Declared {
     }
 
     /// Whether an item has explicit inputs: a `from`, the target of a `to`, of a dead-letter
-    /// edge (`dead`) or of an edge to a sub-pipeline, or (a stage) marked as an entry.
+    /// edge (`dead`), of a route from a stage defined before it, or of an edge to a
+    /// sub-pipeline, or (a stage) marked as an entry.
     fn explicit_in(&self, p: Port, dead: &[(usize, usize)]) -> bool {
         match p {
             Port::Stage(v) => {
@@ -287,6 +304,7 @@ impl Declared {
                     || !self.from[v].is_empty()
                     || self.to.iter().any(|t| t.contains(&v))
                     || dead.iter().any(|&(_, d)| d == v)
+                    || self.routes.iter().any(|&(u, d)| d == v && u < v)
                     || self.port_edges.iter().any(|&(_, b)| b == p)
             }
             Port::Sub(_) => self.port_edges.iter().any(|&(_, b)| b == p),
@@ -360,9 +378,8 @@ impl Declared {
                     .expect_err("the component has a cycle"));
             }
             if let Some(&a) = m.iter().find(|&&v| self.kinds[v] == StageKind::Accumulator) {
-                return Err(DefinitionError::InvalidConfig {
+                return Err(DefinitionError::AccumulatorInLoop {
                     stage: self.names[a].clone(),
-                    message: "an accumulator cannot be part of a routing loop".into(),
                 });
             }
             loops.push(m.clone());
@@ -503,272 +520,5 @@ fn components(n: usize, edges: &[(usize, usize)]) -> Vec<usize> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use StageKind::*;
-
-    fn decl(stages: &[(&str, StageKind)]) -> Declared {
-        let n = stages.len();
-        Declared {
-            names: stages.iter().map(|s| s.0.to_string()).collect(),
-            kinds: stages.iter().map(|s| s.1).collect(),
-            from: vec![vec![]; n],
-            to: vec![vec![]; n],
-            side: vec![],
-            routes: vec![],
-            sub_of: vec![],
-            sub_parent: vec![],
-            port_edges: vec![],
-            entry: vec![],
-            sealed: vec![],
-            sealed_subs: vec![],
-        }
-    }
-
-    #[test]
-    fn a_sub_pipeline_is_one_node_of_the_sequence() {
-        // gen, [etl: extract, transform], sink
-        let mut d = decl(&[
-            ("gen", Producer),
-            ("etl/extract", Processor),
-            ("etl/transform", Processor),
-            ("sink", Consumer),
-        ]);
-        d.sub_of = vec![None, Some(0), Some(0), None];
-        d.sub_parent = vec![None];
-        let w = d.wire("t").unwrap();
-        assert_eq!(w.edges, vec![(1, 2), (0, 1), (2, 3)]);
-        assert_eq!(
-            w.subs[0],
-            SubIo {
-                entries: vec![1],
-                exits: vec![2]
-            }
-        );
-    }
-
-    #[test]
-    fn marked_entries_take_the_input_in_parallel() {
-        // gen, [sub: l (entry), r (entry), join from l and r], sink
-        let mut d = decl(&[
-            ("gen", Producer),
-            ("s/l", Processor),
-            ("s/r", Processor),
-            ("s/j", Processor),
-            ("sink", Consumer),
-        ]);
-        d.sub_of = vec![None, Some(0), Some(0), Some(0), None];
-        d.sub_parent = vec![None];
-        d.entry = vec![false, true, true, false, false];
-        d.from[3] = vec![1, 2];
-        let w = d.wire("t").unwrap();
-        assert_eq!(
-            w.subs[0],
-            SubIo {
-                entries: vec![1, 2],
-                exits: vec![3]
-            }
-        );
-        for e in [(0, 1), (0, 2), (1, 3), (2, 3), (3, 4)] {
-            assert!(w.edges.contains(&e), "{e:?} missing in {:?}", w.edges);
-        }
-        assert_eq!(w.edges.len(), 5);
-    }
-
-    #[test]
-    fn three_levels_and_explicit_edges_to_a_sub_pipeline() {
-        // a, [outer: [mid: [inner: x]], y], b.from(outer)
-        let mut d = decl(&[
-            ("a", Producer),
-            ("o/m/i/x", Processor),
-            ("o/y", Processor),
-            ("b", Consumer),
-        ]);
-        d.sub_of = vec![None, Some(2), Some(0), None];
-        d.sub_parent = vec![None, Some(0), Some(1)];
-        d.port_edges = vec![(Port::Sub(0), Port::Stage(3))];
-        let w = d.wire("t").unwrap();
-        assert_eq!(
-            w.subs[0],
-            SubIo {
-                entries: vec![1],
-                exits: vec![2]
-            }
-        );
-        assert_eq!(
-            w.subs[2],
-            SubIo {
-                entries: vec![1],
-                exits: vec![1]
-            }
-        );
-        for e in [(0, 1), (1, 2), (2, 3)] {
-            assert!(w.edges.contains(&e), "{e:?} missing in {:?}", w.edges);
-        }
-        assert_eq!(w.edges.len(), 3);
-    }
-
-    #[test]
-    fn a_cycle_through_a_route_is_a_loop() {
-        // gen -> fetch -> extract, extract routes back to fetch.
-        let mut d = decl(&[
-            ("gen", Producer),
-            ("fetch", Processor),
-            ("extract", Processor),
-            ("sink", Consumer),
-        ]);
-        d.side = vec![(2, 1)];
-        d.routes = vec![(2, 1)];
-        let w = d.wire("t").unwrap();
-        assert_eq!(w.loops, vec![vec![1, 2]]);
-        assert_eq!(w.order, vec![0, 1, 2, 3]);
-        // A self-route is a loop of one.
-        let mut d = decl(&[("gen", Producer), ("crawl", Processor)]);
-        d.side = vec![(1, 1)];
-        d.routes = vec![(1, 1)];
-        assert_eq!(d.wire("t").unwrap().loops, vec![vec![1]]);
-    }
-
-    #[test]
-    fn accumulators_cannot_be_in_a_loop() {
-        let mut d = decl(&[("gen", Producer), ("a", Processor), ("b", Accumulator)]);
-        d.side = vec![(2, 1)];
-        d.routes = vec![(2, 1)];
-        assert!(
-            matches!(d.wire("t"), Err(DefinitionError::InvalidConfig { stage, .. }) if stage == "b")
-        );
-    }
-
-    #[test]
-    fn components_of_a_figure_eight() {
-        let c = components(5, &[(0, 1), (1, 0), (1, 2), (2, 3), (3, 2), (3, 4)]);
-        assert_eq!(c[0], c[1]);
-        assert_eq!(c[2], c[3]);
-        assert_ne!(c[0], c[2]);
-        assert_ne!(c[4], c[2]);
-    }
-
-    #[test]
-    fn sequential_chain() {
-        let d = decl(&[
-            ("p", Producer),
-            ("a", Processor),
-            ("b", Accumulator),
-            ("c", Consumer),
-        ]);
-        let w = d.wire("t").unwrap();
-        assert_eq!(w.edges, vec![(0, 1), (1, 2), (2, 3)]);
-        assert_eq!(w.order, vec![0, 1, 2, 3]);
-    }
-
-    #[test]
-    fn several_producers_feed_next_stage() {
-        let d = decl(&[("p1", Producer), ("p2", Producer), ("a", Processor)]);
-        assert_eq!(d.wire("t").unwrap().edges, vec![(0, 2), (1, 2)]);
-    }
-
-    #[test]
-    fn explicit_diamond_adds_no_default_edges() {
-        let mut d = decl(&[
-            ("p", Producer),
-            ("l", Processor),
-            ("r", Processor),
-            ("j", Consumer),
-        ]);
-        d.from[1] = vec![0];
-        d.from[2] = vec![0];
-        d.from[3] = vec![1, 2];
-        let w = d.wire("t").unwrap();
-        assert_eq!(w.edges, vec![(0, 1), (0, 2), (1, 3), (2, 3)]);
-    }
-
-    #[test]
-    fn forward_to_reference() {
-        let mut d = decl(&[("p", Producer), ("a", Processor), ("b", Consumer)]);
-        d.to[0] = vec![2];
-        d.from[1] = vec![0];
-        d.to[1] = vec![2];
-        assert_eq!(d.wire("t").unwrap().edges, vec![(0, 1), (0, 2), (1, 2)]);
-    }
-
-    #[test]
-    fn duplicate_name() {
-        let d = decl(&[("p", Producer), ("p", Processor)]);
-        assert_eq!(
-            d.wire("t"),
-            Err(DefinitionError::DuplicateName {
-                pipeline: "t".into(),
-                name: "p".into()
-            })
-        );
-    }
-
-    #[test]
-    fn unfed_stage() {
-        let d = decl(&[("a", Processor), ("p", Producer)]);
-        assert_eq!(
-            d.wire("t"),
-            Err(DefinitionError::Unfed { stage: "a".into() })
-        );
-        // A consumer does not feed the next stage by default.
-        let d = decl(&[("p", Producer), ("c", Consumer), ("x", Processor)]);
-        assert_eq!(
-            d.wire("t"),
-            Err(DefinitionError::Unfed { stage: "x".into() })
-        );
-    }
-
-    #[test]
-    fn producer_with_input() {
-        let mut d = decl(&[("p", Producer), ("q", Producer)]);
-        d.to[0] = vec![1];
-        assert!(matches!(
-            d.wire("t"),
-            Err(DefinitionError::ProducerHasInput { .. })
-        ));
-    }
-
-    #[test]
-    fn cycle_is_named() {
-        let mut d = decl(&[
-            ("p", Producer),
-            ("a", Processor),
-            ("b", Processor),
-            ("c", Processor),
-        ]);
-        d.from[1] = vec![0, 3];
-        d.from[2] = vec![1];
-        d.from[3] = vec![2];
-        match d.wire("t") {
-            Err(DefinitionError::Cycle { stages }) => {
-                assert_eq!(stages.len(), 3);
-                for s in ["a", "b", "c"] {
-                    assert!(stages.contains(&s.to_string()), "{stages:?}");
-                }
-            }
-            other => panic!("expected a cycle, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn self_loop_is_a_cycle() {
-        let mut d = decl(&[("p", Producer), ("a", Processor)]);
-        d.from[1] = vec![0, 1];
-        assert_eq!(
-            d.wire("t"),
-            Err(DefinitionError::Cycle {
-                stages: vec!["a".into()]
-            })
-        );
-    }
-
-    #[test]
-    fn dead_letter_edge_feeds_its_target() {
-        let mut d = decl(&[("p", Producer), ("a", Processor), ("dl", Consumer)]);
-        d.from[1] = vec![0];
-        d.side = vec![(1, 2)];
-        let w = d.wire("t").unwrap();
-        assert_eq!(w.edges, vec![(0, 1)]);
-        assert_eq!(w.order, vec![0, 1, 2]);
-    }
-}
+#[path = "graph_tests.rs"]
+mod tests;

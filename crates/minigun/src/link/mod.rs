@@ -14,12 +14,13 @@
 //! 7. `tasks`: each node becomes its task, in topological order, with the edges live views
 //!    draw.
 
+mod collect;
 mod connect;
 pub(crate) mod graph;
 mod resolve;
 
 use crate::ctx::StageCtx;
-use crate::define::record::{Def, ExecChoice, StageDef, SubDef};
+use crate::define::record::{Def, ExecChoice, Ref, StageDef, SubDef};
 use crate::erased::Erased;
 use crate::error::DefinitionError;
 use crate::exec::plan::{self, Block};
@@ -52,6 +53,8 @@ pub(crate) struct StagePlan {
     outputs: Vec<Erased>,
     dead_letter: Option<Erased>,
     routes: Vec<RouteEntry>,
+    /// Under `threads(n)`, emit in input order (see [`collect::keep_order`]).
+    in_order: bool,
 }
 
 /// Checks the definition and links it into something that runs.
@@ -61,6 +64,9 @@ pub(crate) fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
     let wired = edges.declared.wire(&def.name)?;
     check_types(&def, &wired, &edges)?;
     let mut plans = plan(&mut def)?;
+    if let Some(sink) = def.keep_order {
+        collect::keep_order(&mut plans, &wired, &edges, sink)?;
+    }
     let closers = connect::queues(&mut plans, &wired, def.default_capacity);
     let loops = connect::loops(&mut plans, &wired, closers);
     connect::senders(&mut plans, &wired, &edges);
@@ -79,6 +85,24 @@ pub(crate) fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
         def.after_run,
         view_edges,
     ))
+}
+
+/// Links a definition whose last stage collects the items of the final stage: that sink is
+/// connected to the one stage that emits items and has no downstream (see
+/// [`collect::final_stage`]); with `ordered`, every stage upstream of it keeps the order.
+pub(crate) fn collecting(mut def: Def, ordered: bool) -> Result<Runnable, DefinitionError> {
+    let mut sink = def
+        .stages
+        .pop()
+        .expect("the collecting sink is the last stage");
+    misuse(&def)?;
+    let edges = resolve::edges(&def)?;
+    let wired = edges.declared.wire(&def.name)?;
+    let last = collect::final_stage(&def, &wired, &sink)?;
+    sink.from.push(Ref::Id(last));
+    def.stages.push(sink);
+    def.keep_order = ordered.then_some(def.stages.len() - 1);
+    build(def)
 }
 
 /// Links the definition as a worker does: checks it exactly as [`build`] does, and returns
@@ -112,10 +136,7 @@ pub(crate) fn served(mut def: Def) -> Result<Vec<Box<dyn Served>>, DefinitionErr
 /// The first setting applied to a handle it does not fit.
 fn misuse(def: &Def) -> Result<(), DefinitionError> {
     match def.misuse.first() {
-        Some((stage, message)) => Err(DefinitionError::InvalidConfig {
-            stage: stage.clone(),
-            message: message.clone(),
-        }),
+        Some(e) => Err(e.clone()),
         None => Ok(()),
     }
 }
@@ -140,7 +161,24 @@ fn check_types(def: &Def, wired: &Wired, edges: &Edges) -> Result<(), Definition
     }
     for &(u, v) in &wired.edges {
         let (a, b) = (stage(u), stage(v));
-        check_edge((&a.name, a.node.output()), (&b.name, b.node.input()))?;
+        let checked = check_edge((&a.name, a.node.output()), (&b.name, b.node.input()));
+        match checked {
+            // An edge of the default wiring: the message says how to wire otherwise.
+            Err(DefinitionError::TypeMismatch {
+                from,
+                to,
+                output,
+                input,
+            }) if wired.defaults.contains(&(u, v)) => {
+                return Err(DefinitionError::DefaultEdgeMismatch {
+                    from,
+                    to,
+                    output,
+                    input,
+                })
+            }
+            other => other?,
+        }
     }
     for &(u, v) in &edges.dead {
         let (a, b) = (stage(u), stage(v));
@@ -177,14 +215,8 @@ fn plan(def: &mut Def) -> Result<Vec<StagePlan>, DefinitionError> {
     let mut plans = Vec::with_capacity(stages.len());
     for s in stages {
         let exec = executor(def, &s)?;
-        let invalid = |message: String| DefinitionError::InvalidConfig {
-            stage: s.name.clone(),
-            message,
-        };
-        s.node.validate().map_err(invalid)?;
-        if s.max_wait.is_some() && s.node.kind() != StageKind::Accumulator {
-            return Err(invalid("max_wait applies to accumulators only".into()));
-        }
+        s.node.validate(&s.name)?;
+        settings_fit_the_kind(&s)?;
         let stats = Arc::new(StageStats::default());
         if let Some(total) = s.declared_total {
             let _ = stats.declared_total.set(total);
@@ -198,9 +230,42 @@ fn plan(def: &mut Def) -> Result<Vec<StagePlan>, DefinitionError> {
             outputs: Vec::new(),
             dead_letter: None,
             routes: Vec::new(),
+            in_order: false,
         });
     }
     Ok(plans)
+}
+
+/// The stage's own settings that are not executors fit its kind: `max_wait` on accumulators
+/// only; no input capacity on a producer; fork hooks not on producers and accumulators
+/// (which never fork).
+fn settings_fit_the_kind(s: &StageDef) -> Result<(), DefinitionError> {
+    let kind = s.node.kind();
+    let refuse = |setting: &str, applies_to: &'static str| {
+        Err(DefinitionError::NotForThisKind {
+            stage: s.name.clone(),
+            kind,
+            setting: setting.to_string(),
+            applies_to,
+        })
+    };
+    let forks = !matches!(kind, StageKind::Producer | StageKind::Accumulator);
+    if s.max_wait.is_some() && kind != StageKind::Accumulator {
+        return refuse("max_wait", "accumulators");
+    }
+    if s.capacity.is_some() && kind == StageKind::Producer {
+        return refuse(
+            "a capacity",
+            "stages with an input queue (a producer has none)",
+        );
+    }
+    if !forks && !s.hooks.before_fork.is_empty() {
+        return refuse("a before_fork hook", "stages that can fork");
+    }
+    if !forks && !s.hooks.after_fork.is_empty() {
+        return refuse("an after_fork hook", "stages that can fork");
+    }
+    Ok(())
 }
 
 /// The executor a stage runs under: the setting that applies ([`plan::precedence`]), fitted
@@ -308,6 +373,7 @@ fn tasks(
             outputs,
             dead_letter,
             routes,
+            in_order,
         } = p;
         let ctx = Arc::new(StageCtx {
             name: s.name.clone(),
@@ -335,6 +401,7 @@ fn tasks(
             hooks,
             crossing: s.crossing.take().map(|c| c.typed),
             max_wait: s.max_wait,
+            in_order,
         };
         let downstreams = wired.edges.iter().filter(|&&(a, _)| a == v).count();
         slots.push(Some(PlannedStage {

@@ -19,14 +19,12 @@ pub(crate) struct Edges {
 /// Resolves every reference of `def` and collects the declared graph.
 pub(crate) fn edges(def: &Def) -> Result<Edges, DefinitionError> {
     let n = def.stages.len();
-    let stage_only = |stage: &str, p: Port, what: &str| match p {
+    let stage_only = |stage: &str, p: Port, what: &'static str| match p {
         Port::Stage(i) => Ok(i),
-        Port::Sub(g) => Err(DefinitionError::InvalidConfig {
+        Port::Sub(g) => Err(DefinitionError::TargetIsSubPipeline {
             stage: stage.to_string(),
-            message: format!(
-                "{what} {:?} is a sub-pipeline: name a stage inside it",
-                def.subs[g].name
-            ),
+            what,
+            target: def.subs[g].name.clone(),
         }),
     };
     let mut dead: Vec<(usize, usize)> = Vec::new();

@@ -33,9 +33,11 @@ impl<I: Item> Node for AccumulatorNode<I> {
     fn failed_type(&self) -> Option<TypeInfo> {
         None
     }
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self, stage: &str) -> Result<(), crate::error::DefinitionError> {
         match self.size {
-            0 => Err("an accumulator's batch size must be at least 1".into()),
+            0 => Err(crate::error::DefinitionError::ZeroBatchSize {
+                stage: stage.to_string(),
+            }),
             _ => Ok(()),
         }
     }

@@ -44,6 +44,9 @@ pub(crate) struct Wiring {
     pub(crate) crossing: Option<Erased>,
     /// An accumulator's time limit for a partial batch.
     pub(crate) max_wait: Option<Duration>,
+    /// A processor under `threads(n)` emits in input order (its results are collected in
+    /// input order).
+    pub(crate) in_order: bool,
 }
 
 /// A running stage: `prepare` runs for every stage, in order, on the run's thread before any
@@ -65,8 +68,8 @@ pub(crate) trait Node: Send {
     /// The item type a dead-letter stage of this stage must take.
     fn failed_type(&self) -> Option<TypeInfo>;
     fn make_queue(&self, cap: Capacity, stats: Arc<StageStats>) -> Option<QueueEnds>;
-    /// Checks the node's own settings.
-    fn validate(&self) -> Result<(), String> {
+    /// Checks the node's own settings (`stage`: its name, for the error).
+    fn validate(&self, _stage: &str) -> Result<(), crate::error::DefinitionError> {
         Ok(())
     }
     fn into_task(self: Box<Self>, w: Wiring) -> Box<dyn Task>;

@@ -39,6 +39,11 @@ impl<I: Item, O: Item> Node for ProcessorNode<I, O> {
     fn into_task(self: Box<Self>, mut w: Wiring) -> Box<dyn Task> {
         let crossing = w.crossing.take().map(take::<Crossing<I, O>>);
         let (runner, codec) = Runner::new(&w.ctx.exec, crossing, std::mem::take(&mut w.hooks));
+        let runner = if w.in_order {
+            runner.in_order()
+        } else {
+            runner
+        };
         let parts = Parts {
             router: router::<O>(&mut w),
             input: take::<Receiver<I>>(w.input.take().expect("processor has an input")),

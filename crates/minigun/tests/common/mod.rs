@@ -25,8 +25,8 @@ impl Ex {
         match self {
             Ex::Inline => s.executor(Exec::inline()),
             Ex::Threads => s.executor(Exec::threads(4)),
-            Ex::Cow => s.cow_fork(4),
-            Ex::Ipc => s.ipc_fork(4),
+            Ex::Cow => s.cow_fork(4).stage(),
+            Ex::Ipc => s.ipc_fork(4).stage(),
         }
     }
 
@@ -252,8 +252,8 @@ pub enum Fork {
 impl Fork {
     pub fn apply<I: Wire, O: Wire>(self, s: &StageRef<I, O>, n: usize) -> StageRef<I, O> {
         match self {
-            Fork::Cow => s.cow_fork(n),
-            Fork::Ipc => s.ipc_fork(n),
+            Fork::Cow => s.cow_fork(n).stage(),
+            Fork::Ipc => s.ipc_fork(n).stage(),
         }
     }
 }
