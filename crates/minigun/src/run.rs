@@ -34,7 +34,8 @@ pub(crate) struct PlannedStage {
     pub(crate) ctx: Arc<StageCtx>,
     pub(crate) kind: StageKind,
     pub(crate) capacity: Option<Capacity>,
-    pub(crate) terminal: bool,
+    /// Items end here: no downstream, no route, not a dead-letter stage.
+    pub(crate) sink: bool,
     pub(crate) before: Vec<OnceHook>,
     pub(crate) after: Vec<OnceHook>,
     pub(crate) task: Box<dyn Task>,
@@ -142,7 +143,7 @@ impl Runnable {
                 ctx: st.ctx.clone(),
                 kind: st.kind,
                 capacity: st.capacity,
-                terminal: st.terminal,
+                sink: st.sink,
             });
             tasks.push(st);
         }
@@ -158,7 +159,7 @@ impl Runnable {
         if let Err(m) = hooks::run_once(after_run, "after_run") {
             let f = ItemFailure {
                 stage: name.clone(),
-                item: u64::MAX,
+                item: None,
                 attempt: 1,
                 kind: FailureKind::Error,
                 message: m,

@@ -91,6 +91,8 @@ pub(crate) struct Def {
     pub(crate) misuse: Vec<(String, String)>,
     /// Leave SIGINT / SIGTERM to the host program.
     pub(crate) no_signals: bool,
+    /// How many failures the report keeps in full (`None`: the default).
+    pub(crate) keep_failures: Option<usize>,
 }
 
 /// What a stage's types can cross, as its serde-bounded handle methods recorded it.

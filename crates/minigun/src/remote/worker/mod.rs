@@ -454,7 +454,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
     fn stop_failure(&self) -> crate::error::ItemFailure {
         crate::error::ItemFailure {
             stage: self.s.name.clone(),
-            item: u64::MAX,
+            item: None,
             attempt: 1,
             kind: FailureKind::Cancelled,
             message: "the worker stops serving the run".into(),
