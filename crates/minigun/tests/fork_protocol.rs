@@ -182,10 +182,12 @@ fn an_unserialisable_output_fails_its_item() {
             (1, Some(7), &FailureKind::Encode),
             "{report}"
         );
-        // postcard does not keep a custom serde error's text; the message names the type.
+        // The message names the type and keeps the serialiser's own words.
         assert!(
-            f.message
-                .contains("cannot serialise output: a fork_protocol::Unserialisable"),
+            f.message.contains(
+                "cannot serialise output: a fork_protocol::Unserialisable: \
+                 value 7 refuses to be serialised"
+            ),
             "{}",
             f.message
         );
