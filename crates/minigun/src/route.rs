@@ -73,6 +73,8 @@ pub(crate) struct RouteDecl {
 /// One route of a running stage.
 pub(crate) struct RouteEntry {
     pub(crate) name: String,
+    /// The item type the target takes.
+    pub(crate) ty: TypeInfo,
     pub(crate) send: SendFn,
     pub(crate) codec: Option<RouteCodec>,
 }
@@ -113,14 +115,24 @@ impl Routes {
         })
     }
 
-    pub(crate) fn send(&self, target: &str, item: Erased) -> Result<(), EmitError> {
+    /// The route named `target`, for an item of the type named `item_type`: an undeclared
+    /// target, or an item of a type the target does not take, is an [`EmitError::Route`]
+    /// naming the route and both types (in the parent and in a fork child alike).
+    pub(crate) fn resolve(
+        &self,
+        target: &str,
+        item: &(dyn Any + Send),
+        item_type: &'static str,
+    ) -> Result<usize, EmitError> {
         let i = self.index(target)?;
-        self.send_index(i, item).map_err(|e| match e {
-            EmitError::Route(m) => {
-                EmitError::Route(format!("route {:?} -> {target:?}: {m}", self.stage))
-            }
-            other => other,
-        })
+        let e = &self.entries[i];
+        if item.type_id() != e.ty.id {
+            return Err(EmitError::Route(format!(
+                "route {:?} -> {:?}: the target takes {}, not {item_type}",
+                self.stage, e.name, e.ty.name
+            )));
+        }
+        Ok(i)
     }
 
     pub(crate) fn send_index(&self, i: usize, item: Erased) -> Result<(), EmitError> {
@@ -302,10 +314,16 @@ impl<O: Clone> Router<O> {
         self
     }
 
-    /// Sends an item to a declared route target.
-    pub(crate) fn route_dynamic(&self, target: &str, item: Erased) -> Result<(), EmitError> {
+    /// Sends an item (of the type named `item_type`) to a declared route target.
+    pub(crate) fn route_dynamic(
+        &self,
+        target: &str,
+        item: Erased,
+        item_type: &'static str,
+    ) -> Result<(), EmitError> {
         self.check_stop()?;
-        self.routes.send(target, item)?;
+        let i = self.routes.resolve(target, &*item, item_type)?;
+        self.routes.send_index(i, item)?;
         self.stats.items_out.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -370,7 +388,8 @@ impl<O: Clone> Sink<O> for Router<O> {
         &mut self,
         target: &str,
         item: Box<dyn std::any::Any + Send>,
+        item_type: &'static str,
     ) -> Result<(), EmitError> {
-        self.route_dynamic(target, item)
+        self.route_dynamic(target, item, item_type)
     }
 }

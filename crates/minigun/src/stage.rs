@@ -51,8 +51,13 @@ impl<T: Item + serde::Serialize + serde::de::DeserializeOwned> Wire for T {}
 /// Where emitted items go. Implemented by the in-process router and by the fork child's pipe.
 pub(crate) trait Sink<O> {
     fn send(&mut self, item: O) -> Result<(), EmitError>;
-    /// Sends an item to a declared route target.
-    fn route(&mut self, target: &str, item: Box<dyn Any + Send>) -> Result<(), EmitError>;
+    /// Sends an item to a declared route target; `item_type` names the item's type.
+    fn route(
+        &mut self,
+        target: &str,
+        item: Box<dyn Any + Send>,
+        item_type: &'static str,
+    ) -> Result<(), EmitError>;
 }
 
 /// The handle a stage emits items into. Emitting any number of items (0..n) per input is
@@ -101,7 +106,8 @@ impl<'a, O> Output<'a, O> {
     /// assert_eq!(report.stage("normal").unwrap().items_in, 6);
     /// ```
     pub fn to<T: Send + 'static>(&mut self, stage: &str, item: T) -> Result<(), EmitError> {
-        self.sink.route(stage, Box::new(item))
+        self.sink
+            .route(stage, Box::new(item), std::any::type_name::<T>())
     }
 
     /// Emits every item of an iterator.

@@ -67,8 +67,14 @@ impl<O> Sink<O> for PipeSink<'_, '_, O> {
     fn send(&mut self, item: O) -> Result<(), EmitError> {
         self.out.result(self.id, &item, self.encode)
     }
-    fn route(&mut self, target: &str, item: Box<dyn Any + Send>) -> Result<(), EmitError> {
-        let index = self.routes.index(target)?;
+    fn route(
+        &mut self,
+        target: &str,
+        item: Box<dyn Any + Send>,
+        item_type: &'static str,
+    ) -> Result<(), EmitError> {
+        // The same check, and the same error, as in the parent's router.
+        let index = self.routes.resolve(target, &*item, item_type)?;
         let codec = self.routes.entries[index]
             .codec
             .ok_or_else(|| EmitError::Route(format!("route to {target:?} is not serialisable")))?;
