@@ -22,7 +22,7 @@
 use crate::erased::{take, Erased};
 use crate::error::EmitError;
 use crate::queue::{FanOut, QueueTx};
-use crate::stage::{Item, Sink, TypeInfo, Wire};
+use crate::stage::{Item, Routed, Sink, TypeInfo, Wire};
 use crate::stats::StageStats;
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -115,21 +115,16 @@ impl Routes {
         })
     }
 
-    /// The route named `target`, for an item of the type named `item_type`: an undeclared
-    /// target, or an item of a type the target does not take, is an [`EmitError::Route`]
-    /// naming the route and both types (in the parent and in a fork child alike).
-    pub(crate) fn resolve(
-        &self,
-        target: &str,
-        item: &(dyn Any + Send),
-        item_type: &'static str,
-    ) -> Result<usize, EmitError> {
+    /// The route named `target` for `item`: an undeclared target, or an item of a type the
+    /// target does not take, is an [`EmitError::Route`] naming the route and both types (in
+    /// the parent and in a fork child alike).
+    pub(crate) fn resolve(&self, target: &str, item: &Routed) -> Result<usize, EmitError> {
         let i = self.index(target)?;
         let e = &self.entries[i];
-        if item.type_id() != e.ty.id {
+        if (*item.item).type_id() != e.ty.id {
             return Err(EmitError::Route(format!(
-                "route {:?} -> {:?}: the target takes {}, not {item_type}",
-                self.stage, e.name, e.ty.name
+                "route {:?} -> {:?}: the target takes {}, not {}",
+                self.stage, e.name, e.ty.name, item.type_name
             )));
         }
         Ok(i)
@@ -314,16 +309,11 @@ impl<O: Clone> Router<O> {
         self
     }
 
-    /// Sends an item (of the type named `item_type`) to a declared route target.
-    pub(crate) fn route_dynamic(
-        &self,
-        target: &str,
-        item: Erased,
-        item_type: &'static str,
-    ) -> Result<(), EmitError> {
+    /// Sends an item to a declared route target.
+    pub(crate) fn route_dynamic(&self, target: &str, item: Routed) -> Result<(), EmitError> {
         self.check_stop()?;
-        let i = self.routes.resolve(target, &*item, item_type)?;
-        self.routes.send_index(i, item)?;
+        let i = self.routes.resolve(target, &item)?;
+        self.routes.send_index(i, item.item)?;
         self.stats.items_out.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -384,12 +374,7 @@ impl<O: Clone> Sink<O> for Router<O> {
         }
         Router::route(&*self, item)
     }
-    fn route(
-        &mut self,
-        target: &str,
-        item: Box<dyn std::any::Any + Send>,
-        item_type: &'static str,
-    ) -> Result<(), EmitError> {
-        self.route_dynamic(target, item, item_type)
+    fn route(&mut self, target: &str, item: Routed) -> Result<(), EmitError> {
+        self.route_dynamic(target, item)
     }
 }

@@ -155,12 +155,7 @@ impl<O> Sink<O> for TagSink<'_, '_, O> {
             None => self.out.emit(Tagged::Flush(item)),
         }
     }
-    fn route(
-        &mut self,
-        target: &str,
-        _: Box<dyn std::any::Any + Send>,
-        _: &'static str,
-    ) -> Result<(), EmitError> {
+    fn route(&mut self, target: &str, _: crate::stage::Routed) -> Result<(), EmitError> {
         Err(EmitError::Route(format!(
             "a remote stage cannot route to {target:?}: it sends its results to its downstreams"
         )))
