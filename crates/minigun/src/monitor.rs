@@ -343,7 +343,11 @@ fn stage_snapshot(s: &StageView, last: &mut u64, now: Instant) -> (StageSnapshot
         .map(|c| ChildSnapshot {
             pid: c.pid,
             items: c.items,
-            rss_bytes: if c.host.is_none() { rss(c.pid) } else { 0 },
+            rss_bytes: if c.host.is_none() {
+                crate::stats::rss_bytes(c.pid)
+            } else {
+                0
+            },
             host: c.host,
             age_secs: now.duration_since(c.started).as_secs_f64(),
         })
@@ -371,12 +375,4 @@ fn stage_snapshot(s: &StageView, last: &mut u64, now: Instant) -> (StageSnapshot
         children,
     };
     (snap, delta)
-}
-
-/// Resident set size of a process, in bytes (0 if unknown).
-fn rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/statm"))
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
 }

@@ -67,6 +67,10 @@ pub struct StageReport {
     /// Errors of the stage as a whole, not of an item: start-up, a hook, a producer's error,
     /// `Stage::finish` (they are in `failures` with no item).
     pub errors: u64,
+    /// ipc_fork workers replaced at a recycling limit
+    /// ([`Exec::max_items_per_worker`](crate::Exec::max_items_per_worker),
+    /// [`Exec::max_worker_rss`](crate::Exec::max_worker_rss)).
+    pub recycled_workers: u64,
     /// Wall time from its start to its end, in seconds.
     pub runtime_secs: f64,
     /// Items in per second of runtime (items out for producers).
@@ -275,6 +279,7 @@ fn stage_report(info: &StageInfo) -> StageReport {
         dead_lettered: st.dead_lettered.load(Ordering::Relaxed),
         cancelled: st.cancelled.load(Ordering::Relaxed),
         errors: st.errors.load(Ordering::Relaxed),
+        recycled_workers: st.recycled_workers.load(Ordering::Relaxed),
         runtime_secs: runtime,
         throughput: if runtime > 0.0 {
             counted as f64 / runtime
@@ -366,6 +371,9 @@ impl fmt::Display for RunReport {
         }
         if let Some(b) = &self.bottleneck {
             writeln!(f, "  bottleneck: {b} (*)")?;
+        }
+        for s in self.stages.iter().filter(|s| s.recycled_workers > 0) {
+            writeln!(f, "  {}: {} workers recycled", s.name, s.recycled_workers)?;
         }
         for s in &self.stages {
             if let Some(r) = &s.remote {

@@ -58,6 +58,12 @@ pub struct ForkOptions {
     pub items_per_fork: usize,
     /// ipc_fork workers send results in batches (see [`Exec::batch_results`]; on by default).
     pub batch_results: bool,
+    /// An ipc_fork worker is replaced after it was handed this many items (see
+    /// [`Exec::max_items_per_worker`]; default: never).
+    pub max_items_per_worker: Option<u64>,
+    /// An ipc_fork worker is replaced once its resident memory passes this many bytes (see
+    /// [`Exec::max_worker_rss`]; default: never).
+    pub max_worker_rss: Option<u64>,
 }
 
 /// How ipc_fork hands items to its workers.
@@ -83,6 +89,8 @@ impl ForkOptions {
             dispatch: Dispatch::RoundRobin,
             items_per_fork: 1,
             batch_results: true,
+            max_items_per_worker: None,
+            max_worker_rss: None,
         }
     }
 }
@@ -188,6 +196,42 @@ impl Exec {
     pub fn batch_results(mut self, on: bool) -> Self {
         if let Some(o) = self.fork_options_mut() {
             o.batch_results = on;
+        }
+        self
+    }
+    /// Replaces an ipc_fork worker after it was handed `n` items (ignored by the others), for
+    /// stage code that leaks: Python's `maxtasksperchild`. The worker is shut down as at the
+    /// end of the input (it answers what it holds, runs `Stage::finish`, and exits) and a
+    /// fresh one is forked in its place (`after_fork` and the stage factory run again). No
+    /// item is lost or run twice; `ordered` and retries mean the same. The report counts the
+    /// replaced workers ([`StageReport::recycled_workers`](crate::StageReport::recycled_workers)).
+    ///
+    /// ```
+    /// use minigun::{Exec, Pipeline};
+    /// let p = Pipeline::new("recycled");
+    /// p.producer("gen", |out| out.emit_all(0..40u64).map_err(Into::into));
+    /// p.map("work", |x: u64| Ok(x + 1))
+    ///     .wire()
+    ///     .executor(Exec::ipc_fork(2).max_items_per_worker(10));
+    /// p.consumer("sink", |_: u64| Ok(()));
+    /// let report = p.run().unwrap();
+    /// # #[cfg(target_os = "linux")]
+    /// // 40 items, 10 per worker: 4 workers replaced (3 if the last two share the last 10).
+    /// assert!(report.stage("work").unwrap().recycled_workers >= 3);
+    /// ```
+    pub fn max_items_per_worker(mut self, n: u64) -> Self {
+        if let Some(o) = self.fork_options_mut() {
+            o.max_items_per_worker = Some(n.max(1));
+        }
+        self
+    }
+    /// Replaces an ipc_fork worker once its resident memory (RSS, read from `/proc` at most
+    /// every millisecond, after it finishes an item) passes `bytes` (ignored by the others);
+    /// otherwise as [`Exec::max_items_per_worker`]. The items already handed to the worker
+    /// (up to `in_flight`) still run there: with a small `in_flight` it is replaced sooner.
+    pub fn max_worker_rss(mut self, bytes: u64) -> Self {
+        if let Some(o) = self.fork_options_mut() {
+            o.max_worker_rss = Some(bytes);
         }
         self
     }

@@ -33,6 +33,7 @@
 mod dispatch;
 mod feed;
 mod recover;
+mod recycle;
 mod supervisor;
 mod worker;
 
