@@ -29,6 +29,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Waits until a scoped thread has exited, not only finished its closure (all that the end of
+/// a scope waits for: the thread may still be listed by the system a moment later), so no
+/// thread of a run outlives it. A panic of the thread goes on in the caller, as it would at
+/// the end of the scope.
+pub(crate) fn join<T>(thread: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    thread
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
 /// One stage, ready to run.
 pub(crate) struct PlannedStage {
     pub(crate) ctx: Arc<StageCtx>,
@@ -148,12 +158,16 @@ impl Runnable {
             tasks.push(st);
         }
         std::thread::scope(|s| {
-            for st in tasks {
-                std::thread::Builder::new()
-                    .name(format!("minigun:{}", st.ctx.name))
-                    .spawn_scoped(s, move || drive(st))
-                    .expect("spawn stage driver thread");
-            }
+            let drivers: Vec<_> = tasks
+                .into_iter()
+                .map(|st| {
+                    std::thread::Builder::new()
+                        .name(format!("minigun:{}", st.ctx.name))
+                        .spawn_scoped(s, move || drive(st))
+                        .expect("spawn stage driver thread")
+                })
+                .collect();
+            drivers.into_iter().for_each(join);
         });
         drop(guard);
         if let Err(m) = hooks::run_once(after_run, "after_run") {

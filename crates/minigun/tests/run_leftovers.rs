@@ -6,13 +6,22 @@ mod common;
 use common::{gen, open_fds};
 use minigun::{Exec, Pipeline};
 
-/// Threads of this process.
-fn threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .map(|d| d.count())
-        .unwrap_or(0)
+/// Threads of this process, by name.
+fn threads() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .map(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default())
+                .map(|n| n.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
+/// A run with threads and forked workers: in the foreground, or (odd rounds) in the
+/// background, waited for.
 fn run_once(round: u64) {
     let p = Pipeline::new("leftovers");
     gen(&p, 200);
@@ -20,14 +29,17 @@ fn run_once(round: u64) {
         .executor(Exec::threads(2));
     p.map("fork", |x: u64| Ok(x + 1)).ipc_fork(2);
     p.consumer("sink", |_: u64| Ok(()));
-    let report = p.run().expect("run");
+    let report = match round % 2 {
+        0 => p.run().expect("run"),
+        _ => p.spawn().expect("spawn").wait().expect("wait"),
+    };
     assert_eq!(report.stage("sink").unwrap().items_in, 200, "round {round}");
 }
 
 #[test]
 fn runs_leave_no_thread_and_no_descriptor() {
     let (tasks, fds) = (threads(), open_fds());
-    for round in 0..3 {
+    for round in 0..4 {
         run_once(round);
         assert_eq!(threads(), tasks, "threads after run {round}");
         assert_eq!(open_fds(), fds, "descriptors after run {round}");
