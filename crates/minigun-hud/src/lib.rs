@@ -30,7 +30,9 @@
 //!   resident memory, age.
 //! - The run's state (running, stopping, finished), elapsed time, items produced and their
 //!   rate, failures, and percentage and time left when the producers declare their total
-//!   (`StageRef::total`) or [`Options::total`] is set.
+//!   (`StageRef::total`) or [`Options::total`] is set. The percentage and the time left count
+//!   the items the pipeline has finished with
+//!   ([`Snapshot::finished_items`](minigun::Snapshot::finished_items)), not the items produced.
 //!
 //! Keys: `q` (or Ctrl-C) stops the run ([`RunHandle::stop`]) and leaves the dashboard, `space`
 //! freezes the display (the run goes on), `↑ ↓ PgUp PgDn Home End` scroll the stage table,
@@ -45,10 +47,11 @@
 //! also after `q` while the run winds down, a line like
 //!
 //! ```text
-//! minigun: etl 3.0s: 12345 items, 4.1k/s, 3 failures, 45%, ETA 5.0s
+//! minigun: etl 3.0s: 12345 items, 9000 done, 4.1k/s, 3 failures, 45%, ETA 5.0s
 //! ```
 //!
-//! goes to stderr every second (items are the items produced), and one line when the run
+//! goes to stderr every second (items produced, items finished, the rate of items produced,
+//! failures, and the percentage finished with the time left), and one line when the run
 //! ends. [`Options::progress`] turns these lines off.
 //!
 //! The terminal is always given back (raw mode off, main screen, cursor shown): when the run

@@ -11,13 +11,15 @@ use std::time::{Duration, Instant};
 /// How often the run is checked for its end between lines.
 const POLL: Duration = Duration::from_millis(20);
 
-/// The periodic line: `minigun: etl 3.0s: 12345 items, 4.1k/s, 3 failures, 45%, ETA 5.0s`.
+/// The periodic line: `minigun: etl 3.0s: 12345 items, 9000 done, 4.1k/s, 3 failures, 45%,
+/// ETA 5.0s` (the percentage and the time left count finished items).
 pub(crate) fn line(scene: &Scene) -> String {
     let mut s = format!(
-        "minigun: {} {}: {} items, {}, {} failure{}",
+        "minigun: {} {}: {} items, {} done, {}, {} failure{}",
         scene.pipeline,
         format::secs(scene.elapsed_secs),
         scene.produced,
+        scene.finished_items,
         format::rate(scene.rate),
         scene.failures_total,
         if scene.failures_total == 1 { "" } else { "s" },
@@ -38,7 +40,7 @@ pub(crate) fn line(scene: &Scene) -> String {
 pub(crate) fn final_line(pipeline: &str, result: &Result<RunReport, RunError>) -> String {
     let summary = |r: &RunReport| {
         format!(
-            "{} produced, {} consumed ({}), {} failure{}",
+            "{} produced, {} reached sinks ({}), {} failure{}",
             r.produced,
             r.consumed,
             format::rate(r.throughput),
@@ -74,7 +76,8 @@ pub(crate) fn final_line(pipeline: &str, result: &Result<RunReport, RunError>) -
 /// Prints a line every `options.interval` until the run ends.
 pub(crate) fn follow(handle: &RunHandle, monitor: &Monitor, options: &Options) {
     let interval = options.interval.max(Duration::from_millis(100));
-    let mut last = (Instant::now(), monitor.snapshot().produced);
+    let first = monitor.snapshot();
+    let mut last = (Instant::now(), first.produced, first.finished_items);
     while !handle.is_finished() {
         std::thread::sleep(POLL);
         let now = Instant::now();
@@ -85,7 +88,8 @@ pub(crate) fn follow(handle: &RunHandle, monitor: &Monitor, options: &Options) {
         scene.total = options.total.or(scene.total);
         let dt = now.duration_since(last.0).as_secs_f64();
         scene.rate = scene.produced.saturating_sub(last.1) as f64 / dt;
-        last = (now, scene.produced);
+        scene.finish_rate = scene.finished_items.saturating_sub(last.2) as f64 / dt;
+        last = (now, scene.produced, scene.finished_items);
         let _ = writeln!(std::io::stderr().lock(), "{}", line(&scene));
     }
 }
@@ -102,6 +106,8 @@ mod tests {
             edges: vec![],
             produced: 450,
             rate: 50.0,
+            finished_items: 300,
+            finish_rate: 25.0,
             total: None,
             failures_total: 1,
             finished: false,
@@ -112,12 +118,15 @@ mod tests {
     #[test]
     fn progress_lines() {
         let mut s = scene();
-        assert_eq!(line(&s), "minigun: etl 3.0s: 450 items, 50/s, 1 failure");
+        assert_eq!(
+            line(&s),
+            "minigun: etl 3.0s: 450 items, 300 done, 50/s, 1 failure"
+        );
         s.total = Some(1000);
         s.failures_total = 0;
         assert_eq!(
             line(&s),
-            "minigun: etl 3.0s: 450 items, 50/s, 0 failures, 45%, ETA 11s"
+            "minigun: etl 3.0s: 450 items, 300 done, 50/s, 0 failures, 30%, ETA 28s"
         );
         s.stopping = true;
         assert!(line(&s).ends_with(", stopping"));

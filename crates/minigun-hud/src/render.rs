@@ -50,6 +50,8 @@ pub struct ViewState {
 ///     edges: vec![],
 ///     produced: 0,
 ///     rate: 0.0,
+///     finished_items: 0,
+///     finish_rate: 0.0,
 ///     total: None,
 ///     failures_total: 0,
 ///     finished: false,

@@ -23,8 +23,13 @@ pub struct Scene {
     pub produced: u64,
     /// Items produced per second (the producers' throughput added up).
     pub rate: f64,
+    /// Items from the producers that the pipeline has finished with
+    /// ([`Snapshot::finished_items`]): the percentage and the time left count these.
+    pub finished_items: u64,
+    /// Items finished per second.
+    pub finish_rate: f64,
     /// How many items the producers are expected to emit in all, when known: the header then
-    /// shows the percentage done and an estimate of the time left.
+    /// shows the percentage finished and an estimate of the time left.
     pub total: Option<u64>,
     /// Failures so far.
     pub failures_total: u64,
@@ -128,6 +133,9 @@ impl From<&Snapshot> for Scene {
             edges: s.edges.clone(),
             produced: s.produced,
             rate,
+            finished_items: s.finished_items,
+            // A single snapshot has no rate of its own; `RateWindow` measures it.
+            finish_rate: 0.0,
             // What the producers declared; `Options::total` overrides it.
             total: s.total,
             failures_total: s.failures_total,
@@ -138,16 +146,17 @@ impl From<&Snapshot> for Scene {
 }
 
 impl Scene {
-    /// Percentage of `total` produced, and the estimated seconds left at the current rate.
+    /// Percentage of `total` finished (not only produced: items waiting in queues are still
+    /// work), and the estimated seconds left at the current rate of finished items.
     pub fn progress(&self) -> Option<(f64, Option<f64>)> {
         let total = self.total.filter(|t| *t > 0)?;
-        let done = self.produced.min(total);
+        let done = self.finished_items.min(total);
         let pct = done as f64 * 100.0 / total as f64;
         let left = total - done;
         let eta = if left == 0 {
             Some(0.0)
-        } else if self.rate > 0.0 {
-            Some(left as f64 / self.rate)
+        } else if self.finish_rate > 0.0 {
+            Some(left as f64 / self.finish_rate)
         } else {
             None
         };
@@ -160,7 +169,8 @@ impl Scene {
 #[derive(Debug)]
 pub(crate) struct RateWindow {
     window: Duration,
-    samples: VecDeque<(Instant, Vec<u64>, u64)>,
+    /// Time, each stage's count, items produced, items finished.
+    samples: VecDeque<(Instant, Vec<u64>, u64, u64)>,
 }
 
 impl RateWindow {
@@ -178,16 +188,18 @@ impl RateWindow {
         while self.samples.len() > 1 && now.duration_since(self.samples[1].0) >= self.window {
             self.samples.pop_front();
         }
-        if let Some((t0, c0, p0)) = self.samples.front() {
+        if let Some((t0, c0, p0, f0)) = self.samples.front() {
             let dt = now.duration_since(*t0).as_secs_f64();
             if dt > 0.0 && c0.len() == counted.len() {
                 for (st, (now_c, then_c)) in scene.stages.iter_mut().zip(counted.iter().zip(c0)) {
                     st.throughput = now_c.saturating_sub(*then_c) as f64 / dt;
                 }
                 scene.rate = scene.produced.saturating_sub(*p0) as f64 / dt;
+                scene.finish_rate = scene.finished_items.saturating_sub(*f0) as f64 / dt;
             }
         }
-        self.samples.push_back((now, counted, scene.produced));
+        self.samples
+            .push_back((now, counted, scene.produced, scene.finished_items));
     }
 }
 
@@ -228,6 +240,8 @@ mod tests {
             edges: vec![(0, 1)],
             produced: items,
             rate: 0.0,
+            finished_items: items / 2,
+            finish_rate: 0.0,
             total: Some(1000),
             failures_total: 0,
             finished: false,
@@ -247,18 +261,27 @@ mod tests {
             if i >= 10 {
                 // 10 items every 100 ms, measured over one second.
                 assert!((s.rate - 100.0).abs() < 1e-6, "{}", s.rate);
+                assert!((s.finish_rate - 50.0).abs() < 1e-6, "{}", s.finish_rate);
                 assert!((s.stages[1].throughput - 100.0).abs() < 1e-6);
             }
         }
     }
 
     #[test]
-    fn progress_and_eta() {
-        let mut s = scene(250);
-        s.rate = 50.0;
+    fn progress_and_eta_count_finished_items() {
+        // 500 produced, 250 finished, 250 waiting in queues.
+        let mut s = scene(500);
+        s.rate = 100.0;
+        s.finish_rate = 50.0;
         let (pct, eta) = s.progress().unwrap();
         assert!((pct - 25.0).abs() < 1e-9);
         assert_eq!(eta, Some(15.0));
+        // Everything produced is not everything done.
+        let mut s = scene(1000);
+        s.finish_rate = 100.0;
+        let (pct, eta) = s.progress().unwrap();
+        assert!((pct - 50.0).abs() < 1e-9);
+        assert_eq!(eta, Some(5.0));
         s.total = None;
         assert!(s.progress().is_none());
     }

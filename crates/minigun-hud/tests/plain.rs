@@ -39,7 +39,7 @@ fn progress_lines_when_stderr_is_not_a_terminal() {
         "closing line: {last:?}\n{stderr}"
     );
     assert!(
-        stdout.contains("pipeline \"mixed\": 900 produced"),
+        stdout.contains("pipeline \"mixed\": 900 items from sources"),
         "{stdout}"
     );
 }

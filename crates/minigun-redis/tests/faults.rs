@@ -1393,7 +1393,7 @@ fn fail_fast_stops_every_worker_quickly_and_leaves_nothing_kept() {
     let a = kept_run(&mut server.admin(), "faults-fail-fast");
     match &err {
         RunError::Aborted { cause, report } => {
-            assert_eq!(cause.item, 300, "{cause:?}");
+            assert_eq!(cause.item, Some(300), "{cause:?}");
             assert!(
                 cause.message.contains("item 300 is fatal"),
                 "{}",

@@ -22,12 +22,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let report = p.run()?;
     for f in &report.failures {
-        println!("item {:>2} failed in pid {:?}: {:?}", f.item, f.pid, f.kind);
+        println!("{f} (pid {})", f.pid.unwrap_or_default());
     }
     let mut kinds: Vec<(u64, FailureKind)> = report
         .failures
         .iter()
-        .map(|f| (f.item, f.kind.clone()))
+        .filter_map(|f| Some((f.item?, f.kind.clone())))
         .collect();
     kinds.sort_by_key(|k| k.0);
     assert_eq!(

@@ -47,7 +47,7 @@ impl StageCtx {
         }
         let failure = ItemFailure {
             stage: self.name.clone(),
-            item: index,
+            item: Some(index),
             attempt,
             kind,
             message,
@@ -124,7 +124,7 @@ impl StageCtx {
     fn stage_failure(&self, kind: FailureKind, message: String, pid: Option<u32>) -> ItemFailure {
         let failure = ItemFailure {
             stage: self.name.clone(),
-            item: u64::MAX,
+            item: None,
             attempt: 1,
             kind,
             message,

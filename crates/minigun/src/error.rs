@@ -314,7 +314,10 @@ impl fmt::Display for FailureKind {
         match self {
             FailureKind::Error => f.write_str("error"),
             FailureKind::Panic => f.write_str("panic"),
-            FailureKind::Signal(s) => write!(f, "killed by signal {s}"),
+            FailureKind::Signal(s) => match signal_name(*s) {
+                Some(name) => write!(f, "killed by signal {s} ({name})"),
+                None => write!(f, "killed by signal {s}"),
+            },
             FailureKind::Exit(c) => write!(f, "exited with code {c}"),
             FailureKind::Timeout => f.write_str("timeout"),
             FailureKind::Truncated => f.write_str("truncated"),
@@ -329,15 +332,26 @@ impl fmt::Display for FailureKind {
     }
 }
 
+/// The name of a signal (`SIGABRT`), where the platform has one.
+pub(crate) fn signal_name(signal: i32) -> Option<&'static str> {
+    #[cfg(target_os = "linux")]
+    return nix::sys::signal::Signal::try_from(signal)
+        .ok()
+        .map(|s| s.as_str());
+    #[cfg(not(target_os = "linux"))]
+    return None;
+}
+
 /// One failed item: which stage, which item (0-based index in the stage's input), which
-/// attempt, which process, and how it ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, thiserror::Error)]
-#[error("stage {stage:?}, item {item}: {kind}: {message}")]
+/// attempt, which process, and how it ended. An error of the stage as a whole (start-up, a
+/// hook, a producer's own error, `Stage::finish`) has no item.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ItemFailure {
     /// The stage.
     pub stage: String,
-    /// Index of the item in the stage's input stream (`u64::MAX` for producers / stage-wide).
-    pub item: u64,
+    /// Index of the item in the stage's input stream; `None` for an error of the stage as a
+    /// whole (a producer's, a hook's, start-up, `Stage::finish`).
+    pub item: Option<u64>,
     /// 1-based attempt number.
     pub attempt: u32,
     /// How it ended.
@@ -347,6 +361,21 @@ pub struct ItemFailure {
     /// The child process, for fork executors.
     pub pid: Option<u32>,
 }
+
+impl fmt::Display for ItemFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.item {
+            Some(i) => write!(f, "stage {:?}, item {i}: {}", self.stage, self.kind)?,
+            None => write!(f, "stage {:?}: {}", self.stage, self.kind)?,
+        }
+        if !self.message.is_empty() {
+            write!(f, ": {}", self.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ItemFailure {}
 
 /// Why a run did not complete normally. `Debug` prints the same message as `Display` (the
 /// report of an aborted run is in the variant, not in the message).

@@ -155,6 +155,7 @@ pub use policy::OnError;
 pub use queue::{Capacity, FanOut};
 pub use report::{Latency, RemoteReport, RemoteWorker, RunReport, StageReport};
 pub use run::{RunHandle, Runnable};
+pub use shared::KEEP_FAILURES;
 pub use stage::{Failed, Item, Output, Stage, StageKind, Wire};
 #[cfg(target_os = "linux")]
 pub use sys::huge::HugeBuf;

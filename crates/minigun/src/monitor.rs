@@ -96,6 +96,13 @@ pub struct Snapshot {
     pub edges: Vec<(usize, usize)>,
     /// Items emitted by producers so far.
     pub produced: u64,
+    /// Items from the producers that the pipeline has finished with: of the `produced` items,
+    /// the share that every stage on their way is done with (processed, failed or cancelled).
+    /// A stage's share is its upstreams' share times the part of what reached it (received or
+    /// queued) that it finished, so it is exact for stages that take source items and an
+    /// estimate past stages that change the count (filters, batches). Progress and ETA count
+    /// these, not `produced`: a run is not further along because its queues are full.
+    pub finished_items: u64,
     /// Items the producers said they will emit, if every producer declared it
     /// ([`StageRef::total`](crate::StageRef::total)).
     pub total: Option<u64>,
@@ -207,8 +214,10 @@ impl Monitor {
         let mut stages = Vec::with_capacity(inner.stages.len());
         let mut produced = 0;
         let mut total = Some(0u64);
+        let mut shares = Vec::with_capacity(inner.stages.len());
         for (i, s) in inner.stages.iter().enumerate() {
             let (mut snap, delta) = stage_snapshot(s, &mut last.1[i], now);
+            shares.push(finished_share(i, s, &snap, &shares, &inner.edges));
             if s.kind == StageKind::Producer {
                 produced += snap.items_out;
                 let declared = s.ctx.stats.declared_total.get().copied();
@@ -229,11 +238,40 @@ impl Monitor {
             stages,
             edges: inner.edges.clone(),
             produced,
+            finished_items: (produced as f64 * shares.iter().copied().fold(1.0, f64::min)) as u64,
             total,
             failures_total: inner.shared.failures().1,
             finished: inner.finished.get().is_some(),
             stopping: inner.shared.stop.load(Ordering::Relaxed),
         }
+    }
+}
+
+/// The share of the produced items that stage `v` and every stage before it are done with:
+/// the smallest share of its upstreams (earlier in `shares`, which holds the stages before it
+/// in topological order; a routing loop's edge back is left out) times the part of what
+/// reached it, received or queued, that it finished. A producer's share is 1 (of what it
+/// produced), and so is an ended stage's.
+fn finished_share(
+    v: usize,
+    s: &StageView,
+    snap: &StageSnapshot,
+    shares: &[f64],
+    edges: &[(usize, usize)],
+) -> f64 {
+    if s.kind == StageKind::Producer || snap.status == StageStatus::Done {
+        return 1.0;
+    }
+    let upstream = edges
+        .iter()
+        .filter(|&&(u, w)| w == v && u < v)
+        .map(|&(u, _)| shares[u])
+        .fold(1.0, f64::min);
+    let reached = snap.items_in + snap.queue_len as u64;
+    let done = s.ctx.stats.done.load(Ordering::Relaxed).min(reached);
+    match reached {
+        0 => upstream,
+        n => upstream * done as f64 / n as f64,
     }
 }
 
@@ -305,7 +343,11 @@ fn stage_snapshot(s: &StageView, last: &mut u64, now: Instant) -> (StageSnapshot
         .map(|c| ChildSnapshot {
             pid: c.pid,
             items: c.items,
-            rss_bytes: if c.host.is_none() { rss(c.pid) } else { 0 },
+            rss_bytes: if c.host.is_none() {
+                crate::stats::rss_bytes(c.pid)
+            } else {
+                0
+            },
             host: c.host,
             age_secs: now.duration_since(c.started).as_secs_f64(),
         })
@@ -333,12 +375,4 @@ fn stage_snapshot(s: &StageView, last: &mut u64, now: Instant) -> (StageSnapshot
         children,
     };
     (snap, delta)
-}
-
-/// Resident set size of a process, in bytes (0 if unknown).
-fn rss(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/statm"))
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
-        .map_or(0, |pages| pages * 4096)
 }

@@ -17,7 +17,8 @@ pub(crate) struct StageInfo {
     pub(crate) ctx: Arc<StageCtx>,
     pub(crate) kind: StageKind,
     pub(crate) capacity: Option<Capacity>,
-    pub(crate) terminal: bool,
+    /// Items end here (see [`RunReport::consumed`]).
+    pub(crate) sink: bool,
 }
 
 /// Latency percentiles of one stage, in microseconds (per attempt, measured where the stage
@@ -64,8 +65,12 @@ pub struct StageReport {
     /// Items never processed because the run was aborted or interrupted.
     pub cancelled: u64,
     /// Errors of the stage as a whole, not of an item: start-up, a hook, a producer's error,
-    /// `Stage::finish` (they are in `failures` with item `u64::MAX`).
+    /// `Stage::finish` (they are in `failures` with no item).
     pub errors: u64,
+    /// ipc_fork workers replaced at a recycling limit
+    /// ([`Exec::max_items_per_worker`](crate::Exec::max_items_per_worker),
+    /// [`Exec::max_worker_rss`](crate::Exec::max_worker_rss)).
+    pub recycled_workers: u64,
     /// Wall time from its start to its end, in seconds.
     pub runtime_secs: f64,
     /// Items in per second of runtime (items out for producers).
@@ -155,21 +160,33 @@ pub struct RunReport {
     pub pipeline: String,
     /// Wall time of the run, in seconds.
     pub runtime_secs: f64,
-    /// Items emitted by producers.
+    /// Items that entered the pipeline: emitted by its producers (the sources).
     pub produced: u64,
-    /// Items processed by terminal stages (stages with no downstream), not counting the
-    /// ones that failed or were cancelled.
+    /// Items that reached the sinks and were processed there: the stages where items end
+    /// (no downstream, no declared route, not a dead-letter stage), not counting the ones
+    /// that failed or were cancelled there. Counted in the sinks' own units: a sink after a
+    /// `batch` stage counts batches.
     pub consumed: u64,
-    /// Items consumed per second.
+    /// Items that finally failed, in every stage (the dead-lettered ones among them).
+    pub failed: u64,
+    /// Failed items sent to a dead-letter stage, in every stage.
+    pub dead_lettered: u64,
+    /// Errors of stages as a whole (start-up, hooks, a producer's error, `Stage::finish`).
+    pub stage_errors: u64,
+    /// Source items per second: [`produced`](Self::produced) over the run's wall time.
     pub throughput: f64,
     /// The slowest real stage (highest busy time per worker), if any stage did work.
     pub bottleneck: Option<String>,
     /// Per-stage reports, in topological order.
     pub stages: Vec<StageReport>,
-    /// Total number of failed items.
+    /// Number of failures recorded: items that finally failed, and errors of stages as a
+    /// whole.
     pub failures_total: u64,
-    /// The first failures in full.
+    /// The first failures in full, at most [`Pipeline::keep_failures`](crate::Pipeline::keep_failures)
+    /// ([`KEEP_FAILURES`](crate::KEEP_FAILURES) by default).
     pub failures: Vec<ItemFailure>,
+    /// Failures counted in `failures_total` but left out of `failures` (past its cap).
+    pub failures_left_out: u64,
     /// Whether the run was stopped early (handle `stop()`, signal, or abort).
     pub stopped: bool,
     /// The signal that stopped the run.
@@ -197,7 +214,7 @@ impl RunReport {
         let consumed = infos
             .iter()
             .zip(&stages)
-            .filter(|(i, s)| i.terminal && s.kind != StageKind::Producer)
+            .filter(|(i, s)| i.sink && s.kind != StageKind::Producer)
             .map(|(_, s)| s.items_in - s.failed.min(s.items_in) - s.cancelled.min(s.items_in))
             .sum();
         let bottleneck = infos
@@ -213,17 +230,22 @@ impl RunReport {
         let (failures, failures_total) = shared.failures();
         let secs = runtime.as_secs_f64();
         let signal = shared.signal.load(Ordering::Relaxed);
+        let sum = |f: fn(&StageReport) -> u64| stages.iter().map(f).sum();
         RunReport {
             pipeline: pipeline.to_string(),
             runtime_secs: secs,
             produced,
             consumed,
+            failed: sum(|s| s.failed),
+            dead_lettered: sum(|s| s.dead_lettered),
+            stage_errors: sum(|s| s.errors),
             throughput: if secs > 0.0 {
-                consumed as f64 / secs
+                produced as f64 / secs
             } else {
                 0.0
             },
             bottleneck,
+            failures_left_out: failures_total.saturating_sub(failures.len() as u64),
             stages,
             failures_total,
             failures,
@@ -257,6 +279,7 @@ fn stage_report(info: &StageInfo) -> StageReport {
         dead_lettered: st.dead_lettered.load(Ordering::Relaxed),
         cancelled: st.cancelled.load(Ordering::Relaxed),
         errors: st.errors.load(Ordering::Relaxed),
+        recycled_workers: st.recycled_workers.load(Ordering::Relaxed),
         runtime_secs: runtime,
         throughput: if runtime > 0.0 {
             counted as f64 / runtime
@@ -282,12 +305,20 @@ impl fmt::Display for RunReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "pipeline {:?}: {} produced, {} consumed in {:.3}s ({:.0} items/s){}",
+            "pipeline {:?}: {} items from sources in {:.3}s ({:.0} items/s); {} reached sinks, \
+             {} failed, {} dead-lettered{}{}",
             self.pipeline,
             self.produced,
-            self.consumed,
             self.runtime_secs,
             self.throughput,
+            self.consumed,
+            self.failed,
+            self.dead_lettered,
+            match self.stage_errors {
+                0 => String::new(),
+                1 => ", 1 stage error".to_string(),
+                n => format!(", {n} stage errors"),
+            },
             match (self.stopped, self.signal) {
                 (_, Some(s)) => format!(", stopped by signal {s}"),
                 (true, None) => ", stopped early".to_string(),
@@ -341,6 +372,9 @@ impl fmt::Display for RunReport {
         if let Some(b) = &self.bottleneck {
             writeln!(f, "  bottleneck: {b} (*)")?;
         }
+        for s in self.stages.iter().filter(|s| s.recycled_workers > 0) {
+            writeln!(f, "  {}: {} workers recycled", s.name, s.recycled_workers)?;
+        }
         for s in &self.stages {
             if let Some(r) = &s.remote {
                 write_remote(f, &s.name, r)?;
@@ -348,13 +382,26 @@ impl fmt::Display for RunReport {
         }
         if self.failures_total > 0 {
             writeln!(f, "  {} failures; first:", self.failures_total)?;
-            for fl in self.failures.iter().take(5) {
+            let shown = self.failures.iter().take(SHOWN_FAILURES);
+            for fl in shown.clone() {
                 writeln!(f, "    {fl}")?;
+            }
+            let more = self.failures_total - shown.count() as u64;
+            if more > 0 {
+                writeln!(
+                    f,
+                    "    ... and {more} more ({} more in the report's failures, {} left out of it)",
+                    self.failures.len().saturating_sub(SHOWN_FAILURES),
+                    self.failures_left_out
+                )?;
             }
         }
         Ok(())
     }
 }
+
+/// How many failures the table prints (the report keeps more, see `failures`).
+const SHOWN_FAILURES: usize = 5;
 
 /// A remote stage's broker counters and worker rows.
 fn write_remote(f: &mut fmt::Formatter<'_>, stage: &str, r: &RemoteReport) -> fmt::Result {

@@ -22,7 +22,7 @@
 use crate::erased::{take, Erased};
 use crate::error::EmitError;
 use crate::queue::{FanOut, QueueTx};
-use crate::stage::{Item, Sink, TypeInfo, Wire};
+use crate::stage::{Item, Routed, Sink, TypeInfo, Wire};
 use crate::stats::StageStats;
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -73,6 +73,8 @@ pub(crate) struct RouteDecl {
 /// One route of a running stage.
 pub(crate) struct RouteEntry {
     pub(crate) name: String,
+    /// The item type the target takes.
+    pub(crate) ty: TypeInfo,
     pub(crate) send: SendFn,
     pub(crate) codec: Option<RouteCodec>,
 }
@@ -113,14 +115,19 @@ impl Routes {
         })
     }
 
-    pub(crate) fn send(&self, target: &str, item: Erased) -> Result<(), EmitError> {
+    /// The route named `target` for `item`: an undeclared target, or an item of a type the
+    /// target does not take, is an [`EmitError::Route`] naming the route and both types (in
+    /// the parent and in a fork child alike).
+    pub(crate) fn resolve(&self, target: &str, item: &Routed) -> Result<usize, EmitError> {
         let i = self.index(target)?;
-        self.send_index(i, item).map_err(|e| match e {
-            EmitError::Route(m) => {
-                EmitError::Route(format!("route {:?} -> {target:?}: {m}", self.stage))
-            }
-            other => other,
-        })
+        let e = &self.entries[i];
+        if (*item.item).type_id() != e.ty.id {
+            return Err(EmitError::Route(format!(
+                "route {:?} -> {:?}: the target takes {}, not {}",
+                self.stage, e.name, e.ty.name, item.type_name
+            )));
+        }
+        Ok(i)
     }
 
     pub(crate) fn send_index(&self, i: usize, item: Erased) -> Result<(), EmitError> {
@@ -303,9 +310,10 @@ impl<O: Clone> Router<O> {
     }
 
     /// Sends an item to a declared route target.
-    pub(crate) fn route_dynamic(&self, target: &str, item: Erased) -> Result<(), EmitError> {
+    pub(crate) fn route_dynamic(&self, target: &str, item: Routed) -> Result<(), EmitError> {
         self.check_stop()?;
-        self.routes.send(target, item)?;
+        let i = self.routes.resolve(target, &item)?;
+        self.routes.send_index(i, item.item)?;
         self.stats.items_out.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -366,11 +374,7 @@ impl<O: Clone> Sink<O> for Router<O> {
         }
         Router::route(&*self, item)
     }
-    fn route(
-        &mut self,
-        target: &str,
-        item: Box<dyn std::any::Any + Send>,
-    ) -> Result<(), EmitError> {
+    fn route(&mut self, target: &str, item: Routed) -> Result<(), EmitError> {
         self.route_dynamic(target, item)
     }
 }

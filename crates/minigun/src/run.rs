@@ -29,12 +29,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// Waits until a scoped thread has exited, not only finished its closure (all that the end of
+/// a scope waits for: the thread may still be listed by the system a moment later), so no
+/// thread of a run outlives it. A panic of the thread goes on in the caller, as it would at
+/// the end of the scope.
+pub(crate) fn join<T>(thread: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    thread
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
 /// One stage, ready to run.
 pub(crate) struct PlannedStage {
     pub(crate) ctx: Arc<StageCtx>,
     pub(crate) kind: StageKind,
     pub(crate) capacity: Option<Capacity>,
-    pub(crate) terminal: bool,
+    /// Items end here: no downstream, no route, not a dead-letter stage.
+    pub(crate) sink: bool,
     pub(crate) before: Vec<OnceHook>,
     pub(crate) after: Vec<OnceHook>,
     pub(crate) task: Box<dyn Task>,
@@ -142,23 +153,27 @@ impl Runnable {
                 ctx: st.ctx.clone(),
                 kind: st.kind,
                 capacity: st.capacity,
-                terminal: st.terminal,
+                sink: st.sink,
             });
             tasks.push(st);
         }
         std::thread::scope(|s| {
-            for st in tasks {
-                std::thread::Builder::new()
-                    .name(format!("minigun:{}", st.ctx.name))
-                    .spawn_scoped(s, move || drive(st))
-                    .expect("spawn stage driver thread");
-            }
+            let drivers: Vec<_> = tasks
+                .into_iter()
+                .map(|st| {
+                    std::thread::Builder::new()
+                        .name(format!("minigun:{}", st.ctx.name))
+                        .spawn_scoped(s, move || drive(st))
+                        .expect("spawn stage driver thread")
+                })
+                .collect();
+            drivers.into_iter().for_each(join);
         });
         drop(guard);
         if let Err(m) = hooks::run_once(after_run, "after_run") {
             let f = ItemFailure {
                 stage: name.clone(),
-                item: u64::MAX,
+                item: None,
                 attempt: 1,
                 kind: FailureKind::Error,
                 message: m,

@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
 
-/// How many failures the report keeps in full (all are counted).
-pub(crate) const KEEP_FAILURES: usize = 100;
+/// How many failures a run report keeps in full by default (all are counted); see
+/// [`Pipeline::keep_failures`](crate::Pipeline::keep_failures).
+pub const KEEP_FAILURES: usize = 100;
 
 /// State shared by every stage of one run.
 #[derive(Debug, Default)]
@@ -21,6 +22,8 @@ pub(crate) struct RunShared {
     cause: Mutex<Option<ItemFailure>>,
     failures: Mutex<Vec<ItemFailure>>,
     failures_total: AtomicU64,
+    /// How many failures are kept in full.
+    pub(crate) keep_failures: usize,
     /// The signal that stopped the run, or 0.
     pub(crate) signal: AtomicI32,
     /// The host program handles SIGINT / SIGTERM.
@@ -39,6 +42,7 @@ impl RunShared {
     pub(crate) fn new(no_signals: bool) -> Self {
         RunShared {
             no_signals,
+            keep_failures: KEEP_FAILURES,
             ..RunShared::default()
         }
     }
@@ -86,7 +90,7 @@ impl RunShared {
     pub(crate) fn record(&self, f: &ItemFailure) {
         self.failures_total.fetch_add(1, Ordering::Relaxed);
         let mut v = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if v.len() < KEEP_FAILURES {
+        if v.len() < self.keep_failures {
             v.push(f.clone());
         }
     }

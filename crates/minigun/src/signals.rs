@@ -1,7 +1,7 @@
 //! SIGINT / SIGTERM during a run: the run is interrupted (producers stop, queued items are
 //! cancelled, fork children are terminated and reaped) and the report names the signal.
-//! Handlers are installed when the first run starts and the previous ones restored when the
-//! last run ends.
+//! Handlers are installed when the first run starts; when the last run ends the previous
+//! ones are restored and the watcher thread and its pipe are gone.
 
 use crate::shared::RunShared;
 use std::sync::{Arc, Mutex, Weak};
@@ -15,13 +15,12 @@ pub(crate) struct Guard {
 
 impl Guard {
     pub(crate) fn install(shared: &Arc<RunShared>) -> Guard {
-        let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
-        active.retain(|w| w.strong_count() > 0);
+        ACTIVE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(shared));
         #[cfg(target_os = "linux")]
-        if active.is_empty() {
-            crate::sys::signals::install(on_signal);
-        }
-        active.push(Arc::downgrade(shared));
+        crate::sys::signals::acquire(on_signal);
         Guard {
             shared: Arc::downgrade(shared),
         }
@@ -30,12 +29,13 @@ impl Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        let mut active = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
-        active.retain(|w| w.strong_count() > 0 && !w.ptr_eq(&self.shared));
+        ACTIVE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|w| w.strong_count() > 0 && !w.ptr_eq(&self.shared));
+        // Not under ACTIVE: the last release joins the watcher, whose callback takes it.
         #[cfg(target_os = "linux")]
-        if active.is_empty() {
-            crate::sys::signals::restore();
-        }
+        crate::sys::signals::release();
     }
 }
 

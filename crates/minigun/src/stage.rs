@@ -48,11 +48,17 @@ impl<T: Clone + Send + 'static> Item for T {}
 pub trait Wire: Item + serde::Serialize + serde::de::DeserializeOwned {}
 impl<T: Item + serde::Serialize + serde::de::DeserializeOwned> Wire for T {}
 
+/// An item sent with [`Output::to`], and the name of its type (for the route error).
+pub(crate) struct Routed {
+    pub(crate) item: Box<dyn Any + Send>,
+    pub(crate) type_name: &'static str,
+}
+
 /// Where emitted items go. Implemented by the in-process router and by the fork child's pipe.
 pub(crate) trait Sink<O> {
     fn send(&mut self, item: O) -> Result<(), EmitError>;
     /// Sends an item to a declared route target.
-    fn route(&mut self, target: &str, item: Box<dyn Any + Send>) -> Result<(), EmitError>;
+    fn route(&mut self, target: &str, item: Routed) -> Result<(), EmitError>;
 }
 
 /// The handle a stage emits items into. Emitting any number of items (0..n) per input is
@@ -101,7 +107,11 @@ impl<'a, O> Output<'a, O> {
     /// assert_eq!(report.stage("normal").unwrap().items_in, 6);
     /// ```
     pub fn to<T: Send + 'static>(&mut self, stage: &str, item: T) -> Result<(), EmitError> {
-        self.sink.route(stage, Box::new(item))
+        let item = Routed {
+            item: Box::new(item),
+            type_name: std::any::type_name::<T>(),
+        };
+        self.sink.route(stage, item)
     }
 
     /// Emits every item of an iterator.

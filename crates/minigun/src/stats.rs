@@ -25,6 +25,8 @@ pub(crate) struct StageStats {
     pub(crate) cancelled: AtomicU64,
     /// Errors of the stage as a whole (start-up, hooks, a producer's error, `finish`).
     pub(crate) errors: AtomicU64,
+    /// ipc_fork workers retired at a recycling limit and replaced.
+    pub(crate) recycled_workers: AtomicU64,
     /// Received items that reached their final outcome (processed, failed or cancelled).
     pub(crate) done: AtomicU64,
     pub(crate) busy_ns: AtomicU64,
@@ -123,6 +125,7 @@ impl Default for StageStats {
             dead_lettered: AtomicU64::new(0),
             cancelled: AtomicU64::new(0),
             errors: AtomicU64::new(0),
+            recycled_workers: AtomicU64::new(0),
             done: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
             queue_high_water: AtomicUsize::new(0),
@@ -170,6 +173,14 @@ impl StageStats {
         }
         local.reset();
     }
+}
+
+/// Resident set size of a process of this host, in bytes (0 if unknown: it already exited).
+pub(crate) fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
 }
 
 /// A worker's view of its stage statistics: local histogram, shared counters.

@@ -123,3 +123,73 @@ fn items_of_mixed_sizes_cross_whole_and_in_order() {
         );
     }
 }
+
+/// A number that refuses to be written when it is 7, and to be read back when it is 5, in
+/// its own words.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Touchy(u64);
+
+impl Serialize for Touchy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.0 == 7 {
+            return Err(serde::ser::Error::custom("touchy 7 stays home"));
+        }
+        s.serialize_u64(self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Touchy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match u64::deserialize(d)? {
+            5 => Err(serde::de::Error::custom("touchy 5 cannot be read back")),
+            n => Ok(Touchy(n)),
+        }
+    }
+}
+
+/// The message of the failure of item `item`.
+fn message_of(r: &minigun::RunReport, item: u64) -> String {
+    let f = r.failures.iter().find(|f| f.item == Some(item));
+    f.unwrap_or_else(|| panic!("item {item} failed: {r}"))
+        .message
+        .clone()
+}
+
+// A serialiser's own error message reaches the report in the user's words: encoding an input
+// in the parent, decoding it in an ipc worker, encoding an output in a child (nested in a
+// tuple).
+#[test]
+fn a_serialisers_own_words_are_kept() {
+    let p = Pipeline::new("touchy-in");
+    p.producer("gen", |out| {
+        out.emit_all((0..10).map(Touchy)).map_err(Into::into)
+    });
+    p.map("read", |t: Touchy| Ok(t.0)).ipc_fork(2);
+    let got = Sink::<u64>::default();
+    got.consume(&p);
+    let r = p.run().unwrap();
+    assert_eq!(got.sorted(), vec![0, 1, 2, 3, 4, 6, 8, 9], "{r}");
+    let m = message_of(&r, 7);
+    assert!(m.contains("touchy 7 stays home"), "parent encode: {m}");
+    let m = message_of(&r, 5);
+    assert!(
+        m.contains("touchy 5 cannot be read back"),
+        "child decode: {m}"
+    );
+
+    for exec in [Exec::cow_fork(2), Exec::ipc_fork(2)] {
+        let p = Pipeline::new("touchy-out");
+        p.producer("gen", |out| out.emit_all(0..10u64).map_err(Into::into));
+        p.map("write", |x: u64| Ok((x, vec![Touchy(x)])))
+            .wire()
+            .executor(exec);
+        p.consumer("sink", |_: (u64, Vec<Touchy>)| Ok(()));
+        let r = p.run().unwrap();
+        let f = r.failures.iter().find(|f| f.item == Some(7)).unwrap();
+        assert_eq!(f.kind, FailureKind::Encode, "{r}");
+        assert!(
+            f.message.contains("touchy 7 stays home"),
+            "child encode: {f}"
+        );
+    }
+}

@@ -130,7 +130,7 @@ fn finish(rx: mpsc::Receiver<Result<RunReport, RunError>>) -> RunReport {
 }
 
 /// (item, kind) of each recorded failure, for assertion messages.
-fn summary(r: &RunReport) -> Vec<(u64, FailureKind)> {
+fn summary(r: &RunReport) -> Vec<(Option<u64>, FailureKind)> {
     r.failures
         .iter()
         .map(|f| (f.item, f.kind.clone()))
@@ -244,7 +244,7 @@ fn one_crash(fk: Fork, c: Crash) {
     assert_eq!(r.failures.len(), 1, "{:?}", r.failures);
     let f = &r.failures[0];
     assert_eq!(f.stage, "work");
-    assert_eq!(f.item, BAD, "{f:?}");
+    assert_eq!(f.item, Some(BAD), "{f:?}");
     assert_eq!(f.attempt, 1, "{f:?}");
     assert_eq!(f.kind, c.kind(), "{f:?}");
     let pid = f.pid.expect("fork failures name the child");
@@ -410,7 +410,7 @@ fn check_worker_replaced(r: &RunReport, got: &[(u64, u32)], n: u64, bad: u64, ki
     let f = &r.failures[0];
     assert_eq!(
         (f.item, &f.kind),
-        (bad, &FailureKind::Signal(libc::SIGKILL)),
+        (Some(bad), &FailureKind::Signal(libc::SIGKILL)),
         "{f:?}"
     );
     let dead = f.pid.expect("the dead worker's pid");
@@ -480,7 +480,7 @@ fn killed_from_outside(fk: Fork) {
             assert_accounted(&r, "work", n, 1);
             assert_eq!(r.failures.len(), 1, "{:?}", r.failures);
             let f = &r.failures[0];
-            assert_eq!(f.item, bad, "{f:?}");
+            assert_eq!(f.item, Some(bad), "{f:?}");
             assert_eq!(f.kind, FailureKind::Signal(libc::SIGKILL), "{f:?}");
             assert_eq!(f.pid, Some(pid as u32), "{f:?}");
             assert_no_children();
@@ -556,11 +556,11 @@ fn each_crash_failed_once(
     failures.sort_by_key(|f| f.item);
     assert_eq!(
         failures.iter().map(|f| f.item).collect::<Vec<_>>(),
-        bad,
+        bad.iter().map(|&b| Some(b)).collect::<Vec<_>>(),
         "each crashing item fails once"
     );
     for f in &failures {
-        assert_eq!(f.kind, which(f.item).unwrap().kind(), "{f:?}");
+        assert_eq!(f.kind, which(f.item.unwrap()).unwrap().kind(), "{f:?}");
     }
     failures
 }
@@ -658,7 +658,7 @@ fn crash_dead_lettered(fk: Fork) {
     fk.apply(&s, 4, None);
     Sink::<u64>::consume(&got, &p);
     let dl = p.consumer("dead", move |f: Failed<u64>| {
-        d.push((f.item, format!("{:?}/{}", f.failure.kind, f.failure.item)));
+        d.push((f.item, format!("{:?}/{:?}", f.failure.kind, f.failure.item)));
         Ok(())
     });
     s.dead_letter(&dl);
@@ -669,7 +669,7 @@ fn crash_dead_lettered(fk: Fork) {
         dead.sorted(),
         vec![(
             BAD,
-            format!("{:?}/{BAD}", FailureKind::Signal(libc::SIGABRT))
+            format!("{:?}/{:?}", FailureKind::Signal(libc::SIGABRT), Some(BAD))
         )]
     );
     assert_accounted(&r, "work", N, 1);

@@ -57,7 +57,7 @@ fn one_failure(report: &RunReport, item: u64, kind: FailureKind) -> String {
     let work = report.stage("work").unwrap();
     assert_eq!((work.items_out, work.failed), (19, 1), "{report}");
     let f = &report.failures[0];
-    assert_eq!((f.item, &f.kind), (item, &kind), "{f:?}");
+    assert_eq!((f.item, &f.kind), (Some(item), &kind), "{f:?}");
     f.message.clone()
 }
 
@@ -179,13 +179,15 @@ fn an_unserialisable_output_fails_its_item() {
         let f = &report.failures[0];
         assert_eq!(
             (report.failures_total, f.item, &f.kind),
-            (1, 7, &FailureKind::Encode),
+            (1, Some(7), &FailureKind::Encode),
             "{report}"
         );
-        // postcard does not keep a custom serde error's text; the message names the type.
+        // The message names the type and keeps the serialiser's own words.
         assert!(
-            f.message
-                .contains("cannot serialise output: a fork_protocol::Unserialisable"),
+            f.message.contains(
+                "cannot serialise output: a fork_protocol::Unserialisable: \
+                 value 7 refuses to be serialised"
+            ),
             "{}",
             f.message
         );
@@ -224,7 +226,7 @@ fn an_output_over_the_frame_limit_fails_its_item() {
         let f = &report.failures[0];
         assert_eq!(
             (report.failures_total, f.item, &f.kind),
-            (1, 2, &FailureKind::Encode),
+            (1, Some(2), &FailureKind::Encode),
             "{report}"
         );
         assert!(f.message.contains("exceeds the maximum"), "{}", f.message);
@@ -283,7 +285,7 @@ fn an_ipc_input_over_the_frame_limit_fails_its_item() {
     let f = &report.failures[0];
     assert_eq!(
         (report.failures_total, f.item, &f.kind),
-        (1, 1, &FailureKind::Encode),
+        (1, Some(1), &FailureKind::Encode),
         "{report}"
     );
     assert!(
@@ -307,11 +309,11 @@ fn batched_results_corruption_fails_the_writer_and_loses_nothing() {
         let r = run(Exec::ipc_fork(2), 7, act);
         let work = r.stage("work").unwrap();
         assert_eq!((work.items_out, work.failed), (19, 1), "{r}");
-        let items: Vec<_> = r.failures.iter().filter(|f| f.item != u64::MAX).collect();
+        let items: Vec<_> = r.failures.iter().filter(|f| f.item.is_some()).collect();
         assert_eq!(items.len(), 1, "{r}");
         assert_eq!(
             (items[0].item, &items[0].kind),
-            (7, &kind),
+            (Some(7), &kind),
             "{:?}",
             items[0]
         );
@@ -349,11 +351,11 @@ fn batched_results_partial_item_then_corruption_is_not_duplicated() {
         Ok(())
     });
     let r = p.run().unwrap();
-    let items: Vec<_> = r.failures.iter().filter(|f| f.item != u64::MAX).collect();
+    let items: Vec<_> = r.failures.iter().filter(|f| f.item.is_some()).collect();
     assert_eq!(items.len(), 1, "{r}");
     assert_eq!(
         (items[0].item, &items[0].kind),
-        (7, &FailureKind::Protocol),
+        (Some(7), &FailureKind::Protocol),
         "{r}"
     );
     let got = got.sorted();
@@ -408,10 +410,10 @@ fn a_corrupt_batched_stream_reruns_only_on_workers_that_write_per_item() {
         (n - 1, 1, 1),
         "{r}"
     );
-    let items: Vec<_> = r.failures.iter().filter(|f| f.item != u64::MAX).collect();
+    let items: Vec<_> = r.failures.iter().filter(|f| f.item.is_some()).collect();
     assert_eq!(
         (items[0].item, &items[0].kind),
-        (bad, &FailureKind::Protocol)
+        (Some(bad), &FailureKind::Protocol)
     );
     let want: Vec<u64> = (0..n).filter(|&x| x != bad).collect();
     assert_eq!(got.sorted(), want, "every other item arrives exactly once");

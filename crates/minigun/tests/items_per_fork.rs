@@ -101,7 +101,10 @@ fn a_crash_fails_only_the_running_item() {
         let work = report.stage("work").unwrap();
         assert_eq!((work.failed, work.retried, work.items_in), (1, 0, 200));
         let f = &report.failures[0];
-        assert_eq!((f.item, &f.kind), (77, &FailureKind::Signal(libc::SIGABRT)));
+        assert_eq!(
+            (f.item, &f.kind),
+            (Some(77), &FailureKind::Signal(libc::SIGABRT))
+        );
         assert_few_children(&got, per_fork);
         // The crashed child was given the batch [first, first + per_fork), which holds 77
         // and the items 78 and 79 after it. It ran the items before 77, and no other.
@@ -186,7 +189,7 @@ fn with_automatic_items_per_fork_a_crash_fails_only_the_running_item() {
     let f = &report.failures[0];
     assert_eq!(
         (f.item, &f.kind),
-        (150, &FailureKind::Signal(libc::SIGABRT))
+        (Some(150), &FailureKind::Signal(libc::SIGABRT))
     );
     let crashed = f.pid.expect("the crashed child's pid");
     assert!(

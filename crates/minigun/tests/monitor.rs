@@ -151,3 +151,41 @@ fn producers_declare_their_total() {
     r.run().unwrap();
     assert_eq!(monitor.snapshot().total, None);
 }
+
+// Progress counts items finished, not produced: with every item produced and the first
+// stage stuck on item 10, at most 10 of 100 are finished (it said 100%).
+#[test]
+fn finished_items_count_what_every_stage_is_done_with() {
+    let (reached, wait) = std::sync::mpsc::channel::<()>();
+    let (release, gate) = std::sync::mpsc::channel::<()>();
+    let gate = std::sync::Mutex::new(gate);
+    let p = Pipeline::new("progress");
+    p.producer("gen", |out| out.emit_all(0..100u64).map_err(Into::into))
+        .total(100);
+    p.map("slow", move |x: u64| {
+        if x == 10 {
+            reached.send(()).unwrap();
+            gate.lock().unwrap().recv().unwrap();
+        }
+        Ok(x)
+    });
+    p.batch::<u64>("batch", 10);
+    p.consumer("sink", |_: Vec<u64>| Ok(()));
+    let handle = p.spawn().unwrap();
+    let monitor = handle.monitor();
+    wait.recv().unwrap();
+    common::wait_until("every item produced", LIMIT, || {
+        monitor.snapshot().produced == 100
+    });
+    let s = monitor.snapshot();
+    assert_eq!(s.total, Some(100));
+    assert!(
+        s.finished_items <= 10,
+        "finished {} of 100",
+        s.finished_items
+    );
+    release.send(()).unwrap();
+    let report = handle.wait().unwrap();
+    assert_eq!(report.consumed, 10, "ten batches");
+    assert_eq!(monitor.snapshot().finished_items, 100);
+}

@@ -228,7 +228,7 @@ fn a_crashing_item_under_a_forked_worker_executor_fails_once_and_the_rest_comple
     let f = report
         .failures
         .iter()
-        .find(|f| f.item == 20)
+        .find(|f| f.item == Some(20))
         .expect("item 20's failure");
     assert!(
         f.message.contains("item 20 is bad"),
@@ -372,7 +372,7 @@ fn fail_fast_on_a_remote_stage_aborts_the_run_and_the_workers_stop_serving_it() 
     );
     match err {
         minigun::RunError::Aborted { cause, report } => {
-            assert_eq!(cause.item, 30);
+            assert_eq!(cause.item, Some(30));
             assert!(
                 cause.message.contains("item 30 is fatal"),
                 "{}",

@@ -206,6 +206,18 @@ impl<I, O> ForkRef<I, O, IpcFork> {
         self.option("in_flight", |e| e.in_flight(n))
     }
 
+    /// Replaces a worker after it was handed `n` items, for leaky stage code (see
+    /// [`Exec::max_items_per_worker`](crate::Exec::max_items_per_worker)).
+    pub fn max_items_per_worker(&self, n: u64) -> Self {
+        self.option("max_items_per_worker", |e| e.max_items_per_worker(n))
+    }
+
+    /// Replaces a worker once its resident memory passes `bytes` (see
+    /// [`Exec::max_worker_rss`](crate::Exec::max_worker_rss)).
+    pub fn max_worker_rss(&self, bytes: u64) -> Self {
+        self.option("max_worker_rss", |e| e.max_worker_rss(bytes))
+    }
+
     /// How the next item's worker is picked (default: round-robin).
     pub fn dispatch(&self, d: Dispatch) -> Self {
         self.option("dispatch", |e| e.dispatch(d))

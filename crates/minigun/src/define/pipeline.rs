@@ -93,6 +93,25 @@ impl Pipeline {
         self
     }
 
+    /// How many failures the run report keeps in full, in the order they happened (default
+    /// [`KEEP_FAILURES`](crate::KEEP_FAILURES), 100). Every failure is counted
+    /// ([`RunReport::failures_total`](crate::RunReport::failures_total)), and the report says
+    /// how many it left out ([`RunReport::failures_left_out`](crate::RunReport::failures_left_out)).
+    ///
+    /// ```
+    /// use minigun::Pipeline;
+    /// let p = Pipeline::new("picky");
+    /// p.producer("gen", |out| out.emit_all(0..10u64).map_err(Into::into));
+    /// p.consumer("sink", |x: u64| if x % 2 == 0 { Err("even".into()) } else { Ok(()) });
+    /// p.keep_failures(2);
+    /// let report = p.run().unwrap();
+    /// assert_eq!((report.failures.len(), report.failures_total, report.failures_left_out), (2, 5, 3));
+    /// ```
+    pub fn keep_failures(&self, n: usize) -> &Self {
+        self.def.borrow_mut().keep_failures = Some(n);
+        self
+    }
+
     /// Declares a named execution context, which stages join with [`StageRef::context`].
     pub fn context(&self, name: impl Into<String>, exec: Exec) -> &Self {
         self.def.borrow_mut().contexts.push((name.into(), exec));

@@ -94,6 +94,8 @@ pub(crate) struct Def {
     /// The stage that collects the final stage's items in input order (every stage upstream
     /// of it must keep the order).
     pub(crate) keep_order: Option<usize>,
+    /// How many failures the report keeps in full (`None`: the default).
+    pub(crate) keep_failures: Option<usize>,
 }
 
 /// What a stage's types can cross, as its serde-bounded handle methods recorded it.

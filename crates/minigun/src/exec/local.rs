@@ -128,12 +128,15 @@ pub(crate) fn run<I: Clone + Send + 'static, O: Clone + Send + 'static>(
         worker();
     } else {
         std::thread::scope(|s| {
-            for i in 0..threads {
-                std::thread::Builder::new()
-                    .name(format!("{}#{i}", parts.ctx.name))
-                    .spawn_scoped(s, worker)
-                    .expect("spawn stage worker thread");
-            }
+            let workers: Vec<_> = (0..threads)
+                .map(|i| {
+                    std::thread::Builder::new()
+                        .name(format!("{}#{i}", parts.ctx.name))
+                        .spawn_scoped(s, worker)
+                        .expect("spawn stage worker thread")
+                })
+                .collect();
+            workers.into_iter().for_each(crate::run::join);
         });
     }
     if let Some(shared) = shared {

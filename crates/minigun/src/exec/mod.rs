@@ -62,6 +62,12 @@ pub struct ForkOptions {
     pub items_per_fork_auto: bool,
     /// ipc_fork workers send results in batches (see [`Exec::batch_results`]; on by default).
     pub batch_results: bool,
+    /// An ipc_fork worker is replaced after it was handed this many items (see
+    /// [`Exec::max_items_per_worker`]; default: never).
+    pub max_items_per_worker: Option<u64>,
+    /// An ipc_fork worker is replaced once its resident memory passes this many bytes (see
+    /// [`Exec::max_worker_rss`]; default: never).
+    pub max_worker_rss: Option<u64>,
 }
 
 /// How ipc_fork hands items to its workers.
@@ -88,6 +94,8 @@ impl ForkOptions {
             items_per_fork: 1,
             items_per_fork_auto: false,
             batch_results: true,
+            max_items_per_worker: None,
+            max_worker_rss: None,
         }
     }
 }
@@ -147,6 +155,8 @@ impl Opt {
     const IN_FLIGHT: Opt = Opt::new("in_flight", false, true);
     const BATCH_RESULTS: Opt = Opt::new("batch_results", false, true);
     const DISPATCH: Opt = Opt::new("dispatch", false, true);
+    const MAX_ITEMS_PER_WORKER: Opt = Opt::new("max_items_per_worker", false, true);
+    const MAX_WORKER_RSS: Opt = Opt::new("max_worker_rss", false, true);
 
     /// The executors the option applies to, for messages.
     pub(crate) fn applies_to(&self) -> &'static str {
@@ -238,6 +248,38 @@ impl Exec {
     /// invariants, is described in the repository's `crates/minigun/src/ipc/README.md`.
     pub fn batch_results(self, on: bool) -> Self {
         self.option(Opt::BATCH_RESULTS, |o| o.batch_results = on)
+    }
+    /// Replaces an ipc_fork worker after it was handed `n` items, for stage code that
+    /// leaks: Python's `maxtasksperchild`. The worker is shut down as at the end of the
+    /// input (it answers what it holds, runs `Stage::finish`, and exits) and a fresh one is
+    /// forked in its place (`after_fork` and the stage factory run again). No item is lost or
+    /// run twice; `ordered` and retries mean the same. The report counts the replaced
+    /// workers ([`StageReport::recycled_workers`](crate::StageReport::recycled_workers)).
+    ///
+    /// ```
+    /// use minigun::{Exec, Pipeline};
+    /// let p = Pipeline::new("recycled");
+    /// p.producer("gen", |out| out.emit_all(0..40u64).map_err(Into::into));
+    /// p.map("work", |x: u64| Ok(x + 1))
+    ///     .wire()
+    ///     .executor(Exec::ipc_fork(2).max_items_per_worker(10));
+    /// p.consumer("sink", |_: u64| Ok(()));
+    /// let report = p.run().unwrap();
+    /// # #[cfg(target_os = "linux")]
+    /// // 40 items, 10 per worker: 4 workers replaced (3 if the last two share the last 10).
+    /// assert!(report.stage("work").unwrap().recycled_workers >= 3);
+    /// ```
+    pub fn max_items_per_worker(self, n: u64) -> Self {
+        self.option(Opt::MAX_ITEMS_PER_WORKER, |o| {
+            o.max_items_per_worker = Some(n.max(1))
+        })
+    }
+    /// Replaces an ipc_fork worker once its resident memory (RSS, read from `/proc` at most
+    /// every millisecond, after it finishes an item) passes `bytes`; otherwise as
+    /// [`Exec::max_items_per_worker`]. The items already handed to the worker (up to
+    /// `in_flight`) still run there: with a small `in_flight` it is replaced sooner.
+    pub fn max_worker_rss(self, bytes: u64) -> Self {
+        self.option(Opt::MAX_WORKER_RSS, |o| o.max_worker_rss = Some(bytes))
     }
     /// How ipc_fork picks a worker for each item.
     pub fn dispatch(self, d: Dispatch) -> Self {

@@ -119,11 +119,7 @@ impl<O: Clone> Sink<O> for Held<'_, O> {
         self.outs.push(item);
         Ok(())
     }
-    fn route(
-        &mut self,
-        target: &str,
-        item: Box<dyn std::any::Any + Send>,
-    ) -> Result<(), EmitError> {
+    fn route(&mut self, target: &str, item: crate::stage::Routed) -> Result<(), EmitError> {
         self.router.route_dynamic(target, item)
     }
 }

@@ -35,16 +35,50 @@ pub trait Codec: 'static {
 }
 
 /// postcard: a stable, documented, compact format with clean errors on bad input (the
-/// default codec).
+/// default codec). A `Serialize` that fails with its own message (`Error::custom`) keeps its
+/// words in the error, at any depth of the value, and so does the decoded type's own
+/// `Deserialize` (postcard itself would say only "Serde Serialization Error").
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Postcard;
 
 impl Codec for Postcard {
     fn encode<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), String> {
-        postcard::serialize_with_flavor(value, AppendTo(out)).map_err(|e| e.to_string())
+        postcard::serialize_with_flavor(value, AppendTo(out)).map_err(|e| match e {
+            postcard::Error::SerdeSerCustom => custom_encode_error(value),
+            e => e.to_string(),
+        })
     }
     fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-        postcard::from_bytes(bytes).map_err(|e| e.to_string())
+        postcard::from_bytes(bytes).map_err(|e| match e {
+            postcard::Error::SerdeDeCustom => custom_decode_error::<T>(bytes),
+            e => e.to_string(),
+        })
+    }
+}
+
+// postcard's error keeps no text of a custom serde error (a `Serialize` or `Deserialize` that
+// fails with `Error::custom("its own words")` reads "Serde Serialization Error"). After such a
+// failure the value goes once more through a path whose error keeps the words; the hot path is
+// untouched. Encoding: serde-value serialises the value into a tree, with its own error type at
+// every depth. Decoding: postcard behind erased-serde, which keeps the words of the decoded
+// type's own `Deserialize` (a type nested inside it loses them at postcard's boundary, and
+// postcard's text stays).
+
+/// The user's words of a custom error that failed `value`'s postcard encoding.
+fn custom_encode_error<T: Serialize + ?Sized>(value: &T) -> String {
+    match serde_value::to_value(value) {
+        Err(serde_value::SerializerError::Custom(words)) => words,
+        _ => postcard::Error::SerdeSerCustom.to_string(),
+    }
+}
+
+/// The user's words of a custom error that failed decoding a `T` from `bytes`.
+fn custom_decode_error<T: DeserializeOwned>(bytes: &[u8]) -> String {
+    let mut de = postcard::Deserializer::from_bytes(bytes);
+    let mut erased = <dyn erased_serde::Deserializer>::erase(&mut de);
+    match erased_serde::deserialize::<T>(&mut erased) {
+        Err(e) => e.to_string(),
+        Ok(_) => postcard::Error::SerdeDeCustom.to_string(),
     }
 }
 
@@ -213,4 +247,33 @@ mod tests {
     }
 
     struct Other;
+
+    /// Fails to serialise, or to deserialise, with its own words.
+    #[derive(Debug)]
+    struct Picky;
+    impl Serialize for Picky {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("picky will not be written"))
+        }
+    }
+    impl<'de> Deserialize<'de> for Picky {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            let n = u32::deserialize(d)?;
+            Err(serde::de::Error::custom(format!("picky will not read {n}")))
+        }
+    }
+
+    #[test]
+    fn postcard_errors_keep_the_users_words() {
+        let mut out = vec![9];
+        let e = Postcard::decode::<Picky>(&[7]).unwrap_err();
+        assert_eq!(e, "picky will not read 7");
+        let e = Postcard::encode(&Picky, &mut out).unwrap_err();
+        assert_eq!(e, "picky will not be written");
+        let e = Postcard::encode(&(1u8, vec![Picky]), &mut out).unwrap_err();
+        assert_eq!(e, "picky will not be written");
+        // postcard's own errors keep postcard's text.
+        let e = Postcard::decode::<u32>(&[]).unwrap_err();
+        assert_eq!(e, postcard::Error::DeserializeUnexpectedEnd.to_string());
+    }
 }

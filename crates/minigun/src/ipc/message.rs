@@ -353,6 +353,7 @@ fn fuzz_routes() -> Routes {
         stage: "fuzz".into(),
         entries: vec![crate::route::RouteEntry {
             name: "sink".into(),
+            ty: crate::stage::TypeInfo::of::<u32>(),
             send: Box::new(|_| Ok(())),
             codec: Some(crate::route::RouteCodec::of::<u32>()),
         }]

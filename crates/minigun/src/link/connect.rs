@@ -105,6 +105,7 @@ pub(super) fn senders(plans: &mut [StagePlan], wired: &Wired, edges: &Edges) {
         let decl = &plans[u].def.routes[k].1;
         let entry = RouteEntry {
             name: plans[v].def.name.clone(),
+            ty: decl.ty,
             send: (decl.make)(tx),
             codec: decl.codec,
         };

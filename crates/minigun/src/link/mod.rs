@@ -74,8 +74,10 @@ pub(crate) fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
     for lp in &loops {
         lp.close_if_idle();
     }
-    let run = Arc::new(RunShared::named(&def.name, def.no_signals));
-    let stages = tasks(&def, plans, &wired, &run);
+    let mut run = RunShared::named(&def.name, def.no_signals);
+    run.keep_failures = def.keep_failures.unwrap_or(crate::shared::KEEP_FAILURES);
+    let run = Arc::new(run);
+    let stages = tasks(&def, plans, &wired, &edges, &run);
     let view_edges = view_edges(&wired, &edges);
     Ok(Runnable::new(
         def.name,
@@ -360,6 +362,7 @@ fn tasks(
     def: &Def,
     plans: Vec<StagePlan>,
     wired: &Wired,
+    edges: &Edges,
     run: &Arc<RunShared>,
 ) -> Vec<PlannedStage> {
     let mut slots: Vec<Option<PlannedStage>> = Vec::with_capacity(plans.len());
@@ -403,12 +406,16 @@ fn tasks(
             max_wait: s.max_wait,
             in_order,
         };
-        let downstreams = wired.edges.iter().filter(|&&(a, _)| a == v).count();
+        // A sink: where items end (not a dead-letter stage, which takes failed items, and
+        // not a stage that routes items on).
+        let sink = !wired.edges.iter().any(|&(a, _)| a == v)
+            && !edges.routes.iter().any(|&(a, _, _)| a == v)
+            && !edges.dead.iter().any(|&(_, b)| b == v);
         slots.push(Some(PlannedStage {
             ctx,
             kind: s.node.kind(),
             capacity,
-            terminal: downstreams == 0,
+            sink,
             before: std::mem::take(&mut s.hooks.before),
             after: std::mem::take(&mut s.hooks.after),
             task: s.node.into_task(wiring),

@@ -1,73 +1,124 @@
 //! SIGINT / SIGTERM handlers for the duration of runs.
 //!
 //! The handler only writes the signal number to a non-blocking self-pipe (async-signal-safe);
-//! a watcher thread reads it and calls back into safe code. The previous dispositions are
-//! saved on install and put back on restore.
+//! a watcher thread reads it and calls back into safe code. The handlers, the pipe and the
+//! watcher exist only while at least one run holds them ([`acquire`] / [`release`]): the first
+//! acquire saves the previous dispositions and starts the watcher, the last release puts the
+//! dispositions back, closes the pipe and joins the watcher, so a process with no run active
+//! holds no thread and no descriptor of ours.
 
 #![allow(unsafe_code)]
 
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::thread::JoinHandle;
 
+/// The pipe's write end while handlers are installed, else -1.
 static WRITE_FD: AtomicI32 = AtomicI32::new(-1);
-static SAVED: Mutex<Vec<(Signal, SigAction)>> = Mutex::new(Vec::new());
-static WATCHER: OnceLock<OwnedFd> = OnceLock::new();
+/// Handlers between reading [`WRITE_FD`] and their write: the pipe is closed only at 0.
+static IN_HANDLER: AtomicUsize = AtomicUsize::new(0);
 
-extern "C" fn handler(sig: libc::c_int) {
-    let fd = WRITE_FD.load(Ordering::Relaxed);
-    if fd >= 0 {
-        let b = sig as u8;
-        // SAFETY: write(2) is async-signal-safe; the buffer is a live local byte.
-        unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
-    }
+/// What the installed handlers hold, and how many runs hold them.
+struct Installed {
+    holders: usize,
+    saved: Vec<(Signal, SigAction)>,
+    write: Option<OwnedFd>,
+    watcher: Option<JoinHandle<()>>,
 }
 
-/// Installs the handlers; `callback` runs on a watcher thread for each signal.
-pub(crate) fn install(callback: fn(i32)) {
-    WATCHER.get_or_init(|| {
-        let (r, w) = super::pipe(false).expect("create signal pipe");
-        super::set_nonblocking(&w).expect("non-blocking signal pipe");
-        WRITE_FD.store(w.as_raw_fd(), Ordering::Relaxed);
-        std::thread::Builder::new()
-            .name("minigun-signals".into())
-            .spawn(move || {
-                let mut buf = [0u8; 16];
-                loop {
-                    match rustix::io::read(&r, &mut buf) {
-                        Ok(0) => return,
-                        Ok(n) => buf[..n].iter().for_each(|&s| callback(s as i32)),
-                        Err(rustix::io::Errno::INTR) => continue,
-                        Err(_) => return,
-                    }
+static STATE: Mutex<Installed> = Mutex::new(Installed {
+    holders: 0,
+    saved: Vec::new(),
+    write: None,
+    watcher: None,
+});
+
+extern "C" fn handler(sig: libc::c_int) {
+    // Atomics are lock-free here, so async-signal-safe.
+    IN_HANDLER.fetch_add(1, Ordering::SeqCst);
+    let fd = WRITE_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let b = sig as u8;
+        // SAFETY: write(2) is async-signal-safe; the buffer is a live local byte; the fd stays
+        // open while IN_HANDLER is non-zero (see `release`).
+        unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+    }
+    IN_HANDLER.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Installs the handlers if no run holds them yet; `callback` runs on the watcher thread for
+/// each signal. Every call is matched by one [`release`].
+pub(crate) fn acquire(callback: fn(i32)) {
+    let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    st.holders += 1;
+    if st.holders > 1 {
+        return;
+    }
+    let Ok((r, w)) = super::pipe(false) else {
+        tracing::warn!("cannot create the signal pipe: SIGINT / SIGTERM keep their handlers");
+        return;
+    };
+    if super::set_nonblocking(&w).is_err() {
+        return;
+    }
+    let watcher = std::thread::Builder::new()
+        .name("minigun-signals".into())
+        .spawn(move || {
+            let mut buf = [0u8; 16];
+            loop {
+                match rustix::io::read(&r, &mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => buf[..n].iter().for_each(|&s| callback(s as i32)),
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(_) => return,
                 }
-            })
-            .expect("spawn signal watcher");
-        w
-    });
+            }
+        });
+    let Ok(watcher) = watcher else {
+        tracing::warn!("cannot start the signal watcher: SIGINT / SIGTERM keep their handlers");
+        return;
+    };
+    WRITE_FD.store(w.as_raw_fd(), Ordering::SeqCst);
+    st.write = Some(w);
+    st.watcher = Some(watcher);
     let action = SigAction::new(
         SigHandler::Handler(handler),
         SaFlags::SA_RESTART,
         SigSet::empty(),
     );
-    let mut saved = SAVED.lock().unwrap_or_else(|e| e.into_inner());
-    if !saved.is_empty() {
-        return;
-    }
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
-        // SAFETY: the handler only calls write(2) on a pipe, which is async-signal-safe.
+        // SAFETY: the handler only touches atomics and calls write(2) on a pipe, which is
+        // async-signal-safe.
         if let Ok(old) = unsafe { signal::sigaction(sig, &action) } {
-            saved.push((sig, old));
+            st.saved.push((sig, old));
         }
     }
 }
 
-/// Puts back the dispositions saved by [`install`].
-pub(crate) fn restore() {
-    let mut saved = SAVED.lock().unwrap_or_else(|e| e.into_inner());
-    for (sig, old) in saved.drain(..) {
-        // SAFETY: re-installs the disposition that was in place before `install`.
+/// Lets go of the handlers; the last holder puts back the dispositions saved by [`acquire`],
+/// closes the pipe and joins the watcher.
+///
+/// The caller must not hold a lock that the watcher's callback takes.
+pub(crate) fn release() {
+    let mut st = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    st.holders = st.holders.saturating_sub(1);
+    if st.holders > 0 {
+        return;
+    }
+    for (sig, old) in st.saved.drain(..) {
+        // SAFETY: re-installs the disposition that was in place before `acquire`.
         let _ = unsafe { signal::sigaction(sig, &old) };
+    }
+    WRITE_FD.store(-1, Ordering::SeqCst);
+    // A handler that read the fd before it was cleared finishes its write first.
+    while IN_HANDLER.load(Ordering::SeqCst) > 0 {
+        std::thread::yield_now();
+    }
+    // Closing the write end ends the watcher's read with 0 bytes.
+    st.write = None;
+    if let Some(w) = st.watcher.take() {
+        let _ = w.join();
     }
 }

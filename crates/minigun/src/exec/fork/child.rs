@@ -50,9 +50,8 @@ impl<I, O> Clone for StageCode<'_, I, O> {
 }
 impl<I, O> Copy for StageCode<'_, I, O> {}
 use crate::ipc::results_log::{ResultsLog, PROGRESS_DONE};
-use crate::stage::{guarded, Factory, Output, Sink, Stage};
+use crate::stage::{guarded, Factory, Output, Routed, Sink, Stage};
 use quanta::Instant;
-use std::any::Any;
 use std::os::fd::OwnedFd;
 use std::time::Duration;
 
@@ -67,8 +66,10 @@ impl<O> Sink<O> for PipeSink<'_, '_, O> {
     fn send(&mut self, item: O) -> Result<(), EmitError> {
         self.out.result(self.id, &item, self.encode)
     }
-    fn route(&mut self, target: &str, item: Box<dyn Any + Send>) -> Result<(), EmitError> {
-        let index = self.routes.index(target)?;
+    fn route(&mut self, target: &str, routed: Routed) -> Result<(), EmitError> {
+        // The same check, and the same error, as in the parent's router.
+        let index = self.routes.resolve(target, &routed)?;
+        let item = routed.item;
         let codec = self.routes.entries[index]
             .codec
             .ok_or_else(|| EmitError::Route(format!("route to {target:?} is not serialisable")))?;

@@ -76,7 +76,7 @@ pub(super) fn run<I: Item, O: Wire>(parts: Parts<I, O>, opts: ForkOptions, hooks
     let (tx, rx) = crossbeam_channel::bounded::<Vec<I>>(1);
     supervised(&parts, |wake| {
         std::thread::scope(|s| {
-            std::thread::Builder::new()
+            let feeder = std::thread::Builder::new()
                 .name(format!("{}:feed", parts.ctx.name))
                 .spawn_scoped(s, || {
                     let send = move |items: Vec<I>| tx.send(items).map_err(|e| e.0.len() as u64);
@@ -100,6 +100,7 @@ pub(super) fn run<I: Item, O: Wire>(parts: Parts<I, O>, opts: ForkOptions, hooks
                 router: RefCell::new(parts.router.clone()),
             }
             .run(Handoff::new(rx), wake);
+            crate::run::join(feeder);
         })
     });
 }

@@ -287,9 +287,10 @@ impl<'a> PollSet<'a> {
 pub(crate) fn exit_failure(exit: sys::Exit, partial: bool) -> (crate::FailureKind, String) {
     use crate::FailureKind as K;
     match exit {
+        // The kind names the signal or the code: the message says only what it ended.
         sys::Exit::Signal(s) => (
             K::Signal(s),
-            format!("child killed by signal {s} ({})", signal_name(s)),
+            "the child process died running the item".into(),
         ),
         sys::Exit::Code(0) if partial => {
             (K::Truncated, "child exited in the middle of a frame".into())
@@ -298,14 +299,11 @@ pub(crate) fn exit_failure(exit: sys::Exit, partial: bool) -> (crate::FailureKin
             K::Truncated,
             "child exited without finishing the item".into(),
         ),
-        sys::Exit::Code(c) => (K::Exit(c), format!("child exited with code {c}")),
+        sys::Exit::Code(c) => (
+            K::Exit(c),
+            "the child process exited before finishing the item".into(),
+        ),
     }
-}
-
-fn signal_name(s: i32) -> &'static str {
-    nix::sys::signal::Signal::try_from(s)
-        .map(|s| s.as_str())
-        .unwrap_or("unknown")
 }
 
 /// What decoding the frames of a stage's children needs.

@@ -168,7 +168,7 @@ impl<O> Sink<O> for TagSink<'_, '_, O> {
             None => self.out.emit(Tagged::Flush(item)),
         }
     }
-    fn route(&mut self, target: &str, _: Box<dyn std::any::Any + Send>) -> Result<(), EmitError> {
+    fn route(&mut self, target: &str, _: crate::stage::Routed) -> Result<(), EmitError> {
         Err(EmitError::Route(format!(
             "a remote stage cannot route to {target:?}: it sends its results to its downstreams"
         )))
@@ -486,7 +486,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
     fn stop_failure(&self) -> crate::error::ItemFailure {
         crate::error::ItemFailure {
             stage: self.s.name.clone(),
-            item: u64::MAX,
+            item: None,
             attempt: 1,
             kind: FailureKind::Cancelled,
             message: "the worker stops serving the run".into(),

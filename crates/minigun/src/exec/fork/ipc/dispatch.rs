@@ -66,6 +66,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         let w = self.workers[slot].as_mut().expect("chosen worker exists");
         w.push(flight, now, self.opts.timeout);
         self.rr = slot + 1;
+        self.recycle_if_due(slot, now);
     }
 
     /// Whether items are ready and a worker can take one now (then the loop goes round

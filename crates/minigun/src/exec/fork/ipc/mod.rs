@@ -33,6 +33,7 @@
 mod dispatch;
 mod feed;
 mod recover;
+mod recycle;
 mod supervisor;
 mod worker;
 
@@ -93,13 +94,14 @@ fn run<I: Wire, O: Wire>(
     let (spare_tx, spare_rx) = crossbeam_channel::bounded(SPARES);
     supervised(&parts, |wake| {
         std::thread::scope(|s| {
-            std::thread::Builder::new()
+            let feeder = std::thread::Builder::new()
                 .name(format!("{}:feed", parts.ctx.name))
                 .spawn_scoped(s, || feed::run(&parts, &opts, wake, chunk, tx, spare_rx))
                 .expect("spawn feeder thread");
             // The supervisor owns the hand-off receiver: if it ever unwinds, the feeder's
             // sends fail instead of blocking forever.
             Supervisor::new(&parts, &opts, &hooks, workers, rx, wake, spare_tx).run();
+            crate::run::join(feeder);
         })
     });
 }

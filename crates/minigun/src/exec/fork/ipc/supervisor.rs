@@ -372,6 +372,7 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
                     self.rec.latency_busy_local(d.latency_ns, busy);
                     self.release.finished(flight.index, &mut self.router);
                     self.done += 1;
+                    self.recycle_if_due(slot, now);
                     if flight.payload.len() >= LARGE_ITEM {
                         if let Some(buf) = flight.payload.into_buffer(MAX_SPARE) {
                             let _ = self.spares.try_send(buf);

@@ -48,6 +48,10 @@ pub(super) struct Worker {
     pub(super) held: Option<(u64, Instant)>,
     /// When the parent last looked at the log and found nothing to take.
     pub(super) looked: Instant,
+    /// Items handed to it (for `max_items_per_worker`).
+    pub(super) handed: u64,
+    /// When its resident memory was last read (for `max_worker_rss`).
+    pub(super) rss_read: Instant,
 }
 
 /// Whether a worker takes items.
@@ -129,6 +133,8 @@ impl Worker {
             reported: 0,
             held: None,
             looked: Instant::now(),
+            handed: 0,
+            rss_read: Instant::now(),
         }
     }
 
@@ -252,6 +258,7 @@ impl Worker {
             self.item_deadline = timeout.map(|t| now + t);
         }
         self.bytes += flight.payload.len();
+        self.handed += 1;
         self.flights.push_back(flight);
     }
 
