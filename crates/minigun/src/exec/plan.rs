@@ -155,6 +155,8 @@ pub(crate) fn fit(s: Stage<'_>, exec: Exec, env: Env) -> Result<Exec, Definition
 fn needs(exec: &Exec) -> Crosses {
     match exec {
         Exec::Inline | Exec::Threads(_) => Crosses::Nothing,
+        // The fork server's children get their input through a pipe.
+        Exec::CowFork(o) if o.fork_server => Crosses::Both,
         Exec::CowFork(_) => Crosses::Output,
         Exec::IpcFork(_) | Exec::Remote(_) => Crosses::Both,
     }
@@ -299,6 +301,8 @@ mod tests {
             (Exec::cow_fork(2), Crosses::Nothing, false),
             (Exec::cow_fork(2), Crosses::Output, true),
             (Exec::cow_fork(2), Crosses::Both, true),
+            (Exec::cow_fork(2).fork_server(), Crosses::Output, false),
+            (Exec::cow_fork(2).fork_server(), Crosses::Both, true),
             (Exec::ipc_fork(2), Crosses::Nothing, false),
             (Exec::ipc_fork(2), Crosses::Output, false),
             (Exec::ipc_fork(2), Crosses::Both, true),

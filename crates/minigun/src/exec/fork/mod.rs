@@ -39,8 +39,10 @@
 
 mod child;
 mod cow;
+mod forker;
 mod ipc;
 mod per_fork;
+mod server;
 mod supervise;
 pub(crate) mod trace;
 
@@ -54,7 +56,10 @@ pub(crate) fn cow<I: Item, O: Wire>(
     opts: ForkOptions,
     hooks: ForkHooks,
 ) -> PreparedRun {
-    Box::new(move || cow::run(parts, opts, hooks))
+    if opts.fork_server {
+        return server::prepare(parts, opts, hooks);
+    }
+    Box::new(move || cow::run(parts, opts, hooks, None))
 }
 
 pub(crate) fn ipc<I: Wire, O: Wire>(
