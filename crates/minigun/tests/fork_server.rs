@@ -162,7 +162,7 @@ fn a_stage_whose_input_cannot_cross_is_refused_when_built() {
         .cow_fork(2)
         .executor(Exec::cow_fork(2).fork_server());
     p.consumer("sink", |_: u64| Ok(()));
-    let e = p.build().err().expect("refused").to_string();
+    let e = p.build().expect_err("refused").to_string();
     assert!(e.contains("\"work\"") && e.contains("fork_server"), "{e}");
 }
 

@@ -175,7 +175,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 if batch.is_empty() {
                     break;
                 }
-                if let Some(r) = self.fork(batch, &mut retry) {
+                if let Some(r) = self.fork(batch, running.len(), &mut retry) {
                     running.push(r);
                 }
             }
@@ -207,7 +207,8 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 // before the server has reaped it), unless the server is gone.
                 let gone = self.server.as_ref().is_none_or(|s| s.gone().is_some());
                 for r in &running {
-                    let stream = fds.push(r.stream.poll_fd());
+                    // A pipe at its end is always "ready" (POLLHUP): not watched any more.
+                    let stream = (!r.stream.eof).then(|| fds.push(r.stream.poll_fd()));
                     let pidfd = PollFd::new(&r.child.pidfd, PollFlags::IN);
                     at.push((stream, (r.seq.is_none() || gone).then(|| fds.push(pidfd))));
                 }
@@ -216,7 +217,12 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 let server = server.map(|at| at.ready(|i| fds.ready(i)));
                 let (readable, exited) = at
                     .iter()
-                    .map(|&(i, p)| (fds.ready(i), p.is_some_and(|p| fds.ready(p))))
+                    .map(|&(i, p)| {
+                        (
+                            i.is_some_and(|i| fds.ready(i)),
+                            p.is_some_and(|p| fds.ready(p)),
+                        )
+                    })
                     .unzip::<_, _, Vec<_>, Vec<_>>();
                 (readable, exited, server)
             };
@@ -242,9 +248,15 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         }
     }
 
-    /// Whether another child may start (the children asked of a fork server count).
+    /// Whether another child may start (or, with a fork server, be asked for: the server
+    /// keeps at most `workers` alive, and up to `workers` more waiting, so it forks the next
+    /// one as soon as it reaps one).
     fn room(&self, running: &[Running<I>]) -> bool {
-        running.len() + self.launching.len() < self.opts.workers
+        let most = match self.server {
+            Some(_) => 2 * self.opts.workers,
+            None => self.opts.workers,
+        };
+        running.len() + self.launching.len() < most
     }
 
     /// The items for the next child: due retries first, then new items, up to
@@ -307,14 +319,16 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
     }
 
     /// Forks a child for `jobs`; on fork failure the items fail (and may be retried).
+    /// `running`: how many children run now.
     fn fork(
         &mut self,
         jobs: Vec<Pending<I>>,
+        running: usize,
         retry: &mut VecDeque<Pending<I>>,
     ) -> Option<Running<I>> {
         let ctx = &self.parts.ctx;
         if self.server.is_some() {
-            self.launch(jobs, retry);
+            self.launch(jobs, running, retry);
             return None;
         }
         if !self.forked_once {

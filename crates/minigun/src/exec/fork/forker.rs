@@ -4,7 +4,9 @@
 //! It is single-threaded (forked once from the parent when the run starts, so it sees the
 //! parent's memory of that moment through copy-on-write) and does one thing: it reads item
 //! and `fork` frames from its input pipe, forks one child per `fork` frame with the items
-//! sent since the previous one, and reports on its socket to the parent: `forked` (the
+//! sent since the previous one (in order, at most `workers` alive: the parent may send up to
+//! `workers` more, which wait here, so the next child is forked as soon as one is reaped,
+//! without a round trip to the parent), and reports on its socket to the parent: `forked` (the
 //! child's pid, with the read end of its result pipe and its pidfd attached), `fork_failed`,
 //! and `exited` once it has reaped the child. Items stay encoded here: each is decoded in
 //! the child that runs it. The protocol and its invariants are in `crate::ipc`'s README
@@ -30,18 +32,25 @@ enum Step {
 const CORRUPT_INPUT: i32 = 2;
 const NO_PARENT: i32 = 3;
 
-/// The server's body. `children` is the name its children take. Returns its exit code: 0
-/// once the parent closes the input (the stage is done; children still alive are killed and
-/// reaped first).
+/// The children the parent asked for and not yet forked: sequence number and items.
+type Batch = (u64, Vec<(u64, Vec<u8>)>);
+
+/// The server's body. `children` is the name its children take; at most `workers` are
+/// alive at once. Returns its exit code: 0 once the parent closes the input (the stage is
+/// done; children still alive are killed and reaped first).
 pub(super) fn serve<I: 'static, O: 'static>(
     input: OwnedFd,
     reports: OwnedFd,
     stage: StageCode<'_, I, O>,
     children: &str,
+    workers: usize,
 ) -> i32 {
     let mut dec = Decoder::new(stage.max);
     let mut items: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut waiting: std::collections::VecDeque<Batch> = Default::default();
     let mut live: Vec<(u64, sys::Child)> = Vec::new();
+    // Children reaped and not yet reported: reported after the next forks, which come first.
+    let mut reaped: Vec<(u64, sys::Exit)> = Vec::new();
     loop {
         loop {
             let next = dec.next(|kind, id, p| {
@@ -54,14 +63,25 @@ pub(super) fn serve<I: 'static, O: 'static>(
                 Ok(None) => break,
                 Ok(Some(Ok(Step::Item(id, p)))) => items.push((id, p)),
                 Ok(Some(Ok(Step::Fork(seq)))) => {
-                    let batch = std::mem::take(&mut items);
-                    match spawn(seq, batch, stage, children, &reports) {
-                        Ok(Some(child)) => live.push((seq, child)),
-                        Ok(None) => {}
-                        Err(_) => return end(live, NO_PARENT),
-                    }
+                    waiting.push_back((seq, std::mem::take(&mut items)));
                 }
                 Ok(Some(Err(_))) | Err(_) => return end(live, CORRUPT_INPUT),
+            }
+        }
+        while live.len() < workers.max(1) {
+            let Some((seq, batch)) = waiting.pop_front() else {
+                break;
+            };
+            match spawn(seq, batch, stage, children, &reports) {
+                Ok(Some(child)) => live.push((seq, child)),
+                Ok(None) => {}
+                Err(_) => return end(live, NO_PARENT),
+            }
+        }
+        for (seq, status) in reaped.drain(..) {
+            let report = FromForker::Exited(status).encode(seq);
+            if fdpass::send_record(&reports, &report, &[]).is_err() {
+                return end(live, NO_PARENT);
             }
         }
         let (input_ready, exited) = {
@@ -80,11 +100,7 @@ pub(super) fn serve<I: 'static, O: 'static>(
         };
         for (i, _) in exited.iter().enumerate().rev().filter(|(_, &e)| e) {
             let (seq, child) = live.swap_remove(i);
-            let status = sys::reap(child.pid);
-            let sent = fdpass::send_record(&reports, &FromForker::Exited(status).encode(seq), &[]);
-            if sent.is_err() {
-                return end(live, NO_PARENT);
-            }
+            reaped.push((seq, sys::reap(child.pid)));
         }
         if input_ready {
             match dec.read_from(&input, 64 << 10) {

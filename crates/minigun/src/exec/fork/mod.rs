@@ -30,6 +30,10 @@
 //!   (the feeder and its hand-off, the poll set, ending a child, settling an item).
 //! - `cow`: cow_fork's supervisor, and `per_fork` how many items each of its children gets; `ipc/`: ipc_fork's (worker, feeding, dispatch, recovery,
 //!   the event loop).
+//! - `server`: cow_fork's fork server seen from the parent (started when the run starts,
+//!   fed items, its reports read, its death noticed), `cow/served` what the supervisor does
+//!   with it, and `forker` the server's own process (see `crate::ipc`'s README, "The fork
+//!   server").
 //! - `child`: where a forked child starts (a cow child, an ipc worker); it never returns
 //!   into the parent's code.
 //! - `trace`: `tracing` records from stage code in a child, carried to the parent as `log`

@@ -103,7 +103,7 @@ pub(super) fn prepare<I: Item, O: Wire>(
     // The server's children log through the switch installed on the forking thread.
     let log = super::trace::install();
     let started = hooks::run_fork(&hooks.before_fork, "before_fork").and_then(|()| {
-        ForkServer::start(&parts, &hooks, opts.max_frame)
+        ForkServer::start(&parts, &hooks, &opts)
             .map_err(|e| format!("cannot start the fork server: {e}"))
     });
     drop(log);
@@ -120,8 +120,9 @@ impl ForkServer {
     fn start<I: 'static, O: 'static>(
         parts: &Parts<I, O>,
         hooks: &ForkHooks,
-        max_frame: usize,
+        opts: &ForkOptions,
     ) -> io::Result<ForkServer> {
+        let (max_frame, workers) = (opts.max_frame, opts.workers);
         let (input_r, input) = sys::pipe(false)?;
         sys::set_nonblocking(&input)?;
         sys::grow_pipe(&input, PIPE_SIZE);
@@ -132,7 +133,7 @@ impl ForkServer {
         let children = format!("mg:{}", parts.ctx.name);
         let title = format!("mg:{}:srv", parts.ctx.name);
         let process = sys::fork_child(&keep, &title, move || {
-            super::forker::serve::<I, O>(input_r, theirs, code, &children)
+            super::forker::serve::<I, O>(input_r, theirs, code, &children, workers)
         })?;
         Ok(ForkServer {
             process: Some(process),

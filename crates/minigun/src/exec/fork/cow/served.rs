@@ -17,14 +17,20 @@ use std::time::Instant;
 pub(super) struct Launch<I> {
     seq: u64,
     jobs: Vec<Pending<I>>,
-    /// When it was asked (the child's overhead counts from here).
-    sent: Instant,
+    /// When it was asked, if the server could fork it at once (the child's overhead counts
+    /// from here; else from its `forked` report).
+    sent: Option<Instant>,
 }
 
 impl<I: Item, O: Wire> Supervisor<'_, I, O> {
     /// Sends `jobs` to the server for one child. An item that cannot be encoded fails with
     /// its encode error; if the server is gone, the items fail with why.
-    pub(super) fn launch(&mut self, jobs: Vec<Pending<I>>, retry: &mut VecDeque<Pending<I>>) {
+    pub(super) fn launch(
+        &mut self,
+        jobs: Vec<Pending<I>>,
+        running: usize,
+        retry: &mut VecDeque<Pending<I>>,
+    ) {
         let server = self.server.as_mut().expect("a served stage has a server");
         if let Some(why) = server.gone().map(str::to_string) {
             let m = format!("{why}; the item's child was not forked");
@@ -52,6 +58,8 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         if sent.is_empty() {
             return;
         }
+        // Whether it waits in the server behind `workers` children.
+        let queued = self.launching.len() + running >= self.opts.workers;
         let seq = self
             .server
             .as_mut()
@@ -60,7 +68,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         self.launching.push_back(Launch {
             seq,
             jobs: sent,
-            sent: Instant::now(),
+            sent: (!queued).then(Instant::now),
         });
     }
 
@@ -80,7 +88,8 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     let Some(l) = self.take_launch(seq) else {
                         continue;
                     };
-                    let mut r = self.started(l.jobs, l.sent, child, stream, Some(seq));
+                    let forked_at = l.sent.unwrap_or_else(Instant::now);
+                    let mut r = self.started(l.jobs, forked_at, child, stream, Some(seq));
                     if self.parts.ctx.run.aborting() {
                         terminate(&r.child, &mut r.killed, Killed::Cancelled, &mut r.deadline);
                     }
