@@ -248,17 +248,6 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         }
     }
 
-    /// Whether another child may start (or, with a fork server, be asked for: the server
-    /// keeps at most `workers` alive, and up to `workers` more waiting, so it forks the next
-    /// one as soon as it reaps one).
-    fn room(&self, running: &[Running<I>]) -> bool {
-        let most = match self.server {
-            Some(_) => 2 * self.opts.workers,
-            None => self.opts.workers,
-        };
-        running.len() + self.launching.len() < most
-    }
-
     /// The items for the next child: due retries first, then new items, up to
     /// `items_per_fork` (never waiting for more than are ready), numbered from `next_index`.
     /// Also whether the input has ended.

@@ -23,6 +23,17 @@ pub(super) struct Launch<I> {
 }
 
 impl<I: Item, O: Wire> Supervisor<'_, I, O> {
+    /// Whether another child may start (or, with a fork server, be asked for: the server
+    /// keeps at most `workers` alive, and up to `workers` more waiting, so it forks the next
+    /// one as soon as it reaps one).
+    pub(super) fn room(&self, running: &[Running<I>]) -> bool {
+        let most = match self.server {
+            Some(_) => 2 * self.opts.workers,
+            None => self.opts.workers,
+        };
+        running.len() + self.launching.len() < most
+    }
+
     /// Sends `jobs` to the server for one child. An item that cannot be encoded fails with
     /// its encode error; if the server is gone, the items fail with why.
     pub(super) fn launch(
