@@ -8,7 +8,7 @@
 //!
 //! | id | what | minigun | floor |
 //! |----|------|---------|-------|
-//! | W1 | fork overhead, f(x)=2x | cow_fork(2), cow_fork(4) | raw fork/pipe/_exit/waitpid loop |
+//! | W1 | fork overhead, f(x)=2x | cow_fork(2), cow_fork(4), each also with fork_server | raw fork/pipe/_exit/waitpid loop |
 //! | W2 | IPC throughput, 1M u64 | ipc_fork(2), ipc_fork(4), in_flight sweep, results per item; inline split | raw pipes, 4096 u64/write |
 //! | W3 | 64 KiB payloads, checksum | ipc_fork(2), `Vec<u8>` and serde-bytes `Blob` | raw pipes, 64 KiB/write |
 //! | W4 | 1 GiB copy-on-write dataset | cow_fork(4), 4 KiB pages and THP | raw fork loop |
@@ -333,7 +333,11 @@ fn print_targets(rows: &[Row], quick: bool) {
     let mut lines: Vec<(Option<bool>, String)> = Vec::new();
     for r in ours(rows, "W1") {
         if let Some(x) = r.ratio {
-            let text = format!("W1 {}: {x:.3}x raw fork loop (>= 0.8)", r.executor);
+            let name = match r.variant.is_empty() {
+                true => r.executor.clone(),
+                false => format!("{} {}", r.executor, r.variant),
+            };
+            let text = format!("W1 {name}: {x:.3}x raw fork loop (>= 0.8)");
             lines.push((Some(x >= 0.8), text));
         }
     }

@@ -80,6 +80,31 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
             ctr.per_item(items),
             raw_ctr.per_item(items)
         )));
+        // The same stage with its children forked by a fork server, against the raw loop
+        // again, alternately (its own baseline of this pair is its floor).
+        progress(format!(
+            "W1 raw fork loop ({workers} in flight) and minigun cow_fork({workers}) \
+             fork_server, alternately"
+        ));
+        let ((raw2_wall, raw2_sum), (served_wall, served_sum)) = best_of_pair(
+            cfg.reps,
+            || raw::fork_loop(items, workers, |x| x * 2).expect("raw fork loop"),
+            || run_on(items, Exec::cow_fork(workers).fork_server()),
+        );
+        assert_eq!(raw2_sum, expect, "W1 raw: wrong sum");
+        assert_eq!(served_sum, expect, "W1 minigun fork_server: wrong sum");
+        let floor2 = items as f64 / raw2_wall.as_secs_f64();
+        rows.push(
+            ours(served_wall)
+                .variant("fork_server".to_string())
+                .floor(floor2)
+                .note(format!(
+                    "against the raw loop measured alternately with it ({:.0} items/s); \
+                     {:.2}x cow_fork({workers}) without it in this run",
+                    floor2,
+                    wall.as_secs_f64() / served_wall.as_secs_f64()
+                )),
+        );
         // The same stage letting cow_fork share forks over these cheap items: not a fork
         // loop any more, so no ratio to one; the gain over one child per item is the point.
         let (auto_wall, auto_sum) = (0..cfg.reps)

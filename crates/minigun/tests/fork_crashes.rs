@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fork {
     Cow,
+    /// cow_fork whose children are forked by its fork server.
+    CowServed,
     /// ipc_fork with its defaults: a window of items in flight per worker, results sent in
     /// batches through shared memory.
     Ipc,
@@ -35,6 +37,7 @@ impl Fork {
     ) -> StageRef<I, O> {
         let (s, exec) = match self {
             Fork::Cow => (s.cow_fork(n).stage(), Exec::cow_fork(n)),
+            Fork::CowServed => (s.wire(), Exec::cow_fork(n).fork_server()),
             Fork::Ipc => (s.ipc_fork(n).stage(), Exec::ipc_fork(n)),
             Fork::IpcStrict => (s.ipc_fork(n).stage(), Exec::ipc_fork(n).in_flight(1)),
             Fork::IpcPerItem => (
@@ -323,6 +326,14 @@ macro_rules! crash_tests {
                     one_crash(Fork::Cow, $crash);
                 }
                 #[test]
+                fn cow_fork_server() {
+                    one_crash(Fork::CowServed, $crash);
+                }
+                #[test]
+                fn cow_fork_server_retried() {
+                    crash_once_then_retry(Fork::CowServed, $crash);
+                }
+                #[test]
                 fn ipc_fork() {
                     one_crash(Fork::Ipc, $crash);
                 }
@@ -473,7 +484,7 @@ fn killed_from_outside(fk: Fork) {
         Fork::Ipc | Fork::IpcStrict | Fork::IpcPerItem => {
             check_worker_replaced(&r, &got, n, bad, Some(pid as u32))
         }
-        Fork::Cow => {
+        Fork::Cow | Fork::CowServed => {
             let values: Vec<u64> = got.iter().map(|x| x.0).collect();
             let expected: Vec<u64> = (0..n).filter(|&x| x != bad).map(|x| x * 2).collect();
             assert_eq!(values, expected, "failures: {:?}", summary(&r));
@@ -491,6 +502,11 @@ fn killed_from_outside(fk: Fork) {
 #[test]
 fn cow_child_killed_from_outside() {
     killed_from_outside(Fork::Cow);
+}
+
+#[test]
+fn cow_fork_server_child_killed_from_outside() {
+    killed_from_outside(Fork::CowServed);
 }
 
 #[test]

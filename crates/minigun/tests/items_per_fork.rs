@@ -24,6 +24,14 @@ fn run(per_fork: usize, crash_on: Option<u64>) -> (Vec<(u64, u32)>, minigun::Run
     )
 }
 
+/// `exec`, with its children forked by a fork server if `served`.
+fn served(exec: Exec, served: bool) -> Exec {
+    match served {
+        true => exec.fork_server(),
+        false => exec,
+    }
+}
+
 /// [`run`] with any executor, `n` items, each taking `each`.
 fn run_with(
     exec: Exec,
@@ -93,8 +101,18 @@ fn several_items_per_child_give_the_same_results() {
 
 #[test]
 fn a_crash_fails_only_the_running_item() {
+    crash_fails_only_the_running_item(false);
+}
+
+#[test]
+fn with_a_fork_server_a_crash_fails_only_the_running_item() {
+    crash_fails_only_the_running_item(true);
+}
+
+fn crash_fails_only_the_running_item(server: bool) {
     for per_fork in [4, 16] {
-        let (got, report) = run(per_fork, Some(77));
+        let exec = served(Exec::cow_fork(3).items_per_fork(per_fork), server);
+        let (got, report) = run_with(exec, 200, Duration::ZERO, Some(77));
         let results: Vec<u64> = got.iter().map(|&(y, _)| y).collect();
         let want: Vec<u64> = (0..200).filter(|&x| x != 77).map(|x| x * 3).collect();
         assert_eq!(results, want, "items_per_fork {per_fork}: {report}");
@@ -133,7 +151,18 @@ fn a_crash_fails_only_the_running_item() {
 
 /// [`run_with`] on cow_fork(3) choosing up to 16 items per child itself.
 fn auto(n: u64, each: Duration, crash_on: Option<u64>) -> (Vec<(u64, u32)>, minigun::RunReport) {
-    run_with(Exec::cow_fork(3).items_per_fork_auto(16), n, each, crash_on)
+    auto_served(n, each, crash_on, false)
+}
+
+/// [`auto`], with a fork server if `server`.
+fn auto_served(
+    n: u64,
+    each: Duration,
+    crash_on: Option<u64>,
+    server: bool,
+) -> (Vec<(u64, u32)>, minigun::RunReport) {
+    let exec = served(Exec::cow_fork(3).items_per_fork_auto(16), server);
+    run_with(exec, n, each, crash_on)
 }
 
 /// Items per child, by child.
@@ -180,7 +209,16 @@ fn automatic_items_per_fork_gives_slow_items_a_child_each() {
 
 #[test]
 fn with_automatic_items_per_fork_a_crash_fails_only_the_running_item() {
-    let (got, report) = auto(200, Duration::ZERO, Some(150));
+    auto_crash_fails_only_the_running_item(false);
+}
+
+#[test]
+fn with_automatic_items_per_fork_and_a_fork_server_a_crash_fails_only_the_running_item() {
+    auto_crash_fails_only_the_running_item(true);
+}
+
+fn auto_crash_fails_only_the_running_item(server: bool) {
+    let (got, report) = auto_served(200, Duration::ZERO, Some(150), server);
     let results: Vec<u64> = got.iter().map(|&(y, _)| y).collect();
     let want: Vec<u64> = (0..200).filter(|&x| x != 150).map(|x| x * 3).collect();
     assert_eq!(results, want, "{report}");

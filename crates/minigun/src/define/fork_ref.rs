@@ -199,6 +199,17 @@ impl<I, O> ForkRef<I, O, CowFork> {
     }
 }
 
+impl<I: crate::stage::Wire, O: crate::stage::Wire> ForkRef<I, O, CowFork> {
+    /// Forks the children from a single-threaded fork server made when the run starts (see
+    /// [`Exec::fork_server`](crate::Exec::fork_server)): the input then crosses a pipe, so
+    /// this compiles only for a serialisable input, and children see the parent as it was
+    /// when the run started.
+    pub fn fork_server(&self) -> Self {
+        self.stage.wire();
+        self.option("fork_server", |e| e.fork_server())
+    }
+}
+
 impl<I, O> ForkRef<I, O, IpcFork> {
     /// Items a worker may hold at once (default 256, and at most 1 MiB of them); 1 is strict
     /// request/response.

@@ -15,6 +15,7 @@
 //! | [`Exec::Inline`] | [`local`] | the stage's driver thread, one item at a time | no |
 //! | [`Exec::Threads`] | [`local`] | `n` threads pulling from the stage queue | no |
 //! | [`Exec::CowFork`] | `fork::cow` | one forked child per item, at most `n` alive | output only |
+//! | [`Exec::CowFork`] with [`Exec::fork_server`] | `fork::cow`, `fork::server` | the same, forked by a single-threaded fork server made at run start | input and output |
 //! | [`Exec::IpcFork`] | `fork::ipc` | `n` persistent forked workers fed over pipes | input and output |
 //! | [`Exec::Remote`] | [`crate::remote`] | worker processes on other machines, through a broker | input and output |
 //!
@@ -68,6 +69,9 @@ pub struct ForkOptions {
     /// An ipc_fork worker is replaced once its resident memory passes this many bytes (see
     /// [`Exec::max_worker_rss`]; default: never).
     pub max_worker_rss: Option<u64>,
+    /// cow_fork forks its children from a single-threaded fork server made when the run
+    /// starts, not from the busy parent (see [`Exec::fork_server`]). Off by default.
+    pub fork_server: bool,
 }
 
 /// How ipc_fork hands items to its workers.
@@ -96,6 +100,7 @@ impl ForkOptions {
             batch_results: true,
             max_items_per_worker: None,
             max_worker_rss: None,
+            fork_server: false,
         }
     }
 }
@@ -157,6 +162,7 @@ impl Opt {
     const DISPATCH: Opt = Opt::new("dispatch", false, true);
     const MAX_ITEMS_PER_WORKER: Opt = Opt::new("max_items_per_worker", false, true);
     const MAX_WORKER_RSS: Opt = Opt::new("max_worker_rss", false, true);
+    const FORK_SERVER: Opt = Opt::new("fork_server", true, false);
 
     /// The executors the option applies to, for messages.
     pub(crate) fn applies_to(&self) -> &'static str {
@@ -281,6 +287,47 @@ impl Exec {
     pub fn max_worker_rss(self, bytes: u64) -> Self {
         self.option(Opt::MAX_WORKER_RSS, |o| o.max_worker_rss = Some(bytes))
     }
+    /// cow_fork forks its children from a **fork server**: one
+    /// single-threaded process, forked from the parent once when the run starts (right
+    /// after the stage's `before_fork` hooks, before any stage runs), which forks a child per
+    /// item (or per `items_per_fork` items) when the parent sends it the item.
+    ///
+    /// A fork from a busy multi-threaded parent costs its other threads copy-on-write faults
+    /// and TLB-flush interrupts, and a child can inherit a lock another parent thread held;
+    /// the server has one thread and does nothing else, so its forks are cheaper and never
+    /// inherit such a lock. In exchange:
+    ///
+    /// - **the input item crosses a pipe**: the stage's input type must be `Serialize +
+    ///   Deserialize` (declare it with [`StageRef::wire`](crate::StageRef::wire) or
+    ///   [`StageRef::codec`](crate::StageRef::codec)); a stage set to it explicitly without
+    ///   that is refused when the pipeline is built (a definition error naming the stage);
+    /// - **children see the parent's memory as it was when the run started**: data the parent
+    ///   builds or changes after that (in a producer, another stage, another thread) is not
+    ///   visible to them. Build what the stage reads before calling `run`.
+    ///
+    /// Everything else is as without it: one child per item (or per `items_per_fork`, also
+    /// automatic), `timeout` kills the child, `ordered`, retries and dead letters by the
+    /// stage's policy, the same failure kinds for a crash, an exit code or a broken stream,
+    /// `tracing` records from children, and the report's children and pids. `before_fork`
+    /// hooks run once in the parent, before the server is made; `after_fork` hooks run in
+    /// every child, before its items. If the server dies, the items it had not forked fail,
+    /// the children it had forked die with it (their running item fails, as killed by
+    /// SIGKILL), and the stage fails, which ends the run.
+    ///
+    /// ```
+    /// use minigun::{Exec, Pipeline};
+    /// let p = Pipeline::new("served");
+    /// p.producer("gen", |out| out.emit_all(0..4u64).map_err(Into::into));
+    /// p.map("double", |x: u64| Ok(x * 2))
+    ///     .wire()
+    ///     .executor(Exec::cow_fork(2).fork_server());
+    /// p.consumer("sink", |_: u64| Ok(()));
+    /// # #[cfg(target_os = "linux")]
+    /// assert_eq!(p.run().unwrap().stage("double").unwrap().items_out, 4);
+    /// ```
+    pub fn fork_server(self) -> Self {
+        self.option(Opt::FORK_SERVER, |o| o.fork_server = true)
+    }
     /// How ipc_fork picks a worker for each item.
     pub fn dispatch(self, d: Dispatch) -> Self {
         self.option(Opt::DISPATCH, |o| o.dispatch = d)
@@ -341,6 +388,7 @@ impl std::fmt::Display for Exec {
         match self {
             Exec::Inline => f.write_str("inline"),
             Exec::Threads(n) => write!(f, "threads({n})"),
+            Exec::CowFork(o) if o.fork_server => write!(f, "cow_fork({}) fork_server", o.workers),
             Exec::CowFork(o) => write!(f, "cow_fork({})", o.workers),
             Exec::IpcFork(o) => write!(f, "ipc_fork({})", o.workers),
             Exec::Remote(r) => write!(f, "remote({})", r.broker.name()),

@@ -18,6 +18,10 @@ pub(crate) enum Kind {
     Log = 6,
     Routed = 7,
     ResultDone = 8,
+    Fork = 9,
+    Forked = 10,
+    Exited = 11,
+    ForkFailed = 12,
 }
 
 impl Kind {
@@ -31,6 +35,10 @@ impl Kind {
             6 => Kind::Log,
             7 => Kind::Routed,
             8 => Kind::ResultDone,
+            9 => Kind::Fork,
+            10 => Kind::Forked,
+            11 => Kind::Exited,
+            12 => Kind::ForkFailed,
             _ => return None,
         })
     }

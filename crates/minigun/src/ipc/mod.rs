@@ -10,6 +10,8 @@ pub(crate) mod reader;
 #[cfg(target_os = "linux")]
 pub(crate) mod results_log;
 #[cfg(target_os = "linux")]
+pub(crate) mod server;
+#[cfg(target_os = "linux")]
 pub(crate) mod writer;
 
 /// The id of a worker's end-of-stream flush outputs.

@@ -131,6 +131,31 @@ pub(crate) fn cow_child<I: 'static, O: 'static>(
     stage: &StageCode<'_, I, O>,
     fd: OwnedFd,
 ) -> i32 {
+    let items = items.into_iter().zip(ids.iter().copied());
+    child_items(items.map(|(item, id)| (id, Ok(item))), ids, stage, fd)
+}
+
+/// A child of cow_fork's fork server: like [`cow_child`], but its items came encoded
+/// through the server, and each is decoded just before it runs (a death while decoding is
+/// that item's; an item that cannot be decoded fails with a protocol error).
+pub(crate) fn served_child<I: 'static, O: 'static>(
+    items: Vec<(u64, Vec<u8>)>,
+    stage: &StageCode<'_, I, O>,
+    fd: OwnedFd,
+) -> i32 {
+    let ids: Vec<u64> = items.iter().map(|(id, _)| *id).collect();
+    let decode = stage.wire.decode_in;
+    let items = items.into_iter().map(|(id, p)| (id, decode(&p)));
+    child_items(items, &ids, stage, fd)
+}
+
+/// The items of one cow_fork child, in order, each decoded (or not) when it is its turn.
+fn child_items<I: 'static, O: 'static>(
+    items: impl Iterator<Item = (u64, Result<I, String>)>,
+    ids: &[u64],
+    stage: &StageCode<'_, I, O>,
+    fd: OwnedFd,
+) -> i32 {
     let StageCode {
         factory,
         after_fork,
@@ -142,18 +167,29 @@ pub(crate) fn cow_child<I: 'static, O: 'static>(
     let mut out = ChildOut::new(fd, max, None);
     match start(factory, after_fork) {
         Ok(mut stage) => {
-            let last = items.len().saturating_sub(1);
-            for (k, (item, &id)) in items.into_iter().zip(ids).enumerate() {
-                run_item(
-                    &mut *stage,
-                    item,
-                    id,
-                    &mut out,
-                    k == last,
-                    routes,
-                    wire.encode_out,
-                    None,
-                );
+            let last = ids.len().saturating_sub(1);
+            for (k, (id, item)) in items.enumerate() {
+                match item {
+                    Ok(item) => {
+                        let finish = k == last;
+                        let encode = wire.encode_out;
+                        run_item(
+                            &mut *stage,
+                            item,
+                            id,
+                            &mut out,
+                            finish,
+                            routes,
+                            encode,
+                            None,
+                        );
+                    }
+                    Err(m) => {
+                        out.start_item();
+                        let m = format!("cannot decode the input item: {m}");
+                        out.error(id, FailureKind::Protocol, m);
+                    }
+                }
                 if out.flush().is_err() {
                     return 74;
                 }

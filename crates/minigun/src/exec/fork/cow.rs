@@ -9,9 +9,17 @@
 //! A child given several items runs them in order and sends each item's frames before the
 //! next starts, so when it dies the parent knows which item it was running: that one fails,
 //! the ones after it go back to the queue (their attempt is not counted).
+//!
+//! With a fork server (`served`, [`Exec::fork_server`](crate::Exec::fork_server)) the
+//! supervisor does not fork: it sends the items to the server, which forks the child and
+//! reports it; from then on the child is read, timed, killed and decided exactly like one
+//! forked here, except that its exit status comes from the server's report.
+
+mod served;
 
 use super::child;
 use super::per_fork::PerFork;
+use super::server::ForkServer;
 use super::supervise::{
     child_frames, earliest, exit_failure, feed, item_ended, result_pipe, settle, supervised,
     terminate, Handoff, Killed, PollSet, Wake,
@@ -62,13 +70,22 @@ struct Running<I> {
     results: u64,
     /// The job whose time limit ran out, if the child is being killed for it.
     timed_out: Option<usize>,
+    /// The fork server's sequence number of the child (`None`: forked here).
+    seq: Option<u64>,
+    /// The child was lost with the fork server: why (its status is then unknown).
+    lost: Option<String>,
 }
 
 /// Items the feeder hands the supervisor at once. One per fork made the feeder wake for
 /// every fork; W1 cow_fork(2) went from about 3,160 to 3,700 items/s with chunks of 8 to 128.
 const FEED_CHUNK: usize = 32;
 
-pub(super) fn run<I: Item, O: Wire>(parts: Parts<I, O>, opts: ForkOptions, hooks: ForkHooks) {
+pub(super) fn run<I: Item, O: Wire>(
+    parts: Parts<I, O>,
+    opts: ForkOptions,
+    hooks: ForkHooks,
+    server: Option<ForkServer>,
+) {
     // Items are handed over in chunks: the feeder wakes once per chunk, not once per fork
     // (a thread of the parent running while it forks costs every copy-on-write fault of the
     // fork a cross-CPU TLB flush). At most `FEED_CHUNK` (or `workers`) items wait in a chunk.
@@ -94,7 +111,10 @@ pub(super) fn run<I: Item, O: Wire>(parts: Parts<I, O>, opts: ForkOptions, hooks
                 parts: &parts,
                 opts: &opts,
                 hooks: &hooks,
-                forked_once: false,
+                // With a server, the `before_fork` hooks ran before it was made.
+                forked_once: server.is_some(),
+                server,
+                launching: VecDeque::new(),
                 per_fork: PerFork::new(opts.items_per_fork, opts.items_per_fork_auto),
                 release: RefCell::new(Release::new(opts.ordered)),
                 router: RefCell::new(parts.router.clone()),
@@ -110,6 +130,10 @@ struct Supervisor<'a, I, O> {
     opts: &'a ForkOptions,
     hooks: &'a ForkHooks,
     forked_once: bool,
+    /// The fork server, if the stage has one, and the children asked of it and not yet
+    /// reported, in order.
+    server: Option<ForkServer>,
+    launching: VecDeque<served::Launch<I>>,
     per_fork: PerFork,
     release: RefCell<Release<O>>,
     /// Where results go (sent as they arrive).
@@ -141,30 +165,27 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 ctx.cancelled(retry.len() as u64);
                 retry.clear();
                 for r in running.iter_mut().filter(|r| r.killed.is_none()) {
-                    terminate(
-                        r.child.pid,
-                        &mut r.killed,
-                        Killed::Cancelled,
-                        &mut r.deadline,
-                    );
+                    terminate(&r.child, &mut r.killed, Killed::Cancelled, &mut r.deadline);
                 }
             }
             // Fork while there is room: due retries first, then new items, up to
             // `items_per_fork` per child (never waiting for more than are ready).
-            while running.len() < self.opts.workers && !ctx.run.aborting() {
+            while self.room(&running) && !ctx.run.aborting() {
                 let (batch, ended) = self.next_batch(&mut retry, &mut incoming, &mut next_index);
                 input_done |= ended;
                 if batch.is_empty() {
                     break;
                 }
-                if let Some(r) = self.fork(batch, &mut retry) {
+                if let Some(r) = self.fork(batch, running.len(), &mut retry) {
                     running.push(r);
                 }
             }
             if ctx.run.aborting() {
                 input_done |= incoming.cancel(ctx);
             }
-            if input_done && running.is_empty() && retry.is_empty() {
+            if input_done && running.is_empty() && retry.is_empty() && self.launching.is_empty() {
+                // The server (if any) is ended and reaped before the stage's end is known.
+                self.server = None;
                 self.release
                     .borrow_mut()
                     .release_all(&mut self.router.borrow_mut());
@@ -172,27 +193,51 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             }
             // Sleep until a child speaks or exits, an item arrives, or a deadline passes.
             wake.sleepy();
-            if running.len() < self.opts.workers && incoming.waiting() {
+            if self.room(&running) && incoming.waiting() {
                 wake.awake();
                 continue;
             }
             let mut deadline = running.iter().fold(None, |d, r| earliest(d, r.deadline));
-            if running.len() < self.opts.workers {
+            if self.room(&running) {
                 deadline = earliest(deadline, retry.front().and_then(|p| p.not_before));
             }
-            let (readable, exited) = {
-                let mut fds = PollSet::new(wake, abort_fd, cancelled_all, 2 * running.len());
+            let (readable, exited, reports) = {
+                let mut fds = PollSet::new(wake, abort_fd, cancelled_all, 2 * running.len() + 3);
                 let mut at = Vec::with_capacity(running.len());
+                // A served child's exit is the server's to report (its pidfd is readable
+                // before the server has reaped it), unless the server is gone.
+                let gone = self.server.as_ref().is_none_or(|s| s.gone().is_some());
                 for r in &running {
-                    at.push(fds.push(r.stream.poll_fd()));
-                    fds.push(PollFd::new(&r.child.pidfd, PollFlags::IN));
+                    // A pipe at its end is always "ready" (POLLHUP): not watched any more.
+                    let stream = (!r.stream.eof).then(|| fds.push(r.stream.poll_fd()));
+                    let pidfd = PollFd::new(&r.child.pidfd, PollFlags::IN);
+                    at.push((stream, (r.seq.is_none() || gone).then(|| fds.push(pidfd))));
                 }
+                let server = self.server.as_ref().map(|s| s.poll_fds(&mut fds));
                 fds.wait(deadline);
-                at.iter()
-                    .map(|&i| (fds.ready(i), fds.ready(i + 1)))
-                    .unzip::<_, _, Vec<_>, Vec<_>>()
+                let server = server.map(|at| at.ready(|i| fds.ready(i)));
+                let (readable, exited) = at
+                    .iter()
+                    .map(|&(i, p)| {
+                        (
+                            i.is_some_and(|i| fds.ready(i)),
+                            p.is_some_and(|p| fds.ready(p)),
+                        )
+                    })
+                    .unzip::<_, _, Vec<_>, Vec<_>>();
+                (readable, exited, server)
             };
             wake.awake();
+            let reports = match (self.server.as_mut(), reports) {
+                (Some(s), Some(ready)) => s.events(ready),
+                _ => Vec::new(),
+            };
+            // Children the server reported are visited with the others.
+            let born = self.reports(reports, &mut running, &mut retry);
+            running.extend(born);
+            let (mut readable, mut exited) = (readable, exited);
+            readable.resize(running.len(), false);
+            exited.resize(running.len(), false);
             // Read, reap, decide. Children are visited from the last so removal keeps indices.
             let now = Instant::now();
             for i in (0..running.len()).rev() {
@@ -249,7 +294,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             self.pump(r);
         }
         if exited && r.exit.is_none() {
-            r.exit = Some(sys::reap(r.child.pid));
+            r.exit = Some(self.reap(r));
             // Everything the child wrote before exiting is in the pipe now.
             self.pump(r);
         }
@@ -258,18 +303,24 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 r.timed_out = Some(r.cur);
             }
             let why = r.killed.unwrap_or(Killed::Timeout);
-            terminate(r.child.pid, &mut r.killed, why, &mut r.deadline);
+            terminate(&r.child, &mut r.killed, why, &mut r.deadline);
         }
         r.exit.is_some()
     }
 
     /// Forks a child for `jobs`; on fork failure the items fail (and may be retried).
+    /// `running`: how many children run now.
     fn fork(
         &mut self,
         jobs: Vec<Pending<I>>,
+        running: usize,
         retry: &mut VecDeque<Pending<I>>,
     ) -> Option<Running<I>> {
         let ctx = &self.parts.ctx;
+        if self.server.is_some() {
+            self.launch(jobs, running, retry);
+            return None;
+        }
         if !self.forked_once {
             self.forked_once = true;
             if let Err(m) = hooks::run_fork(&self.hooks.before_fork, "before_fork") {
@@ -283,10 +334,8 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         let (stream, w) = match result_pipe(self.opts.max_frame) {
             Ok(p) => p,
             Err(e) => {
-                for job in jobs {
-                    let m = format!("cannot create a pipe: {e}");
-                    self.failed(job, FailureKind::Start, m, None, retry);
-                }
+                let m = format!("cannot create a pipe: {e}");
+                self.fail_all(jobs, FailureKind::Start, &m, retry);
                 return None;
             }
         };
@@ -317,36 +366,58 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             })
             .collect();
         match forked {
-            Ok(child) => {
-                ctx.stats.child_started(child.pid);
-                let now = Instant::now();
-                Some(Running {
-                    ends: jobs.iter().map(|_| None).collect(),
-                    jobs,
-                    cur: 0,
-                    since: now,
-                    forked: forked_at,
-                    child,
-                    stream,
-                    exit: None,
-                    deadline: self.opts.timeout.map(|t| now + t),
-                    killed: None,
-                    results: 0,
-                    timed_out: None,
-                })
-            }
+            Ok(child) => Some(self.started(jobs, forked_at, child, stream, None)),
             Err(e) => {
-                for job in jobs {
-                    self.failed(
-                        job,
-                        FailureKind::Start,
-                        format!("fork failed: {e}"),
-                        None,
-                        retry,
-                    );
-                }
+                self.fail_all(
+                    jobs,
+                    FailureKind::Start,
+                    &format!("fork failed: {e}"),
+                    retry,
+                );
                 None
             }
+        }
+    }
+
+    /// A child has started with `jobs` (forked at `forked_at`, here or by the server).
+    fn started(
+        &self,
+        jobs: Vec<Pending<I>>,
+        forked_at: Instant,
+        child: sys::Child,
+        stream: Stream,
+        seq: Option<u64>,
+    ) -> Running<I> {
+        self.parts.ctx.stats.child_started(child.pid);
+        let now = Instant::now();
+        Running {
+            ends: jobs.iter().map(|_| None).collect(),
+            jobs,
+            cur: 0,
+            since: now,
+            forked: forked_at,
+            child,
+            stream,
+            exit: None,
+            deadline: self.opts.timeout.map(|t| now + t),
+            killed: None,
+            results: 0,
+            timed_out: None,
+            seq,
+            lost: None,
+        }
+    }
+
+    /// Every job of a child that could not start fails with `kind` (and may be retried).
+    fn fail_all(
+        &self,
+        jobs: Vec<Pending<I>>,
+        kind: FailureKind,
+        message: &str,
+        retry: &mut VecDeque<Pending<I>>,
+    ) {
+        for job in jobs {
+            self.failed(job, kind.clone(), message.to_string(), None, retry);
         }
     }
 
@@ -420,7 +491,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
 
     fn protocol_error(&self, r: &mut Running<I>, m: String) {
         if r.stream.discard(m) {
-            sys::kill(r.child.pid, libc::SIGKILL);
+            sys::fdpass::signal(&r.child, libc::SIGKILL);
             r.killed.get_or_insert(Killed::Protocol);
         }
     }
@@ -439,6 +510,10 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         let (cur, partial) = (r.cur, r.stream.dec.pending() > 0);
         // How the item the child was running ended, if it never said.
         let died = || match (r.killed, &r.stream.corrupt) {
+            _ if r.lost.is_some() => (
+                FailureKind::Signal(libc::SIGKILL),
+                r.lost.clone().unwrap_or_default(),
+            ),
             (Some(Killed::Cancelled), _) => (
                 FailureKind::Cancelled,
                 "run interrupted; child terminated".to_string(),

@@ -30,6 +30,10 @@
 //!   (the feeder and its hand-off, the poll set, ending a child, settling an item).
 //! - `cow`: cow_fork's supervisor, and `per_fork` how many items each of its children gets; `ipc/`: ipc_fork's (worker, feeding, dispatch, recovery,
 //!   the event loop).
+//! - `server`: cow_fork's fork server seen from the parent (started when the run starts,
+//!   fed items, its reports read, its death noticed), `cow/served` what the supervisor does
+//!   with it, and `forker` the server's own process (see `crate::ipc`'s README, "The fork
+//!   server").
 //! - `child`: where a forked child starts (a cow child, an ipc worker); it never returns
 //!   into the parent's code.
 //! - `trace`: `tracing` records from stage code in a child, carried to the parent as `log`
@@ -39,8 +43,10 @@
 
 mod child;
 mod cow;
+mod forker;
 mod ipc;
 mod per_fork;
+mod server;
 mod supervise;
 pub(crate) mod trace;
 
@@ -54,7 +60,10 @@ pub(crate) fn cow<I: Item, O: Wire>(
     opts: ForkOptions,
     hooks: ForkHooks,
 ) -> PreparedRun {
-    Box::new(move || cow::run(parts, opts, hooks))
+    if opts.fork_server {
+        return server::prepare(parts, opts, hooks);
+    }
+    Box::new(move || cow::run(parts, opts, hooks, None))
 }
 
 pub(crate) fn ipc<I: Wire, O: Wire>(

@@ -188,26 +188,32 @@ pub(crate) enum Killed {
 /// Ends a child in two steps: SIGTERM, with SIGKILL due after the grace period (`first`),
 /// then SIGKILL, with nothing more due. Returns when the next step is due.
 pub(crate) fn end_child(pid: i32, first: bool) -> Option<Instant> {
+    end_with(first, |sig| sys::kill(pid, sig))
+}
+
+fn end_with(first: bool, send: impl FnOnce(i32)) -> Option<Instant> {
     match first {
         true => {
-            sys::kill(pid, libc::SIGTERM);
+            send(libc::SIGTERM);
             Some(Instant::now() + KILL_GRACE)
         }
         false => {
-            sys::kill(pid, libc::SIGKILL);
+            send(libc::SIGKILL);
             None
         }
     }
 }
 
-/// The parent ends a child for `why` (the first reason stands): see [`end_child`].
+/// The parent ends a child for `why` (the first reason stands), as [`end_child`] does, with
+/// the signals sent through the child's pidfd (a fork server's child is reaped by the server,
+/// so its pid may be reused before the parent hears of it).
 pub(crate) fn terminate(
-    pid: i32,
+    child: &sys::Child,
     killed: &mut Option<Killed>,
     why: Killed,
     deadline: &mut Option<Instant>,
 ) {
-    *deadline = end_child(pid, killed.is_none());
+    *deadline = end_with(killed.is_none(), |sig| sys::fdpass::signal(child, sig));
     killed.get_or_insert(why);
 }
 
