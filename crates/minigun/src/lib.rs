@@ -105,6 +105,7 @@ mod erased;
 mod error;
 mod exec;
 mod hooks;
+mod huge;
 mod ipc;
 mod link;
 mod loops;
@@ -128,6 +129,7 @@ pub use error::{
     BoxError, DefinitionError, EmitError, FailureKind, ItemFailure, RunError, StageResult,
 };
 pub use exec::{Dispatch, Exec, ForkOptions};
+pub use huge::{collapse_heap, HugePages, HugePagesReport, HugePagesStatus};
 pub use ipc::codec::{Codec, Postcard};
 pub use monitor::{ChildSnapshot, Monitor, Snapshot, StageSnapshot, StageStatus};
 pub use policy::OnError;

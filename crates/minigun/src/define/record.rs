@@ -91,6 +91,8 @@ pub(crate) struct Def {
     pub(crate) misuse: Vec<(String, String)>,
     /// Leave SIGINT / SIGTERM to the host program.
     pub(crate) no_signals: bool,
+    /// The pipeline's huge-page setting for fork stages (`None`: each stage's default).
+    pub(crate) huge_pages: Option<crate::huge::HugePages>,
 }
 
 /// What a stage's types can cross, as its serde-bounded handle methods recorded it.

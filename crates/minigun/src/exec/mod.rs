@@ -34,6 +34,7 @@ pub(crate) mod parts;
 pub(crate) mod plan;
 pub(crate) mod runner;
 
+use crate::huge::HugePages;
 use crate::remote::Remote;
 use std::time::Duration;
 
@@ -58,6 +59,9 @@ pub struct ForkOptions {
     pub items_per_fork: usize,
     /// ipc_fork workers send results in batches (see [`Exec::batch_results`]; on by default).
     pub batch_results: bool,
+    /// Huge pages for the parent's heap before the first fork (see [`Exec::huge_pages`];
+    /// `None`: the pipeline's setting, else the executor's default).
+    pub huge_pages: Option<HugePages>,
 }
 
 /// How ipc_fork hands items to its workers.
@@ -83,6 +87,7 @@ impl ForkOptions {
             dispatch: Dispatch::RoundRobin,
             items_per_fork: 1,
             batch_results: true,
+            huge_pages: None,
         }
     }
 }
@@ -188,6 +193,24 @@ impl Exec {
     pub fn batch_results(mut self, on: bool) -> Self {
         if let Some(o) = self.fork_options_mut() {
             o.batch_results = on;
+        }
+        self
+    }
+    /// Whether this fork stage puts the parent's populated heap into transparent huge pages
+    /// before it first forks (fork executors; ignored by the others). Overrides
+    /// [`Pipeline::huge_pages`](crate::Pipeline::huge_pages). Defaults:
+    /// [`HugePages::COW_DEFAULT`] (above 256 MiB) for cow_fork, [`HugePages::IPC_DEFAULT`]
+    /// (off) for ipc_fork. At most once per run; see [`HugePages`] and the run report's
+    /// [`huge_pages`](crate::RunReport::huge_pages).
+    ///
+    /// ```
+    /// use minigun::{Exec, HugePages};
+    /// let e = Exec::cow_fork(4).huge_pages(HugePages::Off);
+    /// # let _ = e;
+    /// ```
+    pub fn huge_pages(mut self, setting: HugePages) -> Self {
+        if let Some(o) = self.fork_options_mut() {
+            o.huge_pages = Some(setting);
         }
         self
     }

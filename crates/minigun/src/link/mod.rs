@@ -68,7 +68,9 @@ pub(crate) fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
     for lp in &loops {
         lp.close_if_idle();
     }
-    let run = Arc::new(RunShared::named(&def.name, def.no_signals));
+    let mut run = RunShared::named(&def.name, def.no_signals);
+    run.huge = crate::huge::RunHuge::new(def.huge_pages);
+    let run = Arc::new(run);
     let stages = tasks(&def, plans, &wired, &run);
     let view_edges = view_edges(&wired, &edges);
     Ok(Runnable::new(
