@@ -124,6 +124,9 @@ mod stats;
 #[cfg(target_os = "linux")]
 mod sys;
 
+/// The `Pod` trait of [`HugeBuf`]'s values (and `#[derive(Pod, Zeroable)]` with bytemuck's
+/// `derive` feature in your own `Cargo.toml`).
+pub use bytemuck;
 pub use define::{Pipeline, StageRef};
 pub use error::{
     BoxError, DefinitionError, EmitError, FailureKind, ItemFailure, RunError, StageResult,
