@@ -366,7 +366,9 @@ impl<I: Item, O: Wire> StageRef<I, O> {
     }
 
     /// Runs this stage in one forked child per item, at most `n` at once. The child reads the
-    /// item through copy-on-write memory: only the output crosses the pipe.
+    /// item through copy-on-write memory: only the output crosses the pipe. What a fork costs
+    /// against the parent's size, and when another executor is faster:
+    /// [`Exec::cow_fork`](crate::Exec::cow_fork).
     pub fn cow_fork(&self, n: usize) -> Self {
         self.set_cow();
         self.executor(Exec::cow_fork(n))

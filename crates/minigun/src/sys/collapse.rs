@@ -242,4 +242,50 @@ mod tests {
         assert_eq!(missing, 0);
         assert!(std::hint::black_box(&v)[0] == 1);
     }
+
+    /// The memory cost: a region with a quarter of its pages never touched is filled in.
+    #[test]
+    fn collapsing_fills_the_missing_pages_of_dense_chunks_and_says_how_much() {
+        let len = 32 * HUGE;
+        let mut v = vec![0u8; len];
+        for (i, b) in v.iter_mut().enumerate().step_by(PAGE) {
+            if (i / PAGE) % 4 != 3 {
+                *b = 1;
+            }
+        }
+        let rss_before = rollup("Anonymous");
+        match collapse() {
+            Ok(c) => {
+                let rss_after = rollup("Anonymous");
+                eprintln!(
+                    "asked {} KiB, filled {} KiB, huge pages {} -> {} KiB, anonymous RSS {} -> \
+                     {} KiB, in {:?}",
+                    c.asked >> 10,
+                    c.filled >> 10,
+                    c.huge_before >> 10,
+                    c.huge_after >> 10,
+                    rss_before >> 10,
+                    rss_after >> 10,
+                    c.took
+                );
+                assert!(c.filled >= (len as u64 / 4) - 2 * HUGE as u64, "{c:?}");
+                assert!(c.asked >= (len - HUGE) as u64, "{c:?}");
+                if c.failed_ranges == 0 {
+                    assert!(c.huge_after >= (len - HUGE) as u64, "{c:?}");
+                }
+            }
+            Err(Refused::ThpOff(m)) => assert!(thp_mode().is_err(), "{m}"),
+            Err(Refused::NoCollapse) => {
+                let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+                let v: Vec<u32> = release
+                    .split(['.', '-'])
+                    .take(2)
+                    .map(|x| x.parse().unwrap_or(0))
+                    .collect();
+                assert!(v < vec![6, 1], "MADV_COLLAPSE unknown to Linux {release}");
+            }
+            Err(Refused::Denied(m)) => assert!(m.contains("madvise") || m.contains("proc"), "{m}"),
+        }
+        assert!(std::hint::black_box(&v)[0] == 1);
+    }
 }
