@@ -143,8 +143,9 @@ impl Exec {
     ///   pages, once per run. In the benchmark's W4b (a `HashMap<String, u64>` of 10 M keys,
     ///   about 1 GiB, 1,000 lookups per item, `cow_fork(4)`) this took the stage from 10 to
     ///   261 items/s, for a one-off collapse of 7.7 s (on a busy machine; 0.77 s for 270 MiB,
-    ///   where it went from 45 to 430 items/s). Data the parent writes afterwards goes back to
-    ///   4 KiB pages, page by page, while a child shares it.
+    ///   where it went from 45 to 430 items/s): the collapse pays back after about 30 to 80
+    ///   items; for a stage with fewer items, switch it off. Data the parent writes afterwards
+    ///   goes back to 4 KiB pages, page by page, while a child shares it.
     /// - **One large buffer**: build it in a [`HugeBuf`](crate::HugeBuf) (typed, huge pages
     ///   from the start, no collapse needed).
     /// - **Cheap items**: [`Exec::items_per_fork`] shares one fork among several items.

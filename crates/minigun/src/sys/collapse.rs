@@ -161,15 +161,18 @@ pub(crate) fn collapse() -> Result<Collapsed, Refused> {
     let denied = |e: io::Error| Refused::Denied(e.to_string());
     let (ranges, missing) = dense_ranges(&anon_regions().map_err(denied)?).map_err(denied)?;
     done.filled = missing * PAGE as u64;
+    let mut any_ok = false;
     for (start, end) in ranges {
         let len = end - start;
         done.asked += len as u64;
         let advised = madvise(start, len, libc::MADV_HUGEPAGE)
             .and_then(|()| madvise(start, len, libc::MADV_COLLAPSE));
         match advised {
-            Ok(()) => {}
-            // The whole kernel: stop at the first.
-            Err(libc::EINVAL) => return Err(Refused::NoCollapse),
+            Ok(()) => any_ok = true,
+            // On the first range: the kernel does not know the advice; stop.
+            Err(libc::EINVAL) if !any_ok => return Err(Refused::NoCollapse),
+            // After a range worked: this range is unsuitable (a mapping changed meanwhile).
+            Err(libc::EINVAL) => done.failed_ranges += 1,
             Err(libc::EPERM) => {
                 return Err(Refused::Denied(
                     "madvise(MADV_COLLAPSE) refused (EPERM)".into(),
