@@ -94,7 +94,8 @@ fn raw_run(h: &Heap, keys: u64, items: u64) -> (Duration, u64) {
 
 fn huge_note(hp: &HugePagesReport) -> String {
     match hp.status {
-        HugePagesStatus::Collapsed => format!(
+        HugePagesStatus::Collapsed => {
+            format!(
             "collapse before the first fork: {:.0} MiB in {:.2}s (huge pages {:.0} -> {:.0} MiB, \
              {:.0} MiB filled); items/s counted after it",
             mib(hp.asked_bytes),
@@ -102,7 +103,11 @@ fn huge_note(hp: &HugePagesReport) -> String {
             mib(hp.huge_before),
             mib(hp.huge_after),
             mib(hp.filled_bytes)
-        ),
+        ) + &hp
+                .reason
+                .as_ref()
+                .map_or(String::new(), |r| format!(" ({r})"))
+        }
         s => format!("huge pages {s:?}: {}", hp.reason.as_deref().unwrap_or("")),
     }
 }

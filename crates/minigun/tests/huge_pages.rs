@@ -42,8 +42,12 @@ fn assert_collapsed_or_explained(r: &HugePagesReport) {
                 r.asked_bytes >= 16 << 20,
                 "the heap's dense chunks were asked: {r:?}"
             );
-            assert!(r.huge_after > r.huge_before, "{r:?}");
-            assert!(r.huge_after >= 16 << 20, "{r:?}");
+            // The kernel may have no free huge page for some ranges at that moment (memory
+            // fragmented by other work): then the report says so.
+            match r.reason.as_deref() {
+                None => assert!(r.huge_after >= r.huge_before + (16 << 20), "{r:?}"),
+                Some(m) => assert!(m.contains("stayed in 4 KiB pages"), "{r:?}"),
+            }
             assert!(r.secs > 0.0, "{r:?}");
         }
         Err(words) => {
