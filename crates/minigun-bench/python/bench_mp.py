@@ -18,6 +18,8 @@ Prints the same fields as `minigun-bench --json` (runner "python", executor "pyt
   is Python-speed work of several ms per item). PSS of the parent and its live children
   sampled every ~20 ms. A second variant keeps the data in an anonymous mmap, 2 MiB aligned,
   with madvise(MADV_HUGEPAGE).
+- W4b large ordinary heap data: a dict of millions of small str keys (about 1 GiB) built
+  before the pool forks; Pool(4, maxtasksperchild=1), 1,000 random lookups per item.
 - W5 CPU-bound: 5 ms of spinning per item (calibrated in Python) on Pool(2); floor = the
   ideal rate 2 / 5 ms.
 """
@@ -310,6 +312,48 @@ def w4(cfg):
     return rows
 
 
+# ---------------------------------------------------------------- W4b
+
+LOOKUPS = 1000
+
+
+def w4b_key(i):
+    return f"key:{i:016x}:".ljust(40, ".")
+
+
+def w4b_lookups(seed):
+    rng = random.Random(seed)
+    keys = len(HEAP)
+    return sum(HEAP[w4b_key(rng.randrange(keys))] for _ in range(LOOKUPS)) & MASK
+
+
+def w4b(cfg):
+    """A dict of millions of small str keys (about 1 GiB; quick about 300 MiB) built before
+    the pool forks; Pool(4, maxtasksperchild=1), 1,000 random lookups per item."""
+    global HEAP
+    keys = 2_000_000 if cfg.quick else 6_000_000
+    items = 40 if cfg.quick else 200
+    progress(f"W4b building a dict of {keys} str keys")
+    t0 = time.perf_counter()
+    HEAP = {w4b_key(i): (i * 0x9E3779B9) & MASK for i in range(keys)}
+    build = time.perf_counter() - t0
+    me = os.getpid()
+    info = (f"{keys} keys, {smaps_field(me, 'Anonymous') / MIB:.0f} MiB anonymous memory, "
+            f"built in {build:.2f}s")
+    progress(info)
+    progress("W4b Pool(4, maxtasksperchild=1)")
+    sampler = PssSampler()
+    t0 = time.perf_counter()
+    with mp.Pool(4, maxtasksperchild=1) as pool:
+        total = sum(pool.map(w4b_lookups, range(items), chunksize=1))
+    wall = time.perf_counter() - t0
+    pss, kept, dropped = sampler.finish()
+    assert total == sum(w4b_lookups(i) for i in range(items)), "W4b: wrong sum"
+    HEAP = None
+    return [row("W4b", "dict, fork per item", 4, items, wall, pss_bytes=pss if kept else None,
+                note=f"{kept} consistent PSS samples, {dropped} dropped; {info}")]
+
+
 # ---------------------------------------------------------------- W5
 
 
@@ -365,7 +409,7 @@ def w5(cfg):
 
 # ---------------------------------------------------------------- main
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5}
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W4B": w4b, "W5": w5}
 
 
 def print_table(rows):

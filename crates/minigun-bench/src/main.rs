@@ -12,6 +12,7 @@
 //! | W2 | IPC throughput, 1M u64 | ipc_fork(2), ipc_fork(4), in_flight sweep, results per item; inline split | raw pipes, 4096 u64/write |
 //! | W3 | 64 KiB payloads, checksum | ipc_fork(2), `Vec<u8>` and serde-bytes `Blob` | raw pipes, 64 KiB/write |
 //! | W4 | 1 GiB copy-on-write dataset | cow_fork(4), 4 KiB pages and THP | raw fork loop |
+//! | W4b | 1 GiB `HashMap<String, u64>` heap, 1,000 lookups per item | cow_fork(4), huge pages off and on | raw fork loop, same heap |
 //! | W5 | 5 ms CPU per item | ipc_fork(2) | ideal: workers / 5 ms (and raw spinners) |
 //! | W6 | 4-stage in-process chain | inline, threads(4) | crossbeam thread chain |
 //! | W7 | remote stage over a private redis-server: a) 1M u64 `batch(64)`, b) 1 KiB `batch(1)`, c) round trip, d) reclaim after kill -9 | remote(redis), 2 worker processes | `redis`-crate XADD/XREADGROUP loop |
@@ -33,6 +34,7 @@ mod w1_fork;
 mod w2_ipc;
 mod w3_large;
 mod w4_cow;
+mod w4b_heap;
 mod w5_cpu;
 mod w6_inproc;
 mod w7_remote;
@@ -41,7 +43,7 @@ use common::{mib, Cfg, MachineCpu, Row};
 use std::process::{Command, ExitCode, Stdio};
 
 /// The jobs, each run in its own process; the part before `-` is the workload id.
-const JOBS: [&str; 8] = ["W1", "W2", "W3", "W4", "W4-thp", "W5", "W6", "W7"];
+const JOBS: [&str; 9] = ["W1", "W2", "W3", "W4", "W4-thp", "W4b", "W5", "W6", "W7"];
 
 const USAGE: &str = "usage: minigun-bench [--quick] [--only W1,W3] [--json] [--reps N] \
                      [--python] [--in-process] [--wait-quiet SECS]";
@@ -85,7 +87,7 @@ fn parse_args() -> Result<Args, String> {
                     .filter(|s| !s.is_empty())
                     .collect();
                 for id in &ids {
-                    if !JOBS.iter().any(|j| workload_of(j) == id) {
+                    if !JOBS.iter().any(|j| workload_of(j).eq_ignore_ascii_case(id)) {
                         return Err(format!("unknown workload {id:?} (W1..W7)"));
                     }
                 }
@@ -129,6 +131,7 @@ fn run_job(job: &str, cfg: &Cfg) -> Vec<Row> {
         "W3" => w3_large::run(cfg),
         "W4" => w4_cow::run(cfg, w4_cow::Memory::Vec),
         "W4-thp" => w4_cow::run(cfg, w4_cow::Memory::Thp),
+        "W4b" => w4b_heap::run(cfg),
         "W5" => w5_cpu::run(cfg),
         "W6" => w6_inproc::run(cfg),
         "W7" => w7_remote::run(cfg),
@@ -381,14 +384,19 @@ fn print_targets(rows: &[Row], quick: bool) {
             let text = format!("W4 [{}]: PSS {gib:.3} GiB (<= 1.25)", r.variant);
             lines.push((Some(gib <= 1.25), text));
         }
-        if r.variant.contains("HUGEPAGE") {
+        if r.variant.starts_with("HugeBuf") {
             let x = r.items_per_sec;
             lines.push((
                 Some(x >= 1000.0),
-                format!("W4 THP: {x:.0} items/s (>= 1000)"),
+                format!("W4 HugeBuf: {x:.0} items/s (>= 1000)"),
             ));
+            if let Some(q) = r.ratio {
+                let text = format!("W4 HugeBuf: {q:.3}x the raw fork loop (>= 0.8)");
+                lines.push((Some(q >= 0.8), text));
+            }
         }
     }
+    w4b_targets(rows, &mut lines);
     for r in ours(rows, "W5") {
         if let Some(x) = r.ratio {
             let text = format!("W5: wall {:.3}x ideal (<= 1.1)", 1.0 / x);
@@ -420,6 +428,24 @@ fn print_targets(rows: &[Row], quick: bool) {
             None => "n/a",
         };
         println!("  [{mark}] {l}");
+    }
+}
+
+/// The W4b targets: a 1 GiB heap of small allocations, once collapsed into huge pages.
+fn w4b_targets(rows: &[Row], lines: &mut Vec<(Option<bool>, String)>) {
+    let ours = rows
+        .iter()
+        .find(|r| r.workload == "W4b" && r.runner == "minigun" && r.variant.contains("collapsed"));
+    let Some(r) = ours else { return };
+    let x = r.items_per_sec;
+    lines.push((Some(x >= 1000.0), format!("W4b: {x:.0} items/s (>= 1000)")));
+    if let Some(q) = r.ratio {
+        let text = format!("W4b: {q:.3}x the raw fork loop on the same heap (>= 0.8)");
+        lines.push((Some(q >= 0.8), text));
+    }
+    if let Some(p) = r.pss_bytes {
+        let gib = p as f64 / (1u64 << 30) as f64;
+        lines.push((Some(gib <= 1.3), format!("W4b: PSS {gib:.3} GiB (<= 1.3)")));
     }
 }
 
@@ -493,7 +519,7 @@ fn main() -> ExitCode {
         .filter(|j| {
             args.only
                 .as_ref()
-                .is_none_or(|o| o.iter().any(|id| id == workload_of(j)))
+                .is_none_or(|o| o.iter().any(|id| workload_of(j).eq_ignore_ascii_case(id)))
         })
         .collect();
     let mut rows = Vec::new();

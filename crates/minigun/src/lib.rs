@@ -126,6 +126,7 @@ mod erased;
 mod error;
 mod exec;
 mod hooks;
+mod huge;
 mod ipc;
 mod link;
 mod loops;
@@ -144,11 +145,15 @@ mod stats;
 #[cfg(target_os = "linux")]
 mod sys;
 
+/// The `Pod` trait of [`HugeBuf`]'s values (and `#[derive(Pod, Zeroable)]` with bytemuck's
+/// `derive` feature in your own `Cargo.toml`).
+pub use bytemuck;
 pub use define::{Collected, CowFork, Folded, ForkKind, ForkRef, IpcFork, Pipeline, StageRef};
 pub use error::{
     BoxError, DefinitionError, EmitError, FailureKind, ItemFailure, RunError, StageResult,
 };
 pub use exec::{Dispatch, Exec, ForkOptions};
+pub use huge::{collapse_heap, HugePages, HugePagesReport, HugePagesStatus};
 pub use ipc::codec::{Codec, Postcard};
 pub use monitor::{ChildSnapshot, Monitor, Snapshot, StageSnapshot, StageStatus};
 pub use policy::OnError;

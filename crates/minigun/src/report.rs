@@ -191,6 +191,9 @@ pub struct RunReport {
     pub stopped: bool,
     /// The signal that stopped the run.
     pub signal: Option<i32>,
+    /// What each fork stage did about huge pages for the parent's heap before it first
+    /// forked (see [`HugePages`](crate::HugePages)), in the order they forked.
+    pub huge_pages: Vec<crate::HugePagesReport>,
 }
 
 impl RunReport {
@@ -251,6 +254,7 @@ impl RunReport {
             failures,
             stopped: shared.stop.load(Ordering::Relaxed),
             signal: (signal != 0).then_some(signal),
+            huge_pages: shared.huge.reports(),
         }
     }
 }
@@ -380,6 +384,9 @@ impl fmt::Display for RunReport {
                 write_remote(f, &s.name, r)?;
             }
         }
+        for h in &self.huge_pages {
+            write_huge(f, h)?;
+        }
         if self.failures_total > 0 {
             writeln!(f, "  {} failures; first:", self.failures_total)?;
             let shown = self.failures.iter().take(SHOWN_FAILURES);
@@ -402,6 +409,34 @@ impl fmt::Display for RunReport {
 
 /// How many failures the table prints (the report keeps more, see `failures`).
 const SHOWN_FAILURES: usize = 5;
+/// What a fork stage did about huge pages, on one line.
+fn write_huge(f: &mut fmt::Formatter<'_>, h: &crate::HugePagesReport) -> fmt::Result {
+    use crate::HugePagesStatus as S;
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let what = match h.status {
+        S::Collapsed => format!(
+            "collapsed {:.0} MiB of the parent's heap in {:.2}s ({:.0} -> {:.0} MiB in huge \
+             pages, {:.0} MiB filled)",
+            mib(h.asked_bytes),
+            h.secs,
+            mib(h.huge_before),
+            mib(h.huge_after),
+            mib(h.filled_bytes)
+        ),
+        S::Earlier => "collapsed earlier in this run".into(),
+        S::Off => "off".into(),
+        S::BelowThreshold => format!(
+            "not needed (parent {:.0} MiB, below the threshold)",
+            mib(h.anon_bytes)
+        ),
+        S::Unavailable => "unavailable".into(),
+    };
+    let why = h
+        .reason
+        .as_deref()
+        .map_or(String::new(), |r| format!(": {r}"));
+    writeln!(f, "  huge pages before {}: {what}{why}", h.stage)
+}
 
 /// A remote stage's broker counters and worker rows.
 fn write_remote(f: &mut fmt::Formatter<'_>, stage: &str, r: &RemoteReport) -> fmt::Result {

@@ -33,6 +33,8 @@ pub(crate) struct RunShared {
     /// This run's id: unique across processes and hosts (remote stages name their keys
     /// with it).
     pub(crate) id: String,
+    /// Huge pages for the parent's heap: the pipeline's setting and what each fork stage did.
+    pub(crate) huge: crate::huge::RunHuge,
     /// Becomes readable when the run aborts: fork supervisors poll it.
     #[cfg(target_os = "linux")]
     abort_pipe: OnceLock<(OwnedFd, OwnedFd)>,

@@ -183,6 +183,12 @@ impl<I, O, K: ForkKind> ForkRef<I, O, K> {
     pub fn max_frame(&self, bytes: usize) -> Self {
         self.option("max_frame", |e| e.max_frame(bytes))
     }
+
+    /// Whether the parent's heap goes into huge pages before the first fork (see
+    /// [`Exec::huge_pages`](crate::Exec::huge_pages)).
+    pub fn huge_pages(&self, setting: crate::HugePages) -> Self {
+        self.option("huge_pages", |e| e.huge_pages(setting))
+    }
 }
 
 impl<I, O> ForkRef<I, O, CowFork> {

@@ -112,6 +112,17 @@ impl Pipeline {
         self
     }
 
+    /// Whether fork stages put the parent's heap into transparent huge pages before they
+    /// first fork, for every fork stage without its own setting
+    /// ([`Exec::huge_pages`](crate::Exec::huge_pages)). Default:
+    /// [`HugePages::COW_DEFAULT`](crate::HugePages::COW_DEFAULT) for `cow_fork`,
+    /// [`HugePages::IPC_DEFAULT`](crate::HugePages::IPC_DEFAULT) for `ipc_fork`. It happens
+    /// once per run; the report says what it did ([`RunReport::huge_pages`](crate::RunReport::huge_pages)).
+    pub fn huge_pages(&self, setting: crate::HugePages) -> &Self {
+        self.def.borrow_mut().huge_pages = Some(setting);
+        self
+    }
+
     /// Declares a named execution context, which stages join with [`StageRef::context`].
     pub fn context(&self, name: impl Into<String>, exec: Exec) -> &Self {
         self.def.borrow_mut().contexts.push((name.into(), exec));

@@ -96,6 +96,8 @@ pub(crate) struct Def {
     pub(crate) keep_order: Option<usize>,
     /// How many failures the report keeps in full (`None`: the default).
     pub(crate) keep_failures: Option<usize>,
+    /// The pipeline's huge-page setting for fork stages (`None`: each stage's default).
+    pub(crate) huge_pages: Option<crate::huge::HugePages>,
 }
 
 /// What a stage's types can cross, as its serde-bounded handle methods recorded it.

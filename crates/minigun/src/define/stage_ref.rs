@@ -366,7 +366,8 @@ impl<I: Item, O: Wire> StageRef<I, O> {
 
     /// Runs this stage in one forked child per item, at most `n` at once. The child reads the
     /// item through copy-on-write memory: only the output crosses the pipe, so only the
-    /// output needs serde. Returns a handle for the cow_fork options (and, through `Deref`,
+    /// output needs serde. What a fork costs against the parent's size, and when another
+    /// executor is faster: [`Exec::cow_fork`](crate::Exec::cow_fork). Returns a handle for the cow_fork options (and, through `Deref`,
     /// everything a [`StageRef`] does):
     ///
     /// ```

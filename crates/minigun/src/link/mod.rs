@@ -76,6 +76,7 @@ pub(crate) fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
     }
     let mut run = RunShared::named(&def.name, def.no_signals);
     run.keep_failures = def.keep_failures.unwrap_or(crate::shared::KEEP_FAILURES);
+    run.huge = crate::huge::RunHuge::new(def.huge_pages);
     let run = Arc::new(run);
     let stages = tasks(&def, plans, &wired, &edges, &run);
     let view_edges = view_edges(&wired, &edges);

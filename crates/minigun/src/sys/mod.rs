@@ -26,6 +26,7 @@
 
 #![allow(unsafe_code)]
 
+pub(crate) mod collapse;
 pub(crate) mod fdpass;
 pub(crate) mod huge;
 pub(crate) mod signals;

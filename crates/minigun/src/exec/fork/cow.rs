@@ -30,6 +30,7 @@ use crate::exec::parts::{dead_letter, Parts};
 use crate::exec::runner::ForkHooks;
 use crate::exec::ForkOptions;
 use crate::hooks;
+use crate::huge::HugePages;
 use crate::ipc::message::{ChildError, Done, FromChild, Sender};
 use crate::ipc::reader::Stream;
 use crate::route::Router;
@@ -330,6 +331,8 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 }
                 return None;
             }
+            let setting = self.opts.huge_pages;
+            crate::huge::before_fork(&ctx.run, &ctx.name, setting, HugePages::COW_DEFAULT);
         }
         let (stream, w) = match result_pipe(self.opts.max_frame) {
             Ok(p) => p,

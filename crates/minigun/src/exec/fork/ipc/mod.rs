@@ -73,6 +73,8 @@ pub(super) fn start<I: Wire, O: Wire>(
     if let Err(m) = hooks::run_fork(&hooks.before_fork, "before_fork") {
         return fail(parts, m);
     }
+    let (shared, name) = (&parts.ctx.run, &parts.ctx.name);
+    crate::huge::before_fork(shared, name, opts.huge_pages, crate::HugePages::IPC_DEFAULT);
     let mut workers = Vec::with_capacity(opts.workers);
     for slot in 0..opts.workers {
         match spawn(&parts, &opts, &hooks, slot, opts.batch_results) {
