@@ -104,6 +104,28 @@ fn children_of_a_collapsed_parent_read_its_heap() {
 }
 
 #[test]
+fn a_fork_server_is_forked_from_a_collapsed_parent() {
+    // The server is forked once, before any child: the heap is collapsed before it, so the
+    // server's children are forked from huge pages too.
+    let m = heap_map();
+    let got = common::Sink::<u64>::default();
+    let p = Pipeline::new("collapsed-served");
+    p.producer("keys", move |out| {
+        out.emit_all(0..40u64).map_err(Into::into)
+    });
+    p.map("look", move |i: u64| Ok(lookup(&m, i * 997 % 400_000)))
+        .cow_fork(2)
+        .fork_server()
+        .huge_pages(HugePages::ON);
+    got.consume(&p);
+    let report = p.run().expect("runs");
+    assert_eq!(got.sorted(), expected(40));
+    assert_eq!(report.huge_pages.len(), 1, "{:?}", report.huge_pages);
+    assert_eq!(report.huge_pages[0].stage, "look");
+    assert_collapsed_or_explained(&report.huge_pages[0]);
+}
+
+#[test]
 fn ipc_workers_of_a_collapsed_parent_read_its_heap() {
     let exec = Exec::ipc_fork(2).huge_pages(HugePages::ON);
     let (got, reports) = run_lookups(Pipeline::new("collapsed-ipc"), exec, 200);

@@ -347,7 +347,8 @@ impl Exec {
     /// stage's policy, the same failure kinds for a crash, an exit code or a broken stream,
     /// `tracing` records from children, and the report's children and pids. `before_fork`
     /// hooks run once in the parent, before the server is made; `after_fork` hooks run in
-    /// every child, before its items. If the server dies, the items it had not forked fail,
+    /// every child, before its items. `huge_pages` collapses the parent's heap before the
+    /// server is forked, so the server's children are forked from huge pages. If the server dies, the items it had not forked fail,
     /// the children it had forked die with it (their running item fails, as killed by
     /// SIGKILL), and the stage fails, which ends the run.
     ///

@@ -94,7 +94,8 @@ impl Polled {
 }
 
 /// cow_fork with a fork server, prepared on the run's thread: the `before_fork` hooks run,
-/// then the server is forked; the supervisor then runs on the stage's thread.
+/// the heap is collapsed into huge pages (as the stage's setting says), then the server is
+/// forked; the supervisor then runs on the stage's thread.
 pub(super) fn prepare<I: Item, O: Wire>(
     parts: Parts<I, O>,
     opts: ForkOptions,
@@ -103,6 +104,11 @@ pub(super) fn prepare<I: Item, O: Wire>(
     // The server's children log through the switch installed on the forking thread.
     let log = super::trace::install();
     let started = hooks::run_fork(&hooks.before_fork, "before_fork").and_then(|()| {
+        // The server is the one process forked from the parent: its children are forked from
+        // its memory, so the parent's heap goes into huge pages before it, as before a
+        // cow_fork stage's first fork.
+        let (run, name) = (&parts.ctx.run, &parts.ctx.name);
+        crate::huge::before_fork(run, name, opts.huge_pages, crate::HugePages::COW_DEFAULT);
         ForkServer::start(&parts, &hooks, &opts)
             .map_err(|e| format!("cannot start the fork server: {e}"))
     });
