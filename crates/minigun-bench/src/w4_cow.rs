@@ -74,7 +74,7 @@ fn slice_sum(d: &Dataset, off: u64) -> u64 {
     byte_sum(&d.as_slice()[off..off + SLICE])
 }
 
-fn minigun_run(data: &Arc<Dataset>, offsets: &Arc<Vec<u64>>) -> (Duration, u64) {
+fn minigun_run(data: &Arc<Dataset>, offsets: &Arc<Vec<u64>>, server: bool) -> (Duration, u64) {
     let sum = Arc::new(AtomicU64::new(0));
     let s = sum.clone();
     let offs = offsets.clone();
@@ -92,8 +92,9 @@ fn minigun_run(data: &Arc<Dataset>, offsets: &Arc<Vec<u64>>) -> (Duration, u64) 
         Dataset::Vec(_) => Exec::cow_fork(WORKERS).huge_pages(HugePages::Off),
         Dataset::Huge(_) => Exec::cow_fork(WORKERS),
     };
+    let exec = if server { exec.fork_server() } else { exec };
     p.map("slice_sum", move |off: u64| Ok(slice_sum(&d, off)))
-        .cow_fork(WORKERS)
+        .wire()
         .executor(exec);
     p.consumer("sink", move |x: u64| {
         s.fetch_add(x, Ordering::Relaxed);
@@ -157,14 +158,27 @@ pub(crate) fn run(cfg: &Cfg, memory: Memory) -> Vec<Row> {
     let ((raw_wall, raw_sum), (wall, sum)) = best_of_pair(
         cfg.reps,
         || raw_run(&data, &offsets),
-        || minigun_run(&data, &offsets),
+        || minigun_run(&data, &offsets, false),
     );
     assert_eq!(raw_sum, expect, "W4 raw: wrong sum");
     assert_eq!(sum, expect, "W4 minigun: wrong sum");
+    // With huge pages, the fork server too (children forked by a single-threaded process).
+    let served = (memory == Memory::Thp).then(|| {
+        progress(format!(
+            "W4 raw fork loop and minigun cow_fork({WORKERS}) with fork_server, alternately ({label})"
+        ));
+        let ((raw_wall, raw_sum), (wall, sum)) = best_of_pair(
+            cfg.reps,
+            || raw_run(&data, &offsets),
+            || minigun_run(&data, &offsets, true),
+        );
+        assert_eq!((raw_sum, sum), (expect, expect), "W4 fork_server: wrong sum");
+        (raw_wall, wall)
+    });
     progress(format!("W4 both again with the PSS sampler ({label})"));
     let ((raw_wall_s, raw_sum_s), raw_pss) = sampled(|| raw_run(&data, &offsets));
     assert_eq!(raw_sum_s, expect, "W4 raw: wrong sum");
-    let ((wall_s, sum_s), pss) = sampled(|| minigun_run(&data, &offsets));
+    let ((wall_s, sum_s), pss) = sampled(|| minigun_run(&data, &offsets, false));
     assert_eq!(sum_s, expect, "W4 minigun: wrong sum");
 
     let items = items as u64;
@@ -195,5 +209,23 @@ pub(crate) fn run(cfg: &Cfg, memory: Memory) -> Vec<Row> {
     .note(sampling(wall_s, &pss))
     .note(info);
     ours.pss_bytes = (pss.kept > 0).then_some(pss.max);
-    vec![base, ours]
+    let mut rows = vec![base, ours];
+    if let Some((raw_wall, wall)) = served {
+        let floor = items as f64 / raw_wall.as_secs_f64();
+        let row = Row::new(
+            "W4",
+            "minigun",
+            format!("cow_fork({WORKERS})"),
+            WORKERS,
+            items,
+            wall,
+        )
+        .variant(format!("{label}, fork_server"))
+        .floor(floor)
+        .note(format!(
+            "its raw fork loop in the same alternation: {floor:.0} items/s"
+        ));
+        rows.push(row);
+    }
+    rows
 }

@@ -61,6 +61,7 @@ fn minigun_run(
     keys: u64,
     items: u64,
     huge: Option<HugePages>,
+    tune: fn(Exec) -> Exec,
 ) -> (Duration, (Duration, u64, HugePagesReport)) {
     let sum = Arc::new(AtomicU64::new(0));
     let (s, d) = (sum.clone(), h.clone());
@@ -73,9 +74,11 @@ fn minigun_run(
         Some(setting) => exec.huge_pages(setting),
         None => exec,
     };
-    // `cow_fork` records that the output crosses a process; `executor` sets its options.
+    let exec = tune(exec);
+    // `wire` records that the input and output cross a process (the fork server sends the
+    // input over a pipe); `executor` sets the options.
     p.map("lookups", move |seed: u64| Ok(lookups(&d, keys, seed)))
-        .cow_fork(WORKERS)
+        .wire()
         .executor(exec);
     p.consumer("sink", move |x: u64| {
         s.fetch_add(x, Ordering::Relaxed);
@@ -87,6 +90,24 @@ fn minigun_run(
     let after = wall.saturating_sub(Duration::from_secs_f64(hp.secs));
     (after, (wall, sum.load(Ordering::Relaxed), hp))
 }
+
+/// The stage's executor as the run's variant leaves it.
+fn same(e: Exec) -> Exec {
+    e
+}
+
+/// With the fork server.
+fn with_server(e: Exec) -> Exec {
+    e.fork_server()
+}
+
+/// With the fork server and several items per child.
+fn with_server_auto(e: Exec) -> Exec {
+    e.fork_server().items_per_fork_auto(AUTO_MAX)
+}
+
+/// The bound of the automatic items per child.
+const AUTO_MAX: usize = 8;
 
 fn raw_run(h: &Heap, keys: u64, items: u64) -> (Duration, u64) {
     raw::fork_loop(items, WORKERS, |i| lookups(h, keys, i)).expect("raw fork loop")
@@ -137,7 +158,7 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
     progress("W4b on 4 KiB pages: raw fork loop, minigun with huge_pages(Off)");
     let (raw4k, raw_sum) = raw_run(&heap, keys, items);
     assert_eq!(raw_sum, expect, "W4b raw: wrong sum");
-    let (off, (_, sum, hp_off)) = minigun_run(&heap, keys, items, Some(HugePages::Off));
+    let (off, (_, sum, hp_off)) = minigun_run(&heap, keys, items, Some(HugePages::Off), same);
     assert_eq!(sum, expect, "W4b minigun: wrong sum");
     assert_eq!(hp_off.status, HugePagesStatus::Off);
     let base4k = row("baseline", "raw-fork-loop", "4 KiB pages", raw4k);
@@ -145,7 +166,7 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
         row("minigun", &cow, "huge_pages(Off), 4 KiB pages", off).floor(base4k.items_per_sec);
 
     progress("W4b minigun with its default (collapses the heap before its first fork)");
-    let (first, (first_wall, sum, hp)) = minigun_run(&heap, keys, items, None);
+    let (first, (first_wall, sum, hp)) = minigun_run(&heap, keys, items, None, same);
     assert_eq!(sum, expect, "W4b minigun: wrong sum");
     progress(huge_note(&hp));
     let huge = smaps_field(me, "AnonHugePages").unwrap_or(0);
@@ -160,15 +181,26 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
     let ((raw_wall, raw_sum), (wall, (_, sum, hp_again))) = best_of_pair(
         cfg.reps,
         || raw_run(&heap, keys, items),
-        || minigun_run(&heap, keys, items, None),
+        || minigun_run(&heap, keys, items, None, same),
     );
     assert_eq!((raw_sum, sum), (expect, expect), "W4b: wrong sum");
+    progress("W4b on the collapsed heap: raw fork loop and minigun with fork_server, alternately");
+    let ((raw_served, raw_sum), (served, (_, sum, _))) = best_of_pair(
+        cfg.reps,
+        || raw_run(&heap, keys, items),
+        || minigun_run(&heap, keys, items, None, with_server),
+    );
+    assert_eq!(
+        (raw_sum, sum),
+        (expect, expect),
+        "W4b fork_server: wrong sum"
+    );
     progress("W4b both again with the PSS sampler");
     let s = PssSampler::start(Duration::from_millis(20));
     let _ = raw_run(&heap, keys, items);
     let raw_pss = s.finish();
     let s = PssSampler::start(Duration::from_millis(20));
-    let _ = minigun_run(&heap, keys, items, None);
+    let _ = minigun_run(&heap, keys, items, None, same);
     let pss = s.finish();
 
     let mut base = row(
@@ -187,5 +219,23 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
             huge_note(&hp_again)
         ));
     ours.pss_bytes = (pss.kept > 0).then_some(pss.max);
-    vec![base4k, off_row, first_row, base, ours]
+    let floor = items as f64 / raw_served.as_secs_f64();
+    let served_row = row("minigun", &cow, "fork_server, heap collapsed", served)
+        .floor(floor)
+        .note(format!(
+            "its raw fork loop in the same alternation: {floor:.0} items/s"
+        ));
+    progress("W4b on the collapsed heap: minigun with fork_server and items_per_fork_auto");
+    let (shared, (_, sum, _)) = minigun_run(&heap, keys, items, None, with_server_auto);
+    assert_eq!(sum, expect, "W4b items_per_fork_auto: wrong sum");
+    let shared_row = row(
+        "minigun",
+        &cow,
+        &format!("fork_server, items_per_fork_auto({AUTO_MAX}), heap collapsed"),
+        shared,
+    )
+    .note("several items per child: not a per-item fork, so no ratio to the raw loop");
+    vec![
+        base4k, off_row, first_row, base, ours, served_row, shared_row,
+    ]
 }
