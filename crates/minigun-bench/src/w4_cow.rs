@@ -152,29 +152,23 @@ pub(crate) fn run(cfg: &Cfg, memory: Memory) -> Vec<Row> {
     );
     progress(&info);
 
-    progress(format!(
-        "W4 raw fork loop and minigun cow_fork({WORKERS}), alternately ({label})"
-    ));
-    let ((raw_wall, raw_sum), (wall, sum)) = best_of_pair(
-        cfg.reps,
-        || raw_run(&data, &offsets),
-        || minigun_run(&data, &offsets, false),
-    );
-    assert_eq!(raw_sum, expect, "W4 raw: wrong sum");
-    assert_eq!(sum, expect, "W4 minigun: wrong sum");
-    // With huge pages, the fork server too (children forked by a single-threaded process).
-    let served = (memory == Memory::Thp).then(|| {
+    // The raw loop and minigun alternately: (raw wall, minigun wall).
+    let alternate = |server: bool| {
+        let with = if server { " with fork_server" } else { "" };
         progress(format!(
-            "W4 raw fork loop and minigun cow_fork({WORKERS}) with fork_server, alternately ({label})"
+            "W4 raw fork loop and minigun cow_fork({WORKERS}){with}, alternately ({label})"
         ));
         let ((raw_wall, raw_sum), (wall, sum)) = best_of_pair(
             cfg.reps,
             || raw_run(&data, &offsets),
-            || minigun_run(&data, &offsets, true),
+            || minigun_run(&data, &offsets, server),
         );
-        assert_eq!((raw_sum, sum), (expect, expect), "W4 fork_server: wrong sum");
+        assert_eq!((raw_sum, sum), (expect, expect), "W4{with}: wrong sum");
         (raw_wall, wall)
-    });
+    };
+    let (raw_wall, wall) = alternate(false);
+    // With huge pages, the fork server too (children forked by a single-threaded process).
+    let served = (memory == Memory::Thp).then(|| alternate(true));
     progress(format!("W4 both again with the PSS sampler ({label})"));
     let ((raw_wall_s, raw_sum_s), raw_pss) = sampled(|| raw_run(&data, &offsets));
     assert_eq!(raw_sum_s, expect, "W4 raw: wrong sum");
