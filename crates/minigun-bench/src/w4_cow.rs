@@ -116,6 +116,22 @@ fn raw_run(data: &Dataset, offsets: &[u64]) -> (Duration, u64) {
     .expect("raw fork loop")
 }
 
+/// Builds (makes and fills) a `Vec` and a `HugeBuf` of `len` bytes alternately, `rounds`
+/// times each, dropping each at once; the times per round. The first build of fresh memory
+/// includes the machine's first touch of it (on a VM, faults the host serves), whichever
+/// kind comes first; later rounds reuse freed memory and show what each kind costs.
+fn build_race(len: usize, rounds: usize) -> Vec<(Duration, Duration)> {
+    (0..rounds)
+        .map(|_| {
+            let (v, d) = timed(|| Dataset::new(Memory::Vec, len).expect("Vec dataset"));
+            drop(d);
+            let (h, d) = timed(|| Dataset::new(Memory::Thp, len).expect("HugeBuf dataset"));
+            drop(d);
+            (v, h)
+        })
+        .collect()
+}
+
 /// Runs `f` with the PSS sampler on.
 fn sampled<T>(f: impl FnOnce() -> T) -> (T, PssStats) {
     let s = PssSampler::start(SAMPLE_EVERY);
@@ -203,6 +219,23 @@ pub(crate) fn run(cfg: &Cfg, memory: Memory) -> Vec<Row> {
     .note(sampling(wall_s, &pss))
     .note(info);
     ours.pss_bytes = (pss.kept > 0).then_some(pss.max);
+    if memory == Memory::Thp {
+        progress("W4 building a Vec and a HugeBuf of the same size, alternately");
+        let race: Vec<String> = build_race(len, 3)
+            .iter()
+            .map(|(v, h)| {
+                format!(
+                    "Vec {:.2}s / HugeBuf {:.2}s",
+                    v.as_secs_f64(),
+                    h.as_secs_f64()
+                )
+            })
+            .collect();
+        ours = ours.note(format!(
+            "made and filled alternately, round by round: {}",
+            race.join(", ")
+        ));
+    }
     let mut rows = vec![base, ours];
     if let Some((raw_wall, wall)) = served {
         let floor = items as f64 / raw_wall.as_secs_f64();
