@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 /// u64 per write in the raw baseline.
 const BATCH: usize = 4096;
 
-/// minigun's default per-worker window.
-pub(crate) fn default_in_flight() -> usize {
+/// minigun's default per-worker window: chosen by the executor (`Some(most)`), or fixed.
+pub(crate) fn default_in_flight() -> (bool, usize) {
     match Exec::ipc_fork(1) {
-        Exec::IpcFork(o) => o.in_flight,
-        _ => 1,
+        Exec::IpcFork(o) => (o.in_flight_auto, o.in_flight),
+        _ => (false, 1),
     }
 }
 
@@ -148,15 +148,16 @@ pub(crate) fn raw_run(items: u64, workers: usize) -> (Duration, u64) {
 pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
     let items: u64 = cfg.size(1_000_000, 200_000);
     let expect = items * (items - 1);
-    let default = default_in_flight();
+    let (auto, most) = default_in_flight();
+    let default = match auto {
+        true => format!("auto, at most {most}"),
+        false => most.to_string(),
+    };
     let sweep: Vec<usize> = if cfg.quick {
         vec![64, 1024]
     } else {
         vec![16, 64, 256, 1024, 4096]
-    }
-    .into_iter()
-    .filter(|&k| k != default)
-    .collect();
+    };
     let mut rows = Vec::new();
     for workers in [2usize, 4] {
         progress(format!(
@@ -175,16 +176,16 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
         let floor = base.items_per_sec;
         rows.push(base);
 
-        let mut results = vec![(default, wall)];
+        let mut results = Vec::new();
         for &k in &sweep {
             progress(format!("W2 minigun ipc_fork({workers}), in_flight={k}"));
             let (wall, sum) = minigun_run(items, workers, Mode::InFlight(k));
             assert_eq!(sum, expect, "W2 minigun: wrong sum");
             results.push((k, wall));
         }
-        let sweep_note = results
-            .iter()
-            .map(|(k, w)| format!("{k}:{:.0}/s", items as f64 / w.as_secs_f64()))
+        let rate = |w: &Duration| format!("{:.0}/s", items as f64 / w.as_secs_f64());
+        let sweep_note = std::iter::once(format!("default ({default}):{}", rate(&wall)))
+            .chain(results.iter().map(|(k, w)| format!("{k}:{}", rate(w))))
             .collect::<Vec<_>>()
             .join(" ");
         let (best_k, _) = *results
@@ -196,7 +197,7 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
             minigun_run(items, workers, Mode::InFlight(best_k))
         });
         assert_eq!(sum, expect, "W2 minigun: wrong sum");
-        let ours = |wall: Duration, variant: &str, in_flight: usize| {
+        let ours = |wall: Duration, variant: &str, in_flight: Option<usize>| {
             let mut r = Row::new(
                 "W2",
                 "minigun",
@@ -207,12 +208,13 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
             )
             .variant(variant)
             .floor(floor);
-            r.in_flight = Some(in_flight);
+            r.in_flight = in_flight;
             r
         };
-        rows.push(ours(wall, "default in_flight", default));
+        let fixed = (!auto).then_some(most);
+        rows.push(ours(wall, &format!("default in_flight ({default})"), fixed));
         rows.push(
-            ours(best_wall, "best in_flight", best_k)
+            ours(best_wall, "best fixed in_flight", Some(best_k))
                 .note(format!("in_flight sweep (single runs): {sweep_note}")),
         );
         progress(format!(
@@ -220,13 +222,13 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
         ));
         let (wall, sum) = best_of(cfg.reps, || minigun_run(items, workers, Mode::PerItem));
         assert_eq!(sum, expect, "W2 minigun batched: wrong sum");
-        rows.push(ours(wall, "results per item", default));
+        rows.push(ours(wall, "results per item", fixed));
         progress(format!(
             "W2 minigun ipc_fork({workers}) on chunks of {CHUNK} (accumulator before it)"
         ));
         let (wall, sum) = best_of(cfg.reps, || chunked_run(items, workers));
         assert_eq!(sum, expect, "W2 minigun chunked: wrong sum");
-        rows.push(ours(wall, &format!("chunks of {CHUNK} items"), default));
+        rows.push(ours(wall, &format!("chunks of {CHUNK} items"), fixed));
     }
     progress("W2 minigun, same pipeline with the map inline (no fork, no IPC)");
     let (wall, sum) = best_of(cfg.reps, || minigun_run(items, 1, Mode::Inline));

@@ -217,8 +217,9 @@ impl<I: crate::stage::Wire, O: crate::stage::Wire> ForkRef<I, O, CowFork> {
 }
 
 impl<I, O> ForkRef<I, O, IpcFork> {
-    /// Items a worker may hold at once (default 256, and at most 1 MiB of them); 1 is strict
-    /// request/response.
+    /// Items a worker may hold at once, fixed (at most 1 MiB of them); 1 is strict
+    /// request/response. By default the executor chooses from the items' measured time (see
+    /// [`Exec::in_flight`](crate::Exec::in_flight)).
     pub fn in_flight(&self, n: usize) -> Self {
         self.option("in_flight", |e| e.in_flight(n))
     }

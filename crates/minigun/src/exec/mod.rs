@@ -50,8 +50,13 @@ pub struct ForkOptions {
     /// Largest frame accepted on a pipe, in bytes.
     pub max_frame: usize,
     /// Items a persistent worker may hold at once (ipc_fork; also at most 1 MiB of them);
-    /// 1 = strict request/response. Default 256.
+    /// 1 = strict request/response. With `in_flight_auto` (the default), the most the
+    /// executor chooses; default 4096.
     pub in_flight: usize,
+    /// ipc_fork chooses how many items each worker holds from the measured item time: about
+    /// [`Exec::IN_FLIGHT_AHEAD`] of work, at least 2, at most `in_flight` (see
+    /// [`Exec::in_flight`]). On by default; `in_flight(n)` sets a fixed window.
+    pub in_flight_auto: bool,
     /// Emit results in input order (default: as they complete).
     pub ordered: bool,
     /// How ipc_fork picks the worker for the next item.
@@ -96,7 +101,8 @@ impl ForkOptions {
             workers,
             timeout: None,
             max_frame: 256 << 20,
-            in_flight: 256,
+            in_flight: 4096,
+            in_flight_auto: true,
             ordered: false,
             dispatch: Dispatch::RoundRobin,
             items_per_fork: 1,
@@ -245,10 +251,24 @@ impl Exec {
     pub fn max_frame(self, bytes: usize) -> Self {
         self.option(Opt::MAX_FRAME, |o| o.max_frame = bytes)
     }
-    /// Items a persistent worker may hold at once (ipc_fork).
+    /// Items a persistent worker may hold at once (ipc_fork), fixed; 1 is strict
+    /// request/response. A worker also holds at most 1 MiB of items.
+    ///
+    /// Without it the executor chooses: each worker holds about [`Exec::IN_FLIGHT_AHEAD`]
+    /// of work by the items' measured time (an average of their recent run times in the
+    /// workers), at least 2 (one running, the next already in its pipe) and at most 4096.
+    /// Tiny items then go in long runs per write and read, and slow items do not pile up
+    /// behind one worker while another is idle at the end of the input. It starts at 2
+    /// until the first item has been timed.
     pub fn in_flight(self, n: usize) -> Self {
-        self.option(Opt::IN_FLIGHT, |o| o.in_flight = n)
+        self.option(Opt::IN_FLIGHT, |o| {
+            o.in_flight = n;
+            o.in_flight_auto = false;
+        })
     }
+
+    /// The work an ipc_fork worker holds ahead when the executor chooses `in_flight`.
+    pub const IN_FLIGHT_AHEAD: Duration = Duration::from_millis(2);
     /// Emit results in input order (fork executors). Results of a finished item wait for
     /// every earlier item to finish.
     pub fn ordered(self) -> Self {

@@ -1,6 +1,7 @@
 //! Dispatch: which worker gets the next item, and writing items to workers.
 //!
-//! Items go to workers that are alive, taking items, and hold fewer than `in_flight` items
+//! Items go to workers that are alive, taking items, and hold fewer than the window's items
+//! (`in_flight`, or what the items' time asks: `Supervisor::timed`)
 //! and fewer than [`MAX_IN_FLIGHT_BYTES`] payload bytes: in turn (round-robin) or to the one
 //! holding the fewest. Retries that are due go first, then new items in input order. Writes
 //! are non-blocking: a slow worker never stalls the others, and what its pipe does not take

@@ -2,7 +2,9 @@
 //!
 //! Workers are forked when the run prepares its stages, before any stage thread exists. Items
 //! are serialised by the feeder thread, handed to the supervisor up to `feed::FEED_CHUNK` at a
-//! time, and dispatched round-robin to workers that hold fewer than `in_flight` items; a
+//! time, and dispatched round-robin to workers that hold fewer than their window of items
+//! (a fixed `in_flight`, or by default about `Exec::IN_FLIGHT_AHEAD` of work by the items'
+//! measured time, 2 to 4096: `Supervisor::timed`); a
 //! worker answers in order, so the first item it holds (without an answer) is the one it is
 //! running. Writes are non-blocking (a slow worker never stalls the others) and several ready
 //! items go out in one write; an item of 4 KiB or more goes out from the buffer the feeder

@@ -54,9 +54,17 @@ pub(super) struct Supervisor<'a, I, O> {
     pub(super) input_done: bool,
     /// The run's abort has been handled (queued items cancelled, workers terminated).
     pub(super) cancelled_all: bool,
-    /// Items a worker holds at most (`in_flight`).
+    /// Items a worker holds at most: `in_flight`, or with `in_flight_auto` what the items'
+    /// measured time asks ([`Supervisor::timed`]).
     pub(super) window: usize,
+    /// With `in_flight_auto`: the items' recent run time in the workers, in ns (a moving
+    /// average), once one has been timed.
+    pub(super) item_ns: Option<u64>,
 }
+
+/// With `in_flight_auto`, the fewest items a worker holds: one running and the next in its
+/// pipe, so it never waits for the parent between two items.
+pub(super) const AUTO_MIN: usize = 2;
 
 impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
     pub(super) fn new(
@@ -87,7 +95,11 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
             rec: Recorder::new(&parts.ctx.stats),
             input_done: false,
             cancelled_all: false,
-            window: opts.in_flight.max(1),
+            window: match opts.in_flight_auto {
+                true => AUTO_MIN.min(opts.in_flight).max(1),
+                false => opts.in_flight.max(1),
+            },
+            item_ns: None,
         }
     }
 
@@ -370,6 +382,7 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
                 self.deaths = 0;
                 if d.outputs == results {
                     self.rec.latency_busy_local(d.latency_ns, busy);
+                    self.timed(d.latency_ns);
                     self.release.finished(flight.index, &mut self.router);
                     self.done += 1;
                     self.recycle_if_due(slot, now);
@@ -404,5 +417,50 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
                 self.failed(flight, e.kind, e.message, pid);
             }
         }
+    }
+}
+
+impl<I, O> Supervisor<'_, I, O> {
+    /// With `in_flight_auto`: an item ran `ns` in its worker. Each worker then holds about
+    /// [`Exec::IN_FLIGHT_AHEAD`](crate::Exec::IN_FLIGHT_AHEAD) of work by the average of
+    /// recent items (the first sets it, each later one moves it by a sixteenth of the
+    /// difference), within [`AUTO_MIN`]..=`in_flight`.
+    pub(super) fn timed(&mut self, ns: u64) {
+        if !self.opts.in_flight_auto {
+            return;
+        }
+        let avg = match self.item_ns {
+            None => ns,
+            Some(a) => (a as i64 + (ns as i64 - a as i64) / 16) as u64,
+        };
+        self.item_ns = Some(avg);
+        let ahead = crate::Exec::IN_FLIGHT_AHEAD.as_nanos() as u64;
+        self.window = auto_window(ahead, avg, self.opts.in_flight);
+    }
+}
+
+/// The window for items of `avg` ns: `ahead` ns of work, within [`AUTO_MIN`]..=`most`.
+pub(super) fn auto_window(ahead: u64, avg: u64, most: usize) -> usize {
+    let n = (ahead / avg.max(1)).min(most as u64) as usize;
+    n.max(AUTO_MIN).min(most.max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::auto_window;
+
+    #[test]
+    fn the_window_holds_the_work_ahead_within_its_bounds() {
+        let ahead = 2_000_000;
+        // Tiny items: the most.
+        assert_eq!(auto_window(ahead, 50, 4096), 4096);
+        assert_eq!(auto_window(ahead, 0, 4096), 4096);
+        // 100 us items: 20 of them.
+        assert_eq!(auto_window(ahead, 100_000, 4096), 20);
+        // Items longer than the work ahead: one running, one waiting.
+        assert_eq!(auto_window(ahead, 5_000_000, 4096), 2);
+        // A smaller maximum wins, down to 1.
+        assert_eq!(auto_window(ahead, 50, 16), 16);
+        assert_eq!(auto_window(ahead, 5_000_000, 1), 1);
     }
 }
