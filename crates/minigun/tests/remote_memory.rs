@@ -611,27 +611,51 @@ fn live_views_list_the_remote_workers_beside_local_children() {
     let cfg = |r: Remote| r.worker_exec(Exec::inline()).batch(1).max_in_flight(2);
     let (b, s) = (broker.clone(), seen.clone());
     let w = worker(move || define(&b, cfg, 3000, &s));
-    let handle = define(&broker, cfg, 3000, &seen).spawn().expect("build");
+    // The driver's definition is `define`'s (same names and types, so the worker serves
+    // it), with a producer that goes on until the worker has been listed: how soon the
+    // parent first looks depends on the machine's load, not on the number of items.
+    let listed_flag = Arc::new(AtomicBool::new(false));
+    let p = Pipeline::new("remote-memory");
+    p.handle_signals(false);
+    let flag = listed_flag.clone();
+    p.producer("numbers", move |out| {
+        let limit = std::time::Instant::now() + Duration::from_secs(60);
+        let mut i = 0u64;
+        while i < 100 || !flag.load(Ordering::Relaxed) && std::time::Instant::now() < limit {
+            out.emit(i)?;
+            i += 1;
+        }
+        Ok(())
+    });
+    let r = cfg(Remote::new(broker.clone()).claim_idle(Duration::from_millis(300)));
+    p.map("double", |x: u64| Ok(x * 2)).remote(r);
+    let s = seen.clone();
+    p.consumer("collect", move |x: u64| {
+        s.lock().unwrap().push(x);
+        Ok(())
+    });
+    let handle = p.spawn().expect("build");
     let monitor = handle.monitor();
     let mut listed = None;
-    for _ in 0..500 {
+    wait_until("the remote worker listed", Duration::from_secs(60), || {
         let snap = monitor.snapshot();
         let st = snap.stages.iter().find(|s| s.name == "double").unwrap();
-        if let Some(c) = st.children.iter().find(|c| c.host.is_some()) {
-            listed = Some(c.clone());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        listed = st.children.iter().find(|c| c.host.is_some()).cloned();
+        listed.is_some()
+    });
+    listed_flag.store(true, Ordering::Relaxed);
     let report = handle.wait().expect("run");
     w.stop();
-    let c = listed.expect("the remote worker was listed while the run went on");
+    let c = listed.expect("listed");
     assert_eq!(c.pid, std::process::id());
     assert_eq!(
         c.rss_bytes, 0,
         "a remote worker's memory is not read from this host"
     );
-    assert_eq!(report.stage("double").unwrap().items_out, 3000);
+    let produced = report.stage("numbers").unwrap().items_out;
+    assert!(produced >= 100, "{produced}");
+    assert_eq!(report.stage("double").unwrap().items_out, produced);
+    assert_eq!(seen.lock().unwrap().len() as u64, produced);
 }
 
 #[test]
