@@ -5,8 +5,9 @@
 //! A run exists while its control hash has a `state` field; the scripts that write a run
 //! check that first and answer `NORUN` otherwise, so that a call after a server lost the
 //! run's keys neither recreates a stream without its group nor succeeds silently. The
-//! ownership check is `XPENDING <in> mg <id> <id> 1` and a comparison of the owner: XCLAIM
-//! alone does not check who holds an entry.
+//! ownership check is `XPENDING <in> mg <id> <id> 1` and a comparison of the owner (for a
+//! commit of several entries, one `XPENDING <in> mg <first> <last> 128 <consumer>` over
+//! their range, a page at a time): XCLAIM alone does not check who holds an entry.
 
 use redis::Script;
 use std::sync::OnceLock;
@@ -24,6 +25,32 @@ local function owned(key, id, consumer)
   local p = redis.call('XPENDING', key, 'mg', id, id, 1)
   if #p > 0 and p[1][2] == consumer then return p[1][4] end
   return false
+end
+-- Whether stream id a comes before b.
+local function before(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+-- The ids among `ids` that `consumer` holds, as a set: one XPENDING over their range of
+-- the consumer's own pending entries (a page of 128 at a time), not one call per id.
+local function owned_set(key, consumer, ids)
+  local lo, hi, want, held = ids[1], ids[1], {}, {}
+  for _, id in ipairs(ids) do
+    if before(id, lo) then lo = id end
+    if before(hi, id) then hi = id end
+    want[id] = true
+  end
+  local start = lo
+  while true do
+    local p = redis.call('XPENDING', key, 'mg', start, hi, 128, consumer)
+    for _, x in ipairs(p) do
+      if want[x[1]] then held[x[1]] = true end
+    end
+    if #p < 128 then return held end
+    start = '(' .. p[#p][1]
+  end
 end
 -- Acknowledges and deletes an entry: the stream holds only outstanding entries.
 local function remove(key, group, id)
@@ -85,9 +112,12 @@ script!(
     /// Returns 1 (committed) or 0 (lease lost) per entry.
     commit,
     r#"
-local done, ids, parts = {}, {}, {}
+local done, ids, parts, asked = {}, {}, {}, {}
+for i = 2, #ARGV, 2 do asked[#asked + 1] = ARGV[i] end
+local held = {}
+if #asked > 0 then held = owned_set(KEYS[1], ARGV[1], asked) end
 for i = 2, #ARGV, 2 do
-  if owned(KEYS[1], ARGV[i], ARGV[1]) then
+  if held[ARGV[i]] then
     done[#done + 1] = 1
     ids[#ids + 1] = ARGV[i]
     parts[#parts + 1] = ARGV[i + 1]

@@ -68,6 +68,7 @@ pub fn run_all(broker: &dyn Broker, age: &dyn Fn(Duration)) {
     round_trip(broker);
     commit_needs_the_lease(broker, age);
     commit_many_publishes_only_owned_entries(broker, age);
+    commit_many_of_hundreds_of_entries(broker);
     heartbeat_keeps_the_lease(broker, age);
     release_counts_no_delivery(broker);
     dead_letter_rechecks_idle(broker, age);
@@ -158,6 +159,43 @@ pub fn commit_many_publishes_only_owned_entries(b: &dyn Broker, age: &dyn Fn(Dur
     assert_eq!(
         s.commit_many(&r, "a", &[]).expect("an empty commit"),
         Vec::<Commit>::new()
+    );
+    s.cleanup(&r, None).expect("cleanup");
+}
+
+/// A commit of more entries than a broker may look up at once (300, given out of order,
+/// among entries another consumer holds) commits each of them and publishes all results.
+pub fn commit_many_of_hundreds_of_entries(b: &dyn Broker) {
+    let mut s = session(b);
+    let r = run("commit_many_of_hundreds_of_entries");
+    announce(&mut *s, &r);
+    let sent: Vec<NewEntry> = (0..600).map(|i| entry(i, 1)).collect();
+    for chunk in sent.chunks(100) {
+        s.send(&r, chunk).expect("send");
+    }
+    // Consumers a and b take turns, so a's entries are interleaved with b's.
+    let (mut a, mut b_held) = (Vec::new(), Vec::new());
+    while a.len() + b_held.len() < 600 {
+        let got = s
+            .fetch(&r, "a", 10, Duration::from_millis(500), false)
+            .expect("fetch a");
+        a.extend(got);
+        let got = s
+            .fetch(&r, "b", 10, Duration::from_millis(500), false)
+            .expect("fetch b");
+        b_held.extend(got);
+    }
+    assert_eq!((a.len(), b_held.len()), (300, 300));
+    let mut done: Vec<(&EntryId, &[u8])> = a.iter().map(|d| (&d.id, &b"x"[..])).collect();
+    done.reverse();
+    let commits = s.commit_many(&r, "a", &done).expect("commit_many");
+    assert_eq!(commits, vec![Commit::Committed; 300]);
+    let published: usize = out(&mut *s, &r).iter().map(|o| o.payload.len()).sum();
+    assert_eq!(published, 300, "every result published");
+    assert_eq!(
+        s.outstanding(&r).expect("outstanding").len(),
+        300,
+        "b's entries stay"
     );
     s.cleanup(&r, None).expect("cleanup");
 }
