@@ -109,8 +109,9 @@ pub enum HugePagesStatus {
     Off,
     /// The parent was smaller than the threshold.
     BelowThreshold,
-    /// Not possible here: THP is `never` or missing, the kernel has no `MADV_COLLAPSE`, or the
-    /// system refused (see `reason`).
+    /// Not possible here: THP is `never` or missing, switched off for the process
+    /// (`PR_SET_THP_DISABLE`), the kernel has no `MADV_COLLAPSE`, or the system refused (see
+    /// `reason`).
     Unavailable,
 }
 

@@ -31,7 +31,7 @@ pub(crate) const MIN_PRESENT: usize = PER_HUGE / 2;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Refused {
     /// `/sys/kernel/mm/transparent_hugepage/enabled` is missing (no THP in this kernel) or
-    /// says `never`; carries what it said.
+    /// says `never`, or this process switched THP off (`PR_SET_THP_DISABLE`); carries why.
     ThpOff(String),
     /// `MADV_COLLAPSE` is unknown to this kernel (EINVAL; it came in Linux 6.1).
     NoCollapse,
@@ -149,6 +149,19 @@ fn madvise(start: usize, len: usize, advice: libc::c_int) -> Result<(), i32> {
     }
 }
 
+/// Whether the kernel knows `MADV_COLLAPSE`: advice on an empty range at a page-aligned
+/// `at` succeeds if the advice is known (EINVAL otherwise), and touches nothing.
+fn knows_collapse(at: usize) -> bool {
+    madvise(at, 0, libc::MADV_COLLAPSE).is_ok()
+}
+
+/// Whether this process has THP switched off (`PR_SET_THP_DISABLE`; inherited across fork).
+fn thp_disabled() -> bool {
+    // SAFETY: PR_GET_THP_DISABLE only reads this process's flag; it takes no pointer.
+    let r = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+    r > 0
+}
+
 /// Collapses this process's dense anonymous memory into huge pages (see the module docs).
 pub(crate) fn collapse() -> Result<Collapsed, Refused> {
     let t0 = Instant::now();
@@ -173,9 +186,17 @@ pub(crate) fn collapse() -> Result<Collapsed, Refused> {
             .and_then(|()| madvise(start, len, libc::MADV_COLLAPSE));
         match advised {
             Ok(()) => any_ok = true,
-            // On the first range: the kernel does not know the advice; stop.
-            Err(libc::EINVAL) if !any_ok => return Err(Refused::NoCollapse),
-            // After a range worked: this range is unsuitable (a mapping changed meanwhile).
+            // On the first range: the kernel does not know the advice, or this process has
+            // THP switched off; stop.
+            Err(libc::EINVAL) if !any_ok && !knows_collapse(start) => {
+                return Err(Refused::NoCollapse)
+            }
+            Err(libc::EINVAL) if !any_ok && thp_disabled() => {
+                return Err(Refused::ThpOff(
+                    "switched off for this process (PR_SET_THP_DISABLE)".into(),
+                ))
+            }
+            // Otherwise: this range is unsuitable (a mapping changed meanwhile).
             Err(libc::EINVAL) => done.failed_ranges += 1,
             Err(libc::EPERM) => {
                 return Err(Refused::Denied(
@@ -286,7 +307,7 @@ mod tests {
                     assert!(c.huge_after >= (len - HUGE) as u64, "{c:?}");
                 }
             }
-            Err(Refused::ThpOff(m)) => assert!(thp_mode().is_err(), "{m}"),
+            Err(Refused::ThpOff(m)) => assert!(thp_mode().is_err() || thp_disabled(), "{m}"),
             Err(Refused::NoCollapse) => {
                 let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
                 let v: Vec<u32> = release
