@@ -1,7 +1,8 @@
 //! Putting the process's populated anonymous memory into transparent huge pages, in place:
 //! `madvise(MADV_HUGEPAGE)` then `madvise(MADV_COLLAPSE)` (Linux 6.1+) over the 2 MiB
 //! aligned parts of its anonymous private writable mappings (`[heap]`, malloc arenas and other
-//! anonymous regions of `/proc/self/maps`; not the main stack).
+//! anonymous regions of `/proc/self/smaps`; not the main stack, and not a mapping the program
+//! marked `MADV_NOHUGEPAGE`: advising it would undo the program's choice for good).
 //!
 //! Forking copies the parent's page tables: one entry per 4 KiB page, but one per 2 MiB huge
 //! page. A parent holding large data in millions of small allocations forks many times faster
@@ -85,10 +86,39 @@ pub(crate) fn rollup(field: &str) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-/// The anonymous private writable mappings of this process, as `(start, end)`.
+/// The anonymous private writable mappings of this process, as `(start, end)`, except those
+/// marked `MADV_NOHUGEPAGE`.
 fn anon_regions() -> io::Result<Vec<(usize, usize)>> {
-    let maps = std::fs::read_to_string("/proc/self/maps")?;
-    Ok(maps.lines().filter_map(anon_region).collect())
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    Ok(regions_of(&smaps))
+}
+
+/// [`anon_regions`] in the text of `/proc/self/smaps`: each mapping's line (as in
+/// `/proc/self/maps`), then its fields, `VmFlags` last (`nh`: `MADV_NOHUGEPAGE`).
+fn regions_of(smaps: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut current = None;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if flags.split_whitespace().any(|f| f == "nh") {
+                current = None;
+            }
+        } else if is_mapping(line) {
+            // A kernel without `VmFlags` lines: the mapping is taken.
+            out.extend(current.take());
+            current = anon_region(line);
+        }
+    }
+    out.extend(current);
+    out
+}
+
+/// Whether a line of `/proc/self/smaps` starts a mapping (`start-end perms ...`), not a field.
+fn is_mapping(line: &str) -> bool {
+    let first = line.split_whitespace().next().unwrap_or("");
+    first.split_once('-').is_some_and(|(a, b)| {
+        usize::from_str_radix(a, 16).is_ok() && usize::from_str_radix(b, 16).is_ok()
+    })
 }
 
 /// One line of `/proc/self/maps`, if it is an anonymous private writable mapping.
@@ -253,6 +283,33 @@ mod tests {
             "file"
         );
         assert!(take("garbage").is_none());
+    }
+
+    #[test]
+    fn mappings_marked_nohugepage_are_left_alone() {
+        let smaps = "\
+55d0c0a00000-55d0c0c00000 rw-p 00000000 00:00 0                          [heap]
+Size:               2048 kB
+VmFlags: rd wr mr mw me ac
+7f0000000000-7f0000200000 rw-p 00000000 00:00 0
+Size:               2048 kB
+VmFlags: rd wr mr mw me ac nh
+7f0000400000-7f0000600000 rw-p 00001000 08:01 1234 /usr/lib/libc.so
+VmFlags: rd wr mr mw me ac
+7f0000800000-7f0000a00000 rw-p 00000000 00:00 0
+Size:               2048 kB
+VmFlags: rd wr mr mw me ac hg
+";
+        assert_eq!(
+            regions_of(smaps),
+            vec![
+                (0x55d0c0a00000, 0x55d0c0c00000),
+                (0x7f0000800000, 0x7f0000a00000)
+            ]
+        );
+        let no_flags = "7f0000000000-7f0000200000 rw-p 00000000 00:00 0\nSize: 4 kB\n\
+                        7f0000400000-7f0000600000 rw-p 00000000 00:00 0\n";
+        assert_eq!(regions_of(no_flags).len(), 2, "kernels without VmFlags");
     }
 
     #[test]
