@@ -10,7 +10,8 @@
 //! next starts, so when it dies the parent knows which item it was running: that one fails,
 //! the ones after it go back to the queue (their attempt is not counted). If the parent was
 //! ending the child for an earlier item's time limit and that item answered before the child
-//! died, the item running at its death did not overrun: it goes back to the queue too.
+//! died, the item running at its death did not overrun: it goes back to the queue too (unless
+//! it had sent outputs).
 //!
 //! With a fork server (`served`, [`Exec::fork_server`](crate::Exec::fork_server)) the
 //! supervisor does not fork: it sends the items to the server, which forks the child and
@@ -514,9 +515,11 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         let exit = r.exit.expect("finished children have exited");
         let (cur, partial) = (r.cur, r.stream.dec.pending() > 0);
         // Killed (by the parent's signal) for the time limit of an item that answered after
-        // all: the item running then is not the one that overran.
+        // all: the item running then is not the one that overran (run again if it sent
+        // nothing yet; with outputs sent, it fails as a crash would).
         let blameless = r.killed == Some(Killed::Timeout)
             && r.timed_out.is_some_and(|t| t < cur)
+            && r.results == 0
             && r.lost.is_none()
             && r.stream.corrupt.is_none()
             && matches!(exit, sys::Exit::Signal(libc::SIGTERM | libc::SIGKILL));
