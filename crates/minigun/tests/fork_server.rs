@@ -4,7 +4,6 @@
 //! children, definition-time refusal of an input that cannot cross, and a fork server killed
 //! mid-run failing its items clearly and ending the run, with nothing left behind. Crashes,
 //! timeouts and retries under it are in the crash matrix (`fork_crashes.rs`).
-#![allow(unsafe_code)] // kills the fork server from outside
 
 mod common;
 use common::{assert_no_children, Sink};
@@ -166,30 +165,6 @@ fn a_stage_whose_input_cannot_cross_is_refused_when_built() {
     assert!(e.contains("\"work\"") && e.contains("fork_server"), "{e}");
 }
 
-/// Live processes of this machine named `comm` whose parent is `ppid`.
-fn named_children(ppid: u32, comm: &str) -> Vec<u32> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let name = &stat[open + 1..close];
-        let mut rest = stat[close + 2..].split_whitespace();
-        let state = rest.next().unwrap_or("");
-        let parent: u32 = rest.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        if parent == ppid && name == comm && state != "Z" {
-            v.push(pid);
-        }
-    }
-    v
-}
-
 #[test]
 fn a_killed_fork_server_fails_its_items_clearly_and_ends_the_run() {
     // A first run opens what a process keeps open across runs (the signal pipe).
@@ -206,23 +181,7 @@ fn a_killed_fork_server_fails_its_items_clearly_and_ends_the_run() {
     .on_error(OnError::retry(2));
     p.consumer("sink", |_: u64| Ok(()));
     let runnable = p.build().expect("valid pipeline");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(runnable.run());
-    });
-    let me = std::process::id();
-    let server = common::wait_for("the fork server", Duration::from_secs(30), || {
-        named_children(me, "mg:work:srv").first().copied()
-    });
-    // Children of the server are running items.
-    common::wait_for("a child of the server", Duration::from_secs(30), || {
-        named_children(server, "mg:work").first().copied()
-    });
-    // SAFETY: kill(2) on a live child of this process (not reaped before the run ends).
-    assert_eq!(unsafe { libc::kill(server as i32, libc::SIGKILL) }, 0);
-    let r = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the run ends after its fork server died");
+    let (server, r) = common::kill_fork_server_mid_run(runnable, "work");
     let Err(RunError::Aborted { cause, report }) = r else {
         panic!("the stage fails: {r:?}");
     };
@@ -244,7 +203,7 @@ fn a_killed_fork_server_fails_its_items_clearly_and_ends_the_run() {
     common::wait_until(
         "the server's children are gone",
         Duration::from_secs(30),
-        || named_children(server, "mg:work").is_empty(),
+        || common::named_children(server, "mg:work").is_empty(),
     );
     assert_eq!(common::open_fds(), fds, "no fd left open");
 }

@@ -142,11 +142,13 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
     }
 
     /// The exit of a child that has exited: reaped here if it was forked here; a served one
-    /// is watched this way only once the server is gone, and died with it.
+    /// is watched this way only once the server is gone, and died with it (reaped here if it
+    /// became this process's child, as under a subreaper or PID 1).
     pub(super) fn reap(&self, r: &mut Running<I>) -> sys::Exit {
         if r.seq.is_none() {
             return sys::reap(r.child.pid);
         }
+        sys::fdpass::reap_adopted(&r.child);
         let why = self.server.as_ref().and_then(|s| s.gone());
         let why = why.unwrap_or("the fork server is gone");
         r.lost = Some(format!(
