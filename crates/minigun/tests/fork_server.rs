@@ -255,3 +255,52 @@ fn the_stage_handle_sets_the_fork_server_and_declares_the_input() {
     assert_eq!(got.sorted(), (0..20).map(|x| x * 3).collect::<Vec<_>>());
     assert_no_children();
 }
+
+// One child runs, the next waits in the server; the run is cancelled. The running child is
+// ended, and the server, which forks the next child as soon as it reaps one, must not fork
+// the waiting one then. (Before the parent told the server, it did in about a quarter of
+// the rounds: a child started after the cancel, its items run, its hooks too.)
+#[test]
+fn items_waiting_in_the_server_when_the_run_is_cancelled_never_start() {
+    let mut late = Vec::new();
+    for round in 0..40 {
+        let per_fork = 1 + round % 2;
+        let dir = common::TempDir::new("served-cancel");
+        let started = dir.path().to_path_buf();
+        let p = Pipeline::new("cancelled");
+        common::gen(&p, 8);
+        p.map("work", |x: u64| {
+            std::thread::sleep(Duration::from_secs(5));
+            Ok(x)
+        })
+        .wire()
+        // One child at a time: the next one waits in the server.
+        .executor(Exec::cow_fork(1).items_per_fork(per_fork).fork_server())
+        .after_fork(move || {
+            std::fs::write(started.join(std::process::id().to_string()), b"")?;
+            Ok(())
+        });
+        p.consumer("sink", |_: u64| Ok(()));
+        let handle = p.build().expect("valid pipeline").spawn();
+        let count = || std::fs::read_dir(dir.path()).unwrap().count();
+        common::wait_until("a child starts", Duration::from_secs(30), || count() > 0);
+        handle.cancel();
+        let r = handle.wait();
+        let report = match r {
+            Ok(r) => r,
+            Err(RunError::Aborted { report, .. }) => *report,
+            Err(e) => panic!("{e:?}"),
+        };
+        if count() > 1 {
+            late.push(round);
+        }
+        let work = report.stage("work").unwrap();
+        assert_eq!(work.failed, 0, "{:?}", report.failures);
+        assert_eq!(work.cancelled, work.items_in, "{report}");
+        assert_no_children();
+    }
+    assert!(
+        late.is_empty(),
+        "children started after the cancel in rounds {late:?}"
+    );
+}

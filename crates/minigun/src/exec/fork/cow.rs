@@ -168,6 +168,8 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 cancelled_all = true;
                 ctx.cancelled(retry.len() as u64);
                 retry.clear();
+                // Before the children's ends: none waiting in a server is forked after them.
+                self.cancel_launches();
                 for r in running.iter_mut().filter(|r| r.killed.is_none()) {
                     terminate(&r.child, &mut r.killed, Killed::Cancelled, &mut r.deadline);
                 }

@@ -8,7 +8,8 @@
 //! `workers` more, which wait here, so the next child is forked as soon as one is reaped,
 //! without a round trip to the parent), and reports on its socket to the parent: `forked` (the
 //! child's pid, with the read end of its result pipe and its pidfd attached), `fork_failed`,
-//! and `exited` once it has reaped the child. Items stay encoded here: each is decoded in
+//! and `exited` once it has reaped the child. A `cancel` frame (the run is aborting) drops
+//! the children still waiting, each reported `fork_failed`. Items stay encoded here: each is decoded in
 //! the child that runs it. The protocol and its invariants are in `crate::ipc`'s README
 //! ("The fork server").
 
@@ -25,12 +26,16 @@ use std::os::fd::OwnedFd;
 enum Step {
     Item(u64, Vec<u8>),
     Fork(u64),
+    Cancel,
 }
 
 /// Exit codes of the server: its input was not a valid stream; its socket is broken (the
 /// parent is gone).
 const CORRUPT_INPUT: i32 = 2;
 const NO_PARENT: i32 = 3;
+
+/// Why a child asked for was not forked after a `cancel`.
+const CANCELLED: &str = "not forked: the run is aborting";
 
 /// The children the parent asked for and not yet forked: sequence number and items.
 type Batch = (u64, Vec<(u64, Vec<u8>)>);
@@ -57,6 +62,7 @@ pub(super) fn serve<I: 'static, O: 'static>(
                 ToForker::decode(kind, p).map(|m| match m {
                     ToForker::Item(p) => Step::Item(id, p.to_vec()),
                     ToForker::Fork => Step::Fork(id),
+                    ToForker::Cancel => Step::Cancel,
                 })
             });
             match next {
@@ -64,6 +70,16 @@ pub(super) fn serve<I: 'static, O: 'static>(
                 Ok(Some(Ok(Step::Item(id, p)))) => items.push((id, p)),
                 Ok(Some(Ok(Step::Fork(seq)))) => {
                     waiting.push_back((seq, std::mem::take(&mut items)));
+                }
+                // The run is aborting: the children waiting are not forked, and said so.
+                Ok(Some(Ok(Step::Cancel))) => {
+                    items.clear();
+                    for (seq, _) in waiting.drain(..) {
+                        let report = FromForker::ForkFailed(CANCELLED.into()).encode(seq);
+                        if fdpass::send_record(&reports, &report, &[]).is_err() {
+                            return end(live, NO_PARENT);
+                        }
+                    }
                 }
                 Ok(Some(Err(_))) | Err(_) => return end(live, CORRUPT_INPUT),
             }

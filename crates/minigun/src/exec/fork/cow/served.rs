@@ -107,8 +107,13 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     born.push(r);
                 }
                 Report::Failed { seq, message } => {
+                    // While aborting (the server was told to cancel), its items are cancelled.
+                    let kind = match self.parts.ctx.run.aborting() {
+                        true => FailureKind::Cancelled,
+                        false => FailureKind::Start,
+                    };
                     if let Some(l) = self.take_launch(seq) {
-                        self.fail_all(l.jobs, FailureKind::Start, &message, retry);
+                        self.fail_all(l.jobs, kind, &message, retry);
                     }
                 }
                 Report::Exited { seq, exit } => {
@@ -134,6 +139,13 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             self.parts.ctx.stage_failed(FailureKind::Start, why);
         }
         born
+    }
+
+    /// The run is aborting: the server is told to fork none of the children waiting in it.
+    pub(super) fn cancel_launches(&mut self) {
+        if let Some(s) = self.server.as_mut().filter(|s| s.gone().is_none()) {
+            s.cancel();
+        }
     }
 
     fn take_launch(&mut self, seq: u64) -> Option<Launch<I>> {
