@@ -391,10 +391,10 @@ pub fn endless_forked(
     workers: usize,
     item: std::time::Duration,
 ) -> minigun::Pipeline {
-    let exec = if role == "cow" {
-        Exec::cow_fork(workers)
-    } else {
-        Exec::ipc_fork(workers)
+    let exec = match role {
+        "cow" => Exec::cow_fork(workers),
+        "cow-served" => Exec::cow_fork(workers).fork_server(),
+        _ => Exec::ipc_fork(workers),
     };
     let p = minigun::Pipeline::new(name);
     p.producer("endless", |out| {

@@ -2,7 +2,8 @@
 //! what it runs, from its fork until its `_exit`. It never returns into the parent's code.
 //!
 //! It is single-threaded (forked once from the parent when the run starts, so it sees the
-//! parent's memory of that moment through copy-on-write) and does one thing: it reads item
+//! parent's memory of that moment through copy-on-write), ignores SIGINT and SIGTERM (the
+//! parent ends it, or `PR_SET_PDEATHSIG` does) and does one thing: it reads item
 //! and `fork` frames from its input pipe, forks one child per `fork` frame with the items
 //! sent since the previous one (in order, at most `workers` alive: the parent may send up to
 //! `workers` more, which wait here, so the next child is forked as soon as one is reaped,
@@ -50,6 +51,8 @@ pub(super) fn serve<I: 'static, O: 'static>(
     children: &str,
     workers: usize,
 ) -> i32 {
+    // The parent ends it: a SIGTERM to the process group is the parent's to handle.
+    sys::signals::leave_sigterm_to_the_parent();
     let mut dec = Decoder::new(stage.max);
     let mut items: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut waiting: std::collections::VecDeque<Batch> = Default::default();
