@@ -3,16 +3,16 @@
 //!
 //! It is single-threaded (forked once from the parent when the run starts, so it sees the
 //! parent's memory of that moment through copy-on-write), ignores SIGINT and SIGTERM (the
-//! parent ends it, or `PR_SET_PDEATHSIG` does) and does one thing: it reads item
-//! and `fork` frames from its input pipe, forks one child per `fork` frame with the items
+//! parent ends it, or `PR_SET_PDEATHSIG` does) and does one thing: it reads item and `fork`
+//! frames from its input pipe, forks one child per `fork` frame with the items
 //! sent since the previous one (in order, at most `workers` alive: the parent may send up to
 //! `workers` more, which wait here, so the next child is forked as soon as one is reaped,
 //! without a round trip to the parent), and reports on its socket to the parent: `forked` (the
 //! child's pid, with the read end of its result pipe and its pidfd attached), `fork_failed`,
 //! and `exited` once it has reaped the child. A `cancel` frame (the run is aborting) drops
-//! the children still waiting, each reported `fork_failed`. Items stay encoded here: each is decoded in
-//! the child that runs it. The protocol and its invariants are in `crate::ipc`'s README
-//! ("The fork server").
+//! the children still waiting, each reported `fork_failed`. Items stay encoded here: each is
+//! decoded in the child that runs it. The protocol and its invariants are in `crate::ipc`'s
+//! README ("The fork server").
 
 use super::child::{self, StageCode};
 use super::supervise::PIPE_SIZE;
