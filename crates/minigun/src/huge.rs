@@ -7,7 +7,8 @@
 //! `HugeBuf` only helps data that is one buffer. Before the first fork of the run (a
 //! `cow_fork` stage's first child, an `ipc_fork` stage's workers), the library collapses the
 //! parent's populated anonymous memory into transparent huge pages in place
-//! (`madvise(MADV_HUGEPAGE)`, then `madvise(MADV_COLLAPSE)`, Linux 6.1+), once per run.
+//! (`madvise(MADV_HUGEPAGE)`, then `madvise(MADV_COLLAPSE)`, Linux 6.1+), once per run;
+//! memory the program marked `MADV_NOHUGEPAGE` is left as it is.
 //!
 //! What it costs and changes (measured on a 2-vCPU VM whose CPU others were also using):
 //!
@@ -109,8 +110,9 @@ pub enum HugePagesStatus {
     Off,
     /// The parent was smaller than the threshold.
     BelowThreshold,
-    /// Not possible here: THP is `never` or missing, the kernel has no `MADV_COLLAPSE`, or the
-    /// system refused (see `reason`).
+    /// Not possible here: THP is `never` or missing, switched off for the process
+    /// (`PR_SET_THP_DISABLE`), the kernel has no `MADV_COLLAPSE`, or the system refused (see
+    /// `reason`).
     Unavailable,
 }
 

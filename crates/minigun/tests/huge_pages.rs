@@ -291,3 +291,63 @@ fn a_typed_huge_buf_round_trips_and_children_read_it() {
         .collect();
     assert_eq!(got.sorted(), want);
 }
+
+/// The `VmFlags` and `AnonHugePages` lines of the mapping that starts at `start`, from
+/// `/proc/self/smaps`.
+fn mapping_lines(start: usize) -> (String, u64) {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let (mut inside, mut flags, mut huge_kib) = (false, String::new(), 0);
+    for l in smaps.lines() {
+        let first = l.split_whitespace().next().unwrap_or("");
+        if let Some((a, _)) = first.split_once('-') {
+            inside = usize::from_str_radix(a, 16) == Ok(start);
+        } else if inside && l.starts_with("VmFlags:") {
+            flags = l.to_string();
+        } else if inside && l.starts_with("AnonHugePages:") {
+            huge_kib = l.split_whitespace().nth(1).unwrap().parse().unwrap();
+        }
+    }
+    (flags, huge_kib)
+}
+
+#[test]
+fn memory_the_program_marked_nohugepage_keeps_its_small_pages() {
+    // 32 MiB the program keeps out of huge pages itself (as allocators of memory they return
+    // page by page do), fully resident: dense enough to collapse, were it not marked.
+    let len = 32usize << 20;
+    // SAFETY: a fresh anonymous mapping, used only through the slice below.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(raw, libc::MAP_FAILED);
+    // SAFETY: advice on the mapping just made.
+    assert_eq!(unsafe { libc::madvise(raw, len, libc::MADV_NOHUGEPAGE) }, 0);
+    // SAFETY: the mapping is `len` bytes, readable and writable, and only used here.
+    let small = unsafe { std::slice::from_raw_parts_mut(raw.cast::<u64>(), len / 8) };
+    for (i, x) in small.iter_mut().enumerate() {
+        *x = i as u64;
+    }
+    let (flags, _) = mapping_lines(raw as usize);
+    assert!(flags.split_whitespace().any(|f| f == "nh"), "{flags}");
+    // A stage that collapses the rest of the heap (the map is ordinary heap memory).
+    let exec = Exec::cow_fork(2).huge_pages(HugePages::ON);
+    let (got, reports) = run_lookups(Pipeline::new("nohugepage"), exec, 10);
+    assert_eq!(got, expected(10));
+    assert_collapsed_or_explained(&reports[0]);
+    let (flags, huge_kib) = mapping_lines(raw as usize);
+    assert!(
+        flags.split_whitespace().any(|f| f == "nh") && !flags.contains(" hg"),
+        "the program's MADV_NOHUGEPAGE was undone: {flags}"
+    );
+    assert_eq!(huge_kib, 0, "its memory went into huge pages");
+    assert!(small.iter().enumerate().all(|(i, &x)| x == i as u64));
+    // SAFETY: unmaps the mapping made above; `small` is not used after.
+    unsafe { libc::munmap(raw, len) };
+}

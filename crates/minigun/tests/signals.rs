@@ -48,21 +48,36 @@ fn inner_entry() {
 }
 
 fn interrupt(role: &str, signal: i32) -> String {
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["inner_entry", "--exact", "--nocapture", "--test-threads=1"])
+    signal_inner(role, signal, false)
+}
+
+/// Runs the inner side in a process group of its own and sends `signal` to the group once
+/// it is ready (as a terminal, `timeout` or a service manager does): the run's processes
+/// all get it, its forked ones too. Returns the inner side's summary line.
+fn signal_inner(role: &str, signal: i32, group: bool) -> String {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    cmd.args(["inner_entry", "--exact", "--nocapture", "--test-threads=1"])
         .env(ROLE, role)
         .stdout(Stdio::piped())
-        .die_with_parent()
-        .spawn()
-        .unwrap();
+        .die_with_parent();
+    if group {
+        cmd.process_group(0);
+    }
+    let mut child = cmd.spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let ready = lines
         .by_ref()
         .map_while(Result::ok)
         .any(|l| l.contains("READY"));
     assert!(ready, "the inner run never became ready");
-    // SAFETY: sends a signal to our own child process.
-    unsafe { libc::kill(child.id() as i32, signal) };
+    let target = if group {
+        -(child.id() as i32)
+    } else {
+        child.id() as i32
+    };
+    // SAFETY: sends a signal to our own child process (or to the process group it leads).
+    unsafe { libc::kill(target, signal) };
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = child.wait().unwrap();
     assert!(status.success(), "inner run failed: {status:?} {rest:?}");
@@ -116,4 +131,19 @@ fn sigint_stops_a_cow_fork_run() {
 #[test]
 fn sigterm_stops_an_ipc_fork_run() {
     check(&interrupt("ipc", libc::SIGTERM), libc::SIGTERM);
+}
+
+#[test]
+fn sigterm_stops_a_cow_fork_run_with_a_fork_server() {
+    check(&interrupt("cow-served", libc::SIGTERM), libc::SIGTERM);
+}
+
+// SIGTERM to the whole process group reaches the fork server too: the run is interrupted
+// (its report returned, the signal named), not failed because its fork server died.
+#[test]
+fn sigterm_to_the_process_group_stops_a_run_with_a_fork_server() {
+    check(
+        &signal_inner("cow-served", libc::SIGTERM, true),
+        libc::SIGTERM,
+    );
 }

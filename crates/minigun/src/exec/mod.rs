@@ -292,7 +292,9 @@ impl Exec {
     /// memory (an item sees what earlier items of its child wrote; the parent never does).
     /// When a child dies, the item it was running fails alone (with its crash kind) and the
     /// items after it run again in a new child, once, their attempt not counted. Ordering,
-    /// timeouts and retries stay per item.
+    /// timeouts and retries stay per item: if a child killed for one item's time limit had
+    /// started the next one (the overdue item answered before the kill landed), that next
+    /// item is not failed for it but runs again, unless it had sent outputs.
     pub fn items_per_fork_auto(self, max: usize) -> Self {
         self.option(Opt::ITEMS_PER_FORK, |o| {
             o.items_per_fork = max.max(1);

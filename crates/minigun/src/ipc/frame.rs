@@ -22,6 +22,7 @@ pub(crate) enum Kind {
     Forked = 10,
     Exited = 11,
     ForkFailed = 12,
+    Cancel = 13,
 }
 
 impl Kind {
@@ -39,6 +40,7 @@ impl Kind {
             10 => Kind::Forked,
             11 => Kind::Exited,
             12 => Kind::ForkFailed,
+            13 => Kind::Cancel,
             _ => return None,
         })
     }

@@ -1,6 +1,6 @@
 //! The messages between a cow_fork parent and its fork server (see "The fork server" in this
-//! module's README): item and `fork` frames on the server's input pipe, one report per record
-//! on the socket back.
+//! module's README): item, `fork` and `cancel` frames on the server's input pipe, one report
+//! per record on the socket back.
 
 use super::frame::{self, Decoder, Kind};
 use super::message::MessageError;
@@ -14,6 +14,8 @@ pub(crate) enum ToForker<'a> {
     /// Fork one child for the items sent since the last `fork`; the frame's id is the
     /// child's sequence number.
     Fork,
+    /// The run is aborting: fork none of the children asked for and not yet forked.
+    Cancel,
 }
 
 impl<'a> ToForker<'a> {
@@ -22,6 +24,7 @@ impl<'a> ToForker<'a> {
         match kind {
             Kind::Item => Ok(ToForker::Item(payload)),
             Kind::Fork if payload.is_empty() => Ok(ToForker::Fork),
+            Kind::Cancel if payload.is_empty() => Ok(ToForker::Cancel),
             other => Err(MessageError::Unexpected {
                 kind: other,
                 from: "the parent",
@@ -135,6 +138,7 @@ mod tests {
     fn the_server_takes_items_and_forks_only() {
         assert_eq!(ToForker::decode(Kind::Item, b"a"), Ok(ToForker::Item(b"a")));
         assert_eq!(ToForker::decode(Kind::Fork, b""), Ok(ToForker::Fork));
+        assert_eq!(ToForker::decode(Kind::Cancel, b""), Ok(ToForker::Cancel));
         assert!(ToForker::decode(Kind::Shutdown, b"").is_err());
         assert!(ToForker::decode(Kind::Fork, b"x").is_err());
     }

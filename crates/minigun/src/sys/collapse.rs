@@ -1,7 +1,8 @@
 //! Putting the process's populated anonymous memory into transparent huge pages, in place:
 //! `madvise(MADV_HUGEPAGE)` then `madvise(MADV_COLLAPSE)` (Linux 6.1+) over the 2 MiB
 //! aligned parts of its anonymous private writable mappings (`[heap]`, malloc arenas and other
-//! anonymous regions of `/proc/self/maps`; not the main stack).
+//! anonymous regions of `/proc/self/smaps`; not the main stack, and not a mapping the program
+//! marked `MADV_NOHUGEPAGE`: advising it would undo the program's choice for good).
 //!
 //! Forking copies the parent's page tables: one entry per 4 KiB page, but one per 2 MiB huge
 //! page. A parent holding large data in millions of small allocations forks many times faster
@@ -31,7 +32,7 @@ pub(crate) const MIN_PRESENT: usize = PER_HUGE / 2;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Refused {
     /// `/sys/kernel/mm/transparent_hugepage/enabled` is missing (no THP in this kernel) or
-    /// says `never`; carries what it said.
+    /// says `never`, or this process switched THP off (`PR_SET_THP_DISABLE`); carries why.
     ThpOff(String),
     /// `MADV_COLLAPSE` is unknown to this kernel (EINVAL; it came in Linux 6.1).
     NoCollapse,
@@ -85,10 +86,39 @@ pub(crate) fn rollup(field: &str) -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-/// The anonymous private writable mappings of this process, as `(start, end)`.
+/// The anonymous private writable mappings of this process, as `(start, end)`, except those
+/// marked `MADV_NOHUGEPAGE`.
 fn anon_regions() -> io::Result<Vec<(usize, usize)>> {
-    let maps = std::fs::read_to_string("/proc/self/maps")?;
-    Ok(maps.lines().filter_map(anon_region).collect())
+    let smaps = std::fs::read_to_string("/proc/self/smaps")?;
+    Ok(regions_of(&smaps))
+}
+
+/// [`anon_regions`] in the text of `/proc/self/smaps`: each mapping's line (as in
+/// `/proc/self/maps`), then its fields, `VmFlags` last (`nh`: `MADV_NOHUGEPAGE`).
+fn regions_of(smaps: &str) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut current = None;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if flags.split_whitespace().any(|f| f == "nh") {
+                current = None;
+            }
+        } else if is_mapping(line) {
+            // A kernel without `VmFlags` lines: the mapping is taken.
+            out.extend(current.take());
+            current = anon_region(line);
+        }
+    }
+    out.extend(current);
+    out
+}
+
+/// Whether a line of `/proc/self/smaps` starts a mapping (`start-end perms ...`), not a field.
+fn is_mapping(line: &str) -> bool {
+    let first = line.split_whitespace().next().unwrap_or("");
+    first.split_once('-').is_some_and(|(a, b)| {
+        usize::from_str_radix(a, 16).is_ok() && usize::from_str_radix(b, 16).is_ok()
+    })
 }
 
 /// One line of `/proc/self/maps`, if it is an anonymous private writable mapping.
@@ -149,6 +179,19 @@ fn madvise(start: usize, len: usize, advice: libc::c_int) -> Result<(), i32> {
     }
 }
 
+/// Whether the kernel knows `MADV_COLLAPSE`: advice on an empty range at a page-aligned
+/// `at` succeeds if the advice is known (EINVAL otherwise), and touches nothing.
+fn knows_collapse(at: usize) -> bool {
+    madvise(at, 0, libc::MADV_COLLAPSE).is_ok()
+}
+
+/// Whether this process has THP switched off (`PR_SET_THP_DISABLE`; inherited across fork).
+fn thp_disabled() -> bool {
+    // SAFETY: PR_GET_THP_DISABLE only reads this process's flag; it takes no pointer.
+    let r = unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) };
+    r > 0
+}
+
 /// Collapses this process's dense anonymous memory into huge pages (see the module docs).
 pub(crate) fn collapse() -> Result<Collapsed, Refused> {
     let t0 = Instant::now();
@@ -173,9 +216,17 @@ pub(crate) fn collapse() -> Result<Collapsed, Refused> {
             .and_then(|()| madvise(start, len, libc::MADV_COLLAPSE));
         match advised {
             Ok(()) => any_ok = true,
-            // On the first range: the kernel does not know the advice; stop.
-            Err(libc::EINVAL) if !any_ok => return Err(Refused::NoCollapse),
-            // After a range worked: this range is unsuitable (a mapping changed meanwhile).
+            // On the first range: the kernel does not know the advice, or this process has
+            // THP switched off; stop.
+            Err(libc::EINVAL) if !any_ok && !knows_collapse(start) => {
+                return Err(Refused::NoCollapse)
+            }
+            Err(libc::EINVAL) if !any_ok && thp_disabled() => {
+                return Err(Refused::ThpOff(
+                    "switched off for this process (PR_SET_THP_DISABLE)".into(),
+                ))
+            }
+            // Otherwise: this range is unsuitable (a mapping changed meanwhile).
             Err(libc::EINVAL) => done.failed_ranges += 1,
             Err(libc::EPERM) => {
                 return Err(Refused::Denied(
@@ -235,6 +286,33 @@ mod tests {
     }
 
     #[test]
+    fn mappings_marked_nohugepage_are_left_alone() {
+        let smaps = "\
+55d0c0a00000-55d0c0c00000 rw-p 00000000 00:00 0                          [heap]
+Size:               2048 kB
+VmFlags: rd wr mr mw me ac
+7f0000000000-7f0000200000 rw-p 00000000 00:00 0
+Size:               2048 kB
+VmFlags: rd wr mr mw me ac nh
+7f0000400000-7f0000600000 rw-p 00001000 08:01 1234 /usr/lib/libc.so
+VmFlags: rd wr mr mw me ac
+7f0000800000-7f0000a00000 rw-p 00000000 00:00 0
+Size:               2048 kB
+VmFlags: rd wr mr mw me ac hg
+";
+        assert_eq!(
+            regions_of(smaps),
+            vec![
+                (0x55d0c0a00000, 0x55d0c0c00000),
+                (0x7f0000800000, 0x7f0000a00000)
+            ]
+        );
+        let no_flags = "7f0000000000-7f0000200000 rw-p 00000000 00:00 0\nSize: 4 kB\n\
+                        7f0000400000-7f0000600000 rw-p 00000000 00:00 0\n";
+        assert_eq!(regions_of(no_flags).len(), 2, "kernels without VmFlags");
+    }
+
+    #[test]
     fn a_resident_region_counts_as_dense_and_an_untouched_one_does_not() {
         let len = 8 * HUGE;
         let mut v = vec![0u8; len];
@@ -286,7 +364,7 @@ mod tests {
                     assert!(c.huge_after >= (len - HUGE) as u64, "{c:?}");
                 }
             }
-            Err(Refused::ThpOff(m)) => assert!(thp_mode().is_err(), "{m}"),
+            Err(Refused::ThpOff(m)) => assert!(thp_mode().is_err() || thp_disabled(), "{m}"),
             Err(Refused::NoCollapse) => {
                 let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
                 let v: Vec<u32> = release

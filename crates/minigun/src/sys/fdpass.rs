@@ -1,6 +1,6 @@
 //! Unix datagram-like sockets that carry file descriptors (`SCM_RIGHTS`), and signals sent
-//! through a pidfd. Mechanisms of the cow_fork fork server: what the records mean is
-//! `ipc::server`'s.
+//! (and orphans reaped) through a pidfd. Mechanisms of the cow_fork fork server: what the
+//! records mean is `ipc::server`'s.
 //!
 //! Everything here goes through rustix's safe wrappers; no `unsafe`.
 
@@ -98,6 +98,16 @@ pub(crate) fn signal(child: &Child, sig: i32) {
         }
         None => super::kill(child.pid, sig),
     }
+}
+
+/// Reaps `child` if it has exited and become this process's own: a fork server's child is
+/// handed to the nearest subreaper (or PID 1) when the server dies, which may be this
+/// process. Otherwise (another process's child: `ECHILD`; still running) nothing happens.
+/// Through the pidfd, so never another process that took its pid.
+pub(crate) fn reap_adopted(child: &Child) {
+    use rustix::process::{waitid, WaitId, WaitIdOptions};
+    let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG;
+    while let Err(rustix::io::Errno::INTR) = waitid(WaitId::PidFd(child.pidfd.as_fd()), options) {}
 }
 
 #[cfg(test)]

@@ -145,9 +145,9 @@ pub fn open_fds() -> usize {
         .unwrap_or(0)
 }
 
-/// Children of this process with their state letter (`Z` = zombie: exited, not reaped).
-fn children() -> Vec<(u32, String)> {
-    let me = std::process::id();
+/// Processes of this machine whose parent is `ppid`: pid, name and state letter (`Z` =
+/// zombie: exited, not reaped).
+fn children_of(ppid: u32) -> Vec<(u32, String, String)> {
     let mut v = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -156,15 +156,68 @@ fn children() -> Vec<(u32, String)> {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        let after = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
-        let mut f = after.split_whitespace();
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let mut f = stat[close + 2..].split_whitespace();
         let state = f.next().unwrap_or("").to_string();
-        let ppid: u32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        if ppid == me {
-            v.push((pid, state));
+        let parent: u32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if parent == ppid {
+            v.push((pid, name, state));
         }
     }
     v
+}
+
+/// Children of this process with their state letter.
+fn children() -> Vec<(u32, String)> {
+    let me = std::process::id();
+    children_of(me)
+        .into_iter()
+        .map(|(p, _, s)| (p, s))
+        .collect()
+}
+
+/// Live (non-zombie) processes of this machine named `comm` whose parent is `ppid`.
+pub fn named_children(ppid: u32, comm: &str) -> Vec<u32> {
+    children_of(ppid)
+        .into_iter()
+        .filter(|(_, name, state)| name == comm && state != "Z")
+        .map(|(p, _, _)| p)
+        .collect()
+}
+
+/// Runs `runnable` on its own thread and, once the fork server of `stage` has children
+/// running items, kills the server. Returns the server's pid and how the run ended (within
+/// 60 s).
+pub fn kill_fork_server_mid_run(
+    runnable: minigun::Runnable,
+    stage: &str,
+) -> (u32, Result<minigun::RunReport, minigun::RunError>) {
+    use std::time::Duration;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(runnable.run());
+    });
+    let me = std::process::id();
+    let server = wait_for("the fork server", Duration::from_secs(30), || {
+        named_children(me, &format!("mg:{stage}:srv"))
+            .first()
+            .copied()
+    });
+    // Children of the server are running items.
+    wait_for("a child of the server", Duration::from_secs(30), || {
+        named_children(server, &format!("mg:{stage}"))
+            .first()
+            .copied()
+    });
+    let pid = nix::unistd::Pid::from_raw(server as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill the server");
+    let r = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the run ends after its fork server died");
+    (server, r)
 }
 
 /// Children of this process that are zombies (exited, not reaped).
@@ -338,10 +391,10 @@ pub fn endless_forked(
     workers: usize,
     item: std::time::Duration,
 ) -> minigun::Pipeline {
-    let exec = if role == "cow" {
-        Exec::cow_fork(workers)
-    } else {
-        Exec::ipc_fork(workers)
+    let exec = match role {
+        "cow" => Exec::cow_fork(workers),
+        "cow-served" => Exec::cow_fork(workers).fork_server(),
+        _ => Exec::ipc_fork(workers),
     };
     let p = minigun::Pipeline::new(name);
     p.producer("endless", |out| {

@@ -8,7 +8,10 @@
 //!
 //! A child given several items runs them in order and sends each item's frames before the
 //! next starts, so when it dies the parent knows which item it was running: that one fails,
-//! the ones after it go back to the queue (their attempt is not counted).
+//! the ones after it go back to the queue (their attempt is not counted). If the parent was
+//! ending the child for an earlier item's time limit and that item answered before the child
+//! died, the item running at its death did not overrun: it goes back to the queue too (unless
+//! it had sent outputs).
 //!
 //! With a fork server (`served`, [`Exec::fork_server`](crate::Exec::fork_server)) the
 //! supervisor does not fork: it sends the items to the server, which forks the child and
@@ -165,6 +168,8 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 cancelled_all = true;
                 ctx.cancelled(retry.len() as u64);
                 retry.clear();
+                // Before the children's ends: none waiting in a server is forked after them.
+                self.cancel_launches();
                 for r in running.iter_mut().filter(|r| r.killed.is_none()) {
                     terminate(&r.child, &mut r.killed, Killed::Cancelled, &mut r.deadline);
                 }
@@ -511,6 +516,15 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         self.parts.ctx.stats.child_ended(r.child.pid);
         let exit = r.exit.expect("finished children have exited");
         let (cur, partial) = (r.cur, r.stream.dec.pending() > 0);
+        // Killed (by the parent's signal) for the time limit of an item that answered after
+        // all: the item running then is not the one that overran (run again if it sent
+        // nothing yet; with outputs sent, it fails as a crash would).
+        let blameless = r.killed == Some(Killed::Timeout)
+            && r.timed_out.is_some_and(|t| t < cur)
+            && r.results == 0
+            && r.lost.is_none()
+            && r.stream.corrupt.is_none()
+            && matches!(exit, sys::Exit::Signal(libc::SIGTERM | libc::SIGKILL));
         // How the item the child was running ended, if it never said.
         let died = || match (r.killed, &r.stream.corrupt) {
             _ if r.lost.is_some() => (
@@ -539,11 +553,12 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     self.ended(job.index, false);
                 }
                 Some(Err(e)) => self.failed(job, e.kind, e.message, pid, retry),
-                None if k == cur => {
+                None if k == cur && !blameless => {
                     let (kind, message) = died();
                     self.failed(job, kind, message, pid, retry);
                 }
-                // Never started: back to the queue, or cancelled when the run is aborting.
+                // Never started (or blameless): back to the queue, or cancelled when the run
+                // is aborting.
                 None if self.parts.ctx.run.aborting() => {
                     self.failed(job, FailureKind::Cancelled, String::new(), pid, retry)
                 }

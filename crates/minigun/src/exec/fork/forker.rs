@@ -2,15 +2,17 @@
 //! what it runs, from its fork until its `_exit`. It never returns into the parent's code.
 //!
 //! It is single-threaded (forked once from the parent when the run starts, so it sees the
-//! parent's memory of that moment through copy-on-write) and does one thing: it reads item
-//! and `fork` frames from its input pipe, forks one child per `fork` frame with the items
+//! parent's memory of that moment through copy-on-write), ignores SIGINT and SIGTERM (the
+//! parent ends it, or `PR_SET_PDEATHSIG` does) and does one thing: it reads item and `fork`
+//! frames from its input pipe, forks one child per `fork` frame with the items
 //! sent since the previous one (in order, at most `workers` alive: the parent may send up to
 //! `workers` more, which wait here, so the next child is forked as soon as one is reaped,
 //! without a round trip to the parent), and reports on its socket to the parent: `forked` (the
 //! child's pid, with the read end of its result pipe and its pidfd attached), `fork_failed`,
-//! and `exited` once it has reaped the child. Items stay encoded here: each is decoded in
-//! the child that runs it. The protocol and its invariants are in `crate::ipc`'s README
-//! ("The fork server").
+//! and `exited` once it has reaped the child. A `cancel` frame (the run is aborting) drops
+//! the children still waiting, each reported `fork_failed`. Items stay encoded here: each is
+//! decoded in the child that runs it. The protocol and its invariants are in `crate::ipc`'s
+//! README ("The fork server").
 
 use super::child::{self, StageCode};
 use super::supervise::PIPE_SIZE;
@@ -25,12 +27,16 @@ use std::os::fd::OwnedFd;
 enum Step {
     Item(u64, Vec<u8>),
     Fork(u64),
+    Cancel,
 }
 
 /// Exit codes of the server: its input was not a valid stream; its socket is broken (the
 /// parent is gone).
 const CORRUPT_INPUT: i32 = 2;
 const NO_PARENT: i32 = 3;
+
+/// Why a child asked for was not forked after a `cancel`.
+const CANCELLED: &str = "not forked: the run is aborting";
 
 /// The children the parent asked for and not yet forked: sequence number and items.
 type Batch = (u64, Vec<(u64, Vec<u8>)>);
@@ -45,6 +51,8 @@ pub(super) fn serve<I: 'static, O: 'static>(
     children: &str,
     workers: usize,
 ) -> i32 {
+    // The parent ends it: a SIGTERM to the process group is the parent's to handle.
+    sys::signals::leave_sigterm_to_the_parent();
     let mut dec = Decoder::new(stage.max);
     let mut items: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut waiting: std::collections::VecDeque<Batch> = Default::default();
@@ -57,6 +65,7 @@ pub(super) fn serve<I: 'static, O: 'static>(
                 ToForker::decode(kind, p).map(|m| match m {
                     ToForker::Item(p) => Step::Item(id, p.to_vec()),
                     ToForker::Fork => Step::Fork(id),
+                    ToForker::Cancel => Step::Cancel,
                 })
             });
             match next {
@@ -64,6 +73,16 @@ pub(super) fn serve<I: 'static, O: 'static>(
                 Ok(Some(Ok(Step::Item(id, p)))) => items.push((id, p)),
                 Ok(Some(Ok(Step::Fork(seq)))) => {
                     waiting.push_back((seq, std::mem::take(&mut items)));
+                }
+                // The run is aborting: the children waiting are not forked, and said so.
+                Ok(Some(Ok(Step::Cancel))) => {
+                    items.clear();
+                    for (seq, _) in waiting.drain(..) {
+                        let report = FromForker::ForkFailed(CANCELLED.into()).encode(seq);
+                        if fdpass::send_record(&reports, &report, &[]).is_err() {
+                            return end(live, NO_PARENT);
+                        }
+                    }
                 }
                 Ok(Some(Err(_))) | Err(_) => return end(live, CORRUPT_INPUT),
             }

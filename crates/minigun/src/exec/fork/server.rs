@@ -182,6 +182,13 @@ impl ForkServer {
         seq
     }
 
+    /// The run is aborting: asks the server to fork none of the children still waiting in it
+    /// (it reports each as not forked).
+    pub(super) fn cancel(&mut self) {
+        self.outbox.push(Kind::Cancel, 0, &[]);
+        self.write();
+    }
+
     fn write(&mut self) {
         if let Some(input) = &self.input {
             // A broken pipe means the server is gone: its pidfd says so, and how.

@@ -107,8 +107,13 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     born.push(r);
                 }
                 Report::Failed { seq, message } => {
+                    // While aborting (the server was told to cancel), its items are cancelled.
+                    let kind = match self.parts.ctx.run.aborting() {
+                        true => FailureKind::Cancelled,
+                        false => FailureKind::Start,
+                    };
                     if let Some(l) = self.take_launch(seq) {
-                        self.fail_all(l.jobs, FailureKind::Start, &message, retry);
+                        self.fail_all(l.jobs, kind, &message, retry);
                     }
                 }
                 Report::Exited { seq, exit } => {
@@ -136,17 +141,26 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         born
     }
 
+    /// The run is aborting: the server is told to fork none of the children waiting in it.
+    pub(super) fn cancel_launches(&mut self) {
+        if let Some(s) = self.server.as_mut().filter(|s| s.gone().is_none()) {
+            s.cancel();
+        }
+    }
+
     fn take_launch(&mut self, seq: u64) -> Option<Launch<I>> {
         let at = self.launching.iter().position(|l| l.seq == seq)?;
         self.launching.remove(at)
     }
 
     /// The exit of a child that has exited: reaped here if it was forked here; a served one
-    /// is watched this way only once the server is gone, and died with it.
+    /// is watched this way only once the server is gone, and died with it (reaped here if it
+    /// became this process's child, as under a subreaper or PID 1).
     pub(super) fn reap(&self, r: &mut Running<I>) -> sys::Exit {
         if r.seq.is_none() {
             return sys::reap(r.child.pid);
         }
+        sys::fdpass::reap_adopted(&r.child);
         let why = self.server.as_ref().and_then(|s| s.gone());
         let why = why.unwrap_or("the fork server is gone");
         r.lost = Some(format!(
