@@ -58,7 +58,12 @@ impl FromForker {
             FromForker::Exited(Exit::Signal(s)) => (Kind::Exited, exit_bytes(1, *s)),
             FromForker::ForkFailed(m) => {
                 let mut m = m.clone();
-                m.truncate(MAX_REPORT - frame::HEADER - 8);
+                // At a character boundary: `truncate` panics inside one.
+                let mut end = m.len().min(MAX_REPORT - frame::HEADER - 8);
+                while !m.is_char_boundary(end) {
+                    end -= 1;
+                }
+                m.truncate(end);
                 (Kind::ForkFailed, m.into_bytes())
             }
         };
@@ -129,6 +134,14 @@ mod tests {
         two.extend(FromForker::Forked { pid: 2 }.encode(1));
         assert!(FromForker::decode(&two).is_err(), "one frame per record");
         assert!(FromForker::decode(&[1, 2, 3]).is_err());
+        // A long message is cut, at a character boundary, to fit one report.
+        let long = FromForker::ForkFailed("é".repeat(MAX_REPORT));
+        match FromForker::decode(&long.encode(7)) {
+            Ok((7, FromForker::ForkFailed(m))) => {
+                assert!(m.len() < MAX_REPORT && m.chars().all(|c| c == 'é'), "{m}")
+            }
+            other => panic!("{other:?}"),
+        }
         let mut bad = Vec::new();
         frame::push(&mut bad, Kind::Result, 0, b"x", 100).unwrap();
         assert!(FromForker::decode(&bad).is_err(), "not a report kind");

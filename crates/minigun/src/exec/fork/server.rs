@@ -227,7 +227,9 @@ impl ForkServer {
         let mut out = Vec::new();
         // The socket closes only when the server exits.
         let mut dead = ready.process;
-        if ready.reports {
+        // A server seen dead may have left reports in the socket that this poll did not see
+        // yet (it wrote them before it died): they are read before it is marked gone.
+        if ready.reports || dead {
             let mut buf = [0u8; MAX_REPORT];
             loop {
                 match fdpass::recv_record(&self.reports, &mut buf) {
