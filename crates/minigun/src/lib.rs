@@ -120,6 +120,8 @@
 //! The fork executors need Linux (fork, pidfd). Elsewhere they fall back to inline with a
 //! warning.
 
+#[cfg(feature = "async")]
+mod async_stage;
 mod ctx;
 mod define;
 mod erased;
@@ -138,6 +140,8 @@ pub mod remote;
 mod report;
 mod route;
 mod run;
+#[cfg(feature = "async")]
+mod run_async;
 mod shared;
 mod signals;
 mod stage;
@@ -145,6 +149,8 @@ mod stats;
 #[cfg(target_os = "linux")]
 mod sys;
 
+#[cfg(feature = "async")]
+pub use async_stage::{AsyncOutput, AsyncStage};
 /// The `Pod` trait of [`HugeBuf`]'s values (and `#[derive(Pod, Zeroable)]` with bytemuck's
 /// `derive` feature in your own `Cargo.toml`).
 pub use bytemuck;
@@ -153,6 +159,8 @@ pub use error::{
     BoxError, DefinitionError, EmitError, FailureKind, ItemFailure, RunError, StageResult,
 };
 pub use exec::{Dispatch, Exec, ForkOptions};
+#[cfg(feature = "async")]
+pub use exec::{RuntimeHandle, TaskOptions};
 pub use huge::{collapse_heap, HugePages, HugePagesReport, HugePagesStatus};
 pub use ipc::codec::{Codec, Postcard};
 pub use monitor::{ChildSnapshot, Monitor, Snapshot, StageSnapshot, StageStatus};
@@ -160,6 +168,8 @@ pub use policy::OnError;
 pub use queue::{Capacity, FanOut};
 pub use report::{Latency, RemoteReport, RemoteWorker, RunReport, StageReport};
 pub use run::{RunHandle, Runnable};
+#[cfg(feature = "async")]
+pub use run_async::RunFuture;
 pub use shared::KEEP_FAILURES;
 pub use stage::{Failed, Item, Output, Stage, StageKind, Wire};
 #[cfg(target_os = "linux")]
