@@ -271,35 +271,54 @@ struct ItemCtx<I, O> {
 }
 
 /// The free slots of the stage: at most `n` items in flight.
+///
+/// A waiting feeder is woken once `n / 16` slots are free (at least one), or when the
+/// collector has nothing more to hand back: a wake-up per finished item would cost a system
+/// call each, and a burst of finished items (a timer wheel's tick) is refilled in a few takes.
 struct Slots {
-    free: Mutex<usize>,
+    /// Free slots, and whether the feeder waits for one.
+    free: Mutex<(usize, bool)>,
     freed: Condvar,
+    /// Free slots that wake a waiting feeder at once.
+    batch: usize,
 }
 
 impl Slots {
     fn new(n: usize) -> Self {
         Slots {
-            free: Mutex::new(n),
+            free: Mutex::new((n, false)),
             freed: Condvar::new(),
+            batch: (n / 16).max(1),
         }
     }
     /// Waits until a slot is free; how many are.
     fn wait_free(&self) -> usize {
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        while *free == 0 {
-            free = self
-                .freed
-                .wait(free)
-                .unwrap_or_else(PoisonError::into_inner);
+        let mut s = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        while s.0 == 0 {
+            s.1 = true;
+            s = self.freed.wait(s).unwrap_or_else(PoisonError::into_inner);
         }
-        *free
+        s.1 = false;
+        s.0
     }
     fn take(&self, n: usize) {
-        *self.free.lock().unwrap_or_else(PoisonError::into_inner) -= n;
+        self.free.lock().unwrap_or_else(PoisonError::into_inner).0 -= n;
     }
     fn release(&self) {
-        *self.free.lock().unwrap_or_else(PoisonError::into_inner) += 1;
-        self.freed.notify_one();
+        let mut s = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        s.0 += 1;
+        if s.1 && s.0 >= self.batch {
+            s.1 = false;
+            self.freed.notify_one();
+        }
+    }
+    /// The collector is about to wait: a waiting feeder takes whatever is free.
+    fn wake(&self) {
+        let mut s = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        if s.1 && s.0 > 0 {
+            s.1 = false;
+            self.freed.notify_one();
+        }
     }
 }
 
@@ -499,8 +518,10 @@ fn collect<I: Item, O: Item>(
             Ok(f) => f,
             Err(chan::TryRecvError::Disconnected) => break,
             Err(chan::TryRecvError::Empty) => {
-                // About to wait: send what is held, and let live views see the figures.
+                // About to wait: send what is held, let the feeder fill every free slot, and
+                // let live views see the figures.
                 flush(ctx, router);
+                slots.wake();
                 rec.idle(quanta::Instant::now());
                 match done.recv_timeout(ABORT_POLL) {
                     Ok(f) => f,
