@@ -34,7 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.emit_all((0..5_000u32).map(|i| format!("https://example.org/page/{i}")))?;
         Ok(())
     });
-    // 500 requests in flight at once; each one 10 ms: about 50,000 per second at best.
+    // 200 requests in flight at once; each one 10 ms: about 20,000 per second at best.
     p.map_async("fetch", move |url: String| async move {
         let mut sock = TcpStream::connect(addr).await?;
         sock.write_all(format!("{url}\n").as_bytes()).await?;
@@ -42,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         BufReader::new(&mut sock).read_line(&mut reply).await?;
         Ok(reply.trim().parse::<usize>()?)
     })
-    .executor(Exec::tasks(500).timeout(Duration::from_secs(5)))
+    .executor(Exec::tasks(200).timeout(Duration::from_secs(5)))
     .on_error(OnError::retry(2).backoff(Duration::from_millis(50)));
     p.consumer("total", |len: usize| {
         assert!(len > 20);

@@ -85,7 +85,11 @@
 //! - More work than one machine holds: **`remote`** ([`StageRef::remote`], see [`remote`]):
 //!   worker processes on any number of machines, carried by a broker (Redis Streams in the
 //!   `minigun-redis` crate), each running the items under a local executor.
-//! - Data that cannot be serialised: inline or threads.
+//! - Many requests waiting at once (HTTP, databases, object stores): an async stage
+//!   ([`Pipeline::map_async`] and its siblings) under **`tasks(n)`** ([`Exec::tasks`]): at most
+//!   `n` futures in flight on a tokio runtime, thousands without a thread each, with the
+//!   queues, policies and report of every other stage.
+//! - Data that cannot be serialised: inline, threads or tasks.
 //!
 //! Errors mean the same under every executor: a stage returns `Result`, a panic is caught, and
 //! the stage's [`OnError`] policy decides (skip and record, fail fast, retry with backoff,
@@ -114,6 +118,14 @@
 //!   double-flushed stdio). Children are reaped by pid: the host program's own children are
 //!   never waited for. glibc's malloc is supported; allocators that are not fork-safe in
 //!   multi-threaded programs are not.
+//!
+//! ## Feature flags
+//!
+//! - `async` (default): async stages ([`Pipeline::map_async`], [`Pipeline::processor_async`],
+//!   [`Pipeline::consumer_async`], [`Pipeline::stage_async`] with [`AsyncStage`]),
+//!   [`Exec::tasks`], and [`Pipeline::run_async`] to await a run from a tokio application. It
+//!   brings in tokio and futures; `default-features = false` leaves them out of a sync-only
+//!   build.
 //!
 //! ## Platform support
 //!

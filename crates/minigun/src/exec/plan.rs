@@ -484,6 +484,47 @@ mod tests {
         }
     }
 
+    #[cfg(feature = "async")]
+    #[test]
+    fn async_stages_run_under_tasks_and_only_they_do() {
+        let asynchronous = |explicit| Stage {
+            is_async: true,
+            ..stage(StageKind::Processor, explicit, Crosses::Nothing)
+        };
+        let sync = |explicit| stage(StageKind::Processor, explicit, Crosses::Nothing);
+        let tasks = Exec::tasks(8);
+        assert_eq!(fit(asynchronous(true), tasks.clone(), ENV).unwrap(), tasks);
+        for exec in [Exec::Inline, t(2), Exec::cow_fork(2), Exec::ipc_fork(2)] {
+            let e = fit(asynchronous(true), exec.clone(), ENV).unwrap_err();
+            assert!(
+                matches!(e, DefinitionError::AsyncStageNeedsTasks { .. }),
+                "{exec}: {e}"
+            );
+        }
+        // Inherited: inline is one in flight, threads(n) is n, the rest one.
+        let inherited = [(Exec::Inline, 1), (t(3), 3), (Exec::ipc_fork(2), 1)];
+        for (exec, n) in inherited {
+            assert_eq!(fit(asynchronous(false), exec, ENV).unwrap(), Exec::tasks(n));
+        }
+        let e = fit(sync(true), tasks.clone(), ENV).unwrap_err();
+        assert!(
+            matches!(e, DefinitionError::TasksNeedAsyncStage { .. }),
+            "{e}"
+        );
+        assert_eq!(fit(sync(false), tasks, ENV).unwrap(), Exec::Inline);
+        assert!(matches!(
+            fit(asynchronous(true), Exec::tasks(0), ENV),
+            Err(DefinitionError::NoWorkers { .. })
+        ));
+        assert!(matches!(
+            fit(asynchronous(true), Exec::tasks(2).items_per_fork(2), ENV),
+            Err(DefinitionError::OptionNotForExecutor {
+                option: "items_per_fork",
+                ..
+            })
+        ));
+    }
+
     #[test]
     fn without_fork_a_fork_stage_runs_inline() {
         let s = stage(StageKind::Custom, true, Crosses::Both);
