@@ -3,6 +3,7 @@
 //! opened are all gone when `run()` returns.
 //!
 //! One test in this binary, so that no other test's threads or descriptors are counted.
+#![cfg(feature = "async")]
 mod common;
 use common::{open_fds, threads};
 use minigun::{Exec, Pipeline};

@@ -2,6 +2,7 @@
 //! dropped (their guards run), the report names the signal.
 //!
 //! One test in this binary: the signal goes to this whole process.
+#![cfg(feature = "async")]
 #![allow(unsafe_code)] // Sends a real SIGTERM to this process.
 mod common;
 use minigun::{Exec, Pipeline};

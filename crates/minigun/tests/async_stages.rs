@@ -3,6 +3,7 @@
 //! panics, retries whose backoff blocks no thread, ordered output, routing, dead letters,
 //! calls to a TCP echo server on 127.0.0.1, a runtime handle of the caller's, `run_async`,
 //! the live monitor's in-flight figure, and definition errors for mis-combinations.
+#![cfg(feature = "async")]
 mod common;
 use common::{run_bounded, wait_until};
 use minigun::{
@@ -642,4 +643,21 @@ fn async_and_sync_stages_mix_in_one_pipeline_with_hooks() {
         (0..200).map(|x| x * 2 + 1).sum()
     );
     assert!(before.load(Ordering::SeqCst) && after.load(Ordering::SeqCst));
+}
+
+#[test]
+fn an_async_stage_runs_inside_a_nested_pipeline() {
+    let p = Pipeline::new("outer");
+    gen(&p, 50);
+    p.pipeline::<u64, u64>("enrich", |s| {
+        s.map_async("lookup", |x: u64| async move {
+            tokio::task::yield_now().await;
+            Ok(x * 10)
+        })
+        .executor(Exec::tasks(8));
+        s.map("check", |x: u64| Ok(x + 1));
+    });
+    let (items, r) = run_collect(p);
+    assert_eq!(items, (0..50).map(|x| x * 10 + 1).collect::<Vec<_>>());
+    assert_eq!(r.stage("enrich/lookup").unwrap().executor, "tasks(8)");
 }

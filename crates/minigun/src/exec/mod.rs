@@ -174,10 +174,10 @@ impl Opt {
             tasks: false,
         }
     }
-    /// The option also applies to `tasks(n)`.
+    /// The option also applies to `tasks(n)` (which exists with the feature `async`).
     pub(crate) const fn and_tasks(self) -> Self {
         Opt {
-            tasks: true,
+            tasks: cfg!(feature = "async"),
             ..self
         }
     }
