@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""W1-W5 of minigun-bench with Python multiprocessing (fork start method), for comparison.
+"""W1-W5 of minigun-bench with Python multiprocessing (fork start method), and W8a with asyncio, for comparison.
 
 Standard library only; runs with the system python3.
 
@@ -22,9 +22,12 @@ Prints the same fields as `minigun-bench --json` (runner "python", executor "pyt
   before the pool forks; Pool(4, maxtasksperchild=1), 1,000 random lookups per item.
 - W5 CPU-bound: 5 ms of spinning per item (calibrated in Python) on Pool(2); floor = the
   ideal rate 2 / 5 ms.
+- W8a async waits: 20,000 coroutines that each await asyncio.sleep(0.02) under an
+  asyncio.Semaphore(1000) (executor "python-asyncio"); floor = the ideal rate 1000 / 20 ms.
 """
 
 import argparse
+import asyncio
 import ctypes
 import json
 import mmap
@@ -407,9 +410,35 @@ def w5(cfg):
                      f"{SPIN_ITERS} iterations = {one * 1e3:.3f} ms alone")]
 
 
+# ---------------------------------------------------------------- W8
+
+
+async def _w8a_run(items, n, wait):
+    sem = asyncio.Semaphore(n)
+
+    async def one(x):
+        async with sem:
+            await asyncio.sleep(wait)
+            return x
+
+    return sum(await asyncio.gather(*(one(x) for x in range(items))))
+
+
+def w8(cfg):
+    items = 4000 if cfg.quick else 20000
+    n, wait = 1000, 0.02
+    progress(f"W8a asyncio: {items} items awaiting 20 ms under Semaphore({n})")
+    wall, total = best_of(cfg.reps, lambda: asyncio.run(_w8a_run(items, n, wait)))
+    assert total == items * (items - 1) // 2
+    r = row("W8", "a: await 20 ms timer", n, items, wall, floor=n / wait,
+            note="floor = ideal n / 20 ms")
+    r["executor"] = "python-asyncio"
+    return [r]
+
+
 # ---------------------------------------------------------------- main
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W4B": w4b, "W5": w5}
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W4B": w4b, "W5": w5, "W8": w8}
 
 
 def print_table(rows):

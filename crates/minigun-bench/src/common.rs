@@ -51,6 +51,9 @@ pub(crate) struct Row {
     /// 99th percentile latency in ms (W7d: the worst of its repetitions).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub(crate) p99_ms: Option<f64>,
+    /// Growth of this process's resident memory over the measured run (W8c).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub(crate) rss_growth_bytes: Option<u64>,
     /// Anything else worth knowing about the measurement.
     #[serde(skip_serializing_if = "String::is_empty", default)]
     pub(crate) note: String,
@@ -86,6 +89,7 @@ impl Row {
             foreign_cpu_share: None,
             p50_ms: None,
             p99_ms: None,
+            rss_growth_bytes: None,
             note: String::new(),
         }
     }

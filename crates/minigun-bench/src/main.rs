@@ -16,6 +16,7 @@
 //! | W5 | 5 ms CPU per item | ipc_fork(2) | ideal: workers / 5 ms (and raw spinners) |
 //! | W6 | 4-stage in-process chain | inline, threads(4) | crossbeam thread chain |
 //! | W7 | remote stage over a private redis-server: a) 1M u64 `batch(64)`, b) 1 KiB `batch(1)`, c) round trip, d) reclaim after kill -9 | remote(redis), 2 worker processes | `redis`-crate XADD/XREADGROUP loop |
+//! | W8 | async stages: a) 20,000 items awaiting 20 ms, b) 100,000 TCP echo requests, c) 10,000 in flight (RSS growth), d) a trivial map | tasks(1000) and threads(1000), tasks(256), tasks(10000), tasks(256) | a) ideal n / 20 ms (and asyncio with `--python`), b) hand-written `buffer_unordered(256)`, c) 64 MiB, d) the map inline |
 //!
 //! W7's workers are this binary re-executed with a hidden first argument (see `w7_remote`).
 //!
@@ -38,12 +39,15 @@ mod w4b_heap;
 mod w5_cpu;
 mod w6_inproc;
 mod w7_remote;
+mod w8_async;
 
 use common::{mib, Cfg, MachineCpu, Row};
 use std::process::{Command, ExitCode, Stdio};
 
 /// The jobs, each run in its own process; the part before `-` is the workload id.
-const JOBS: [&str; 9] = ["W1", "W2", "W3", "W4", "W4-thp", "W4b", "W5", "W6", "W7"];
+const JOBS: [&str; 10] = [
+    "W1", "W2", "W3", "W4", "W4-thp", "W4b", "W5", "W6", "W7", "W8",
+];
 
 const USAGE: &str = "usage: minigun-bench [--quick] [--only W1,W3] [--json] [--reps N] \
                      [--python] [--in-process] [--wait-quiet SECS]";
@@ -88,7 +92,7 @@ fn parse_args() -> Result<Args, String> {
                     .collect();
                 for id in &ids {
                     if !JOBS.iter().any(|j| workload_of(j).eq_ignore_ascii_case(id)) {
-                        return Err(format!("unknown workload {id:?} (W1..W7)"));
+                        return Err(format!("unknown workload {id:?} (W1..W8)"));
                     }
                 }
                 a.only = Some(ids);
@@ -135,6 +139,7 @@ fn run_job(job: &str, cfg: &Cfg) -> Vec<Row> {
         "W5" => w5_cpu::run(cfg),
         "W6" => w6_inproc::run(cfg),
         "W7" => w7_remote::run(cfg),
+        "W8" => w8_async::run(cfg),
         other => panic!("unknown job {other}"),
     }
 }
@@ -410,6 +415,7 @@ fn print_targets(rows: &[Row], quick: bool) {
         }
     }
     w7_targets(rows, &mut lines);
+    w8_targets(rows, &mut lines);
     if lines.is_empty() {
         return;
     }
@@ -491,6 +497,33 @@ fn w7_targets(rows: &[Row], lines: &mut Vec<(Option<bool>, String)>) {
         lines.push((
             Some(worst <= limit),
             format!("W7d: kill -9 to the item's result in {worst:.0} ms at worst (<= {limit:.0})"),
+        ));
+    }
+}
+
+/// The W8 targets: timers at the ideal rate, TCP against `buffer_unordered`, memory.
+fn w8_targets(rows: &[Row], lines: &mut Vec<(Option<bool>, String)>) {
+    let w8 = |runner: &str, executor: &str, variant: &str| {
+        rows.iter().find(|r| {
+            r.workload == "W8"
+                && r.runner == runner
+                && r.executor.starts_with(executor)
+                && r.variant.starts_with(variant)
+        })
+    };
+    if let Some(x) = w8("minigun", "tasks", "a:").and_then(|r| r.ratio) {
+        let text = format!("W8a: {x:.3}x the ideal n / 20 ms (>= 0.9)");
+        lines.push((Some(x >= 0.9), text));
+    }
+    if let Some(x) = w8("minigun", "tasks", "b:").and_then(|r| r.ratio) {
+        let text = format!("W8b: {x:.3}x hand-written buffer_unordered(256) (>= 0.85)");
+        lines.push((Some(x >= 0.85), text));
+    }
+    if let Some(g) = w8("minigun", "tasks", "c:").and_then(|r| r.rss_growth_bytes) {
+        let m = mib(g);
+        lines.push((
+            Some(m <= 64.0),
+            format!("W8c: RSS growth {m:.1} MiB with 10,000 in flight (<= 64)"),
         ));
     }
 }

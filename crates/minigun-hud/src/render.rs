@@ -371,6 +371,15 @@ const COLUMNS: &[Column] = &[
         },
     },
     Column {
+        header: "in flight",
+        priority: 3,
+        right: true,
+        cell: |s| match s.in_flight_limit {
+            Some(limit) => format!("{}/{limit}", format::count(s.in_flight)),
+            None => "-".to_string(),
+        },
+    },
+    Column {
         header: "status",
         priority: 0,
         right: false,
@@ -420,7 +429,11 @@ fn render_table(scene: &Scene, state: &ViewState, area: Rect, buf: &mut Buffer) 
                 .min(if k == 0 { 28 } else { 14 }) as u16
         })
         .collect();
-    let mut order: Vec<usize> = (0..COLUMNS.len()).collect();
+    // The in-flight column only where a stage has a limit on it (async stages).
+    let limited = scene.stages.iter().any(|s| s.in_flight_limit.is_some());
+    let mut order: Vec<usize> = (0..COLUMNS.len())
+        .filter(|&k| limited || COLUMNS[k].header != "in flight")
+        .collect();
     order.sort_by_key(|k| COLUMNS[*k].priority);
     let mut keep = vec![false; COLUMNS.len()];
     let mut used = 0u16;

@@ -76,6 +76,10 @@ pub struct StageRow {
     pub bottleneck: bool,
     /// Live child processes (fork stages).
     pub children: Vec<ChildSnapshot>,
+    /// Items in flight now (async stages).
+    pub in_flight: u64,
+    /// The most it runs at once (`tasks(n)`: `n`; `None` for other executors).
+    pub in_flight_limit: Option<usize>,
 }
 
 impl StageRow {
@@ -114,6 +118,8 @@ impl From<&StageSnapshot> for StageRow {
             status: s.status,
             bottleneck: s.bottleneck,
             children: s.children.clone(),
+            in_flight: s.in_flight,
+            in_flight_limit: s.in_flight_limit,
         }
     }
 }
@@ -226,6 +232,8 @@ mod tests {
             status: StageStatus::Active,
             bottleneck: false,
             children: vec![],
+            in_flight: 0,
+            in_flight_limit: None,
         }
     }
 

@@ -121,6 +121,36 @@ fn linear_pipeline_finished() {
 }
 
 #[test]
+fn an_async_stage_shows_its_items_in_flight_beside_its_limit() {
+    let gate = Gate::default();
+    let held = gate.clone();
+    let p = Pipeline::new("async");
+    p.producer("gen", |out| out.emit_all(0..20u64).map_err(Into::into));
+    p.consumer_async("fetch", move |_: u64| {
+        let held = held.clone();
+        async move {
+            while !held.0.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Ok(())
+        }
+    })
+    .executor(Exec::tasks(8));
+    let handle = p.spawn().unwrap();
+    let mut scene = settled_scene(&handle, |s| s.stages[1].in_flight == 8);
+    normalise(&mut scene);
+    let screen = render(&scene, &ViewState::default(), 120, 16);
+    assert!(screen.contains("in flight"), "{screen}");
+    let row = screen
+        .lines()
+        .find(|l| l.contains("fetch") && l.contains("tasks(8)"))
+        .expect(&screen);
+    assert!(row.split_whitespace().any(|cell| cell == "8/8"), "{screen}");
+    gate.open();
+    handle.wait().unwrap();
+}
+
+#[test]
 fn diamond_running_with_bottleneck() {
     let gate = Gate::default();
     let held = gate.clone();

@@ -159,6 +159,31 @@ pub enum DefinitionError {
         /// The executor.
         executor: String,
     },
+    /// An async stage (`map_async`, `processor_async`, `consumer_async`, `stage_async`) given
+    /// an executor of its own other than `tasks(n)`.
+    #[error(
+        "stage {stage:?} is async: it runs under Exec::tasks(n), not {executor} (an async \
+         stage cannot run in a forked child or on a thread of its own)"
+    )]
+    AsyncStageNeedsTasks {
+        /// The stage.
+        stage: String,
+        /// The executor it was given.
+        executor: String,
+    },
+    /// A stage whose code is not async given `tasks(n)` of its own.
+    #[error(
+        "stage {stage:?} is a sync {kind}: {executor} runs async stages only (define it with \
+         map_async, processor_async, consumer_async or stage_async, or give it threads(n))"
+    )]
+    TasksNeedAsyncStage {
+        /// The stage.
+        stage: String,
+        /// Its kind.
+        kind: crate::StageKind,
+        /// The executor it was given.
+        executor: String,
+    },
     /// A fork executor's `max_frame` is too small for the protocol's control frames.
     #[error("stage {stage:?}: max_frame {max_frame} is below the minimum of {minimum} bytes")]
     MaxFrameTooSmall {

@@ -85,7 +85,11 @@
 //! - More work than one machine holds: **`remote`** ([`StageRef::remote`], see [`remote`]):
 //!   worker processes on any number of machines, carried by a broker (Redis Streams in the
 //!   `minigun-redis` crate), each running the items under a local executor.
-//! - Data that cannot be serialised: inline or threads.
+//! - Many requests waiting at once (HTTP, databases, object stores): an async stage
+//!   ([`Pipeline::map_async`] and its siblings) under **`tasks(n)`** ([`Exec::tasks`]): at most
+//!   `n` futures in flight on a tokio runtime, thousands without a thread each, with the
+//!   queues, policies and report of every other stage.
+//! - Data that cannot be serialised: inline, threads or tasks.
 //!
 //! Errors mean the same under every executor: a stage returns `Result`, a panic is caught, and
 //! the stage's [`OnError`] policy decides (skip and record, fail fast, retry with backoff,
@@ -115,11 +119,21 @@
 //!   never waited for. glibc's malloc is supported; allocators that are not fork-safe in
 //!   multi-threaded programs are not.
 //!
+//! ## Feature flags
+//!
+//! - `async` (default): async stages ([`Pipeline::map_async`], [`Pipeline::processor_async`],
+//!   [`Pipeline::consumer_async`], [`Pipeline::stage_async`] with [`AsyncStage`]),
+//!   [`Exec::tasks`], and [`Pipeline::run_async`] to await a run from a tokio application. It
+//!   brings in tokio and futures; `default-features = false` leaves them out of a sync-only
+//!   build.
+//!
 //! ## Platform support
 //!
 //! The fork executors need Linux (fork, pidfd). Elsewhere they fall back to inline with a
 //! warning.
 
+#[cfg(feature = "async")]
+mod async_stage;
 mod ctx;
 mod define;
 mod erased;
@@ -138,6 +152,8 @@ pub mod remote;
 mod report;
 mod route;
 mod run;
+#[cfg(feature = "async")]
+mod run_async;
 mod shared;
 mod signals;
 mod stage;
@@ -145,6 +161,8 @@ mod stats;
 #[cfg(target_os = "linux")]
 mod sys;
 
+#[cfg(feature = "async")]
+pub use async_stage::{AsyncOutput, AsyncStage};
 /// The `Pod` trait of [`HugeBuf`]'s values (and `#[derive(Pod, Zeroable)]` with bytemuck's
 /// `derive` feature in your own `Cargo.toml`).
 pub use bytemuck;
@@ -153,6 +171,8 @@ pub use error::{
     BoxError, DefinitionError, EmitError, FailureKind, ItemFailure, RunError, StageResult,
 };
 pub use exec::{Dispatch, Exec, ForkOptions};
+#[cfg(feature = "async")]
+pub use exec::{RuntimeHandle, TaskOptions};
 pub use huge::{collapse_heap, HugePages, HugePagesReport, HugePagesStatus};
 pub use ipc::codec::{Codec, Postcard};
 pub use monitor::{ChildSnapshot, Monitor, Snapshot, StageSnapshot, StageStatus};
@@ -160,6 +180,8 @@ pub use policy::OnError;
 pub use queue::{Capacity, FanOut};
 pub use report::{Latency, RemoteReport, RemoteWorker, RunReport, StageReport};
 pub use run::{RunHandle, Runnable};
+#[cfg(feature = "async")]
+pub use run_async::RunFuture;
 pub use shared::KEEP_FAILURES;
 pub use stage::{Failed, Item, Output, Stage, StageKind, Wire};
 #[cfg(target_os = "linux")]

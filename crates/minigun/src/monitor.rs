@@ -80,6 +80,10 @@ pub struct StageSnapshot {
     pub bottleneck: bool,
     /// Live child processes (fork stages).
     pub children: Vec<ChildSnapshot>,
+    /// Items in flight now (async stages under `tasks(n)`; 0 for other executors).
+    pub in_flight: u64,
+    /// The most items it runs at once, for an executor with such a limit (`tasks(n)`: `n`).
+    pub in_flight_limit: Option<usize>,
 }
 
 /// The whole run at one moment.
@@ -373,6 +377,8 @@ fn stage_snapshot(s: &StageView, last: &mut u64, now: Instant) -> (StageSnapshot
         status,
         bottleneck: false,
         children,
+        in_flight: st.in_flight.load(Ordering::Relaxed),
+        in_flight_limit: s.ctx.exec.in_flight_limit(),
     };
     (snap, delta)
 }

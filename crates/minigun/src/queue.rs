@@ -289,6 +289,17 @@ impl<T> Receiver<T> {
         }
     }
 
+    /// [`Receiver::recv_upto`] that also gives the index in the stage's input of the first
+    /// item taken; `None` at end of stream.
+    #[cfg(feature = "async")]
+    pub(crate) fn recv_upto_indexed(&self, buf: &mut VecDeque<T>, max: usize) -> Option<Taken> {
+        let mut taken = Taken::default();
+        match self.recv_inner(buf, 1, max, None, &mut taken) {
+            Some(true) => Some(taken),
+            _ => None,
+        }
+    }
+
     /// [`Receiver::recv_upto`] that gives up at `deadline`: `None` on timeout.
     pub(crate) fn recv_upto_until(
         &self,

@@ -110,6 +110,12 @@ impl Runnable {
         self.monitor.clone()
     }
 
+    /// What every stage of the run shares (its stop and abort flags).
+    #[cfg(feature = "async")]
+    pub(crate) fn shared(&self) -> Arc<RunShared> {
+        self.shared.clone()
+    }
+
     /// Runs the pipeline to the end and returns its report.
     ///
     /// Item failures under the skip / retry / dead-letter policies are in the report, not an

@@ -206,30 +206,41 @@ pub(crate) struct Caught {
 /// and location of panics raised inside stage code and keeps them off stderr: they are reported
 /// through the run report and `tracing` instead.
 pub(crate) fn guarded<T>(f: impl FnOnce() -> StageResult<T>) -> Result<T, Caught> {
+    match catch_panic(f) {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(caught_error(e)),
+        Err(panic) => Err(panic),
+    }
+}
+
+/// Runs stage code that may panic (also one poll of an async stage's future): a panic is
+/// caught as a [`FailureKind::Panic`] with its message and location, kept off stderr.
+pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, Caught> {
     install_panic_hook();
     IN_STAGE.with(|c| c.set(true));
     let r = panic::catch_unwind(AssertUnwindSafe(f));
     IN_STAGE.with(|c| c.set(false));
-    match r {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(Caught {
-            kind: match e.downcast_ref::<EmitError>() {
-                Some(EmitError::Encode(_)) => FailureKind::Encode,
-                _ => FailureKind::Error,
-            },
-            message: error_chain(&*e),
-            stop: crate::error::is_stop(&e),
-        }),
-        Err(payload) => {
-            let msg = LAST_PANIC
-                .with(|p| p.borrow_mut().take())
-                .unwrap_or_else(|| panic_message(&*payload));
-            Err(Caught {
-                kind: FailureKind::Panic,
-                message: msg,
-                stop: false,
-            })
+    r.map_err(|payload| {
+        let msg = LAST_PANIC
+            .with(|p| p.borrow_mut().take())
+            .unwrap_or_else(|| panic_message(&*payload));
+        Caught {
+            kind: FailureKind::Panic,
+            message: msg,
+            stop: false,
         }
+    })
+}
+
+/// The error a stage returned, as a failed call.
+pub(crate) fn caught_error(e: crate::error::BoxError) -> Caught {
+    Caught {
+        kind: match e.downcast_ref::<EmitError>() {
+            Some(EmitError::Encode(_)) => FailureKind::Encode,
+            _ => FailureKind::Error,
+        },
+        message: error_chain(&*e),
+        stop: crate::error::is_stop(&e),
     }
 }
 

@@ -29,6 +29,8 @@ pub(crate) struct StageStats {
     pub(crate) recycled_workers: AtomicU64,
     /// Received items that reached their final outcome (processed, failed or cancelled).
     pub(crate) done: AtomicU64,
+    /// Items in flight now (async stages: futures started and not yet done).
+    pub(crate) in_flight: AtomicU64,
     pub(crate) busy_ns: AtomicU64,
     pub(crate) queue_high_water: AtomicUsize,
     pub(crate) latency: Mutex<Histogram<u64>>,
@@ -127,6 +129,7 @@ impl Default for StageStats {
             errors: AtomicU64::new(0),
             recycled_workers: AtomicU64::new(0),
             done: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
             busy_ns: AtomicU64::new(0),
             queue_high_water: AtomicUsize::new(0),
             latency: Mutex::new(new_histogram()),

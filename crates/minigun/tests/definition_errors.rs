@@ -117,10 +117,12 @@ fn a_fork_option_on_an_executor_without_it_is_an_error_naming_stage_and_option()
     p.consumer("sink", |_: u64| Ok(()));
     let (stage, option, executor, applies_to) = option_not_for_executor(p);
     assert_eq!((stage.as_str(), option), ("work", "timeout"));
-    assert_eq!(
-        (executor.as_str(), applies_to),
-        ("threads(2)", "cow_fork and ipc_fork")
-    );
+    let applies = if cfg!(feature = "async") {
+        "cow_fork, ipc_fork and tasks"
+    } else {
+        "cow_fork and ipc_fork"
+    };
+    assert_eq!((executor.as_str(), applies_to), ("threads(2)", applies));
 
     // The same for an inherited executor: the error names the first stage it applies to.
     let p = Pipeline::new("default-items-per-fork");

@@ -3,22 +3,8 @@
 //!
 //! One test in this binary, so that no other test's threads or descriptors are counted.
 mod common;
-use common::{gen, open_fds};
+use common::{gen, open_fds, threads};
 use minigun::{Exec, Pipeline};
-
-/// Threads of this process, by name.
-fn threads() -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir("/proc/self/task")
-        .map(|d| {
-            d.flatten()
-                .map(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default())
-                .map(|n| n.trim().to_string())
-                .collect()
-        })
-        .unwrap_or_default();
-    names.sort();
-    names
-}
 
 /// A run with threads and forked workers: in the foreground, or (odd rounds) in the
 /// background, waited for.

@@ -11,6 +11,8 @@
 mod collect;
 mod fork_ref;
 mod pipeline;
+#[cfg(feature = "async")]
+mod pipeline_async;
 pub(crate) mod record;
 mod stage_ref;
 

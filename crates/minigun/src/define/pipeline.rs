@@ -273,7 +273,7 @@ impl Pipeline {
         }
     }
 
-    fn add<I, O>(&self, name: String, node: Box<dyn Node>) -> StageRef<I, O> {
+    pub(super) fn add<I, O>(&self, name: String, node: Box<dyn Node>) -> StageRef<I, O> {
         let mut d = self.def.borrow_mut();
         let group = d.group.last().cloned();
         let name = self.qualify(&d, name);
@@ -403,5 +403,9 @@ impl Pipeline {
 }
 
 fn processor_node<I: Item, O: Item>(kind: StageKind, factory: Factory<I, O>) -> Box<dyn Node> {
-    Box::new(ProcessorNode { kind, factory })
+    Box::new(ProcessorNode {
+        kind,
+        factory,
+        _t: PhantomData,
+    })
 }

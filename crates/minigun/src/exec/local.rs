@@ -150,7 +150,7 @@ const LINGER: Duration = Duration::from_micros(100);
 /// Sends what a worker's router holds; whether it sent anything. Outputs refused by a
 /// closed downstream (only while the run aborts: a stage's queue closes when the stage is
 /// gone) are logged; the downstream's own accounting and the aborted report cover the rest.
-fn flush<O>(ctx: &StageCtx, router: &mut Router<O>) -> bool {
+pub(crate) fn flush<O>(ctx: &StageCtx, router: &mut Router<O>) -> bool {
     match router.flush() {
         Ok(sent) => sent,
         Err(lost) => {

@@ -18,6 +18,7 @@
 //! | [`Exec::CowFork`] with [`Exec::fork_server`] | `fork::cow`, `fork::server` | the same, forked by a single-threaded fork server made at run start | input and output |
 //! | [`Exec::IpcFork`] | `fork::ipc` | `n` persistent forked workers fed over pipes | input and output |
 //! | [`Exec::Remote`] | [`crate::remote`] | worker processes on other machines, through a broker | input and output |
+//! | `Exec::Tasks` (feature `async`) | `tasks` | async stages: at most `n` futures in flight on a tokio runtime | no |
 //!
 //! Every executor takes the same [`Parts`](parts::Parts) and hands failed attempts to the
 //! stage's one policy ([`StageCtx::failure`](crate::ctx::StageCtx::failure)), so a stage
@@ -34,10 +35,15 @@ pub(crate) mod order;
 pub(crate) mod parts;
 pub(crate) mod plan;
 pub(crate) mod runner;
+#[cfg(feature = "async")]
+pub(crate) mod tasks;
 
 use crate::huge::HugePages;
 use crate::remote::Remote;
 use std::time::Duration;
+
+#[cfg(feature = "async")]
+pub use tasks::{RuntimeHandle, TaskOptions};
 
 /// Options of the fork executors.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +102,7 @@ pub enum Dispatch {
 }
 
 impl ForkOptions {
-    fn new(workers: usize) -> Self {
+    pub(crate) fn new(workers: usize) -> Self {
         ForkOptions {
             workers,
             timeout: None,
@@ -140,6 +146,10 @@ pub enum Exec {
     /// Worker processes on any number of machines, fed through a message broker (see
     /// [`Exec::remote`]).
     Remote(Remote),
+    /// Async stages: at most `in_flight` futures at once on a tokio runtime (see
+    /// [`Exec::tasks`]).
+    #[cfg(feature = "async")]
+    Tasks(TaskOptions),
     /// An option set on an executor it does not apply to (`Exec::threads(2).timeout(d)`),
     /// kept so that `build()` reports it as a definition error naming the stage.
     #[doc(hidden)]
@@ -151,22 +161,35 @@ pub enum Exec {
     },
 }
 
-/// A fork option: its name and the fork executors it applies to.
+/// An executor option: its name and the executors it applies to.
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Opt {
     pub(crate) name: &'static str,
     cow: bool,
     ipc: bool,
+    pub(crate) tasks: bool,
 }
 
 impl Opt {
-    const fn new(name: &'static str, cow: bool, ipc: bool) -> Self {
-        Opt { name, cow, ipc }
+    pub(crate) const fn new(name: &'static str, cow: bool, ipc: bool) -> Self {
+        Opt {
+            name,
+            cow,
+            ipc,
+            tasks: false,
+        }
     }
-    const TIMEOUT: Opt = Opt::new("timeout", true, true);
+    /// The option also applies to `tasks(n)` (which exists with the feature `async`).
+    pub(crate) const fn and_tasks(self) -> Self {
+        Opt {
+            tasks: cfg!(feature = "async"),
+            ..self
+        }
+    }
+    const TIMEOUT: Opt = Opt::new("timeout", true, true).and_tasks();
     const MAX_FRAME: Opt = Opt::new("max_frame", true, true);
-    const ORDERED: Opt = Opt::new("ordered", true, true);
+    const ORDERED: Opt = Opt::new("ordered", true, true).and_tasks();
     const ITEMS_PER_FORK: Opt = Opt::new("items_per_fork", true, false);
     const IN_FLIGHT: Opt = Opt::new("in_flight", false, true);
     const BATCH_RESULTS: Opt = Opt::new("batch_results", false, true);
@@ -178,10 +201,12 @@ impl Opt {
 
     /// The executors the option applies to, for messages.
     pub(crate) fn applies_to(&self) -> &'static str {
-        match (self.cow, self.ipc) {
-            (true, true) => "cow_fork and ipc_fork",
-            (true, false) => "cow_fork",
-            _ => "ipc_fork",
+        match (self.cow, self.ipc, self.tasks) {
+            (true, true, true) => "cow_fork, ipc_fork and tasks",
+            (true, true, false) => "cow_fork and ipc_fork",
+            (true, false, _) => "cow_fork",
+            (false, true, _) => "ipc_fork",
+            (false, false, _) => "tasks",
         }
     }
 }
@@ -241,7 +266,8 @@ impl Exec {
     pub fn remote(remote: Remote) -> Self {
         Exec::Remote(remote)
     }
-    /// Per-item time limit (fork executors). On another executor, `build()` fails with
+    /// Per-item time limit (fork executors: the child is killed; `tasks`: the item's future
+    /// is dropped). On another executor, `build()` fails with
     /// [`DefinitionError::OptionNotForExecutor`](crate::DefinitionError::OptionNotForExecutor)
     /// naming the stage; the same holds for every option below.
     pub fn timeout(self, t: Duration) -> Self {
@@ -269,7 +295,7 @@ impl Exec {
 
     /// The work an ipc_fork worker holds ahead when the executor chooses `in_flight`.
     pub const IN_FLIGHT_AHEAD: Duration = Duration::from_millis(2);
-    /// Emit results in input order (fork executors). Results of a finished item wait for
+    /// Emit results in input order (fork executors and `tasks`). Results of a finished item wait for
     /// every earlier item to finish.
     pub fn ordered(self) -> Self {
         self.option(Opt::ORDERED, |o| o.ordered = true)
@@ -419,6 +445,11 @@ impl Exec {
                 set(&mut o);
                 Exec::IpcFork(o)
             }
+            #[cfg(feature = "async")]
+            Exec::Tasks(mut o) if opt.tasks => {
+                o.set_fork_option(set);
+                Exec::Tasks(o)
+            }
             Exec::Misapplied { base, option } => Exec::Misapplied {
                 base: Box::new(base.option(opt, set).without_misapplied()),
                 option,
@@ -430,7 +461,7 @@ impl Exec {
         }
     }
     /// The executor with its misapplied options dropped.
-    fn without_misapplied(self) -> Self {
+    pub(crate) fn without_misapplied(self) -> Self {
         match self {
             Exec::Misapplied { base, .. } => *base,
             other => other,
@@ -440,6 +471,14 @@ impl Exec {
     pub(crate) fn fork_options(&self) -> Option<&ForkOptions> {
         match self {
             Exec::CowFork(o) | Exec::IpcFork(o) => Some(o),
+            _ => None,
+        }
+    }
+    /// The most items in flight at once, for an executor with such a limit (`tasks(n)`).
+    pub(crate) fn in_flight_limit(&self) -> Option<usize> {
+        match self {
+            #[cfg(feature = "async")]
+            Exec::Tasks(o) => Some(o.in_flight),
             _ => None,
         }
     }
@@ -453,6 +492,8 @@ impl Exec {
             Exec::Threads(n) => *n,
             Exec::CowFork(o) | Exec::IpcFork(o) => o.workers,
             Exec::Remote(r) => r.max_in_flight,
+            #[cfg(feature = "async")]
+            Exec::Tasks(o) => o.in_flight,
             Exec::Misapplied { base, .. } => base.concurrency(),
         }
     }
@@ -467,6 +508,8 @@ impl std::fmt::Display for Exec {
             Exec::CowFork(o) => write!(f, "cow_fork({})", o.workers),
             Exec::IpcFork(o) => write!(f, "ipc_fork({})", o.workers),
             Exec::Remote(r) => write!(f, "remote({})", r.broker.name()),
+            #[cfg(feature = "async")]
+            Exec::Tasks(o) => write!(f, "tasks({})", o.in_flight),
             Exec::Misapplied { base, .. } => base.fmt(f),
         }
     }

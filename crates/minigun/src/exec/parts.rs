@@ -12,19 +12,20 @@ use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// The parts of a running processor stage, whatever its executor.
-pub(crate) struct Parts<I, O> {
+/// The parts of a running processor stage, whatever its executor (`F`: how it makes its
+/// stage instances; an async stage's differs).
+pub(crate) struct Parts<I, O, F = Factory<I, O>> {
     pub(crate) ctx: Arc<StageCtx>,
     pub(crate) input: Receiver<I>,
     pub(crate) router: Router<O>,
     pub(crate) dead_letter: Option<QueueTx<Failed<I>>>,
-    pub(crate) factory: Factory<I, O>,
+    pub(crate) factory: F,
     /// The stage's codec, for fork executors.
     pub(crate) wire: Option<WireFns<I, O>>,
 }
 
 /// Sends a failed item to the stage's dead-letter stage.
-pub(crate) fn dead_letter<I, O>(parts: &Parts<I, O>, item: I, failure: ItemFailure) {
+pub(crate) fn dead_letter<I, O, F>(parts: &Parts<I, O, F>, item: I, failure: ItemFailure) {
     if let Some(dl) = &parts.dead_letter {
         if dl.send(Failed { item, failure }).is_ok() {
             parts

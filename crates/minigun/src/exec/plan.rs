@@ -81,6 +81,8 @@ pub(crate) struct Stage<'a> {
     pub(crate) local_routes: bool,
     /// The stage declared any route.
     pub(crate) routes: bool,
+    /// The stage's code returns futures (it runs under `tasks(n)` only).
+    pub(crate) is_async: bool,
 }
 
 /// The executor a stage runs under, from the setting that applies to it (see the module
@@ -109,6 +111,7 @@ pub(crate) fn fit(s: Stage<'_>, exec: Exec, env: Env) -> Result<Exec, Definition
             applies_to: option.applies_to(),
         });
     }
+    let exec = fit_async(s, exec)?;
     if let Some(o) = exec.fork_options() {
         if o.max_frame < MIN_MAX_FRAME {
             return Err(DefinitionError::MaxFrameTooSmall {
@@ -191,6 +194,36 @@ pub(crate) fn fit(s: Stage<'_>, exec: Exec, env: Env) -> Result<Exec, Definition
     Ok(exec)
 }
 
+/// Async stages run under `tasks(n)` only, and only they do. A setting of the stage's own
+/// that breaks this is an error; an inherited one is translated: an async stage that
+/// inherits inline or `threads(n)` runs under `tasks(1)` or `tasks(n)` (a fork or remote
+/// setting under `tasks(1)`), a sync stage that inherits `tasks(n)` runs inline.
+fn fit_async(s: Stage<'_>, exec: Exec) -> Result<Exec, DefinitionError> {
+    let tasks = exec.in_flight_limit().is_some();
+    match (s.is_async, tasks, s.explicit) {
+        (true, false, true) => Err(DefinitionError::AsyncStageNeedsTasks {
+            stage: s.name.to_string(),
+            executor: exec.to_string(),
+        }),
+        (false, true, true) => Err(DefinitionError::TasksNeedAsyncStage {
+            stage: s.name.to_string(),
+            kind: s.kind,
+            executor: exec.to_string(),
+        }),
+        #[cfg(feature = "async")]
+        (true, false, false) => {
+            let n = match exec {
+                Exec::Threads(n) => n,
+                _ => 1,
+            };
+            tracing::debug!(stage = %s.name, %exec, "async stage inherits a sync executor: runs under tasks({n})");
+            Ok(Exec::tasks(n))
+        }
+        (false, true, false) => Ok(Exec::Inline),
+        _ => Ok(exec),
+    }
+}
+
 /// What an executor needs the stage's types to cross.
 fn needs(exec: &Exec) -> Crosses {
     match exec {
@@ -199,6 +232,8 @@ fn needs(exec: &Exec) -> Crosses {
         Exec::CowFork(o) if o.fork_server => Crosses::Both,
         Exec::CowFork(_) => Crosses::Output,
         Exec::IpcFork(_) | Exec::Remote(_) => Crosses::Both,
+        #[cfg(feature = "async")]
+        Exec::Tasks(_) => Crosses::Nothing,
         Exec::Misapplied { base, .. } => needs(base),
     }
 }
@@ -277,6 +312,7 @@ mod tests {
             crosses,
             local_routes: false,
             routes: false,
+            is_async: false,
         }
     }
 
@@ -446,6 +482,47 @@ mod tests {
             let want = if fits { exec.clone() } else { Exec::Inline };
             assert_eq!(fit(inherited, exec, ENV).unwrap(), want);
         }
+    }
+
+    #[cfg(feature = "async")]
+    #[test]
+    fn async_stages_run_under_tasks_and_only_they_do() {
+        let asynchronous = |explicit| Stage {
+            is_async: true,
+            ..stage(StageKind::Processor, explicit, Crosses::Nothing)
+        };
+        let sync = |explicit| stage(StageKind::Processor, explicit, Crosses::Nothing);
+        let tasks = Exec::tasks(8);
+        assert_eq!(fit(asynchronous(true), tasks.clone(), ENV).unwrap(), tasks);
+        for exec in [Exec::Inline, t(2), Exec::cow_fork(2), Exec::ipc_fork(2)] {
+            let e = fit(asynchronous(true), exec.clone(), ENV).unwrap_err();
+            assert!(
+                matches!(e, DefinitionError::AsyncStageNeedsTasks { .. }),
+                "{exec}: {e}"
+            );
+        }
+        // Inherited: inline is one in flight, threads(n) is n, the rest one.
+        let inherited = [(Exec::Inline, 1), (t(3), 3), (Exec::ipc_fork(2), 1)];
+        for (exec, n) in inherited {
+            assert_eq!(fit(asynchronous(false), exec, ENV).unwrap(), Exec::tasks(n));
+        }
+        let e = fit(sync(true), tasks.clone(), ENV).unwrap_err();
+        assert!(
+            matches!(e, DefinitionError::TasksNeedAsyncStage { .. }),
+            "{e}"
+        );
+        assert_eq!(fit(sync(false), tasks, ENV).unwrap(), Exec::Inline);
+        assert!(matches!(
+            fit(asynchronous(true), Exec::tasks(0), ENV),
+            Err(DefinitionError::NoWorkers { .. })
+        ));
+        assert!(matches!(
+            fit(asynchronous(true), Exec::tasks(2).items_per_fork(2), ENV),
+            Err(DefinitionError::OptionNotForExecutor {
+                option: "items_per_fork",
+                ..
+            })
+        ));
     }
 
     #[test]

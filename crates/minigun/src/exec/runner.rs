@@ -242,6 +242,13 @@ impl<I: Item, O: Item> Runner<I, O> {
             Exec::CowFork(opts) => across(Across::Cow(opts.clone())),
             Exec::IpcFork(opts) => across(Across::Ipc(opts.clone())),
             Exec::Remote(r) => across(Across::Remote(r.clone())),
+            // Only async stages run under tasks (their own node, `node::async_processor`);
+            // the planner runs a sync stage that inherits it inline.
+            #[cfg(feature = "async")]
+            Exec::Tasks(_) => Runner::Local {
+                threads: 1,
+                in_order: false,
+            },
         };
         (runner, codec)
     }

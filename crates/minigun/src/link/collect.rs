@@ -94,6 +94,8 @@ pub(super) fn keep_order(
             Exec::Threads(_) => plan.in_order = true,
             Exec::CowFork(o) | Exec::IpcFork(o) => o.ordered = true,
             Exec::Remote(r) => r.ordered = true,
+            #[cfg(feature = "async")]
+            Exec::Tasks(o) => o.ordered = true,
             Exec::Inline | Exec::Misapplied { .. } => {}
         }
     }

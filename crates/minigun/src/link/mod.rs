@@ -306,6 +306,7 @@ fn executor(def: &Def, s: &StageDef) -> Result<Exec, DefinitionError> {
         crosses: s.crosses(),
         local_routes: s.routes.iter().any(|(_, d)| d.codec.is_none()),
         routes: !s.routes.is_empty(),
+        is_async: s.node.is_async(),
     };
     let env = plan::Env {
         fork: runner::fork_available(),

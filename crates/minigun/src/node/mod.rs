@@ -4,9 +4,12 @@
 //! resolved later; the linker checks every edge's types by `TypeId`, then hands each node its
 //! [`Wiring`]: its typed queue ends and senders as [`Erased`] values, taken back here, where
 //! the types are known again. One module per kind of stage: [`producer`], [`processor`]
-//! (processors, consumers and custom stages, under any executor) and [`accumulator`].
+//! (processors, consumers and custom stages, under any executor), `async_processor` (their
+//! async counterparts, under `tasks(n)`) and [`accumulator`].
 
 pub(crate) mod accumulator;
+#[cfg(feature = "async")]
+pub(crate) mod async_processor;
 pub(crate) mod processor;
 pub(crate) mod producer;
 
@@ -68,6 +71,10 @@ pub(crate) trait Node: Send {
     /// The item type a dead-letter stage of this stage must take.
     fn failed_type(&self) -> Option<TypeInfo>;
     fn make_queue(&self, cap: Capacity, stats: Arc<StageStats>) -> Option<QueueEnds>;
+    /// The stage's code returns futures: it runs under `tasks(n)` only.
+    fn is_async(&self) -> bool {
+        false
+    }
     /// Checks the node's own settings (`stage`: its name, for the error).
     fn validate(&self, _stage: &str) -> Result<(), crate::error::DefinitionError> {
         Ok(())

@@ -10,17 +10,30 @@ use crate::queue::{Capacity, QueueTx, Receiver};
 use crate::remote::worker::{Served, ServedStage};
 use crate::stage::{Factory, Failed, Item, StageKind, TypeInfo};
 use crate::stats::StageStats;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
-/// A processor, consumer or custom stage: its kind and its stage factory. What its types
-/// can cross, and so which executors it may run under, its handle records in the definition
+/// A processor, consumer or custom stage: its kind and its stage factory `F` (a sync
+/// stage's [`Factory`] here; an async stage's in `async_processor`). What its types can
+/// cross, and so which executors it may run under, its handle records in the definition
 /// (see [`Crossing`]).
-pub(crate) struct ProcessorNode<I, O> {
+pub(crate) struct ProcessorNode<I, O, F = Factory<I, O>> {
     pub(crate) kind: StageKind,
-    pub(crate) factory: Factory<I, O>,
+    pub(crate) factory: F,
+    pub(crate) _t: PhantomData<fn(I) -> O>,
 }
 
-impl<I: Item, O: Item> Node for ProcessorNode<I, O> {
+/// What a processor node's factory makes of it when linked.
+pub(crate) trait StageCode<I, O>: Send + Sized + 'static {
+    /// The stage's code returns futures (see [`Node::is_async`]).
+    const ASYNC: bool = false;
+    fn into_task(self, w: Wiring) -> Box<dyn Task>;
+    fn into_served(self, _w: ServeWiring) -> Option<Box<dyn Served>> {
+        None
+    }
+}
+
+impl<I: Item, O: Item, F: StageCode<I, O>> Node for ProcessorNode<I, O, F> {
     fn kind(&self) -> StageKind {
         self.kind
     }
@@ -36,7 +49,19 @@ impl<I: Item, O: Item> Node for ProcessorNode<I, O> {
     fn make_queue(&self, cap: Capacity, stats: Arc<StageStats>) -> Option<QueueEnds> {
         queue_for::<I>(cap, stats)
     }
-    fn into_task(self: Box<Self>, mut w: Wiring) -> Box<dyn Task> {
+    fn is_async(&self) -> bool {
+        F::ASYNC
+    }
+    fn into_task(self: Box<Self>, w: Wiring) -> Box<dyn Task> {
+        self.factory.into_task(w)
+    }
+    fn into_served(self: Box<Self>, w: ServeWiring) -> Option<Box<dyn Served>> {
+        self.factory.into_served(w)
+    }
+}
+
+impl<I: Item, O: Item> StageCode<I, O> for Factory<I, O> {
+    fn into_task(self, mut w: Wiring) -> Box<dyn Task> {
         let crossing = w.crossing.take().map(take::<Crossing<I, O>>);
         let (runner, codec) = Runner::new(&w.ctx.exec, crossing, std::mem::take(&mut w.hooks));
         let runner = if w.in_order {
@@ -48,23 +73,19 @@ impl<I: Item, O: Item> Node for ProcessorNode<I, O> {
             router: router::<O>(&mut w),
             input: take::<Receiver<I>>(w.input.take().expect("processor has an input")),
             dead_letter: w.dead_letter.take().map(take::<QueueTx<Failed<I>>>),
-            factory: self.factory,
+            factory: self,
             ctx: w.ctx,
             wire: codec,
         };
-        Box::new(ProcessorTask {
-            input: parts.input.clone(),
-            ctx: parts.ctx.clone(),
-            planned: Some((runner, parts)),
-            prepared: None,
-        })
+        let (input, ctx) = (parts.input.clone(), parts.ctx.clone());
+        ProcessorTask::boxed(input, ctx, Box::new(move || Ok(runner.prepare(parts))))
     }
-    fn into_served(self: Box<Self>, w: ServeWiring) -> Option<Box<dyn Served>> {
+    fn into_served(self, w: ServeWiring) -> Option<Box<dyn Served>> {
         let crossing = take::<Crossing<I, O>>(w.crossing?);
         crossing.entry.serve(ServedStage {
             pipeline: w.pipeline,
             name: w.name,
-            factory: self.factory,
+            factory: self,
             remote: w.remote,
             policy: w.policy,
             hooks: w.hooks,
@@ -72,21 +93,36 @@ impl<I: Item, O: Item> Node for ProcessorNode<I, O> {
     }
 }
 
-struct ProcessorTask<I, O> {
+/// Prepares a processor's run (see [`Task::prepare`]): what runs on the driver thread.
+pub(crate) type Plan = Box<dyn FnOnce() -> Result<PreparedRun, String> + Send>;
+
+/// A processor stage's task, whatever its executor.
+pub(crate) struct ProcessorTask<I> {
     /// The stage's queue and context, kept here too so that `abandon` can account for the
     /// queued items whatever the executor took with it.
     input: Receiver<I>,
     ctx: Arc<StageCtx>,
-    /// The planned executor and the stage's parts, until `prepare`.
-    planned: Option<(Runner<I, O>, Parts<I, O>)>,
+    /// The planned executor with the stage's parts, until `prepare`.
+    planned: Option<Plan>,
     /// What `prepare` left to run on the driver thread.
     prepared: Option<PreparedRun>,
 }
 
-impl<I: Item, O: Item> Task for ProcessorTask<I, O> {
+impl<I: Item> ProcessorTask<I> {
+    pub(crate) fn boxed(input: Receiver<I>, ctx: Arc<StageCtx>, plan: Plan) -> Box<dyn Task> {
+        Box::new(ProcessorTask {
+            input,
+            ctx,
+            planned: Some(plan),
+            prepared: None,
+        })
+    }
+}
+
+impl<I: Item> Task for ProcessorTask<I> {
     fn prepare(&mut self) -> Result<(), String> {
-        let (runner, parts) = self.planned.take().expect("prepared once");
-        self.prepared = Some(runner.prepare(parts));
+        let plan = self.planned.take().expect("prepared once");
+        self.prepared = Some(plan()?);
         Ok(())
     }
     fn run(self: Box<Self>) {
@@ -101,7 +137,8 @@ impl<I: Item, O: Item> Task for ProcessorTask<I, O> {
             planned,
             prepared,
         } = *self;
-        // A prepared fork pool terminates and reaps its workers when dropped.
+        // A prepared fork pool terminates and reaps its workers when dropped (an async
+        // stage's runtime shuts down).
         drop((planned, prepared));
         drain(&ctx, &input);
     }

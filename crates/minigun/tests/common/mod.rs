@@ -145,6 +145,20 @@ pub fn open_fds() -> usize {
         .unwrap_or(0)
 }
 
+/// Threads of this process, by name.
+pub fn threads() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/proc/self/task")
+        .map(|d| {
+            d.flatten()
+                .map(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default())
+                .map(|n| n.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 /// Processes of this machine whose parent is `ppid`: pid, name and state letter (`Z` =
 /// zombie: exited, not reaped).
 fn children_of(ppid: u32) -> Vec<(u32, String, String)> {
