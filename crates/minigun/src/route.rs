@@ -25,7 +25,7 @@ use crate::queue::{FanOut, QueueTx};
 use crate::stage::{Item, Routed, Sink, TypeInfo, Wire};
 use crate::stats::StageStats;
 use std::any::Any;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Serialisation of a route's item type, for routing from fork children.
@@ -138,10 +138,40 @@ impl Routes {
     }
 }
 
-/// The outgoing side of a stage: its downstream queues and the fan-out rule.
+/// A stage chained to its upstream (see `link::chain`), as one worker of the upstream holds
+/// it: the downstream stage's worker, called on the upstream's thread with the items the
+/// upstream emitted instead of a queue between them.
+pub(crate) trait Link<O>: Send {
+    /// Handles the items (emptying `items`) with the chained stage's own statistics, error
+    /// policy and router; returns how long that took, in nanoseconds (the upstream's own
+    /// timing leaves it out).
+    fn handle(&mut self, items: &mut Vec<O>) -> u64;
+    /// The upstream worker has ended: the chained instance finishes and sends what it holds.
+    fn finish(&mut self);
+}
+
+/// Makes one chained worker per worker of the upstream stage (each `threads(n)` worker of
+/// the upstream gets its own instance of the chained stage).
+pub(crate) type MakeLink<O> = Arc<dyn Fn() -> Box<dyn Link<O>> + Send + Sync>;
+
+/// The outgoing side of a stage: its downstream queues and the fan-out rule, or the stage
+/// chained to it.
 /// Each worker holds its own clone; dropping the last clone ends the downstream streams.
 pub(crate) struct Router<O> {
     pub(crate) outs: Vec<QueueTx<O>>,
+    /// The stage chained to this one (then `outs` is empty): a batched router makes its own
+    /// instance of it ([`Router::batched`]).
+    chain: Option<MakeLink<O>>,
+    /// This worker's instance of the chained stage. Only touched through `&mut self`; the
+    /// mutex makes the router `Sync`.
+    link: Option<std::sync::Mutex<Box<dyn Link<O>>>>,
+    /// Nanoseconds spent in the chained stage so far (see [`Router::nested`]); written by
+    /// this router's worker only.
+    nested: Arc<AtomicU64>,
+    /// Hand each emitted item to the chained stage at once (set by a worker whose items are
+    /// slow: the chained stage then works on an output while the call that emitted it
+    /// goes on, as an idle downstream would).
+    pub(crate) hand_over: bool,
     mode: FanOut,
     rr: Arc<AtomicUsize>,
     stats: Arc<StageStats>,
@@ -190,6 +220,13 @@ impl<O> Clone for Router<O> {
     fn clone(&self) -> Self {
         Router {
             outs: self.outs.clone(),
+            chain: self.chain.clone(),
+            // A batched clone holds items for its own instance of the chained stage.
+            link: (self.pending.as_ref())
+                .and(self.chain.as_ref())
+                .map(|make| std::sync::Mutex::new(make())),
+            nested: Arc::default(),
+            hand_over: false,
             mode: self.mode,
             rr: self.rr.clone(),
             stats: self.stats.clone(),
@@ -198,7 +235,7 @@ impl<O> Clone for Router<O> {
             pending: self
                 .pending
                 .as_ref()
-                .map(|_| std::sync::Mutex::new(self.outs.iter().map(|_| Vec::new()).collect())),
+                .map(|_| std::sync::Mutex::new(self.lists())),
             held_out: 0,
             eager: self.eager,
         }
@@ -206,8 +243,17 @@ impl<O> Clone for Router<O> {
 }
 
 impl<O> Router<O> {
+    /// One empty list of held items per output (the chained stage is the only output).
+    fn lists(&self) -> Vec<Vec<O>> {
+        let n = self.outs.len() + usize::from(self.chain.is_some());
+        (0..n).map(|_| Vec::new()).collect()
+    }
+
     /// Sends every held item; `Ok(true)` if there were any. `Err` counts the items closed
     /// downstreams (an aborting run) did not take, once per refusing downstream.
+    ///
+    /// With a chained stage, sending is calling it: it handles the items on this thread
+    /// before `flush` returns.
     pub(crate) fn flush(&mut self) -> Result<bool, u64> {
         let Some(pending) = self.pending.as_mut() else {
             return Ok(false);
@@ -218,7 +264,36 @@ impl<O> Router<O> {
                 .fetch_add(std::mem::take(&mut self.held_out), Ordering::Relaxed);
         }
         let pending = pending.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(link) = self.link.as_mut() {
+            let items = &mut pending[0];
+            if items.is_empty() {
+                return Ok(false);
+            }
+            let link = link.get_mut().unwrap_or_else(|e| e.into_inner());
+            let ns = link.handle(items);
+            // One writer: a plain store, no read-modify-write.
+            let total = self.nested.load(Ordering::Relaxed) + ns;
+            self.nested.store(total, Ordering::Relaxed);
+            return Ok(true);
+        }
         Self::send_held(&self.outs, pending)
+    }
+
+    /// Counts the nanoseconds this router's chained stage has spent handling items so far
+    /// (zero without one): a worker leaves what accrued during its items out of their time.
+    pub(crate) fn nested(&self) -> Arc<AtomicU64> {
+        self.nested.clone()
+    }
+
+    /// The worker ends: sends what it holds, then the chained stage's instance finishes and
+    /// is dropped (dropping its router, which ends its downstreams once every instance has).
+    pub(crate) fn finish_chain(&mut self) -> Result<bool, u64> {
+        let sent = self.flush();
+        if let Some(link) = self.link.take() {
+            let mut link = link.into_inner().unwrap_or_else(|e| e.into_inner());
+            link.finish();
+        }
+        sent
     }
 
     fn send_held(outs: &[QueueTx<O>], pending: &mut [Vec<O>]) -> Result<bool, u64> {
@@ -248,6 +323,10 @@ impl<O: Clone> Router<O> {
     pub(crate) fn new(outs: Vec<QueueTx<O>>, mode: FanOut, stats: Arc<StageStats>) -> Self {
         Router {
             outs,
+            chain: None,
+            link: None,
+            nested: Arc::default(),
+            hand_over: false,
             mode,
             rr: Arc::new(AtomicUsize::new(0)),
             stats,
@@ -263,10 +342,20 @@ impl<O: Clone> Router<O> {
     /// held and sent in batches (one queue lock per batch instead of one per item): at once
     /// when a downstream is asleep waiting, when 256 are held, and by the worker (see
     /// `exec::local`) when it has handled the items it took and every 100 us while busy.
+    ///
+    /// With a chained stage, this is where the worker's own instance of it is made.
     pub(crate) fn batched(mut self) -> Self {
-        self.pending = Some(std::sync::Mutex::new(
-            self.outs.iter().map(|_| Vec::new()).collect(),
-        ));
+        self.pending = Some(std::sync::Mutex::new(self.lists()));
+        if let Some(make) = &self.chain {
+            self.link = Some(std::sync::Mutex::new(make()));
+        }
+        self
+    }
+
+    /// A router whose only output is a stage chained to this one.
+    pub(crate) fn chained(mut self, make: MakeLink<O>) -> Self {
+        debug_assert!(self.outs.is_empty(), "a chained stage is the only output");
+        self.chain = Some(make);
         self
     }
 
@@ -295,7 +384,10 @@ impl<O: Clone> Router<O> {
         let full = push_held(pending, self.mode, &self.rr, item);
         // Send now when the batch is full, or when a downstream is asleep waiting for items
         // (it would gain nothing from the wait; a busy one takes the batch later).
-        if full || self.eager && self.outs.iter().any(|q| q.awaited()) {
+        let idle = |q: &QueueTx<O>| q.awaited();
+        if full
+            || self.eager && (self.hand_over && self.link.is_some() || self.outs.iter().any(idle))
+        {
             // Every downstream gone: the run is aborting; the emit says so.
             if self.flush().is_err() && self.outs.iter().all(|q| q.is_closed()) {
                 return Err(EmitError::Closed);
@@ -342,6 +434,10 @@ impl<O: Clone> Router<O> {
         debug_assert!(
             self.pending.is_none(),
             "a batched router sends through `Sink::send`"
+        );
+        debug_assert!(
+            self.chain.is_none(),
+            "a chained stage is called by a batched router"
         );
         self.stats.items_out.fetch_add(1, Ordering::Relaxed);
         match (self.outs.len(), self.mode) {

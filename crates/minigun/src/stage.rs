@@ -207,9 +207,11 @@ pub(crate) struct Caught {
 /// through the run report and `tracing` instead.
 pub(crate) fn guarded<T>(f: impl FnOnce() -> StageResult<T>) -> Result<T, Caught> {
     install_panic_hook();
-    IN_STAGE.with(|c| c.set(true));
+    // Stage code may call stage code (a chained stage runs inside its upstream's emit): the
+    // outer call is still in stage code when the inner one returns.
+    let outer = IN_STAGE.with(|c| c.replace(true));
     let r = panic::catch_unwind(AssertUnwindSafe(f));
-    IN_STAGE.with(|c| c.set(false));
+    IN_STAGE.with(|c| c.set(outer));
     match r {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(Caught {
@@ -255,6 +257,7 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
+#[inline]
 pub(crate) fn install_panic_hook() {
     static HOOK: Once = Once::new();
     HOOK.call_once(|| {

@@ -3,7 +3,7 @@
 
 use super::{queue_for, router, Node, QueueEnds, ServeWiring, Task, Wiring};
 use crate::ctx::StageCtx;
-use crate::erased::take;
+use crate::erased::{take, Erased};
 use crate::exec::parts::{drain, Parts};
 use crate::exec::runner::{Crossing, PreparedRun, Runner};
 use crate::queue::{Capacity, QueueTx, Receiver};
@@ -58,6 +58,12 @@ impl<I: Item, O: Item> Node for ProcessorNode<I, O> {
             planned: Some((runner, parts)),
             prepared: None,
         })
+    }
+    fn into_link(self: Box<Self>, mut w: Wiring) -> Option<Erased> {
+        let router = router::<O>(&mut w);
+        let dead_letter = w.dead_letter.take().map(take::<QueueTx<Failed<I>>>);
+        let link = crate::exec::local::link(w.ctx, self.factory, router, dead_letter);
+        Some(Box::new(link))
     }
     fn into_served(self: Box<Self>, w: ServeWiring) -> Option<Box<dyn Served>> {
         let crossing = take::<Crossing<I, O>>(w.crossing?);
