@@ -168,10 +168,9 @@ pub(crate) struct Router<O> {
     /// Nanoseconds spent in the chained stage so far (see [`Router::nested`]); written by
     /// this router's worker only.
     nested: Arc<AtomicU64>,
-    /// Hand each emitted item to the chained stage at once (set by a worker whose items are
-    /// slow: the chained stage then works on an output while the call that emitted it
-    /// goes on, as an idle downstream would).
-    pub(crate) hand_over: bool,
+    /// While a worker's items are slow ([`Router::hand_over`]), how many held items make the
+    /// next hand-over to the chained stage (0: none before the flush).
+    hand_over_at: usize,
     mode: FanOut,
     rr: Arc<AtomicUsize>,
     stats: Arc<StageStats>,
@@ -226,7 +225,7 @@ impl<O> Clone for Router<O> {
                 .and(self.chain.as_ref())
                 .map(|make| std::sync::Mutex::new(make())),
             nested: Arc::default(),
-            hand_over: false,
+            hand_over_at: 0,
             mode: self.mode,
             rr: self.rr.clone(),
             stats: self.stats.clone(),
@@ -326,7 +325,7 @@ impl<O: Clone> Router<O> {
             chain: None,
             link: None,
             nested: Arc::default(),
-            hand_over: false,
+            hand_over_at: 0,
             mode,
             rr: Arc::new(AtomicUsize::new(0)),
             stats,
@@ -350,6 +349,15 @@ impl<O: Clone> Router<O> {
             self.link = Some(std::sync::Mutex::new(make()));
         }
         self
+    }
+
+    /// The worker starts an item (`slow`: its items are timed one by one). The chained
+    /// stage, if any, is idle while this worker's stage code runs; so while items are slow,
+    /// the first output of an item is handed over at once, then the next 2, 4, ... up to
+    /// 256: the chained stage works on an output while the call that emitted it goes on,
+    /// and a call that emits many outputs hands them over in a few batches, not one by one.
+    pub(crate) fn hand_over(&mut self, slow: bool) {
+        self.hand_over_at = usize::from(slow && self.link.is_some());
     }
 
     /// A router whose only output is a stage chained to this one.
@@ -382,12 +390,15 @@ impl<O: Clone> Router<O> {
             .get_mut()
             .unwrap_or_else(|e| e.into_inner());
         let full = push_held(pending, self.mode, &self.rr, item);
+        // A chained stage waits for nothing but this thread: see `hand_over`.
+        let hand_over = self.hand_over_at > 0 && pending[0].len() >= self.hand_over_at;
+        if hand_over {
+            self.hand_over_at = (self.hand_over_at * 2).min(MAX_PENDING);
+        }
         // Send now when the batch is full, or when a downstream is asleep waiting for items
         // (it would gain nothing from the wait; a busy one takes the batch later).
         let idle = |q: &QueueTx<O>| q.awaited();
-        if full
-            || self.eager && (self.hand_over && self.link.is_some() || self.outs.iter().any(idle))
-        {
+        if full || self.eager && (hand_over || self.outs.iter().any(idle)) {
             // Every downstream gone: the run is aborting; the emit says so.
             if self.flush().is_err() && self.outs.iter().all(|q| q.is_closed()) {
                 return Err(EmitError::Closed);

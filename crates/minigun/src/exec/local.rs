@@ -31,9 +31,10 @@
 //! A stage chained to its upstream (the rule is in `link::chain`) has no queue and no thread
 //! of its own: each worker of the upstream owns a [`Worker`] of it ([`link`]), and the
 //! upstream's router hands it what the upstream emitted where it would have sent it to a
-//! queue (at the end of a batch, after `LINGER`, when 256 are held), and each output at
-//! once while the upstream's items are slow (timed one by one), so that the chained stage
-//! works on an output while the call that emitted it goes on. The chained worker
+//! queue (at the end of a batch, after `LINGER`, when 256 are held); while the upstream's
+//! items are slow (timed one by one), an item's first output at once, then its next 2, 4,
+//! ... up to 256 (`Router::hand_over`), so that the chained stage works on an output while
+//! the call that emitted it goes on. The chained worker
 //! handles them there, as a batch of its own: its own item indices, statistics, error policy,
 //! dead letters and router; the upstream's timing leaves out the time spent in it. When the
 //! upstream worker ends, the chained instance finishes and its router is dropped, so the
@@ -194,7 +195,7 @@ impl<I: Item, O: Item> Worker<I, O> {
                 continue;
             }
             // Slow items hand their outputs to a chained downstream as they emit them.
-            self.router.hand_over = self.timer.len == 1;
+            self.router.hand_over(self.timer.len == 1);
             let mut one = Item1 {
                 ctx: &self.ctx,
                 dead_letter: self.dead_letter.as_ref(),
