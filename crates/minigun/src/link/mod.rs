@@ -73,7 +73,7 @@ pub(crate) fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
     if let Some(sink) = def.keep_order {
         collect::keep_order(&mut plans, &wired, &edges, sink)?;
     }
-    chain(&def, &mut plans, &wired, &edges);
+    chaining(&def, &mut plans, &wired, &edges);
     let closers = connect::queues(&mut plans, &wired, def.default_capacity);
     let loops = connect::loops(&mut plans, &wired, closers);
     connect::senders(&mut plans, &wired, &edges);
@@ -248,7 +248,7 @@ fn plan(def: &mut Def) -> Result<Vec<StagePlan>, DefinitionError> {
 }
 
 /// Which stages run chained to their upstreams ([`chain::decide`] on each stage's facts).
-fn chain(def: &Def, plans: &mut [StagePlan], wired: &Wired, edges: &Edges) {
+fn chaining(def: &Def, plans: &mut [StagePlan], wired: &Wired, edges: &Edges) {
     let facts: Vec<chain::Facts> = (plans.iter().enumerate())
         .map(|(v, p)| chain::Facts {
             kind: p.def.node.kind(),
