@@ -426,3 +426,68 @@ impl<I: Item, O: Item> Item1<'_, I, O> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::StageStats;
+
+    fn timer() -> Timer {
+        Timer {
+            start: Instant::now(),
+            nested: Arc::default(),
+            nested0: 0,
+            run: 0,
+            len: 1,
+        }
+    }
+
+    #[test]
+    fn every_attempt_is_recorded_once_however_they_are_grouped() {
+        let stats = Arc::new(StageStats::default());
+        let mut rec = Recorder::owned(stats.clone());
+        let mut t = timer();
+        let readings = (0..1000).filter(|_| t.attempt(&mut rec).is_some()).count();
+        t.read(&mut rec);
+        drop(rec);
+        assert_eq!(stats.latency.lock().unwrap().len(), 1000);
+        assert!(readings < 1000, "fast attempts share readings ({readings})");
+    }
+
+    #[test]
+    fn slow_attempts_are_timed_one_by_one_and_the_chained_stages_time_is_left_out() {
+        let stats = Arc::new(StageStats::default());
+        let mut rec = Recorder::owned(stats.clone());
+        let mut t = timer();
+        t.restart(Instant::now());
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(2));
+            // A chained stage "spent" a second of it: left out (saturating at zero).
+            let spent = t.nested.load(Ordering::Relaxed) + 1_000_000_000;
+            t.nested.store(spent, Ordering::Relaxed);
+            // Its own time is nothing: not a slow attempt.
+            t.attempt(&mut rec);
+        }
+        t.read(&mut rec);
+        drop(rec);
+        let h = stats.latency.lock().unwrap();
+        assert_eq!(h.len(), 5);
+        assert_eq!(h.max(), 1, "the nested time is not the attempt's");
+        drop(h);
+        let stats = Arc::new(StageStats::default());
+        let mut rec = Recorder::owned(stats.clone());
+        let mut t = timer();
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(2));
+            assert!(t.attempt(&mut rec).is_some(), "a slow attempt ends its run");
+        }
+        drop(rec);
+        let h = stats.latency.lock().unwrap();
+        assert_eq!(h.len(), 5);
+        assert!(
+            h.min() >= 2_000_000,
+            "each at least its 2 ms sleep: {}",
+            h.min()
+        );
+    }
+}
