@@ -12,6 +12,11 @@
 //! its downstream idles after that run. Latencies and busy time are merged into the stage's
 //! statistics every 250 ms, and before the worker waits for input.
 //!
+//! Under `threads(n)` a worker takes `ready / 2n` items at a time (at least one), so a
+//! backlog of slow items is shared out, in smaller takes as it shrinks. A worker's taken
+//! items are outside the queue: the memory bound is the queue's capacity plus one take per
+//! worker.
+//!
 //! # Timing: items one by one while they are slow, in runs while they are fast
 //!
 //! A clock reading (the TSC, through `quanta`) costs about 40 ns on the 2-vCPU machine the
@@ -34,17 +39,11 @@
 //! queue (at the end of a batch, after `LINGER`, when 256 are held); while the upstream's
 //! items are slow (timed one by one), an item's first output at once, then its next 2, 4,
 //! ... up to 256 (`Router::hand_over`), so that the chained stage works on an output while
-//! the call that emitted it goes on. The chained worker
-//! handles them there, as a batch of its own: its own item indices, statistics, error policy,
-//! dead letters and router; the upstream's timing leaves out the time spent in it. When the
-//! upstream worker ends, the chained instance finishes and its router is dropped, so the
-//! chained stage's downstreams end exactly as they would after its own workers.
-
-//!
-//! Under `threads(n)` a worker takes `ready / 2n` items at a time (at least one), so a
-//! backlog of slow items is shared out, in smaller takes as it shrinks. A worker's taken
-//! items are outside the queue: the memory bound is the queue's capacity plus one take per
-//! worker.
+//! the call that emitted it goes on. The chained worker handles them there, as a batch of
+//! its own: its own item indices, statistics, error policy, dead letters and router; the
+//! upstream's timing leaves out the time spent in it. When the upstream worker ends, the
+//! chained instance finishes and its router is dropped, so the chained stage's downstreams
+//! end exactly as they would after its own workers.
 
 use crate::ctx::StageCtx;
 use crate::error::FailureKind;
