@@ -1,6 +1,8 @@
 //! W6 in-process: producer -> map +1 -> map *2 -> summing consumer, all inline and with
 //! threads(4) on the two middle stages, against a hand-written chain of 4 threads joined by
-//! crossbeam bounded(1000) channels doing the same work.
+//! crossbeam bounded(1000) channels doing the same work. Each minigun variant runs with
+//! chaining (the default: the middle stages and the consumer run on one thread, see
+//! `Pipeline::chaining`) and without it (one queue and one thread per stage, as before).
 
 use crate::common::{best_of_pair, progress, timed, Cfg, Row};
 use minigun::{Exec, Pipeline};
@@ -8,10 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-fn minigun_run(items: u64, exec: Exec) -> (Duration, u64) {
+fn minigun_run(items: u64, exec: Exec, chaining: bool) -> (Duration, u64) {
     let sum = Arc::new(AtomicU64::new(0));
     let s = sum.clone();
     let p = Pipeline::new("w6");
+    p.chaining(chaining);
     p.producer("gen", move |out| {
         for i in 0..items {
             out.emit(i)?;
@@ -64,9 +67,11 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
     let mut rows = Vec::new();
     let mut chain_best: Option<Duration> = None;
     let mut ours = Vec::new();
-    for (exec, workers, variant) in [
-        (Exec::inline(), 1, "all stages inline"),
-        (Exec::threads(4), 4, "threads(4) on the middle stages"),
+    for (exec, workers, chaining, variant) in [
+        (Exec::inline(), 1, true, "all stages inline"),
+        (Exec::inline(), 1, false, "all stages inline, chaining off"),
+        (Exec::threads(4), 4, true, "threads(4) on the middle stages"),
+        (Exec::threads(4), 4, false, "threads(4), chaining off"),
     ] {
         progress(format!(
             "W6 hand-written crossbeam chain and minigun {variant}, alternately"
@@ -75,7 +80,7 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
         let ((chain_wall, chain_sum), (wall, sum)) = best_of_pair(
             cfg.reps,
             || chain_run(items),
-            || minigun_run(items, exec.clone()),
+            || minigun_run(items, exec.clone(), chaining),
         );
         assert_eq!(chain_sum, expect, "W6 chain: wrong sum");
         assert_eq!(sum, expect, "W6 minigun: wrong sum");

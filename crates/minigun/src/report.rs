@@ -19,6 +19,8 @@ pub(crate) struct StageInfo {
     pub(crate) capacity: Option<Capacity>,
     /// Items end here (see [`RunReport::consumed`]).
     pub(crate) sink: bool,
+    /// The stage it ran chained to.
+    pub(crate) chained_to: Option<String>,
 }
 
 /// Latency percentiles of one stage, in microseconds (per attempt, measured where the stage
@@ -85,6 +87,10 @@ pub struct StageReport {
     pub queue_high_water: usize,
     /// For a remote stage: its workers and the broker's counters.
     pub remote: Option<RemoteReport>,
+    /// The stage it ran chained to: on that stage's threads, called with what it emitted,
+    /// with no queue between them (so `queue_capacity` is `None` and the high-water mark
+    /// 0). See [`Pipeline::chaining`](crate::Pipeline::chaining).
+    pub chained_to: Option<String>,
 }
 
 /// What a remote stage's workers and broker did.
@@ -302,6 +308,7 @@ fn stage_report(info: &StageInfo) -> StageReport {
         },
         queue_high_water: st.queue_high_water.load(Ordering::Relaxed),
         remote: st.remote.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        chained_to: info.chained_to.clone(),
     }
 }
 
@@ -375,6 +382,11 @@ impl fmt::Display for RunReport {
         }
         if let Some(b) = &self.bottleneck {
             writeln!(f, "  bottleneck: {b} (*)")?;
+        }
+        for s in &self.stages {
+            if let Some(up) = &s.chained_to {
+                writeln!(f, "  {}: chained to {up} (no queue between them)", s.name)?;
+            }
         }
         for s in self.stages.iter().filter(|s| s.recycled_workers > 0) {
             writeln!(f, "  {}: {} workers recycled", s.name, s.recycled_workers)?;

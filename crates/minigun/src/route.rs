@@ -25,7 +25,7 @@ use crate::queue::{FanOut, QueueTx};
 use crate::stage::{Item, Routed, Sink, TypeInfo, Wire};
 use crate::stats::StageStats;
 use std::any::Any;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// Serialisation of a route's item type, for routing from fork children.
@@ -138,10 +138,39 @@ impl Routes {
     }
 }
 
-/// The outgoing side of a stage: its downstream queues and the fan-out rule.
+/// A stage chained to its upstream (see `link::chain`), as one worker of the upstream holds
+/// it: the downstream stage's worker, called on the upstream's thread with the items the
+/// upstream emitted instead of a queue between them.
+pub(crate) trait Link<O>: Send {
+    /// Handles the items (emptying `items`) with the chained stage's own statistics, error
+    /// policy and router; returns how long that took, in nanoseconds (the upstream's own
+    /// timing leaves it out).
+    fn handle(&mut self, items: &mut Vec<O>) -> u64;
+    /// The upstream worker has ended: the chained instance finishes and sends what it holds.
+    fn finish(&mut self);
+}
+
+/// Makes one chained worker per worker of the upstream stage (each `threads(n)` worker of
+/// the upstream gets its own instance of the chained stage).
+pub(crate) type MakeLink<O> = Arc<dyn Fn() -> Box<dyn Link<O>> + Send + Sync>;
+
+/// The outgoing side of a stage: its downstream queues and the fan-out rule, or the stage
+/// chained to it.
 /// Each worker holds its own clone; dropping the last clone ends the downstream streams.
 pub(crate) struct Router<O> {
     pub(crate) outs: Vec<QueueTx<O>>,
+    /// The stage chained to this one (then `outs` is empty): a batched router makes its own
+    /// instance of it ([`Router::batched`]).
+    chain: Option<MakeLink<O>>,
+    /// This worker's instance of the chained stage. Only touched through `&mut self`; the
+    /// mutex makes the router `Sync`.
+    link: Option<std::sync::Mutex<Box<dyn Link<O>>>>,
+    /// Nanoseconds spent in the chained stage so far (see [`Router::nested`]); written by
+    /// this router's worker only.
+    nested: Arc<AtomicU64>,
+    /// While a worker's items are slow ([`Router::hand_over`]), how many held items make the
+    /// next hand-over to the chained stage (0: none before the flush).
+    hand_over_at: usize,
     mode: FanOut,
     rr: Arc<AtomicUsize>,
     stats: Arc<StageStats>,
@@ -153,12 +182,18 @@ pub(crate) struct Router<O> {
     /// Only touched through `&mut self` (`get_mut`, no locking); the mutex makes the router
     /// `Sync` for items that are only `Send`.
     pending: Option<std::sync::Mutex<Vec<Vec<O>>>>,
-    /// Items emitted in batched mode and not yet added to `items_out` (added by `flush`).
+    /// Items emitted and not yet added to `items_out`: held in batched mode (added by
+    /// `flush`), or sent through `Sink::send` by an unbatched router (added every
+    /// [`COUNT_EVERY`] and when dropped).
     held_out: u64,
     /// Batched mode sends at once to a downstream asleep waiting (in-process workers, whose
     /// stage code may run long between flushes); a fork supervisor flushes after each read.
     eager: bool,
 }
+
+/// An unbatched router adds what it sent through `Sink::send` to `items_out` once this
+/// many were sent (and when it is dropped).
+const COUNT_EVERY: u64 = 64;
 
 /// A batched router sends an output's items once this many wait.
 const MAX_PENDING: usize = 256;
@@ -190,6 +225,13 @@ impl<O> Clone for Router<O> {
     fn clone(&self) -> Self {
         Router {
             outs: self.outs.clone(),
+            chain: self.chain.clone(),
+            // A batched clone holds items for its own instance of the chained stage.
+            link: (self.pending.as_ref())
+                .and(self.chain.as_ref())
+                .map(|make| std::sync::Mutex::new(make())),
+            nested: Arc::default(),
+            hand_over_at: 0,
             mode: self.mode,
             rr: self.rr.clone(),
             stats: self.stats.clone(),
@@ -198,7 +240,7 @@ impl<O> Clone for Router<O> {
             pending: self
                 .pending
                 .as_ref()
-                .map(|_| std::sync::Mutex::new(self.outs.iter().map(|_| Vec::new()).collect())),
+                .map(|_| std::sync::Mutex::new(self.lists())),
             held_out: 0,
             eager: self.eager,
         }
@@ -206,19 +248,63 @@ impl<O> Clone for Router<O> {
 }
 
 impl<O> Router<O> {
+    /// One empty list of held items per output (the chained stage is the only output).
+    fn lists(&self) -> Vec<Vec<O>> {
+        let n = self.outs.len() + usize::from(self.chain.is_some());
+        (0..n).map(|_| Vec::new()).collect()
+    }
+
     /// Sends every held item; `Ok(true)` if there were any. `Err` counts the items closed
     /// downstreams (an aborting run) did not take, once per refusing downstream.
+    ///
+    /// With a chained stage, sending is calling it: it handles the items on this thread
+    /// before `flush` returns.
     pub(crate) fn flush(&mut self) -> Result<bool, u64> {
-        let Some(pending) = self.pending.as_mut() else {
+        if self.pending.is_none() {
             return Ok(false);
-        };
+        }
+        self.count_out();
+        let pending = self.pending.as_mut().expect("batched router");
+        let pending = pending.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(link) = self.link.as_mut() {
+            let items = &mut pending[0];
+            if items.is_empty() {
+                return Ok(false);
+            }
+            let link = link.get_mut().unwrap_or_else(|e| e.into_inner());
+            let ns = link.handle(items);
+            // One writer: a plain store, no read-modify-write.
+            let total = self.nested.load(Ordering::Relaxed) + ns;
+            self.nested.store(total, Ordering::Relaxed);
+            return Ok(true);
+        }
+        Self::send_held(&self.outs, pending)
+    }
+
+    /// Adds the items sent or held since the last count to the stage's `items_out`.
+    fn count_out(&mut self) {
         if self.held_out > 0 {
             self.stats
                 .items_out
                 .fetch_add(std::mem::take(&mut self.held_out), Ordering::Relaxed);
         }
-        let pending = pending.get_mut().unwrap_or_else(|e| e.into_inner());
-        Self::send_held(&self.outs, pending)
+    }
+
+    /// Counts the nanoseconds this router's chained stage has spent handling items so far
+    /// (zero without one): a worker leaves what accrued during its items out of their time.
+    pub(crate) fn nested(&self) -> Arc<AtomicU64> {
+        self.nested.clone()
+    }
+
+    /// The worker ends: sends what it holds, then the chained stage's instance finishes and
+    /// is dropped (dropping its router, which ends its downstreams once every instance has).
+    pub(crate) fn finish_chain(&mut self) -> Result<bool, u64> {
+        let sent = self.flush();
+        if let Some(link) = self.link.take() {
+            let mut link = link.into_inner().unwrap_or_else(|e| e.into_inner());
+            link.finish();
+        }
+        sent
     }
 
     fn send_held(outs: &[QueueTx<O>], pending: &mut [Vec<O>]) -> Result<bool, u64> {
@@ -241,6 +327,8 @@ impl<O> Drop for Router<O> {
     fn drop(&mut self) {
         // Workers flush before they end; this only matters if one unwinds past its flush.
         let _ = self.flush();
+        // What an unbatched router sent through `Sink::send` since it last counted.
+        self.count_out();
     }
 }
 
@@ -248,6 +336,10 @@ impl<O: Clone> Router<O> {
     pub(crate) fn new(outs: Vec<QueueTx<O>>, mode: FanOut, stats: Arc<StageStats>) -> Self {
         Router {
             outs,
+            chain: None,
+            link: None,
+            nested: Arc::default(),
+            hand_over_at: 0,
             mode,
             rr: Arc::new(AtomicUsize::new(0)),
             stats,
@@ -263,10 +355,29 @@ impl<O: Clone> Router<O> {
     /// held and sent in batches (one queue lock per batch instead of one per item): at once
     /// when a downstream is asleep waiting, when 256 are held, and by the worker (see
     /// `exec::local`) when it has handled the items it took and every 100 us while busy.
+    ///
+    /// With a chained stage, this is where the worker's own instance of it is made.
     pub(crate) fn batched(mut self) -> Self {
-        self.pending = Some(std::sync::Mutex::new(
-            self.outs.iter().map(|_| Vec::new()).collect(),
-        ));
+        self.pending = Some(std::sync::Mutex::new(self.lists()));
+        if let Some(make) = &self.chain {
+            self.link = Some(std::sync::Mutex::new(make()));
+        }
+        self
+    }
+
+    /// The worker starts an item (`slow`: its items are timed one by one). The chained
+    /// stage, if any, is idle while this worker's stage code runs; so while items are slow,
+    /// the first output of an item is handed over at once, then the next 2, 4, ... up to
+    /// 256: the chained stage works on an output while the call that emitted it goes on,
+    /// and a call that emits many outputs hands them over in a few batches, not one by one.
+    pub(crate) fn hand_over(&mut self, slow: bool) {
+        self.hand_over_at = usize::from(slow && self.link.is_some());
+    }
+
+    /// A router whose only output is a stage chained to this one.
+    pub(crate) fn chained(mut self, make: MakeLink<O>) -> Self {
+        debug_assert!(self.outs.is_empty(), "a chained stage is the only output");
+        self.chain = Some(make);
         self
     }
 
@@ -293,9 +404,15 @@ impl<O: Clone> Router<O> {
             .get_mut()
             .unwrap_or_else(|e| e.into_inner());
         let full = push_held(pending, self.mode, &self.rr, item);
+        // A chained stage waits for nothing but this thread: see `hand_over`.
+        let hand_over = self.hand_over_at > 0 && pending[0].len() >= self.hand_over_at;
+        if hand_over {
+            self.hand_over_at = (self.hand_over_at * 2).min(MAX_PENDING);
+        }
         // Send now when the batch is full, or when a downstream is asleep waiting for items
         // (it would gain nothing from the wait; a busy one takes the batch later).
-        if full || self.eager && self.outs.iter().any(|q| q.awaited()) {
+        let idle = |q: &QueueTx<O>| q.awaited();
+        if full || self.eager && (hand_over || self.outs.iter().any(idle)) {
             // Every downstream gone: the run is aborting; the emit says so.
             if self.flush().is_err() && self.outs.iter().all(|q| q.is_closed()) {
                 return Err(EmitError::Closed);
@@ -334,16 +451,21 @@ impl<O: Clone> Router<O> {
 
     /// Sends an item at once (an unbatched router; a batched one holds through `Sink::send`).
     pub(crate) fn route(&self, item: O) -> Result<(), EmitError> {
-        if let Some(stop) = &self.stop {
-            if stop.load(Ordering::Relaxed) {
-                return Err(EmitError::Stopped);
-            }
-        }
+        self.check_stop()?;
+        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
+        self.deliver(item)
+    }
+
+    /// Sends an item at once, already counted.
+    fn deliver(&self, item: O) -> Result<(), EmitError> {
         debug_assert!(
             self.pending.is_none(),
             "a batched router sends through `Sink::send`"
         );
-        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
+        debug_assert!(
+            self.chain.is_none(),
+            "a chained stage is called by a batched router"
+        );
         match (self.outs.len(), self.mode) {
             (0, _) => Ok(()),
             (1, _) => self.outs[0].send(item).map_err(|_| EmitError::Closed),
@@ -372,7 +494,14 @@ impl<O: Clone> Sink<O> for Router<O> {
         if self.pending.is_some() {
             return self.hold(item);
         }
-        Router::route(&*self, item)
+        // An unbatched router (a producer's) counts what it sends every 64 items and when
+        // it is dropped, not with one shared update per item.
+        self.check_stop()?;
+        self.held_out += 1;
+        if self.held_out >= COUNT_EVERY {
+            self.count_out();
+        }
+        self.deliver(item)
     }
     fn route(&mut self, target: &str, item: Routed) -> Result<(), EmitError> {
         self.route_dynamic(target, item)

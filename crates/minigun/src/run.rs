@@ -48,6 +48,10 @@ pub(crate) struct PlannedStage {
     pub(crate) sink: bool,
     pub(crate) before: Vec<OnceHook>,
     pub(crate) after: Vec<OnceHook>,
+    /// The stage it runs chained to (see `link::chain`), for the report.
+    pub(crate) chained_to: Option<String>,
+    /// The position of the first stage of its chain, whose driver thread runs it.
+    pub(crate) chain_head: Option<usize>,
     pub(crate) task: Box<dyn Task>,
 }
 
@@ -160,16 +164,30 @@ impl Runnable {
                 kind: st.kind,
                 capacity: st.capacity,
                 sink: st.sink,
+                chained_to: st.chained_to.clone(),
             });
             tasks.push(st);
         }
+        // A chained stage runs on the driver thread of the first stage of its chain (which
+        // comes before it in the planned order).
+        let mut groups: Vec<(PlannedStage, Vec<PlannedStage>)> = Vec::new();
+        let mut at = vec![usize::MAX; tasks.len()];
+        for (k, st) in tasks.into_iter().enumerate() {
+            match st.chain_head {
+                Some(h) => groups[at[h]].1.push(st),
+                None => {
+                    at[k] = groups.len();
+                    groups.push((st, Vec::new()));
+                }
+            }
+        }
         std::thread::scope(|s| {
-            let drivers: Vec<_> = tasks
+            let drivers: Vec<_> = groups
                 .into_iter()
-                .map(|st| {
+                .map(|(st, chained)| {
                     std::thread::Builder::new()
                         .name(format!("minigun:{}", st.ctx.name))
-                        .spawn_scoped(s, move || drive(st))
+                        .spawn_scoped(s, move || drive(st, chained))
                         .expect("spawn stage driver thread")
                 })
                 .collect();
@@ -217,8 +235,12 @@ impl Runnable {
     }
 }
 
-/// One stage's driver thread: hooks, then the task.
-fn drive(st: PlannedStage) {
+/// One stage's driver thread: hooks, then the task; with the stages chained to it
+/// (`chained`, in chain order), their hooks too, each stage's after its upstream's.
+///
+/// A chained stage whose `before` hook fails cannot start, and neither can its chain: the
+/// first stage's queue is drained as cancelled (the run aborts).
+fn drive(st: PlannedStage, chained: Vec<PlannedStage>) {
     let PlannedStage {
         ctx,
         before,
@@ -226,19 +248,37 @@ fn drive(st: PlannedStage) {
         task,
         ..
     } = st;
-    ctx.stats.mark_started();
-    if ctx.run.aborting() {
-        task.abandon();
-    } else if let Err(m) = hooks::run_once(before, "before") {
-        ctx.stage_failed(FailureKind::Start, m);
-        task.abandon();
-    } else {
-        task.run();
-        if let Err(m) = hooks::run_once(after, "after") {
-            ctx.stage_failed(FailureKind::Error, m);
-        }
+    let mut stages = vec![(ctx, before, after)];
+    stages.extend(chained.into_iter().map(|c| (c.ctx, c.before, c.after)));
+    for (ctx, ..) in &stages {
+        ctx.stats.mark_started();
     }
-    ctx.stats.mark_finished();
+    let head = &stages[0].0;
+    let mut started = !head.run.aborting();
+    let mut afters = Vec::with_capacity(stages.len());
+    for (ctx, before, after) in stages.iter_mut().map(|(c, b, a)| (&*c, b, a)) {
+        let before = std::mem::take(before);
+        if started {
+            if let Err(m) = hooks::run_once(before, "before") {
+                ctx.stage_failed(FailureKind::Start, m);
+                started = false;
+            }
+        }
+        afters.push(std::mem::take(after));
+    }
+    if started {
+        task.run();
+        for ((ctx, ..), after) in stages.iter().zip(afters) {
+            if let Err(m) = hooks::run_once(after, "after") {
+                ctx.stage_failed(FailureKind::Error, m);
+            }
+        }
+    } else {
+        task.abandon();
+    }
+    for (ctx, ..) in &stages {
+        ctx.stats.mark_finished();
+    }
 }
 
 /// A pipeline running in the background.

@@ -86,6 +86,7 @@ impl RunShared {
             let _ = rustix::io::write(w, &[1]);
         }
     }
+    #[inline]
     pub(crate) fn aborting(&self) -> bool {
         self.abort.load(Ordering::Relaxed)
     }

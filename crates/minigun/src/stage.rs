@@ -217,9 +217,11 @@ pub(crate) fn guarded<T>(f: impl FnOnce() -> StageResult<T>) -> Result<T, Caught
 /// caught as a [`FailureKind::Panic`] with its message and location, kept off stderr.
 pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, Caught> {
     install_panic_hook();
-    IN_STAGE.with(|c| c.set(true));
+    // Stage code may call stage code (a chained stage runs inside its upstream's emit): the
+    // outer call is still in stage code when the inner one returns.
+    let outer = IN_STAGE.with(|c| c.replace(true));
     let r = panic::catch_unwind(AssertUnwindSafe(f));
-    IN_STAGE.with(|c| c.set(false));
+    IN_STAGE.with(|c| c.set(outer));
     r.map_err(|payload| {
         let msg = LAST_PANIC
             .with(|p| p.borrow_mut().take())
@@ -266,6 +268,7 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
+#[inline]
 pub(crate) fn install_panic_hook() {
     static HOOK: Once = Once::new();
     HOOK.call_once(|| {

@@ -186,9 +186,26 @@ pub(crate) fn rss_bytes(pid: u32) -> u64 {
         .map_or(0, |pages| pages * 4096)
 }
 
+/// The statistics a [`Recorder`] writes into: borrowed from the stage, or owned by a worker
+/// that outlives any borrow (a chained stage's worker, owned by its upstream's router).
+enum StatsRef<'a> {
+    Borrowed(&'a StageStats),
+    Owned(std::sync::Arc<StageStats>),
+}
+
+impl std::ops::Deref for StatsRef<'_> {
+    type Target = StageStats;
+    fn deref(&self) -> &StageStats {
+        match self {
+            StatsRef::Borrowed(s) => s,
+            StatsRef::Owned(s) => s,
+        }
+    }
+}
+
 /// A worker's view of its stage statistics: local histogram, shared counters.
 pub(crate) struct Recorder<'a> {
-    stats: &'a StageStats,
+    stats: StatsRef<'a>,
     local: Histogram<u64>,
     busy_ns: u64,
     /// The TSC clock (`quanta`): workers time every item with it.
@@ -203,6 +220,10 @@ const MERGE_IDLE: Duration = Duration::from_millis(10);
 
 impl<'a> Recorder<'a> {
     pub(crate) fn new(stats: &'a StageStats) -> Self {
+        Self::with(StatsRef::Borrowed(stats))
+    }
+
+    fn with(stats: StatsRef<'a>) -> Self {
         Recorder {
             stats,
             local: new_histogram(),
@@ -211,10 +232,19 @@ impl<'a> Recorder<'a> {
         }
     }
 
-    /// Records an attempt that started at `start` and ended at `end` (also its busy time).
-    pub(crate) fn attempt(&mut self, start: quanta::Instant, end: quanta::Instant) {
-        let ns = end.duration_since(start).as_nanos() as u64;
-        self.record(ns, ns, end);
+    /// Records `n` attempts that together took `ns` of stage code (their busy time), each at
+    /// the mean (a run of fast items timed together, see `exec::local`); `now` is the clock
+    /// reading that ended the run.
+    pub(crate) fn run(&mut self, ns: u64, n: u64, now: quanta::Instant) {
+        if n == 0 {
+            return;
+        }
+        self.local.saturating_record_n((ns / n).max(1), n);
+        self.busy_ns += ns;
+        if now.saturating_duration_since(self.merged) >= MERGE_AFTER {
+            self.merged = now;
+            self.publish();
+        }
     }
 
     /// Records an attempt's latency in stage code and the wall time its worker was occupied
@@ -262,6 +292,13 @@ impl<'a> Recorder<'a> {
             .fetch_add(self.busy_ns, Ordering::Relaxed);
         self.busy_ns = 0;
         self.stats.merge(&mut self.local);
+    }
+}
+
+impl Recorder<'static> {
+    /// A recorder that holds its stage's statistics itself.
+    pub(crate) fn owned(stats: std::sync::Arc<StageStats>) -> Self {
+        Self::with(StatsRef::Owned(stats))
     }
 }
 

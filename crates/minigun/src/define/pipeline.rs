@@ -112,6 +112,30 @@ impl Pipeline {
         self
     }
 
+    /// Whether consecutive in-process stages may run chained: a stage whose only input is
+    /// its upstream's only output, on the same number of threads (both `inline`, or both
+    /// `threads(n)`), then runs on its upstream's threads with no queue between them (the
+    /// rule is in the `link::chain` module docs; per-stage statistics, error policies and
+    /// hooks keep their meaning). Default: on. Off for every pipeline of the process when
+    /// the environment variable `MINIGUN_NO_CHAIN` is set; off for one stage with
+    /// [`StageRef::chain`](crate::StageRef::chain). The report says which stages ran
+    /// chained ([`StageReport::chained_to`](crate::StageReport::chained_to)).
+    ///
+    /// ```
+    /// use minigun::Pipeline;
+    /// let p = Pipeline::new("apart");
+    /// p.producer("gen", |out| out.emit_all(0..10u64).map_err(Into::into));
+    /// p.map("inc", |x: u64| Ok(x + 1));
+    /// p.consumer("sink", |_: u64| Ok(()));
+    /// p.chaining(false);
+    /// let report = p.run().unwrap();
+    /// assert_eq!(report.stage("sink").unwrap().chained_to, None);
+    /// ```
+    pub fn chaining(&self, on: bool) -> &Self {
+        self.def.borrow_mut().no_chaining = !on;
+        self
+    }
+
     /// Whether fork stages put the parent's heap into transparent huge pages before they
     /// first fork, for every fork stage without its own setting
     /// ([`Exec::huge_pages`](crate::Exec::huge_pages)). Default:
@@ -282,6 +306,7 @@ impl Pipeline {
             entry: false,
             rerouted: false,
             declared_total: None,
+            no_chain: false,
             name,
             node,
             from: Vec::new(),

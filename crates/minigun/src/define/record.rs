@@ -71,6 +71,8 @@ pub(crate) struct StageDef {
     pub(crate) entry: bool,
     pub(crate) rerouted: bool,
     pub(crate) declared_total: Option<u64>,
+    /// Neither chained to its upstream nor its downstream to it (see `link::chain`).
+    pub(crate) no_chain: bool,
 }
 
 /// A whole definition: the stages, sub-pipelines, settings and hooks of one pipeline.
@@ -98,6 +100,8 @@ pub(crate) struct Def {
     pub(crate) keep_failures: Option<usize>,
     /// The pipeline's huge-page setting for fork stages (`None`: each stage's default).
     pub(crate) huge_pages: Option<crate::huge::HugePages>,
+    /// Stages are never chained to their upstreams (see `link::chain`).
+    pub(crate) no_chaining: bool,
 }
 
 /// What a stage's types can cross, as its serde-bounded handle methods recorded it.

@@ -245,7 +245,16 @@ impl<I, O> StageRef<I, O> {
         self.this()
     }
 
-    /// This stage's input queue capacity.
+    /// Whether this stage may be chained (default: yes, see
+    /// [`Pipeline::chaining`](crate::Pipeline::chaining)): with `false` it keeps its own
+    /// queue and threads, and no downstream is chained to it.
+    pub fn chain(&self, on: bool) -> Self {
+        self.with("chain", |s| s.no_chain = !on);
+        self.this()
+    }
+
+    /// This stage's input queue capacity. A stage with a capacity of its own is never
+    /// chained to its upstream (it keeps its queue).
     pub fn capacity(&self, cap: Capacity) -> Self {
         self.with("capacity", |s| s.capacity = Some(cap));
         self.this()

@@ -26,13 +26,19 @@ pub(crate) struct Parts<I, O, F = Factory<I, O>> {
 
 /// Sends a failed item to the stage's dead-letter stage.
 pub(crate) fn dead_letter<I, O, F>(parts: &Parts<I, O, F>, item: I, failure: ItemFailure) {
-    if let Some(dl) = &parts.dead_letter {
+    dead_letter_to(&parts.ctx, parts.dead_letter.as_ref(), item, failure);
+}
+
+/// Sends a failed item to a dead-letter sender of the stage of `ctx`, if it has one.
+pub(crate) fn dead_letter_to<I>(
+    ctx: &StageCtx,
+    dl: Option<&QueueTx<Failed<I>>>,
+    item: I,
+    failure: ItemFailure,
+) {
+    if let Some(dl) = dl {
         if dl.send(Failed { item, failure }).is_ok() {
-            parts
-                .ctx
-                .stats
-                .dead_lettered
-                .fetch_add(1, Ordering::Relaxed);
+            ctx.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

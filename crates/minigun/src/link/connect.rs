@@ -33,6 +33,11 @@ pub(super) fn queues(
 ) -> Vec<Option<crate::loops::Closer>> {
     let mut closers = Vec::with_capacity(plans.len());
     for (v, plan) in plans.iter_mut().enumerate() {
+        if plan.chained_to.is_some() {
+            // Its upstream's router calls it: no queue.
+            closers.push(None);
+            continue;
+        }
         let in_loop = wired.loops.iter().any(|m| m.contains(&v));
         let capacity = match in_loop {
             true => Capacity::Unbounded,
@@ -93,6 +98,10 @@ pub(super) fn senders(plans: &mut [StagePlan], wired: &Wired, edges: &Edges) {
         (maker.expect("a stage fed by an edge has a queue"))(membership)
     };
     for &(u, v) in &wired.edges {
+        if plans[v].chained_to == Some(u) {
+            // The edge is the chain (made when the tasks are).
+            continue;
+        }
         let tx = sender(plans, u, v);
         plans[u].outputs.push(tx);
     }

@@ -10,10 +10,14 @@
 //!    routing loops, sub-pipeline entries and exits (pure, tested exhaustively there);
 //! 4. `check_types`: every edge's item types, by `TypeId`;
 //! 5. `plan`: each stage's executor ([`exec::plan`](crate::exec::plan)) and own settings;
-//! 6. [`connect`]: queues, routing loops' work counters, one sender per edge;
-//! 7. `tasks`: each node becomes its task, in topological order, with the edges live views
-//!    draw.
+//! 6. [`chain`]: which stages run chained to their upstreams (a pure rule, tested
+//!    exhaustively there);
+//! 7. [`connect`]: queues, routing loops' work counters, one sender per edge (a chained
+//!    stage has no queue: its edge is its upstream's router calling it);
+//! 8. `tasks`: each node becomes its task, in reverse topological order so that a chained
+//!    stage is ready for its upstream, with the edges live views draw.
 
+pub(crate) mod chain;
 mod collect;
 mod connect;
 pub(crate) mod graph;
@@ -28,7 +32,7 @@ use crate::exec::runner::{self, ForkHooks};
 use crate::exec::Exec;
 use crate::hooks::ForkHook;
 use crate::loops::Loop;
-use crate::node::{ServeWiring, Wiring};
+use crate::node::{ChainedTask, ServeWiring, Wiring};
 use crate::remote::worker::Served;
 use crate::route::{RouteEntry, Routes};
 use crate::run::{PlannedStage, Runnable};
@@ -55,6 +59,8 @@ pub(crate) struct StagePlan {
     routes: Vec<RouteEntry>,
     /// Under `threads(n)`, emit in input order (see [`collect::keep_order`]).
     in_order: bool,
+    /// The upstream it runs chained to (see [`chain`]).
+    chained_to: Option<usize>,
 }
 
 /// Checks the definition and links it into something that runs.
@@ -67,6 +73,7 @@ pub(crate) fn build(mut def: Def) -> Result<Runnable, DefinitionError> {
     if let Some(sink) = def.keep_order {
         collect::keep_order(&mut plans, &wired, &edges, sink)?;
     }
+    chaining(&def, &mut plans, &wired, &edges);
     let closers = connect::queues(&mut plans, &wired, def.default_capacity);
     let loops = connect::loops(&mut plans, &wired, closers);
     connect::senders(&mut plans, &wired, &edges);
@@ -234,9 +241,34 @@ fn plan(def: &mut Def) -> Result<Vec<StagePlan>, DefinitionError> {
             dead_letter: None,
             routes: Vec::new(),
             in_order: false,
+            chained_to: None,
         });
     }
     Ok(plans)
+}
+
+/// Which stages run chained to their upstreams ([`chain::decide`] on each stage's facts).
+fn chaining(def: &Def, plans: &mut [StagePlan], wired: &Wired, edges: &Edges) {
+    let facts: Vec<chain::Facts> = (plans.iter().enumerate())
+        .map(|(v, p)| chain::Facts {
+            kind: p.def.node.kind(),
+            threads: chain::Facts::threads_of(&p.exec),
+            in_order: p.in_order,
+            own_capacity: p.def.capacity.is_some(),
+            opted_out: p.def.no_chain,
+            in_loop: wired.loops.iter().any(|m| m.contains(&v)),
+            routes_out: !p.def.routes.is_empty(),
+            side_in: edges.routes.iter().any(|&(_, b, _)| b == v)
+                || edges.dead.iter().any(|&(_, b)| b == v),
+        })
+        .collect();
+    let on = !def.no_chaining && chain::enabled_by_env();
+    for (p, to) in plans
+        .iter_mut()
+        .zip(chain::decide(on, &facts, &wired.edges))
+    {
+        p.chained_to = to;
+    }
 }
 
 /// The stage's own settings that are not executors fit its kind: `max_wait` on accumulators
@@ -359,7 +391,10 @@ fn stage_fork_hooks(def: &Def, s: &StageDef) -> ForkHooks {
     }
 }
 
-/// Each plan becomes its stage's task, in topological order.
+/// Each plan becomes its stage's task, in topological order. A stage chained to its
+/// upstream becomes what the upstream's router calls instead, so the nodes are turned in
+/// reverse topological order: a chained stage (and what is chained to it) is ready before
+/// its upstream's router is made.
 fn tasks(
     def: &Def,
     plans: Vec<StagePlan>,
@@ -367,6 +402,20 @@ fn tasks(
     edges: &Edges,
     run: &Arc<RunShared>,
 ) -> Vec<PlannedStage> {
+    let mut pos = vec![0; wired.order.len()];
+    for (k, &v) in wired.order.iter().enumerate() {
+        pos[v] = k;
+    }
+    let ups: Vec<Option<usize>> = plans.iter().map(|p| p.chained_to).collect();
+    let names: Vec<String> = plans.iter().map(|p| p.def.name.clone()).collect();
+    // The first stage of the chain a stage is in, as a position in the planned order.
+    let head = |mut v: usize| {
+        while let Some(u) = ups[v] {
+            v = u;
+        }
+        pos[v]
+    };
+    let mut parts: Vec<Option<(StageDef, Wiring)>> = Vec::with_capacity(plans.len());
     let mut slots: Vec<Option<PlannedStage>> = Vec::with_capacity(plans.len());
     for (v, p) in plans.into_iter().enumerate() {
         let StagePlan {
@@ -379,6 +428,7 @@ fn tasks(
             dead_letter,
             routes,
             in_order,
+            chained_to,
         } = p;
         let ctx = Arc::new(StageCtx {
             name: s.name.clone(),
@@ -407,6 +457,7 @@ fn tasks(
             crossing: s.crossing.take().map(|c| c.typed),
             max_wait: s.max_wait,
             in_order,
+            chain: None,
         };
         // A sink: where items end (not a dead-letter stage, which takes failed items, and
         // not a stage that routes items on).
@@ -420,8 +471,24 @@ fn tasks(
             sink,
             before: std::mem::take(&mut s.hooks.before),
             after: std::mem::take(&mut s.hooks.after),
-            task: s.node.into_task(wiring),
+            chained_to: chained_to.map(|u| names[u].clone()),
+            chain_head: chained_to.map(|_| head(v)),
+            task: Box::new(ChainedTask),
         }));
+        parts.push(Some((s, wiring)));
+    }
+    let mut links: Vec<Option<Erased>> = (0..parts.len()).map(|_| None).collect();
+    for &v in wired.order.iter().rev() {
+        let (s, mut wiring) = parts[v].take().expect("each stage turned once");
+        wiring.chain = links[v].take();
+        let slot = slots[v].as_mut().expect("each stage planned once");
+        match ups[v] {
+            Some(u) => {
+                let link = s.node.into_link(wiring);
+                links[u] = Some(link.expect("the rule chains processors only"));
+            }
+            None => slot.task = s.node.into_task(wiring),
+        }
     }
     let order = wired.order.iter();
     order

@@ -21,7 +21,7 @@ use crate::policy::OnError;
 use crate::queue::{self, Capacity, FanOut, QueueTx};
 use crate::remote::worker::Served;
 use crate::remote::Remote;
-use crate::route::{Router, Routes};
+use crate::route::{MakeLink, Router, Routes};
 use crate::stage::{Item, StageKind, TypeInfo};
 use crate::stats::StageStats;
 use std::sync::Arc;
@@ -50,6 +50,8 @@ pub(crate) struct Wiring {
     /// A processor under `threads(n)` emits in input order (its results are collected in
     /// input order).
     pub(crate) in_order: bool,
+    /// The stage chained to this one (a `MakeLink<O>`, see `link::chain`): its only output.
+    pub(crate) chain: Option<Erased>,
 }
 
 /// A running stage: `prepare` runs for every stage, in order, on the run's thread before any
@@ -80,6 +82,11 @@ pub(crate) trait Node: Send {
         Ok(())
     }
     fn into_task(self: Box<Self>, w: Wiring) -> Box<dyn Task>;
+    /// The stage chained to its upstream: what the upstream's router calls instead of
+    /// sending to a queue (a `MakeLink<I>`). Only processors chain (see `link::chain`).
+    fn into_link(self: Box<Self>, _w: Wiring) -> Option<Erased> {
+        None
+    }
     /// The worker side of a remote stage (processors whose types cross a process only).
     fn into_served(self: Box<Self>, _w: ServeWiring) -> Option<Box<dyn Served>> {
         None
@@ -105,7 +112,19 @@ fn router<O: Item>(w: &mut Wiring) -> Router<O> {
         .collect();
     let mut router = Router::new(outs, w.fanout, w.ctx.stats.clone());
     router.routes = std::mem::take(&mut w.routes);
-    router
+    match w.chain.take() {
+        Some(link) => router.chained(take::<MakeLink<O>>(link)),
+        None => router,
+    }
+}
+
+/// What a chained stage's place in the run is: no queue, no thread, nothing to run (its
+/// upstream's workers run it, see `link::chain`); its hooks run on its chain's thread.
+pub(crate) struct ChainedTask;
+
+impl Task for ChainedTask {
+    fn run(self: Box<Self>) {}
+    fn abandon(self: Box<Self>) {}
 }
 
 /// A new input queue of items `I`.

@@ -3,7 +3,7 @@
 
 use super::{queue_for, router, Node, QueueEnds, ServeWiring, Task, Wiring};
 use crate::ctx::StageCtx;
-use crate::erased::take;
+use crate::erased::{take, Erased};
 use crate::exec::parts::{drain, Parts};
 use crate::exec::runner::{Crossing, PreparedRun, Runner};
 use crate::queue::{Capacity, QueueTx, Receiver};
@@ -28,6 +28,10 @@ pub(crate) trait StageCode<I, O>: Send + Sized + 'static {
     /// The stage's code returns futures (see [`Node::is_async`]).
     const ASYNC: bool = false;
     fn into_task(self, w: Wiring) -> Box<dyn Task>;
+    /// The stage chained to its upstream (see [`Node::into_link`]); async stages do not chain.
+    fn into_link(self, _w: Wiring) -> Option<Erased> {
+        None
+    }
     fn into_served(self, _w: ServeWiring) -> Option<Box<dyn Served>> {
         None
     }
@@ -55,6 +59,9 @@ impl<I: Item, O: Item, F: StageCode<I, O>> Node for ProcessorNode<I, O, F> {
     fn into_task(self: Box<Self>, w: Wiring) -> Box<dyn Task> {
         self.factory.into_task(w)
     }
+    fn into_link(self: Box<Self>, w: Wiring) -> Option<Erased> {
+        self.factory.into_link(w)
+    }
     fn into_served(self: Box<Self>, w: ServeWiring) -> Option<Box<dyn Served>> {
         self.factory.into_served(w)
     }
@@ -79,6 +86,12 @@ impl<I: Item, O: Item> StageCode<I, O> for Factory<I, O> {
         };
         let (input, ctx) = (parts.input.clone(), parts.ctx.clone());
         ProcessorTask::boxed(input, ctx, Box::new(move || Ok(runner.prepare(parts))))
+    }
+    fn into_link(self, mut w: Wiring) -> Option<Erased> {
+        let router = router::<O>(&mut w);
+        let dead_letter = w.dead_letter.take().map(take::<QueueTx<Failed<I>>>);
+        let link = crate::exec::local::link(w.ctx, self, router, dead_letter);
+        Some(Box::new(link))
     }
     fn into_served(self, w: ServeWiring) -> Option<Box<dyn Served>> {
         let crossing = take::<Crossing<I, O>>(w.crossing?);

@@ -30,14 +30,13 @@ mod sender;
 use super::broker::*;
 use super::options::{fingerprint, Remote};
 use crate::ctx::StageCtx;
-use crate::error::{FailureKind, ItemFailure};
+use crate::error::FailureKind;
 use crate::exec::order::Release;
 use crate::exec::parts::{drain, Parts};
 use crate::exec::runner::PreparedRun;
 use crate::ipc::codec::Codec;
-use crate::queue::QueueTx;
 use crate::report::RemoteReport;
-use crate::stage::{Failed, Wire};
+use crate::stage::Wire;
 use collector::Collector;
 use sender::Sender;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -194,18 +193,7 @@ fn run<I: Wire, O: Wire, C: Codec>(parts: Parts<I, O>, remote: Remote) {
 }
 
 /// Sends a finally failed item to the stage's dead-letter stage.
-pub(super) fn send_dead_letter<I>(
-    ctx: &StageCtx,
-    dl: Option<&QueueTx<Failed<I>>>,
-    item: I,
-    failure: ItemFailure,
-) {
-    if let Some(dl) = dl {
-        if dl.send(Failed { item, failure }).is_ok() {
-            ctx.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
+pub(super) use crate::exec::parts::dead_letter_to as send_dead_letter;
 
 /// The stage cannot start: a clear stage failure; its queued items are cancelled.
 fn start_failed<I, O>(parts: &Parts<I, O>, remote: &Remote, e: BrokerError) {
