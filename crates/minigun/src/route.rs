@@ -182,18 +182,12 @@ pub(crate) struct Router<O> {
     /// Only touched through `&mut self` (`get_mut`, no locking); the mutex makes the router
     /// `Sync` for items that are only `Send`.
     pending: Option<std::sync::Mutex<Vec<Vec<O>>>>,
-    /// Items emitted and not yet added to `items_out`: held in batched mode (added by
-    /// `flush`), or sent through `Sink::send` by an unbatched router (added every
-    /// [`COUNT_EVERY`] and when dropped).
+    /// Items emitted in batched mode and not yet added to `items_out` (added by `flush`).
     held_out: u64,
     /// Batched mode sends at once to a downstream asleep waiting (in-process workers, whose
     /// stage code may run long between flushes); a fork supervisor flushes after each read.
     eager: bool,
 }
-
-/// An unbatched router adds what it sent through `Sink::send` to `items_out` once this
-/// many were sent (and when it is dropped).
-const COUNT_EVERY: u64 = 64;
 
 /// A batched router sends an output's items once this many wait.
 const MAX_PENDING: usize = 256;
@@ -260,11 +254,14 @@ impl<O> Router<O> {
     /// With a chained stage, sending is calling it: it handles the items on this thread
     /// before `flush` returns.
     pub(crate) fn flush(&mut self) -> Result<bool, u64> {
-        if self.pending.is_none() {
+        let Some(pending) = self.pending.as_mut() else {
             return Ok(false);
+        };
+        if self.held_out > 0 {
+            self.stats
+                .items_out
+                .fetch_add(std::mem::take(&mut self.held_out), Ordering::Relaxed);
         }
-        self.count_out();
-        let pending = self.pending.as_mut().expect("batched router");
         let pending = pending.get_mut().unwrap_or_else(|e| e.into_inner());
         if let Some(link) = self.link.as_mut() {
             let items = &mut pending[0];
@@ -279,15 +276,6 @@ impl<O> Router<O> {
             return Ok(true);
         }
         Self::send_held(&self.outs, pending)
-    }
-
-    /// Adds the items sent or held since the last count to the stage's `items_out`.
-    fn count_out(&mut self) {
-        if self.held_out > 0 {
-            self.stats
-                .items_out
-                .fetch_add(std::mem::take(&mut self.held_out), Ordering::Relaxed);
-        }
     }
 
     /// Counts the nanoseconds this router's chained stage has spent handling items so far
@@ -327,8 +315,6 @@ impl<O> Drop for Router<O> {
     fn drop(&mut self) {
         // Workers flush before they end; this only matters if one unwinds past its flush.
         let _ = self.flush();
-        // What an unbatched router sent through `Sink::send` since it last counted.
-        self.count_out();
     }
 }
 
@@ -451,13 +437,11 @@ impl<O: Clone> Router<O> {
 
     /// Sends an item at once (an unbatched router; a batched one holds through `Sink::send`).
     pub(crate) fn route(&self, item: O) -> Result<(), EmitError> {
-        self.check_stop()?;
-        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
-        self.deliver(item)
-    }
-
-    /// Sends an item at once, already counted.
-    fn deliver(&self, item: O) -> Result<(), EmitError> {
+        if let Some(stop) = &self.stop {
+            if stop.load(Ordering::Relaxed) {
+                return Err(EmitError::Stopped);
+            }
+        }
         debug_assert!(
             self.pending.is_none(),
             "a batched router sends through `Sink::send`"
@@ -466,6 +450,7 @@ impl<O: Clone> Router<O> {
             self.chain.is_none(),
             "a chained stage is called by a batched router"
         );
+        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
         match (self.outs.len(), self.mode) {
             (0, _) => Ok(()),
             (1, _) => self.outs[0].send(item).map_err(|_| EmitError::Closed),
@@ -494,14 +479,7 @@ impl<O: Clone> Sink<O> for Router<O> {
         if self.pending.is_some() {
             return self.hold(item);
         }
-        // An unbatched router (a producer's) counts what it sends every 64 items and when
-        // it is dropped, not with one shared update per item.
-        self.check_stop()?;
-        self.held_out += 1;
-        if self.held_out >= COUNT_EVERY {
-            self.count_out();
-        }
-        self.deliver(item)
+        Router::route(&*self, item)
     }
     fn route(&mut self, target: &str, item: Routed) -> Result<(), EmitError> {
         self.route_dynamic(target, item)
