@@ -292,15 +292,18 @@ fn a_typed_huge_buf_round_trips_and_children_read_it() {
     assert_eq!(got.sorted(), want);
 }
 
-/// The `VmFlags` and `AnonHugePages` lines of the mapping that starts at `start`, from
+/// The `VmFlags` and `AnonHugePages` lines of the mapping that holds `start`, from
 /// `/proc/self/smaps`.
 fn mapping_lines(start: usize) -> (String, u64) {
     let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
     let (mut inside, mut flags, mut huge_kib) = (false, String::new(), 0);
     for l in smaps.lines() {
         let first = l.split_whitespace().next().unwrap_or("");
-        if let Some((a, _)) = first.split_once('-') {
-            inside = usize::from_str_radix(a, 16) == Ok(start);
+        if let Some((a, b)) = first.split_once('-') {
+            // The mapping holding `start`: the kernel may have merged it with a neighbour
+            // of the same flags since it was made, so it need not begin there.
+            let (a, b) = (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16));
+            inside = matches!((a, b), (Ok(a), Ok(b)) if a <= start && start < b);
         } else if inside && l.starts_with("VmFlags:") {
             flags = l.to_string();
         } else if inside && l.starts_with("AnonHugePages:") {
