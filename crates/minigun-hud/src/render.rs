@@ -367,6 +367,8 @@ const COLUMNS: &[Column] = &[
         cell: |s| match s.queue_capacity {
             Some(cap) => format!("{}/{cap}", s.queue_len),
             None if s.kind == minigun::StageKind::Producer => "-".to_string(),
+            // Runs on its upstream's threads: it has no queue.
+            None if s.chained_to.is_some() => "chained".to_string(),
             None => s.queue_len.to_string(),
         },
     },

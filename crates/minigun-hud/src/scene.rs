@@ -68,8 +68,10 @@ pub struct StageRow {
     pub p99_us: f64,
     /// Items waiting in its input queue.
     pub queue_len: usize,
-    /// Its input queue's capacity (`None`: producer or unbounded).
+    /// Its input queue's capacity (`None`: producer, unbounded, or chained).
     pub queue_capacity: Option<usize>,
+    /// The stage it runs chained to (no queue of its own).
+    pub chained_to: Option<String>,
     /// What it is doing.
     pub status: StageStatus,
     /// Whether it is the busiest stage per worker so far.
@@ -115,6 +117,7 @@ impl From<&StageSnapshot> for StageRow {
             p99_us: s.p99_us,
             queue_len: s.queue_len,
             queue_capacity: s.queue_capacity,
+            chained_to: s.chained_to.clone(),
             status: s.status,
             bottleneck: s.bottleneck,
             children: s.children.clone(),
@@ -229,6 +232,7 @@ mod tests {
             p99_us: 0.0,
             queue_len: 0,
             queue_capacity: None,
+            chained_to: None,
             status: StageStatus::Active,
             bottleneck: false,
             children: vec![],

@@ -72,8 +72,11 @@ pub struct StageSnapshot {
     pub p99_us: f64,
     /// Items waiting in its input queue.
     pub queue_len: usize,
-    /// Its input queue's capacity (`None`: producer or unbounded).
+    /// Its input queue's capacity (`None`: producer, unbounded, or chained).
     pub queue_capacity: Option<usize>,
+    /// The stage it runs chained to, on that stage's threads with no queue between them
+    /// (see [`StageReport::chained_to`](crate::StageReport::chained_to)).
+    pub chained_to: Option<String>,
     /// What it is doing.
     pub status: StageStatus,
     /// Whether it is the bottleneck so far (most busy time per worker).
@@ -122,6 +125,8 @@ pub(crate) struct StageView {
     pub(crate) ctx: Arc<StageCtx>,
     pub(crate) kind: StageKind,
     pub(crate) capacity: Option<Capacity>,
+    /// The stage it runs chained to (no queue of its own).
+    pub(crate) chained_to: Option<String>,
 }
 
 struct Inner {
@@ -374,6 +379,7 @@ fn stage_snapshot(s: &StageView, last: &mut u64, now: Instant) -> (StageSnapshot
             Some(Capacity::Bounded(n)) => Some(n),
             _ => None,
         },
+        chained_to: s.chained_to.clone(),
         status,
         bottleneck: false,
         children,

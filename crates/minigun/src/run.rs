@@ -96,6 +96,7 @@ impl Runnable {
                 ctx: s.ctx.clone(),
                 kind: s.kind,
                 capacity: s.capacity,
+                chained_to: s.chained_to.clone(),
             })
             .collect();
         let monitor = Monitor::new(name.clone(), views, edges, shared.clone());

@@ -408,3 +408,27 @@ fn a_panic_in_a_chained_stage_is_its_own_failure() {
     assert_eq!(r.stage("up").unwrap().failed, 0);
     assert_eq!(r.stage("down").unwrap().failed, 1);
 }
+
+#[test]
+fn live_views_say_which_stage_a_stage_is_chained_to() {
+    for chaining in [true, false] {
+        let p = Pipeline::new("views");
+        p.chaining(chaining);
+        p.producer("gen", |out| out.emit_all(0..100u64).map_err(Into::into));
+        p.map("double", |x: u64| Ok(x * 2));
+        p.consumer("sink", |_: u64| Ok(()));
+        let handle = p.spawn().expect("build");
+        let snap = handle.monitor().snapshot();
+        handle.wait().expect("runs");
+        let st = |name: &str| snap.stages.iter().find(|s| s.name == name).unwrap().clone();
+        let want = chaining.then(|| "double".to_string());
+        assert_eq!(st("sink").chained_to, want, "chaining {chaining}");
+        assert_eq!(
+            st("double").chained_to,
+            None,
+            "a producer is not chained to"
+        );
+        // A chained stage has no queue of its own.
+        assert_eq!(st("sink").queue_capacity.is_none(), chaining);
+    }
+}
