@@ -23,7 +23,8 @@
 //! - The stage graph: a box per stage (name, executor, throughput), one column per layer,
 //!   arrows along the edges. Box colours follow the stage's status.
 //! - The stage table: kind, executor, items in / out, failures, throughput, p50 and p99
-//!   latency, input queue depth (`len/cap`; `chained` for a stage on its upstream's threads), and status: `active`, `idle`, `bottleneck` (the
+//!   latency, input queue depth (`len/cap`; `chained` for a stage that runs on its
+//!   upstream's threads, with no queue), and status: `active`, `idle`, `bottleneck` (the
 //!   busiest stage per worker, while it runs), `error` (had failures, still running),
 //!   `done`, `waiting`.
 //! - For `cow_fork` and `ipc_fork` stages, their live child processes: pid, items handled,
