@@ -436,27 +436,38 @@ impl Exec {
     /// Sets a fork option where it applies; elsewhere keeps it as misapplied, for the planner
     /// to report (the first misapplied option is the one reported).
     fn option(self, opt: Opt, set: impl FnOnce(&mut ForkOptions)) -> Self {
-        match self {
+        self.apply(opt, |e| match e {
             Exec::CowFork(mut o) if opt.cow => {
                 set(&mut o);
-                Exec::CowFork(o)
+                (Exec::CowFork(o), true)
             }
             Exec::IpcFork(mut o) if opt.ipc => {
                 set(&mut o);
-                Exec::IpcFork(o)
+                (Exec::IpcFork(o), true)
             }
             #[cfg(feature = "async")]
             Exec::Tasks(mut o) if opt.tasks => {
                 o.set_fork_option(set);
-                Exec::Tasks(o)
+                (Exec::Tasks(o), true)
             }
+            other => (other, false),
+        })
+    }
+    /// Sets `opt` with `set`, which gives the executor back and whether `opt` applied to it;
+    /// where it did not, `opt` is kept as misapplied (a misapplied executor keeps its first
+    /// one and takes the setting on its base).
+    pub(crate) fn apply(self, opt: Opt, set: impl FnOnce(Exec) -> (Exec, bool)) -> Self {
+        match self {
             Exec::Misapplied { base, option } => Exec::Misapplied {
-                base: Box::new(base.option(opt, set).without_misapplied()),
+                base: Box::new(base.apply(opt, set).without_misapplied()),
                 option,
             },
-            other => Exec::Misapplied {
-                base: Box::new(other),
-                option: opt,
+            e => match set(e) {
+                (e, true) => e,
+                (other, false) => Exec::Misapplied {
+                    base: Box::new(other),
+                    option: opt,
+                },
             },
         }
     }

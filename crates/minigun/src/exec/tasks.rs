@@ -148,20 +148,13 @@ impl Exec {
     }
     /// Sets a `tasks` option; elsewhere keeps it as misapplied (see `Exec::option`).
     fn task_option(self, opt: Opt, set: impl FnOnce(&mut TaskOptions)) -> Self {
-        match self {
+        self.apply(opt, |e| match e {
             Exec::Tasks(mut o) => {
                 set(&mut o);
-                Exec::Tasks(o)
+                (Exec::Tasks(o), true)
             }
-            Exec::Misapplied { base, option } => Exec::Misapplied {
-                base: Box::new(base.task_option(opt, set).without_misapplied()),
-                option,
-            },
-            other => Exec::Misapplied {
-                base: Box::new(other),
-                option: opt,
-            },
-        }
+            other => (other, false),
+        })
     }
 }
 
