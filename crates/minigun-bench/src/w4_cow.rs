@@ -206,18 +206,21 @@ pub(crate) fn run(cfg: &Cfg, memory: Memory) -> Vec<Row> {
         .note(sampling(raw_wall_s, &raw_pss));
     base.pss_bytes = (raw_pss.kept > 0).then_some(raw_pss.max);
     let floor = base.items_per_sec;
-    let mut ours = Row::new(
-        "W4",
-        "minigun",
-        format!("cow_fork({WORKERS})"),
-        WORKERS,
-        items,
-        wall,
-    )
-    .variant(label)
-    .floor(floor)
-    .note(sampling(wall_s, &pss))
-    .note(info);
+    let cow = |wall| {
+        Row::new(
+            "W4",
+            "minigun",
+            format!("cow_fork({WORKERS})"),
+            WORKERS,
+            items,
+            wall,
+        )
+    };
+    let mut ours = cow(wall)
+        .variant(label)
+        .floor(floor)
+        .note(sampling(wall_s, &pss))
+        .note(info);
     ours.pss_bytes = (pss.kept > 0).then_some(pss.max);
     if memory == Memory::Thp {
         progress("W4 building a Vec and a HugeBuf of the same size, alternately");
@@ -239,19 +242,12 @@ pub(crate) fn run(cfg: &Cfg, memory: Memory) -> Vec<Row> {
     let mut rows = vec![base, ours];
     if let Some((raw_wall, wall)) = served {
         let floor = items as f64 / raw_wall.as_secs_f64();
-        let row = Row::new(
-            "W4",
-            "minigun",
-            format!("cow_fork({WORKERS})"),
-            WORKERS,
-            items,
-            wall,
-        )
-        .variant(format!("{label}, fork_server"))
-        .floor(floor)
-        .note(format!(
-            "its raw fork loop in the same alternation: {floor:.0} items/s"
-        ));
+        let row = cow(wall)
+            .variant(format!("{label}, fork_server"))
+            .floor(floor)
+            .note(format!(
+                "its raw fork loop in the same alternation: {floor:.0} items/s"
+            ));
         rows.push(row);
     }
     rows
