@@ -251,9 +251,9 @@ fn an_outside_stop_or_cancel_ends_a_chained_run_with_exact_counts() {
             Ok(())
         });
         let h = p.spawn().expect("starts");
-        while seen.load(Ordering::Relaxed) < 10_000 {
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        common::wait_until("10,000 items consumed", Duration::from_secs(60), || {
+            seen.load(Ordering::Relaxed) >= 10_000
+        });
         if cancel {
             h.cancel();
         } else {
