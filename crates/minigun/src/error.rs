@@ -160,10 +160,11 @@ pub enum DefinitionError {
         executor: String,
     },
     /// An async stage (`map_async`, `processor_async`, `consumer_async`, `stage_async`) given
-    /// an executor of its own other than `tasks(n)`.
+    /// an executor of its own other than `tasks(n)` or `ipc_fork(k).tasks_per_worker(n)`.
     #[error(
-        "stage {stage:?} is async: it runs under Exec::tasks(n), not {executor} (an async \
-         stage cannot run in a forked child or on a thread of its own)"
+        "stage {stage:?} is async: it runs under Exec::tasks(n), or under \
+         Exec::ipc_fork(k).tasks_per_worker(n) (n in flight in each worker), not {executor} \
+         (an async stage cannot run in a cow_fork child, on a thread of its own or remotely)"
     )]
     AsyncStageNeedsTasks {
         /// The stage.
@@ -171,10 +172,11 @@ pub enum DefinitionError {
         /// The executor it was given.
         executor: String,
     },
-    /// A stage whose code is not async given `tasks(n)` of its own.
+    /// A stage whose code is not async given `tasks(n)` or `tasks_per_worker(n)` of its own.
     #[error(
         "stage {stage:?} is a sync {kind}: {executor} runs async stages only (define it with \
-         map_async, processor_async, consumer_async or stage_async, or give it threads(n))"
+         map_async, processor_async, consumer_async or stage_async, or give it threads(n), or \
+         ipc_fork(k) without tasks_per_worker)"
     )]
     TasksNeedAsyncStage {
         /// The stage.

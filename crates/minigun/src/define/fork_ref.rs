@@ -246,4 +246,28 @@ impl<I, O> ForkRef<I, O, IpcFork> {
     pub fn batch_results(&self, on: bool) -> Self {
         self.option("batch_results", |e| e.batch_results(on))
     }
+    /// For an async stage: each worker runs up to `n` of its items at once, on a tokio
+    /// runtime it builds after the fork (see
+    /// [`Exec::tasks_per_worker`](crate::Exec::tasks_per_worker)). On a sync stage it is a
+    /// definition error.
+    ///
+    /// ```
+    /// use minigun::Pipeline;
+    /// use std::time::Duration;
+    /// let p = Pipeline::new("crawl");
+    /// p.producer("urls", |out| out.emit_all(0..100u64).map_err(Into::into));
+    /// p.map_async("fetch", |id: u64| async move {
+    ///     tokio::time::sleep(Duration::from_millis(2)).await;
+    ///     Ok(id * 2)
+    /// })
+    /// .ipc_fork(2)
+    /// .tasks_per_worker(20)
+    /// .timeout(Duration::from_secs(5));
+    /// p.consumer("store", |_: u64| Ok(()));
+    /// assert_eq!(p.run().unwrap().stage("store").unwrap().items_in, 100);
+    /// ```
+    #[cfg(feature = "async")]
+    pub fn tasks_per_worker(&self, n: usize) -> Self {
+        self.option("tasks_per_worker", |e| e.tasks_per_worker(n))
+    }
 }

@@ -87,6 +87,9 @@ pub struct ForkOptions {
     /// Huge pages for the parent's heap before the first fork (see [`Exec::huge_pages`];
     /// `None`: the pipeline's setting, else the executor's default).
     pub huge_pages: Option<HugePages>,
+    /// ipc_fork of an async stage: how many of its items each worker runs at once, on a
+    /// tokio runtime of its own (see `Exec::tasks_per_worker`, feature `async`).
+    pub tasks_per_worker: Option<usize>,
 }
 
 /// How ipc_fork hands items to its workers.
@@ -118,6 +121,7 @@ impl ForkOptions {
             max_worker_rss: None,
             fork_server: false,
             huge_pages: None,
+            tasks_per_worker: None,
         }
     }
 }
@@ -198,6 +202,8 @@ impl Opt {
     const MAX_WORKER_RSS: Opt = Opt::new("max_worker_rss", false, true);
     const FORK_SERVER: Opt = Opt::new("fork_server", true, false);
     const HUGE_PAGES: Opt = Opt::new("huge_pages", true, true);
+    #[cfg(feature = "async")]
+    const TASKS_PER_WORKER: Opt = Opt::new("tasks_per_worker", false, true);
 
     /// The executors the option applies to, for messages.
     pub(crate) fn applies_to(&self) -> &'static str {
@@ -433,6 +439,51 @@ impl Exec {
     pub fn dispatch(self, d: Dispatch) -> Self {
         self.option(Opt::DISPATCH, |o| o.dispatch = d)
     }
+    /// An async stage ([`Pipeline::map_async`](crate::Pipeline::map_async) and its siblings)
+    /// under ipc_fork: each worker process runs up to `n` of the stage's items at once, on a
+    /// tokio runtime it builds after the fork (current-thread; never one inherited from the
+    /// parent). `ipc_fork(k).tasks_per_worker(n)` has up to `k * n` items in flight, with the
+    /// crash isolation of ipc_fork.
+    ///
+    /// - The stage instance is made in each worker, after its `after_fork` hooks, inside its
+    ///   runtime; `finish` runs in each worker at the end of the input.
+    /// - The parent keeps `n` items in each worker plus a few waiting in its pipe (a quarter
+    ///   of `n`, 1 to 256), at most 1 MiB of items per worker or 8 KiB per item held, if
+    ///   that is more; `in_flight` does not apply. Each item is answered as it ends, in any
+    ///   order; with `ordered()` its results still leave in input order.
+    /// - `timeout` is per item, inside the worker: the item's future is dropped and the item
+    ///   fails with [`FailureKind::Timeout`](crate::FailureKind::Timeout), the worker lives
+    ///   on. A worker that answers nothing for `timeout` plus one second while it holds
+    ///   items (a future blocks its thread) is killed, and the items it had started fail
+    ///   with `Timeout`.
+    /// - A panic in a future fails that item with the panic's message; retries, dead letters
+    ///   and `fail_fast` are the stage's policy, decided in the parent as for every executor.
+    /// - A worker that crashes (a signal, an abort, the OOM killer) fails every item it had
+    ///   started and not answered, each with the crash's kind; the items it had been sent but
+    ///   not started run again on a live worker, once, their attempt not counted.
+    ///
+    /// On a sync stage, a `tasks_per_worker` of its own is a definition error; an inherited
+    /// one does not apply. An async stage given `ipc_fork(k)` of its own without it is a
+    /// definition error too.
+    ///
+    /// ```
+    /// use minigun::{Exec, Pipeline};
+    /// use std::time::Duration;
+    /// let p = Pipeline::new("crawl");
+    /// p.producer("urls", |out| out.emit_all(0..200u64).map_err(Into::into));
+    /// p.map_async("fetch", |id: u64| async move {
+    ///     tokio::time::sleep(Duration::from_millis(5)).await;
+    ///     Ok(id)
+    /// })
+    /// .wire()
+    /// .executor(Exec::ipc_fork(2).tasks_per_worker(50).timeout(Duration::from_secs(5)));
+    /// p.consumer("store", |_: u64| Ok(()));
+    /// assert_eq!(p.run().unwrap().stage("store").unwrap().items_in, 200);
+    /// ```
+    #[cfg(feature = "async")]
+    pub fn tasks_per_worker(self, n: usize) -> Self {
+        self.option(Opt::TASKS_PER_WORKER, |o| o.tasks_per_worker = Some(n))
+    }
     /// Sets a fork option where it applies; elsewhere keeps it as misapplied, for the planner
     /// to report (the first misapplied option is the one reported).
     fn option(self, opt: Opt, set: impl FnOnce(&mut ForkOptions)) -> Self {
@@ -485,12 +536,24 @@ impl Exec {
             _ => None,
         }
     }
-    /// The most items in flight at once, for an executor with such a limit (`tasks(n)`).
+    /// The most items in flight at once, for an executor with such a limit (`tasks(n)`,
+    /// and ipc_fork with `tasks_per_worker`).
     pub(crate) fn in_flight_limit(&self) -> Option<usize> {
         match self {
             #[cfg(feature = "async")]
             Exec::Tasks(o) => Some(o.in_flight),
+            Exec::IpcFork(o) => o.tasks_per_worker.map(|n| n * o.workers),
             _ => None,
+        }
+    }
+    /// Whether this executor runs async stages (`tasks(n)`, or ipc_fork with
+    /// `tasks_per_worker`).
+    pub(crate) fn runs_async(&self) -> bool {
+        match self {
+            #[cfg(feature = "async")]
+            Exec::Tasks(_) => true,
+            Exec::IpcFork(o) => o.tasks_per_worker.is_some(),
+            _ => false,
         }
     }
     pub(crate) fn is_fork(&self) -> bool {
@@ -501,7 +564,8 @@ impl Exec {
         match self {
             Exec::Inline => 1,
             Exec::Threads(n) => *n,
-            Exec::CowFork(o) | Exec::IpcFork(o) => o.workers,
+            Exec::IpcFork(o) => o.workers * o.tasks_per_worker.unwrap_or(1),
+            Exec::CowFork(o) => o.workers,
             Exec::Remote(r) => r.max_in_flight,
             #[cfg(feature = "async")]
             Exec::Tasks(o) => o.in_flight,
@@ -517,7 +581,10 @@ impl std::fmt::Display for Exec {
             Exec::Threads(n) => write!(f, "threads({n})"),
             Exec::CowFork(o) if o.fork_server => write!(f, "cow_fork({}) fork_server", o.workers),
             Exec::CowFork(o) => write!(f, "cow_fork({})", o.workers),
-            Exec::IpcFork(o) => write!(f, "ipc_fork({})", o.workers),
+            Exec::IpcFork(o) => match o.tasks_per_worker {
+                Some(n) => write!(f, "ipc_fork({}) tasks_per_worker({n})", o.workers),
+                None => write!(f, "ipc_fork({})", o.workers),
+            },
             Exec::Remote(r) => write!(f, "remote({})", r.broker.name()),
             #[cfg(feature = "async")]
             Exec::Tasks(o) => write!(f, "tasks({})", o.in_flight),

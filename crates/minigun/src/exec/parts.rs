@@ -24,6 +24,20 @@ pub(crate) struct Parts<I, O, F = Factory<I, O>> {
     pub(crate) wire: Option<WireFns<I, O>>,
 }
 
+impl<I, O, F> Parts<I, O, F> {
+    /// The same parts with the factory `f` makes of this one.
+    pub(crate) fn map_factory<G>(self, f: impl FnOnce(F) -> G) -> Parts<I, O, G> {
+        Parts {
+            ctx: self.ctx,
+            input: self.input,
+            router: self.router,
+            dead_letter: self.dead_letter,
+            factory: f(self.factory),
+            wire: self.wire,
+        }
+    }
+}
+
 /// Sends a failed item to the stage's dead-letter stage.
 pub(crate) fn dead_letter<I, O, F>(parts: &Parts<I, O, F>, item: I, failure: ItemFailure) {
     dead_letter_to(&parts.ctx, parts.dead_letter.as_ref(), item, failure);

@@ -142,8 +142,8 @@ pub(crate) fn fit(s: Stage<'_>, exec: Exec, env: Env) -> Result<Exec, Definition
         }
         // An inherited fork default does not apply to stages that cannot cross a process;
         // they keep the in-process default.
-        tracing::debug!(stage = %s.name, %exec, "stage is not serialisable; runs inline");
-        return Ok(Exec::Inline);
+        tracing::debug!(stage = %s.name, %exec, "stage is not serialisable; runs in process");
+        return Ok(in_process(s, &exec));
     }
     if exec.is_fork() && s.local_routes {
         return Err(DefinitionError::LocalRouteAcrossProcess {
@@ -152,8 +152,8 @@ pub(crate) fn fit(s: Stage<'_>, exec: Exec, env: Env) -> Result<Exec, Definition
         });
     }
     if exec.is_fork() && !env.fork {
-        tracing::warn!(stage = %s.name, %exec, "fork is not available here: the stage runs inline");
-        return Ok(Exec::Inline);
+        tracing::warn!(stage = %s.name, %exec, "fork is not available here: the stage runs in process");
+        return Ok(in_process(s, &exec));
     }
     if let Exec::Remote(r) = &exec {
         if s.kind == StageKind::Consumer {
@@ -194,13 +194,15 @@ pub(crate) fn fit(s: Stage<'_>, exec: Exec, env: Env) -> Result<Exec, Definition
     Ok(exec)
 }
 
-/// Async stages run under `tasks(n)` only, and only they do. A setting of the stage's own
-/// that breaks this is an error; an inherited one is translated: an async stage that
-/// inherits inline or `threads(n)` runs under `tasks(1)` or `tasks(n)` (a fork or remote
-/// setting under `tasks(1)`), a sync stage that inherits `tasks(n)` runs inline.
+/// Async stages run under `tasks(n)` or `ipc_fork(k).tasks_per_worker(n)` only, and only
+/// they do. A setting of the stage's own that breaks this is an error; an inherited one is
+/// translated: an async stage that inherits inline or `threads(n)` runs under `tasks(1)` or
+/// `tasks(n)` (another fork or remote setting under `tasks(1)`), a sync stage that inherits
+/// `tasks(n)` runs inline, one that inherits `tasks_per_worker` runs under its ipc_fork
+/// without it. An async ipc_fork stage's window follows `tasks_per_worker`: a fixed
+/// `in_flight` of its own is an error.
 fn fit_async(s: Stage<'_>, exec: Exec) -> Result<Exec, DefinitionError> {
-    let tasks = exec.in_flight_limit().is_some();
-    match (s.is_async, tasks, s.explicit) {
+    match (s.is_async, exec.runs_async(), s.explicit) {
         (true, false, true) => Err(DefinitionError::AsyncStageNeedsTasks {
             stage: s.name.to_string(),
             executor: exec.to_string(),
@@ -219,9 +221,42 @@ fn fit_async(s: Stage<'_>, exec: Exec) -> Result<Exec, DefinitionError> {
             tracing::debug!(stage = %s.name, %exec, "async stage inherits a sync executor: runs under tasks({n})");
             Ok(Exec::tasks(n))
         }
-        (false, true, false) => Ok(Exec::Inline),
+        (false, true, false) => match exec {
+            Exec::IpcFork(mut o) => {
+                o.tasks_per_worker = None;
+                Ok(Exec::IpcFork(o))
+            }
+            _ => Ok(Exec::Inline),
+        },
+        (true, true, _) => match &exec {
+            Exec::IpcFork(o) if !o.in_flight_auto => Err(DefinitionError::OptionNotForExecutor {
+                stage: s.name.to_string(),
+                option: "in_flight",
+                executor: exec.to_string(),
+                applies_to:
+                    "sync ipc_fork stages (an async stage's window follows tasks_per_worker)",
+            }),
+            _ => Ok(exec),
+        },
         _ => Ok(exec),
     }
+}
+
+/// Where an async stage runs when its ipc_fork cannot apply (fork is missing, or the
+/// inherited setting's types cannot cross): under `tasks` with as many in flight, its
+/// `timeout` and `ordered` kept. A sync stage runs inline.
+fn in_process(s: Stage<'_>, exec: &Exec) -> Exec {
+    #[cfg(feature = "async")]
+    if let (true, Exec::IpcFork(o)) = (s.is_async, exec) {
+        let mut tasks = Exec::tasks(exec.concurrency());
+        if let Exec::Tasks(t) = &mut tasks {
+            t.timeout = o.timeout;
+            t.ordered = o.ordered;
+        }
+        return tasks;
+    }
+    let _ = (s, exec);
+    Exec::Inline
 }
 
 /// What an executor needs the stage's types to cross.

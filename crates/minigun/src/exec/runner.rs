@@ -22,6 +22,9 @@ use crate::remote::Remote;
 use crate::stage::{Item, Wire};
 use std::marker::PhantomData;
 
+#[cfg(feature = "async")]
+use super::tasks::AsyncParts;
+
 /// Whether the fork executors can run here: Linux, unless the environment variable
 /// `MINIGUN_NO_FORK` is set (then every fork stage runs inline, with a warning, which is also
 /// how the fallback is tested).
@@ -81,6 +84,27 @@ pub(crate) trait Entry<I, O>: Send + Sync {
     fn serve(&self, _stage: ServedStage<I, O>) -> Option<Box<dyn Served>> {
         None
     }
+    /// Starts ipc_fork for an async stage (`tasks_per_worker`; the planner checked that
+    /// input and output cross).
+    #[cfg(feature = "async")]
+    fn start_async(
+        &self,
+        opts: ForkOptions,
+        parts: AsyncParts<I, O>,
+        hooks: ForkHooks,
+    ) -> PreparedRun;
+}
+
+/// Starts ipc_fork for an async stage whose types cross as `crossing` says.
+#[cfg(feature = "async")]
+pub(crate) fn start_async<I: Item, O: Item>(
+    opts: ForkOptions,
+    crossing: Crossing<I, O>,
+    mut parts: AsyncParts<I, O>,
+    hooks: ForkHooks,
+) -> PreparedRun {
+    parts.wire = Some(crossing.codec);
+    crossing.entry.start_async(opts, parts, hooks)
 }
 
 /// What a stage's types can cross, with the codec and the entry points of the crossing
@@ -142,11 +166,28 @@ impl<I: Wire, O: Wire, C: Codec> Entry<I, O> for LocalOnly<C> {
             _ => unreachable_flavour(across, parts, hooks),
         }
     }
+    #[cfg(feature = "async")]
+    fn start_async(
+        &self,
+        opts: ForkOptions,
+        parts: AsyncParts<I, O>,
+        hooks: ForkHooks,
+    ) -> PreparedRun {
+        start_ipc_async(opts, parts, hooks)
+    }
 }
 
 impl<I: Item, O: Wire, C: Codec> Entry<I, O> for OutputOnly<C> {
     fn start(&self, across: Across, parts: Parts<I, O>, hooks: ForkHooks) -> PreparedRun {
         start_cow(across, parts, hooks)
+    }
+    #[cfg(feature = "async")]
+    fn start_async(&self, _: ForkOptions, parts: AsyncParts<I, O>, _: ForkHooks) -> PreparedRun {
+        debug_assert!(
+            false,
+            "the planner gives ipc_fork only to stages whose types cross"
+        );
+        Box::new(move || super::parts::drain(&parts.ctx, &parts.input))
     }
 }
 
@@ -159,6 +200,32 @@ impl<I: Wire, O: Wire, C: Codec> Entry<I, O> for Both<C> {
     }
     fn serve(&self, stage: ServedStage<I, O>) -> Option<Box<dyn Served>> {
         Some(crate::remote::worker::served::<I, O, C>(stage))
+    }
+    #[cfg(feature = "async")]
+    fn start_async(
+        &self,
+        opts: ForkOptions,
+        parts: AsyncParts<I, O>,
+        hooks: ForkHooks,
+    ) -> PreparedRun {
+        start_ipc_async(opts, parts, hooks)
+    }
+}
+
+/// ipc_fork for an async stage whose input and output cross (where fork is missing, the
+/// planner runs it under `tasks`, so that fallback only keeps the crate compiling).
+#[cfg(feature = "async")]
+fn start_ipc_async<I: Wire, O: Wire>(
+    opts: ForkOptions,
+    parts: AsyncParts<I, O>,
+    hooks: ForkHooks,
+) -> PreparedRun {
+    #[cfg(target_os = "linux")]
+    return super::fork::ipc_async(parts, opts, hooks);
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (opts, hooks);
+        Box::new(move || super::parts::drain(&parts.ctx, &parts.input))
     }
 }
 

@@ -458,8 +458,20 @@ async fn attempt_once<I, O>(
     item: I,
     out: AsyncOutput<O>,
 ) -> Result<(), Caught> {
-    let fut = CatchPanic(catch_panic(|| items.stage.process(item, out))?);
-    match items.timeout {
+    attempt(&*items.stage, item, out, items.timeout).await
+}
+
+/// One attempt at `item` with `stage` (here, and in an async ipc_fork worker): its future
+/// under the time limit `timeout` (dropped when it passes), a panic caught as the item's
+/// failure.
+pub(crate) async fn attempt<I, O>(
+    stage: &dyn ErasedAsync<I, O>,
+    item: I,
+    out: AsyncOutput<O>,
+    timeout: Option<Duration>,
+) -> Result<(), Caught> {
+    let fut = CatchPanic(catch_panic(|| stage.process(item, out))?);
+    match timeout {
         None => fut.await,
         Some(limit) => tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
             Err(Caught {
@@ -473,7 +485,7 @@ async fn attempt_once<I, O>(
 
 /// A stage's future whose polls catch a panic as the item's failure (with its message and
 /// location).
-struct CatchPanic(BoxFuture<'static, StageResult>);
+pub(crate) struct CatchPanic(pub(crate) BoxFuture<'static, StageResult>);
 
 impl Future for CatchPanic {
     type Output = Result<(), Caught>;

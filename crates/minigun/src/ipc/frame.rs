@@ -1,8 +1,5 @@
 //! Length-prefixed frames: encoding into a buffer, incremental decoding from a byte stream.
 
-#[cfg(target_os = "linux")]
-use std::os::fd::OwnedFd;
-
 /// Bytes before the payload: len (4) + kind (1) + id (8).
 pub(crate) const HEADER: usize = 13;
 
@@ -142,7 +139,11 @@ impl Decoder {
     /// Reads once from `fd` into the buffer (at most `chunk` bytes, without zero-filling:
     /// untouched capacity costs no page faults). Returns the number of bytes read (0 = EOF).
     #[cfg(target_os = "linux")]
-    pub(crate) fn read_from(&mut self, fd: &OwnedFd, chunk: usize) -> rustix::io::Result<usize> {
+    pub(crate) fn read_from(
+        &mut self,
+        fd: impl std::os::fd::AsFd,
+        chunk: usize,
+    ) -> rustix::io::Result<usize> {
         if self.start > 0 && (self.start == self.buf.len() || self.start >= 1 << 16) {
             self.buf.drain(..self.start);
             self.start = 0;

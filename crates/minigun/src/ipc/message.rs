@@ -96,13 +96,18 @@ pub(crate) enum Sender {
     /// An ipc_fork worker whose oldest unanswered item is `running`. Its frames name that item
     /// or a reserved id ([`FINISH_ID`], [`START_ID`]).
     Worker { running: Option<u64> },
+    /// An ipc_fork worker of an async stage, which answers its items as they end, in any
+    /// order, each item's frames together. Its frames name a reserved id, or `answering`
+    /// while some of that item's frames have arrived and its `done` or `error` has not, or
+    /// else any item (the receiver checks that the worker holds it).
+    AsyncWorker { answering: Option<u64> },
 }
 
 impl Sender {
     fn name(self) -> &'static str {
         match self {
             Sender::CowChild { .. } => "a child",
-            Sender::Worker { .. } => "a worker",
+            Sender::Worker { .. } | Sender::AsyncWorker { .. } => "a worker",
         }
     }
 
@@ -112,6 +117,9 @@ impl Sender {
         let ok = match self {
             Sender::CowChild { running } => id == running,
             Sender::Worker { running } => id == FINISH_ID || id == START_ID || Some(id) == running,
+            Sender::AsyncWorker { answering } => {
+                id == FINISH_ID || id == START_ID || answering.is_none_or(|a| a == id)
+            }
         };
         if ok {
             return Ok(());
@@ -119,6 +127,7 @@ impl Sender {
         let (who, running) = match self {
             Sender::CowChild { running } => ("child", running.to_string()),
             Sender::Worker { running } => ("worker", format!("{running:?}")),
+            Sender::AsyncWorker { answering } => ("worker", format!("{answering:?}")),
         };
         Err(MessageError::OtherItem { id, who, running })
     }
@@ -191,7 +200,7 @@ impl<I, O> ChildFrames<'_, I, O> {
             Kind::Result => (self.wire.decode_out)(payload)
                 .map(FromChild::Result)
                 .map_err(MessageError::Result),
-            Kind::ResultDone if matches!(from, Sender::Worker { .. }) => {
+            Kind::ResultDone if !matches!(from, Sender::CowChild { .. }) => {
                 let (body, latency) = payload
                     .split_last_chunk::<8>()
                     .ok_or(MessageError::NoLatency)?;

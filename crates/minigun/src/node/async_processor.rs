@@ -1,6 +1,7 @@
 //! Async processors, consumers and custom async stages: a [`ProcessorNode`] whose factory
 //! makes an async stage. Its code returns a future per item, and it runs under `tasks(n)`
-//! (`exec/tasks.rs`), which the planner checked.
+//! (`exec/tasks.rs`) or under ipc_fork with `tasks_per_worker` (`exec/fork/ipc`, each worker
+//! with a runtime of its own), which the planner checked.
 //!
 //! [`ProcessorNode`]: super::processor::ProcessorNode
 
@@ -9,6 +10,7 @@ use super::{router, Task, Wiring};
 use crate::async_stage::AsyncFactory;
 use crate::erased::take;
 use crate::exec::parts::Parts;
+use crate::exec::runner::{self, Crossing};
 use crate::exec::tasks;
 use crate::exec::Exec;
 use crate::queue::{QueueTx, Receiver};
@@ -17,6 +19,8 @@ use crate::stage::{Failed, Item};
 impl<I: Item, O: Item> StageCode<I, O> for AsyncFactory<I, O> {
     const ASYNC: bool = true;
     fn into_task(self, mut w: Wiring) -> Box<dyn Task> {
+        let crossing = w.crossing.take().map(take::<Crossing<I, O>>);
+        let hooks = std::mem::take(&mut w.hooks);
         let parts = Parts {
             router: router::<O>(&mut w),
             input: take::<Receiver<I>>(w.input.take().expect("async stage has an input")),
@@ -25,10 +29,15 @@ impl<I: Item, O: Item> StageCode<I, O> for AsyncFactory<I, O> {
             ctx: w.ctx,
             wire: None,
         };
-        let Exec::Tasks(opts) = parts.ctx.exec.clone() else {
-            unreachable!("the planner runs async stages under tasks only")
-        };
         let (input, ctx) = (parts.input.clone(), parts.ctx.clone());
-        ProcessorTask::boxed(input, ctx, Box::new(move || tasks::prepare(parts, opts)))
+        let plan: super::processor::Plan = match parts.ctx.exec.clone() {
+            Exec::Tasks(opts) => Box::new(move || tasks::prepare(parts, opts)),
+            Exec::IpcFork(opts) => {
+                let crossing = crossing.expect("the planner checks what an ipc_fork stage crosses");
+                Box::new(move || Ok(runner::start_async(opts, crossing, parts, hooks)))
+            }
+            _ => unreachable!("the planner runs async stages under tasks or ipc_fork only"),
+        };
+        ProcessorTask::boxed(input, ctx, plan)
     }
 }

@@ -35,13 +35,16 @@
 //!   with it, and `forker` the server's own process (see `crate::ipc`'s README, "The fork
 //!   server").
 //! - `child`: where a forked child starts (a cow child, an ipc worker); it never returns
-//!   into the parent's code.
+//!   into the parent's code. `child_async`: an ipc worker of an async stage, with a runtime
+//!   of its own.
 //! - `trace`: `tracing` records from stage code in a child, carried to the parent as `log`
 //!   frames.
 //! - The wire itself (frames, messages, readers and writers, the results log) is
 //!   `crate::ipc`.
 
 mod child;
+#[cfg(feature = "async")]
+mod child_async;
 mod cow;
 mod forker;
 mod ipc;
@@ -71,5 +74,16 @@ pub(crate) fn ipc<I: Wire, O: Wire>(
     opts: ForkOptions,
     hooks: ForkHooks,
 ) -> PreparedRun {
-    ipc::start(parts, opts, hooks)
+    ipc::start(ipc::Code::sync(parts), opts, hooks)
+}
+
+/// ipc_fork for an async stage: each worker runs `tasks_per_worker` of its items at once.
+#[cfg(feature = "async")]
+pub(crate) fn ipc_async<I: Wire, O: Wire>(
+    parts: crate::exec::tasks::AsyncParts<I, O>,
+    opts: ForkOptions,
+    hooks: ForkHooks,
+) -> PreparedRun {
+    let tasks = opts.tasks_per_worker.unwrap_or(1).max(1);
+    ipc::start(ipc::Code::asynchronous(parts, tasks), opts, hooks)
 }

@@ -227,7 +227,7 @@ pub(crate) fn result_pipe(max_frame: usize) -> std::io::Result<(Stream, OwnedFd)
 /// Runs a supervisor `body` with the `tracing` bridge installed on this thread and a wake
 /// pipe for its feeder; if no pipe can be made, the stage fails to start and its input is
 /// drained.
-pub(crate) fn supervised<I, O>(parts: &Parts<I, O>, body: impl FnOnce(&Wake)) {
+pub(crate) fn supervised<I, O, F>(parts: &Parts<I, O, F>, body: impl FnOnce(&Wake)) {
     let _log = super::trace::install();
     match Wake::new() {
         Ok(wake) => body(&wake),
@@ -313,7 +313,7 @@ pub(crate) fn exit_failure(exit: sys::Exit, partial: bool) -> (crate::FailureKin
 }
 
 /// What decoding the frames of a stage's children needs.
-pub(crate) fn child_frames<I, O>(parts: &Parts<I, O>) -> ChildFrames<'_, I, O> {
+pub(crate) fn child_frames<I, O, F>(parts: &Parts<I, O, F>) -> ChildFrames<'_, I, O> {
     ChildFrames {
         wire: parts.wire.expect("fork stages have a codec"),
         routes: &parts.router.routes,
@@ -325,8 +325,8 @@ pub(crate) fn child_frames<I, O>(parts: &Parts<I, O>) -> ChildFrames<'_, I, O> {
 /// the item is cancelled, dead-lettered (through `dead_letter`) or dropped, counted as done,
 /// and released downstream in order.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn settle<I, O: Item>(
-    parts: &Parts<I, O>,
+pub(crate) fn settle<I, O: Item, F>(
+    parts: &Parts<I, O, F>,
     release: &mut Release<O>,
     router: &mut Router<O>,
     index: u64,

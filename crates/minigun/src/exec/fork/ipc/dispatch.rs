@@ -1,8 +1,9 @@
 //! Dispatch: which worker gets the next item, and writing items to workers.
 //!
 //! Items go to workers that are alive, taking items, and hold fewer than the window's items
-//! (`in_flight`, or what the items' time asks: `Supervisor::timed`)
-//! and fewer than [`MAX_IN_FLIGHT_BYTES`] payload bytes: in turn (round-robin) or to the one
+//! (`in_flight`, or what the items' time asks: `Supervisor::timed`; an async stage's:
+//! `asynchronous::window`) and fewer than [`MAX_IN_FLIGHT_BYTES`] payload bytes (an async
+//! stage's: `asynchronous::max_bytes`): in turn (round-robin) or to the one
 //! holding the fewest. Retries that are due go first, then new items in input order. Writes
 //! are non-blocking: a slow worker never stalls the others, and what its pipe does not take
 //! waits in its outbox for the next pass.
@@ -18,7 +19,7 @@ use std::time::Instant;
 
 /// A worker is given no more items while it holds this many payload bytes (at least one
 /// item always fits), so a large `in_flight` is safe for large items.
-const MAX_IN_FLIGHT_BYTES: usize = 1 << 20;
+pub(super) const MAX_IN_FLIGHT_BYTES: usize = 1 << 20;
 
 impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
     /// Hands items to workers while one has room: retries that are due first, then new
@@ -38,6 +39,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                         attempt: 1,
                         payload,
                         not_before: None,
+                        seq: 0,
                     },
                     Ok((index, Err((item, message)))) => {
                         // Encoding is deterministic: no retry (last attempt).
@@ -105,7 +107,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 w.open()
                     && !(self.strict && w.log.is_some())
                     && w.flights.len() < self.window
-                    && w.bytes < MAX_IN_FLIGHT_BYTES
+                    && w.bytes < self.max_bytes
             })
         });
         match self.opts.dispatch {

@@ -7,7 +7,7 @@
 //! outbox writes a payload from where it was encoded.
 
 use super::super::supervise::{feed, Wake};
-use crate::exec::parts::Parts;
+use super::IpcParts;
 use crate::exec::ForkOptions;
 use crate::ipc::frame;
 use crate::ipc::outbox::Payload;
@@ -51,7 +51,7 @@ pub(super) fn hand_off_sizes(opts: &ForkOptions) -> (usize, usize) {
 
 /// The feeder thread's body: the stage queue to the hand-off, encoded.
 pub(super) fn run<I: crate::stage::Wire, O>(
-    parts: &Parts<I, O>,
+    parts: &IpcParts<I, O>,
     opts: &ForkOptions,
     wake: &Wake,
     chunk: usize,

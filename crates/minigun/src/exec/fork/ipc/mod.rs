@@ -22,6 +22,14 @@
 //! way it died, the items queued behind it go back to the front of the queue (their attempt is
 //! not counted), and a new worker is forked in its place, after a backoff if workers keep dying.
 //! When the input ends, each worker gets `shutdown`, flushes its stage instance and exits 0.
+//!
+//! An async stage (`tasks_per_worker(n)`, [`Code::Async`]) runs the same supervisor with
+//! three differences, all in `asynchronous`: its workers (`child_async`) run up to `n` items
+//! at once on a runtime of their own and answer each as it ends, in any order (each frame
+//! names its item; an item's frames arrive together); a worker counts the items it has
+//! started in memory shared with the parent, so that when it dies the parent fails exactly
+//! the items it had started and not answered and sends the rest to other workers; and the
+//! parent's window for it is `n` plus a few, fixed.
 
 //!
 //! | file | what |
@@ -31,7 +39,10 @@
 //! | `supervisor.rs` | the supervisor's event loop, reading and handling workers' messages |
 //! | `dispatch.rs` | which worker gets the next item, writing to workers |
 //! | `recover.rs` | taking held results, protocol errors, replay, burying, respawning |
+//! | `asynchronous.rs` | what differs for an async stage's workers: answers out of order, which items a dead one had started |
 
+#[cfg(feature = "async")]
+mod asynchronous;
 mod dispatch;
 mod feed;
 mod recover;
@@ -45,6 +56,7 @@ use crate::exec::parts::{drain, Parts};
 use crate::exec::runner::{ForkHooks, PreparedRun};
 use crate::exec::ForkOptions;
 use crate::hooks;
+use crate::stage::Factory;
 use crate::stage::Wire;
 use feed::{Encoded, SPARES};
 use std::time::Duration;
@@ -60,15 +72,56 @@ pub(super) const TAKE_HELD_AFTER: Duration = Duration::from_millis(1);
 /// empty).
 pub(super) const LOOK_EVERY: Duration = Duration::from_millis(2);
 
+/// What a worker makes its stage instance with.
+pub(crate) enum Code<I, O> {
+    /// A sync stage: one item at a time, answered in order.
+    Sync(Factory<I, O>),
+    /// An async stage: up to `tasks` items at once on the worker's runtime, answered as they
+    /// end.
+    #[cfg(feature = "async")]
+    Async {
+        factory: crate::async_stage::AsyncFactory<I, O>,
+        tasks: usize,
+    },
+}
+
+/// The parts of an ipc_fork stage.
+pub(super) type IpcParts<I, O> = Parts<I, O, Code<I, O>>;
+
+impl<I, O> Code<I, O> {
+    /// A sync stage's parts.
+    pub(crate) fn sync(parts: Parts<I, O>) -> IpcParts<I, O> {
+        parts.map_factory(Code::Sync)
+    }
+
+    /// An async stage's parts, `tasks` items at once per worker.
+    #[cfg(feature = "async")]
+    pub(crate) fn asynchronous(
+        parts: crate::exec::tasks::AsyncParts<I, O>,
+        tasks: usize,
+    ) -> IpcParts<I, O> {
+        parts.map_factory(|factory| Code::Async { factory, tasks })
+    }
+
+    /// An async stage's items per worker (`None`: a sync stage).
+    pub(super) fn tasks(&self) -> Option<usize> {
+        match self {
+            Code::Sync(_) => None,
+            #[cfg(feature = "async")]
+            Code::Async { tasks, .. } => Some(*tasks),
+        }
+    }
+}
+
 /// Forks the workers (called while the run prepares, before stage threads exist).
 pub(super) fn start<I: Wire, O: Wire>(
-    parts: Parts<I, O>,
+    parts: IpcParts<I, O>,
     opts: ForkOptions,
     hooks: ForkHooks,
 ) -> PreparedRun {
     let _log = super::trace::install();
     let ctx = parts.ctx.clone();
-    let fail = move |parts: Parts<I, O>, m: String| -> PreparedRun {
+    let fail = move |parts: IpcParts<I, O>, m: String| -> PreparedRun {
         ctx.stage_failed(FailureKind::Start, m);
         Box::new(move || drain(&parts.ctx, &parts.input))
     };
@@ -88,7 +141,7 @@ pub(super) fn start<I: Wire, O: Wire>(
 }
 
 fn run<I: Wire, O: Wire>(
-    parts: Parts<I, O>,
+    parts: IpcParts<I, O>,
     opts: ForkOptions,
     hooks: ForkHooks,
     workers: Vec<Option<Worker>>,

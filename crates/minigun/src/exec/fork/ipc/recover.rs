@@ -143,7 +143,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             let w = self.workers[slot].as_mut().expect("live worker");
             let (frames, from) = (
                 super::super::supervise::child_frames(self.parts),
-                w.sender(),
+                w.sender(None),
             );
             let front = w.flights.front().map(|f| f.index);
             let next = dec.next(|kind, id, payload| {
@@ -183,7 +183,13 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         let shut_down = matches!(w.intake(), Intake::Shutdown { .. });
         let clean = shut_down && w.flights.is_empty() && exit == sys::Exit::Code(0);
         let rerun = self.lost_to_corruption(slot, &mut w);
-        self.judge_death(slot, &mut w, exit, clean, rerun.is_some());
+        match self.tasks {
+            None => self.judge_death(slot, &mut w, exit, clean, rerun.is_some()),
+            #[cfg(feature = "async")]
+            Some(_) => self.judge_async_death(slot, &mut w, exit, clean),
+            #[cfg(not(feature = "async"))]
+            Some(_) => unreachable!("async stages need the feature"),
+        }
         let cancelled = self.parts.ctx.run.aborting();
         self.requeue(slot, &mut w, rerun.unwrap_or_default(), cancelled);
         if cancelled {
@@ -242,15 +248,8 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
     ) {
         let pid = Some(w.child.pid as u32);
         if let Intake::StartFailed(m) = w.intake() {
-            self.deaths += 1;
-            if self.deaths as usize > 3 * self.workers.len() {
-                self.parts.ctx.stage_failed(
-                    FailureKind::Start,
-                    format!("workers keep failing to start: {m}"),
-                );
-            } else {
-                tracing::warn!(stage = %self.parts.ctx.name, slot, message = %m, "worker failed to start");
-            }
+            let m = m.clone();
+            self.start_failure(slot, &m);
         } else if let Some(front) = w.flights.pop_front() {
             let kill = w.kill();
             let (kind, message) = match (kill.map(|k| k.why), w.stream.corrupt.take()) {
@@ -280,6 +279,19 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             self.deaths += 1;
             let (_, m) = exit_failure(exit, false);
             tracing::warn!(stage = %self.parts.ctx.name, slot, message = %m, "idle worker died");
+        }
+    }
+
+    /// A worker failed to start (`m`): the stage fails once workers keep failing to start.
+    pub(super) fn start_failure(&mut self, slot: usize, m: &str) {
+        self.deaths += 1;
+        if self.deaths as usize > 3 * self.workers.len() {
+            self.parts.ctx.stage_failed(
+                FailureKind::Start,
+                format!("workers keep failing to start: {m}"),
+            );
+        } else {
+            tracing::warn!(stage = %self.parts.ctx.name, slot, message = %m, "worker failed to start");
         }
     }
 

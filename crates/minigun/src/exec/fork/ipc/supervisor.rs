@@ -4,12 +4,13 @@
 //! `recover`.
 
 use super::super::supervise::{earliest, Handoff, Killed, PollSet, Wake};
+use super::dispatch::MAX_IN_FLIGHT_BYTES;
 use super::feed::{Encoded, LARGE_ITEM, MAX_SPARE};
 use super::worker::{Flight, Worker};
+use super::IpcParts;
 use super::{LOOK_EVERY, TAKE_HELD_AFTER};
 use crate::error::FailureKind;
 use crate::exec::order::Release;
-use crate::exec::parts::Parts;
 use crate::exec::runner::ForkHooks;
 use crate::exec::ForkOptions;
 use crate::ipc::message::{Done, FromChild};
@@ -20,10 +21,12 @@ use crate::stats::Recorder;
 use crossbeam_channel::Receiver;
 use rustix::event::{PollFd, PollFlags};
 use std::collections::VecDeque;
+#[cfg(feature = "async")]
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 pub(super) struct Supervisor<'a, I, O> {
-    pub(super) parts: &'a Parts<I, O>,
+    pub(super) parts: &'a IpcParts<I, O>,
     pub(super) opts: &'a ForkOptions,
     pub(super) hooks: &'a ForkHooks,
     pub(super) workers: Vec<Option<Worker>>,
@@ -60,6 +63,13 @@ pub(super) struct Supervisor<'a, I, O> {
     /// With `in_flight_auto`: the items' recent run time in the workers, in ns (a moving
     /// average), once one has been timed.
     pub(super) item_ns: Option<u64>,
+    /// Payload bytes a worker holds at most.
+    pub(super) max_bytes: usize,
+    /// An async stage: items each worker runs at once (see `asynchronous`).
+    pub(super) tasks: Option<usize>,
+    /// An async stage: per slot, the item whose frames are arriving, with its outputs so far.
+    #[cfg(feature = "async")]
+    pub(super) answering: Vec<Option<super::asynchronous::Answering<O>>>,
 }
 
 /// With `in_flight_auto`, the fewest items a worker holds: one running and the next in its
@@ -68,7 +78,7 @@ pub(super) const AUTO_MIN: usize = 2;
 
 impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
     pub(super) fn new(
-        parts: &'a Parts<I, O>,
+        parts: &'a IpcParts<I, O>,
         opts: &'a ForkOptions,
         hooks: &'a ForkHooks,
         workers: Vec<Option<Worker>>,
@@ -100,7 +110,27 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
                 false => opts.in_flight.max(1),
             },
             item_ns: None,
+            max_bytes: MAX_IN_FLIGHT_BYTES,
+            tasks: parts.factory.tasks(),
+            #[cfg(feature = "async")]
+            answering: (0..opts.workers).map(|_| None).collect(),
         }
+        .sized_for_async()
+    }
+
+    /// An async stage's workers get a fixed window of their own (see `asynchronous`).
+    fn sized_for_async(self) -> Self {
+        #[cfg(feature = "async")]
+        if let Some(n) = self.tasks {
+            let window = super::asynchronous::window(n);
+            let max_bytes = super::asynchronous::max_bytes(window);
+            return Supervisor {
+                window,
+                max_bytes,
+                ..self
+            };
+        }
+        self
     }
 
     /// The event loop. Each pass: handle an abort; replace dead workers whose backoff has
@@ -121,6 +151,7 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
                 break;
             }
             self.write_inputs();
+            self.show_in_flight();
             self.wake.sleepy();
             if self.can_dispatch_more() {
                 self.wake.awake();
@@ -293,6 +324,17 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
         if self.done > 0 {
             self.parts.ctx.items_done(std::mem::take(&mut self.done));
         }
+        self.show_in_flight();
+    }
+
+    /// For an async stage: the stage's in-flight count for live views (see
+    /// `async_in_flight`).
+    fn show_in_flight(&self) {
+        #[cfg(feature = "async")]
+        if self.tasks.is_some() {
+            let n = self.async_in_flight() as u64;
+            self.parts.ctx.stats.in_flight.store(n, Ordering::Relaxed);
+        }
     }
 
     /// Reads what a worker sent: routes results, completes and fails its items in order.
@@ -314,10 +356,11 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
             w.stream.read_available();
             let mut progressed = false;
             loop {
+                let answering = self.answering_id(slot);
                 let w = self.workers[slot].as_mut().expect("live worker");
                 let (frames, from) = (
                     super::super::supervise::child_frames(self.parts),
-                    w.sender(),
+                    w.sender(answering),
                 );
                 let next = w.stream.dec.next(|kind, id, payload| {
                     frames.decode(from, kind, id, payload).map(|m| (id, m))
@@ -327,7 +370,16 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
                     Ok(Some(m)) => {
                         progressed = true;
                         match m {
-                            Ok((id, m)) => self.event(slot, id, m, now),
+                            Ok((id, m)) if self.tasks.is_none() => self.event(slot, id, m, now),
+                            #[cfg(feature = "async")]
+                            Ok((id, m)) => {
+                                if let Err(e) = self.async_event(slot, id, m, now) {
+                                    self.protocol_error(slot, e);
+                                    return;
+                                }
+                            }
+                            #[cfg(not(feature = "async"))]
+                            Ok(_) => unreachable!("async stages need the feature"),
                             Err(e) => {
                                 self.protocol_error(slot, e.to_string());
                                 return;
@@ -343,6 +395,20 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
             let w = self.workers[slot].as_ref().expect("live worker");
             if !progressed || w.stream.eof {
                 return;
+            }
+        }
+    }
+
+    /// `flight` succeeded (its outputs were emitted): it is released downstream and counted
+    /// done at the next send, its worker may be due for recycling, and a large item's
+    /// buffer goes back to the feeder.
+    pub(super) fn succeeded(&mut self, slot: usize, flight: Flight, now: Instant) {
+        self.release.finished(flight.index, &mut self.router);
+        self.done += 1;
+        self.recycle_if_due(slot, now);
+        if flight.payload.len() >= LARGE_ITEM {
+            if let Some(buf) = flight.payload.into_buffer(MAX_SPARE) {
+                let _ = self.spares.try_send(buf);
             }
         }
     }
@@ -383,14 +449,7 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
                 if d.outputs == results {
                     self.rec.latency_busy_local(d.latency_ns, busy);
                     self.timed(d.latency_ns);
-                    self.release.finished(flight.index, &mut self.router);
-                    self.done += 1;
-                    self.recycle_if_due(slot, now);
-                    if flight.payload.len() >= LARGE_ITEM {
-                        if let Some(buf) = flight.payload.into_buffer(MAX_SPARE) {
-                            let _ = self.spares.try_send(buf);
-                        }
-                    }
+                    self.succeeded(slot, flight, now);
                 } else {
                     let m = format!(
                         "worker reported {} results, parent received {results}",
@@ -421,6 +480,16 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
 }
 
 impl<I, O> Supervisor<'_, I, O> {
+    /// For an async worker: the item some of whose frames have arrived from `slot`.
+    fn answering_id(&self, slot: usize) -> Option<u64> {
+        #[cfg(feature = "async")]
+        if self.tasks.is_some() {
+            return self.answering[slot].as_ref().map(|a| a.id);
+        }
+        let _ = slot;
+        None
+    }
+
     /// With `in_flight_auto`: an item ran `ns` in its worker. Each worker then holds about
     /// [`Exec::IN_FLIGHT_AHEAD`](crate::Exec::IN_FLIGHT_AHEAD) of work by the average of
     /// recent items (the first sets it, each later one moves it by a sixteenth of the

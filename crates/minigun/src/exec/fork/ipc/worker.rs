@@ -2,7 +2,7 @@
 
 use super::super::child;
 use super::super::supervise::{end_child, result_pipe, Killed, PIPE_SIZE};
-use crate::exec::parts::Parts;
+use super::{Code, IpcParts};
 use crate::exec::runner::ForkHooks;
 use crate::exec::ForkOptions;
 use crate::ipc::frame::Kind;
@@ -22,6 +22,9 @@ pub(super) struct Flight {
     pub(super) attempt: u32,
     pub(super) payload: Payload,
     pub(super) not_before: Option<Instant>,
+    /// Its place among the items handed to its worker (0 for the first); an async worker
+    /// has started it once its count of started items is past this.
+    pub(super) seq: u64,
 }
 
 pub(super) struct Worker {
@@ -52,6 +55,9 @@ pub(super) struct Worker {
     pub(super) handed: u64,
     /// When its resident memory was last read (for `max_worker_rss`).
     pub(super) rss_read: Instant,
+    /// An async stage's worker: word 0 counts the items it has started (see
+    /// `asynchronous`), in memory it shares with the parent.
+    pub(super) started: Option<sys::SharedMem>,
 }
 
 /// Whether a worker takes items.
@@ -117,6 +123,7 @@ impl Life {
 impl Worker {
     fn new(child: sys::Child, log: Option<ResultsLog>, input: OwnedFd, stream: Stream) -> Self {
         Worker {
+            started: None,
             child,
             log,
             input: Some(input),
@@ -250,13 +257,15 @@ impl Worker {
         self.life = Life::Exited { intake, kill, exit };
     }
 
-    /// `flight` goes to the worker; as its front, it starts its time limit now.
-    pub(super) fn push(&mut self, flight: Flight, now: Instant, timeout: Option<Duration>) {
+    /// `flight` goes to the worker; as its front, it starts its time limit now (an async
+    /// worker's: see `asynchronous::STALL_GRACE`).
+    pub(super) fn push(&mut self, mut flight: Flight, now: Instant, timeout: Option<Duration>) {
         self.out.push_item(flight.index, &flight.payload);
         if self.flights.is_empty() {
             self.front_since = Some(now);
-            self.item_deadline = timeout.map(|t| now + t);
+            self.item_deadline = self.time_limit(now, timeout);
         }
+        flight.seq = self.handed;
         self.bytes += flight.payload.len();
         self.handed += 1;
         self.flights.push_back(flight);
@@ -277,6 +286,36 @@ impl Worker {
         flight
     }
 
+    /// The time limit of the worker's front item when it starts at `now`: `timeout`; for an
+    /// async worker, which times its items itself, the time it may go without answering.
+    fn time_limit(&self, now: Instant, timeout: Option<Duration>) -> Option<Instant> {
+        match self.started {
+            None => timeout.map(|t| now + t),
+            #[cfg(feature = "async")]
+            Some(_) => timeout.map(|t| now + t + super::asynchronous::STALL_GRACE),
+            #[cfg(not(feature = "async"))]
+            Some(_) => None,
+        }
+    }
+
+    /// An async worker answered item `index` at `now` (`None`: it holds no such item): its
+    /// flight leaves, and the worker's time limit starts again if it holds more.
+    #[cfg(feature = "async")]
+    pub(super) fn answered(
+        &mut self,
+        index: u64,
+        now: Instant,
+        timeout: Option<Duration>,
+    ) -> Option<Flight> {
+        let at = self.flights.iter().position(|f| f.index == index)?;
+        let flight = self.flights.remove(at).expect("position is inside");
+        self.bytes -= flight.payload.len();
+        let more = !self.flights.is_empty();
+        self.front_since = more.then_some(now);
+        self.item_deadline = self.time_limit(now, timeout).filter(|_| more);
+        Some(flight)
+    }
+
     /// Writes as much of the worker's pending input as its pipe takes now; closes the input
     /// after the shutdown frame is out.
     pub(super) fn flush_input(&mut self) {
@@ -290,10 +329,14 @@ impl Worker {
         }
     }
 
-    /// The sender of the worker's frames, as decoding them needs to know it.
-    pub(super) fn sender(&self) -> Sender {
-        Sender::Worker {
-            running: self.flights.front().map(|f| f.index),
+    /// The sender of the worker's frames, as decoding them needs to know it (`answering`:
+    /// for an async worker, the item some of whose frames have arrived).
+    pub(super) fn sender(&self, answering: Option<u64>) -> Sender {
+        match self.started {
+            None => Sender::Worker {
+                running: self.flights.front().map(|f| f.index),
+            },
+            Some(_) => Sender::AsyncWorker { answering },
         }
     }
 }
@@ -308,7 +351,7 @@ impl Drop for Worker {
 }
 
 pub(super) fn spawn<I: Wire, O: Wire>(
-    parts: &Parts<I, O>,
+    parts: &IpcParts<I, O>,
     opts: &ForkOptions,
     hooks: &ForkHooks,
     slot: usize,
@@ -319,17 +362,51 @@ pub(super) fn spawn<I: Wire, O: Wire>(
     sys::set_nonblocking(&in_w)?;
     sys::grow_pipe(&in_w, PIPE_SIZE);
     let keep = [sys::raw(&in_r), sys::raw(&out_w)];
-    let mut log = match batched {
-        true => Some(ResultsLog::new(LOG_BYTES)?),
-        false => None,
+    let name = format!("mg:{}#{slot}", parts.ctx.name);
+    let (routes, max) = (&parts.router.routes, opts.max_frame);
+    let wire = parts.wire.expect("fork stages have a codec");
+    let (child, log, started) = match &parts.factory {
+        Code::Sync(factory) => {
+            let mut log = match batched {
+                true => Some(ResultsLog::new(LOG_BYTES)?),
+                false => None,
+            };
+            let child_log = log.as_mut();
+            let code = child::StageCode {
+                factory,
+                after_fork: &hooks.after_fork,
+                max,
+                routes,
+                wire,
+            };
+            let child = sys::fork_child(&keep, &name, move || {
+                child::ipc_worker::<I, O>(in_r, out_w, child_log, &code)
+            })?;
+            (child, log, None)
+        }
+        #[cfg(feature = "async")]
+        Code::Async { factory, tasks } => {
+            let started = sys::SharedMem::new(0)?;
+            let code = super::super::child_async::AsyncCode {
+                factory,
+                after_fork: &hooks.after_fork,
+                max,
+                routes,
+                wire,
+                tasks: *tasks,
+                timeout: opts.timeout,
+                started: started.word(0),
+            };
+            let child = sys::fork_child(&keep, &name, move || {
+                super::super::child_async::worker::<I, O>(in_r, out_w, &code)
+            })?;
+            (child, None, Some(started))
+        }
     };
-    let child_log = log.as_mut();
-    let code = child::StageCode::new(parts, &hooks.after_fork, opts.max_frame);
-    let child = sys::fork_child(&keep, &format!("mg:{}#{slot}", parts.ctx.name), move || {
-        child::ipc_worker::<I, O>(in_r, out_w, child_log, &code)
-    })?;
     parts.ctx.stats.child_started(child.pid);
-    Ok(Worker::new(child, log, in_w, stream))
+    let mut w = Worker::new(child, log, in_w, stream);
+    w.started = started;
+    Ok(w)
 }
 
 #[cfg(test)]
@@ -354,6 +431,7 @@ mod tests {
             attempt: 1,
             payload: Payload::own(vec![1, 2, 3]),
             not_before: None,
+            seq: 0,
         }
     }
 
