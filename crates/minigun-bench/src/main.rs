@@ -16,7 +16,7 @@
 //! | W5 | 5 ms CPU per item | ipc_fork(2) | ideal: workers / 5 ms (and raw spinners) |
 //! | W6 | 4-stage in-process chain | inline, threads(4) | crossbeam thread chain |
 //! | W7 | remote stage over a private redis-server: a) 1M u64 `batch(64)`, b) 1 KiB `batch(1)`, c) round trip, d) reclaim after kill -9 | remote(redis), 2 worker processes | `redis`-crate XADD/XREADGROUP loop |
-//! | W8 | async stages: a) 20,000 items awaiting 20 ms, b) 100,000 TCP echo requests, c) 10,000 in flight (RSS growth), d) a trivial map | tasks(1000) and threads(1000), tasks(256), tasks(10000), tasks(256) | a) ideal n / 20 ms (and asyncio with `--python`), b) hand-written `buffer_unordered(256)`, c) 64 MiB, d) the map inline |
+//! | W8 | async stages: a) 20,000 items awaiting 20 ms, b) 100,000 TCP echo requests, c) 10,000 in flight (RSS growth), d) a trivial map | tasks(1000) and threads(1000), ipc_fork(2).tasks_per_worker(500), tasks(256), tasks(10000), tasks(256) | a) ideal n / 20 ms (and asyncio with `--python`), b) hand-written `buffer_unordered(256)`, c) 64 MiB, d) the map inline |
 //!
 //! W7's workers are this binary re-executed with a hidden first argument (see `w7_remote`).
 //!

@@ -2,7 +2,8 @@
 //!
 //! - a) 20,000 items that each await a 20 ms timer, `tasks(1000)`, against the ideal rate
 //!   n / 20 ms; `threads(1000)` sleeping 20 ms per item beside it (and, with `--python`,
-//!   asyncio with a semaphore of 1,000);
+//!   asyncio with a semaphore of 1,000); and the same under `ipc_fork(2).tasks_per_worker(500)`
+//!   (two forked workers, each with its own runtime), against 1,000 / 20 ms;
 //! - b) 100,000 requests to a local TCP echo server this job starts (8-byte request and
 //!   reply over a pool of 256 kept-alive connections), `tasks(256)`, against a hand-written
 //!   `buffer_unordered(256)` loop over the same client;
@@ -11,7 +12,7 @@
 //! - d) per-item cost of a trivial async map (a ready future) under `tasks(256)` against the
 //!   same map inline.
 
-use crate::common::{best_of_pair, progress, timed, Cfg, Row};
+use crate::common::{best_of, best_of_pair, progress, timed, Cfg, Row};
 use futures::StreamExt;
 use minigun::{Exec, Pipeline};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -23,6 +24,7 @@ use tokio::net::TcpStream;
 pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
     let mut rows = w8c();
     rows.extend(w8a(cfg));
+    rows.extend(w8a_ipc(cfg));
     rows.extend(w8b(cfg));
     rows.extend(w8d(cfg));
     rows
@@ -92,6 +94,36 @@ fn w8a(cfg: &Cfg) -> Vec<Row> {
         .floor(ideal)
         .note("floor = ideal n / 20 ms"),
     ]
+}
+
+/// W8a under `ipc_fork(2).tasks_per_worker(500)`: the same 20 ms timers, 500 in flight in
+/// each of two forked workers (each with its own current-thread runtime), against the ideal
+/// rate 1,000 / 20 ms.
+fn w8a_ipc(cfg: &Cfg) -> Vec<Row> {
+    const WORKERS: usize = 2;
+    const N: usize = 500;
+    const WAIT: Duration = Duration::from_millis(20);
+    let items = cfg.size(20_000, 4_000);
+    let ideal = (WORKERS * N) as f64 / WAIT.as_secs_f64();
+    progress(format!(
+        "W8a {items} items awaiting 20 ms: ipc_fork({WORKERS}).tasks_per_worker({N})"
+    ));
+    let (wall, sum) = best_of(cfg.reps, || {
+        through(items, |p| {
+            p.map_async("wait", |x: u64| async move {
+                tokio::time::sleep(WAIT).await;
+                Ok(x)
+            })
+            .ipc_fork(WORKERS)
+            .tasks_per_worker(N);
+        })
+    });
+    assert_eq!(sum, items * (items - 1) / 2, "W8a ipc_fork: wrong sum");
+    let exec = format!("ipc_fork({WORKERS}).tasks_per_worker({N})");
+    vec![Row::new("W8", "minigun", exec, WORKERS * N, items, wall)
+        .variant("a: await 20 ms timer, in forked workers")
+        .floor(ideal)
+        .note("floor = ideal 2 x 500 / 20 ms")]
 }
 
 /// A pool of kept-alive connections to the echo server; at most one request on each.

@@ -234,12 +234,26 @@ fn each_worker_runs_exactly_n_at_once_with_its_hooks_and_leaves_nothing_behind()
     let (fds, threads) = before.unwrap();
     // The thread that ran the run, and the server's side of the last sockets, end on their
     // own time.
-    wait_until(
-        "threads and descriptors back",
-        Duration::from_secs(10),
-        || common::threads() == threads && common::open_fds() == fds,
+    let back = || common::threads() == threads && common::open_fds() == fds;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !back() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let links = || {
+        let mut v: Vec<String> = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .map(|e| format!("{:?}", std::fs::read_link(e.path())))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        common::open_fds(),
+        fds,
+        "file descriptors left open: {:?}",
+        links()
     );
-    assert_eq!(common::open_fds(), fds, "file descriptors left open");
     assert_eq!(common::threads(), threads, "threads left running");
 }
 
@@ -296,6 +310,38 @@ fn a_worker_killed_mid_flight_fails_exactly_the_items_it_had_started() {
     }
     assert_eq!((s.items_in, s.items_out, s.failed), (N, N - 10, 10));
     assert_eq!((s.retried, s.cancelled), (0, 0));
+    assert_no_children();
+}
+
+#[test]
+fn an_abort_fails_the_items_its_worker_had_started_and_no_other() {
+    let p = Pipeline::new("aborted");
+    gen(&p, 300);
+    p.map_async("work", |x: u64| async move {
+        if x == 37 {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            std::process::abort();
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Ok((x, std::process::id()))
+    })
+    .ipc_fork(2)
+    .tasks_per_worker(6);
+    let got = collect(&p);
+    let r = run_bounded(p).expect("the run goes on");
+    let failed: HashSet<u64> = r.failures.iter().map(|f| f.item.unwrap()).collect();
+    assert!(failed.contains(&37), "{:?}", r.failures);
+    // Besides it, at most the other items its worker was running.
+    assert!(failed.len() <= 6, "{:?}", r.failures);
+    let pid = r.failures[0].pid;
+    for f in &r.failures {
+        assert_eq!(f.kind, FailureKind::Signal(libc::SIGABRT), "{f:?}");
+        assert_eq!(f.pid, pid, "{f:?}");
+    }
+    let want: Vec<u64> = (0..300).filter(|x| !failed.contains(x)).collect();
+    assert_eq!(items(&got), want, "every other item completed once");
+    let s = r.stage("work").unwrap();
+    assert_eq!(s.items_out + s.failed, 300);
     assert_no_children();
 }
 
@@ -510,8 +556,11 @@ fn mis_combinations_are_definition_errors_naming_the_stage() {
             .executor(exec);
         p.build().unwrap_err()
     };
-    // Under cow_fork, or ipc_fork without tasks_per_worker.
-    for exec in [Exec::cow_fork(2), Exec::ipc_fork(2)] {
+    // Under cow_fork, ipc_fork without tasks_per_worker, or remote.
+    let remote = Exec::remote(minigun::remote::Remote::new(
+        minigun::remote::MemoryBroker::new(),
+    ));
+    for exec in [Exec::cow_fork(2), Exec::ipc_fork(2), remote] {
         let name = exec.to_string();
         match async_under(exec) {
             DefinitionError::AsyncStageNeedsTasks { stage, executor } => {

@@ -560,6 +560,69 @@ mod tests {
         ));
     }
 
+    #[cfg(feature = "async")]
+    #[test]
+    fn async_stages_run_under_ipc_fork_with_tasks_per_worker() {
+        let asynchronous = |explicit, crosses| Stage {
+            is_async: true,
+            ..stage(StageKind::Processor, explicit, crosses)
+        };
+        let sync = |explicit| stage(StageKind::Processor, explicit, Crosses::Both);
+        let ipc = Exec::ipc_fork(3).tasks_per_worker(50).ordered();
+        for explicit in [true, false] {
+            let s = asynchronous(explicit, Crosses::Both);
+            assert_eq!(fit(s, ipc.clone(), ENV).unwrap(), ipc);
+        }
+        assert_eq!(ipc.concurrency(), 150);
+        assert_eq!(ipc.in_flight_limit(), Some(150));
+        assert_eq!(ipc.to_string(), "ipc_fork(3) tasks_per_worker(50)");
+        // Where it cannot fork, or an inherited setting whose types cannot cross: tasks with
+        // as many in flight, its options kept.
+        let tasks = Exec::tasks(150).ordered();
+        let s = asynchronous(true, Crosses::Both);
+        assert_eq!(fit(s, ipc.clone(), NO_FORK).unwrap(), tasks);
+        let s = asynchronous(false, Crosses::Nothing);
+        assert_eq!(fit(s, ipc.clone(), ENV).unwrap(), tasks);
+        let s = asynchronous(true, Crosses::Nothing);
+        assert!(matches!(
+            fit(s, ipc.clone(), ENV),
+            Err(DefinitionError::NotSerialisable { .. })
+        ));
+        // Without tasks_per_worker, or beside a fixed in_flight, an async stage's own
+        // ipc_fork is refused.
+        let s = asynchronous(true, Crosses::Both);
+        assert!(matches!(
+            fit(s, Exec::ipc_fork(3), ENV),
+            Err(DefinitionError::AsyncStageNeedsTasks { .. })
+        ));
+        assert!(matches!(
+            fit(s, ipc.clone().in_flight(8), ENV),
+            Err(DefinitionError::OptionNotForExecutor {
+                option: "in_flight",
+                ..
+            })
+        ));
+        // A sync stage: refused as its own, dropped when inherited.
+        assert!(matches!(
+            fit(sync(true), ipc.clone(), ENV),
+            Err(DefinitionError::TasksNeedAsyncStage { .. })
+        ));
+        assert_eq!(
+            fit(sync(false), ipc, ENV).unwrap(),
+            Exec::ipc_fork(3).ordered()
+        );
+        // Only ipc_fork takes it.
+        for exec in [Exec::cow_fork(2), Exec::tasks(4), Exec::threads(2)] {
+            assert!(matches!(
+                fit(s, exec.tasks_per_worker(4), ENV),
+                Err(DefinitionError::OptionNotForExecutor {
+                    option: "tasks_per_worker",
+                    ..
+                })
+            ));
+        }
+    }
+
     #[test]
     fn without_fork_a_fork_stage_runs_inline() {
         let s = stage(StageKind::Custom, true, Crosses::Both);

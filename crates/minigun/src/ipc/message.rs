@@ -546,6 +546,42 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn an_async_worker_names_any_item_but_never_two_at_once() {
+        let routes = fuzz_routes();
+        let f = frames(&routes);
+        let mut buf = Vec::new();
+        push_result(&mut buf, 9, &"x".to_string(), encode_string, MAX).unwrap();
+        let result = buf.clone();
+        let idle = Sender::AsyncWorker { answering: None };
+        let busy = Sender::AsyncWorker { answering: Some(9) };
+        let decode = |from, id| {
+            let mut dec = frame::Decoder::new(MAX);
+            dec.extend(&result);
+            dec.next(|kind, _, payload| f.decode(from, kind, id, payload).map(|_| ()))
+                .unwrap()
+                .unwrap()
+        };
+        // Any item while none is half-answered; only that one while one is.
+        assert!(decode(idle, 9).is_ok() && decode(idle, 3).is_ok());
+        assert!(decode(busy, 9).is_ok() && decode(busy, FINISH_ID).is_ok());
+        assert_eq!(
+            decode(busy, 3).unwrap_err().to_string(),
+            "frame for item 3 while the worker runs item Some(9)"
+        );
+        // It joins result and done, as a sync worker does.
+        let start = push_result(&mut buf, 9, &"y".to_string(), encode_string, MAX).unwrap();
+        assert!(join_done(&mut buf, start, 7, MAX));
+        let mut dec = frame::Decoder::new(MAX);
+        dec.extend(&buf);
+        dec.next(|_, _, _| ()).unwrap().unwrap();
+        let joined = dec
+            .next(|kind, id, payload| f.decode(busy, kind, id, payload))
+            .unwrap()
+            .unwrap();
+        assert!(matches!(joined, Ok(FromChild::ResultDone(s, 7)) if s == "y"));
+    }
+
     proptest! {
         #[test]
         fn any_payload_of_any_kind_decodes_or_errs(kind in 1u8..=8, id in 0u64..4, payload in proptest::collection::vec(any::<u8>(), 0..64)) {
