@@ -1,6 +1,7 @@
 //! What an async stage is to its user: the [`AsyncStage`] trait, the [`AsyncOutput`] its
 //! futures emit into, and the closure adapters behind `map_async`, `processor_async` and
-//! `consumer_async`. They run under [`Exec::tasks`](crate::Exec::tasks) (`exec/tasks.rs`).
+//! `consumer_async`. They run under [`Exec::tasks`](crate::Exec::tasks) (`exec/tasks.rs`), or
+//! in forked workers under `ipc_fork(k).tasks_per_worker(n)` (`exec/fork/child_async.rs`).
 //!
 //! An item's future owns everything it uses (it is `'static`: it runs on the runtime, apart
 //! from the stage's thread). What it emits is kept with the item and leaves through the
@@ -16,8 +17,9 @@ use std::any::Any;
 use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 
-/// A user-defined async stage: one instance per stage, shared by the items in flight
-/// (`&self`: keep mutable state behind a lock or an atomic).
+/// A user-defined async stage: one instance per stage (under `ipc_fork`, one per worker,
+/// made in the worker), shared by the items in flight (`&self`: keep mutable state behind a
+/// lock or an atomic).
 ///
 /// ```
 /// use minigun::{AsyncOutput, AsyncStage, Exec, Pipeline, StageResult};

@@ -88,7 +88,9 @@
 //! - Many requests waiting at once (HTTP, databases, object stores): an async stage
 //!   ([`Pipeline::map_async`] and its siblings) under **`tasks(n)`** ([`Exec::tasks`]): at most
 //!   `n` futures in flight on a tokio runtime, thousands without a thread each, with the
-//!   queues, policies and report of every other stage.
+//!   queues, policies and report of every other stage. With crash isolation too:
+//!   **`ipc_fork(k).tasks_per_worker(n)`** ([`Exec::tasks_per_worker`]), `n` futures in each
+//!   of `k` forked workers, each with a runtime it builds after the fork.
 //! - Data that cannot be serialised: inline, threads or tasks.
 //!
 //! Errors mean the same under every executor: a stage returns `Result`, a panic is caught, and
@@ -107,7 +109,7 @@
 //! - **Deadlocks or misbehaves:** taking a mutex another parent thread may have held at the
 //!   instant of fork (it stays locked forever in the child); using the parent's thread pools,
 //!   async runtimes or channels (their threads do not exist in the child; rayon's pool is one
-//!   of them); relying on a connection or socket inherited from the parent (reconnect in
+//!   of them; an async stage under ipc_fork gets a runtime of its worker's own); relying on a connection or socket inherited from the parent (reconnect in
 //!   `after_fork` instead: two processes sharing one connection corrupt it); in the host
 //!   program, installing scoped `tracing` dispatchers (`set_default`, `with_default`) on other
 //!   threads while fork stages run (it takes tracing's global lock, which a child may then
@@ -123,7 +125,8 @@
 //!
 //! - `async` (default): async stages ([`Pipeline::map_async`], [`Pipeline::processor_async`],
 //!   [`Pipeline::consumer_async`], [`Pipeline::stage_async`] with [`AsyncStage`]),
-//!   [`Exec::tasks`], and [`Pipeline::run_async`] to await a run from a tokio application. It
+//!   [`Exec::tasks`] and [`Exec::tasks_per_worker`], and [`Pipeline::run_async`] to await a
+//!   run from a tokio application. It
 //!   brings in tokio and futures; `default-features = false` leaves them out of a sync-only
 //!   build.
 //!

@@ -463,6 +463,95 @@ fn a_failed_attempt_is_retried_by_the_stage_policy() {
 }
 
 #[test]
+fn failed_items_reach_the_dead_letter_stage_after_their_retries() {
+    let dead = Arc::new(Mutex::new(Vec::new()));
+    let p = Pipeline::new("dead-letters");
+    gen(&p, 20);
+    let s = p
+        .map_async("odd-fails", |x: u64| async move {
+            tokio::task::yield_now().await;
+            if x % 2 == 1 {
+                return Err(format!("odd {x}").into());
+            }
+            Ok((x, std::process::id()))
+        })
+        .ipc_fork(2)
+        .tasks_per_worker(4)
+        .stage()
+        .on_error(OnError::retry(2));
+    let got = collect(&p);
+    let d = dead.clone();
+    let dl = p.consumer("dead", move |f: minigun::Failed<u64>| {
+        d.lock()
+            .unwrap()
+            .push((f.item, f.failure.attempt, f.failure.kind));
+        Ok(())
+    });
+    s.dead_letter(&dl);
+    let r = run_bounded(p).expect("run");
+    let mut dead = dead.lock().unwrap().clone();
+    dead.sort_unstable_by_key(|d| d.0);
+    let want: Vec<_> = (1..20)
+        .step_by(2)
+        .map(|x| (x, 3, FailureKind::Error))
+        .collect();
+    assert_eq!(dead, want);
+    assert_eq!(items(&got), (0..20).step_by(2).collect::<Vec<_>>());
+    let st = r.stage("odd-fails").unwrap();
+    assert_eq!((st.retried, st.dead_lettered, st.failed), (20, 10, 10));
+}
+
+#[test]
+fn a_recycled_worker_answers_what_it_holds_and_is_replaced() {
+    let p = Pipeline::new("recycled");
+    gen(&p, 120);
+    p.map_async("work", |x: u64| async move {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        Ok((x, std::process::id()))
+    })
+    .ipc_fork(2)
+    .tasks_per_worker(4)
+    .max_items_per_worker(20);
+    let got = collect(&p);
+    let r = run_bounded(p).expect("run");
+    assert_eq!(items(&got), (0..120).collect::<Vec<_>>());
+    let s = r.stage("work").unwrap();
+    assert_eq!((s.items_out, s.failed, s.cancelled), (120, 0, 0));
+    assert!(s.recycled_workers >= 4, "{s:?}");
+    let pids: HashSet<u32> = got.lock().unwrap().iter().map(|x| x.1).collect();
+    assert!(pids.len() >= 5, "{pids:?}");
+    assert_no_children();
+}
+
+#[test]
+fn a_worker_whose_runtime_is_blocked_is_killed_and_its_started_items_time_out() {
+    let p = Pipeline::new("blocked");
+    gen(&p, 40);
+    p.map_async("work", |x: u64| async move {
+        if x == 5 {
+            // Blocks the worker's only thread: no timer of its runtime fires.
+            std::thread::sleep(Duration::from_secs(60));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Ok((x, std::process::id()))
+    })
+    .ipc_fork(2)
+    .tasks_per_worker(3)
+    .timeout(Duration::from_millis(200));
+    let got = collect(&p);
+    let r = run_bounded(p).expect("run");
+    let failed: HashSet<u64> = r.failures.iter().map(|f| f.item.unwrap()).collect();
+    assert!(failed.contains(&5) && failed.len() <= 3, "{:?}", r.failures);
+    for f in &r.failures {
+        assert_eq!(f.kind, FailureKind::Timeout, "{f:?}");
+        assert!(f.message.contains("answered no item"), "{f:?}");
+    }
+    let want: Vec<u64> = (0..40).filter(|x| !failed.contains(x)).collect();
+    assert_eq!(items(&got), want);
+    assert_no_children();
+}
+
+#[test]
 fn ordered_results_leave_in_input_order() {
     let p = Pipeline::new("ordered");
     gen(&p, 300);

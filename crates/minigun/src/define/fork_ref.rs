@@ -169,6 +169,8 @@ impl<I, O, K: ForkKind> ForkRef<I, O, K> {
 
     /// Per-item time limit: a child still running an item after `limit` is killed (SIGTERM,
     /// then SIGKILL) and the item fails with [`FailureKind::Timeout`](crate::FailureKind::Timeout).
+    /// For an async stage under ipc_fork, the item's future is dropped inside its worker,
+    /// which lives on (see [`Exec::tasks_per_worker`](crate::Exec::tasks_per_worker)).
     pub fn timeout(&self, limit: Duration) -> Self {
         self.option("timeout", |e| e.timeout(limit))
     }

@@ -1,5 +1,7 @@
 //! The async stages of a [`Pipeline`]: their code returns a future per item, and they run
-//! under [`Exec::tasks`](crate::Exec::tasks) (feature `async`).
+//! under [`Exec::tasks`](crate::Exec::tasks), or in forked workers under
+//! [`Exec::ipc_fork`](crate::Exec::ipc_fork) with
+//! [`tasks_per_worker`](crate::Exec::tasks_per_worker) (feature `async`).
 
 use super::{Pipeline, StageRef};
 use crate::async_stage::{AsyncFactory, AsyncOutput, AsyncStage, FnAsync};
@@ -13,7 +15,9 @@ use std::sync::Arc;
 impl Pipeline {
     /// An async processor: called once per item, its future emits 0..n items into the
     /// [`AsyncOutput`] it owns. Runs under [`Exec::tasks`](crate::Exec::tasks) (an inherited
-    /// inline setting is `tasks(1)`, `threads(n)` is `tasks(n)`).
+    /// inline setting is `tasks(1)`, `threads(n)` is `tasks(n)`), or, with serialisable
+    /// input and output, in forked workers under `ipc_fork(k).tasks_per_worker(n)` (see
+    /// [`Exec::tasks_per_worker`](crate::Exec::tasks_per_worker)).
     ///
     /// ```
     /// use minigun::{AsyncOutput, Exec, Pipeline};

@@ -19,6 +19,7 @@
 //! | [`Exec::IpcFork`] | `fork::ipc` | `n` persistent forked workers fed over pipes | input and output |
 //! | [`Exec::Remote`] | [`crate::remote`] | worker processes on other machines, through a broker | input and output |
 //! | `Exec::Tasks` (feature `async`) | `tasks` | async stages: at most `n` futures in flight on a tokio runtime | no |
+//! | [`Exec::IpcFork`] with `Exec::tasks_per_worker` (feature `async`) | `fork::ipc`, `fork::child_async` | async stages: `n` futures in each of the persistent forked workers, each on a runtime of its own | input and output |
 //!
 //! Every executor takes the same [`Parts`](parts::Parts) and hands failed attempts to the
 //! stage's one policy ([`StageCtx::failure`](crate::ctx::StageCtx::failure)), so a stage
@@ -261,7 +262,8 @@ impl Exec {
     pub fn cow_fork(n: usize) -> Self {
         Exec::CowFork(ForkOptions::new(n))
     }
-    /// `n` persistent forked workers.
+    /// `n` persistent forked workers. For an async stage, add
+    /// [`Exec::tasks_per_worker`]: each worker then runs that many of its futures at once.
     pub fn ipc_fork(n: usize) -> Self {
         Exec::IpcFork(ForkOptions::new(n))
     }
@@ -272,8 +274,8 @@ impl Exec {
     pub fn remote(remote: Remote) -> Self {
         Exec::Remote(remote)
     }
-    /// Per-item time limit (fork executors: the child is killed; `tasks`: the item's future
-    /// is dropped). On another executor, `build()` fails with
+    /// Per-item time limit (fork executors: the child is killed; `tasks` and an async
+    /// ipc_fork stage: the item's future is dropped). On another executor, `build()` fails with
     /// [`DefinitionError::OptionNotForExecutor`](crate::DefinitionError::OptionNotForExecutor)
     /// naming the stage; the same holds for every option below.
     pub fn timeout(self, t: Duration) -> Self {
@@ -291,7 +293,9 @@ impl Exec {
     /// workers), at least 2 (one running, the next already in its pipe) and at most 4096.
     /// Tiny items then go in long runs per write and read, and slow items do not pile up
     /// behind one worker while another is idle at the end of the input. It starts at 2
-    /// until the first item has been timed.
+    /// until the first item has been timed. An async stage's window follows
+    /// [`Exec::tasks_per_worker`] instead (a fixed `in_flight` beside it is a definition
+    /// error).
     pub fn in_flight(self, n: usize) -> Self {
         self.option(Opt::IN_FLIGHT, |o| {
             o.in_flight = n;

@@ -110,7 +110,9 @@ impl Exec {
     /// ends; or the one given with [`Exec::runtime`]. `timeout` and `ordered` apply; the
     /// stage's error policy too (a retry's backoff waits on the runtime's timer, no thread
     /// waits). Only async stages take it: on another stage, a `tasks` setting of its own is a
-    /// definition error, an inherited one does not apply (it runs inline).
+    /// definition error, an inherited one does not apply (it runs inline). For crash
+    /// isolation as well, run an async stage in forked workers:
+    /// [`Exec::tasks_per_worker`].
     ///
     /// ```
     /// use minigun::{Exec, Pipeline};
