@@ -173,6 +173,11 @@ impl<O> AsyncOutput<O> {
         self.with(|e| e.routed.push((i, routed.item)))
     }
 
+    /// A fresh output with the same routes, for a stage that wraps another.
+    pub(crate) fn sibling<T>(&self) -> AsyncOutput<T> {
+        AsyncOutput::new(self.routes.clone())
+    }
+
     /// Everything emitted, taken out; later emits are refused.
     pub(crate) fn close(&self) -> (Vec<O>, RoutedItems) {
         let mut e = self.emitted.lock().unwrap_or_else(PoisonError::into_inner);

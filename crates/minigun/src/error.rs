@@ -160,11 +160,13 @@ pub enum DefinitionError {
         executor: String,
     },
     /// An async stage (`map_async`, `processor_async`, `consumer_async`, `stage_async`) given
-    /// an executor of its own other than `tasks(n)` or `ipc_fork(k).tasks_per_worker(n)`.
+    /// an executor of its own other than `tasks(n)` or `ipc_fork(k).tasks_per_worker(n)`, or
+    /// remote with another worker executor.
     #[error(
         "stage {stage:?} is async: it runs under Exec::tasks(n), or under \
          Exec::ipc_fork(k).tasks_per_worker(n) (n in flight in each worker), not {executor} \
-         (an async stage cannot run in a cow_fork child, on a thread of its own or remotely)"
+         (an async stage cannot run in a cow_fork child or on a thread of its own; a remote \
+         one needs one of those two as its worker_exec)"
     )]
     AsyncStageNeedsTasks {
         /// The stage.

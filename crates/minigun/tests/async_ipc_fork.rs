@@ -645,7 +645,8 @@ fn mis_combinations_are_definition_errors_naming_the_stage() {
             .executor(exec);
         p.build().unwrap_err()
     };
-    // Under cow_fork, ipc_fork without tasks_per_worker, or remote.
+    // Under cow_fork, ipc_fork without tasks_per_worker, or remote with the default worker
+    // executor (ipc_fork without tasks_per_worker).
     let remote = Exec::remote(minigun::remote::Remote::new(
         minigun::remote::MemoryBroker::new(),
     ));
@@ -700,4 +701,78 @@ fn mis_combinations_are_definition_errors_naming_the_stage() {
     let r = run_bounded(p).expect("run");
     assert_eq!(r.stage("sync").unwrap().executor, "ipc_fork(2)");
     assert_eq!(r.stage("sync").unwrap().items_out, 10);
+}
+
+/// A remote async stage on the in-memory broker: parent and two workers in this process
+/// (workers on threads), each running the items under `worker_exec`.
+fn remote_async(worker_exec: Exec, forked: bool) {
+    use minigun::remote::{MemoryBroker, Remote, ServeOptions};
+    let broker = MemoryBroker::new();
+    let define = move |b: &MemoryBroker, seen: Got| {
+        let p = Pipeline::new("remote-async");
+        p.handle_signals(false);
+        gen(&p, 300);
+        let r = Remote::new(b.clone())
+            .claim_idle(Duration::from_millis(300))
+            .worker_exec(worker_exec.clone())
+            .batch(8);
+        p.map_async("fetch", |x: u64| async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            if x == 17 {
+                return Err("item 17 is bad".into());
+            }
+            Ok((x * 2, std::process::id()))
+        })
+        .remote(r);
+        p.consumer("sink", move |x: (u64, u32)| {
+            seen.lock().unwrap().push(x);
+            Ok(())
+        });
+        p
+    };
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (b, d) = (broker.clone(), define.clone());
+            let opts = ServeOptions::new().handle_signals(false);
+            let stop = opts.stop_flag();
+            let h = std::thread::spawn(move || d(&b, Got::default()).serve(opts).expect("serve"));
+            (stop, h)
+        })
+        .collect();
+    let seen = Got::default();
+    let report = run_bounded(define(&broker, seen.clone())).expect("run");
+    let served: Vec<_> = workers
+        .into_iter()
+        .map(|(stop, h)| {
+            stop.store(true, Ordering::Relaxed);
+            h.join().expect("worker thread")
+        })
+        .collect();
+    let want: Vec<u64> = (0..300).filter(|x| *x != 17).map(|x| x * 2).collect();
+    assert_eq!(items(&seen), want, "every item once, but the failed one");
+    let s = report.stage("fetch").unwrap();
+    assert_eq!((s.items_in, s.items_out, s.failed), (300, 299, 1));
+    assert_eq!(s.executor, "remote(memory)");
+    let f = &report.failures[0];
+    assert_eq!((f.item, f.kind.clone()), (Some(17), FailureKind::Error));
+    assert!(f.message.contains("item 17 is bad"), "{f:?}");
+    let committed: u64 = served.iter().map(|r| r.items).sum();
+    assert_eq!(committed, 300, "{served:?}");
+    // The workers are threads of this process: under ipc_fork, their forked children ran
+    // the items.
+    let me = std::process::id();
+    let in_children = seen.lock().unwrap().iter().all(|x| x.1 != me);
+    let here = seen.lock().unwrap().iter().all(|x| x.1 == me);
+    assert!(if forked { in_children } else { here });
+}
+
+#[test]
+fn a_remote_async_stage_runs_under_tasks_on_its_workers() {
+    remote_async(Exec::tasks(8), false);
+}
+
+#[test]
+fn a_remote_async_stage_runs_under_ipc_fork_on_its_workers() {
+    remote_async(Exec::ipc_fork(2).tasks_per_worker(4), true);
+    assert_no_children();
 }

@@ -468,7 +468,8 @@ impl Exec {
     ///
     /// On a sync stage, a `tasks_per_worker` of its own is a definition error; an inherited
     /// one does not apply. An async stage given `ipc_fork(k)` of its own without it is a
-    /// definition error too.
+    /// definition error too. A remote async stage can run under it on each worker host
+    /// ([`Remote::worker_exec`](crate::remote::Remote::worker_exec)).
     ///
     /// ```
     /// use minigun::{Exec, Pipeline};

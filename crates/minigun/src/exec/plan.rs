@@ -194,15 +194,20 @@ pub(crate) fn fit(s: Stage<'_>, exec: Exec, env: Env) -> Result<Exec, Definition
     Ok(exec)
 }
 
-/// Async stages run under `tasks(n)` or `ipc_fork(k).tasks_per_worker(n)` only, and only
-/// they do. A setting of the stage's own that breaks this is an error; an inherited one is
+/// Async stages run under `tasks(n)` or `ipc_fork(k).tasks_per_worker(n)` only (or remote,
+/// with one of them as the worker executor), and only they do. A setting of the stage's own that breaks this is an error; an inherited one is
 /// translated: an async stage that inherits inline or `threads(n)` runs under `tasks(1)` or
 /// `tasks(n)` (another fork or remote setting under `tasks(1)`), a sync stage that inherits
 /// `tasks(n)` runs inline, one that inherits `tasks_per_worker` runs under its ipc_fork
 /// without it. An async ipc_fork stage's window follows `tasks_per_worker`: a fixed
 /// `in_flight` of its own is an error.
 fn fit_async(s: Stage<'_>, exec: Exec) -> Result<Exec, DefinitionError> {
-    match (s.is_async, exec.runs_async(), s.explicit) {
+    let runs_async = match &exec {
+        // A remote async stage runs under its worker executor, which must run it.
+        Exec::Remote(r) if s.is_async => r.worker_exec.runs_async(),
+        e => e.runs_async(),
+    };
+    match (s.is_async, runs_async, s.explicit) {
         (true, false, true) => Err(DefinitionError::AsyncStageNeedsTasks {
             stage: s.name.to_string(),
             executor: exec.to_string(),
@@ -611,6 +616,16 @@ mod tests {
             fit(sync(false), ipc, ENV).unwrap(),
             Exec::ipc_fork(3).ordered()
         );
+        // Remote: its worker executor must run async stages.
+        let r = crate::remote::Remote::new(crate::remote::MemoryBroker::new());
+        let on_tasks = Exec::remote(r.clone().worker_exec(Exec::tasks(4)));
+        assert_eq!(fit(s, on_tasks.clone(), ENV).unwrap(), on_tasks);
+        let on_ipc = Exec::remote(r.clone().worker_exec(Exec::ipc_fork(2).tasks_per_worker(4)));
+        assert_eq!(fit(s, on_ipc.clone(), ENV).unwrap(), on_ipc);
+        assert!(matches!(
+            fit(s, Exec::remote(r), ENV),
+            Err(DefinitionError::AsyncStageNeedsTasks { .. })
+        ));
         // Only ipc_fork takes it.
         for exec in [Exec::cow_fork(2), Exec::tasks(4), Exec::threads(2)] {
             assert!(matches!(

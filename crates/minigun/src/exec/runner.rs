@@ -84,27 +84,24 @@ pub(crate) trait Entry<I, O>: Send + Sync {
     fn serve(&self, _stage: ServedStage<I, O>) -> Option<Box<dyn Served>> {
         None
     }
-    /// Starts ipc_fork for an async stage (`tasks_per_worker`; the planner checked that
-    /// input and output cross).
+    /// Starts a crossing executor for an async stage: ipc_fork with `tasks_per_worker`, or
+    /// remote (the planner checked that input and output cross).
     #[cfg(feature = "async")]
-    fn start_async(
-        &self,
-        opts: ForkOptions,
-        parts: AsyncParts<I, O>,
-        hooks: ForkHooks,
-    ) -> PreparedRun;
+    fn start_async(&self, across: Across, parts: AsyncParts<I, O>, hooks: ForkHooks)
+        -> PreparedRun;
 }
 
-/// Starts ipc_fork for an async stage whose types cross as `crossing` says.
+/// Starts a crossing executor (ipc_fork or remote) for an async stage whose types cross as
+/// `crossing` says.
 #[cfg(feature = "async")]
 pub(crate) fn start_async<I: Item, O: Item>(
-    opts: ForkOptions,
+    across: Across,
     crossing: Crossing<I, O>,
     mut parts: AsyncParts<I, O>,
     hooks: ForkHooks,
 ) -> PreparedRun {
     parts.wire = Some(crossing.codec);
-    crossing.entry.start_async(opts, parts, hooks)
+    crossing.entry.start_async(across, parts, hooks)
 }
 
 /// What a stage's types can cross, with the codec and the entry points of the crossing
@@ -169,11 +166,11 @@ impl<I: Wire, O: Wire, C: Codec> Entry<I, O> for LocalOnly<C> {
     #[cfg(feature = "async")]
     fn start_async(
         &self,
-        opts: ForkOptions,
+        across: Across,
         parts: AsyncParts<I, O>,
         hooks: ForkHooks,
     ) -> PreparedRun {
-        start_ipc_async(opts, parts, hooks)
+        start_ipc_async(across, parts, hooks)
     }
 }
 
@@ -182,7 +179,7 @@ impl<I: Item, O: Wire, C: Codec> Entry<I, O> for OutputOnly<C> {
         start_cow(across, parts, hooks)
     }
     #[cfg(feature = "async")]
-    fn start_async(&self, _: ForkOptions, parts: AsyncParts<I, O>, _: ForkHooks) -> PreparedRun {
+    fn start_async(&self, _: Across, parts: AsyncParts<I, O>, _: ForkHooks) -> PreparedRun {
         debug_assert!(
             false,
             "the planner gives ipc_fork only to stages whose types cross"
@@ -194,7 +191,7 @@ impl<I: Item, O: Wire, C: Codec> Entry<I, O> for OutputOnly<C> {
 impl<I: Wire, O: Wire, C: Codec> Entry<I, O> for Both<C> {
     fn start(&self, across: Across, parts: Parts<I, O>, hooks: ForkHooks) -> PreparedRun {
         match across {
-            Across::Remote(r) => crate::remote::parent::start::<I, O, C>(parts, r),
+            Across::Remote(r) => crate::remote::parent::start::<I, O, C, _>(parts, r),
             other => start_local(other, parts, hooks),
         }
     }
@@ -204,11 +201,14 @@ impl<I: Wire, O: Wire, C: Codec> Entry<I, O> for Both<C> {
     #[cfg(feature = "async")]
     fn start_async(
         &self,
-        opts: ForkOptions,
+        across: Across,
         parts: AsyncParts<I, O>,
         hooks: ForkHooks,
     ) -> PreparedRun {
-        start_ipc_async(opts, parts, hooks)
+        match across {
+            Across::Remote(r) => crate::remote::parent::start::<I, O, C, _>(parts, r),
+            other => start_ipc_async(other, parts, hooks),
+        }
     }
 }
 
@@ -216,16 +216,20 @@ impl<I: Wire, O: Wire, C: Codec> Entry<I, O> for Both<C> {
 /// planner runs it under `tasks`, so that fallback only keeps the crate compiling).
 #[cfg(feature = "async")]
 fn start_ipc_async<I: Wire, O: Wire>(
-    opts: ForkOptions,
+    across: Across,
     parts: AsyncParts<I, O>,
     hooks: ForkHooks,
 ) -> PreparedRun {
-    #[cfg(target_os = "linux")]
-    return super::fork::ipc_async(parts, opts, hooks);
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = (opts, hooks);
-        Box::new(move || super::parts::drain(&parts.ctx, &parts.input))
+    match across {
+        #[cfg(target_os = "linux")]
+        Across::Ipc(opts) => super::fork::ipc_async(parts, opts, hooks),
+        other => {
+            debug_assert!(
+                false,
+                "the planner does not give {other:?} to an async stage here"
+            );
+            Box::new(move || super::parts::drain(&parts.ctx, &parts.input))
+        }
     }
 }
 

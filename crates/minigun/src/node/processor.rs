@@ -98,7 +98,7 @@ impl<I: Item, O: Item> StageCode<I, O> for Factory<I, O> {
         crossing.entry.serve(ServedStage {
             pipeline: w.pipeline,
             name: w.name,
-            factory: self,
+            factory: crate::remote::worker::ServedFactory::Sync(self),
             remote: w.remote,
             policy: w.policy,
             hooks: w.hooks,

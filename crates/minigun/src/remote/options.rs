@@ -116,7 +116,8 @@ impl Remote {
         self
     }
     /// How each worker host runs the items (default `ipc_fork` with one worker per CPU: a
-    /// crashing item then fails alone, as on one machine).
+    /// crashing item then fails alone, as on one machine). An async stage needs one that
+    /// runs async stages: `Exec::tasks(n)`, or `Exec::ipc_fork(k).tasks_per_worker(n)`.
     pub fn worker_exec(mut self, e: Exec) -> Self {
         self.worker_exec = Box::new(e);
         self

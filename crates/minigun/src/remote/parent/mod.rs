@@ -52,8 +52,12 @@ pub(super) const LOOK_EVERY: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Starts a remote stage's parent side (run on the stage's driver thread).
-pub(crate) fn start<I: Wire, O: Wire, C: Codec>(parts: Parts<I, O>, remote: Remote) -> PreparedRun {
-    Box::new(move || run::<I, O, C>(parts, remote))
+/// (The stage's factory `F`, sync or async, runs on the workers, never here.)
+pub(crate) fn start<I: Wire, O: Wire, C: Codec, F: Send + 'static>(
+    parts: Parts<I, O, F>,
+    remote: Remote,
+) -> PreparedRun {
+    Box::new(move || run::<I, O, C, F>(parts, remote))
 }
 
 /// What sender and collector share.
@@ -94,7 +98,7 @@ impl<I> Shared<I> {
     }
 }
 
-fn run<I: Wire, O: Wire, C: Codec>(parts: Parts<I, O>, remote: Remote) {
+fn run<I: Wire, O: Wire, C: Codec, F>(parts: Parts<I, O, F>, remote: Remote) {
     let ctx = parts.ctx.clone();
     let stage_run = StageRun {
         pipeline: ctx.run.pipeline.clone(),
@@ -196,7 +200,7 @@ fn run<I: Wire, O: Wire, C: Codec>(parts: Parts<I, O>, remote: Remote) {
 pub(super) use crate::exec::parts::dead_letter_to as send_dead_letter;
 
 /// The stage cannot start: a clear stage failure; its queued items are cancelled.
-fn start_failed<I, O>(parts: &Parts<I, O>, remote: &Remote, e: BrokerError) {
+fn start_failed<I, O, F>(parts: &Parts<I, O, F>, remote: &Remote, e: BrokerError) {
     let m = format!(
         "remote stage cannot reach its broker ({}): {e}",
         remote.broker.name()

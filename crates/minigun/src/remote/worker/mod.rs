@@ -73,11 +73,18 @@ const AHEAD: Duration = Duration::from_millis(20);
 /// Entries fetched ahead, at most.
 const MAX_AHEAD: usize = 16;
 
+/// How a served stage makes its instances: a sync stage's factory or an async one's.
+pub(crate) enum ServedFactory<I, O> {
+    Sync(Factory<I, O>),
+    #[cfg(feature = "async")]
+    Async(crate::async_stage::AsyncFactory<I, O>),
+}
+
 /// A remote stage's code, as a worker serves it.
 pub(crate) struct ServedStage<I, O> {
     pub(crate) pipeline: String,
     pub(crate) name: String,
-    pub(crate) factory: Factory<I, O>,
+    pub(crate) factory: ServedFactory<I, O>,
     pub(crate) remote: Remote,
     pub(crate) policy: OnError,
     pub(crate) hooks: ForkHooks,
@@ -190,6 +197,51 @@ impl<I: Send + 'static, O: Send + 'static> Stage<(u64, I), Tagged<O>> for Indexe
     fn finish(&mut self, out: &mut Output<'_, Tagged<O>>) -> StageResult {
         let mut sink = TagSink { index: None, out };
         self.inner.finish(&mut Output::new(&mut sink))
+    }
+}
+
+/// The user's async stage, taking `(index, item)` and tagging what it emits (as [`Indexed`]
+/// does for a sync stage): the item's outputs, then its end, once its future has completed.
+#[cfg(feature = "async")]
+struct AsyncIndexed<I, O> {
+    inner: Arc<dyn crate::async_stage::ErasedAsync<I, O>>,
+}
+
+#[cfg(feature = "async")]
+impl<I: Send + 'static, O: Send + 'static> crate::AsyncStage<(u64, I), Tagged<O>>
+    for AsyncIndexed<I, O>
+{
+    fn process(
+        &self,
+        (index, item): (u64, I),
+        out: crate::AsyncOutput<Tagged<O>>,
+    ) -> impl std::future::Future<Output = StageResult> + Send + 'static {
+        let emitted = out.sibling();
+        let t0 = quanta::Instant::now();
+        let fut = self.inner.process(item, emitted.clone());
+        async move {
+            fut.await?;
+            let ns = t0.elapsed().as_nanos() as u64;
+            for o in emitted.close().0 {
+                out.emit(Tagged::Out(index, o))?;
+            }
+            out.emit(Tagged::Done(index, ns))?;
+            Ok(())
+        }
+    }
+    fn finish(
+        &self,
+        out: crate::AsyncOutput<Tagged<O>>,
+    ) -> impl std::future::Future<Output = StageResult> + Send + 'static {
+        let emitted = out.sibling();
+        let fut = self.inner.finish(emitted.clone());
+        async move {
+            fut.await?;
+            for o in emitted.close().0 {
+                out.emit(Tagged::Flush(o))?;
+            }
+            Ok(())
+        }
     }
 }
 
@@ -313,11 +365,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             run: local_run.clone(),
             lp: None,
         });
-        let inner = self.s.factory.clone();
-        let factory: Factory<(u64, I), Tagged<O>> =
-            Arc::new(move || Box::new(Indexed { inner: inner() }));
         let crossing = Crossing::<(u64, I), Tagged<O>>::local::<C>();
-        let (runner, codec) = Runner::new(&exec, Some(crossing), self.s.hooks.clone());
         let parts = Parts {
             ctx,
             input: rx,
@@ -327,10 +375,30 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                 stats.clone(),
             ),
             dead_letter: Some(QueueTx::new(dtx, Membership::default())),
-            factory,
-            wire: codec,
+            factory: (),
+            wire: None,
         };
-        let prepared = runner.prepare(parts);
+        let prepared = match &self.s.factory {
+            ServedFactory::Sync(inner) => {
+                let inner = inner.clone();
+                let factory: Factory<(u64, I), Tagged<O>> =
+                    Arc::new(move || Box::new(Indexed { inner: inner() }));
+                let (runner, codec) = Runner::new(&exec, Some(crossing), self.s.hooks.clone());
+                let parts = Parts {
+                    wire: codec,
+                    ..parts.map_factory(|()| factory)
+                };
+                runner.prepare(parts)
+            }
+            #[cfg(feature = "async")]
+            ServedFactory::Async(inner) => {
+                let inner = inner.clone();
+                let factory: crate::async_stage::AsyncFactory<(u64, I), Tagged<O>> =
+                    Arc::new(move || Arc::new(AsyncIndexed { inner: inner() }));
+                let parts = parts.map_factory(|()| factory);
+                local_async(&exec, crossing, parts, self.s.hooks.clone())
+            }
+        };
         let done = AtomicBool::new(false);
         let local_stats = stats.clone();
         let ended = std::thread::scope(|scope| {
@@ -746,11 +814,47 @@ enum Ended {
     Lost,
 }
 
-/// The executor a worker runs the items under (a remote one cannot nest).
+/// The executor a worker runs the items under (a remote one cannot nest; an async stage's
+/// ipc_fork where fork is missing runs under `tasks`, as many in flight).
 fn local_exec(e: &Exec) -> Exec {
     match e {
         Exec::Remote(_) => Exec::Inline,
+        #[cfg(feature = "async")]
+        e @ Exec::IpcFork(o)
+            if o.tasks_per_worker.is_some() && !crate::exec::runner::fork_available() =>
+        {
+            Exec::tasks(e.concurrency())
+        }
         e if e.is_fork() && !crate::exec::runner::fork_available() => Exec::Inline,
         e => e.clone(),
+    }
+}
+
+/// An async stage's local run on a worker, under `tasks` or ipc_fork (the planner checked
+/// the worker executor where the definition was built).
+#[cfg(feature = "async")]
+fn local_async<I: Wire, O: Wire>(
+    exec: &Exec,
+    crossing: Crossing<(u64, I), Tagged<O>>,
+    parts: crate::exec::tasks::AsyncParts<(u64, I), Tagged<O>>,
+    hooks: ForkHooks,
+) -> crate::exec::runner::PreparedRun {
+    use crate::exec::runner::Across;
+    match exec {
+        Exec::Tasks(o) => {
+            let ctx = parts.ctx.clone();
+            crate::exec::tasks::prepare(parts, o.clone()).unwrap_or_else(|m| {
+                ctx.stage_failed(FailureKind::Start, m);
+                Box::new(|| ())
+            })
+        }
+        Exec::IpcFork(o) => {
+            crate::exec::runner::start_async(Across::Ipc(o.clone()), crossing, parts, hooks)
+        }
+        other => {
+            let m = format!("an async stage cannot run under {other} on a worker");
+            parts.ctx.stage_failed(FailureKind::Start, m);
+            Box::new(move || crate::exec::parts::drain(&parts.ctx, &parts.input))
+        }
     }
 }
