@@ -454,7 +454,9 @@ impl Exec {
     /// - The parent keeps `n` items in each worker plus a few waiting in its pipe (a quarter
     ///   of `n`, 1 to 256), at most 1 MiB of items per worker or 8 KiB per item held, if
     ///   that is more; `in_flight` does not apply. Each item is answered as it ends, in any
-    ///   order; with `ordered()` its results still leave in input order.
+    ///   order; with `ordered()` its results still leave in input order. What ended during
+    ///   one wake-up of the worker's runtime leaves in one write (`batch_results` has no
+    ///   effect here: there is no results log).
     /// - `timeout` is per item, inside the worker: the item's future is dropped and the item
     ///   fails with [`FailureKind::Timeout`](crate::FailureKind::Timeout), the worker lives
     ///   on. A worker that answers nothing for `timeout` plus one second while it holds
