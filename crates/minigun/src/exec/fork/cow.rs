@@ -24,7 +24,7 @@ use super::child;
 use super::per_fork::PerFork;
 use super::server::ForkServer;
 use super::supervise::{
-    child_frames, earliest, exit_failure, feed, item_ended, result_pipe, settle, supervised,
+    child_frames, cow_pipe, earliest, exit_failure, feed, item_ended, settle, supervised,
     terminate, Handoff, Killed, PollSet, Wake,
 };
 use crate::error::FailureKind;
@@ -120,6 +120,7 @@ pub(super) fn run<I: Item, O: Wire>(
                 server,
                 launching: VecDeque::new(),
                 per_fork: PerFork::new(opts.items_per_fork, opts.items_per_fork_auto),
+                out_buf: crate::ipc::writer::buffer(),
                 release: RefCell::new(Release::new(opts.ordered)),
                 router: RefCell::new(parts.router.clone()),
             }
@@ -139,6 +140,9 @@ struct Supervisor<'a, I, O> {
     server: Option<ForkServer>,
     launching: VecDeque<served::Launch<I>>,
     per_fork: PerFork,
+    /// The children's result buffer, made once here: each child writes into its own
+    /// copy-on-write copy of it instead of allocating one.
+    out_buf: Vec<u8>,
     release: RefCell<Release<O>>,
     /// Where results go (sent as they arrive).
     router: RefCell<Router<O>>,
@@ -339,8 +343,8 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             let setting = self.opts.huge_pages;
             crate::huge::before_fork(&ctx.run, &ctx.name, setting, HugePages::COW_DEFAULT);
         }
-        let (stream, w) = match result_pipe(self.opts.max_frame) {
-            Ok(p) => p,
+        let (stream, w) = match cow_pipe() {
+            Ok((r, w)) => (Stream::new(r, self.opts.max_frame), w),
             Err(e) => {
                 let m = format!("cannot create a pipe: {e}");
                 self.fail_all(jobs, FailureKind::Start, &m, retry);
@@ -358,9 +362,10 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         let keep = [sys::raw(&w)];
         let name = format!("mg:{}", ctx.name);
         let forked_at = Instant::now();
+        let buf = &mut self.out_buf;
         let forked = sys::fork_child(&keep, &name, move || {
             let items = slot_ref.take().expect("the child's copy of the items");
-            child::cow_child::<I, O>(items, &ids, &code, w)
+            child::cow_child::<I, O>(items, &ids, &code, w, std::mem::take(buf))
         });
         let items = slot.expect("the parent keeps its copy");
         let jobs: Vec<Pending<I>> = items
