@@ -139,9 +139,20 @@ pub(crate) fn fork_single(
     let forked = unsafe { nix::unistd::fork() }.map_err(io::Error::from)?;
     match forked {
         ForkResult::Child => {
-            let mut term = SigSet::empty();
-            term.add(Signal::SIGTERM);
-            let _ = signal::pthread_sigmask(SigmaskHow::SIG_UNBLOCK, Some(&term), None);
+            // As a plain system call: the libc and nix wrappers would each bring another page
+            // of code into the child (a page fault each, in every child).
+            let term: u64 = 1 << (libc::SIGTERM - 1);
+            // SAFETY: rt_sigprocmask reads the 8-byte mask at `term` (alive for the call) and
+            // writes nothing (no old mask asked for); unblocking SIGTERM is all it changes.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_rt_sigprocmask,
+                    libc::SIG_UNBLOCK,
+                    &term as *const u64,
+                    std::ptr::null_mut::<u64>(),
+                    8usize,
+                )
+            };
             run_child(parent, &[keep], &title, body)
         }
         ForkResult::Parent { child } => pidfd_of(child),

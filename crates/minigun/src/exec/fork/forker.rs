@@ -16,7 +16,7 @@
 
 use super::child::{self, StageCode};
 use super::supervise::cow_pipe;
-use crate::ipc::frame::Decoder;
+use crate::ipc::frame::{self, Decoder};
 use crate::ipc::server::{FromForker, ToForker, MAX_REPORTS};
 use crate::sys::{self, fdpass};
 use std::collections::VecDeque;
@@ -50,6 +50,15 @@ struct Batch {
 }
 
 impl Batch {
+    /// Room for a few small items.
+    fn with_capacity() -> Batch {
+        Batch {
+            seq: 0,
+            items: Vec::with_capacity(8),
+            bytes: Vec::with_capacity(128),
+        }
+    }
+
     fn payloads(&self) -> impl ExactSizeIterator<Item = (u64, &[u8])> {
         self.items
             .iter()
@@ -79,18 +88,19 @@ pub(super) fn serve<I: 'static, O: 'static>(
     // The parent ends it: a SIGTERM to the process group is the parent's to handle.
     sys::signals::leave_sigterm_to_the_parent();
     let workers = workers.max(1);
+    // What the loop writes is made here, at once, so it lies in as few pages as can be.
+    let mut live: Vec<(u64, sys::Child)> = Vec::with_capacity(workers);
+    let mut fds: Vec<libc::pollfd> = Vec::with_capacity(1 + workers);
+    // `exited` reports of children reaped and not yet reported are sent with the next child's
+    // `forked` report (after it: the fork comes first), or alone if none is forked.
+    let mut out = Reports::with_capacity(workers);
+    // The batch being collected, those waiting to be forked, and spare ones.
+    let mut waiting: VecDeque<Batch> = VecDeque::with_capacity(workers + 1);
+    let mut spare: Vec<Batch> = (0..workers + 2).map(|_| Batch::with_capacity()).collect();
+    let mut batch = Batch::with_capacity();
     let mut dec = Decoder::new(stage.max);
     // The children's result buffer, made once (see `spawn`).
     let mut out_buf = crate::ipc::writer::buffer();
-    // The batch being collected, those waiting to be forked, and spare ones.
-    let mut batch = Batch::default();
-    let mut waiting: VecDeque<Batch> = VecDeque::with_capacity(2 * workers);
-    let mut spare: Vec<Batch> = Vec::with_capacity(2 * workers);
-    let mut live: Vec<(u64, sys::Child)> = Vec::with_capacity(workers);
-    // `exited` reports of children reaped and not yet reported are sent with the next child's
-    // `forked` report (after it: the fork comes first), or alone if none is forked.
-    let mut out = Reports::default();
-    let mut fds: Vec<libc::pollfd> = Vec::with_capacity(1 + workers);
     loop {
         loop {
             let next = dec.next(|kind, id, p| {
@@ -182,6 +192,16 @@ struct Reports {
 }
 
 impl Reports {
+    /// Room for a record about `workers` children.
+    fn with_capacity(workers: usize) -> Reports {
+        let exits = workers.min(MAX_REPORTS) * (frame::HEADER + 5);
+        Reports {
+            head: Vec::with_capacity(64),
+            exits: Vec::with_capacity(exits),
+            count: 0,
+        }
+    }
+
     /// Child `seq` was reaped with `status`; a full record is sent at once.
     fn exited(&mut self, sock: &OwnedFd, seq: u64, status: sys::Exit) -> io::Result<()> {
         if self.count + 1 >= MAX_REPORTS {
