@@ -137,14 +137,18 @@ impl Cfg {
     }
 }
 
+/// Keeps `r` if it was faster than `best`.
+fn keep_faster<T>(best: &mut (Duration, T), r: (Duration, T)) {
+    if r.0 < best.0 {
+        *best = r;
+    }
+}
+
 /// Runs `f` `reps` times and keeps the fastest run (with whatever it returned).
 pub(crate) fn best_of<T>(reps: usize, mut f: impl FnMut() -> (Duration, T)) -> (Duration, T) {
     let mut best = f();
     for _ in 1..reps {
-        let r = f();
-        if r.0 < best.0 {
-            best = r;
-        }
+        keep_faster(&mut best, f());
     }
     best
 }
@@ -156,19 +160,39 @@ pub(crate) fn best_of_pair<A, B>(
     mut a: impl FnMut() -> (Duration, A),
     mut b: impl FnMut() -> (Duration, B),
 ) -> ((Duration, A), (Duration, B)) {
-    let mut best_a = a();
-    let mut best_b = b();
+    let (mut best_a, mut best_b) = (a(), b());
     for _ in 1..reps {
-        let r = a();
-        if r.0 < best_a.0 {
-            best_a = r;
-        }
-        let r = b();
-        if r.0 < best_b.0 {
-            best_b = r;
-        }
+        keep_faster(&mut best_a, a());
+        keep_faster(&mut best_b, b());
     }
     (best_a, best_b)
+}
+
+/// [`best_of_pair`] for three runners, alternating `a`, `b`, `c`.
+pub(crate) fn best_of_three<A, B, C>(
+    reps: usize,
+    mut a: impl FnMut() -> (Duration, A),
+    mut b: impl FnMut() -> (Duration, B),
+    mut c: impl FnMut() -> (Duration, C),
+) -> ((Duration, A), (Duration, B), (Duration, C)) {
+    let (mut best_a, mut best_b, mut best_c) = (a(), b(), c());
+    for _ in 1..reps {
+        keep_faster(&mut best_a, a());
+        keep_faster(&mut best_b, b());
+        keep_faster(&mut best_c, c());
+    }
+    (best_a, best_b, best_c)
+}
+
+/// Starts and joins one thread. Once a process has had a second thread, glibc forks it the
+/// multi-threaded way for the rest of its life (it runs its fork handlers and takes malloc's
+/// locks, and the child resets them: about 16 more page faults per fork here), and every
+/// process that runs minigun has had one. A job calls this before its first baseline, so
+/// every repetition of a hand-written loop forks as minigun's processes do; before, the first
+/// repetition, run before any minigun run had started a thread, forked the single-threaded
+/// way and, being the fastest, alone made the floor of the first pair.
+pub(crate) fn as_after_threads() {
+    std::thread::spawn(|| {}).join().expect("an empty thread");
 }
 
 /// Times one call.

@@ -1,7 +1,9 @@
 //! W1 fork overhead: f(x) = 2x in one cow_fork child per item, against the raw
-//! fork + pipe write + _exit + read + waitpid loop with the same number of children in flight.
+//! fork + pipe write + _exit + read + waitpid loop with the same number of children in flight
+//! (in a process that has had a thread, as minigun's always has: see
+//! `common::as_after_threads`); the fork_server rows also beside a hand-written fork server.
 
-use crate::common::{best_of_pair, progress, timed, Cfg, Row};
+use crate::common::{as_after_threads, best_of_pair, best_of_three, progress, timed, Cfg, Row};
 use crate::raw::{self, Counters};
 use minigun::{Exec, Pipeline};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +41,11 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
     let items = cfg.size(2_000, 300);
     let expect = items * (items - 1);
     let mut rows = Vec::new();
+    // Once, for the record: the raw loop in this process before it has had a thread.
+    let (single, single_sum) = raw::fork_loop(items, 2, |x| x * 2).expect("raw fork loop");
+    assert_eq!(single_sum, expect, "W1 raw: wrong sum");
+    let single = items as f64 / single.as_secs_f64();
+    as_after_threads();
     for workers in [2usize, 4] {
         progress(format!(
             "W1 raw fork loop ({workers} in flight) and minigun cow_fork({workers}), alternately"
@@ -58,8 +65,18 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
         );
         assert_eq!(raw_sum, expect, "W1 raw: wrong sum");
         assert_eq!(sum, expect, "W1 minigun: wrong sum");
-        let base = Row::new("W1", "baseline", "raw-fork-loop", workers, items, raw_wall)
-            .variant(format!("{workers} in flight"));
+        let mut base = Row::new("W1", "baseline", "raw-fork-loop", workers, items, raw_wall)
+            .variant(format!("{workers} in flight"))
+            .note(
+                "in a process that has had a thread, as every minigun process has (glibc's \
+                 multi-threaded fork)",
+            );
+        if workers == 2 {
+            base = base.note(format!(
+                "the same loop once at the start, before this process had a thread: \
+                 {single:.0} items/s"
+            ));
+        }
         let floor = base.items_per_sec;
         rows.push(base);
         let ours = |wall| {
@@ -81,27 +98,49 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
             raw_ctr.per_item(items)
         )));
         // The same stage with its children forked by a fork server, against the raw loop
-        // again, alternately (its own baseline of this pair is its floor).
+        // again and a hand-written fork server, alternately (the raw loop of this round is
+        // its floor).
         progress(format!(
-            "W1 raw fork loop ({workers} in flight) and minigun cow_fork({workers}) \
-             fork_server, alternately"
+            "W1 raw fork loop, raw fork server and minigun cow_fork({workers}) fork_server \
+             ({workers} in flight), alternately"
         ));
-        let ((raw2_wall, raw2_sum), (served_wall, served_sum)) = best_of_pair(
+        let ((raw2_wall, raw2_sum), (srv_wall, srv_sum), (served_wall, served_sum)) = best_of_three(
             cfg.reps,
             || raw::fork_loop(items, workers, |x| x * 2).expect("raw fork loop"),
+            || raw::fork_server_loop(items, workers, |x| x * 2).expect("raw fork server"),
             || run_on(items, Exec::cow_fork(workers).fork_server()),
         );
         assert_eq!(raw2_sum, expect, "W1 raw: wrong sum");
+        assert_eq!(srv_sum, expect, "W1 raw fork server: wrong sum");
         assert_eq!(served_sum, expect, "W1 minigun fork_server: wrong sum");
         let floor2 = items as f64 / raw2_wall.as_secs_f64();
+        let srv = items as f64 / srv_wall.as_secs_f64();
+        rows.push(
+            Row::new(
+                "W1",
+                "baseline",
+                "raw-fork-server",
+                workers,
+                items,
+                srv_wall,
+            )
+            .variant(format!("{workers} in flight"))
+            .note(format!(
+                "what minigun's fork_server must do, hand-written (raw::fork_server_loop): \
+                     {:.2}x the raw loop measured alternately with it",
+                srv / floor2
+            )),
+        );
         rows.push(
             ours(served_wall)
                 .variant("fork_server".to_string())
                 .floor(floor2)
                 .note(format!(
                     "against the raw loop measured alternately with it ({:.0} items/s); \
+                     {:.2}x the hand-written fork server in the same alternation; \
                      {:.2}x cow_fork({workers}) without it in this run",
                     floor2,
+                    items as f64 / served_wall.as_secs_f64() / srv,
                     wall.as_secs_f64() / served_wall.as_secs_f64()
                 )),
         );

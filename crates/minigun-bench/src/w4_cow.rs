@@ -5,12 +5,15 @@
 //! Two datasets: a plain `Vec<u8>` (4 KiB pages: every fork copies ~2 MiB of page tables per
 //! GiB and every exit tears them down), and `minigun::HugeBuf` (transparent huge pages, 2 MiB aligned)
 //! (transparent huge pages: the page tables of 1 GiB are 512 PMD entries).
-//! Floor: the raw fork loop doing the same work with the same dataset, 4 in flight.
+//! Floor: the raw fork loop doing the same work with the same dataset, 4 in flight (in a
+//! process that has had a thread, as minigun's always has: `common::as_after_threads`); the
+//! fork_server row also beside a hand-written fork server (`raw::fork_server_loop`).
 
 #![allow(unsafe_code)]
 
 use crate::common::{
-    best_of_pair, byte_sum, mib, progress, smaps_field, timed, Cfg, PssSampler, PssStats, Rng, Row,
+    as_after_threads, best_of_pair, best_of_three, byte_sum, mib, progress, smaps_field, timed,
+    Cfg, PssSampler, PssStats, Rng, Row,
 };
 use crate::raw;
 use minigun::{Exec, HugePages, Pipeline};
@@ -116,6 +119,13 @@ fn raw_run(data: &Dataset, offsets: &[u64]) -> (Duration, u64) {
     .expect("raw fork loop")
 }
 
+fn raw_server_run(data: &Dataset, offsets: &[u64]) -> (Duration, u64) {
+    raw::fork_server_loop(offsets.len() as u64, WORKERS, |i| {
+        slice_sum(data, offsets[i as usize])
+    })
+    .expect("raw fork server")
+}
+
 /// Builds (makes and fills) a `Vec` and a `HugeBuf` of `len` bytes alternately, `rounds`
 /// times each, dropping each at once; the times per round. The first build of fresh memory
 /// includes the machine's first touch of it (on a VM, faults the host serves), whichever
@@ -168,23 +178,37 @@ pub(crate) fn run(cfg: &Cfg, memory: Memory) -> Vec<Row> {
     );
     progress(&info);
 
-    // The raw loop and minigun alternately: (raw wall, minigun wall).
-    let alternate = |server: bool| {
-        let with = if server { " with fork_server" } else { "" };
+    as_after_threads();
+    // The raw loop and minigun alternately.
+    progress(format!(
+        "W4 raw fork loop and minigun cow_fork({WORKERS}), alternately ({label})"
+    ));
+    let ((raw_wall, raw_sum), (wall, sum)) = best_of_pair(
+        cfg.reps,
+        || raw_run(&data, &offsets),
+        || minigun_run(&data, &offsets, false),
+    );
+    assert_eq!((raw_sum, sum), (expect, expect), "W4: wrong sum");
+    // With huge pages, the fork server too (children forked by a single-threaded process),
+    // against the raw loop and a hand-written fork server, alternately.
+    let served = (memory == Memory::Thp).then(|| {
         progress(format!(
-            "W4 raw fork loop and minigun cow_fork({WORKERS}){with}, alternately ({label})"
+            "W4 raw fork loop, raw fork server and minigun cow_fork({WORKERS}) with \
+             fork_server, alternately ({label})"
         ));
-        let ((raw_wall, raw_sum), (wall, sum)) = best_of_pair(
+        let ((raw_wall, raw_sum), (srv_wall, srv_sum), (wall, sum)) = best_of_three(
             cfg.reps,
             || raw_run(&data, &offsets),
-            || minigun_run(&data, &offsets, server),
+            || raw_server_run(&data, &offsets),
+            || minigun_run(&data, &offsets, true),
         );
-        assert_eq!((raw_sum, sum), (expect, expect), "W4{with}: wrong sum");
-        (raw_wall, wall)
-    };
-    let (raw_wall, wall) = alternate(false);
-    // With huge pages, the fork server too (children forked by a single-threaded process).
-    let served = (memory == Memory::Thp).then(|| alternate(true));
+        assert_eq!(
+            (raw_sum, srv_sum, sum),
+            (expect, expect, expect),
+            "W4 fork_server: wrong sum"
+        );
+        (raw_wall, srv_wall, wall)
+    });
     progress(format!("W4 both again with the PSS sampler ({label})"));
     let ((raw_wall_s, raw_sum_s), raw_pss) = sampled(|| raw_run(&data, &offsets));
     assert_eq!(raw_sum_s, expect, "W4 raw: wrong sum");
@@ -240,14 +264,27 @@ pub(crate) fn run(cfg: &Cfg, memory: Memory) -> Vec<Row> {
         ));
     }
     let mut rows = vec![base, ours];
-    if let Some((raw_wall, wall)) = served {
+    if let Some((raw_wall, srv_wall, wall)) = served {
         let floor = items as f64 / raw_wall.as_secs_f64();
+        let srv = Row::new(
+            "W4",
+            "baseline",
+            "raw-fork-server",
+            WORKERS,
+            items,
+            srv_wall,
+        )
+        .variant(format!("{label}, fork_server"));
         let row = cow(wall)
             .variant(format!("{label}, fork_server"))
             .floor(floor)
             .note(format!(
-                "its raw fork loop in the same alternation: {floor:.0} items/s"
+                "its raw fork loop in the same alternation: {floor:.0} items/s; {:.2}x the \
+                 hand-written fork server (raw::fork_server_loop, {:.0} items/s) in it",
+                items as f64 / wall.as_secs_f64() / srv.items_per_sec,
+                srv.items_per_sec
             ));
+        rows.push(srv);
         rows.push(row);
     }
     rows

@@ -10,9 +10,23 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// The largest latency a histogram tells apart: 1 hour (larger ones count as this).
+const HIGHEST_NS: u64 = 3_600_000_000_000;
+
+/// A latency histogram: 1 ns .. [`HIGHEST_NS`], 3 significant digits. Its counts grow with
+/// the largest value recorded (16 KiB at first, about 90 KiB once it holds 1 ms), instead of
+/// being made for the whole range at once: 264 KiB of written memory per histogram, whose
+/// page tables every fork of the process copied (three stages' histograms were most of what
+/// a fork of the W1 pipeline copied). Record into it with [`record`].
 pub(crate) fn new_histogram() -> Histogram<u64> {
-    // 1 ns .. 1 hour, 3 significant digits.
-    Histogram::new_with_bounds(1, 3_600_000_000_000, 3).expect("valid histogram bounds")
+    Histogram::new(3).expect("valid histogram precision")
+}
+
+/// Records `n` values of `ns` (clamped to 1 ns .. [`HIGHEST_NS`]) into a histogram of
+/// [`new_histogram`], growing it if needed.
+pub(crate) fn record(h: &mut Histogram<u64>, ns: u64, n: u64) {
+    // Growing can only fail when the counts would not fit in memory's address range.
+    let _ = h.record_n(ns.clamp(1, HIGHEST_NS), n);
 }
 
 /// The live statistics of one stage.
@@ -239,7 +253,7 @@ impl<'a> Recorder<'a> {
         if n == 0 {
             return;
         }
-        self.local.saturating_record_n((ns / n).max(1), n);
+        record(&mut self.local, ns / n, n);
         self.busy_ns += ns;
         if now.saturating_duration_since(self.merged) >= MERGE_AFTER {
             self.merged = now;
@@ -259,12 +273,12 @@ impl<'a> Recorder<'a> {
     /// Records an attempt without reading the clock or touching shared counters: the caller
     /// handles items in batches and calls [`Recorder::idle`] after each batch.
     pub(crate) fn latency_busy_local(&mut self, ns: u64, busy_ns: u64) {
-        self.local.saturating_record(ns.max(1));
+        record(&mut self.local, ns, 1);
         self.busy_ns += busy_ns;
     }
 
     fn record(&mut self, ns: u64, busy_ns: u64, now: quanta::Instant) {
-        self.local.saturating_record(ns.max(1));
+        record(&mut self.local, ns, 1);
         self.busy_ns += busy_ns;
         if now.saturating_duration_since(self.merged) >= MERGE_AFTER {
             self.merged = now;

@@ -304,3 +304,62 @@ fn items_waiting_in_the_server_when_the_run_is_cancelled_never_start() {
         "children started after the cancel in rounds {late:?}"
     );
 }
+
+/// What a child's stage code sees of its signal state: the signals blocked, and whether
+/// SIGTERM has its default disposition and SIGINT and SIGPIPE are ignored.
+#[allow(unsafe_code)] // Reads this process's signal mask and dispositions.
+fn signal_state() -> (u64, bool, bool, bool) {
+    // SAFETY: sigset_t and sigaction are plain old data (zeroed is valid); the calls only
+    // write into them (no mask or disposition is changed).
+    unsafe {
+        let mut mask: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut mask);
+        let blocked = (1..32)
+            .filter(|&s| libc::sigismember(&mask, s) == 1)
+            .fold(0u64, |m, s| m | 1 << s);
+        let handler = |sig| {
+            let mut a: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(sig, std::ptr::null(), &mut a);
+            a.sa_sigaction
+        };
+        (
+            blocked,
+            handler(libc::SIGTERM) == libc::SIG_DFL,
+            handler(libc::SIGINT) == libc::SIG_IGN,
+            handler(libc::SIGPIPE) == libc::SIG_IGN,
+        )
+    }
+}
+
+/// A child forked by the fork server starts in the state of one forked by the parent (the
+/// server resets nothing for it: it is single-threaded and installs no handler, and only
+/// SIGTERM, which it keeps blocked for itself, is unblocked in the child): nothing blocked,
+/// SIGTERM at its default, SIGINT and SIGPIPE ignored.
+#[test]
+fn a_served_child_starts_with_the_signal_state_of_one_forked_by_the_parent() {
+    for exec in [Exec::cow_fork(2), Exec::cow_fork(2).fork_server()] {
+        let p = Pipeline::new("signals");
+        let got: Sink<(u64, bool, bool, bool)> = Sink::default();
+        common::gen(&p, 6);
+        p.map("state", |_: u64| Ok(signal_state()))
+            .wire()
+            .executor(exec.clone());
+        let g = got.clone();
+        p.consumer("sink", move |x| {
+            g.push(x);
+            Ok(())
+        });
+        let r = common::run_bounded(p).expect("the run succeeds");
+        assert_eq!(r.failures_total, 0, "{exec:?}: {:?}", r.failures);
+        let states = got.0.lock().unwrap().clone();
+        assert_eq!(states.len(), 6, "{exec:?}");
+        for s in states {
+            assert_eq!(
+                s,
+                (0, true, true, true),
+                "{exec:?}: (blocked, term, int, pipe)"
+            );
+        }
+    }
+    assert_no_children();
+}

@@ -11,16 +11,32 @@ type Enc<T> = fn(&T, &mut Vec<u8>) -> Result<(), String>;
 /// Flush the child's buffer once it holds this much, so the parent reads while we run.
 const FLUSH_AT: usize = 64 << 10;
 
+/// Writes all of `bytes`; on a non-blocking fd (a cow child's pipe is made so, in one system
+/// call with its read end) a full pipe is waited for.
 fn write_all(fd: &OwnedFd, bytes: &[u8]) -> std::io::Result<()> {
+    use rustix::event::{PollFd, PollFlags};
     let mut off = 0;
     while off < bytes.len() {
         match rustix::io::write(fd, &bytes[off..]) {
             Ok(n) => off += n,
             Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::AGAIN) => {
+                // Readable again, or hung up (then the next write says so).
+                let mut fds = [PollFd::new(fd, PollFlags::OUT)];
+                match rustix::event::poll(&mut fds, None) {
+                    Ok(_) | Err(rustix::io::Errno::INTR) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
             Err(e) => return Err(e.into()),
         }
     }
     Ok(())
+}
+
+/// A buffer for [`ChildOut::with_buffer`]: room for what is written at once.
+pub(crate) fn buffer() -> Vec<u8> {
+    Vec::with_capacity(FLUSH_AT)
 }
 
 /// The child's side of its result pipe: buffered frames, written with blocking writes.
@@ -37,26 +53,56 @@ pub(crate) struct ChildOut<'a> {
     last_result: Option<usize>,
     /// Whether `done` may join a lone result (ipc workers; cow children keep two frames).
     combine: bool,
+    /// The pipe is grown to this size before the first write of a full buffer, if set
+    /// ([`ChildOut::growing`]).
+    grow: Option<usize>,
     log: Option<&'a mut ResultsLog>,
 }
 
 impl<'a> ChildOut<'a> {
     pub(crate) fn new(fd: OwnedFd, max: usize, log: Option<&'a mut ResultsLog>) -> Self {
+        Self::with_buffer(fd, max, log, buffer())
+    }
+
+    /// [`ChildOut::new`] writing through `buf` (from [`buffer`], made before the fork: a
+    /// child that writes little then writes one page of it, and allocates nothing).
+    pub(crate) fn with_buffer(
+        fd: OwnedFd,
+        max: usize,
+        log: Option<&'a mut ResultsLog>,
+        mut buf: Vec<u8>,
+    ) -> Self {
+        buf.clear();
         ChildOut {
             fd,
-            buf: Vec::with_capacity(FLUSH_AT),
+            buf,
             max,
             outputs: 0,
             last_result: None,
             combine: false,
+            grow: None,
             log,
         }
+    }
+
+    /// Grows the pipe to `bytes` (best effort) when the child first has a full buffer to
+    /// write: a child that writes little never pays for it.
+    pub(crate) fn growing(mut self, bytes: usize) -> Self {
+        self.grow = Some(bytes);
+        self
     }
 
     /// Lets `done` join an item's only result into one `result_done` frame.
     pub(crate) fn combined(mut self) -> Self {
         self.combine = true;
         self
+    }
+
+    /// The child is about to `_exit` after its last write: its buffer is not freed and its
+    /// fd not closed (the exit does both), which would write pages of the allocator that a
+    /// forked child otherwise shares with its parent.
+    pub(crate) fn abandon(self) {
+        std::mem::forget(self);
     }
 
     /// A new item starts: no outputs yet.
@@ -75,6 +121,11 @@ impl<'a> ChildOut<'a> {
     /// Writes everything: the results log first (earlier items), then the buffer.
     pub(crate) fn flush(&mut self) -> std::io::Result<()> {
         self.take_records();
+        if self.buf.len() >= FLUSH_AT {
+            if let Some(bytes) = self.grow.take() {
+                crate::sys::grow_pipe(&self.fd, bytes);
+            }
+        }
         // The log is the child's while it writes (the parent may take its bytes otherwise).
         if let Some(log) = self.log.as_deref() {
             log.hold();

@@ -15,6 +15,8 @@ use std::os::fd::{AsFd, OwnedFd};
 
 /// Most fds a record carries.
 pub(crate) const MAX_FDS: usize = 2;
+/// Most parts a record is sent from ([`send_record`]).
+const MAX_PARTS: usize = 4;
 
 /// A connected pair of `SOCK_SEQPACKET` unix sockets (close-on-exec): every record sent is
 /// received whole and alone, with the fds sent with it.
@@ -27,23 +29,31 @@ pub(crate) fn record_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     )?)
 }
 
-/// Sends one record with `fds` attached (at most [`MAX_FDS`]); blocks while the peer's
-/// queue is full (unless the socket is non-blocking).
-pub(crate) fn send_record(sock: &OwnedFd, bytes: &[u8], fds: &[&OwnedFd]) -> io::Result<()> {
+/// Sends one record, the concatenation of `parts`, with `fds` attached (at most
+/// [`MAX_FDS`]); blocks while the peer's queue is full (unless the socket is non-blocking).
+/// Allocates nothing.
+pub(crate) fn send_record(sock: &OwnedFd, parts: &[&[u8]], fds: &[&OwnedFd]) -> io::Result<()> {
     assert!(fds.len() <= MAX_FDS, "at most {MAX_FDS} fds per record");
-    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    assert!(
+        parts.len() <= MAX_PARTS,
+        "at most {MAX_PARTS} parts per record"
+    );
     let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_FDS))];
     let mut control = SendAncillaryBuffer::new(&mut space);
-    if !borrowed.is_empty() {
-        control.push(SendAncillaryMessage::ScmRights(&borrowed));
+    // The slots past `fds.len()` are placeholders, never sent.
+    let mut borrowed = [sock.as_fd(); MAX_FDS];
+    for (slot, f) in borrowed.iter_mut().zip(fds) {
+        *slot = f.as_fd();
+    }
+    if !fds.is_empty() {
+        control.push(SendAncillaryMessage::ScmRights(&borrowed[..fds.len()]));
+    }
+    let mut iov = [IoSlice::new(&[]); MAX_PARTS];
+    for (slot, part) in iov.iter_mut().zip(parts) {
+        *slot = IoSlice::new(part);
     }
     loop {
-        match rustix::net::sendmsg(
-            sock,
-            &[IoSlice::new(bytes)],
-            &mut control,
-            SendFlags::empty(),
-        ) {
+        match rustix::net::sendmsg(sock, &iov[..parts.len()], &mut control, SendFlags::empty()) {
             Ok(_) => return Ok(()),
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => return Err(e.into()),
@@ -118,8 +128,8 @@ mod tests {
     fn a_record_arrives_whole_with_its_fds() {
         let (a, b) = record_pair().unwrap();
         let (r, w) = super::super::pipe(false).unwrap();
-        send_record(&a, b"hello", &[&r, &w]).unwrap();
-        send_record(&a, b"two", &[]).unwrap();
+        send_record(&a, &[b"hel", b"lo"], &[&r, &w]).unwrap();
+        send_record(&a, &[b"two"], &[]).unwrap();
         super::super::set_nonblocking(&b).unwrap();
         let mut buf = [0u8; 16];
         let (n, fds) = recv_record(&b, &mut buf).unwrap().unwrap();

@@ -124,12 +124,14 @@ pub(crate) fn release() {
 }
 
 /// In a forked process that the parent ends itself (cow_fork's fork server): SIGTERM is
-/// ignored, as SIGINT is in every child, so a SIGTERM to the whole process group (from a
-/// terminal, `timeout` or a service manager) reaches the parent, which interrupts the run
-/// and ends this process, instead of killing it under a live run. If the parent dies,
-/// `PR_SET_PDEATHSIG` still ends it. Its own children get the default again
-/// (`fork_child`).
+/// blocked (SIGINT is ignored, as in every child), so a SIGTERM to the whole process group
+/// (from a terminal, `timeout` or a service manager) reaches the parent, which interrupts the
+/// run and ends this process, instead of killing it under a live run; here it stays pending.
+/// If the parent dies, `PR_SET_PDEATHSIG` still ends it. Its children keep the default
+/// disposition and unblock SIGTERM (`fork_single`): they are not ended by what was pending
+/// here (a child does not inherit pending signals), but by any SIGTERM sent to them.
 pub(crate) fn leave_sigterm_to_the_parent() {
-    // SAFETY: installing SIG_IGN runs no code of ours in a handler.
-    let _ = unsafe { signal::signal(Signal::SIGTERM, SigHandler::SigIgn) };
+    let mut term = SigSet::empty();
+    term.add(Signal::SIGTERM);
+    let _ = signal::pthread_sigmask(signal::SigmaskHow::SIG_BLOCK, Some(&term), None);
 }

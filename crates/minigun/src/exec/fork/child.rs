@@ -122,54 +122,64 @@ fn start<I, O>(
     guarded(|| Ok(factory())).map_err(|c| format!("stage factory failed: {}", c.message))
 }
 
-/// A cow_fork child: the items came through copy-on-write memory; results go to `fd`. Each
-/// item's frames leave before the next item starts; the stage instance is flushed
-/// (`finish`) with the last item.
+/// A cow_fork child: the items came through copy-on-write memory; results go to `fd`,
+/// through `buf` (made by the parent before the fork, see [`ChildOut::with_buffer`]). Each
+/// item's frames leave before the next item starts; the stage instance is flushed (`finish`)
+/// with the last item.
 pub(crate) fn cow_child<I: 'static, O: 'static>(
     items: Vec<I>,
     ids: &[u64],
     stage: &StageCode<'_, I, O>,
     fd: OwnedFd,
+    buf: Vec<u8>,
 ) -> i32 {
-    let items = items.into_iter().zip(ids.iter().copied());
-    child_items(items.map(|(item, id)| (id, Ok(item))), ids, stage, fd)
+    let items = ids.iter().copied().zip(items);
+    child_items(items, Ok, stage, cow_out(fd, stage.max, buf))
 }
 
 /// A child of cow_fork's fork server: like [`cow_child`], but its items came encoded
-/// through the server, and each is decoded just before it runs (a death while decoding is
-/// that item's; an item that cannot be decoded fails with a protocol error).
-pub(crate) fn served_child<I: 'static, O: 'static>(
-    items: Vec<(u64, Vec<u8>)>,
+/// through the server (they stay in the server's memory, read here through copy-on-write),
+/// and each is decoded just before it runs (a death while decoding is that item's; an item
+/// that cannot be decoded fails with a protocol error).
+pub(crate) fn served_child<'p, I: 'static, O: 'static>(
+    items: impl ExactSizeIterator<Item = (u64, &'p [u8])>,
     stage: &StageCode<'_, I, O>,
     fd: OwnedFd,
+    buf: Vec<u8>,
 ) -> i32 {
-    let ids: Vec<u64> = items.iter().map(|(id, _)| *id).collect();
     let decode = stage.wire.decode_in;
-    let items = items.into_iter().map(|(id, p)| (id, decode(&p)));
-    child_items(items, &ids, stage, fd)
+    child_items(items, decode, stage, cow_out(fd, stage.max, buf))
 }
 
-/// The items of one cow_fork child, in order, each decoded (or not) when it is its turn.
-fn child_items<I: 'static, O: 'static>(
-    items: impl Iterator<Item = (u64, Result<I, String>)>,
-    ids: &[u64],
+/// A cow child's writer: its pipe ([`super::supervise::cow_pipe`]) is grown only if the child
+/// has much to write.
+fn cow_out(fd: OwnedFd, max: usize, buf: Vec<u8>) -> ChildOut<'static> {
+    ChildOut::with_buffer(fd, max, None, buf).growing(super::supervise::PIPE_SIZE)
+}
+
+/// The items of one cow_fork child, in order, each made ready by `take` (decoded, or not)
+/// when it is its turn. Returns the exit code; the process exits right after, so nothing of
+/// the writer is freed or closed first.
+fn child_items<I: 'static, O: 'static, J>(
+    items: impl ExactSizeIterator<Item = (u64, J)>,
+    take: impl Fn(J) -> Result<I, String>,
     stage: &StageCode<'_, I, O>,
-    fd: OwnedFd,
+    mut out: ChildOut<'_>,
 ) -> i32 {
     let StageCode {
         factory,
         after_fork,
-        max,
         routes,
         wire,
+        ..
     } = *stage;
     super::trace::enter_child();
-    let mut out = ChildOut::new(fd, max, None);
+    let last = items.len().saturating_sub(1);
+    let mut code = 0;
     match start(factory, after_fork) {
         Ok(mut stage) => {
-            let last = ids.len().saturating_sub(1);
-            for (k, (id, item)) in items.enumerate() {
-                match item {
+            for (k, (id, job)) in items.enumerate() {
+                match take(job) {
                     Ok(item) => {
                         let finish = k == last;
                         let encode = wire.encode_out;
@@ -191,20 +201,22 @@ fn child_items<I: 'static, O: 'static>(
                     }
                 }
                 if out.flush().is_err() {
-                    return 74;
+                    code = 74;
+                    break;
                 }
             }
         }
         Err(m) => {
-            for &id in ids {
+            for (id, _) in items {
                 out.error(id, FailureKind::Start, m.clone());
             }
         }
     }
-    match out.flush() {
-        Ok(()) => 0,
-        Err(_) => 74,
+    if code == 0 && out.flush().is_err() {
+        code = 74;
     }
+    out.abandon();
+    code
 }
 
 /// An ipc worker writes the frames of its finished items right after an item that ran at

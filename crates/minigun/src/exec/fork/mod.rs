@@ -18,7 +18,10 @@
 //!   reaps them and applies the error policy. It sleeps in one `poll` over every result pipe,
 //!   every child's pidfd, the wake pipe and the run's abort pipe, with a timeout only for the
 //!   nearest per-item deadline or retry backoff: no polling loops.
-//! - Results are read while children run (a child can emit far more than a pipe holds).
+//! - Results are read while children run (a child can emit far more than a pipe holds): an
+//!   ipc worker's pipe always, a cow child's once it has lived 1 ms (before, its frames wait
+//!   in its pipe and are read when its exit is known, so a short child wakes the supervisor
+//!   once).
 //! - A child's outcome is decided when it has exited and its pipe is drained:
 //!   `done` frame = success; `error` frame = the stage's error or panic; otherwise the exit
 //!   status: killed by a signal, non-zero exit, or a stream that ended early (truncated).

@@ -238,8 +238,8 @@ impl ForkServer {
                         dead = true;
                         break;
                     }
-                    Ok(Some((n, fds))) => match self.report(&buf[..n], fds) {
-                        Ok(r) => out.push(r),
+                    Ok(Some((n, fds))) => match self.report(&buf[..n], fds, &mut out) {
+                        Ok(()) => {}
                         Err(m) => {
                             self.end(format!("the fork server sent a bad report: {m}"));
                             break;
@@ -261,22 +261,39 @@ impl ForkServer {
         out
     }
 
-    fn report(&self, record: &[u8], fds: Vec<OwnedFd>) -> Result<Report, String> {
-        let (seq, report) = FromForker::decode(record)?;
-        Ok(match report {
-            FromForker::Forked { pid } => {
-                let [pipe, pidfd]: [OwnedFd; 2] = fds
-                    .try_into()
-                    .map_err(|f: Vec<_>| format!("forked report with {} fds", f.len()))?;
-                Report::Forked {
-                    seq,
-                    child: sys::Child { pid, pidfd },
-                    stream: Stream::new(pipe, self.max_frame),
+    /// The reports of one record, added to `out` in order; the record's fds are its `forked`
+    /// report's (a record without one has none).
+    fn report(
+        &self,
+        record: &[u8],
+        fds: Vec<OwnedFd>,
+        out: &mut Vec<Report>,
+    ) -> Result<(), String> {
+        let reports = FromForker::decode(record)?;
+        let mut fds = Some(fds);
+        for (seq, report) in reports {
+            out.push(match report {
+                FromForker::Forked { pid } => {
+                    let fds = fds.take().unwrap_or_default();
+                    let [pipe, pidfd]: [OwnedFd; 2] = fds
+                        .try_into()
+                        .map_err(|f: Vec<_>| format!("forked report with {} fds", f.len()))?;
+                    Report::Forked {
+                        seq,
+                        child: sys::Child { pid, pidfd },
+                        stream: Stream::new(pipe, self.max_frame),
+                    }
                 }
-            }
-            FromForker::Exited(exit) => Report::Exited { seq, exit },
-            FromForker::ForkFailed(message) => Report::Failed { seq, message },
-        })
+                FromForker::Exited(exit) => Report::Exited { seq, exit },
+                FromForker::ForkFailed(message) => Report::Failed { seq, message },
+            });
+        }
+        match fds.map_or(0, |f| f.len()) {
+            0 => Ok(()),
+            n => Err(format!(
+                "a record without a forked report came with {n} fds"
+            )),
+        }
     }
 
     /// Kills and reaps the server, for `why` (the first reason stands).

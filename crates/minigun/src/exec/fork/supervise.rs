@@ -224,6 +224,15 @@ pub(crate) fn result_pipe(max_frame: usize) -> std::io::Result<(Stream, OwnedFd)
     Ok((Stream::new(r, max_frame), w))
 }
 
+/// A cow child's result pipe, in one system call: the read end (the parent's, or a fork
+/// server's to hand on) and the child's write end, both non-blocking (the child's writer
+/// waits for room itself); it keeps the default size, and the child grows it only if it has
+/// much to write (`ChildOut::growing`).
+pub(crate) fn cow_pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    let flags = rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK;
+    Ok(rustix::pipe::pipe_with(flags)?)
+}
+
 /// Runs a supervisor `body` with the `tracing` bridge installed on this thread and a wake
 /// pipe for its feeder; if no pipe can be made, the stage fails to start and its input is
 /// drained.

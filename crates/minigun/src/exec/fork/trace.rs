@@ -19,10 +19,17 @@ use tracing::{Dispatch, Event, Level, Metadata, Subscriber};
 
 thread_local! {
     static QUEUE: RefCell<Vec<LogRecord>> = const { RefCell::new(Vec::new()) };
+    /// Whether [`QUEUE`] may hold records: a child that logged nothing never touches the
+    /// queue (its first use registers a thread-local destructor: an allocation and several
+    /// pages written in a child that would otherwise not write them).
+    static QUEUED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Takes the records logged so far in this (child) thread.
 pub(crate) fn take() -> Vec<LogRecord> {
+    if !QUEUED.with(|q| q.replace(false)) {
+        return Vec::new();
+    }
     QUEUE.with(|q| std::mem::take(&mut *q.borrow_mut()))
 }
 
@@ -148,6 +155,7 @@ impl Subscriber for Switch {
             target: event.metadata().target().to_string(),
             message: text.0,
         };
+        QUEUED.with(|q| q.set(true));
         QUEUE.with(|q| q.borrow_mut().push(rec));
     }
     fn enter(&self, span: &Id) {

@@ -247,7 +247,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
             for ns in latencies {
-                h.saturating_record(ns.max(1));
+                crate::stats::record(&mut h, ns, 1);
             }
         }
         true
@@ -304,7 +304,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
             if open.left == 0 {
                 let ns = open.sent.elapsed().as_nanos() as u64;
                 book.entries.remove(&first);
-                round_trip.saturating_record(ns.max(1));
+                crate::stats::record(round_trip, ns, 1);
             }
         }
         Some(kept)
