@@ -70,6 +70,8 @@ pub(crate) fn channel<T>(cap: Capacity, target: Arc<StageStats>) -> (Sender<T>, 
             receivers: 1,
             closed: false,
             recv_waiting: 0,
+            unwoken: 0,
+            woken: 0,
             send_waiting: 0,
             high_water: 0,
             taken: 0,
@@ -106,8 +108,9 @@ struct Shared<T> {
     cap: usize,
     /// The queue's length, readable without the lock (probes, the receiver's spin).
     len: CachePadded<AtomicUsize>,
-    /// Receivers asleep on the queue (mirrors `recv_waiting`): a sender holding a batch sends
-    /// it at once when someone waits for it.
+    /// Receivers waiting on the queue that no wake-up of all has reached yet (mirrors
+    /// `unwoken`): a sender holding a batch or a run sends it at once when someone waits for
+    /// it, and once they are all woken goes on filling it.
     sleepers: CachePadded<AtomicUsize>,
     /// The receiving stage's statistics (high-water mark).
     target: Arc<StageStats>,
@@ -122,6 +125,11 @@ struct State<T> {
     /// Threads blocked in a wait: a send or receive signals only when someone waits, so the
     /// hot path makes no system call.
     recv_waiting: usize,
+    /// Of those, the receivers that came to wait since the last wake-up of all (`woken`
+    /// counts those wake-ups): a receiver leaving the wait counts itself out of `unwoken`
+    /// only if no wake-up of all came since it came.
+    unwoken: usize,
+    woken: u64,
     send_waiting: usize,
     high_water: usize,
     /// Items taken by receivers so far: the next item's index in the stage's input.
@@ -143,6 +151,27 @@ impl<T> State<T> {
 impl<T> Shared<T> {
     fn lock(&self) -> MutexGuard<'_, State<T>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes every waiting receiver (if any), releasing the lock: from now on none is
+    /// awaiting items that nobody told it of (see `sleepers`).
+    fn wake_all(&self, mut s: MutexGuard<'_, State<T>>) {
+        if self.waking_all(&mut s) {
+            drop(s);
+            self.not_empty.notify_all();
+        }
+    }
+
+    /// Counts a wake-up of all the waiting receivers, if any (the caller then notifies
+    /// them); whether there are any.
+    fn waking_all(&self, s: &mut State<T>) -> bool {
+        if s.recv_waiting == 0 {
+            return false;
+        }
+        s.woken += 1;
+        s.unwoken = 0;
+        self.sleepers.store(0, Ordering::Relaxed);
+        true
     }
 
     /// Publishes the queue's new length (after items were added) and its high-water mark.
@@ -170,10 +199,8 @@ impl<T> Shared<T> {
         s.reserved -= run.items.len() + credit;
         s.items.extend(run.items.drain(..));
         self.grew(&mut s);
-        let wake = s.recv_waiting > 0 && !s.items.is_empty();
-        drop(s);
-        if wake {
-            self.not_empty.notify_all();
+        if !s.items.is_empty() {
+            self.wake_all(s);
         }
     }
 }
@@ -223,10 +250,8 @@ impl<T> Drop for Sender<T> {
     fn drop(&mut self) {
         let mut s = self.shared.lock();
         s.senders -= 1;
-        let wake = s.senders == 0 && s.recv_waiting > 0;
-        drop(s);
-        if wake {
-            self.shared.not_empty.notify_all();
+        if s.senders == 0 {
+            self.shared.wake_all(s);
         }
     }
 }
@@ -292,12 +317,13 @@ impl<T> Sender<T> {
             if room > 0 {
                 s.items.extend(items.by_ref().take(room));
                 sh.grew(&mut s);
-                if s.recv_waiting > 0 {
-                    // More than one item may be ready: wake every waiting worker.
-                    sh.not_empty.notify_all();
-                }
                 if items.len() == 0 {
+                    // More than one item may be ready: wake every waiting worker.
+                    sh.wake_all(s);
                     return 0;
+                }
+                if sh.waking_all(&mut s) {
+                    sh.not_empty.notify_all();
                 }
             }
             s.send_waiting += 1;
@@ -412,13 +438,8 @@ impl<T> Drop for RunSender<T> {
         let mut run = self.run.lock();
         sh.take_run(&mut run, true);
         drop(run);
-        let mut s = sh.lock();
-        s.runs.retain(|r| !Arc::ptr_eq(r, &self.run));
-        let wake = s.recv_waiting > 0 && !s.items.is_empty();
-        drop(s);
-        if wake {
-            sh.not_empty.notify_all();
-        }
+        // Then the inner sender's drop ends the stream if it was the last.
+        sh.lock().runs.retain(|r| !Arc::ptr_eq(r, &self.run));
     }
 }
 
@@ -543,7 +564,17 @@ impl<T> Receiver<T> {
             }
             taken.waited = true;
             s.recv_waiting += 1;
-            sh.sleepers.store(s.recv_waiting, Ordering::Relaxed);
+            s.unwoken += 1;
+            sh.sleepers.store(s.unwoken, Ordering::Relaxed);
+            let came = s.woken;
+            // Leaves the wait: counted out of `unwoken` unless a wake-up of all did it.
+            let leave = |s: &mut State<T>| {
+                s.recv_waiting -= 1;
+                if s.woken == came {
+                    s.unwoken -= 1;
+                    sh.sleepers.store(s.unwoken, Ordering::Relaxed);
+                }
+            };
             if !s.runs.is_empty() {
                 // Registered as waiting first: a sender that adds to its run after this
                 // looked at it sees the waiter and moves the run itself.
@@ -556,9 +587,9 @@ impl<T> Receiver<T> {
                     }
                 }
                 s = sh.lock();
-                if !s.items.is_empty() || s.senders == 0 || s.closed {
-                    s.recv_waiting -= 1;
-                    sh.sleepers.store(s.recv_waiting, Ordering::Relaxed);
+                // A wake-up of all meanwhile found nobody asleep: look again before waiting.
+                if s.woken != came || !s.items.is_empty() || s.senders == 0 || s.closed {
+                    leave(&mut s);
                     continue;
                 }
             }
@@ -572,8 +603,7 @@ impl<T> Receiver<T> {
                         .0
                 }
             };
-            s.recv_waiting -= 1;
-            sh.sleepers.store(s.recv_waiting, Ordering::Relaxed);
+            leave(&mut s);
         }
     }
 
@@ -598,8 +628,9 @@ impl<T> Receiver<T> {
     {
         let sh = self.shared.clone();
         Arc::new(move || {
-            sh.lock().closed = true;
-            sh.not_empty.notify_all();
+            let mut s = sh.lock();
+            s.closed = true;
+            sh.wake_all(s);
         })
     }
 }
