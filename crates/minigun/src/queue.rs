@@ -36,6 +36,8 @@
 
 use crate::loops::{Closer, Membership};
 use crate::stats::StageStats;
+#[cfg(target_os = "linux")]
+use crate::sys::spin::{SpinGuard as RunGuard, SpinLock as RunLock};
 use crossbeam_utils::{Backoff, CachePadded};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -211,9 +213,18 @@ const RUN: usize = 128;
 /// The items a [`RunSender`] has emitted and not yet moved into its queue, and the room it
 /// was promised for more (its credit). Shared with the queue's receivers, which take it
 /// when they would otherwise wait.
+///
+/// Its lock is taken at every emit and by a receiver only when it would wait: a spin lock
+/// (`sys::spin`, one atomic read-modify-write per emit instead of a mutex's two) on Linux, a
+/// mutex elsewhere.
 struct Run<T> {
-    state: Mutex<RunState<T>>,
+    state: RunLock<RunState<T>>,
 }
+
+#[cfg(not(target_os = "linux"))]
+type RunLock<T> = Mutex<T>;
+#[cfg(not(target_os = "linux"))]
+type RunGuard<'a, T> = MutexGuard<'a, T>;
 
 struct RunState<T> {
     items: Vec<T>,
@@ -222,8 +233,11 @@ struct RunState<T> {
 }
 
 impl<T> Run<T> {
-    fn lock(&self) -> MutexGuard<'_, RunState<T>> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> RunGuard<'_, RunState<T>> {
+        #[cfg(target_os = "linux")]
+        return self.state.lock();
+        #[cfg(not(target_os = "linux"))]
+        return self.state.lock().unwrap_or_else(|e| e.into_inner());
     }
 }
 
@@ -362,7 +376,7 @@ impl<T> Sender<T> {
     /// A sender of runs into this queue.
     pub(crate) fn runs(&self) -> RunSender<T> {
         let run = Arc::new(Run {
-            state: Mutex::new(RunState {
+            state: RunLock::new(RunState {
                 items: Vec::new(),
                 credit: 0,
             }),
