@@ -466,8 +466,10 @@ pub(crate) struct Taken {
     pub(crate) first: u64,
 }
 
-/// How many items one receive takes at most.
-const MAX_TAKE: usize = 256;
+/// How many items one receive takes at most: a whole default queue (1000), so a sole
+/// receiver of a full queue takes it by swapping buffers, and its blocked senders, woken
+/// then, refill it in one go instead of once per quarter.
+const MAX_TAKE: usize = 1024;
 
 impl<T> Receiver<T> {
     /// Moves ready items into `buf`, blocking until there is at least one; `false` at end of

@@ -4,7 +4,7 @@
 //! The stage ends when every worker has seen the queue disconnect and flushed its instance;
 //! the workers' router clones are dropped then, which ends the downstream streams.
 //!
-//! A worker takes every ready item from its queue at once (up to 256; its share under
+//! A worker takes every ready item from its queue at once (up to 1024; its share under
 //! `threads(n)`), counts them and reserves their indices once, and holds what it emits until
 //! it has handled the batch, has been busy [`LINGER`] since its last send (checked at each
 //! clock reading, below), a downstream is asleep waiting, or 256 are held. So an output
