@@ -40,7 +40,7 @@ use crate::stats::StageStats;
 use crate::sys::spin::{SpinGuard as RunGuard, SpinLock as RunLock};
 use crossbeam_utils::{Backoff, CachePadded};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -85,6 +85,7 @@ pub(crate) fn channel<T>(cap: Capacity, target: Arc<StageStats>) -> (Sender<T>, 
         cap,
         len: CachePadded::new(AtomicUsize::new(0)),
         sleepers: CachePadded::new(AtomicUsize::new(0)),
+        gone: AtomicBool::new(false),
         target,
     });
     (
@@ -114,6 +115,9 @@ struct Shared<T> {
     /// `unwoken`): a sender holding a batch or a run sends it at once when someone waits for
     /// it, and once they are all woken goes on filling it.
     sleepers: CachePadded<AtomicUsize>,
+    /// Every receiver is gone (set once, with `receivers` reaching 0): a run sender's emit
+    /// fails at once, as a send does, not when its run moves.
+    gone: AtomicBool,
     /// The receiving stage's statistics (high-water mark).
     target: Arc<StageStats>,
 }
@@ -283,6 +287,9 @@ impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
         let mut s = self.shared.lock();
         s.receivers -= 1;
+        if s.receivers == 0 {
+            self.shared.gone.store(true, Ordering::Relaxed);
+        }
         let wake = s.receivers == 0 && s.send_waiting > 0;
         drop(s);
         if wake {
@@ -393,6 +400,9 @@ impl<T> RunSender<T> {
     /// Emits an item into the run; `Err` gives it back when every receiver is gone.
     pub(crate) fn send(&self, item: T) -> Result<(), T> {
         let sh = &*self.tx.shared;
+        if sh.gone.load(Ordering::Relaxed) {
+            return Err(item);
+        }
         let mut run = self.run.lock();
         if run.credit > 0 {
             run.credit -= 1;
@@ -998,9 +1008,9 @@ mod tests {
         let (tx, rx) = queue(2);
         let runs = tx.runs();
         runs.send(1).unwrap();
-        runs.send(2).unwrap();
         drop(rx);
-        assert_eq!(runs.send(3), Err(3));
+        // Though the run has room promised for one more, the emit fails at once.
+        assert_eq!(runs.send(2), Err(2));
     }
 
     #[test]
