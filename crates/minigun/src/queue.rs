@@ -36,8 +36,6 @@
 
 use crate::loops::{Closer, Membership};
 use crate::stats::StageStats;
-#[cfg(target_os = "linux")]
-use crate::sys::spin::{SpinGuard as RunGuard, SpinLock as RunLock};
 use crossbeam_utils::{Backoff, CachePadded};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -218,17 +216,16 @@ const RUN: usize = 128;
 /// was promised for more (its credit). Shared with the queue's receivers, which take it
 /// when they would otherwise wait.
 ///
-/// Its lock is taken at every emit and by a receiver only when it would wait: a spin lock
-/// (`sys::spin`, one atomic read-modify-write per emit instead of a mutex's two) on Linux, a
-/// mutex elsewhere.
+/// Its lock is taken at every emit and by a receiver only when it would wait, and held for
+/// a push or a move into the queue: a spin lock (one atomic read-modify-write per emit
+/// instead of a mutex's two) whose waiter yields its core at each look, so a preempted
+/// holder is never spun against.
 struct Run<T> {
     state: RunLock<RunState<T>>,
 }
 
-#[cfg(not(target_os = "linux"))]
-type RunLock<T> = Mutex<T>;
-#[cfg(not(target_os = "linux"))]
-type RunGuard<'a, T> = MutexGuard<'a, T>;
+type RunLock<T> = spin::mutex::SpinMutex<T, spin::relax::Yield>;
+type RunGuard<'a, T> = spin::mutex::SpinMutexGuard<'a, T>;
 
 struct RunState<T> {
     items: Vec<T>,
@@ -238,10 +235,7 @@ struct RunState<T> {
 
 impl<T> Run<T> {
     fn lock(&self) -> RunGuard<'_, RunState<T>> {
-        #[cfg(target_os = "linux")]
-        return self.state.lock();
-        #[cfg(not(target_os = "linux"))]
-        return self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.state.lock()
     }
 }
 

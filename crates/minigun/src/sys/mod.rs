@@ -1,6 +1,6 @@
 //! The only module with `unsafe`: fork, `_exit`, signal dispositions, fds, memory shared with
-//! children ([`SharedMem`]), a spin lock ([`spin`]). Linux only: mechanisms, no protocol (what
-//! the wire and the shared memory carry is `ipc`'s).
+//! children ([`SharedMem`]). Linux only: mechanisms, no protocol (what the wire and the shared
+//! memory carry is `ipc`'s).
 //!
 //! # Forking from a multi-threaded process
 //!
@@ -30,7 +30,6 @@ pub(crate) mod collapse;
 pub(crate) mod fdpass;
 pub(crate) mod huge;
 pub(crate) mod signals;
-pub(crate) mod spin;
 
 use nix::sys::signal::{self, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
