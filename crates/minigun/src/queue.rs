@@ -13,7 +13,8 @@
 //!   one lock, an in-process worker sends what it emitted when it has handled what it took
 //!   (or after [`LINGER`](crate::exec::local) of work), so no item waits for others to arrive;
 //! - a producer sends in *runs* ([`RunSender`]): its emits fill a run of at most [`RUN`]
-//!   items that moves into the queue under one lock when it is full, when a receiver waits,
+//!   items (or as many as the queue had room for) that moves into the queue under one lock
+//!   at the emit that fills it, when a receiver waits,
 //!   and when the producer ends. A producer's code may wait for as long as it likes between
 //!   two emits, so the run does not wait for the next emit: a receiver that finds the queue
 //!   empty takes the partial runs itself before it sleeps (after its short spin), and a
@@ -400,17 +401,11 @@ impl<T> RunSender<T> {
         let mut run = self.run.lock();
         if run.credit > 0 {
             run.credit -= 1;
-            run.items.push(item);
-            drop(run);
-            // A receiver registers as waiting before it looks at the runs (and the run's
-            // lock orders the two): if it found this run without the item, it is seen here.
-            if sh.sleepers.load(Ordering::Relaxed) > 0 {
-                self.flush();
-            }
+            self.push(run, item);
             return Ok(());
         }
-        // Out of credit: the run moves into the queue (it was promised the room), then the
-        // sender waits, holding nothing, until there is room for the next one.
+        // Out of credit (a full run moved when it filled): the sender waits, holding
+        // nothing, until there is room for the next run.
         if !run.items.is_empty() {
             sh.take_run(&mut run, false);
         }
@@ -433,12 +428,26 @@ impl<T> RunSender<T> {
         let mut run = self.run.lock();
         // A receiver may have taken the (empty) run meanwhile: it found no credit to return.
         run.credit += credit - 1;
+        self.push(run, item);
+        Ok(())
+    }
+
+    /// Adds an item (its room already counted out of the credit) to the run, held by `run`:
+    /// a run that this fills moves into the queue at once (it was promised the room), so
+    /// what the queue's length and high-water mark leave out is at most a partial run.
+    fn push(&self, mut run: RunGuard<'_, RunState<T>>, item: T) {
+        let sh = &*self.tx.shared;
         run.items.push(item);
+        if run.credit == 0 {
+            sh.take_run(&mut run, false);
+            return;
+        }
         drop(run);
+        // A receiver registers as waiting before it looks at the runs (and the run's lock
+        // orders the two): if it found this run without the item, it is seen here.
         if sh.sleepers.load(Ordering::Relaxed) > 0 {
             self.flush();
         }
-        Ok(())
     }
 
     /// Moves the run into the queue now, keeping its credit.
@@ -995,6 +1004,37 @@ mod tests {
         wait_until(&shared, "receivers asleep", 0, |s| s.recv_waiting);
         assert_eq!(waiter.join().unwrap(), (true, vec![5]));
         drop((tx, runs));
+    }
+
+    #[test]
+    fn a_full_run_is_in_the_queue_at_once_not_at_the_next_emit() {
+        // The run was promised the whole queue (4) and used it all: it is full, so its items
+        // are in the queue, seen in its length and high-water mark, though the producer's
+        // next emit may not come for a long time.
+        let stats = Arc::new(StageStats::default());
+        let (tx, rx) = channel(Capacity::Bounded(4), stats.clone());
+        let runs = tx.runs();
+        for i in 0..4 {
+            runs.send(i).unwrap();
+        }
+        assert_eq!(rx.len(), 4, "the full run is still outside the queue");
+        assert_eq!(stats.queue_high_water.load(Ordering::Relaxed), 4);
+        assert_eq!(rx.shared.lock().reserved, 0, "no room is promised any more");
+        // A run of the longest length, in a larger queue.
+        let (tx2, rx2) = queue(1000);
+        let runs2 = tx2.runs();
+        for i in 0..RUN as u32 {
+            runs2.send(i).unwrap();
+        }
+        assert_eq!(rx2.len(), RUN);
+        runs2.send(0).unwrap();
+        assert_eq!(rx2.len(), RUN, "the next run has begun");
+        drop((tx, runs, tx2, runs2));
+        let mut buf = VecDeque::new();
+        assert!(rx.recv_into(&mut buf, 1));
+        assert_eq!(buf.drain(..).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert!(rx2.recv_into(&mut buf, 1));
+        assert_eq!(buf.len(), RUN + 1);
     }
 
     #[test]
