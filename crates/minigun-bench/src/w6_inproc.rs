@@ -3,6 +3,15 @@
 //! crossbeam bounded(1000) channels doing the same work. Each minigun variant runs with
 //! chaining (the default: the middle stages and the consumer run on one thread, see
 //! `Pipeline::chaining`) and without it (one queue and one thread per stage, as before).
+//!
+//! Two floors, written by hand, show where the limit is: the cheapest version of the same
+//! pipeline that keeps what minigun must keep (the producer's own thread, since its code may
+//! wait between emits, joined by a bounded channel to one thread that runs the three other
+//! stages' code item by item; the channel moves runs of [`RUN`] items, with room for about
+//! the same 1000 items as a minigun queue), and the whole pipeline fused into one loop on one
+//! thread (an upper bound: no hand-over at all). Both run the same per-item code as the
+//! minigun stages, the consumer's atomic add included. Every minigun row notes its ratio to
+//! the first floor.
 
 use crate::common::{best_of_pair, progress, timed, Cfg, Row};
 use minigun::{Exec, Pipeline};
@@ -60,6 +69,58 @@ fn chain_run(items: u64) -> (Duration, u64) {
     })
 }
 
+/// Items per run in the two-thread floor.
+const RUN: usize = 128;
+
+/// The floor that keeps the producer on its own thread: runs of `RUN` items over a
+/// crossbeam bounded channel (room for `1000 / RUN` runs) to one thread doing both maps and
+/// the sum, item by item.
+fn runs_floor(items: u64) -> (Duration, u64) {
+    let sum = AtomicU64::new(0);
+    let wall = timed(|| {
+        let (tx, rx) = crossbeam_channel::bounded::<Vec<u64>>(1000 / RUN);
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                let mut run = Vec::with_capacity(RUN);
+                for i in 0..items {
+                    run.push(i);
+                    if run.len() == RUN {
+                        let full = std::mem::replace(&mut run, Vec::with_capacity(RUN));
+                        tx.send(full).expect("send");
+                    }
+                }
+                if !run.is_empty() {
+                    tx.send(run).expect("send");
+                }
+            });
+            let sum = &sum;
+            s.spawn(move || {
+                for run in rx {
+                    for x in run {
+                        let y = std::hint::black_box(x + 1) * 2;
+                        sum.fetch_add(y, Ordering::Relaxed);
+                    }
+                }
+            });
+        })
+    })
+    .0;
+    (wall, sum.load(Ordering::Relaxed))
+}
+
+/// The whole pipeline as one loop on one thread.
+fn fused_floor(items: u64) -> (Duration, u64) {
+    let sum = AtomicU64::new(0);
+    let wall = timed(|| {
+        for i in 0..items {
+            let y = std::hint::black_box(i + 1) * 2;
+            sum.fetch_add(y, Ordering::Relaxed);
+        }
+    })
+    .0;
+    (wall, sum.load(Ordering::Relaxed))
+}
+
 pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
     let items: u64 = cfg.size(1_000_000, 200_000);
     // sum of 2(x+1) for x in 0..n = n(n-1) + 2n
@@ -87,17 +148,49 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
         chain_best = Some(chain_best.map_or(chain_wall, |b| b.min(chain_wall)));
         ours.push((name, workers, variant, wall));
     }
+    let mut floors = Vec::new();
+    for (name, workers, variant, floor) in [
+        (
+            "runs-2-threads",
+            2,
+            "floor: producer thread, runs of 128 to one thread",
+            runs_floor as fn(u64) -> (Duration, u64),
+        ),
+        (
+            "fused-loop",
+            1,
+            "floor: one fused loop, one thread",
+            fused_floor,
+        ),
+    ] {
+        progress(format!(
+            "W6 hand-written crossbeam chain and the {name} floor, alternately"
+        ));
+        let ((chain_wall, chain_sum), (wall, sum)) =
+            best_of_pair(cfg.reps, || chain_run(items), || floor(items));
+        assert_eq!((chain_sum, sum), (expect, expect), "W6 {name}: wrong sum");
+        chain_best = Some(chain_best.map_or(chain_wall, |b| b.min(chain_wall)));
+        floors.push((name, workers, variant, wall));
+    }
     let chain_wall = chain_best.expect("measured");
     let base = Row::new("W6", "baseline", "crossbeam-chain", 4, items, chain_wall)
         .variant("4 threads, bounded(1000)");
     let floor = base.items_per_sec;
     rows.push(base);
-    for (name, workers, variant, wall) in ours {
+    let runs_floor = items as f64 / floors[0].3.as_secs_f64();
+    for (name, workers, variant, wall) in floors {
         rows.push(
-            Row::new("W6", "minigun", name, workers, items, wall)
+            Row::new("W6", "baseline", name, workers, items, wall)
                 .variant(variant)
                 .floor(floor),
         );
+    }
+    for (name, workers, variant, wall) in ours {
+        let row = Row::new("W6", "minigun", name, workers, items, wall)
+            .variant(variant)
+            .floor(floor);
+        let of_floor = row.items_per_sec / runs_floor;
+        rows.push(row.note(format!("{of_floor:.3}x the runs-2-threads floor")));
     }
     rows
 }

@@ -6,24 +6,40 @@
 //! - end of stream is the queue disconnecting: it happens exactly when the last upstream has
 //!   ended and dropped its sender, which is per-source end-of-stream accounting for free;
 //! - a full bounded queue blocks the sender, so backpressure reaches the producer, and the
-//!   queue length never exceeds its capacity (the high-water mark records the peak); a
-//!   blocked sender is woken once half the queue is free, not at every take;
+//!   queue length never exceeds its capacity (the high-water mark records the peak; the
+//!   capacity also counts what producers' runs hold, below); a blocked sender is woken once
+//!   half the queue is free, not at every take;
 //! - items move in batches without waiting for one: a receiver takes every ready item under
 //!   one lock, an in-process worker sends what it emitted when it has handled what it took
 //!   (or after [`LINGER`](crate::exec::local) of work), so no item waits for others to arrive;
+//! - a producer sends in *runs* ([`RunSender`]): its emits fill a run of at most [`RUN`]
+//!   items (or as many as the queue had room for) that moves into the queue under one lock
+//!   at the emit that fills it, when a receiver waits,
+//!   and when the producer ends. A producer's code may wait for as long as it likes between
+//!   two emits, so the run does not wait for the next emit: a receiver that finds the queue
+//!   empty takes the partial runs itself before it sleeps (after its short spin), and a
+//!   producer that emits while a receiver waits moves its run at once. So an item waits in a
+//!   run only while its stage is busy with the items before it. The room for a run's items
+//!   is promised by the queue before they are emitted (the run's credit, counted against the
+//!   capacity), so runs never take the queue over its capacity; a producer waiting for room
+//!   holds nothing back;
 //! - a routing loop closes its members' queues ([`Receiver::closer`]); a closed queue still
 //!   delivers what it holds, then ends.
 //!
+//! Lock order: a run's lock, then the queue's (a receiver taking a run holds both; a
+//! producer never waits on the queue while it holds its run).
+//!
 //! Why not a channel crate: the engine's cost per item was the channel operation on both
-//! sides of every hop (one cache-line transfer per item). Taking and sending batches makes it
-//! one transfer per batch; the W6 benchmark measures the difference against a hand-written
-//! `crossbeam-channel` chain.
+//! sides of every hop (one cache-line transfer per item). Taking and sending batches and runs
+//! makes it one transfer per batch; a producer's run lock stays on its own core unless a
+//! receiver comes for the run. The W6 benchmark measures the difference against a
+//! hand-written `crossbeam-channel` chain.
 
 use crate::loops::{Closer, Membership};
 use crate::stats::StageStats;
 use crossbeam_utils::{Backoff, CachePadded};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -55,15 +71,20 @@ pub(crate) fn channel<T>(cap: Capacity, target: Arc<StageStats>) -> (Sender<T>, 
             receivers: 1,
             closed: false,
             recv_waiting: 0,
+            unwoken: 0,
+            woken: 0,
             send_waiting: 0,
             high_water: 0,
             taken: 0,
+            reserved: 0,
+            runs: Vec::new(),
         }),
         not_empty: Condvar::new(),
         not_full: Condvar::new(),
         cap,
         len: CachePadded::new(AtomicUsize::new(0)),
         sleepers: CachePadded::new(AtomicUsize::new(0)),
+        gone: AtomicBool::new(false),
         target,
     });
     (
@@ -89,9 +110,13 @@ struct Shared<T> {
     cap: usize,
     /// The queue's length, readable without the lock (probes, the receiver's spin).
     len: CachePadded<AtomicUsize>,
-    /// Receivers asleep on the queue (mirrors `recv_waiting`): a sender holding a batch sends
-    /// it at once when someone waits for it.
+    /// Receivers waiting on the queue that no wake-up of all has reached yet (mirrors
+    /// `unwoken`): a sender holding a batch or a run sends it at once when someone waits for
+    /// it, and once they are all woken goes on filling it.
     sleepers: CachePadded<AtomicUsize>,
+    /// Every receiver is gone (set once, with `receivers` reaching 0): a run sender's emit
+    /// fails at once, as a send does, not when its run moves.
+    gone: AtomicBool,
     /// The receiving stage's statistics (high-water mark).
     target: Arc<StageStats>,
 }
@@ -105,15 +130,113 @@ struct State<T> {
     /// Threads blocked in a wait: a send or receive signals only when someone waits, so the
     /// hot path makes no system call.
     recv_waiting: usize,
+    /// Of those, the receivers that came to wait since the last wake-up of all (`woken`
+    /// counts those wake-ups): a receiver leaving the wait counts itself out of `unwoken`
+    /// only if no wake-up of all came since it came.
+    unwoken: usize,
+    woken: u64,
     send_waiting: usize,
     high_water: usize,
     /// Items taken by receivers so far: the next item's index in the stage's input.
     taken: u64,
+    /// Room promised to the runs of [`RunSender`]s (their items and their unused credit):
+    /// counted against the capacity with `items`.
+    reserved: usize,
+    /// The runs of this queue's [`RunSender`]s, which a receiver about to wait takes.
+    runs: Vec<Arc<Run<T>>>,
+}
+
+impl<T> State<T> {
+    /// Room left for a sender: the capacity less what waits and what runs were promised.
+    fn room(&self, cap: usize) -> usize {
+        cap.saturating_sub(self.items.len() + self.reserved)
+    }
 }
 
 impl<T> Shared<T> {
     fn lock(&self) -> MutexGuard<'_, State<T>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes every waiting receiver (if any), releasing the lock: from now on none is
+    /// awaiting items that nobody told it of (see `sleepers`).
+    fn wake_all(&self, mut s: MutexGuard<'_, State<T>>) {
+        if self.waking_all(&mut s) {
+            drop(s);
+            self.not_empty.notify_all();
+        }
+    }
+
+    /// Counts a wake-up of all the waiting receivers, if any (the caller then notifies
+    /// them); whether there are any.
+    fn waking_all(&self, s: &mut State<T>) -> bool {
+        if s.recv_waiting == 0 {
+            return false;
+        }
+        s.woken += 1;
+        s.unwoken = 0;
+        self.sleepers.store(0, Ordering::Relaxed);
+        true
+    }
+
+    /// Publishes the queue's new length (after items were added) and its high-water mark.
+    fn grew(&self, s: &mut State<T>) {
+        let len = s.items.len();
+        self.len.store(len, Ordering::Relaxed);
+        if len > s.high_water {
+            s.high_water = len;
+            self.target
+                .queue_high_water
+                .fetch_max(len, Ordering::Relaxed);
+        }
+    }
+
+    /// Moves a run's items into the queue (their promised room is now theirs in the queue)
+    /// and wakes a waiting receiver; with `all`, gives back the run's unused credit too.
+    /// The caller holds the run's lock (the order is always run, then queue).
+    fn take_run(&self, run: &mut RunState<T>, all: bool) {
+        let credit = if all {
+            std::mem::take(&mut run.credit)
+        } else {
+            0
+        };
+        let mut s = self.lock();
+        s.reserved -= run.items.len() + credit;
+        s.items.extend(run.items.drain(..));
+        self.grew(&mut s);
+        if !s.items.is_empty() {
+            self.wake_all(s);
+        }
+    }
+}
+
+/// The longest run a [`RunSender`] fills before it moves it into the queue.
+const RUN: usize = 128;
+
+/// The items a [`RunSender`] has emitted and not yet moved into its queue, and the room it
+/// was promised for more (its credit). Shared with the queue's receivers, which take it
+/// when they would otherwise wait.
+///
+/// Its lock is taken at every emit and by a receiver only when it would wait, and held for
+/// a push or a move into the queue: a spin lock (one atomic read-modify-write per emit
+/// instead of a mutex's two) whose waiter yields its core at each look, so a preempted
+/// holder is never spun against.
+struct Run<T> {
+    state: RunLock<RunState<T>>,
+}
+
+type RunLock<T> = spin::mutex::SpinMutex<T, spin::relax::Yield>;
+type RunGuard<'a, T> = spin::mutex::SpinMutexGuard<'a, T>;
+
+struct RunState<T> {
+    items: Vec<T>,
+    /// How many more items the queue promised room for (counted in its `reserved`).
+    credit: usize,
+}
+
+impl<T> Run<T> {
+    fn lock(&self) -> RunGuard<'_, RunState<T>> {
+        self.state.lock()
     }
 }
 
@@ -140,10 +263,8 @@ impl<T> Drop for Sender<T> {
     fn drop(&mut self) {
         let mut s = self.shared.lock();
         s.senders -= 1;
-        let wake = s.senders == 0 && s.recv_waiting > 0;
-        drop(s);
-        if wake {
-            self.shared.not_empty.notify_all();
+        if s.senders == 0 {
+            self.shared.wake_all(s);
         }
     }
 }
@@ -161,6 +282,9 @@ impl<T> Drop for Receiver<T> {
     fn drop(&mut self) {
         let mut s = self.shared.lock();
         s.receivers -= 1;
+        if s.receivers == 0 {
+            self.shared.gone.store(true, Ordering::Relaxed);
+        }
         let wake = s.receivers == 0 && s.send_waiting > 0;
         drop(s);
         if wake {
@@ -178,7 +302,7 @@ impl<T> Sender<T> {
             if s.receivers == 0 {
                 return Err(item);
             }
-            if s.items.len() < sh.cap {
+            if s.room(sh.cap) > 0 {
                 break;
             }
             s.send_waiting += 1;
@@ -186,12 +310,7 @@ impl<T> Sender<T> {
             s.send_waiting -= 1;
         }
         s.items.push_back(item);
-        let len = s.items.len();
-        sh.len.store(len, Ordering::Relaxed);
-        if len > s.high_water {
-            s.high_water = len;
-            sh.target.queue_high_water.fetch_max(len, Ordering::Relaxed);
-        }
+        sh.grew(&mut s);
         let wake = s.recv_waiting > 0;
         drop(s);
         if wake {
@@ -210,21 +329,17 @@ impl<T> Sender<T> {
             if s.receivers == 0 {
                 return items.len() as u64;
             }
-            let room = sh.cap.saturating_sub(s.items.len());
+            let room = s.room(sh.cap);
             if room > 0 {
                 s.items.extend(items.by_ref().take(room));
-                let len = s.items.len();
-                sh.len.store(len, Ordering::Relaxed);
-                if len > s.high_water {
-                    s.high_water = len;
-                    sh.target.queue_high_water.fetch_max(len, Ordering::Relaxed);
-                }
-                if s.recv_waiting > 0 {
-                    // More than one item may be ready: wake every waiting worker.
-                    sh.not_empty.notify_all();
-                }
+                sh.grew(&mut s);
                 if items.len() == 0 {
+                    // More than one item may be ready: wake every waiting worker.
+                    sh.wake_all(s);
                     return 0;
+                }
+                if sh.waking_all(&mut s) {
+                    sh.not_empty.notify_all();
                 }
             }
             s.send_waiting += 1;
@@ -244,6 +359,117 @@ impl<T> Sender<T> {
     }
 }
 
+/// A sender that moves its items into the queue in runs (a producer's, see the module
+/// docs): what it emits goes into its [`Run`] (a lock only it and, rarely, a receiver take),
+/// and the run moves into the queue under one queue lock when the room promised for it is
+/// used up (at most [`RUN`] items), when a receiver is waiting, and when the sender is
+/// dropped; a receiver about to wait takes the run itself. So no item waits for a run to
+/// fill: it waits only while the receiving stage is busy with items that came before it.
+///
+/// Its items count against the queue's capacity from their emit on: the sender reserves
+/// room (its credit) before it fills a run, and waits for room, holding nothing, when the
+/// queue is full.
+pub(crate) struct RunSender<T> {
+    tx: Sender<T>,
+    run: Arc<Run<T>>,
+}
+
+impl<T> Sender<T> {
+    /// A sender of runs into this queue.
+    pub(crate) fn runs(&self) -> RunSender<T> {
+        let run = Arc::new(Run {
+            state: RunLock::new(RunState {
+                items: Vec::new(),
+                credit: 0,
+            }),
+        });
+        self.shared.lock().runs.push(run.clone());
+        RunSender {
+            tx: self.clone(),
+            run,
+        }
+    }
+}
+
+impl<T> RunSender<T> {
+    /// Emits an item into the run; `Err` gives it back when every receiver is gone.
+    pub(crate) fn send(&self, item: T) -> Result<(), T> {
+        let sh = &*self.tx.shared;
+        if sh.gone.load(Ordering::Relaxed) {
+            return Err(item);
+        }
+        let mut run = self.run.lock();
+        if run.credit > 0 {
+            run.credit -= 1;
+            self.push(run, item);
+            return Ok(());
+        }
+        // Out of credit (a full run moved when it filled): the sender waits, holding
+        // nothing, until there is room for the next run.
+        if !run.items.is_empty() {
+            sh.take_run(&mut run, false);
+        }
+        drop(run);
+        let mut s = sh.lock();
+        let credit = loop {
+            if s.receivers == 0 {
+                return Err(item);
+            }
+            let room = s.room(sh.cap);
+            if room > 0 {
+                break room.min(RUN);
+            }
+            s.send_waiting += 1;
+            s = sh.not_full.wait(s).unwrap_or_else(|e| e.into_inner());
+            s.send_waiting -= 1;
+        };
+        s.reserved += credit;
+        drop(s);
+        let mut run = self.run.lock();
+        // A receiver may have taken the (empty) run meanwhile: it found no credit to return.
+        run.credit += credit - 1;
+        self.push(run, item);
+        Ok(())
+    }
+
+    /// Adds an item (its room already counted out of the credit) to the run, held by `run`:
+    /// a run that this fills moves into the queue at once (it was promised the room), so
+    /// what the queue's length and high-water mark leave out is at most a partial run.
+    fn push(&self, mut run: RunGuard<'_, RunState<T>>, item: T) {
+        let sh = &*self.tx.shared;
+        run.items.push(item);
+        if run.credit == 0 {
+            sh.take_run(&mut run, false);
+            return;
+        }
+        drop(run);
+        // A receiver registers as waiting before it looks at the runs (and the run's lock
+        // orders the two): if it found this run without the item, it is seen here.
+        if sh.sleepers.load(Ordering::Relaxed) > 0 {
+            self.flush();
+        }
+    }
+
+    /// Moves the run into the queue now, keeping its credit.
+    fn flush(&self) {
+        let mut run = self.run.lock();
+        if !run.items.is_empty() {
+            self.tx.shared.take_run(&mut run, false);
+        }
+    }
+}
+
+impl<T> Drop for RunSender<T> {
+    fn drop(&mut self) {
+        let sh = &*self.tx.shared;
+        let mut run = self.run.lock();
+        sh.take_run(&mut run, true);
+        drop(run);
+        // Then the inner sender's drop ends the stream if it was the last.
+        sh.lock().runs.retain(|r| !Arc::ptr_eq(r, &self.run));
+    }
+}
+
 /// What a worker's receive took (see [`Receiver::recv_waited`]).
 #[derive(Default)]
 pub(crate) struct Taken {
@@ -253,8 +479,10 @@ pub(crate) struct Taken {
     pub(crate) first: u64,
 }
 
-/// How many items one receive takes at most.
-const MAX_TAKE: usize = 256;
+/// How many items one receive takes at most: a whole default queue (1000), so a sole
+/// receiver of a full queue takes it by swapping buffers, and its blocked senders, woken
+/// then, refill it in one go instead of once per quarter.
+const MAX_TAKE: usize = 1024;
 
 impl<T> Receiver<T> {
     /// Moves ready items into `buf`, blocking until there is at least one; `false` at end of
@@ -338,7 +566,13 @@ impl<T> Receiver<T> {
                     n => ready / (2 * n),
                 }
                 .clamp(1, max.clamp(1, MAX_TAKE));
-                buf.extend(s.items.drain(..take));
+                if take == ready && buf.is_empty() {
+                    // Everything, into an empty buffer: the two trade places (the queue
+                    // keeps the buffer's allocation), no item is copied under the lock.
+                    std::mem::swap(buf, &mut s.items);
+                } else {
+                    buf.extend(s.items.drain(..take));
+                }
                 taken.first = s.taken;
                 s.taken += take as u64;
                 sh.len.store(s.items.len(), Ordering::Relaxed);
@@ -359,7 +593,35 @@ impl<T> Receiver<T> {
             }
             taken.waited = true;
             s.recv_waiting += 1;
-            sh.sleepers.store(s.recv_waiting, Ordering::Relaxed);
+            s.unwoken += 1;
+            sh.sleepers.store(s.unwoken, Ordering::Relaxed);
+            let came = s.woken;
+            // Leaves the wait: counted out of `unwoken` unless a wake-up of all did it.
+            let leave = |s: &mut State<T>| {
+                s.recv_waiting -= 1;
+                if s.woken == came {
+                    s.unwoken -= 1;
+                    sh.sleepers.store(s.unwoken, Ordering::Relaxed);
+                }
+            };
+            if !s.runs.is_empty() {
+                // Registered as waiting first: a sender that adds to its run after this
+                // looked at it sees the waiter and moves the run itself.
+                let runs = s.runs.clone();
+                drop(s);
+                for run in &runs {
+                    let mut run = run.lock();
+                    if !run.items.is_empty() || run.credit > 0 {
+                        sh.take_run(&mut run, true);
+                    }
+                }
+                s = sh.lock();
+                // A wake-up of all meanwhile found nobody asleep: look again before waiting.
+                if s.woken != came || !s.items.is_empty() || s.senders == 0 || s.closed {
+                    leave(&mut s);
+                    continue;
+                }
+            }
             s = match deadline {
                 None => sh.not_empty.wait(s).unwrap_or_else(|e| e.into_inner()),
                 Some(d) => {
@@ -370,8 +632,7 @@ impl<T> Receiver<T> {
                         .0
                 }
             };
-            s.recv_waiting -= 1;
-            sh.sleepers.store(s.recv_waiting, Ordering::Relaxed);
+            leave(&mut s);
         }
     }
 
@@ -396,8 +657,9 @@ impl<T> Receiver<T> {
     {
         let sh = self.shared.clone();
         Arc::new(move || {
-            sh.lock().closed = true;
-            sh.not_empty.notify_all();
+            let mut s = sh.lock();
+            s.closed = true;
+            sh.wake_all(s);
         })
     }
 }
@@ -438,6 +700,12 @@ impl<T> QueueTx<T> {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.tx.is_closed()
+    }
+
+    /// A sender of runs into the stage's queue ([`RunSender`]); `None` for a routing loop's
+    /// member, whose termination counts every item sent one by one.
+    pub(crate) fn runs(&self) -> Option<RunSender<T>> {
+        self.loops.lp.is_none().then(|| self.tx.runs())
     }
 
     pub(crate) fn awaited(&self) -> bool {
@@ -663,6 +931,120 @@ mod tests {
             rx.recv_into_until(&mut buf, Instant::now() + Duration::from_secs(5)),
             Some(false)
         );
+    }
+
+    #[test]
+    fn runs_keep_order_and_the_capacity_counts_their_items() {
+        let (tx, rx) = queue(7);
+        let probe = rx.len_probe();
+        let shared = rx.shared.clone();
+        let sender = std::thread::spawn(move || {
+            let runs = tx.runs();
+            drop(tx);
+            (0..1000).all(|i| runs.send(i).is_ok())
+        });
+        let mut got = Vec::new();
+        let mut buf = VecDeque::new();
+        while rx.recv_into(&mut buf, 1) {
+            {
+                let s = shared.lock();
+                assert!(s.items.len() + s.reserved <= 7, "over the capacity");
+            }
+            assert!(buf.len() <= 7 && probe() <= 7, "took {}", buf.len());
+            got.extend(buf.drain(..));
+        }
+        assert!(sender.join().unwrap());
+        assert_eq!(got, (0..1000).collect::<Vec<_>>());
+        assert!(shared.lock().high_water <= 7);
+        assert_eq!(shared.lock().reserved, 0, "every promise settled");
+    }
+
+    #[test]
+    fn a_receiver_about_to_wait_takes_a_partial_run_and_its_credit() {
+        let (tx, rx) = queue(4);
+        let runs = tx.runs();
+        runs.send(1).unwrap();
+        // Nobody waited: the item is still in the run, with room promised for 3 more.
+        assert_eq!(rx.len(), 0);
+        assert_eq!(rx.shared.lock().reserved, 4);
+        let mut buf = VecDeque::new();
+        assert!(rx.recv_into(&mut buf, 1), "the run's item is taken");
+        assert_eq!(buf.pop_front(), Some(1));
+        // The unused credit went back: a plain sender fills the queue without waiting.
+        assert_eq!(rx.shared.lock().reserved, 0);
+        for i in 0..4 {
+            tx.send(i).unwrap();
+        }
+        assert_eq!(rx.len(), 4);
+        // The run sender's next item waits for room, holding nothing.
+        let sender = std::thread::spawn(move || runs.send(9));
+        wait_until(&rx.shared, "senders blocked", 1, |s| s.send_waiting);
+        assert!(rx.recv_into(&mut buf, 1));
+        assert_eq!(sender.join().unwrap(), Ok(()), "sent once there was room");
+        drop(tx);
+        assert!(rx.recv_into(&mut buf, 1));
+        assert!(!rx.recv_into(&mut buf, 1), "the dropped run sender ended");
+        assert_eq!(buf.into_iter().collect::<Vec<_>>(), [0, 1, 2, 3, 9]);
+    }
+
+    #[test]
+    fn a_sleeping_receiver_is_woken_by_an_item_added_to_a_run() {
+        let (tx, rx) = queue(100);
+        let shared = rx.shared.clone();
+        let waiter = std::thread::spawn(move || {
+            let mut buf = VecDeque::new();
+            let more = rx.recv_into(&mut buf, 1);
+            (more, buf.into_iter().collect::<Vec<_>>())
+        });
+        wait_until(&shared, "receivers asleep", 1, |s| s.recv_waiting);
+        let runs = tx.runs();
+        runs.send(5).unwrap();
+        // The item wakes it though the run is far from full (a lost wake-up fails the
+        // join below instead of hanging: the run sender ends the stream when dropped).
+        wait_until(&shared, "receivers asleep", 0, |s| s.recv_waiting);
+        assert_eq!(waiter.join().unwrap(), (true, vec![5]));
+        drop((tx, runs));
+    }
+
+    #[test]
+    fn a_full_run_is_in_the_queue_at_once_not_at_the_next_emit() {
+        // The run was promised the whole queue (4) and used it all: it is full, so its items
+        // are in the queue, seen in its length and high-water mark, though the producer's
+        // next emit may not come for a long time.
+        let stats = Arc::new(StageStats::default());
+        let (tx, rx) = channel(Capacity::Bounded(4), stats.clone());
+        let runs = tx.runs();
+        for i in 0..4 {
+            runs.send(i).unwrap();
+        }
+        assert_eq!(rx.len(), 4, "the full run is still outside the queue");
+        assert_eq!(stats.queue_high_water.load(Ordering::Relaxed), 4);
+        assert_eq!(rx.shared.lock().reserved, 0, "no room is promised any more");
+        // A run of the longest length, in a larger queue.
+        let (tx2, rx2) = queue(1000);
+        let runs2 = tx2.runs();
+        for i in 0..RUN as u32 {
+            runs2.send(i).unwrap();
+        }
+        assert_eq!(rx2.len(), RUN);
+        runs2.send(0).unwrap();
+        assert_eq!(rx2.len(), RUN, "the next run has begun");
+        drop((tx, runs, tx2, runs2));
+        let mut buf = VecDeque::new();
+        assert!(rx.recv_into(&mut buf, 1));
+        assert_eq!(buf.drain(..).collect::<Vec<_>>(), [0, 1, 2, 3]);
+        assert!(rx2.recv_into(&mut buf, 1));
+        assert_eq!(buf.len(), RUN + 1);
+    }
+
+    #[test]
+    fn a_run_sender_fails_once_the_receiver_is_gone() {
+        let (tx, rx) = queue(2);
+        let runs = tx.runs();
+        runs.send(1).unwrap();
+        drop(rx);
+        // Though the run has room promised for one more, the emit fails at once.
+        assert_eq!(runs.send(2), Err(2));
     }
 
     #[test]

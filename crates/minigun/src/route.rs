@@ -21,7 +21,7 @@
 
 use crate::erased::{take, Erased};
 use crate::error::EmitError;
-use crate::queue::{FanOut, QueueTx};
+use crate::queue::{FanOut, QueueTx, RunSender};
 use crate::stage::{Item, Routed, Sink, TypeInfo, Wire};
 use crate::stats::StageStats;
 use std::any::Any;
@@ -187,6 +187,9 @@ pub(crate) struct Router<O> {
     /// Batched mode sends at once to a downstream asleep waiting (in-process workers, whose
     /// stage code may run long between flushes); a fork supervisor flushes after each read.
     eager: bool,
+    /// A producer's senders of runs, one per output (`None`: that output takes items one by
+    /// one), see [`Router::in_runs`].
+    runs: Vec<Option<RunSender<O>>>,
 }
 
 /// A batched router sends an output's items once this many wait.
@@ -237,6 +240,8 @@ impl<O> Clone for Router<O> {
                 .map(|_| std::sync::Mutex::new(self.lists())),
             held_out: 0,
             eager: self.eager,
+            // A clone sends item by item (only a producer's router, never cloned, has runs).
+            runs: Vec::new(),
         }
     }
 }
@@ -334,7 +339,38 @@ impl<O: Clone> Router<O> {
             pending: None,
             held_out: 0,
             eager: true,
+            runs: Vec::new(),
         }
+    }
+
+    /// A producer's router: what it emits moves into each downstream queue in runs
+    /// ([`RunSender`]: one queue lock per run, and a waiting downstream takes a partial run
+    /// itself, so an item never waits for the producer's next emit). Its outputs are still
+    /// counted one by one, as they are emitted.
+    pub(crate) fn in_runs(mut self) -> Self {
+        self.runs = self.outs.iter().map(QueueTx::runs).collect();
+        self
+    }
+
+    /// Counts an output: a producer's router is its stage's only writer of `items_out` (it
+    /// runs on the producer's thread, and is never cloned), so a plain store does, no
+    /// read-modify-write; other routers share the counter with their stage's other workers.
+    fn count_out(&self) {
+        let out = &self.stats.items_out;
+        if self.runs.is_empty() {
+            out.fetch_add(1, Ordering::Relaxed);
+        } else {
+            out.store(out.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends an item to output `i`: into its run if it has one.
+    fn send_to(&self, i: usize, item: O) -> Result<(), EmitError> {
+        let sent = match self.runs.get(i) {
+            Some(Some(run)) => run.send(item),
+            _ => self.outs[i].send(item),
+        };
+        sent.map_err(|_| EmitError::Closed)
     }
 
     /// A router for one in-process worker: what the stage emits through [`Sink::send`] is
@@ -417,14 +453,14 @@ impl<O: Clone> Router<O> {
         self.check_stop()?;
         let i = self.routes.resolve(target, &item)?;
         self.routes.send_index(i, item.item)?;
-        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
+        self.count_out();
         Ok(())
     }
 
     /// Sends an item decoded from a fork child's `routed` frame.
     pub(crate) fn route_index(&self, index: usize, item: Erased) -> Result<(), EmitError> {
         self.routes.send_index(index, item)?;
-        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
+        self.count_out();
         Ok(())
     }
 
@@ -450,20 +486,20 @@ impl<O: Clone> Router<O> {
             self.chain.is_none(),
             "a chained stage is called by a batched router"
         );
-        self.stats.items_out.fetch_add(1, Ordering::Relaxed);
+        self.count_out();
         match (self.outs.len(), self.mode) {
             (0, _) => Ok(()),
-            (1, _) => self.outs[0].send(item).map_err(|_| EmitError::Closed),
+            (1, _) => self.send_to(0, item),
             (n, FanOut::RoundRobin) => {
                 let i = self.rr.fetch_add(1, Ordering::Relaxed) % n;
-                self.outs[i].send(item).map_err(|_| EmitError::Closed)
+                self.send_to(i, item)
             }
             (n, FanOut::Broadcast) => {
                 let mut delivered = false;
-                for q in &self.outs[..n - 1] {
-                    delivered |= q.send(item.clone()).is_ok();
+                for i in 0..n - 1 {
+                    delivered |= self.send_to(i, item.clone()).is_ok();
                 }
-                delivered |= self.outs[n - 1].send(item).is_ok();
+                delivered |= self.send_to(n - 1, item).is_ok();
                 if delivered {
                     Ok(())
                 } else {

@@ -4,7 +4,7 @@
 //! The stage ends when every worker has seen the queue disconnect and flushed its instance;
 //! the workers' router clones are dropped then, which ends the downstream streams.
 //!
-//! A worker takes every ready item from its queue at once (up to 256; its share under
+//! A worker takes every ready item from its queue at once (up to 1024; its share under
 //! `threads(n)`), counts them and reserves their indices once, and holds what it emits until
 //! it has handled the batch, has been busy [`LINGER`] since its last send (checked at each
 //! clock reading, below), a downstream is asleep waiting, or 256 are held. So an output
@@ -31,6 +31,16 @@
 //! reads the clock). What runs of fast items lose is the spread inside a run: their
 //! percentiles describe means of up to 32 consecutive items.
 //!
+//! # Fast runs: one panic guard for many items
+//!
+//! A worker attempts the items of a batch one after another under one panic guard (a
+//! `catch_unwind`, and the mark that keeps a stage's panic off stderr), not one per item:
+//! guarding each call cost more than a fast stage's own work. The run records which item it
+//! is on (and a clone of it when the error policy may need the item again), so a failure is
+//! still its item's: an error or a panic ends the run at that item, which alone goes through
+//! the error policy (its retries guarded one by one), and the next run starts after it.
+//! Stages that keep input order across threads (`Shared`) are still guarded item by item.
+//!
 //! # Chained stages
 //!
 //! A stage chained to its upstream (the rule is in `link::chain`) has no queue and no thread
@@ -52,7 +62,9 @@ use crate::exec::parts::{dead_letter_to, drain, Parts};
 use crate::policy::Verdict;
 use crate::queue::QueueTx;
 use crate::route::{Link, MakeLink, Router};
-use crate::stage::{guarded, Factory, Failed, Item, Output, Sink, Stage};
+use crate::stage::{
+    catch_panic, caught_error, guarded, Caught, Factory, Failed, Item, Output, Sink, Stage,
+};
 use crate::stats::Recorder;
 use quanta::Instant;
 use std::collections::VecDeque;
@@ -179,6 +191,13 @@ impl<I: Item, O: Item> Worker<I, O> {
     /// Handles items `first..` (already counted in), the first starting at `t0`, and sends
     /// what they emitted; returns the clock reading that ended the last one (the next
     /// batch's start if nothing is awaited). The caller counts the items as done.
+    ///
+    /// Items go through the stage in *fast runs*: first attempts, one after another, under
+    /// one panic guard ([`catch_panic`]) instead of one per item. The run remembers which
+    /// item it is on (and, when the policy may need it again, a clone of it), so an item
+    /// whose attempt fails or panics is still the one that fails: the run stops there, the
+    /// item goes through the error policy alone ([`Item1::settle`]), and a new run starts
+    /// with the next item.
     fn batch(
         &mut self,
         first: u64,
@@ -188,37 +207,29 @@ impl<I: Item, O: Item> Worker<I, O> {
     ) -> Instant {
         self.timer.restart(t0);
         let mut flushed = t0;
-        for (index, item) in (first..).zip(items) {
-            if self.ctx.run.aborting() {
-                self.ctx.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                continue;
+        let mut items = (first..).zip(items);
+        if let Some(shared) = shared {
+            for (index, item) in items {
+                self.one(index, item, shared, &mut flushed);
             }
-            // Slow items hand their outputs to a chained downstream as they emit them.
-            self.router.hand_over(self.timer.len == 1);
-            let mut one = Item1 {
-                ctx: &self.ctx,
-                dead_letter: self.dead_letter.as_ref(),
-                stage: &mut *self.stage,
-                rec: &mut self.rec,
-                timer: &mut self.timer,
-            };
-            let read = match shared {
-                None => one.process(&mut self.router, item, index),
-                Some(shared) => {
-                    let mut held = Held::new(&self.router);
-                    let read = one.process(&mut held, item, index);
-                    shared.done(index, held.outs);
-                    read
-                }
-            };
-            if let Some(now) = read {
-                if now.saturating_duration_since(flushed) >= LINGER
-                    && flush(&self.ctx, &mut self.router)
-                {
-                    // Time blocked on a full downstream (or spent in a chained one) is not
-                    // the next item's.
-                    flushed = Instant::now();
-                    self.timer.restart(flushed);
+        } else {
+            let keep = self.ctx.policy.keeps_item();
+            // The item the run is on: its index and, if kept, a clone for a retry or a
+            // dead letter.
+            let mut on: (u64, Option<I>) = (first, None);
+            loop {
+                let run = catch_panic(|| self.fast_run(&mut items, keep, &mut on, &mut flushed));
+                let caught = match run {
+                    Ok(None) => break,
+                    Ok(Some(c)) => c,
+                    Err(panic) => panic,
+                };
+                let (index, kept) = (on.0, on.1.take());
+                self.timer.run += 1;
+                let end = self.timer.read(&mut self.rec);
+                let (mut one, router) = self.item1();
+                if let Some(now) = one.settle(router, caught, kept, index, end) {
+                    self.lingered(now, &mut flushed);
                 }
             }
         }
@@ -227,6 +238,76 @@ impl<I: Item, O: Item> Worker<I, O> {
             return Instant::now();
         }
         end
+    }
+
+    /// First attempts at `items` until one fails (its error: `Some`) or the items end
+    /// (`None`); `on` follows the item being attempted. Runs inside one panic guard.
+    fn fast_run(
+        &mut self,
+        items: &mut impl Iterator<Item = (u64, I)>,
+        keep: bool,
+        on: &mut (u64, Option<I>),
+        flushed: &mut Instant,
+    ) -> Option<Caught> {
+        for (index, item) in items {
+            if self.ctx.run.aborting() {
+                self.ctx.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            // Slow items hand their outputs to a chained downstream as they emit them.
+            self.router.hand_over(self.timer.len == 1);
+            on.0 = index;
+            if keep {
+                on.1 = Some(item.clone());
+            }
+            if let Err(e) = self.stage.process(item, &mut Output::new(&mut self.router)) {
+                return Some(caught_error(e));
+            }
+            if let Some(now) = self.timer.attempt(&mut self.rec) {
+                self.lingered(now, flushed);
+            }
+        }
+        None
+    }
+
+    /// One item, every attempt guarded on its own, its outputs held for the stage's input
+    /// order ([`Shared`]).
+    fn one(&mut self, index: u64, item: I, shared: &Shared<O>, flushed: &mut Instant) {
+        if self.ctx.run.aborting() {
+            self.ctx.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let (mut one, router) = self.item1();
+        let mut held = Held::new(router);
+        let read = one.process(&mut held, item, index);
+        shared.done(index, held.outs);
+        if let Some(now) = read {
+            self.lingered(now, flushed);
+        }
+    }
+
+    /// What one item goes through, and the router it emits into.
+    fn item1(&mut self) -> (Item1<'_, I, O>, &mut Router<O>) {
+        (
+            Item1 {
+                ctx: &self.ctx,
+                dead_letter: self.dead_letter.as_ref(),
+                stage: &mut *self.stage,
+                rec: &mut self.rec,
+                timer: &mut self.timer,
+            },
+            &mut self.router,
+        )
+    }
+
+    /// After a clock reading `now`: sends what is held if the last send was [`LINGER`] ago.
+    fn lingered(&mut self, now: Instant, flushed: &mut Instant) {
+        if now.saturating_duration_since(*flushed) >= LINGER && flush(&self.ctx, &mut self.router) {
+            // Time blocked on a full downstream (or spent in a chained one) is not the next
+            // item's.
+            *flushed = Instant::now();
+            self.timer.restart(*flushed);
+        }
     }
 
     /// The end of the input: the instance finishes, then what it holds is sent and its
@@ -348,6 +429,7 @@ impl Timer {
     }
 
     /// An attempt succeeded; returns the clock reading if it ended the run.
+    #[inline]
     fn attempt(&mut self, rec: &mut Recorder<'_>) -> Option<Instant> {
         self.run += 1;
         (self.run >= self.len).then(|| self.read(rec))
@@ -382,45 +464,86 @@ struct Item1<'w, I, O> {
 }
 
 impl<I: Item, O: Item> Item1<'_, I, O> {
-    /// One item through the stage instance, with the stage's error policy; returns the
-    /// clock reading if one was taken (the caller checks `LINGER` then). The caller counts
-    /// the item as done.
+    /// One item through the stage instance, with the stage's error policy, emitting into
+    /// `sink`; returns the clock reading if one was taken (the caller checks `LINGER`
+    /// then). The caller counts the item as done.
     fn process(&mut self, sink: &mut dyn Sink<O>, item: I, index: u64) -> Option<Instant> {
-        let keep = self.ctx.policy.keeps_item();
-        let mut item = Some(item);
-        let mut attempt = 1;
+        let kept = self.ctx.policy.keeps_item().then(|| item.clone());
+        let r = guarded(|| self.stage.process(item, &mut Output::new(sink)));
+        let Err(c) = r else {
+            return self.timer.attempt(self.rec);
+        };
+        self.timer.run += 1;
+        let end = self.timer.read(self.rec);
+        self.settle(sink, c, kept, index, end)
+    }
+
+    /// Item `index`'s first attempt failed with `caught` (its run has been timed): the
+    /// error policy, then the retries, each guarded on its own, emitting into `sink`;
+    /// returns the clock reading that ends it.
+    fn settle(
+        &mut self,
+        sink: &mut dyn Sink<O>,
+        caught: Caught,
+        kept: Option<I>,
+        index: u64,
+        end: Instant,
+    ) -> Option<Instant> {
+        let mut item = kept;
+        if let Ok(now) = self.failed(caught, &mut item, index, 1, end) {
+            return Some(now);
+        }
+        let mut attempt = 2;
         loop {
-            let this = if keep { item.clone() } else { item.take() }.expect("item present");
-            let r = guarded(|| self.stage.process(this, &mut Output::new(sink)));
+            let this = item.clone().expect("a retried item is kept");
+            let stage = &mut *self.stage;
+            let r = guarded(|| stage.process(this, &mut Output::new(sink)));
             let Err(c) = r else {
                 return self.timer.attempt(self.rec);
             };
             self.timer.run += 1;
             let end = self.timer.read(self.rec);
-            if c.stop && self.ctx.run.aborting() {
-                self.ctx.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                return Some(end);
+            match self.failed(c, &mut item, index, attempt, end) {
+                Ok(now) => return Some(now),
+                Err(()) => attempt += 1,
             }
-            match self.ctx.failure(index, attempt, c.kind, c.message, None) {
-                Verdict::Retry(delay) => {
-                    if !delay.is_zero() {
-                        std::thread::sleep(delay);
-                    }
-                    attempt += 1;
-                    self.timer.restart(Instant::now());
+        }
+    }
+
+    /// Attempt `attempt` at item `index` failed with `c` (timed, ending at `end`): applies
+    /// the policy. `Err` when it is retried (after its back-off); else the clock reading
+    /// that ends the item.
+    fn failed(
+        &mut self,
+        c: Caught,
+        item: &mut Option<I>,
+        index: u64,
+        attempt: u32,
+        end: Instant,
+    ) -> Result<Instant, ()> {
+        if c.stop && self.ctx.run.aborting() {
+            self.ctx.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            return Ok(end);
+        }
+        match self.ctx.failure(index, attempt, c.kind, c.message, None) {
+            Verdict::Retry(delay) => {
+                if !delay.is_zero() {
+                    std::thread::sleep(delay);
                 }
-                Verdict::DeadLetter(failure) => {
-                    let item = item.take().expect("kept item");
-                    dead_letter_to(self.ctx, self.dead_letter, item, failure);
-                    let now = Instant::now();
-                    self.timer.restart(now);
-                    return Some(now);
-                }
-                Verdict::Dropped => {
-                    let now = Instant::now();
-                    self.timer.restart(now);
-                    return Some(now);
-                }
+                self.timer.restart(Instant::now());
+                Err(())
+            }
+            Verdict::DeadLetter(failure) => {
+                let item = item.take().expect("kept item");
+                dead_letter_to(self.ctx, self.dead_letter, item, failure);
+                let now = Instant::now();
+                self.timer.restart(now);
+                Ok(now)
+            }
+            Verdict::Dropped => {
+                let now = Instant::now();
+                self.timer.restart(now);
+                Ok(now)
             }
         }
     }

@@ -1,4 +1,6 @@
-//! A producer: runs once on its driver thread and emits any number of items.
+//! A producer: runs once on its driver thread and emits any number of items, which move to
+//! its downstream queues in runs (see `queue::RunSender`); its outputs are counted as it
+//! emits them.
 
 use super::{router, Node, QueueEnds, Task, Wiring};
 use crate::ctx::StageCtx;
@@ -34,7 +36,9 @@ impl<O: Item> Node for ProducerNode<O> {
         None
     }
     fn into_task(self: Box<Self>, mut w: Wiring) -> Box<dyn Task> {
-        let router = router::<O>(&mut w).stop_on(w.ctx.run.stop.clone());
+        let router = router::<O>(&mut w)
+            .stop_on(w.ctx.run.stop.clone())
+            .in_runs();
         Box::new(ProducerTask {
             f: self.f,
             router,
