@@ -731,3 +731,99 @@ fn an_ordered_remote_stage_emits_results_in_input_order() {
     let got = seen.lock().unwrap().clone();
     assert_eq!(got, (0..300).collect::<Vec<_>>(), "in input order");
 }
+
+/// A definition whose remote stage emits three outputs `(item, k, padding)` per item; item
+/// 5 then ends its attempt (an abort, after outputs large enough to have left the child, or
+/// an error), on its first attempt only (`marker` records it), and is retried once.
+fn define_partial(
+    broker: &MemoryBroker,
+    worker_exec: Exec,
+    abort: bool,
+    marker: std::path::PathBuf,
+    seen: &Arc<Mutex<Vec<(u64, u32)>>>,
+) -> Pipeline {
+    let p = Pipeline::new("remote-partial");
+    p.handle_signals(false);
+    p.producer("numbers", move |out| {
+        out.emit_all(0..10u64).map_err(Into::into)
+    });
+    let r = Remote::new(broker.clone())
+        .claim_idle(Duration::from_millis(300))
+        .worker_exec(worker_exec)
+        .batch(4);
+    let pad = if abort { 70_000 } else { 8 };
+    p.processor("work", move |x: u64, out| {
+        for k in 0..3u32 {
+            out.emit((x, k, "x".repeat(pad)))?;
+        }
+        let first = x == 5
+            && std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&marker)
+                .is_ok();
+        match (first, abort) {
+            (true, true) => std::process::abort(),
+            (true, false) => Err("item 5 fails after its outputs".into()),
+            (false, _) => Ok(()),
+        }
+    })
+    .remote(r)
+    .on_error(OnError::retry(1));
+    let seen = seen.clone();
+    p.consumer("collect", move |(x, k, _): (u64, u32, String)| {
+        seen.lock().unwrap().push((x, k));
+        Ok(())
+    });
+    p
+}
+
+/// Under a forked worker executor, the outputs a failed attempt sent before it ended are
+/// not published with the retry's: each output of the retried item arrives once.
+fn partial_outputs_of_a_retried_item_arrive_once(worker_exec: Exec, abort: bool) {
+    let dir = std::env::temp_dir().join(format!(
+        "minigun-remote-partial-{}-{abort}-{}",
+        std::process::id(),
+        worker_exec
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let marker = dir.join("item-5-ran");
+    let broker = MemoryBroker::new();
+    let seen: Arc<Mutex<Vec<(u64, u32)>>> = Arc::default();
+    let (b, s, e, m) = (
+        broker.clone(),
+        seen.clone(),
+        worker_exec.clone(),
+        marker.clone(),
+    );
+    let w = worker(move || define_partial(&b, e, abort, m, &s));
+    let report = define_partial(&broker, worker_exec, abort, marker, &seen)
+        .run()
+        .expect("run");
+    w.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut got = seen.lock().unwrap().clone();
+    got.sort_unstable();
+    let want: Vec<(u64, u32)> = (0..10u64)
+        .flat_map(|x| (0..3u32).map(move |k| (x, k)))
+        .collect();
+    assert_eq!(got, want, "every output once, the retried item's too");
+    let st = report.stage("work").unwrap();
+    assert_eq!(st.failed, 0, "{:?}", report.failures);
+}
+
+#[test]
+fn a_retried_items_outputs_arrive_once_under_ipc_fork_after_an_abort() {
+    partial_outputs_of_a_retried_item_arrive_once(Exec::ipc_fork(2), true);
+}
+
+#[test]
+fn a_retried_items_outputs_arrive_once_under_ipc_fork_after_an_error() {
+    partial_outputs_of_a_retried_item_arrive_once(Exec::ipc_fork(2), false);
+}
+
+#[test]
+fn a_retried_items_outputs_arrive_once_under_cow_fork_after_an_abort() {
+    partial_outputs_of_a_retried_item_arrive_once(Exec::cow_fork(2).items_per_fork(4), true);
+}

@@ -259,11 +259,24 @@ impl Exec {
     ///
     /// Choose cow_fork for crash isolation per item, for inputs that cannot be serialised,
     /// or for code that must not share the parent's threads or state.
+    ///
+    /// An item's outputs count only if it succeeds: the parent holds what a child sends for
+    /// an item until the item's `done`, so an attempt that fails (an error, a panic, a
+    /// crash, a kill, a timeout) delivers none of its outputs. A retried item delivers
+    /// exactly what its successful attempt emitted, once; a skipped or dead-lettered item
+    /// delivers nothing.
     pub fn cow_fork(n: usize) -> Self {
         Exec::CowFork(ForkOptions::new(n))
     }
     /// `n` persistent forked workers. For an async stage, add
     /// [`Exec::tasks_per_worker`]: each worker then runs that many of its futures at once.
+    ///
+    /// As under [`Exec::cow_fork`], an item's outputs count only if it succeeds: the parent
+    /// holds what a worker sends for an item (its outputs and routed items) until the
+    /// item's `done`, and drops them if the attempt fails (an error, a panic, a crash of the
+    /// worker, a kill, a timeout, a broken stream). So a retry never delivers an output
+    /// twice, and a skipped or dead-lettered item delivers nothing. An item that emits a
+    /// great many outputs keeps them in the parent's memory until it ends.
     pub fn ipc_fork(n: usize) -> Self {
         Exec::IpcFork(ForkOptions::new(n))
     }

@@ -1,7 +1,10 @@
 //! Results in input order, for the executors that can finish items out of order (the fork
 //! executors and remote stages): [`Release`]; and for the workers of `threads(n)` when the
-//! stage must keep input order ([`Shared`], with [`Held`] collecting one item's outputs).
+//! stage must keep input order ([`Shared`], with [`Held`] collecting one item's outputs);
+//! and, for the fork executors, the outputs a child has sent for the item it runs, held
+//! until the item's `done` ([`Partial`]).
 
+use crate::erased::Erased;
 use crate::error::EmitError;
 use crate::route::Router;
 use crate::stage::{Item, Sink};
@@ -121,5 +124,63 @@ impl<O: Clone> Sink<O> for Held<'_, O> {
     }
     fn route(&mut self, target: &str, item: crate::stage::Routed) -> Result<(), EmitError> {
         self.router.route_dynamic(target, item)
+    }
+}
+
+/// The outputs a forked child has sent for the item it runs, held in the parent until the
+/// item's `done`:
+/// an attempt that fails (an error, a crash, a kill, a timeout, a broken stream) delivers
+/// none of them, so a retry never delivers an output twice and a skipped or dead-lettered
+/// item delivers nothing. The buffers are kept from item to item; an item whose only output
+/// comes with its `done` (`result_done`) never touches them.
+pub(crate) struct Partial<O> {
+    pub(crate) outs: Vec<O>,
+    pub(crate) routed: Vec<(usize, Erased)>,
+}
+
+impl<O> Default for Partial<O> {
+    fn default() -> Self {
+        Partial {
+            outs: Vec::new(),
+            routed: Vec::new(),
+        }
+    }
+}
+
+impl<O: Item> Partial<O> {
+    /// How many outputs are held.
+    pub(crate) fn len(&self) -> usize {
+        self.outs.len() + self.routed.len()
+    }
+
+    /// The attempt failed: its outputs are dropped.
+    pub(crate) fn clear(&mut self) {
+        self.outs.clear();
+        self.routed.clear();
+    }
+
+    /// Item `index` is done: its held outputs, then `last`, go downstream (in input order
+    /// with `ordered`), and its routed ones to their stages.
+    pub(crate) fn deliver(
+        &mut self,
+        index: u64,
+        last: Option<O>,
+        release: &mut Release<O>,
+        router: &mut Router<O>,
+        routes: &Router<O>,
+    ) {
+        if self.len() == 0 {
+            // The common item: one output, in its `done` frame.
+            if let Some(o) = last {
+                release.emit(index, o, router);
+            }
+            return;
+        }
+        for o in self.outs.drain(..).chain(last) {
+            release.emit(index, o, router);
+        }
+        for (i, t) in self.routed.drain(..) {
+            let _ = routes.route_index(i, t);
+        }
     }
 }

@@ -13,6 +13,9 @@
 //! died, the item running at its death did not overrun: it goes back to the queue too (unless
 //! it had sent outputs).
 //!
+//! A job's outputs are held in the parent until its `done` (`Partial`): a job that fails, or
+//! whose child dies, delivers none of them, so a retry never delivers an output twice.
+//!
 //! With a fork server (`served`, [`Exec::fork_server`](crate::Exec::fork_server)) the
 //! supervisor does not fork: it sends the items to the server, which forks the child and
 //! reports it; from then on the child is read, timed, killed and decided exactly like one
@@ -28,7 +31,7 @@ use super::supervise::{
     terminate, Handoff, Killed, PollSet, Wake,
 };
 use crate::error::FailureKind;
-use crate::exec::order::Release;
+use crate::exec::order::{Partial, Release};
 use crate::exec::parts::{dead_letter, Parts};
 use crate::exec::runner::ForkHooks;
 use crate::exec::ForkOptions;
@@ -57,7 +60,7 @@ struct Pending<I> {
 /// with it, seen from the parent) or failed.
 type Ended = Result<(Done, u64), ChildError>;
 
-struct Running<I> {
+struct Running<I, O> {
     jobs: Vec<Pending<I>>,
     /// The end of each job, in order; `cur` is the first job without one (the one running).
     ends: Vec<Option<Ended>>,
@@ -72,6 +75,8 @@ struct Running<I> {
     deadline: Option<Instant>,
     killed: Option<Killed>,
     results: u64,
+    /// The running job's outputs, held until its `done` (a failed attempt delivers none).
+    held: Partial<O>,
     /// The job whose time limit ran out, if the child is being killed for it.
     timed_out: Option<usize>,
     /// The fork server's sequence number of the child (`None`: forked here).
@@ -169,7 +174,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         let ctx = &self.parts.ctx;
         let abort_fd = ctx.run.abort_fd();
         let mut rec = Recorder::new(&ctx.stats);
-        let mut running: Vec<Running<I>> = Vec::new();
+        let mut running: Vec<Running<I, O>> = Vec::new();
         let mut retry: VecDeque<Pending<I>> = VecDeque::new();
         let mut next_index = 0u64;
         let mut input_done = false;
@@ -312,7 +317,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
 
     /// One child after a poll: reads what it sent, reaps it if it exited (then reads the
     /// rest), and ends it if its deadline passed. Returns whether it has exited.
-    fn visit(&self, r: &mut Running<I>, readable: bool, exited: bool, now: Instant) -> bool {
+    fn visit(&self, r: &mut Running<I, O>, readable: bool, exited: bool, now: Instant) -> bool {
         if readable {
             self.pump(r);
         }
@@ -338,7 +343,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         jobs: Vec<Pending<I>>,
         running: usize,
         retry: &mut VecDeque<Pending<I>>,
-    ) -> Option<Running<I>> {
+    ) -> Option<Running<I, O>> {
         let ctx = &self.parts.ctx;
         if self.server.is_some() {
             self.launch(jobs, running, retry);
@@ -413,7 +418,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         child: sys::Child,
         stream: Stream,
         seq: Option<u64>,
-    ) -> Running<I> {
+    ) -> Running<I, O> {
         self.parts.ctx.stats.child_started(child.pid);
         let now = Instant::now();
         Running {
@@ -428,6 +433,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             deadline: self.opts.timeout.map(|t| now + t),
             killed: None,
             results: 0,
+            held: Partial::default(),
             timed_out: None,
             seq,
             lost: None,
@@ -447,8 +453,8 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         }
     }
 
-    /// Reads what the child sent and routes its results.
-    fn pump(&self, r: &mut Running<I>) {
+    /// Reads what the child sent: a job's results are held until its `done`, then routed.
+    fn pump(&self, r: &mut Running<I, O>) {
         r.stream.read_available();
         loop {
             let index = r.jobs.get(r.cur).map_or(u64::MAX, |j| j.index);
@@ -462,9 +468,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 Ok(None) => break,
                 Ok(Some(Ok(FromChild::Result(o)))) => {
                     r.results += 1;
-                    self.release
-                        .borrow_mut()
-                        .emit(index, o, &mut self.router.borrow_mut());
+                    r.held.outs.push(o);
                 }
                 Ok(Some(Ok(FromChild::Done(d)))) if d.outputs != r.results => {
                     let m = format!(
@@ -475,13 +479,20 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                     break;
                 }
                 Ok(Some(Ok(FromChild::Done(d)))) => {
+                    r.held.deliver(
+                        index,
+                        None,
+                        &mut self.release.borrow_mut(),
+                        &mut self.router.borrow_mut(),
+                        &self.parts.router,
+                    );
                     let busy = r.since.elapsed().as_nanos() as u64;
                     self.parts.ctx.stats.child_item(r.child.pid);
                     self.next_job(r, Ok((d, busy)));
                 }
                 Ok(Some(Ok(FromChild::Routed(i, t)))) => {
                     r.results += 1;
-                    let _ = self.parts.router.route_index(i, t);
+                    r.held.routed.push((i, t));
                 }
                 Ok(Some(Ok(FromChild::Log(rec)))) => {
                     super::trace::emit(&self.parts.ctx.name, r.child.pid, &rec)
@@ -489,7 +500,10 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 Ok(Some(Ok(FromChild::ResultDone(..)))) => {
                     unreachable!("decoding refuses result_done frames from a cow child")
                 }
-                Ok(Some(Ok(FromChild::Error(e)))) => self.next_job(r, Err(e)),
+                Ok(Some(Ok(FromChild::Error(e)))) => {
+                    r.held.clear();
+                    self.next_job(r, Err(e))
+                }
                 Ok(Some(Err(e))) => {
                     self.protocol_error(r, e.to_string());
                     break;
@@ -503,7 +517,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
     }
 
     /// The current job ended (its `done` or `error` frame arrived): the next one starts now.
-    fn next_job(&self, r: &mut Running<I>, end: Ended) {
+    fn next_job(&self, r: &mut Running<I, O>, end: Ended) {
         if let Some(slot) = r.ends.get_mut(r.cur) {
             *slot = Some(end);
         }
@@ -515,7 +529,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         }
     }
 
-    fn protocol_error(&self, r: &mut Running<I>, m: String) {
+    fn protocol_error(&self, r: &mut Running<I, O>, m: String) {
         if r.stream.discard(m) {
             sys::fdpass::signal(&r.child, libc::SIGKILL);
             r.killed.get_or_insert(Killed::Protocol);
@@ -523,7 +537,12 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
     }
 
     /// The child has exited and its stream is drained: decide each of its items' outcome.
-    fn finish(&mut self, r: Running<I>, rec: &mut Recorder<'_>, retry: &mut VecDeque<Pending<I>>) {
+    fn finish(
+        &mut self,
+        r: Running<I, O>,
+        rec: &mut Recorder<'_>,
+        retry: &mut VecDeque<Pending<I>>,
+    ) {
         let busy: Vec<u64> = r
             .ends
             .iter()

@@ -26,7 +26,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
     /// Whether another child may start (or, with a fork server, be asked for: the server
     /// keeps at most `workers` alive, and up to `workers` more waiting, so it forks the next
     /// one as soon as it reaps one).
-    pub(super) fn room(&self, running: &[Running<I>]) -> bool {
+    pub(super) fn room(&self, running: &[Running<I, O>]) -> bool {
         let most = match self.server {
             Some(_) => 2 * self.opts.workers,
             None => self.opts.workers,
@@ -89,10 +89,10 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
     pub(super) fn reports(
         &mut self,
         reports: Vec<Report>,
-        running: &mut [Running<I>],
+        running: &mut [Running<I, O>],
         retry: &mut VecDeque<Pending<I>>,
-    ) -> Vec<Running<I>> {
-        let mut born: Vec<Running<I>> = Vec::new();
+    ) -> Vec<Running<I, O>> {
+        let mut born: Vec<Running<I, O>> = Vec::new();
         for report in reports {
             match report {
                 Report::Forked { seq, child, stream } => {
@@ -156,7 +156,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
     /// The exit of a child that has exited: reaped here if it was forked here; a served one
     /// is watched this way only once the server is gone, and died with it (reaped here if it
     /// became this process's child, as under a subreaper or PID 1).
-    pub(super) fn reap(&self, r: &mut Running<I>) -> sys::Exit {
+    pub(super) fn reap(&self, r: &mut Running<I, O>) -> sys::Exit {
         if r.seq.is_none() {
             return sys::reap(r.child.pid);
         }

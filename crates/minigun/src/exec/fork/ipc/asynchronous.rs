@@ -24,8 +24,8 @@
 use super::super::supervise::{exit_failure, Killed};
 use super::supervisor::Supervisor;
 use super::worker::{Flight, Intake, Worker};
-use crate::erased::Erased;
 use crate::error::FailureKind;
+use crate::exec::order::Partial;
 use crate::ipc::message::{Done, FromChild};
 use crate::ipc::{FINISH_ID, START_ID};
 use crate::stage::Wire;
@@ -52,8 +52,7 @@ pub(super) fn max_bytes(window: usize) -> usize {
 /// its `done`.
 pub(super) struct Answering<O> {
     pub(super) id: u64,
-    outs: Vec<O>,
-    routed: Vec<(usize, Erased)>,
+    held: Partial<O>,
 }
 
 impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
@@ -83,17 +82,16 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 let m = format!("finish: {}", e.message);
                 self.parts.ctx.stage_error(e.kind, m, Some(pid as u32));
             }
-            (id, FromChild::Result(o)) => self.answering(slot, id).outs.push(o),
-            (id, FromChild::Routed(i, t)) => self.answering(slot, id).routed.push((i, t)),
+            (id, FromChild::Result(o)) => self.answering(slot, id).held.outs.push(o),
+            (id, FromChild::Routed(i, t)) => self.answering(slot, id).held.routed.push((i, t)),
             (id, FromChild::ResultDone(o, latency_ns)) => {
-                self.answering(slot, id).outs.push(o);
                 let d = Done {
                     latency_ns,
                     outputs: 1,
                 };
-                return self.async_done(slot, id, d, now);
+                return self.async_done(slot, id, d, Some(o), now);
             }
-            (id, FromChild::Done(d)) => return self.async_done(slot, id, d, now),
+            (id, FromChild::Done(d)) => return self.async_done(slot, id, d, None, now),
             (id, FromChild::Error(e)) => {
                 self.answering[slot] = None;
                 let flight = self.answered(slot, id, now)?;
@@ -108,8 +106,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
     fn answering(&mut self, slot: usize, id: u64) -> &mut Answering<O> {
         self.answering[slot].get_or_insert_with(|| Answering {
             id,
-            outs: Vec::new(),
-            routed: Vec::new(),
+            held: Partial::default(),
         })
     }
 
@@ -123,18 +120,26 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         Ok(flight)
     }
 
-    /// Item `id` is finished: its held outputs go downstream (in input order with
-    /// `ordered`), and it counts as done once they are sent.
-    fn async_done(&mut self, slot: usize, id: u64, d: Done, now: Instant) -> Result<(), String> {
+    /// Item `id` is finished (`last`: its only output, which came with its `done`): its held
+    /// outputs go downstream (in input order with `ordered`), and it counts as done once they
+    /// are sent.
+    fn async_done(
+        &mut self,
+        slot: usize,
+        id: u64,
+        d: Done,
+        last: Option<O>,
+        now: Instant,
+    ) -> Result<(), String> {
         let held = self.answering[slot].take();
         let flight = self.answered(slot, id, now)?;
         self.deaths = 0;
-        let (outs, routed) = held.map_or_else(Default::default, |a| (a.outs, a.routed));
-        if (outs.len() + routed.len()) as u64 != d.outputs {
+        let mut held = held.map_or_else(Partial::default, |a| a.held);
+        let received = held.len() + usize::from(last.is_some());
+        if received as u64 != d.outputs {
             let m = format!(
-                "worker reported {} results, parent received {}",
-                d.outputs,
-                outs.len() + routed.len()
+                "worker reported {} results, parent received {received}",
+                d.outputs
             );
             let pid = self.workers[slot].as_ref().map(|w| w.child.pid as u32);
             self.failed(flight, FailureKind::Protocol, m, pid);
@@ -142,12 +147,8 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         }
         // The item's futures overlap: its busy time is its own latency.
         self.rec.latency_busy_local(d.latency_ns, d.latency_ns);
-        for o in outs {
-            self.release.emit(flight.index, o, &mut self.router);
-        }
-        for (i, t) in routed {
-            let _ = self.parts.router.route_index(i, t);
-        }
+        let (release, router) = (&mut self.release, &mut self.router);
+        held.deliver(flight.index, last, release, router, &self.parts.router);
         self.succeeded(slot, flight, now);
         Ok(())
     }

@@ -8,9 +8,10 @@
 //! worker answers in order, so the first item it holds (without an answer) is the one it is
 //! running. Writes are non-blocking (a slow worker never stalls the others) and several ready
 //! items go out in one write; an item of 4 KiB or more goes out from the buffer the feeder
-//! encoded it into, not copied again (`outbox`). Results are held and sent downstream once per
-//! read of the workers' pipes; their items count as done after that (a routing loop's unit
-//! outlives the sending of its item's results).
+//! encoded it into, not copied again (`outbox`). An item's results are held until its `done`
+//! (`Partial`: an attempt that fails delivers none of them, so a retry never delivers twice),
+//! then sent downstream once per read of the workers' pipes; their items count as done after
+//! that (a routing loop's unit outlives the sending of its item's results).
 //!
 //! A worker writes each item's frames before it starts the next, or, with `batch_results`,
 //! keeps them in a log shared with the parent and writes the log in batches: the parent

@@ -178,6 +178,8 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
     /// rest, and schedule a replacement.
     pub(super) fn bury(&mut self, slot: usize) {
         let mut w = self.workers[slot].take().expect("live worker");
+        // What the item it was running sent is not delivered: that attempt failed.
+        self.partial[slot].clear();
         self.parts.ctx.stats.child_ended(w.child.pid);
         let exit = w.exit().expect("buried workers have exited");
         let shut_down = matches!(w.intake(), Intake::Shutdown { .. });

@@ -10,7 +10,7 @@ use super::worker::{Flight, Worker};
 use super::IpcParts;
 use super::{LOOK_EVERY, TAKE_HELD_AFTER};
 use crate::error::FailureKind;
-use crate::exec::order::Release;
+use crate::exec::order::{Partial, Release};
 use crate::exec::runner::ForkHooks;
 use crate::exec::ForkOptions;
 use crate::ipc::message::{Done, FromChild};
@@ -67,6 +67,8 @@ pub(super) struct Supervisor<'a, I, O> {
     pub(super) max_bytes: usize,
     /// An async stage: items each worker runs at once (see `asynchronous`).
     pub(super) tasks: Option<usize>,
+    /// Per slot, the outputs of the item a sync worker runs, held until its `done`.
+    pub(super) partial: Vec<Partial<O>>,
     /// An async stage: per slot, the item whose frames are arriving, with its outputs so far.
     #[cfg(feature = "async")]
     pub(super) answering: Vec<Option<super::asynchronous::Answering<O>>>,
@@ -112,6 +114,7 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
             item_ns: None,
             max_bytes: MAX_IN_FLIGHT_BYTES,
             tasks: parts.factory.tasks(),
+            partial: (0..opts.workers).map(|_| Partial::default()).collect(),
             #[cfg(feature = "async")]
             answering: (0..opts.workers).map(|_| None).collect(),
         }
@@ -413,52 +416,38 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
         }
     }
 
-    /// One message from a worker, about item `id`.
+    /// One message from a worker, about item `id`. An item's outputs are held until its
+    /// `done` ([`Partial`]); those of a worker's `finish` go downstream as they come.
     pub(super) fn event(&mut self, slot: usize, id: u64, m: FromChild<O>, now: Instant) {
         let w = self.workers[slot].as_mut().expect("live worker");
         match (id, m) {
             (_, FromChild::Log(r)) => {
                 super::super::trace::emit(&self.parts.ctx.name, w.child.pid, &r)
             }
+            (FINISH_ID | START_ID, FromChild::Routed(i, t)) => {
+                let _ = self.parts.router.route_index(i, t);
+            }
+            (FINISH_ID | START_ID, FromChild::Result(o) | FromChild::ResultDone(o, _)) => {
+                w.results = 0;
+                self.release.emit(u64::MAX, o, &mut self.router);
+            }
             (_, FromChild::Routed(i, t)) => {
                 w.results += 1;
-                let _ = self.parts.router.route_index(i, t);
+                self.partial[slot].routed.push((i, t));
             }
             (_, FromChild::Result(o)) => {
                 w.results += 1;
-                let index = w.flights.front().map_or(u64::MAX, |f| f.index);
-                self.release.emit(index, o, &mut self.router);
+                self.partial[slot].outs.push(o);
             }
-            (id, FromChild::ResultDone(o, latency_ns)) => {
-                self.event(slot, id, FromChild::Result(o), now);
+            (_, FromChild::ResultDone(o, latency_ns)) => {
                 let d = Done {
                     latency_ns,
                     outputs: 1,
                 };
-                self.event(slot, id, FromChild::Done(d), now);
+                self.item_done(slot, d, Some(o), now);
             }
             (FINISH_ID | START_ID, FromChild::Done(_)) => w.results = 0,
-            (_, FromChild::Done(d)) => {
-                let results = std::mem::take(&mut w.results);
-                let busy = w
-                    .front_since
-                    .map_or(d.latency_ns, |t| now.duration_since(t).as_nanos() as u64);
-                let flight = w.front_ended(now, self.opts.timeout);
-                w.reported += 1;
-                self.deaths = 0;
-                if d.outputs == results {
-                    self.rec.latency_busy_local(d.latency_ns, busy);
-                    self.timed(d.latency_ns);
-                    self.succeeded(slot, flight, now);
-                } else {
-                    let m = format!(
-                        "worker reported {} results, parent received {results}",
-                        d.outputs
-                    );
-                    let pid = Some(w.child.pid as u32);
-                    self.failed(flight, FailureKind::Protocol, m, pid);
-                }
-            }
+            (_, FromChild::Done(d)) => self.item_done(slot, d, None, now),
             (START_ID, FromChild::Error(e)) => {
                 w.start_failed(e.message);
             }
@@ -471,11 +460,40 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
             }
             (_, FromChild::Error(e)) => {
                 w.results = 0;
+                self.partial[slot].clear();
                 let flight = w.front_ended(now, self.opts.timeout);
                 let pid = Some(w.child.pid as u32);
                 self.failed(flight, e.kind, e.message, pid);
             }
         }
+    }
+
+    /// The item a sync worker runs is done (`last`: its only output, which came with its
+    /// `done`): its held outputs go downstream if the worker sent as many as it says, or
+    /// else it fails with a protocol error and they are dropped.
+    fn item_done(&mut self, slot: usize, d: Done, last: Option<O>, now: Instant) {
+        let w = self.workers[slot].as_mut().expect("live worker");
+        let results = std::mem::take(&mut w.results) + u64::from(last.is_some());
+        let busy = w
+            .front_since
+            .map_or(d.latency_ns, |t| now.duration_since(t).as_nanos() as u64);
+        let flight = w.front_ended(now, self.opts.timeout);
+        w.reported += 1;
+        self.deaths = 0;
+        if d.outputs != results {
+            let m = format!(
+                "worker reported {} results, parent received {results}",
+                d.outputs
+            );
+            let pid = Some(w.child.pid as u32);
+            self.partial[slot].clear();
+            return self.failed(flight, FailureKind::Protocol, m, pid);
+        }
+        self.rec.latency_busy_local(d.latency_ns, busy);
+        self.timed(d.latency_ns);
+        let (release, router) = (&mut self.release, &mut self.router);
+        self.partial[slot].deliver(flight.index, last, release, router, &self.parts.router);
+        self.succeeded(slot, flight, now);
     }
 }
 
