@@ -220,7 +220,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 continue;
             }
             let now = Instant::now();
-            let watched = |r: &Running<I>| r.exit.is_some() || now >= r.forked + WATCH_AFTER;
+            let watched = |r: &Running<I, O>| r.exit.is_some() || now >= r.forked + WATCH_AFTER;
             let mut deadline = running.iter().fold(None, |d, r| {
                 let watch = (!watched(r)).then(|| r.forked + WATCH_AFTER);
                 earliest(earliest(d, r.deadline), watch)
