@@ -1,8 +1,10 @@
 //! W8 async stages under `tasks(n)`, each against a baseline measured in this process:
 //!
 //! - a) 20,000 items that each await a 20 ms timer, `tasks(1000)`, against the ideal rate
-//!   n / 20 ms; `threads(1000)` sleeping 20 ms per item beside it (and, with `--python`,
-//!   asyncio with a semaphore of 1,000); and the same under `ipc_fork(2).tasks_per_worker(500)`
+//!   n / 20 ms, with a hand-written `buffer_unordered(1000)` of the same timers as the floor
+//!   a tokio program reaches; `threads(1000)` sleeping 20 ms per item beside it (and, with
+//!   `--python`, asyncio with a semaphore of 1,000); and the same under
+//!   `ipc_fork(2).tasks_per_worker(500)`
 //!   (two forked workers, each with its own runtime), against 1,000 / 20 ms;
 //! - b) 100,000 requests to a local TCP echo server this job starts (8-byte request and
 //!   reply over a pool of 256 kept-alive connections), `tasks(256)`, against a hand-written
