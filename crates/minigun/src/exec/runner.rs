@@ -155,13 +155,7 @@ struct LocalOnly<C>(PhantomData<fn() -> C>);
 
 impl<I: Wire, O: Wire, C: Codec> Entry<I, O> for LocalOnly<C> {
     fn start(&self, across: Across, parts: Parts<I, O>, hooks: ForkHooks) -> PreparedRun {
-        match across {
-            #[cfg(target_os = "linux")]
-            Across::Cow(opts) => super::fork::cow(parts, opts, hooks),
-            #[cfg(target_os = "linux")]
-            Across::Ipc(opts) => super::fork::ipc(parts, opts, hooks),
-            _ => unreachable_flavour(across, parts, hooks),
-        }
+        start_local(across, parts, hooks)
     }
     #[cfg(feature = "async")]
     fn start_async(
