@@ -20,6 +20,7 @@ pub(crate) enum Kind {
     Exited = 11,
     ForkFailed = 12,
     Cancel = 13,
+    Items = 14,
 }
 
 impl Kind {
@@ -38,6 +39,7 @@ impl Kind {
             11 => Kind::Exited,
             12 => Kind::ForkFailed,
             13 => Kind::Cancel,
+            14 => Kind::Items,
             _ => return None,
         })
     }

@@ -50,6 +50,10 @@ pub(crate) enum ToWorker<'a> {
     /// An input item, still encoded: the worker decodes it with the stage's codec once it
     /// has recorded that the item runs (a death while decoding is that item's).
     Item(&'a [u8]),
+    /// A run of input items with consecutive ids from the frame's id on, each still
+    /// encoded behind its length ([`run_items`] takes them apart); only sync workers get
+    /// them.
+    Items(&'a [u8]),
     /// Finish: flush the stage instance and exit 0.
     Shutdown,
 }
@@ -59,6 +63,7 @@ impl<'a> ToWorker<'a> {
     pub(crate) fn decode(kind: Kind, payload: &'a [u8]) -> Result<Self, MessageError> {
         match kind {
             Kind::Item => Ok(ToWorker::Item(payload)),
+            Kind::Items => Ok(ToWorker::Items(payload)),
             Kind::Shutdown => Ok(ToWorker::Shutdown),
             other => Err(MessageError::Unexpected {
                 kind: other,
@@ -66,6 +71,35 @@ impl<'a> ToWorker<'a> {
             }),
         }
     }
+}
+
+/// Bytes before each item in a run (`items` frame): its length, `u32` little endian.
+pub(crate) const RUN_PREFIX: usize = 4;
+
+/// Appends `item`, an encoded input item, to a run's payload: its length, then its bytes.
+pub(crate) fn push_run_item(run: &mut Vec<u8>, item: &[u8]) {
+    let len = u32::try_from(item.len()).expect("an item's length fits in 32 bits");
+    run.extend_from_slice(&len.to_le_bytes());
+    run.extend_from_slice(item);
+}
+
+/// The first item of a run's payload and the bytes after it, or `None` if the payload does
+/// not start with a whole item.
+pub(crate) fn split_run(run: &[u8]) -> Option<(&[u8], &[u8])> {
+    let len = run.get(..RUN_PREFIX)?;
+    let len = u32::from_le_bytes(len.try_into().expect("4 bytes")) as usize;
+    let rest = &run[RUN_PREFIX..];
+    (len <= rest.len()).then(|| rest.split_at(len))
+}
+
+/// Where item `k` of a well-formed run starts in it (`k` at most its number of items).
+pub(crate) fn run_offset(run: &[u8], k: usize) -> usize {
+    let mut at = 0;
+    for _ in 0..k {
+        let (item, _) = split_run(&run[at..]).expect("a well-formed run");
+        at += RUN_PREFIX + item.len();
+    }
+    at
 }
 
 /// A frame from a child (a cow_fork child or an ipc_fork worker) to the parent. The frame's
@@ -342,7 +376,9 @@ pub(crate) fn fuzz_decode(data: &[u8], chunk: usize, max: usize) -> usize {
             let next = dec.next(|kind, id, payload| {
                 let from = Sender::Worker { running: Some(id) };
                 match kind {
-                    Kind::Item | Kind::Shutdown => ToWorker::decode(kind, payload).map(|_| ()),
+                    Kind::Item | Kind::Items | Kind::Shutdown => {
+                        ToWorker::decode(kind, payload).map(|_| ())
+                    }
                     _ => frames.decode(from, kind, id, payload).map(|_| ()),
                 }
             });

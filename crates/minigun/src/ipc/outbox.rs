@@ -52,6 +52,22 @@ impl Payload {
         }
     }
 
+    /// `self[from..to]`, sharing its buffer.
+    pub(crate) fn slice(&self, from: usize, to: usize) -> Self {
+        debug_assert!(from <= to && to <= self.len());
+        Payload {
+            buf: self.buf.clone(),
+            start: self.start + from,
+            end: self.start + to,
+        }
+    }
+
+    /// Drops the first `n` bytes.
+    pub(crate) fn advance(&mut self, n: usize) {
+        debug_assert!(n <= self.len());
+        self.start += n;
+    }
+
     /// Whether the payload is its whole buffer (the item's own).
     fn is_whole(&self) -> bool {
         self.start == 0 && self.end == self.buf.len()
@@ -146,13 +162,14 @@ impl Outbox {
             .expect("no limit on the parent's own frames");
     }
 
-    /// Queues an item frame; a large payload is referenced, not copied.
-    pub(crate) fn push_item(&mut self, id: u64, payload: &Payload) {
+    /// Queues an item frame (`Kind::Item`), or a run of items (`Kind::Items`); a large
+    /// payload is referenced, not copied.
+    pub(crate) fn push_item(&mut self, kind: Kind, id: u64, payload: &Payload) {
         if payload.len() < COPY_UNDER {
-            return self.push(Kind::Item, id, payload);
+            return self.push(kind, id, payload);
         }
         let out = self.copy_buffer();
-        out.extend_from_slice(&frame::header(Kind::Item, id, payload.len()));
+        out.extend_from_slice(&frame::header(kind, id, payload.len()));
         self.segments.push_back(Segment::Shared(payload.clone()));
     }
 
@@ -231,7 +248,7 @@ mod tests {
         let items = payloads(&sizes);
         let mut out = Outbox::default();
         for (i, p) in items.iter().enumerate() {
-            out.push_item(i as u64, p);
+            out.push_item(Kind::Item, i as u64, p);
         }
         out.push(Kind::Shutdown, 0, &[]);
         let expected: usize = sizes.iter().map(|n| n + frame::HEADER).sum::<usize>() + 13;
@@ -273,7 +290,7 @@ mod tests {
     fn a_large_payload_is_not_copied_and_a_closed_pipe_is_broken() {
         let mut out = Outbox::default();
         let big = Payload::own(vec![7; COPY_UNDER]);
-        out.push_item(1, &big);
+        out.push_item(Kind::Item, 1, &big);
         assert_eq!(
             out.segments.len(),
             2,
@@ -283,7 +300,7 @@ mod tests {
             Segment::Shared(p) => assert!(Arc::ptr_eq(&p.buf, &big.buf)),
             Segment::Copied(_) => panic!("a large payload was copied"),
         }
-        out.push_item(2, &Payload::own(vec![1; COPY_UNDER - 1]));
+        out.push_item(Kind::Item, 2, &Payload::own(vec![1; COPY_UNDER - 1]));
         assert_eq!(out.segments.len(), 3, "a small frame is copied after it");
         let (r, w) = crate::sys::pipe(false).unwrap();
         drop(r);

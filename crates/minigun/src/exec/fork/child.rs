@@ -8,7 +8,7 @@ use crate::error::{EmitError, FailureKind};
 use crate::hooks::{self, ForkHook};
 use crate::ipc::codec::WireFns;
 use crate::ipc::frame::Decoder;
-use crate::ipc::message::ToWorker;
+use crate::ipc::message::{split_run, ToWorker, RUN_PREFIX};
 use crate::ipc::writer::ChildOut;
 use crate::ipc::{FINISH_ID, START_ID};
 use crate::route::Routes;
@@ -303,27 +303,45 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
     };
     let mut dec = Decoder::new(max);
     let mut hold = Hold::default();
+    // The rest of the last `items` frame: its items run before the next frame is read.
+    let mut run = Run::default();
     loop {
         if hold.due() && out.flush().is_err() {
             return 74;
         }
-        let next = dec.next(|kind, id, payload| match ToWorker::decode(kind, payload) {
-            Ok(ToWorker::Item(payload)) => {
+        let next = match run.next() {
+            Some(Ok((id, payload))) => {
                 // From here on a death is this item's (decoding included).
                 out.running(id);
-                Some((id, (wire.decode_in)(payload)))
+                Ok(Input::Item(id, (wire.decode_in)(payload)))
             }
-            Ok(ToWorker::Shutdown) => None,
-            Err(e) => Some((id, Err(e.to_string()))),
-        });
+            Some(Err(())) => Err(format!("malformed run of items after item {}", run.id)),
+            None => match dec.next(|kind, id, payload| match ToWorker::decode(kind, payload) {
+                Ok(ToWorker::Item(payload)) => {
+                    out.running(id);
+                    Input::Item(id, (wire.decode_in)(payload))
+                }
+                Ok(ToWorker::Items(payload)) => {
+                    run.start(id, payload);
+                    Input::Run
+                }
+                Ok(ToWorker::Shutdown) => Input::Shutdown,
+                Err(e) => Input::Item(id, Err(e.to_string())),
+            }) {
+                Ok(Some(input)) => Ok(input),
+                Ok(None) => Ok(Input::Empty),
+                Err(e) => Err(e.to_string()),
+            },
+        };
         let r = match next {
-            Ok(Some(Some((id, Ok(item))))) => {
+            Ok(Input::Item(id, Ok(item))) => {
                 let encode = wire.encode_out;
                 ipc_item(&mut *stage, item, id, &mut out, routes, encode, &mut hold)
             }
-            Ok(Some(Some((id, Err(m))))) => undecodable(id, m, &mut out, &mut hold),
-            Ok(Some(None)) => break,
-            Ok(None) => match refill(&mut dec, &input, &mut out, &mut hold) {
+            Ok(Input::Item(id, Err(m))) => undecodable(id, m, &mut out, &mut hold),
+            Ok(Input::Run) => Ok(()),
+            Ok(Input::Shutdown) => break,
+            Ok(Input::Empty) => match refill(&mut dec, &input, &mut out, &mut hold) {
                 Ok(true) => Ok(()),
                 // The parent closed our input: same as shutdown.
                 Ok(false) => break,
@@ -344,6 +362,53 @@ pub(crate) fn ipc_worker<I: 'static, O: 'static>(
         }
     }
     finish_worker(&mut *stage, &mut out, routes, wire.encode_out)
+}
+
+/// What an ipc worker takes from its input next.
+enum Input<I> {
+    /// An item (or why it cannot be decoded).
+    Item(u64, Result<I, String>),
+    /// An `items` frame: its items are next.
+    Run,
+    /// `shutdown`.
+    Shutdown,
+    /// Nothing whole is buffered: read more.
+    Empty,
+}
+
+/// The items of an `items` frame not yet taken: copied out of the decoder's buffer, so the
+/// decoder may read on.
+#[derive(Default)]
+struct Run {
+    bytes: Vec<u8>,
+    /// Where the next item starts in `bytes`.
+    at: usize,
+    /// The next item's id.
+    id: u64,
+}
+
+impl Run {
+    fn start(&mut self, id: u64, payload: &[u8]) {
+        self.bytes.clear();
+        self.bytes.extend_from_slice(payload);
+        (self.at, self.id) = (0, id);
+    }
+
+    /// The next item, `Err` if the rest is not a whole item.
+    fn next(&mut self) -> Option<Result<(u64, &[u8]), ()>> {
+        if self.at == self.bytes.len() {
+            return None;
+        }
+        let Some((item, _)) = split_run(&self.bytes[self.at..]) else {
+            self.at = self.bytes.len();
+            return Some(Err(()));
+        };
+        let id = self.id;
+        self.at += RUN_PREFIX + item.len();
+        self.id += 1;
+        let end = self.at;
+        Some(Ok((id, &self.bytes[end - item.len()..end])))
+    }
 }
 
 /// One item through an ipc worker's stage. Every item's frames are safe (written, or in the
@@ -429,5 +494,46 @@ fn finish_worker<I: 'static, O: 'static>(
     match out.flush() {
         Ok(()) => 0,
         Err(_) => 74,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Run;
+    use crate::ipc::message::push_run_item;
+
+    #[test]
+    fn a_run_gives_its_items_with_consecutive_ids_and_refuses_a_malformed_rest() {
+        let mut payload = Vec::new();
+        for item in [&b"one"[..], b"", b"three"] {
+            push_run_item(&mut payload, item);
+        }
+        let mut run = Run::default();
+        run.start(7, &payload);
+        let mut got = Vec::new();
+        while let Some(next) = run.next() {
+            let (id, bytes) = next.expect("well formed");
+            got.push((id, bytes.to_vec()));
+        }
+        assert_eq!(
+            got,
+            [
+                (7, b"one".to_vec()),
+                (8, Vec::new()),
+                (9, b"three".to_vec())
+            ]
+        );
+        // A length past the end: refused once, then nothing more.
+        payload.extend_from_slice(&100u32.to_le_bytes());
+        payload.extend_from_slice(b"short");
+        run.start(0, &payload);
+        for _ in 0..3 {
+            assert!(matches!(run.next(), Some(Ok(_))));
+        }
+        assert_eq!(run.next().map(|r| r.is_err()), Some(true));
+        assert!(run.next().is_none());
+        // Three bytes cannot even hold a length.
+        run.start(0, &[1, 0, 0]);
+        assert_eq!(run.next().map(|r| r.is_err()), Some(true));
     }
 }

@@ -149,6 +149,8 @@ async fn serve<I: Item, O: Item>(
                     Some(Ok((id, (code.wire.decode_in)(payload))))
                 }
                 Ok(ToWorker::Shutdown) => None,
+                // The parent sends an async worker its items one by one.
+                Ok(ToWorker::Items(_)) => Some(Err("unexpected Items frame".to_string())),
                 Err(e) => Some(Err(e.to_string())),
             });
             match next {

@@ -203,7 +203,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 }
             }
             if ctx.run.aborting() {
-                input_done |= incoming.cancel(ctx);
+                input_done |= incoming.cancel(ctx, |_| 1);
             }
             if input_done && running.is_empty() && retry.is_empty() && self.launching.is_empty() {
                 // The server (if any) is ended and reaped before the stage's end is known.

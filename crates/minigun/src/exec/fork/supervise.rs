@@ -164,12 +164,14 @@ impl<T> Handoff<T> {
 
     /// While aborting: cancels the items handed over and not yet taken (the feeder cancels
     /// what is still queued). Returns whether the input has ended.
-    pub(crate) fn cancel(&mut self, ctx: &StageCtx) -> bool {
-        ctx.cancelled(self.ready.len() as u64);
+    /// `items` says how many items an entry holds.
+    pub(crate) fn cancel(&mut self, ctx: &StageCtx, items: impl Fn(&T) -> u64) -> bool {
+        let count = |entries: &mut dyn Iterator<Item = &T>| entries.map(&items).sum::<u64>();
+        ctx.cancelled(count(&mut self.ready.iter()));
         self.ready.clear();
         loop {
             match self.rx.try_recv() {
-                Ok(chunk) => ctx.cancelled(chunk.len() as u64),
+                Ok(chunk) => ctx.cancelled(count(&mut chunk.iter())),
                 Err(TryRecvError::Empty) => return false,
                 Err(TryRecvError::Disconnected) => return true,
             }

@@ -149,7 +149,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         self.rec.latency_busy_local(d.latency_ns, d.latency_ns);
         let (release, router) = (&mut self.release, &mut self.router);
         held.deliver(flight.index, last, release, router, &self.parts.router);
-        self.succeeded(slot, flight, now);
+        self.succeeded(slot, flight.index, Some(flight), now);
         Ok(())
     }
 
@@ -211,11 +211,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
     /// they read it): the stage's in-flight count.
     pub(super) fn async_in_flight(&self) -> usize {
         let n = self.tasks.unwrap_or(0);
-        self.workers
-            .iter()
-            .flatten()
-            .map(|w| w.flights.len().min(n))
-            .sum()
+        self.workers.iter().flatten().map(|w| w.items.min(n)).sum()
     }
 }
 

@@ -4,10 +4,13 @@
 //! (`in_flight`, or what the items' time asks: `Supervisor::timed`; an async stage's:
 //! `asynchronous::window`) and fewer than [`MAX_IN_FLIGHT_BYTES`] payload bytes (an async
 //! stage's: `asynchronous::max_bytes`): in turn (round-robin) or to the one
-//! holding the fewest. Retries that are due go first, then new items in input order. Writes
+//! holding the fewest. A worker is handed a run of items at once, as many as its window has
+//! room for (the rest of the run goes next); an async worker, one item. Retries that are due
+//! go first, then new items in input order. Writes
 //! are non-blocking: a slow worker never stalls the others, and what its pipe does not take
 //! waits in its outbox for the next pass.
 
+use super::feed::Encoded;
 use super::supervisor::Supervisor;
 use super::worker::Flight;
 use crate::error::FailureKind;
@@ -18,7 +21,8 @@ use crossbeam_channel::TryRecvError;
 use std::time::Instant;
 
 /// A worker is given no more items while it holds this many payload bytes (at least one
-/// item always fits), so a large `in_flight` is safe for large items.
+/// flight always fits: one item, or a run of at most one hand-off), so a large `in_flight`
+/// is safe for large items.
 pub(super) const MAX_IN_FLIGHT_BYTES: usize = 1 << 20;
 
 impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
@@ -34,14 +38,12 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 self.queue.pop_front().expect("front exists")
             } else {
                 match self.incoming.next() {
-                    Ok((index, Ok(payload))) => Flight {
+                    Ok(Encoded::Flight(flight)) => flight,
+                    Ok(Encoded::Failed {
                         index,
-                        attempt: 1,
-                        payload,
-                        not_before: None,
-                        seq: 0,
-                    },
-                    Ok((index, Err((item, message)))) => {
+                        item,
+                        message,
+                    }) => {
                         // Encoding is deterministic: no retry (last attempt).
                         let attempt = self.parts.ctx.policy.retries + 1;
                         let (parts, kind) = (self.parts, FailureKind::Encode);
@@ -59,8 +61,37 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                     }
                 }
             };
+            // A run larger than the worker's room, or than its share among the workers with
+            // room, is split; the rest goes next (to the next worker in turn).
+            let room = self
+                .room(slot)
+                .min((flight.count as usize).div_ceil(self.with_room()));
+            let flight = match flight.count as usize > room {
+                true => {
+                    let (now, rest) = flight.split(room);
+                    self.queue.push_front(rest);
+                    now
+                }
+                false => flight,
+            };
             self.hand(slot, flight, now);
         }
+    }
+
+    /// How many items the worker in `slot` (which has room) takes now: what its window has
+    /// room for, and no more than `max_items_per_worker` lets it be handed; an async
+    /// worker's, one at a time (each has its own frame).
+    fn room(&self, slot: usize) -> usize {
+        let w = self.workers[slot].as_ref().expect("chosen worker exists");
+        if self.tasks.is_some() {
+            return 1;
+        }
+        let room = self.window.saturating_sub(w.items);
+        let left = self
+            .opts
+            .max_items_per_worker
+            .map_or(u64::MAX, |n| n.saturating_sub(w.handed));
+        room.min(left.try_into().unwrap_or(usize::MAX)).max(1)
     }
 
     /// Queues `flight` for the worker in `slot`; an item that becomes its front starts its
@@ -95,25 +126,38 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
 
     /// Items the workers hold.
     pub(super) fn in_flight(&self) -> usize {
-        self.workers.iter().flatten().map(|w| w.flights.len()).sum()
+        self.workers.iter().flatten().map(|w| w.items).sum()
+    }
+
+    /// Whether the worker in `slot` is alive, not shutting down and has room.
+    fn has_room(&self, slot: usize) -> bool {
+        self.workers[slot].as_ref().is_some_and(|w| {
+            w.open()
+                && !(self.strict && w.log.is_some())
+                && w.items < self.window
+                && w.bytes < self.max_bytes
+        })
+    }
+
+    /// How many workers have room (at least 1: called once one has).
+    fn with_room(&self) -> usize {
+        (0..self.workers.len())
+            .filter(|&s| self.has_room(s))
+            .count()
+            .max(1)
     }
 
     /// The next worker that is alive, not shutting down and has room: in turn (round-robin,
     /// the default) or the one holding the fewest items (least-loaded; ties in turn).
     pub(super) fn next_worker(&self) -> Option<usize> {
         let n = self.workers.len();
-        let open = (0..n).map(|k| (self.rr + k) % n).filter(|&s| {
-            self.workers[s].as_ref().is_some_and(|w| {
-                w.open()
-                    && !(self.strict && w.log.is_some())
-                    && w.flights.len() < self.window
-                    && w.bytes < self.max_bytes
-            })
-        });
+        let open = (0..n)
+            .map(|k| (self.rr + k) % n)
+            .filter(|&s| self.has_room(s));
         match self.opts.dispatch {
             Dispatch::RoundRobin => open.into_iter().next(),
             Dispatch::LeastLoaded => {
-                open.min_by_key(|&s| self.workers[s].as_ref().map_or(0, |w| w.flights.len()))
+                open.min_by_key(|&s| self.workers[s].as_ref().map_or(0, |w| w.items))
             }
         }
     }

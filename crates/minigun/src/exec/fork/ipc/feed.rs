@@ -1,15 +1,20 @@
 //! Feeding: the feeder thread numbers the stage's input items and encodes them, off the
 //! supervisor's thread, into hand-offs of up to [`FEED_CHUNK`] items and [`FEED_BYTES`] bytes.
 //!
-//! Small items of one hand-off share one buffer; an item of [`LARGE_ITEM`] bytes or more (on
-//! average, in the last hand-off) gets a buffer of its own, reused from the spares the
-//! supervisor gives back once such an item has ended. Encoding happens once per item: the
-//! outbox writes a payload from where it was encoded.
+//! Small items of one hand-off share one buffer, in runs: consecutive items that go to a
+//! worker in one `items` frame and are tracked as one flight (a run ends at an item that
+//! cannot be serialised, at the end of the hand-off, or before it would outgrow a frame).
+//! An item of [`LARGE_ITEM`] bytes or more (on average, in the last hand-off) gets a buffer
+//! of its own, and a flight of its own, reused from the spares the supervisor gives back
+//! once such an item has ended. Encoding happens once per item: the outbox writes a payload
+//! from where it was encoded.
 
 use super::super::supervise::{feed, Wake};
+use super::worker::Flight;
 use super::IpcParts;
 use crate::exec::ForkOptions;
 use crate::ipc::frame;
+use crate::ipc::message::{push_run_item, RUN_PREFIX};
 use crate::ipc::outbox::Payload;
 use crossbeam_channel::{Receiver, Sender};
 use std::sync::Arc;
@@ -33,10 +38,27 @@ pub(super) const SPARES: usize = 8;
 /// advance.
 pub(super) const MAX_SPARE: usize = 1 << 20;
 
-/// An input item as the feeder hands it over: `(index, payload)` or, when it cannot be
-/// serialised, the item and the reason (the supervisor fails it: encoding is deterministic, so
-/// it is never retried).
-pub(super) type Encoded<I> = (u64, Result<Payload, (I, String)>);
+/// Input items as the feeder hands them over: a flight (one item, or a run of them) or, when
+/// an item cannot be serialised, the item and the reason (the supervisor fails it: encoding
+/// is deterministic, so it is never retried).
+pub(super) enum Encoded<I> {
+    Flight(Flight),
+    Failed {
+        index: u64,
+        item: I,
+        message: String,
+    },
+}
+
+impl<I> Encoded<I> {
+    /// Items it holds.
+    pub(super) fn items(&self) -> u64 {
+        match self {
+            Encoded::Flight(f) => u64::from(f.count),
+            Encoded::Failed { .. } => 1,
+        }
+    }
+}
 
 /// The sizes of the hand-off: how many hand-offs wait at most, and how many items each holds.
 pub(super) fn hand_off_sizes(opts: &ForkOptions) -> (usize, usize) {
@@ -71,7 +93,10 @@ pub(super) fn run<I: crate::stage::Wire, O>(
                 hand: &mut dyn FnMut(Vec<Encoded<I>>) -> Result<(), u64>| {
         enc.hand_off(&mut items, hand)
     };
-    let send = move |batch: Vec<Encoded<I>>| tx.send(batch).map_err(|e| e.0.len() as u64);
+    let send = move |batch: Vec<Encoded<I>>| {
+        tx.send(batch)
+            .map_err(|e| e.0.iter().map(Encoded::items).sum::<u64>())
+    };
     feed(&parts.ctx, &parts.input, wake, chunk, make, send)
 }
 
@@ -105,18 +130,20 @@ impl<I> FeedEncoder<I> {
             let large = self.per_item >= LARGE_ITEM;
             let guess = match large {
                 true => 0,
-                false => (self.per_item * items.len()).min(FEED_BYTES + self.per_item),
+                false => {
+                    ((self.per_item + RUN_PREFIX) * items.len()).min(FEED_BYTES + self.per_item)
+                }
             };
             let mut buf = Vec::with_capacity(guess);
-            let mut spans = Vec::with_capacity(items.len());
-            let mut bytes = 0;
-            /// Where an item's encoding is, until the shared buffer is complete.
-            enum At {
-                Span(usize, usize),
-                Own(Vec<u8>),
-            }
+            let mut spans = Vec::new();
+            let (mut bytes, mut encoded) = (0, 0);
+            // A run's items may fill a frame's payload (`max` counts the kind and id too).
+            let run_max = self.max.saturating_sub(frame::HEADER - 4);
             for item in items.by_ref() {
-                let at = match large {
+                let index = self.index;
+                self.index += 1;
+                encoded += 1;
+                let r = match large {
                     true => {
                         let mut own = self
                             .spares
@@ -126,7 +153,8 @@ impl<I> FeedEncoder<I> {
                             // A spare, or a buffer sized after a huge item, is held as
                             // long as this item.
                             shrink_oversized(&mut own);
-                            At::Own(own)
+                            bytes += own.len();
+                            spans.push(At::Own(index, own));
                         })
                     }
                     false => {
@@ -135,41 +163,88 @@ impl<I> FeedEncoder<I> {
                         let scratch = &mut self.scratch;
                         scratch.clear();
                         encode_input(self.encode, item, scratch, self.max).map(|()| {
+                            bytes += scratch.len();
                             let start = buf.len();
-                            buf.extend_from_slice(scratch);
-                            At::Span(start, buf.len())
+                            push_run_item(&mut buf, scratch);
+                            let end = buf.len();
+                            match spans.last_mut() {
+                                Some(At::Run {
+                                    count,
+                                    start: s,
+                                    end: e,
+                                    ..
+                                }) if end - *s <= run_max => {
+                                    (*count, *e) = (*count + 1, end);
+                                }
+                                _ => spans.push(At::Run {
+                                    index,
+                                    count: 1,
+                                    start,
+                                    end,
+                                }),
+                            }
                         })
                     }
                 };
-                bytes += match &at {
-                    Ok(At::Span(start, end)) => end - start,
-                    Ok(At::Own(own)) => own.len(),
-                    Err(_) => 0,
-                };
-                spans.push((self.index, at));
-                self.index += 1;
+                if let Err((item, message)) = r {
+                    spans.push(At::Failed(index, item, message));
+                }
                 if bytes >= FEED_BYTES {
                     break;
                 }
             }
-            self.per_item = bytes / spans.len().max(1);
+            self.per_item = bytes / encoded.max(1);
             // Sized for larger items than came: held for as long as any of its items.
             shrink_oversized(&mut buf);
             let buf = Arc::new(buf);
             let batch = spans
                 .into_iter()
-                .map(|(i, at)| {
-                    let payload = at.map(|at| match at {
-                        At::Span(start, end) => Payload::shared(&buf, start, end),
-                        At::Own(own) => Payload::own(own),
-                    });
-                    (i, payload)
+                .map(|at| match at {
+                    At::Run {
+                        index,
+                        count,
+                        start,
+                        end,
+                    } => {
+                        // A single item travels without its length.
+                        let from = if count == 1 {
+                            start + RUN_PREFIX
+                        } else {
+                            start
+                        };
+                        let payload = Payload::shared(&buf, from, end);
+                        Encoded::Flight(Flight {
+                            count,
+                            ..Flight::one(index, payload)
+                        })
+                    }
+                    At::Own(index, own) => Encoded::Flight(Flight::one(index, Payload::own(own))),
+                    At::Failed(index, item, message) => Encoded::Failed {
+                        index,
+                        item,
+                        message,
+                    },
                 })
                 .collect();
             hand(batch).map_err(|unsent| unsent + items.len() as u64)?;
         }
         Ok(())
     }
+}
+
+/// Where the feeder put an item, until its hand-off's buffer is complete.
+enum At<I> {
+    /// A run of `count` items from `index` on, at `start..end` in the shared buffer.
+    Run {
+        index: u64,
+        count: u32,
+        start: usize,
+        end: usize,
+    },
+    /// A large item in a buffer of its own.
+    Own(u64, Vec<u8>),
+    /// An item that cannot be serialised.
+    Failed(u64, I, String),
 }
 
 /// Whether a buffer has much more room than its bytes need (at most twice, plus a page).
@@ -216,15 +291,87 @@ mod tests {
         let mut items: VecDeque<Vec<u8>> = items.into();
         let mut sizes = Vec::new();
         let mut take = |batch: Vec<Encoded<Vec<u8>>>| {
-            for (_, p) in batch {
-                let p = p.map_err(|(_, m)| m).expect("encodes");
-                sizes.push((p.len(), p.capacity()));
+            for e in batch {
+                let Encoded::Flight(f) = e else {
+                    panic!("encodes")
+                };
+                sizes.push((f.payload.len(), f.payload.capacity()));
             }
             Ok(())
         };
         enc.hand_off(&mut items.drain(..), &mut take)
             .expect("handed off");
         sizes
+    }
+
+    /// postcard, refusing the empty item.
+    fn encode_refusing_empty(v: &Vec<u8>, out: &mut Vec<u8>) -> Result<(), String> {
+        match v.is_empty() {
+            true => Err("empty".into()),
+            false => crate::ipc::codec::encode(v, out),
+        }
+    }
+
+    /// What one hand-off of `items` becomes: `(index, count, payload)` per flight, or
+    /// `(index, 0, message)` per item that cannot be serialised.
+    fn flights(max: usize, items: Vec<Vec<u8>>) -> Vec<(u64, u32, Vec<u8>)> {
+        let (_spare_tx, spares) = crossbeam_channel::bounded(SPARES);
+        let mut enc = FeedEncoder {
+            encode: encode_refusing_empty,
+            max,
+            index: 0,
+            per_item: 0,
+            scratch: Vec::new(),
+            spares,
+        };
+        let mut items: VecDeque<Vec<u8>> = items.into();
+        let mut got = Vec::new();
+        let mut take = |batch: Vec<Encoded<Vec<u8>>>| {
+            for e in batch {
+                got.push(match e {
+                    Encoded::Flight(f) => (f.index, f.count, f.payload.to_vec()),
+                    Encoded::Failed { index, message, .. } => (index, 0, message.into_bytes()),
+                });
+            }
+            Ok(())
+        };
+        enc.hand_off(&mut items.drain(..), &mut take)
+            .expect("handed off");
+        got
+    }
+
+    #[test]
+    fn ready_items_become_runs_cut_at_an_item_that_cannot_be_serialised_and_at_a_frame() {
+        let items = vec![vec![1], vec![2], vec![], vec![4], vec![5], vec![6]];
+        let got = flights(usize::MAX, items);
+        // postcard's `Vec<u8>` of one byte is two bytes; each is behind its length in a run.
+        let run = |xs: &[u8]| {
+            let mut b = Vec::new();
+            for &x in xs {
+                crate::ipc::message::push_run_item(&mut b, &[1, x]);
+            }
+            b
+        };
+        assert_eq!(
+            got,
+            [
+                (0, 2, run(&[1, 2])),
+                (2, 0, b"cannot serialise the input item: empty".to_vec()),
+                (3, 3, run(&[4, 5, 6])),
+            ]
+        );
+        // A frame holds two of these items (6 bytes each in a run) and its kind and id: the
+        // runs are cut there; a run of one is the item alone.
+        let max = frame::HEADER - 4 + 12;
+        let got = flights(max, vec![vec![1], vec![2], vec![3], vec![4], vec![5]]);
+        assert_eq!(
+            got,
+            [
+                (0, 2, run(&[1, 2])),
+                (2, 2, run(&[3, 4])),
+                (4, 1, vec![1, 5]),
+            ]
+        );
     }
 
     /// The largest room a buffer had when an item was encoded into it (since the last reset).

@@ -2,7 +2,9 @@
 //!
 //! Workers are forked when the run prepares its stages, before any stage thread exists. Items
 //! are serialised by the feeder thread, handed to the supervisor up to `feed::FEED_CHUNK` at a
-//! time, and dispatched round-robin to workers that hold fewer than their window of items
+//! time in runs of consecutive items (each run one frame and one `Flight`, split to fit a
+//! worker's room; see "Runs" in the `ipc` README), and dispatched round-robin to workers that
+//! hold fewer than their window of items
 //! (a fixed `in_flight`, or by default about `Exec::IN_FLIGHT_AHEAD` of work by the items'
 //! measured time, 2 to 4096: `Supervisor::timed`); a
 //! worker answers in order, so the first item it holds (without an answer) is the one it is

@@ -60,13 +60,13 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             stream,
             held,
             looked,
-            flights,
+            items,
             ..
         } = w
         else {
             return;
         };
-        if flights.len() < 2 || log.len() == 0 {
+        if *items < 2 || log.len() == 0 {
             *held = None;
             *looked = now;
             return;
@@ -178,6 +178,8 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
     /// rest, and schedule a replacement.
     pub(super) fn bury(&mut self, slot: usize) {
         let mut w = self.workers[slot].take().expect("live worker");
+        // What happens next happens to the running item alone, not to its run.
+        w.split_front();
         // What the item it was running sent is not delivered: that attempt failed.
         self.partial[slot].clear();
         self.parts.ctx.stats.child_ended(w.child.pid);
@@ -307,7 +309,7 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         }
         for f in w.flights.drain(..).rev().chain(rerun.into_iter().rev()) {
             if cancelled {
-                self.parts.ctx.cancelled(1);
+                self.parts.ctx.cancelled(u64::from(f.count));
             } else {
                 self.queue.push_front(Flight {
                     payload: f.payload.detach(),

@@ -173,7 +173,7 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
         let ctx = &self.parts.ctx;
         if ctx.run.aborting() && !self.cancelled_all {
             self.cancelled_all = true;
-            ctx.cancelled(self.queue.len() as u64);
+            ctx.cancelled(self.queue.iter().map(|f| u64::from(f.count)).sum());
             self.queue.clear();
             for w in self.workers.iter_mut().flatten() {
                 if w.alive() && !w.killing() {
@@ -182,7 +182,7 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
             }
         }
         if ctx.run.aborting() {
-            self.input_done |= self.incoming.cancel(ctx);
+            self.input_done |= self.incoming.cancel(ctx, Encoded::items);
         }
     }
 
@@ -223,7 +223,7 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
             if w.log.is_some() && w.alive() && w.stream.corrupt.is_none() {
                 let at = match w.held {
                     Some((_, since)) => Some(since + TAKE_HELD_AFTER),
-                    None if w.flights.len() >= 2 => Some(w.looked + LOOK_EVERY),
+                    None if w.items >= 2 => Some(w.looked + LOOK_EVERY),
                     None => None,
                 };
                 deadline = earliest(deadline, at);
@@ -402,14 +402,20 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
         }
     }
 
-    /// `flight` succeeded (its outputs were emitted): it is released downstream and counted
-    /// done at the next send, its worker may be due for recycling, and a large item's
-    /// buffer goes back to the feeder.
-    pub(super) fn succeeded(&mut self, slot: usize, flight: Flight, now: Instant) {
-        self.release.finished(flight.index, &mut self.router);
+    /// Item `index` succeeded (its outputs were emitted): it is released downstream and
+    /// counted done at the next send, and its worker may be due for recycling. `flight` is
+    /// its flight if the item was its last: a large item's buffer goes back to the feeder.
+    pub(super) fn succeeded(
+        &mut self,
+        slot: usize,
+        index: u64,
+        flight: Option<Flight>,
+        now: Instant,
+    ) {
+        self.release.finished(index, &mut self.router);
         self.done += 1;
         self.recycle_if_due(slot, now);
-        if flight.payload.len() >= LARGE_ITEM {
+        if let Some(flight) = flight.filter(|f| f.payload.len() >= LARGE_ITEM) {
             if let Some(buf) = flight.payload.into_buffer(MAX_SPARE) {
                 let _ = self.spares.try_send(buf);
             }
@@ -477,10 +483,10 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
         let busy = w
             .front_since
             .map_or(d.latency_ns, |t| now.duration_since(t).as_nanos() as u64);
-        let flight = w.front_ended(now, self.opts.timeout);
         w.reported += 1;
         self.deaths = 0;
         if d.outputs != results {
+            let flight = w.front_ended(now, self.opts.timeout);
             let m = format!(
                 "worker reported {} results, parent received {results}",
                 d.outputs
@@ -489,11 +495,17 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
             self.partial[slot].clear();
             return self.failed(flight, FailureKind::Protocol, m, pid);
         }
+        let index = w
+            .flights
+            .front()
+            .expect("an answer for the running item")
+            .index;
+        let flight = w.front_done(now, self.opts.timeout);
         self.rec.latency_busy_local(d.latency_ns, busy);
         self.timed(d.latency_ns);
         let (release, router) = (&mut self.release, &mut self.router);
-        self.partial[slot].deliver(flight.index, last, release, router, &self.parts.router);
-        self.succeeded(slot, flight, now);
+        self.partial[slot].deliver(index, last, release, router, &self.parts.router);
+        self.succeeded(slot, index, flight, now);
     }
 }
 

@@ -6,7 +6,7 @@ use super::{Code, IpcParts};
 use crate::exec::runner::ForkHooks;
 use crate::exec::ForkOptions;
 use crate::ipc::frame::Kind;
-use crate::ipc::message::Sender;
+use crate::ipc::message::{run_offset, split_run, Sender, RUN_PREFIX};
 use crate::ipc::outbox::{Outbox, Payload};
 use crate::ipc::reader::Stream;
 use crate::ipc::results_log::{ResultsLog, LOG_BYTES};
@@ -16,15 +16,78 @@ use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-/// One item on its way through a worker.
+/// Items on their way through a worker: one item, or a run of `count` items with
+/// consecutive indices from `index` on, sent in one `items` frame and tracked as one. Only a
+/// run's first item can be running; when it ends the run moves on to the next
+/// ([`Worker::front_done`]), and whenever an item fails, dies or goes back to the queue it
+/// is taken out of its run first ([`Worker::split_front`]), so what happens to an item
+/// still happens to it alone.
 pub(super) struct Flight {
+    /// The (first) item's index in the stage's input.
     pub(super) index: u64,
+    /// Items in the flight, at least 1.
+    pub(super) count: u32,
     pub(super) attempt: u32,
+    /// A single item's encoding; a run's items, each behind its length (`message::run_items`).
     pub(super) payload: Payload,
     pub(super) not_before: Option<Instant>,
     /// Its place among the items handed to its worker (0 for the first); an async worker
     /// has started it once its count of started items is past this.
     pub(super) seq: u64,
+}
+
+impl Flight {
+    /// One item, encoded.
+    pub(super) fn one(index: u64, payload: Payload) -> Self {
+        Flight {
+            index,
+            count: 1,
+            attempt: 1,
+            payload,
+            not_before: None,
+            seq: 0,
+        }
+    }
+
+    /// The flight's items `from..to` as a flight of their own (sharing its buffer).
+    pub(super) fn part(&self, from: usize, to: usize) -> Flight {
+        debug_assert!(from < to && to <= self.count as usize);
+        let payload = match (self.count, to - from) {
+            (1, _) => self.payload.clone(),
+            (_, 1) => {
+                let at = run_offset(&self.payload, from);
+                let (item, _) = split_run(&self.payload[at..]).expect("a well-formed run");
+                self.payload
+                    .slice(at + RUN_PREFIX, at + RUN_PREFIX + item.len())
+            }
+            _ => {
+                let at = run_offset(&self.payload, from);
+                let end = at + run_offset(&self.payload[at..], to - from);
+                self.payload.slice(at, end)
+            }
+        };
+        Flight {
+            index: self.index + from as u64,
+            count: (to - from) as u32,
+            attempt: self.attempt,
+            payload,
+            not_before: self.not_before,
+            seq: self.seq,
+        }
+    }
+
+    /// The first `n` items (fewer than `count`) and the rest, as two flights.
+    pub(super) fn split(self, n: usize) -> (Flight, Flight) {
+        (self.part(0, n), self.part(n, self.count as usize))
+    }
+
+    /// The frame kind it travels in.
+    fn kind(&self) -> Kind {
+        match self.count {
+            1 => Kind::Item,
+            _ => Kind::Items,
+        }
+    }
 }
 
 pub(super) struct Worker {
@@ -38,6 +101,8 @@ pub(super) struct Worker {
     /// Where the worker is in its life.
     life: Life,
     pub(super) flights: VecDeque<Flight>,
+    /// Items in `flights`.
+    pub(super) items: usize,
     /// Payload bytes of `flights`.
     pub(super) bytes: usize,
     /// When the first flight started running (deadline base).
@@ -133,6 +198,7 @@ impl Worker {
                 intake: Intake::Open,
             },
             flights: VecDeque::new(),
+            items: 0,
             bytes: 0,
             front_since: None,
             item_deadline: None,
@@ -260,26 +326,71 @@ impl Worker {
     /// `flight` goes to the worker; as its front, it starts its time limit now (an async
     /// worker's: see `asynchronous::STALL_GRACE`).
     pub(super) fn push(&mut self, mut flight: Flight, now: Instant, timeout: Option<Duration>) {
-        self.out.push_item(flight.index, &flight.payload);
+        self.out
+            .push_item(flight.kind(), flight.index, &flight.payload);
         if self.flights.is_empty() {
             self.front_since = Some(now);
             self.item_deadline = self.time_limit(now, timeout);
         }
         flight.seq = self.handed;
         self.bytes += flight.payload.len();
-        self.handed += 1;
+        self.items += flight.count as usize;
+        self.handed += u64::from(flight.count);
         self.flights.push_back(flight);
+    }
+
+    /// The running item (the front flight's first) was answered `done` at `now`: the next
+    /// one, if any, starts now, with its own deadline (see [`Worker::front_ended`]). Returns
+    /// the front flight if that was its last item (a run moves on to its next item).
+    pub(super) fn front_done(&mut self, now: Instant, timeout: Option<Duration>) -> Option<Flight> {
+        let front = self
+            .flights
+            .front_mut()
+            .expect("an answer for the running item");
+        if front.count == 1 {
+            return Some(self.front_ended(now, timeout));
+        }
+        let (item, _) = split_run(&front.payload).expect("a well-formed run");
+        // The last item of a run is held alone, without its length.
+        let gone = RUN_PREFIX + item.len() + if front.count == 2 { RUN_PREFIX } else { 0 };
+        front.payload.advance(gone);
+        front.index += 1;
+        front.count -= 1;
+        self.bytes -= gone;
+        self.items -= 1;
+        self.front_since = Some(now);
+        self.item_deadline = timeout.map(|t| now + t);
+        None
+    }
+
+    /// Takes the running item out of its run, so that the front flight is that item alone
+    /// (the rest of its run follows it).
+    pub(super) fn split_front(&mut self) {
+        let Some(front) = self.flights.pop_front() else {
+            return;
+        };
+        if front.count == 1 {
+            return self.flights.push_front(front);
+        }
+        let before = front.payload.len();
+        let (first, rest) = front.split(1);
+        self.bytes = self.bytes - before + first.payload.len() + rest.payload.len();
+        self.flights.push_front(rest);
+        self.flights.push_front(first);
     }
 
     /// The item the worker was running has ended (`done` or `error`): the next one, if any,
     /// starts now, with its own deadline (which counts once the worker is no longer being
     /// killed: it never is again, so a kill deadline stands, whatever it still answers).
+    /// Returns that item alone.
     pub(super) fn front_ended(&mut self, now: Instant, timeout: Option<Duration>) -> Flight {
+        self.split_front();
         let flight = self
             .flights
             .pop_front()
             .expect("an answer for the running item");
         self.bytes -= flight.payload.len();
+        self.items -= 1;
         let more = !self.flights.is_empty();
         self.front_since = more.then_some(now);
         self.item_deadline = timeout.filter(|_| more).map(|t| now + t);
@@ -309,7 +420,9 @@ impl Worker {
     ) -> Option<Flight> {
         let at = self.flights.iter().position(|f| f.index == index)?;
         let flight = self.flights.remove(at).expect("position is inside");
+        debug_assert_eq!(flight.count, 1, "an async worker's items go one by one");
         self.bytes -= flight.payload.len();
+        self.items -= 1;
         let more = !self.flights.is_empty();
         self.front_since = more.then_some(now);
         self.item_deadline = self.time_limit(now, timeout).filter(|_| more);
@@ -426,13 +539,85 @@ mod tests {
     }
 
     fn flight(index: u64) -> Flight {
-        Flight {
-            index,
-            attempt: 1,
-            payload: Payload::own(vec![1, 2, 3]),
-            not_before: None,
-            seq: 0,
+        Flight::one(index, Payload::own(vec![1, 2, 3]))
+    }
+
+    /// A run of `items` (encoded as the feeder does) from index `first` on.
+    fn run(first: u64, items: &[&[u8]]) -> Flight {
+        let mut buf = Vec::new();
+        for item in items {
+            crate::ipc::message::push_run_item(&mut buf, item);
         }
+        Flight {
+            count: items.len() as u32,
+            ..Flight::one(first, Payload::own(buf))
+        }
+    }
+
+    #[test]
+    fn a_run_moves_on_item_by_item_and_a_failing_item_leaves_it_alone() {
+        let mut w = sleeper();
+        let now = Instant::now();
+        let timeout = Some(Duration::from_secs(30));
+        w.push(run(10, &[b"a", b"bb", b"ccc", b"dddd"]), now, timeout);
+        w.push(flight(14), now, timeout);
+        assert_eq!((w.flights.len(), w.items, w.handed), (2, 5, 5));
+        assert_eq!(w.bytes, 4 * 4 + 10 + 3);
+        // Item 10 is done: the run moves on, nothing is returned.
+        assert!(w.front_done(now, timeout).is_none());
+        let front = w.flights.front().unwrap();
+        assert_eq!((front.index, front.count, w.items), (11, 3, 4));
+        assert_eq!(w.bytes, 3 * 4 + 9 + 3);
+        // Item 11 fails: it comes out alone, with its own bytes, and item 12 runs.
+        let failed = w.front_ended(now, timeout);
+        assert_eq!(
+            (failed.index, failed.count, &failed.payload[..]),
+            (11, 1, &b"bb"[..])
+        );
+        let front = w.flights.front().unwrap();
+        assert_eq!((front.index, front.count, w.items), (12, 2, 3));
+        // Item 12 done: the last item of the run is held alone, without its length.
+        assert!(w.front_done(now, timeout).is_none());
+        let front = w.flights.front().unwrap();
+        assert_eq!(
+            (front.index, front.count, &front.payload[..]),
+            (13, 1, &b"dddd"[..])
+        );
+        assert_eq!(w.bytes, 4 + 3);
+        // Its last item done: the flight is returned (its buffer may go back to the feeder).
+        let last = w.front_done(now, timeout).expect("the run's last item");
+        assert_eq!(last.index, 13);
+        assert_eq!((w.flights.len(), w.items, w.bytes), (1, 1, 3));
+    }
+
+    #[test]
+    fn a_run_splits_into_parts_that_are_valid_runs_or_single_items() {
+        let r = run(0, &[b"x", b"yy", b"zzz", b"w"]);
+        let (head, rest) = r.split(1);
+        assert_eq!(
+            (head.index, head.count, &head.payload[..]),
+            (0, 1, &b"x"[..])
+        );
+        assert_eq!((rest.index, rest.count), (1, 3));
+        let (mid, last) = rest.split(2);
+        assert_eq!((mid.index, mid.count), (1, 2));
+        assert_eq!(
+            &mid.payload[..],
+            &[2, 0, 0, 0, b'y', b'y', 3, 0, 0, 0, b'z', b'z', b'z'][..]
+        );
+        assert_eq!(
+            (last.index, last.count, &last.payload[..]),
+            (3, 1, &b"w"[..])
+        );
+        // Taking the running item out of its run keeps the worker's counts.
+        let mut w = sleeper();
+        w.push(run(0, &[b"x", b"yy", b"zzz", b"w"]), Instant::now(), None);
+        let bytes = w.bytes;
+        w.split_front();
+        assert_eq!((w.flights.len(), w.items), (2, 4));
+        assert_eq!(w.bytes, bytes - 4, "the running item lost its length");
+        let front = w.flights.front().unwrap();
+        assert_eq!((front.index, front.count), (0, 1));
     }
 
     #[test]
