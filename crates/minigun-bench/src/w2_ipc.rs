@@ -145,6 +145,97 @@ pub(crate) fn raw_run(items: u64, workers: usize) -> (Duration, u64) {
     (t0.elapsed(), sum)
 }
 
+/// Round trips of one item at a time through ipc_fork(2) (the producer emits the next item
+/// only once the consumer has the last): each round trip's time, sorted.
+fn lone_items_minigun(items: u64) -> Vec<Duration> {
+    let (tx, rx) = std::sync::mpsc::channel::<u64>();
+    let rx = std::sync::Mutex::new(rx);
+    let times = Arc::new(std::sync::Mutex::new(Vec::with_capacity(items as usize)));
+    let t = times.clone();
+    let p = Pipeline::new("w2-lone");
+    p.producer("gen", move |out| {
+        let rx = rx.lock().expect("one producer");
+        let mut times = t.lock().expect("one producer");
+        for i in 0..items {
+            let t0 = Instant::now();
+            out.emit(i)?;
+            let got = rx.recv().map_err(|e| e.to_string())?;
+            times.push(t0.elapsed());
+            assert_eq!(got, i * 2, "W2 lone items: wrong result");
+        }
+        Ok(())
+    });
+    p.map("double", |x: u64| Ok(x * 2)).ipc_fork(2).stage();
+    p.consumer("sink", move |x: u64| {
+        tx.send(x).map_err(|e| e.to_string())?;
+        Ok(())
+    });
+    p.run().expect("W2 lone items run");
+    let mut times = std::mem::take(&mut *times.lock().expect("the run ended"));
+    times.sort_unstable();
+    times
+}
+
+/// The same round trips through a raw pipe to a forked echo worker: each round trip's time,
+/// sorted.
+fn lone_items_raw(items: u64) -> Vec<Duration> {
+    let w = Workers::spawn(1, echo_worker).expect("fork an echo worker");
+    let mut times = Vec::with_capacity(items as usize);
+    let mut buf = [0u8; 8];
+    for i in 0..items {
+        let t0 = Instant::now();
+        raw::write_all(w.inputs[0], &i.to_le_bytes()).expect("write to the echo worker");
+        raw::read_full(w.outputs[0], &mut buf).expect("read the echo");
+        times.push(t0.elapsed());
+        assert_eq!(
+            u64::from_le_bytes(buf),
+            i * 2,
+            "W2 raw lone items: wrong echo"
+        );
+    }
+    raw::close(w.inputs[0]);
+    w.drain(64, |_, _| {}).expect("reap the echo worker");
+    times.sort_unstable();
+    times
+}
+
+/// The median and 99th percentile of sorted round trips, in ms.
+fn percentiles(times: &[Duration]) -> (f64, f64) {
+    let at = |q: f64| times[((times.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+    (at(0.5), at(0.99))
+}
+
+/// One item in flight at a time: its round trip through ipc_fork(2) against a raw pipe.
+fn lone_rows(cfg: &Cfg) -> Vec<Row> {
+    let items: u64 = cfg.size(5_000, 500);
+    progress(format!(
+        "W2 one item at a time ({items} round trips), raw pipe and ipc_fork(2)"
+    ));
+    let raw = lone_items_raw(items);
+    let ours = lone_items_minigun(items);
+    let row = |runner: &str, executor: &str, times: &[Duration]| {
+        let wall = times.iter().sum();
+        let mut r = Row::new("W2", runner, executor, 1, items, wall).variant("one item at a time");
+        (r.p50_ms, r.p99_ms) = {
+            let (p50, p99) = percentiles(times);
+            (Some(p50), Some(p99))
+        };
+        r
+    };
+    let base = row("baseline", "raw-pipe", &raw);
+    let (raw_p50, _) = percentiles(&raw);
+    let (p50, p99) = percentiles(&ours);
+    let mine = row("minigun", "ipc_fork(2)", &ours)
+        .floor(base.items_per_sec)
+        .note(format!(
+            "round trip p50 {:.1} us (raw pipe {:.1} us), p99 {:.1} us",
+            p50 * 1e3,
+            raw_p50 * 1e3,
+            p99 * 1e3
+        ));
+    vec![base, mine]
+}
+
 pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
     let items: u64 = cfg.size(1_000_000, 200_000);
     let expect = items * (items - 1);
@@ -230,6 +321,7 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
         assert_eq!(sum, expect, "W2 minigun chunked: wrong sum");
         rows.push(ours(wall, &format!("chunks of {CHUNK} items"), fixed));
     }
+    rows.extend(lone_rows(cfg));
     progress("W2 minigun, same pipeline with the map inline (no fork, no IPC)");
     let (wall, sum) = best_of(cfg.reps, || minigun_run(items, 1, Mode::Inline));
     assert_eq!(sum, expect, "W2 minigun inline: wrong sum");
