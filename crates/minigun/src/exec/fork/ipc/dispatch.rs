@@ -68,9 +68,9 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 .min((flight.count as usize).div_ceil(self.with_room()));
             let flight = match flight.count as usize > room {
                 true => {
-                    let (now, rest) = flight.split(room);
+                    let (head, rest) = flight.split(room);
                     self.queue.push_front(rest);
-                    now
+                    head
                 }
                 false => flight,
             };
