@@ -22,8 +22,9 @@
 //!   pipe so that it never waits for the parent between two items ([`window`]).
 
 use super::super::supervise::{exit_failure, Killed};
+use super::flight::Flight;
 use super::supervisor::Supervisor;
-use super::worker::{Flight, Intake, Worker};
+use super::worker::{Intake, Worker};
 use crate::error::FailureKind;
 use crate::exec::order::Partial;
 use crate::ipc::message::{Done, FromChild};

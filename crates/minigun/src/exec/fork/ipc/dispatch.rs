@@ -11,8 +11,8 @@
 //! waits in its outbox for the next pass.
 
 use super::feed::Encoded;
+use super::flight::Flight;
 use super::supervisor::Supervisor;
-use super::worker::Flight;
 use crate::error::FailureKind;
 use crate::exec::parts::dead_letter;
 use crate::exec::Dispatch;

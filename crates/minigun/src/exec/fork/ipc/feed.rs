@@ -10,7 +10,7 @@
 //! from where it was encoded.
 
 use super::super::supervise::{feed, Wake};
-use super::worker::Flight;
+use super::flight::Flight;
 use super::IpcParts;
 use crate::exec::ForkOptions;
 use crate::ipc::frame;

@@ -38,6 +38,7 @@
 //! | file | what |
 //! |---|---|
 //! | `worker.rs` | a worker: its process, pipes, results log and the items it holds |
+//! | `flight.rs` | a flight: one item or a run of them on its way through a worker, and taking a run apart |
 //! | `feed.rs` | the feeder thread: numbering and encoding items into hand-offs |
 //! | `supervisor.rs` | the supervisor's event loop, reading and handling workers' messages |
 //! | `dispatch.rs` | which worker gets the next item, writing to workers |
@@ -48,6 +49,7 @@
 mod asynchronous;
 mod dispatch;
 mod feed;
+mod flight;
 mod recover;
 mod recycle;
 mod supervisor;

@@ -12,8 +12,9 @@
 //!   ([`Supervisor::respawn_due`]).
 
 use super::super::supervise::{exit_failure, Killed};
+use super::flight::Flight;
 use super::supervisor::Supervisor;
-use super::worker::{spawn, Flight, Intake, Worker};
+use super::worker::{spawn, Intake, Worker};
 use super::TAKE_HELD_AFTER;
 use crate::error::FailureKind;
 use crate::exec::parts::dead_letter;

@@ -6,7 +6,8 @@
 use super::super::supervise::{earliest, Handoff, Killed, PollSet, Wake};
 use super::dispatch::MAX_IN_FLIGHT_BYTES;
 use super::feed::{Encoded, LARGE_ITEM, MAX_SPARE};
-use super::worker::{Flight, Worker};
+use super::flight::Flight;
+use super::worker::Worker;
 use super::IpcParts;
 use super::{LOOK_EVERY, TAKE_HELD_AFTER};
 use crate::error::FailureKind;
