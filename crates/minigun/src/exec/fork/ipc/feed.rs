@@ -83,6 +83,8 @@ pub(super) fn run<I: crate::stage::Wire, O>(
     let wire = parts.wire.expect("fork stages have a codec");
     let mut enc = FeedEncoder {
         encode: wire.encode_in,
+        // An async worker takes its items one by one.
+        runs: parts.factory.tasks().is_none(),
         max: opts.max_frame,
         index: 0,
         per_item: 0,
@@ -103,6 +105,8 @@ pub(super) fn run<I: crate::stage::Wire, O>(
 /// The feeder's side of the hand-off: numbers the items and encodes them.
 struct FeedEncoder<I> {
     encode: fn(&I, &mut Vec<u8>) -> Result<(), String>,
+    /// Whether consecutive items join in runs (else each item is a flight of its own).
+    runs: bool,
     max: usize,
     /// The next item's index in the stage's input.
     index: u64,
@@ -139,6 +143,7 @@ impl<I> FeedEncoder<I> {
             let (mut bytes, mut encoded) = (0, 0);
             // A run's items may fill a frame's payload (`max` counts the kind and id too).
             let run_max = self.max.saturating_sub(frame::HEADER - 4);
+            let runs = self.runs;
             for item in items.by_ref() {
                 let index = self.index;
                 self.index += 1;
@@ -173,7 +178,7 @@ impl<I> FeedEncoder<I> {
                                     start: s,
                                     end: e,
                                     ..
-                                }) if end - *s <= run_max => {
+                                }) if runs && end - *s <= run_max => {
                                     (*count, *e) = (*count + 1, end);
                                 }
                                 _ => spans.push(At::Run {
@@ -314,10 +319,11 @@ mod tests {
 
     /// What one hand-off of `items` becomes: `(index, count, payload)` per flight, or
     /// `(index, 0, message)` per item that cannot be serialised.
-    fn flights(max: usize, items: Vec<Vec<u8>>) -> Vec<(u64, u32, Vec<u8>)> {
+    fn flights(runs: bool, max: usize, items: Vec<Vec<u8>>) -> Vec<(u64, u32, Vec<u8>)> {
         let (_spare_tx, spares) = crossbeam_channel::bounded(SPARES);
         let mut enc = FeedEncoder {
             encode: encode_refusing_empty,
+            runs,
             max,
             index: 0,
             per_item: 0,
@@ -343,7 +349,7 @@ mod tests {
     #[test]
     fn ready_items_become_runs_cut_at_an_item_that_cannot_be_serialised_and_at_a_frame() {
         let items = vec![vec![1], vec![2], vec![], vec![4], vec![5], vec![6]];
-        let got = flights(usize::MAX, items);
+        let got = flights(true, usize::MAX, items.clone());
         // postcard's `Vec<u8>` of one byte is two bytes; each is behind its length in a run.
         let run = |xs: &[u8]| {
             let mut b = Vec::new();
@@ -363,7 +369,7 @@ mod tests {
         // A frame holds two of these items (6 bytes each in a run) and its kind and id: the
         // runs are cut there; a run of one is the item alone.
         let max = frame::HEADER - 4 + 12;
-        let got = flights(max, vec![vec![1], vec![2], vec![3], vec![4], vec![5]]);
+        let got = flights(true, max, vec![vec![1], vec![2], vec![3], vec![4], vec![5]]);
         assert_eq!(
             got,
             [
@@ -372,6 +378,11 @@ mod tests {
                 (4, 1, vec![1, 5]),
             ]
         );
+        // For an async stage, every item is a flight of its own.
+        let got = flights(false, usize::MAX, items);
+        let counts: Vec<(u64, u32)> = got.iter().map(|(i, c, _)| (*i, *c)).collect();
+        assert_eq!(counts, [(0, 1), (1, 1), (2, 0), (3, 1), (4, 1), (5, 1)]);
+        assert_eq!(got[4].2, [1, 5], "a single item travels without its length");
     }
 
     /// The largest room a buffer had when an item was encoded into it (since the last reset).
@@ -388,6 +399,7 @@ mod tests {
         let (spare_tx, spares) = crossbeam_channel::bounded(SPARES);
         let mut enc = FeedEncoder {
             encode: encode_recording_room,
+            runs: true,
             max: usize::MAX,
             index: 0,
             per_item: 0,

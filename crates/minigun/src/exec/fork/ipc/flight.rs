@@ -52,7 +52,10 @@ impl Flight {
             }
             _ => {
                 let at = run_offset(&self.payload, from);
-                let end = at + run_offset(&self.payload[at..], to - from);
+                let end = match to == self.count as usize {
+                    true => self.payload.len(),
+                    false => at + run_offset(&self.payload[at..], to - from),
+                };
                 self.payload.slice(at, end)
             }
         };
