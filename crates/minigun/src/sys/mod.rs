@@ -21,6 +21,9 @@
 //! - The child never returns into the parent's frames, never unwinds out of the body, and never
 //!   runs `atexit` handlers (`_exit`, not `exit`).
 //!
+//! [`fork_single`] forks the children of a process known to be single-threaded (cow_fork's
+//! fork server) without those precautions, and without glibc's own (`_Fork`).
+//!
 //! Children are reaped by pid (`waitpid(pid)` after their pidfd became readable), never with
 //! `waitpid(-1)`, which would steal the host program's children.
 
@@ -129,7 +132,7 @@ pub(crate) fn fork_child(
 ///
 /// The server was forked from a process that has had threads, and glibc never forgets that:
 /// its `fork()` would lock every malloc arena, the stdio list and the loader around each fork
-/// and reset them all in the child (about 16 page faults per child, and as many pages the
+/// and reset them all in the child (about 16 page faults per child, and arena pages the
 /// server writes while its children share them). That protects locks another thread may hold;
 /// this process has no other thread, and this thread holds none of them here, so the child
 /// inherits them all free. glibc's `_Fork()` (public since 2.34, which `close_range` already
