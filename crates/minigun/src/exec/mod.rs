@@ -418,7 +418,10 @@ impl Exec {
     /// stage's policy, the same failure kinds for a crash, an exit code or a broken stream,
     /// `tracing` records from children, and the report's children and pids. `before_fork`
     /// hooks run once in the parent, before the server is made; `after_fork` hooks run in
-    /// every child, before its items. `huge_pages` collapses the parent's heap before the
+    /// every child, before its items; the `pthread_atfork` handlers of C libraries run once,
+    /// when the server is forked, not again for each child (it forks them with glibc's
+    /// `_Fork` and runs no code of yours in between, so each child starts from the state
+    /// those handlers left). `huge_pages` collapses the parent's heap before the
     /// server is forked, so the server's children are forked from huge pages. If the server dies, the items it had not forked fail,
     /// the children it had forked die with it (their running item fails, as killed by
     /// SIGKILL), and the stage fails, which ends the run.

@@ -21,6 +21,9 @@
 //! - The child never returns into the parent's frames, never unwinds out of the body, and never
 //!   runs `atexit` handlers (`_exit`, not `exit`).
 //!
+//! [`fork_single`] forks the children of a process known to be single-threaded (cow_fork's
+//! fork server) without those precautions, and without glibc's own (`_Fork`).
+//!
 //! Children are reaped by pid (`waitpid(pid)` after their pidfd became readable), never with
 //! `waitpid(-1)`, which would steal the host program's children.
 
@@ -125,6 +128,23 @@ pub(crate) fn fork_child(
 /// `name`, `body` under `catch_unwind`, stdout flushed, `_exit`. That is 33 system calls fewer
 /// per child than [`fork_child`], and no page of the stdio locks written around the fork.
 ///
+/// # Forked with `_Fork`, not `fork`
+///
+/// The server was forked from a process that has had threads, and glibc never forgets that:
+/// its `fork()` would lock every malloc arena, the stdio list and the loader around each fork
+/// and reset them all in the child (about 16 page faults per child, and arena pages the
+/// server writes while its children share them). That protects locks another thread may hold;
+/// this process has no other thread, and this thread holds none of them here, so the child
+/// inherits them all free. glibc's `_Fork()` (public since 2.34, which `close_range` already
+/// needs) forks without that: one `clone` as `fork` makes it (the kernel writes the child's
+/// thread id where glibc keeps it, so `pthread_self`-based calls name the child's thread), and
+/// the child's robust-mutex list registered again, as `fork` does. What it skips besides is
+/// running `pthread_atfork` handlers: the child handlers of every library ran once, in this
+/// process, when it was forked from the parent, and this process runs no code of the user's
+/// since, so each child starts from that same just-forked state. (A handler that records
+/// something of the forking process itself, such as a pid cached for later, sees the server,
+/// not the child; the crate registers none.)
+///
 /// Only for a process that has those properties; returns in the parent only.
 pub(crate) fn fork_single(
     keep: RawFd,
@@ -133,12 +153,13 @@ pub(crate) fn fork_single(
 ) -> io::Result<Child> {
     let parent = std::process::id() as i32;
     let title = title(name);
-    // SAFETY: the calling process is single-threaded (see above), so the child inherits no
-    // lock held by another thread; it runs only `served_after_fork`, which ends with `_exit`
-    // and never returns into the caller.
-    let forked = unsafe { nix::unistd::fork() }.map_err(io::Error::from)?;
+    // SAFETY: `_Fork` takes no argument and returns -1 (errno set), 0 in the child or the
+    // child's pid. The calling process is single-threaded (see above) and this thread holds no
+    // lock here, so the child inherits every lock free and may call anything. It runs only
+    // `run_child`, which ends with `_exit` and never returns into the caller.
+    let forked = unsafe { _Fork() };
     match forked {
-        ForkResult::Child => {
+        0 => {
             // As a plain system call: the libc and nix wrappers would each bring another page
             // of code into the child (a page fault each, in every child).
             let term: u64 = 1 << (libc::SIGTERM - 1);
@@ -155,8 +176,15 @@ pub(crate) fn fork_single(
             };
             run_child(parent, &[keep], &title, body)
         }
-        ForkResult::Parent { child } => pidfd_of(child),
+        ..0 => Err(io::Error::last_os_error()),
+        child => pidfd_of(Pid::from_raw(child)),
     }
+}
+
+extern "C" {
+    /// glibc's `fork` without fork handlers and without the lock resets of a process that
+    /// has had threads (glibc 2.34 and later); see [`fork_single`].
+    fn _Fork() -> libc::pid_t;
 }
 
 /// A process title for `PR_SET_NAME`: the first 15 bytes of `name`, NUL-terminated.
@@ -430,6 +458,125 @@ impl Drop for SharedMem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `server` in a process set up as cow_fork's fork server is (a [`fork_child`]
+    /// child, SIGTERM blocked, no other thread): its exit code, 0 when all it checked held.
+    fn as_a_fork_server(server: fn() -> i32) -> Exit {
+        let child = fork_child(&[], "mg-test-srv", || {
+            signals::leave_sigterm_to_the_parent();
+            server()
+        })
+        .expect("fork the server-like process");
+        reap(child.pid)
+    }
+
+    #[test]
+    fn a_child_forked_by_fork_single_is_a_whole_process_of_its_own() {
+        // Each check that fails gives its own exit code: 10 + the check's number in the
+        // child, 20 + its number in the server-like process.
+        fn server() -> i32 {
+            let Ok((r, w)) = pipe(false) else { return 20 };
+            let data: Vec<u64> = (0..1000).collect();
+            let body = || {
+                // The data of the forking process, through copy-on-write.
+                if data.iter().sum::<u64>() != 499_500 {
+                    return 11;
+                }
+                // glibc's idea of this thread is the child's: the CPU clock glibc derives
+                // from the thread id it keeps for `pthread_self` reads (a stale id would name
+                // the server's thread, whose clock this process may not read).
+                let mut clock: libc::clockid_t = 0;
+                let mut now = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: `pthread_self` is this live thread; both out-pointers are live locals.
+                let read = unsafe {
+                    libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) == 0
+                        && libc::clock_gettime(clock, &mut now) == 0
+                };
+                if !read {
+                    return 12;
+                }
+                // Threads, locks and the allocator work in it.
+                let lock = std::sync::Mutex::new(vec![1u8; 1 << 20]);
+                let sum = std::thread::scope(|s| {
+                    s.spawn(|| lock.lock().map(|v| v.len()).unwrap_or(0)).join()
+                });
+                if sum.ok() != Some(1 << 20) {
+                    return 14;
+                }
+                let pid = std::process::id().to_le_bytes();
+                match rustix::io::write(&w, &pid) {
+                    Ok(4) => 0,
+                    _ => 15,
+                }
+            };
+            let Ok(child) = fork_single(raw(&w), "mg-test-kid", body) else {
+                return 21;
+            };
+            drop(w);
+            let mut pid = [0u8; 4];
+            if rustix::io::read(&r, &mut pid) != Ok(4) {
+                return 22;
+            }
+            if i32::from_le_bytes(pid) != child.pid {
+                return 23;
+            }
+            // Its pidfd is its own: readable once it has exited, not before it is reaped.
+            let mut fds = [poll_entry(&child.pidfd)];
+            if poll(&mut fds).is_err() || fds[0].revents == 0 {
+                return 24;
+            }
+            match reap(child.pid) {
+                Exit::Code(0) => 0,
+                Exit::Code(c) if (10..20).contains(&c) => c,
+                _ => 25,
+            }
+        }
+        assert_eq!(as_a_fork_server(server), Exit::Code(0));
+    }
+
+    #[test]
+    fn a_child_forked_by_fork_single_ends_as_a_child_of_fork_child_does() {
+        // 0 when every child ended as expected; 20 + the case that did not.
+        fn server() -> i32 {
+            fn fork_then(body: fn() -> i32, then: impl FnOnce(&Child)) -> Option<Exit> {
+                let child = fork_single(2, "mg-test-kid", body).ok()?;
+                then(&child);
+                Some(reap(child.pid))
+            }
+            fn sleep() -> i32 {
+                std::thread::sleep(std::time::Duration::from_secs(30));
+                0
+            }
+            let cases: [(Option<Exit>, Exit); 4] = [
+                // A SIGTERM sent at once, before the child can have unblocked it (the server
+                // blocks it), is delivered, not lost.
+                (
+                    fork_then(sleep, |c| fdpass::signal(c, libc::SIGTERM)),
+                    Exit::Signal(libc::SIGTERM),
+                ),
+                (
+                    fork_then(sleep, |c| fdpass::signal(c, libc::SIGKILL)),
+                    Exit::Signal(libc::SIGKILL),
+                ),
+                (
+                    fork_then(|| panic!("a panic in the child"), |_| {}),
+                    Exit::Code(101),
+                ),
+                (
+                    fork_then(|| std::process::abort(), |_| {}),
+                    Exit::Signal(libc::SIGABRT),
+                ),
+            ];
+            match cases.iter().position(|(got, want)| *got != Some(*want)) {
+                None => 0,
+                Some(k) => 20 + k as i32,
+            }
+        }
+        assert_eq!(as_a_fork_server(server), Exit::Code(0));
+    }
 
     #[test]
     fn shared_memory_keeps_its_bytes_inside_the_mapping() {

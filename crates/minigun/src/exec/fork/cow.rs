@@ -216,7 +216,8 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             // Sleep until a child speaks or exits, an item arrives, or a deadline passes.
             wake.sleepy();
             if self.room(&running) && incoming.waiting() {
-                wake.awake();
+                // Not polled: a byte the feeder wrote waits for the next poll.
+                wake.awake_polled(false);
                 continue;
             }
             let now = Instant::now();
@@ -228,7 +229,7 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             if self.room(&running) {
                 deadline = earliest(deadline, retry.front().and_then(|p| p.not_before));
             }
-            let (readable, exited, reports) = {
+            let (readable, exited, reports, woken) = {
                 let mut fds = PollSet::new(wake, abort_fd, cancelled_all, 2 * running.len() + 3);
                 let mut at = Vec::with_capacity(running.len());
                 // A served child's exit is the server's to report (its pidfd is readable
@@ -253,9 +254,9 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                         )
                     })
                     .unzip::<_, _, Vec<_>, Vec<_>>();
-                (readable, exited, server)
+                (readable, exited, server, fds.woken())
             };
-            wake.awake();
+            wake.awake_polled(woken);
             let reports = match (self.server.as_mut(), reports) {
                 (Some(s), Some(ready)) => s.events(ready),
                 _ => Vec::new(),

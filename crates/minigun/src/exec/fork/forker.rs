@@ -4,7 +4,8 @@
 //! It is single-threaded (forked once from the parent when the run starts, so it sees the
 //! parent's memory of that moment through copy-on-write), ignores SIGINT and blocks SIGTERM
 //! (the parent ends it, or `PR_SET_PDEATHSIG` does) and does one thing: it reads item and `fork`
-//! frames from its input pipe, forks one child per `fork` frame with the items
+//! frames from its input pipe, forks one child per `fork` frame (with glibc's `_Fork`:
+//! `sys::fork_single` says why that is sound here and what it saves) with the items
 //! sent since the previous one (in order, at most `workers` alive: the parent may send up to
 //! `workers` more, which wait here, so the next child is forked as soon as one is reaped,
 //! without a round trip to the parent), and reports on its socket to the parent: `forked` (the

@@ -72,7 +72,16 @@ impl Wake {
         self.sleeping.store(true, Ordering::SeqCst);
     }
     pub(crate) fn awake(&self) {
+        self.awake_polled(true);
+    }
+    /// [`Wake::awake`] that reads the pipe only if `readable` (a poll found it so): a byte
+    /// written since that poll stays and makes the next poll return at once, when it is
+    /// read. Saves a read that finds nothing on every wake-up for something else.
+    pub(crate) fn awake_polled(&self, readable: bool) {
         self.sleeping.store(false, Ordering::SeqCst);
+        if !readable {
+            return;
+        }
         let mut buf = [0u8; 64];
         while let Ok(n) = rustix::io::read(&self.r, &mut buf) {
             if n == 0 {
@@ -297,6 +306,11 @@ impl<'a> PollSet<'a> {
     /// Whether entry `i` was ready.
     pub(crate) fn ready(&self, i: usize) -> bool {
         !self.fds[i].revents().is_empty()
+    }
+
+    /// Whether the wake pipe was ready.
+    pub(crate) fn woken(&self) -> bool {
+        self.ready(0)
     }
 }
 
