@@ -51,7 +51,7 @@ pub(crate) enum ToWorker<'a> {
     /// has recorded that the item runs (a death while decoding is that item's).
     Item(&'a [u8]),
     /// A run of input items with consecutive ids from the frame's id on, each still
-    /// encoded behind its length ([`run_items`] takes them apart); only sync workers get
+    /// encoded behind its length ([`split_run`] takes them apart); only sync workers get
     /// them.
     Items(&'a [u8]),
     /// Finish: flush the stage instance and exit 0.

@@ -9,8 +9,8 @@ use std::time::Instant;
 /// Items on their way through a worker: one item, or a run of `count` items with
 /// consecutive indices from `index` on, sent in one `items` frame and tracked as one. Only a
 /// run's first item can be running; when it ends the run moves on to the next
-/// ([`Worker::front_done`]), and whenever an item fails, dies or goes back to the queue it
-/// is taken out of its run first ([`Worker::split_front`]), so what happens to an item
+/// ([`Worker::front_done`](super::worker::Worker::front_done)), and whenever an item fails, dies or goes back to the queue it
+/// is taken out of its run first ([`Worker::split_front`](super::worker::Worker::split_front)), so what happens to an item
 /// still happens to it alone.
 pub(super) struct Flight {
     /// The (first) item's index in the stage's input.
@@ -18,7 +18,7 @@ pub(super) struct Flight {
     /// Items in the flight, at least 1.
     pub(super) count: u32,
     pub(super) attempt: u32,
-    /// A single item's encoding; a run's items, each behind its length (`message::run_items`).
+    /// A single item's encoding; a run's items, each behind its length (`message::split_run`).
     pub(super) payload: Payload,
     pub(super) not_before: Option<Instant>,
     /// Its place among the items handed to its worker (0 for the first); an async worker
