@@ -5,7 +5,8 @@
 //! `asynchronous::window`) and fewer than [`MAX_IN_FLIGHT_BYTES`] payload bytes (an async
 //! stage's: `asynchronous::max_bytes`): in turn (round-robin) or to the one
 //! holding the fewest. A worker is handed a run of items at once, as many as its window has
-//! room for (the rest of the run goes next); an async worker, one item. Retries that are due
+//! room for (the rest of the run goes next); an async worker, one item (its feeder makes no
+//! runs). Retries that are due
 //! go first, then new items in input order. Writes
 //! are non-blocking: a slow worker never stalls the others, and what its pipe does not take
 //! waits in its outbox for the next pass.
@@ -79,13 +80,10 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
     }
 
     /// How many items the worker in `slot` (which has room) takes now: what its window has
-    /// room for, and no more than `max_items_per_worker` lets it be handed; an async
-    /// worker's, one at a time (each has its own frame).
+    /// room for, and no more than `max_items_per_worker` lets it be handed. (An async
+    /// stage's flights are single items: nothing of theirs is split.)
     fn room(&self, slot: usize) -> usize {
         let w = self.workers[slot].as_ref().expect("chosen worker exists");
-        if self.tasks.is_some() {
-            return 1;
-        }
         let room = self.window.saturating_sub(w.items);
         let left = self
             .opts

@@ -9,9 +9,12 @@ use std::time::Instant;
 /// Items on their way through a worker: one item, or a run of `count` items with
 /// consecutive indices from `index` on, sent in one `items` frame and tracked as one. Only a
 /// run's first item can be running; when it ends the run moves on to the next
-/// ([`Worker::front_done`](super::worker::Worker::front_done)), and whenever an item fails, dies or goes back to the queue it
-/// is taken out of its run first ([`Worker::split_front`](super::worker::Worker::split_front)), so what happens to an item
-/// still happens to it alone.
+/// ([`Worker::front_done`]), and whenever an item fails, dies or goes back to the queue it is
+/// taken out of its run first ([`Worker::split_front`]), so what happens to an item still
+/// happens to it alone. An async stage's flights are single items (its feeder makes no runs).
+///
+/// [`Worker::front_done`]: super::worker::Worker::front_done
+/// [`Worker::split_front`]: super::worker::Worker::split_front
 pub(super) struct Flight {
     /// The (first) item's index in the stage's input.
     pub(super) index: u64,
@@ -42,16 +45,18 @@ impl Flight {
     /// The flight's items `from..to` as a flight of their own (sharing its buffer).
     pub(super) fn part(&self, from: usize, to: usize) -> Flight {
         debug_assert!(from < to && to <= self.count as usize);
+        let at = match self.count {
+            1 => 0,
+            _ => run_offset(&self.payload, from),
+        };
         let payload = match (self.count, to - from) {
             (1, _) => self.payload.clone(),
             (_, 1) => {
-                let at = run_offset(&self.payload, from);
                 let (item, _) = split_run(&self.payload[at..]).expect("a well-formed run");
                 self.payload
                     .slice(at + RUN_PREFIX, at + RUN_PREFIX + item.len())
             }
             _ => {
-                let at = run_offset(&self.payload, from);
                 let end = match to == self.count as usize {
                     true => self.payload.len(),
                     false => at + run_offset(&self.payload[at..], to - from),
