@@ -382,6 +382,10 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
         let _ = self
             .link
             .call(session, |s| s.set_control(self.run, Control::Finishing));
+        // Workers waiting for entries see the new state now, not when their wait ends.
+        if let Ok(workers) = self.link.call(session, |s| s.workers(self.run)) {
+            let _ = self.link.call(session, |s| s.wake(self.run, workers.len()));
+        }
         let mut finished: HashSet<String> = HashSet::new();
         let deadline_idle = self.remote.claim_idle.max(Duration::from_millis(500));
         let mut own = false;
