@@ -18,7 +18,8 @@
 //!   that lost entries (restart without persistence) gets them again: when the server's id
 //!   changes, the parent announces the run again and re-sends every entry the server no
 //!   longer has (reconciliation; an entry re-sent twice is deduplicated like any duplicate).
-//! - When the input has ended and every index is finished, the run goes to `Finishing`:
+//! - When the input has ended and every index is finished, the run goes to `Finishing`
+//!   (and the workers waiting for entries are woken, [`Session::wake`], to see it now):
 //!   each registered worker runs `finish` on its stage instances and reports; a worker whose
 //!   heartbeat lapses first is a stage error naming it. Then the run's keys are removed.
 //! - Broker errors are retried with capped backoff; the stage fails only after `max_outage`
