@@ -513,7 +513,8 @@ impl Server {
 
     /// What the server did since [`Server::reset_stats`], per `per` (entries or items): the
     /// calls of each command (scripts and the commands they run both count) and the server's
-    /// command time. The admin connection's own calls are left out.
+    /// command time (in brackets, each command's; a script's time includes the commands it
+    /// runs). The admin connection's own calls are left out.
     fn stats_per(&self, per: u64, unit: &str) -> String {
         let info: String = redis::cmd("INFO")
             .arg("commandstats")
@@ -542,7 +543,7 @@ impl Server {
         let listed: Vec<String> = calls
             .iter()
             .take(10)
-            .map(|(n, k, _)| format!("{n} {:.2}", *k as f64 / per))
+            .map(|(n, k, us)| format!("{n} {:.2} ({:.1} us)", *k as f64 / per, *us as f64 / per))
             .collect();
         format!(
             "server calls per {unit}: {}; server command time {:.1} us per {unit}",

@@ -2,7 +2,10 @@
 //!
 //! [`RedisBroker`] opens one connection per [`Session`]; every operation that must be atomic
 //! (a commit, a heartbeat, a dead-letter move, a split, a release, the `finished` marker) is
-//! one Lua script, loaded once and re-sent when the server answers `NOSCRIPT`.
+//! one Lua script, loaded once and re-sent when the server answers `NOSCRIPT`. Payload bytes
+//! pass through Lua only where they must (the interpreter copies every byte it is given):
+//! work entries are added with plain pipelined `XADD … NOMKSTREAM`, and a commit hands its
+//! results to `XADD` as one argument, untouched.
 //!
 //! ```no_run
 //! use minigun::remote::Broker;
@@ -28,7 +31,7 @@
 //!
 //! | key | type | content |
 //! |---|---|---|
-//! | `…:in` | stream, group `mg` | work entries: `s` first index, `n` count, `a` attempts, `p` payload |
+//! | `…:in` | stream, group `mg` | work entries: `s` first index, `n` count, `a` attempts, `p` payload; and wake signs `k wake` (see [`Session::wake`]), which a fetch drops and never delivers |
 //! | `…:out` | stream, group `parent` | `k` kind (`results`, `stats`, `finished`), `c` consumer, `p` payload |
 //! | `…:dlq` | stream, `MAXLEN ~ 10000` | a dead-lettered entry's fields, `d` deliveries, `o` last owner, `id` |
 //! | `…:ctl` | hash | `state`, the announcement's fields and cursor `ann`, one `fin:<consumer>` marker per finished worker |

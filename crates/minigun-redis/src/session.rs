@@ -139,9 +139,16 @@ fn out_entry((id, fields): Entry) -> Option<OutEntry> {
     })
 }
 
-/// `(id, deliveries, fields)` triples, as the claim and own scripts answer.
-fn deliveries(v: Value) -> BrokerResult<Vec<Delivery>> {
+/// Whether a work entry is a wake sign (see [`Session::wake`]), not work.
+fn is_wake(fields: &[(Vec<u8>, Vec<u8>)]) -> bool {
+    value::field(fields, "k") == Some(&b"wake"[..])
+}
+
+/// `(id, deliveries, fields)` triples, as the claim and own scripts answer; and the ids of
+/// wake signs among them, which are not work.
+fn deliveries(v: Value) -> BrokerResult<(Vec<Delivery>, Vec<EntryId>)> {
     let mut out = Vec::new();
+    let mut wakes = Vec::new();
     for t in value::items(v) {
         let mut it = value::items(t).into_iter();
         let (Some(id), Some(count), Some(fields)) = (it.next(), it.next(), it.next()) else {
@@ -150,15 +157,20 @@ fn deliveries(v: Value) -> BrokerResult<Vec<Delivery>> {
         let id = value::text(&id).unwrap_or_default();
         let deliveries = value::number(&count).unwrap_or(1);
         let fields = value::pairs(fields).unwrap_or_default();
+        if is_wake(&fields) {
+            wakes.push(id);
+            continue;
+        }
         out.push(Delivery {
             id,
             entry: new_entry(&fields),
             deliveries: u32::try_from(deliveries).unwrap_or(u32::MAX),
         });
     }
-    Ok(out)
+    Ok((out, wakes))
 }
 
+/// Entries as the split script's arguments.
 fn encode_entries(inv: &mut redis::ScriptInvocation<'_>, entries: &[NewEntry]) {
     for e in entries {
         inv.arg(e.first)
@@ -330,6 +342,27 @@ impl RedisSession {
         value::read_reply(v)
     }
 
+    /// Acknowledges and deletes wake signs a fetch or a claim came across (a failure leaves
+    /// them for the next one: they are never delivered as work).
+    fn drop_wakes(&mut self, k: &Keys, ids: &[EntryId]) {
+        if ids.is_empty() {
+            return;
+        }
+        let _ = self.call(|c| {
+            redis::pipe()
+                .cmd("XACK")
+                .arg(&k.work)
+                .arg("mg")
+                .arg(ids)
+                .ignore()
+                .cmd("XDEL")
+                .arg(&k.work)
+                .arg(ids)
+                .ignore()
+                .query::<()>(c)
+        });
+    }
+
     /// The eviction policy, from INFO memory or, where INFO is refused, CONFIG GET.
     fn eviction_policy(&mut self) -> BrokerResult<String> {
         let info: BrokerResult<String> =
@@ -452,11 +485,31 @@ impl Session for RedisSession {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
+        // Plain pipelined XADDs, not a script (see `scripts`): NOMKSTREAM never recreates a
+        // lost stream without its group, and answers nil instead. A call that fails part way
+        // may have added some entries: the executor sends them again, and deduplicates.
         let k = self.keys(run);
-        let mut inv = scripts::send().prepare_invoke();
-        inv.key(&k.work).key(&k.ctl);
-        encode_entries(&mut inv, entries);
-        self.script(&inv)
+        let ids: Vec<Option<String>> = self.call(|c| {
+            let mut p = redis::pipe();
+            for e in entries {
+                p.cmd("XADD")
+                    .arg(&k.work)
+                    .arg("NOMKSTREAM")
+                    .arg("*")
+                    .arg("s")
+                    .arg(e.first)
+                    .arg("n")
+                    .arg(e.count)
+                    .arg("a")
+                    .arg(e.attempts)
+                    .arg("p")
+                    .arg(&e.payload[..]);
+            }
+            p.query(c)
+        })?;
+        ids.into_iter()
+            .map(|id| id.ok_or(BrokerError::NoRun))
+            .collect()
     }
 
     fn read_out(
@@ -547,10 +600,52 @@ impl Session for RedisSession {
         Ok((len, pending))
     }
 
+    fn wake(&mut self, run: &StageRun, workers: usize) -> BrokerResult<()> {
+        if workers == 0 {
+            return Ok(());
+        }
+        // One entry per XADD: the server hands each to the next blocked reader, so every
+        // waiting worker gets one; the fetch drops it (`is_wake`).
+        let k = self.keys(run);
+        self.call(|c| {
+            let mut p = redis::pipe();
+            for _ in 0..workers {
+                p.cmd("XADD")
+                    .arg(&k.work)
+                    .arg("NOMKSTREAM")
+                    .arg("*")
+                    .arg("k")
+                    .arg("wake")
+                    .ignore();
+            }
+            p.query::<()>(c)
+        })
+    }
+
     fn cleanup(&mut self, run: &StageRun, keep: Option<Duration>) -> BrokerResult<()> {
         let k = self.keys(run);
         let cursor: Option<String> =
             self.call(|c| redis::cmd("HGET").arg(&k.ctl).arg("ann").query(c))?;
+        if keep.is_some() {
+            // Wake signs no worker read are the newest entries: kept keys hold only work.
+            let newest: Value = self.call(|c| {
+                redis::cmd("XREVRANGE")
+                    .arg(&k.work)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(256)
+                    .query(c)
+            })?;
+            let wakes: Vec<EntryId> = value::range_reply(newest)?
+                .into_iter()
+                .filter(|(_, f)| f.as_deref().is_some_and(is_wake))
+                .map(|(id, _)| id)
+                .collect();
+            if !wakes.is_empty() {
+                self.call(|c| redis::cmd("XDEL").arg(&k.work).arg(&wakes).query::<()>(c))?;
+            }
+        }
         self.call(|c| {
             let mut p = redis::pipe();
             for key in k.run_keys() {
@@ -637,20 +732,29 @@ impl Session for RedisSession {
             let mut inv = scripts::own().prepare_invoke();
             inv.key(&k.work).arg(consumer).arg(count);
             let v: Value = self.script(&inv)?;
-            return deliveries(v);
+            let (got, wakes) = deliveries(v)?;
+            self.drop_wakes(&k, &wakes);
+            return Ok(got);
         }
-        Ok(self
+        let mut wakes = Vec::new();
+        let got = self
             .read(Some(("mg", consumer)), &k.work, ">", count, block)?
             .into_iter()
             .filter_map(|(id, fields)| {
                 let fields = fields?;
+                if is_wake(&fields) {
+                    wakes.push(id);
+                    return None;
+                }
                 Some(Delivery {
                     id,
                     entry: new_entry(&fields),
                     deliveries: 1,
                 })
             })
-            .collect())
+            .collect();
+        self.drop_wakes(&k, &wakes);
+        Ok(got)
     }
 
     fn commit_many(
@@ -659,24 +763,46 @@ impl Session for RedisSession {
         consumer: &str,
         done: &[(&EntryId, &[u8])],
     ) -> BrokerResult<Vec<Commit>> {
-        let valid = |id: &EntryId| value::is_entry_id(id);
-        if !done.iter().any(|(id, _)| valid(id)) {
-            return Ok(vec![Commit::LeaseLost; done.len()]);
-        }
-        let k = self.keys(run);
-        let mut inv = scripts::commit().prepare_invoke();
-        inv.key(&k.work).key(&k.out).arg(consumer);
-        for (id, results) in done.iter().filter(|(id, _)| valid(id)) {
-            inv.arg(*id).arg(*results);
-        }
-        let mut answers: std::vec::IntoIter<i64> = self.script::<Vec<i64>>(&inv)?.into_iter();
-        Ok(done
+        let mut out = vec![Commit::LeaseLost; done.len()];
+        // The entries to commit, ascending by id (the script's range), with their place.
+        let mut asked: Vec<((u64, u64), usize)> = done
             .iter()
-            .map(|(id, _)| match valid(id) && answers.next() == Some(1) {
-                true => Commit::Committed,
-                false => Commit::LeaseLost,
-            })
-            .collect())
+            .enumerate()
+            .filter_map(|(i, (id, _))| Some((value::entry_id_parts(id)?, i)))
+            .collect();
+        asked.sort_unstable();
+        let k = self.keys(run);
+        // All or nothing per call: if the consumer lost some, the script does nothing and
+        // says which; the rest are committed by the next call (ownership only shrinks, so
+        // this ends).
+        while !asked.is_empty() {
+            let results: Vec<u8> = asked
+                .iter()
+                .flat_map(|&(_, i)| done[i].1)
+                .copied()
+                .collect();
+            let mut inv = scripts::commit().prepare_invoke();
+            inv.key(&k.work).key(&k.out).arg(consumer).arg(results);
+            for &(_, i) in &asked {
+                inv.arg(done[i].0);
+            }
+            let held: Vec<i64> = self.script(&inv)?;
+            if held.len() != asked.len() {
+                return Err(BrokerError::Other("unexpected commit reply".into()));
+            }
+            if held.iter().all(|&h| h == 1) {
+                for &(_, i) in &asked {
+                    out[i] = Commit::Committed;
+                }
+                break;
+            }
+            asked = asked
+                .into_iter()
+                .zip(held)
+                .filter_map(|(a, h)| (h == 1).then_some(a))
+                .collect();
+        }
+        Ok(out)
     }
 
     fn heartbeat(
@@ -708,7 +834,8 @@ impl Session for RedisSession {
         let mut inv = scripts::pending_idle().prepare_invoke();
         inv.key(&k.work).arg(ms(min_idle)).arg(count);
         let v: Value = self.script(&inv)?;
-        Ok(value::items(v)
+        let mut wakes = Vec::new();
+        let got = value::items(v)
             .into_iter()
             .filter_map(|p| {
                 let mut p = value::items(p).into_iter();
@@ -716,16 +843,23 @@ impl Session for RedisSession {
                 let owner = value::text(&p.next()?)?;
                 let idle = Duration::from_millis(value::number(&p.next()?)?);
                 let deliveries = u32::try_from(value::number(&p.next()?)?).ok()?;
-                let entry = p.next().and_then(value::pairs).map(|f| new_entry(&f));
+                let fields = p.next().and_then(value::pairs);
+                if fields.as_deref().is_some_and(is_wake) {
+                    // Its worker was lost before it dropped it: it is no work to reclaim.
+                    wakes.push(id);
+                    return None;
+                }
                 Some(Pending {
                     id,
                     owner,
                     idle,
                     deliveries,
-                    entry,
+                    entry: fields.map(|f| new_entry(&f)),
                 })
             })
-            .collect())
+            .collect();
+        self.drop_wakes(&k, &wakes);
+        Ok(got)
     }
 
     fn claim(
@@ -743,7 +877,9 @@ impl Session for RedisSession {
         let mut inv = scripts::claim().prepare_invoke();
         inv.key(&k.work).arg(consumer).arg(ms(min_idle)).arg(&ids);
         let v: Value = self.script(&inv)?;
-        deliveries(v)
+        let (got, wakes) = deliveries(v)?;
+        self.drop_wakes(&k, &wakes);
+        Ok(got)
     }
 
     fn dead_letter(

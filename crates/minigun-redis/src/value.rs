@@ -133,6 +133,15 @@ pub(crate) fn is_entry_id(id: &str) -> bool {
     digits(parts.next()) && digits(parts.next())
 }
 
+/// The two numbers of a stream entry id (`<ms>-<seq>`), which order ids as the server does.
+pub(crate) fn entry_id_parts(id: &str) -> Option<(u64, u64)> {
+    if !is_entry_id(id) {
+        return None;
+    }
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
 /// The value of `name:` in an INFO reply.
 pub(crate) fn info_field(info: &str, name: &str) -> Option<String> {
     info.lines().find_map(|l| {
@@ -153,6 +162,9 @@ mod tests {
         assert!(!is_entry_id("1-"));
         assert!(!is_entry_id("a-1"));
         assert!(!is_entry_id("1-2-3"));
+        assert_eq!(entry_id_parts("17-2"), Some((17, 2)));
+        assert_eq!(entry_id_parts("99999999999999999999-0"), None);
+        assert!(entry_id_parts("9-10") > entry_id_parts("9-9"));
     }
 
     #[test]

@@ -183,6 +183,16 @@ fn acl_users_with_the_documented_rules_run_their_calls_and_nothing_else() {
     assert!(w
         .dead_letter(&r, &got[2].id, IDLE, b"dead")
         .expect("dead_letter"));
+    p.wake(&r, 1).expect("wake");
+    let after_wake = w
+        .fetch(&r, "w1", 10, Duration::from_millis(100), false)
+        .expect("a fetch drops a wake");
+    assert!(
+        after_wake
+            .iter()
+            .all(|d| d.entry == entry(1, b"b".to_vec())),
+        "only the split's part is work: {after_wake:?}"
+    );
     w.stats(&r, "w1", b"stats").expect("stats");
     w.finished(&r, "w1", b"fin").expect("finished");
     w.unregister(&r, "w1").expect("unregister");
@@ -603,4 +613,42 @@ fn a_blocking_read_longer_than_the_timeout_waits_its_block_time() {
         .announcements("redis-tests", Some("0-0"), Duration::from_millis(400))
         .expect("announcements after a cursor");
     assert_eq!(ann.len(), 1, "the run's own announcement is after 0-0");
+}
+
+#[test]
+fn a_wake_ends_a_blocked_fetch_and_kept_keys_hold_no_wake() {
+    let Some(server) = RedisServer::start_or_skip() else {
+        return;
+    };
+    let b = server.broker();
+    let (mut p, r) = announced(&b, "wake");
+    let block = Duration::from_secs(20);
+    let (fetched, waited) = std::thread::scope(|s| {
+        let waiting = s.spawn(|| {
+            let mut w = session(&b);
+            let t0 = Instant::now();
+            let got = w.fetch(&r, "w", 10, block, false).expect("fetch");
+            (got, t0.elapsed())
+        });
+        // Wake until the blocked fetch has taken one (it may not be blocked yet at first).
+        while !waiting.is_finished() {
+            p.wake(&r, 1).expect("wake");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        waiting.join().expect("fetcher")
+    });
+    assert!(fetched.is_empty(), "a wake is no work: {fetched:?}");
+    assert!(
+        waited < block,
+        "the wake ended the fetch ({waited:?} of {block:?})"
+    );
+    // Wakes no one read are removed when the run's keys are kept.
+    p.wake(&r, 3).expect("wake");
+    p.cleanup(&r, Some(Duration::from_secs(60)))
+        .expect("cleanup");
+    let len: u64 = redis::cmd("XLEN")
+        .arg(b.keys(&r).work)
+        .query(&mut server.admin())
+        .expect("XLEN");
+    assert_eq!(len, 0, "the kept work stream holds no wake");
 }

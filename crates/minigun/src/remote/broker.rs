@@ -238,6 +238,15 @@ pub trait Session: Send {
     fn outstanding(&mut self, run: &StageRun) -> BrokerResult<Vec<(u64, u32)>>;
     /// Entries in the work stream and pending entries, for live views.
     fn depth(&mut self, run: &StageRun) -> BrokerResult<(u64, u64)>;
+    /// Wakes up to `workers` workers blocked in [`Session::fetch`] so that they look at the
+    /// control state now (the parent calls it after a change of state). A broker whose
+    /// blocked reads end on time needs nothing here; one whose server ends them late (Redis
+    /// checks block timeouts only on its timer, every 100 ms by default, when no client is
+    /// busy) gives each worker a sign that a fetch consumes and never delivers.
+    fn wake(&mut self, run: &StageRun, workers: usize) -> BrokerResult<()> {
+        let _ = (run, workers);
+        Ok(())
+    }
     /// Removes the run's keys (`keep`: let them expire after that long instead).
     fn cleanup(&mut self, run: &StageRun, keep: Option<Duration>) -> BrokerResult<()>;
 

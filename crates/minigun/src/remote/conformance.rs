@@ -76,6 +76,7 @@ pub fn run_all(broker: &dyn Broker, age: &dyn Fn(Duration)) {
     own_entries_are_found_again(broker);
     control_workers_and_cleanup(broker);
     announcements_by_cursor(broker);
+    wake_delivers_no_work(broker, age);
 }
 
 fn session(b: &dyn Broker) -> Box<dyn Session> {
@@ -470,4 +471,39 @@ pub fn announcements_by_cursor(b: &dyn Broker) {
     assert_eq!(live[0].1.stage_run, r2);
     s.cleanup(&r1, None).expect("cleanup");
     s.cleanup(&r2, None).expect("cleanup");
+}
+
+/// A wake ends no lease and is never work: a fetch, a fetch of one's own entries, an idle
+/// listing or a claim after it delivers only real entries, and the stream holds only those.
+pub fn wake_delivers_no_work(b: &dyn Broker, age: &dyn Fn(Duration)) {
+    let mut parent = session(b);
+    let mut w = session(b);
+    let r = run("wake");
+    announce(&mut *parent, &r);
+    parent.wake(&r, 2).expect("wake");
+    parent.send(&r, &[entry(0, 1)]).expect("send");
+    parent.wake(&r, 1).expect("wake");
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.extend(
+            w.fetch(&r, "a", 10, Duration::from_millis(50), false)
+                .expect("fetch"),
+        );
+    }
+    assert_eq!(got.len(), 1, "only the entry is delivered: {got:?}");
+    assert_eq!(got[0].entry, entry(0, 1));
+    assert!(
+        w.fetch(&r, "a", 10, Duration::ZERO, true)
+            .expect("own")
+            .len()
+            == 1
+    );
+    age(IDLE + Duration::from_millis(50));
+    let idle = w.pending_idle(&r, IDLE, 10).expect("pending_idle");
+    assert_eq!(idle.len(), 1, "only the entry is pending: {idle:?}");
+    assert_eq!(
+        w.commit(&r, "a", &got[0].id, b"r").expect("commit"),
+        Commit::Committed
+    );
+    assert_eq!(parent.depth(&r).expect("depth"), (0, 0), "nothing is left");
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 /// The version of the remote wire format (entries, results, failures); part of the
 /// fingerprint, so a worker built from another version refuses the run.
-pub(crate) const WIRE_VERSION: u32 = 1;
+pub(crate) const WIRE_VERSION: u32 = 2;
 
 /// How a remote stage runs: which broker carries its items, and the lease, batching,
 /// backpressure and local-execution settings (see [`Exec::remote`]).

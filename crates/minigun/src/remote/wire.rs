@@ -3,7 +3,7 @@
 //! | payload | frames |
 //! |---|---|
 //! | work entry | one `item` frame per item: id = the item's index, payload = the item (stage codec) |
-//! | results | per item, in any order between items: `result` frames (one output each, stage codec), then one terminal frame: `done` (payload: the attempt's latency in ns, `u64` LE) or `error` (a [`RemoteFailure`], postcard) |
+//! | results | per item, in any order between items: `result` frames (one output each, stage codec), then one terminal frame: `done` (payload: the attempt's latency in ns, `u64` LE) or `error` (a [`RemoteFailure`], postcard); an item with exactly one output sends one `result_done` frame instead (the output, then the latency as 8 bytes LE), as the pipes do |
 //! | finished | `result` frames with id `FINISH_ID` (the `finish` outputs), and an `error` frame with id `FINISH_ID` if `finish` failed |
 //! | stats | a [`WorkerStats`], postcard |
 //!
@@ -131,6 +131,14 @@ pub(crate) fn push_done(buf: &mut Vec<u8>, index: u64, latency_ns: u64) {
     );
 }
 
+/// Item `index`'s success as the end of its one output's frame, which starts at `start` and
+/// must be the last frame of `buf` (`result_done`: 21 bytes less than a `result` and a
+/// `done` frame). `false`, and `buf` unchanged, if it is not the last frame or would grow
+/// past `max`: then [`push_done`].
+pub(crate) fn merge_done(buf: &mut Vec<u8>, start: usize, latency_ns: u64, max: usize) -> bool {
+    frame::retag(buf, start, Kind::ResultDone, &latency_ns.to_le_bytes(), max)
+}
+
 /// Appends item `index`'s failure to a results payload.
 pub(crate) fn push_failed(buf: &mut Vec<u8>, index: u64, f: &RemoteFailure) {
     let bytes = postcard::to_stdvec(f).expect("a failure always serialises");
@@ -174,7 +182,44 @@ pub(crate) fn decode_results<C: Codec, O: DeserializeOwned>(
     payload: &[u8],
     max: usize,
 ) -> Result<Vec<Outcome<O>>, String> {
-    frames(payload, max, |kind, id, bytes| match kind {
+    // A `result_done` frame says two things: its output, then its item's end.
+    let pairs = frames(payload, max, |kind, id, bytes| match kind {
+        Kind::ResultDone => Ok(match bytes.len().checked_sub(8) {
+            None => (
+                Outcome::Bad(id, format!("a result_done frame of {} bytes", bytes.len())),
+                None,
+            ),
+            Some(at) => {
+                let (out, ns) = bytes.split_at(at);
+                match C::decode(out) {
+                    Ok(o) => {
+                        let ns = u64::from_le_bytes(ns.try_into().expect("8 bytes"));
+                        (Outcome::Output(id, o), Some(Outcome::Done(id, ns)))
+                    }
+                    Err(e) => (
+                        Outcome::Bad(id, format!("an output does not decode: {e}")),
+                        None,
+                    ),
+                }
+            }
+        }),
+        other => result_frame::<C, O>(other, id, bytes).map(|o| (o, None)),
+    })?;
+    let mut out = Vec::with_capacity(pairs.len() * 2);
+    for (o, done) in pairs {
+        out.push(o);
+        out.extend(done);
+    }
+    Ok(out)
+}
+
+/// One frame of a results payload other than `result_done`.
+fn result_frame<C: Codec, O: DeserializeOwned>(
+    kind: Kind,
+    id: u64,
+    bytes: &[u8],
+) -> Result<Outcome<O>, String> {
+    match kind {
         Kind::Result => Ok(C::decode(bytes).map_or_else(
             |e| Outcome::Bad(id, format!("an output does not decode: {e}")),
             |o| Outcome::Output(id, o),
@@ -190,7 +235,7 @@ pub(crate) fn decode_results<C: Codec, O: DeserializeOwned>(
         other => Err(format!(
             "a results entry holds an unexpected {other:?} frame"
         )),
-    })
+    }
 }
 
 /// Encodes a worker's statistics.
@@ -280,6 +325,46 @@ mod tests {
         let mut other = Vec::new();
         push_item::<Postcard, String>(&mut other, 1, &"not a number".into(), 1 << 20).unwrap();
         assert!(decode_items::<Postcard, bool>(&other, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn a_single_output_and_its_end_travel_as_one_frame() {
+        let mut results = Vec::new();
+        let start = results.len();
+        push_output::<Postcard, u64>(&mut results, 7, &70, 1 << 20).unwrap();
+        let two_frames = {
+            let mut b = results.clone();
+            push_done(&mut b, 7, 99);
+            b.len()
+        };
+        assert!(merge_done(&mut results, start, 99, 1 << 20));
+        assert_eq!(results.len(), two_frames - frame::HEADER);
+        // Not the last frame any more: refused, nothing changed.
+        let start2 = results.len();
+        push_output::<Postcard, u64>(&mut results, 8, &80, 1 << 20).unwrap();
+        push_output::<Postcard, u64>(&mut results, 9, &90, 1 << 20).unwrap();
+        let before = results.clone();
+        assert!(!merge_done(&mut results, start2, 5, 1 << 20));
+        assert_eq!(results, before);
+        push_done(&mut results, 8, 5);
+        let got = decode_results::<Postcard, u64>(&results, 1 << 20).unwrap();
+        assert_eq!(
+            got,
+            vec![
+                Outcome::Output(7, 70),
+                Outcome::Done(7, 99),
+                Outcome::Output(8, 80),
+                Outcome::Output(9, 90),
+                Outcome::Done(8, 5)
+            ]
+        );
+        // A short or undecodable one is that item's protocol failure.
+        let mut bad = Vec::new();
+        frame::push(&mut bad, Kind::ResultDone, 3, &[1, 2, 3], 1 << 20).unwrap();
+        frame::push(&mut bad, Kind::ResultDone, 4, &[0xff; 9], 1 << 20).unwrap();
+        let got = decode_results::<Postcard, u64>(&bad, 1 << 20).unwrap();
+        assert!(matches!(&got[0], Outcome::Bad(3, m) if m.contains("3 bytes")));
+        assert!(matches!(&got[1], Outcome::Bad(4, m) if m.contains("does not decode")));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! each item, sends outputs on (in order with `ordered`), hands final failures to the stage's
 //! policy, reconciles after a broker restart, and ends the run with the workers' `finish`.
 
-use super::{send_dead_letter, Link, Shared, LOOK_EVERY, READ_BLOCK};
+use super::{send_dead_letter, IndexMap, IndexSet, Link, Shared, LOOK_EVERY, READ_BLOCK};
 use crate::ctx::StageCtx;
 use crate::error::FailureKind;
 use crate::exec::order::Release;
@@ -15,7 +15,7 @@ use crate::remote::wire::{self, Outcome, RemoteFailure, FINISH_ID};
 use crate::report::{latency_of, RemoteReport, RemoteWorker};
 use crate::route::Router;
 use crate::stage::{Failed, Sink, Wire};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 pub(super) struct Collector<'a, I, O, C> {
@@ -193,13 +193,31 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
         let mut closed = self.close_all(&outcomes).into_iter();
         // Outputs are held per item until its terminal frame: only the first terminal
         // result of an index counts, with its own outputs.
-        let mut held: HashMap<u64, Vec<O>> = HashMap::new();
-        let mut bad: HashSet<u64> = HashSet::new();
-        let mut latencies = Vec::new();
-        for o in outcomes {
+        let mut held: IndexMap<Vec<O>> = IndexMap::default();
+        let mut bad = IndexSet::default();
+        let mut latencies = Vec::with_capacity(outcomes.len() / 2);
+        let mut outcomes = outcomes.into_iter().peekable();
+        while let Some(o) = outcomes.next() {
             match o {
                 Outcome::Output(i, _) | Outcome::Done(i, _) | Outcome::Failed(i, _)
                     if bad.contains(&i) => {}
+                // The usual case, an item's one output and its end together (`result_done`):
+                // no buffer for it.
+                Outcome::Output(i, out)
+                    if !held.contains_key(&i)
+                        && matches!(outcomes.peek(), Some(Outcome::Done(j, _)) if *j == i) =>
+                {
+                    let Some(Outcome::Done(_, ns)) = outcomes.next() else {
+                        unreachable!("peeked")
+                    };
+                    if closed.next().flatten().is_some() {
+                        self.release_item(i, std::iter::once(out));
+                        latencies.push(ns);
+                        self.ctx.items_done(1);
+                    } else {
+                        self.report.duplicates += 1;
+                    }
+                }
                 Outcome::Output(i, out) => held.entry(i).or_default().push(out),
                 Outcome::Done(i, ns) => {
                     let outs = held.remove(&i).unwrap_or_default();
@@ -255,7 +273,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
 
     /// The outputs of item `index`, which has ended: downstream (in order with `ordered`),
     /// before the item counts as done.
-    fn release_item(&mut self, index: u64, outs: Vec<O>) {
+    fn release_item(&mut self, index: u64, outs: impl IntoIterator<Item = O>) {
         for out in outs {
             self.release.emit(index, out, &mut self.router);
         }
@@ -267,7 +285,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
     /// terminal result already, else the item if the parent kept it (for the dead-letter
     /// stage).
     fn close_all(&mut self, outcomes: &[Outcome<O>]) -> Vec<Option<Option<I>>> {
-        let mut bad: HashSet<u64> = HashSet::new();
+        let mut bad = IndexSet::default();
         let mut book = self.shared.lock();
         let mut closed = Vec::new();
         for o in outcomes {
@@ -382,6 +400,10 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
         let _ = self
             .link
             .call(session, |s| s.set_control(self.run, Control::Finishing));
+        // Workers waiting for entries see the new state now, not when their wait ends.
+        if let Ok(workers) = self.link.call(session, |s| s.workers(self.run)) {
+            let _ = self.link.call(session, |s| s.wake(self.run, workers.len()));
+        }
         let mut finished: HashSet<String> = HashSet::new();
         let deadline_idle = self.remote.claim_idle.max(Duration::from_millis(500));
         let mut own = false;

@@ -18,7 +18,8 @@
 //!   that lost entries (restart without persistence) gets them again: when the server's id
 //!   changes, the parent announces the run again and re-sends every entry the server no
 //!   longer has (reconciliation; an entry re-sent twice is deduplicated like any duplicate).
-//! - When the input has ended and every index is finished, the run goes to `Finishing`:
+//! - When the input has ended and every index is finished, the run goes to `Finishing`
+//!   (and the workers waiting for entries are woken, [`Session::wake`], to see it now):
 //!   each registered worker runs `finish` on its stage instances and reports; a worker whose
 //!   heartbeat lapses first is a stage error naming it. Then the run's keys are removed.
 //! - Broker errors are retried with capped backoff; the stage fails only after `max_outage`
@@ -40,6 +41,7 @@ use crate::stage::Wire;
 use collector::Collector;
 use sender::Sender;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::hash::BuildHasherDefault;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -60,19 +62,43 @@ pub(crate) fn start<I: Wire, O: Wire, C: Codec, F: Send + 'static>(
     Box::new(move || run::<I, O, C, F>(parts, remote))
 }
 
+/// Hashes an item index by one multiplication (Fibonacci hashing) instead of SipHash: the
+/// parent hashes every item's index several times, and the indexes are its own.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct IndexHasher(u64);
+
+impl std::hash::Hasher for IndexHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// A set of item indexes.
+pub(super) type IndexSet = HashSet<u64, BuildHasherDefault<IndexHasher>>;
+/// A map by item index.
+pub(super) type IndexMap<V> = HashMap<u64, V, BuildHasherDefault<IndexHasher>>;
+
 /// What sender and collector share.
 pub(super) struct Book<I> {
     /// Items sent and not finished.
     pub(super) in_flight: usize,
     /// Indexes sent and not finished.
-    pub(super) open: HashSet<u64>,
+    pub(super) open: IndexSet,
     /// Entries not finished, by first index: what a reconciliation re-sends, with the
     /// items left and when it was sent.
     pub(super) entries: BTreeMap<u64, Open>,
     /// Entries sent.
     pub(super) sent: u64,
     /// Items kept for the dead-letter stage.
-    pub(super) kept: HashMap<u64, I>,
+    pub(super) kept: IndexMap<I>,
     /// Every item was sent: the stage has this many.
     pub(super) total: Option<u64>,
     /// The collector stopped (the stage failed, or everything finished).
@@ -132,10 +158,10 @@ fn run<I: Wire, O: Wire, C: Codec, F>(parts: Parts<I, O, F>, remote: Remote) {
     let shared = Arc::new(Shared {
         book: Mutex::new(Book {
             in_flight: 0,
-            open: HashSet::new(),
+            open: IndexSet::default(),
             entries: BTreeMap::new(),
             sent: 0,
-            kept: HashMap::new(),
+            kept: IndexMap::default(),
             total: None,
             over: false,
         }),

@@ -61,8 +61,12 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
         match t {
             Tagged::Out(i, o) => {
                 if let Some((_, h)) = Self::entry_of(book, i) {
-                    if let Err(e) = wire::push_output::<C, O>(&mut h.results, i, &o, max) {
-                        h.broken.insert(i, e);
+                    let start = h.results.len();
+                    match wire::push_output::<C, O>(&mut h.results, i, &o, max) {
+                        Ok(()) => h.last_output = Some((i, start)),
+                        Err(e) => {
+                            h.broken.insert(i, e);
+                        }
                     }
                 }
             }
@@ -75,9 +79,15 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
                             format!("cannot encode an output for the broker: {e}"),
                             1,
                         );
-                        Self::settle(book, i, |buf| wire::push_failed(buf, i, &f))
+                        Self::settle(book, i, |h| wire::push_failed(&mut h.results, i, &f))
                     }
-                    None => Self::settle(book, i, |buf| wire::push_done(buf, i, ns)),
+                    // An item whose last output is the entry's last frame ends in that
+                    // frame (`result_done`), as on the pipes.
+                    None => Self::settle(book, i, |h| match h.last_output {
+                        Some((j, start))
+                            if j == i && wire::merge_done(&mut h.results, start, ns, max) => {}
+                        _ => wire::push_done(&mut h.results, i, ns),
+                    }),
                 };
                 complete.extend(done);
             }
@@ -115,8 +125,8 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
                         host: host_name(),
                     };
                     book.stats.failed += 1;
-                    complete.extend(Self::settle(&mut book, i, |buf| {
-                        wire::push_failed(buf, i, &rf)
+                    complete.extend(Self::settle(&mut book, i, |h| {
+                        wire::push_failed(&mut h.results, i, &rf)
                     }));
                 }
             }
@@ -127,11 +137,11 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
 
     /// Item `index` reached its terminal result (written by `write`): its entry, removed
     /// from the book, when that was the entry's last item.
-    fn settle(book: &mut Book, index: u64, write: impl FnOnce(&mut Vec<u8>)) -> Option<Complete> {
+    fn settle(book: &mut Book, index: u64, write: impl FnOnce(&mut Held)) -> Option<Complete> {
         book.local = book.local.saturating_sub(1);
         book.settled += 1;
         let (first, h) = Self::entry_of(book, index)?;
-        write(&mut h.results);
+        write(h);
         h.left -= 1;
         if h.left > 0 {
             return None;

@@ -259,6 +259,9 @@ struct Held {
     results: Vec<u8>,
     /// Items whose output could not be encoded: they fail with `Encode`.
     broken: HashMap<u64, String>,
+    /// The item and start of the last output frame written to `results`: if it is still
+    /// the last frame when that item ends, the end is merged into it.
+    last_output: Option<(u64, usize)>,
 }
 
 struct Book {
@@ -631,6 +634,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                     suspect,
                     results: Vec::new(),
                     broken: HashMap::new(),
+                    last_output: None,
                 },
             );
         }
