@@ -2,7 +2,8 @@
 //! the fork executors (`tests/partial_outputs.rs`): the outputs (and routed items) of an
 //! attempt that returned an error or panicked never reach a downstream stage. So a retried
 //! item delivers what its successful attempt emitted, once, and a skipped or dead-lettered
-//! item delivers nothing.
+//! item delivers nothing. An item whose `Clone` panics (when the policy keeps it for a retry
+//! or a dead letter) fails itself, not the item before it.
 mod common;
 use common::Sink;
 use minigun::{Exec, Failed, FailureKind, OnError, Output, Pipeline, RunReport};
@@ -238,4 +239,114 @@ fn threads_in_input_order_error_and_skipped_delivers_nothing() {
     let (items, r) = ordered(OnError::skip(), Bad::Always);
     assert_eq!(items, outputs_of((0..N).filter(|&x| x != BAD)));
     assert_eq!(r.stage("work").unwrap().failed, 1);
+}
+
+/// An item whose `Clone` panics (for one value): the policy clones each item it may need
+/// again (a retry, a dead letter).
+#[derive(Debug)]
+struct Touchy(u64);
+
+impl Clone for Touchy {
+    fn clone(&self) -> Self {
+        if self.0 == BAD {
+            panic!("item {} cannot be cloned", self.0);
+        }
+        Touchy(self.0)
+    }
+}
+
+/// `N` items, as `Touchy`, through "work" (`x -> x * 10`) under `exec`, retry(1) and a
+/// dead-letter stage, optionally chained to its upstream (both inline). The item whose clone
+/// panics fails itself, with the clone's panic: no other item is retried or dead-lettered for
+/// it, and every other item's output arrives once.
+fn clone_panics(exec: Exec, inline: bool, chained: bool) {
+    let p = Pipeline::new("touchy");
+    common::gen(&p, N);
+    let up = p.map("wrap", |x: u64| Ok(Touchy(x)));
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let s = p
+        .processor("work", move |t: Touchy, out: &mut Output<'_, u64>| {
+            c.fetch_add(1, Ordering::SeqCst);
+            out.emit(t.0 * 10)?;
+            Ok(())
+        })
+        .executor(exec.clone())
+        .on_error(OnError::retry(1));
+    if !chained {
+        // A queue between them: the threads(2) of "work" are not chained anyway.
+        up.executor(Exec::threads(1));
+    }
+    let got: Sink<u64> = Sink::default();
+    let g = got.clone();
+    p.consumer("collect", move |x: u64| {
+        g.push(x);
+        Ok(())
+    });
+    let dead: Sink<u64> = Sink::default();
+    let d = dead.clone();
+    let dl = p.consumer("dead", move |f: Failed<Touchy>| {
+        d.push(f.item.0);
+        Ok(())
+    });
+    s.dead_letter(&dl);
+    let report = common::run_bounded(p).expect("the run succeeds");
+    let want: Vec<u64> = (0..N).filter(|&x| x != BAD).map(|x| x * 10).collect();
+    assert_eq!(got.sorted(), want, "every other item's output, once");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        N as u32 - 1,
+        "no item was processed again for the one whose clone panicked"
+    );
+    let w = report.stage("work").expect("stage in the report");
+    assert_eq!((w.failed, w.dead_lettered), (1, 1), "{:?}", report.failures);
+    let f = &report.failures[..];
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(f[0].kind, FailureKind::Panic, "{f:?}");
+    assert!(f[0].message.contains("item 5 cannot be cloned"), "{f:?}");
+    if inline {
+        assert_eq!(f[0].item, Some(BAD), "blamed on its own index: {f:?}");
+    }
+    assert_eq!(dead.sorted(), vec![BAD], "the item itself is dead-lettered");
+}
+
+#[test]
+fn inline_an_item_whose_clone_panics_is_blamed_for_it() {
+    clone_panics(Exec::inline(), true, false);
+}
+
+#[test]
+fn inline_chained_an_item_whose_clone_panics_is_blamed_for_it() {
+    clone_panics(Exec::inline(), true, true);
+}
+
+#[test]
+fn threads_an_item_whose_clone_panics_is_blamed_for_it() {
+    clone_panics(Exec::threads(2), false, false);
+}
+
+/// The same under `threads(2)` keeping input order (items guarded one by one): the item
+/// whose clone panics fails itself (retried, then skipped) and the worker goes on.
+#[test]
+fn threads_in_input_order_an_item_whose_clone_panics_is_blamed_for_it() {
+    let p = Pipeline::new("touchy-ordered");
+    common::gen(&p, N);
+    p.map("wrap", |x: u64| Ok(Touchy(x)));
+    p.processor("work", |t: Touchy, out: &mut Output<'_, u64>| {
+        out.emit(t.0 * 10)?;
+        Ok(())
+    })
+    .executor(Exec::threads(2))
+    .on_error(OnError::retry(1));
+    let got = p.collect_ordered::<u64>().expect("the run succeeds");
+    let want: Vec<u64> = (0..N).filter(|&x| x != BAD).map(|x| x * 10).collect();
+    assert_eq!(got.items, want, "every other item's output, once, in order");
+    let f = &got.report.failures[..];
+    assert_eq!(f.len(), 1, "{f:?}");
+    assert_eq!(
+        (f[0].kind.clone(), f[0].attempt),
+        (FailureKind::Panic, 2),
+        "{f:?}"
+    );
+    assert!(f[0].message.contains("item 5 cannot be cloned"), "{f:?}");
 }

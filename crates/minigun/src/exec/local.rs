@@ -49,9 +49,11 @@
 //! A worker attempts the items of a batch one after another under one panic guard (a
 //! `catch_unwind`, and the mark that keeps a stage's panic off stderr), not one per item:
 //! guarding each call cost more than a fast stage's own work. The run records which item it
-//! is on (and a clone of it when the error policy may need the item again), so a failure is
-//! still its item's: an error or a panic ends the run at that item, which alone goes through
-//! the error policy (its retries guarded one by one), and the next run starts after it.
+//! is on (and the item itself when the error policy may need it again: the stage is given a
+//! clone), so a failure is still its item's, a panic of its `Clone` included: an error or a
+//! panic ends the run at that item, which alone goes through the error policy (its retries
+//! guarded one by one, each clone inside the guard), and the next run starts after it. A
+//! panic between items (sending what finished items emitted) is no item's: a stage error.
 //! Stages that keep input order across threads (`Shared`) are still guarded item by item.
 //!
 //! # Chained stages
@@ -225,9 +227,9 @@ impl<I: Item, O: Item> Worker<I, O> {
             }
         } else {
             let keep = self.ctx.policy.keeps_item();
-            // The item the run is on: its index and, if kept, a clone for a retry or a
-            // dead letter.
-            let mut on: (u64, Option<I>) = (first, None);
+            // The item the run is on (`None` between items): its index and, if kept, the
+            // item itself for a retry or a dead letter (the stage is given a clone).
+            let mut on: (Option<u64>, Option<I>) = (None, None);
             loop {
                 let run = catch_panic(|| self.fast_run(&mut items, keep, &mut on, &mut flushed));
                 let caught = match run {
@@ -235,7 +237,13 @@ impl<I: Item, O: Item> Worker<I, O> {
                     Ok(Some(c)) => c,
                     Err(panic) => panic,
                 };
-                let (index, kept) = (on.0, on.1.take());
+                let (Some(index), kept) = (on.0.take(), on.1.take()) else {
+                    // A panic between items (sending what finished items emitted) is no
+                    // item's: a stage error, and the run goes on with the next item.
+                    let m = format!("sending outputs: {}", caught.message);
+                    self.ctx.stage_error(caught.kind, m, None);
+                    continue;
+                };
                 self.router.discard();
                 self.timer.run += 1;
                 let end = self.timer.read(&mut self.rec);
@@ -261,7 +269,7 @@ impl<I: Item, O: Item> Worker<I, O> {
         &mut self,
         items: &mut impl Iterator<Item = (u64, I)>,
         keep: bool,
-        on: &mut (u64, Option<I>),
+        on: &mut (Option<u64>, Option<I>),
         flushed: &mut Instant,
     ) -> Option<Caught> {
         for (index, item) in items {
@@ -269,15 +277,21 @@ impl<I: Item, O: Item> Worker<I, O> {
                 self.ctx.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            on.0 = index;
-            if keep {
-                on.1 = Some(item.clone());
-            }
+            // From here a panic is this item's, its clone's included: the item is kept
+            // before it is cloned, so the kept one is never another item.
+            on.0 = Some(index);
+            let item = match keep {
+                true => on.1.insert(item).clone(),
+                false => item,
+            };
             self.router.begin();
             if let Err(e) = self.stage.process(item, &mut Output::new(&mut self.router)) {
                 return Some(caught_error(e));
             }
-            if self.router.commit() {
+            // Its routed items are sent in the commit: still this item's.
+            let due = self.router.commit();
+            on.0 = None;
+            if due {
                 flush(&self.ctx, &mut self.router);
             }
             if let Some(now) = self.timer.attempt(&mut self.rec) {
@@ -520,10 +534,18 @@ impl<I: Item, O: Item> Item1<'_, I, O> {
     /// `sink`; returns the clock reading if one was taken (the caller checks `LINGER`
     /// then). The caller counts the item as done.
     fn process(&mut self, sink: &mut impl Attempts<O>, item: I, index: u64) -> Option<Instant> {
-        let kept = self.ctx.policy.keeps_item().then(|| item.clone());
+        let keep = self.ctx.policy.keeps_item();
+        let mut kept = None;
         let stage = &mut *self.stage;
         sink.begin();
-        let r = guarded(|| stage.process(item, &mut Output::new(&mut *sink)));
+        let r = guarded(|| {
+            // Kept before it is cloned: a panic of its `Clone` fails this item.
+            let item = match keep {
+                true => kept.insert(item).clone(),
+                false => item,
+            };
+            stage.process(item, &mut Output::new(&mut *sink))
+        });
         let Err(c) = r else {
             sink.commit(self.ctx);
             return self.timer.attempt(self.rec);
@@ -551,10 +573,13 @@ impl<I: Item, O: Item> Item1<'_, I, O> {
         }
         let mut attempt = 2;
         loop {
-            let this = item.clone().expect("a retried item is kept");
             let stage = &mut *self.stage;
             sink.begin();
-            let r = guarded(|| stage.process(this, &mut Output::new(&mut *sink)));
+            let r = guarded(|| {
+                // A panic of its `Clone` is this attempt's.
+                let this = item.clone().expect("a retried item is kept");
+                stage.process(this, &mut Output::new(&mut *sink))
+            });
             let Err(c) = r else {
                 sink.commit(self.ctx);
                 return self.timer.attempt(self.rec);
