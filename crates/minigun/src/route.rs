@@ -168,9 +168,9 @@ pub(crate) struct Router<O> {
     /// Nanoseconds spent in the chained stage so far (see [`Router::nested`]); written by
     /// this router's worker only.
     nested: Arc<AtomicU64>,
-    /// While a worker's items are slow ([`Router::hand_over`]), how many held items make the
-    /// next hand-over to the chained stage (0: none before the flush).
-    hand_over_at: usize,
+    /// An item's attempt is under way ([`Router::begin`]): what it emits is held until it
+    /// succeeds, and dropped if it fails.
+    attempt: Attempt,
     mode: FanOut,
     rr: Arc<AtomicUsize>,
     stats: Arc<StageStats>,
@@ -190,6 +190,22 @@ pub(crate) struct Router<O> {
     /// A producer's senders of runs, one per output (`None`: that output takes items one by
     /// one), see [`Router::in_runs`].
     runs: Vec<Option<RunSender<O>>>,
+}
+
+/// What a batched router knows of the attempt under way ([`Router::begin`]).
+#[derive(Default)]
+struct Attempt {
+    /// An attempt is under way.
+    open: bool,
+    /// `held_out` when it began: each held list has grown by as many since (one list, or a
+    /// broadcast to all), unless `marks` has the lists' lengths then (round robin).
+    held_out: u64,
+    marks: Vec<usize>,
+    /// It made a list full: a flush is due when it succeeds.
+    full: bool,
+    /// Its routed items, with their route's index. Only touched through `&mut self`; the
+    /// mutex makes the router `Sync`.
+    routed: std::sync::Mutex<Vec<(usize, Erased)>>,
 }
 
 /// A batched router sends an output's items once this many wait.
@@ -228,7 +244,7 @@ impl<O> Clone for Router<O> {
                 .and(self.chain.as_ref())
                 .map(|make| std::sync::Mutex::new(make())),
             nested: Arc::default(),
-            hand_over_at: 0,
+            attempt: Attempt::default(),
             mode: self.mode,
             rr: self.rr.clone(),
             stats: self.stats.clone(),
@@ -300,6 +316,52 @@ impl<O> Router<O> {
         sent
     }
 
+    /// An item's attempt begins (a batched router of an in-process worker): what it emits is
+    /// held, and its routed items too, until [`Router::commit`] (it succeeded) or
+    /// [`Router::discard`] (it failed: they are dropped). Meanwhile nothing is sent: a list
+    /// grows past 256 if the item emits that many, and a flush that falls due waits for the
+    /// commit. Two stores, unless the router deals round robin over several outputs.
+    #[inline]
+    pub(crate) fn begin(&mut self) {
+        let a = &mut self.attempt;
+        a.open = true;
+        a.held_out = self.held_out;
+        if self.mode == FanOut::RoundRobin && self.outs.len() > 1 {
+            if let Some(pending) = self.pending.as_mut() {
+                let pending = pending.get_mut().unwrap_or_else(|e| e.into_inner());
+                a.marks.clear();
+                a.marks.extend(pending.iter().map(Vec::len));
+            }
+        }
+    }
+
+    /// The attempt under way failed: what it emitted is dropped.
+    pub(crate) fn discard(&mut self) {
+        let a = &mut self.attempt;
+        if !a.open {
+            return;
+        }
+        a.open = false;
+        a.full = false;
+        a.routed
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        let grown = (self.held_out - a.held_out) as usize;
+        self.held_out = a.held_out;
+        if let Some(pending) = self.pending.as_mut() {
+            let pending = pending.get_mut().unwrap_or_else(|e| e.into_inner());
+            let round_robin = self.mode == FanOut::RoundRobin && pending.len() > 1;
+            for (i, list) in pending.iter_mut().enumerate() {
+                let mark = match round_robin {
+                    true => a.marks[i],
+                    false => list.len() - grown,
+                };
+                list.truncate(mark);
+            }
+        }
+    }
+
     fn send_held(outs: &[QueueTx<O>], pending: &mut [Vec<O>]) -> Result<bool, u64> {
         let mut lost = 0;
         let mut sent = false;
@@ -318,7 +380,9 @@ impl<O> Router<O> {
 
 impl<O> Drop for Router<O> {
     fn drop(&mut self) {
-        // Workers flush before they end; this only matters if one unwinds past its flush.
+        // Workers flush before they end; this only matters if one unwinds past its flush
+        // (an attempt under way then did not succeed).
+        self.discard();
         let _ = self.flush();
     }
 }
@@ -330,7 +394,7 @@ impl<O: Clone> Router<O> {
             chain: None,
             link: None,
             nested: Arc::default(),
-            hand_over_at: 0,
+            attempt: Attempt::default(),
             mode,
             rr: Arc::new(AtomicUsize::new(0)),
             stats,
@@ -387,15 +451,6 @@ impl<O: Clone> Router<O> {
         self
     }
 
-    /// The worker starts an item (`slow`: its items are timed one by one). The chained
-    /// stage, if any, is idle while this worker's stage code runs; so while items are slow,
-    /// the first output of an item is handed over at once, then the next 2, 4, ... up to
-    /// 256: the chained stage works on an output while the call that emitted it goes on,
-    /// and a call that emits many outputs hands them over in a few batches, not one by one.
-    pub(crate) fn hand_over(&mut self, slow: bool) {
-        self.hand_over_at = usize::from(slow && self.link.is_some());
-    }
-
     /// A router whose only output is a stage chained to this one.
     pub(crate) fn chained(mut self, make: MakeLink<O>) -> Self {
         debug_assert!(self.outs.is_empty(), "a chained stage is the only output");
@@ -426,15 +481,15 @@ impl<O: Clone> Router<O> {
             .get_mut()
             .unwrap_or_else(|e| e.into_inner());
         let full = push_held(pending, self.mode, &self.rr, item);
-        // A chained stage waits for nothing but this thread: see `hand_over`.
-        let hand_over = self.hand_over_at > 0 && pending[0].len() >= self.hand_over_at;
-        if hand_over {
-            self.hand_over_at = (self.hand_over_at * 2).min(MAX_PENDING);
+        if self.attempt.open {
+            // Held until the attempt succeeds; the commit says when to send.
+            self.attempt.full |= full;
+            return Ok(());
         }
         // Send now when the batch is full, or when a downstream is asleep waiting for items
         // (it would gain nothing from the wait; a busy one takes the batch later).
         let idle = |q: &QueueTx<O>| q.awaited();
-        if full || self.eager && (hand_over || self.outs.iter().any(idle)) {
+        if full || self.eager && self.outs.iter().any(idle) {
             // Every downstream gone: the run is aborting; the emit says so.
             if self.flush().is_err() && self.outs.iter().all(|q| q.is_closed()) {
                 return Err(EmitError::Closed);
@@ -462,6 +517,45 @@ impl<O: Clone> Router<O> {
         self.routes.send_index(index, item)?;
         self.count_out();
         Ok(())
+    }
+
+    /// The attempt under way succeeded: its outputs count (its routed items are sent now).
+    /// Whether a flush is due: a list is full, or a downstream is asleep waiting.
+    #[inline]
+    pub(crate) fn commit(&mut self) -> bool {
+        let a = &mut self.attempt;
+        a.open = false;
+        if !a
+            .routed
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            self.send_routed();
+        }
+        let full = std::mem::take(&mut self.attempt.full);
+        (full || self.eager && self.outs.iter().any(|q| q.awaited())) && self.held_out > 0
+    }
+
+    /// Sends the routed items of the attempt that succeeded.
+    #[cold]
+    fn send_routed(&mut self) {
+        let routed = self
+            .attempt
+            .routed
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut routed = std::mem::take(routed);
+        for (i, item) in routed.drain(..) {
+            // Refused only by a closed target (the run is aborting).
+            let _ = self.route_index(i, item);
+        }
+        // The buffer is kept for the next attempt.
+        *self
+            .attempt
+            .routed
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner()) = routed;
     }
 
     fn check_stop(&self) -> Result<(), EmitError> {
@@ -518,6 +612,14 @@ impl<O: Clone> Sink<O> for Router<O> {
         Router::route(&*self, item)
     }
     fn route(&mut self, target: &str, item: Routed) -> Result<(), EmitError> {
+        if self.attempt.open {
+            self.check_stop()?;
+            let i = self.routes.resolve(target, &item)?;
+            let routed = self.attempt.routed.get_mut();
+            let routed = routed.unwrap_or_else(|e| e.into_inner());
+            routed.push((i, item.item));
+            return Ok(());
+        }
         self.route_dynamic(target, item)
     }
 }

@@ -296,3 +296,59 @@ fn overdue_item_answers_late(server: bool) {
     let work = report.stage("work").unwrap();
     assert_eq!((work.failed, work.retried, work.items_in), (0, 0, 3));
 }
+
+/// Eight items to a child under a 900 us time limit per item, shorter than the delay before
+/// the parent watches a child's pipe (1 ms after the fork): seven answer at once, the eighth
+/// after 1 ms (its output, larger than the child's write buffer, sent first). So the child is
+/// still alive, its answers waiting in the pipe, when the parent first looks at it, at the
+/// first item's deadline. Reading them before judging it, the parent gives the eighth item
+/// its own limit: no child is killed for an item that had answered (which would fail the
+/// eighth with the SIGTERM). A machine that stalls a child for the whole limit can still time
+/// an item out (`Timeout`, the limit's own verdict); the slow item always does, and its output
+/// is never delivered.
+#[test]
+fn a_time_limit_under_the_watch_delay_judges_a_child_after_reading_its_answers() {
+    const N: u64 = 32;
+    const SLOW: u64 = 13;
+    for run in 0..5 {
+        let p = Pipeline::new("quick");
+        common::gen(&p, N);
+        let got = Sink::default();
+        let g = got.clone();
+        let exec = Exec::cow_fork(2)
+            .items_per_fork(8)
+            .timeout(Duration::from_micros(900));
+        p.processor("work", |x: u64, out: &mut Output<'_, (u64, String)>| {
+            out.emit((x, "x".repeat(70_000)))?;
+            match x {
+                SLOW => std::thread::sleep(Duration::from_millis(50)),
+                x if x % 8 == 7 => std::thread::sleep(Duration::from_millis(1)),
+                _ => {}
+            }
+            Ok(())
+        })
+        .wire()
+        .executor(exec);
+        p.consumer("sink", move |(x, _): (u64, String)| {
+            g.push(x);
+            Ok(())
+        });
+        let report = common::run_bounded(p).expect("the run succeeds");
+        common::assert_no_children();
+        let not_timeouts: Vec<_> = (report.failures.iter())
+            .filter(|f| f.kind != FailureKind::Timeout)
+            .collect();
+        assert!(
+            not_timeouts.is_empty(),
+            "run {run}: items failed although they answered in time: {not_timeouts:?}"
+        );
+        let failed: Vec<u64> = report.failures.iter().filter_map(|f| f.item).collect();
+        assert!(failed.contains(&SLOW), "run {run}: {:?}", report.failures);
+        let want: Vec<u64> = (0..N).filter(|x| !failed.contains(x)).collect();
+        assert_eq!(
+            got.sorted(),
+            want,
+            "run {run}: each answered item's output once"
+        );
+    }
+}

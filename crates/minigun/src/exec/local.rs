@@ -7,10 +7,23 @@
 //! A worker takes every ready item from its queue at once (up to 1024; its share under
 //! `threads(n)`), counts them and reserves their indices once, and holds what it emits until
 //! it has handled the batch, has been busy [`LINGER`] since its last send (checked at each
-//! clock reading, below), a downstream is asleep waiting, or 256 are held. So an output
-//! waits at most `LINGER` plus the rest of the run of items it belongs to, and never while
-//! its downstream idles after that run. Latencies and busy time are merged into the stage's
-//! statistics every 250 ms, and before the worker waits for input.
+//! clock reading, below), or, at the end of an item, a downstream is asleep waiting or 256
+//! are held. So an output waits at most `LINGER` plus the rest of the run of items it
+//! belongs to, and never while its downstream idles after that run. Latencies and busy time
+//! are merged into the stage's statistics every 250 ms, and before the worker waits for
+//! input.
+//!
+//! # An item's outputs count only if it succeeds
+//!
+//! As under the fork executors, what an attempt emits (and routes, with `Output::to`) is
+//! held until the attempt succeeds: the router marks where each attempt's outputs begin
+//! ([`Router::begin`]), sends nothing while it runs, and on success counts them and sends
+//! its routed items ([`Router::commit`]); a failed attempt's (an error or a panic) are
+//! dropped ([`Router::discard`]), before the retry, the skip or the dead letter. So a retry
+//! never delivers an output twice and a failed item delivers nothing. An item that succeeds
+//! costs a few stores, no copy: its outputs are where the batch holds them anyway. An item
+//! that emits many outputs holds them all until it ends (the downstream's backpressure
+//! applies at its end), as a fork child's are held in the parent.
 //!
 //! Under `threads(n)` a worker takes `ready / 2n` items at a time (at least one), so a
 //! backlog of slow items is shared out, in smaller takes as it shrinks. A worker's taken
@@ -36,9 +49,11 @@
 //! A worker attempts the items of a batch one after another under one panic guard (a
 //! `catch_unwind`, and the mark that keeps a stage's panic off stderr), not one per item:
 //! guarding each call cost more than a fast stage's own work. The run records which item it
-//! is on (and a clone of it when the error policy may need the item again), so a failure is
-//! still its item's: an error or a panic ends the run at that item, which alone goes through
-//! the error policy (its retries guarded one by one), and the next run starts after it.
+//! is on (and the item itself when the error policy may need it again: the stage is given a
+//! clone), so a failure is still its item's, a panic of its `Clone` included: an error or a
+//! panic ends the run at that item, which alone goes through the error policy (its retries
+//! guarded one by one, each clone inside the guard), and the next run starts after it. A
+//! panic between items (sending what finished items emitted) is no item's: a stage error.
 //! Stages that keep input order across threads (`Shared`) are still guarded item by item.
 //!
 //! # Chained stages
@@ -46,11 +61,9 @@
 //! A stage chained to its upstream (the rule is in `link::chain`) has no queue and no thread
 //! of its own: each worker of the upstream owns a [`Worker`] of it ([`link`]), and the
 //! upstream's router hands it what the upstream emitted where it would have sent it to a
-//! queue (at the end of a batch, after `LINGER`, when 256 are held); while the upstream's
-//! items are slow (timed one by one), an item's first output at once, then its next 2, 4,
-//! ... up to 256 (`Router::hand_over`), so that the chained stage works on an output while
-//! the call that emitted it goes on. The chained worker handles them there, as a batch of
-//! its own: its own item indices, statistics, error policy, dead letters and router; the
+//! queue (at the end of a batch, after `LINGER`, when 256 are held at the end of an item),
+//! never an output of an item still running. The chained worker handles them there, as a
+//! batch of its own: its own item indices, statistics, error policy, dead letters and router; the
 //! upstream's timing leaves out the time spent in it. When the upstream worker ends, the
 //! chained instance finishes and its router is dropped, so the chained stage's downstreams
 //! end exactly as they would after its own workers.
@@ -214,9 +227,9 @@ impl<I: Item, O: Item> Worker<I, O> {
             }
         } else {
             let keep = self.ctx.policy.keeps_item();
-            // The item the run is on: its index and, if kept, a clone for a retry or a
-            // dead letter.
-            let mut on: (u64, Option<I>) = (first, None);
+            // The item the run is on (`None` between items): its index and, if kept, the
+            // item itself for a retry or a dead letter (the stage is given a clone).
+            let mut on: (Option<u64>, Option<I>) = (None, None);
             loop {
                 let run = catch_panic(|| self.fast_run(&mut items, keep, &mut on, &mut flushed));
                 let caught = match run {
@@ -224,7 +237,14 @@ impl<I: Item, O: Item> Worker<I, O> {
                     Ok(Some(c)) => c,
                     Err(panic) => panic,
                 };
-                let (index, kept) = (on.0, on.1.take());
+                let (Some(index), kept) = (on.0.take(), on.1.take()) else {
+                    // A panic between items (sending what finished items emitted) is no
+                    // item's: a stage error, and the run goes on with the next item.
+                    let m = format!("sending outputs: {}", caught.message);
+                    self.ctx.stage_error(caught.kind, m, None);
+                    continue;
+                };
+                self.router.discard();
                 self.timer.run += 1;
                 let end = self.timer.read(&mut self.rec);
                 let (mut one, router) = self.item1();
@@ -242,11 +262,14 @@ impl<I: Item, O: Item> Worker<I, O> {
 
     /// First attempts at `items` until one fails (its error: `Some`) or the items end
     /// (`None`); `on` follows the item being attempted. Runs inside one panic guard.
+    ///
+    /// What an attempt emits is held by the router until it succeeds ([`Router::begin`]):
+    /// the caller drops it when the attempt fails.
     fn fast_run(
         &mut self,
         items: &mut impl Iterator<Item = (u64, I)>,
         keep: bool,
-        on: &mut (u64, Option<I>),
+        on: &mut (Option<u64>, Option<I>),
         flushed: &mut Instant,
     ) -> Option<Caught> {
         for (index, item) in items {
@@ -254,14 +277,22 @@ impl<I: Item, O: Item> Worker<I, O> {
                 self.ctx.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            // Slow items hand their outputs to a chained downstream as they emit them.
-            self.router.hand_over(self.timer.len == 1);
-            on.0 = index;
-            if keep {
-                on.1 = Some(item.clone());
-            }
+            // From here a panic is this item's, its clone's included: the item is kept
+            // before it is cloned, so the kept one is never another item.
+            on.0 = Some(index);
+            let item = match keep {
+                true => on.1.insert(item).clone(),
+                false => item,
+            };
+            self.router.begin();
             if let Err(e) = self.stage.process(item, &mut Output::new(&mut self.router)) {
                 return Some(caught_error(e));
+            }
+            // Its routed items are sent in the commit: still this item's.
+            let due = self.router.commit();
+            on.0 = None;
+            if due {
+                flush(&self.ctx, &mut self.router);
             }
             if let Some(now) = self.timer.attempt(&mut self.rec) {
                 self.lingered(now, flushed);
@@ -280,6 +311,7 @@ impl<I: Item, O: Item> Worker<I, O> {
         let (mut one, router) = self.item1();
         let mut held = Held::new(router);
         let read = one.process(&mut held, item, index);
+        held.send_routed();
         shared.done(index, held.outs);
         if let Some(now) = read {
             self.lingered(now, flushed);
@@ -454,6 +486,40 @@ impl Timer {
     }
 }
 
+/// Where an attempt emits: what it emits counts only if it succeeds (`commit`), and is
+/// dropped if it fails (`discard`).
+trait Attempts<O>: Sink<O> {
+    fn begin(&mut self);
+    /// The attempt succeeded (what is due is sent through the stage of `ctx`).
+    fn commit(&mut self, ctx: &StageCtx);
+    fn discard(&mut self);
+}
+
+/// The worker's router holds an attempt's outputs until it succeeds.
+impl<O: Item> Attempts<O> for Router<O> {
+    fn begin(&mut self) {
+        Router::begin(self);
+    }
+    fn commit(&mut self, ctx: &StageCtx) {
+        if Router::commit(self) {
+            flush(ctx, self);
+        }
+    }
+    fn discard(&mut self) {
+        Router::discard(self);
+    }
+}
+
+/// The item's outputs for the stage's input order: all one item's, dropped when an attempt
+/// fails.
+impl<O: Item> Attempts<O> for Held<'_, O> {
+    fn begin(&mut self) {}
+    fn commit(&mut self, _: &StageCtx) {}
+    fn discard(&mut self) {
+        self.clear();
+    }
+}
+
 /// What one item goes through: its stage instance, the error policy, the timer.
 struct Item1<'w, I, O> {
     ctx: &'w StageCtx,
@@ -467,12 +533,24 @@ impl<I: Item, O: Item> Item1<'_, I, O> {
     /// One item through the stage instance, with the stage's error policy, emitting into
     /// `sink`; returns the clock reading if one was taken (the caller checks `LINGER`
     /// then). The caller counts the item as done.
-    fn process(&mut self, sink: &mut dyn Sink<O>, item: I, index: u64) -> Option<Instant> {
-        let kept = self.ctx.policy.keeps_item().then(|| item.clone());
-        let r = guarded(|| self.stage.process(item, &mut Output::new(sink)));
+    fn process(&mut self, sink: &mut impl Attempts<O>, item: I, index: u64) -> Option<Instant> {
+        let keep = self.ctx.policy.keeps_item();
+        let mut kept = None;
+        let stage = &mut *self.stage;
+        sink.begin();
+        let r = guarded(|| {
+            // Kept before it is cloned: a panic of its `Clone` fails this item.
+            let item = match keep {
+                true => kept.insert(item).clone(),
+                false => item,
+            };
+            stage.process(item, &mut Output::new(&mut *sink))
+        });
         let Err(c) = r else {
+            sink.commit(self.ctx);
             return self.timer.attempt(self.rec);
         };
+        sink.discard();
         self.timer.run += 1;
         let end = self.timer.read(self.rec);
         self.settle(sink, c, kept, index, end)
@@ -483,7 +561,7 @@ impl<I: Item, O: Item> Item1<'_, I, O> {
     /// returns the clock reading that ends it.
     fn settle(
         &mut self,
-        sink: &mut dyn Sink<O>,
+        sink: &mut impl Attempts<O>,
         caught: Caught,
         kept: Option<I>,
         index: u64,
@@ -495,12 +573,18 @@ impl<I: Item, O: Item> Item1<'_, I, O> {
         }
         let mut attempt = 2;
         loop {
-            let this = item.clone().expect("a retried item is kept");
             let stage = &mut *self.stage;
-            let r = guarded(|| stage.process(this, &mut Output::new(sink)));
+            sink.begin();
+            let r = guarded(|| {
+                // A panic of its `Clone` is this attempt's.
+                let this = item.clone().expect("a retried item is kept");
+                stage.process(this, &mut Output::new(&mut *sink))
+            });
             let Err(c) = r else {
+                sink.commit(self.ctx);
                 return self.timer.attempt(self.rec);
             };
+            sink.discard();
             self.timer.run += 1;
             let end = self.timer.read(self.rec);
             match self.failed(c, &mut item, index, attempt, end) {

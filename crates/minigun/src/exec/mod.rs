@@ -220,10 +220,19 @@ impl Opt {
 
 impl Exec {
     /// On the stage's driver thread.
+    ///
+    /// As under the fork executors, an item's outputs count only if it succeeds: what an
+    /// attempt emits, and what it routes with [`Output::to`](crate::Output::to), is held
+    /// until the attempt returns `Ok`, and dropped if it returns an error or panics. So a
+    /// retry never delivers an output twice, and a skipped or dead-lettered item delivers
+    /// nothing. An item's outputs leave together when it ends (an item that emits many
+    /// holds them all until then). A panic in the item's `Clone` (the error policy keeps
+    /// the item for a retry or a dead letter) fails that item.
     pub fn inline() -> Self {
         Exec::Inline
     }
-    /// `n` threads.
+    /// `n` threads, each with its own stage instance. An item's outputs count only if it
+    /// succeeds, as under [`Exec::inline`].
     pub fn threads(n: usize) -> Self {
         Exec::Threads(n)
     }

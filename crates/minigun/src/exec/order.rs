@@ -101,10 +101,12 @@ impl<O: Item> Shared<O> {
     }
 }
 
-/// Collects what one item emits, for [`Shared::done`]; routed items go out at once through
-/// the worker's router (their order is not the stage's).
+/// Collects what one item emits, for [`Shared::done`], and the items it routes (their order
+/// is not the stage's: they go out through the worker's router when the item is done,
+/// [`Held::send_routed`]). A failed attempt's are dropped ([`Held::clear`]).
 pub(crate) struct Held<'r, O> {
     pub(crate) outs: Vec<O>,
+    routed: Vec<(usize, Erased)>,
     router: &'r Router<O>,
 }
 
@@ -112,7 +114,24 @@ impl<'r, O> Held<'r, O> {
     pub(crate) fn new(router: &'r Router<O>) -> Self {
         Held {
             outs: Vec::new(),
+            routed: Vec::new(),
             router,
+        }
+    }
+
+    /// The attempt failed: what it emitted is dropped.
+    pub(crate) fn clear(&mut self) {
+        self.outs.clear();
+        self.routed.clear();
+    }
+}
+
+impl<O: Item> Held<'_, O> {
+    /// The item is done: its routed items go to their stages.
+    pub(crate) fn send_routed(&mut self) {
+        for (i, item) in self.routed.drain(..) {
+            // Refused only by a closed target (the run is aborting).
+            let _ = self.router.route_index(i, item);
         }
     }
 }
@@ -123,7 +142,9 @@ impl<O: Clone> Sink<O> for Held<'_, O> {
         Ok(())
     }
     fn route(&mut self, target: &str, item: crate::stage::Routed) -> Result<(), EmitError> {
-        self.router.route_dynamic(target, item)
+        let i = self.router.routes.resolve(target, &item)?;
+        self.routed.push((i, item.item));
+        Ok(())
     }
 }
 

@@ -90,6 +90,8 @@ struct Running<I, O> {
 /// to 1 MiB once it has 64 KiB to write at once). A child that ends sooner wakes the parent
 /// once (its exit) instead of twice (its frames, then its exit): W1 cow_fork(2) with
 /// fork_server spent about 10 us of the parent's time per item in the second wake-up.
+/// A deadline that passes before then (a `timeout` under 1 ms) reads the pipe before it is
+/// judged ([`Supervisor::visit`]).
 const WATCH_AFTER: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// Items the feeder hands the supervisor at once. One per fork made the feeder wake for
@@ -327,7 +329,13 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
             // Everything the child wrote before exiting is in the pipe now.
             self.pump(r);
         }
-        if r.exit.is_none() && r.deadline.is_some_and(|d| d <= now) {
+        let overdue = |r: &Running<I, O>| r.exit.is_none() && r.deadline.is_some_and(|d| d <= now);
+        if overdue(r) && !readable && !r.stream.eof {
+            // The answer may have come since the poll, or before the pipe is watched
+            // (`WATCH_AFTER`): read it before judging.
+            self.pump(r);
+        }
+        if overdue(r) {
             if r.killed.is_none() {
                 r.timed_out = Some(r.cur);
             }
