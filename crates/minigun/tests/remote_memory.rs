@@ -421,6 +421,40 @@ fn the_report_has_a_row_per_worker_and_the_broker_counters() {
     assert!(text.contains("worker "), "{text}");
 }
 
+#[test]
+fn entries_added_twice_by_a_send_whose_reply_was_lost_deliver_each_result_once() {
+    let broker = MemoryBroker::new();
+    // The first three sends add their entries and then fail as a lost connection does: the
+    // parent sends the same entries again, so they are in the work stream twice.
+    broker.fail_after_next("send", 3);
+    let seen: Seen = Arc::default();
+    let cfg = |r: Remote| r.worker_exec(Exec::inline()).batch(10);
+    let workers: Vec<Worker> = (0..2)
+        .map(|_| {
+            let (b, s) = (broker.clone(), seen.clone());
+            worker(move || define(&b, cfg, 500, &s))
+        })
+        .collect();
+    let report = define(&broker, cfg, 500, &seen).run().expect("run");
+    let served: u64 = workers.into_iter().map(|w| w.stop().items).sum();
+    let mut got = seen.lock().unwrap().clone();
+    got.sort_unstable();
+    let want: Vec<u64> = (0..500).map(|x| x * 2).collect();
+    assert_eq!(got, want, "every item exactly once");
+    let st = report.stage("double").unwrap();
+    assert_eq!((st.items_in, st.items_out, st.failed), (500, 500, 0));
+    let r = st.remote.clone().expect("a remote part");
+    assert!(
+        served > 500 && r.duplicates > 0,
+        "some entries ran twice (served {served}) and their second results were dropped: {r:?}"
+    );
+    assert_eq!(
+        served - 500,
+        r.duplicates,
+        "every second result was dropped: {r:?}"
+    );
+}
+
 /// A stage with state: it counts its items and emits the count at `finish`.
 struct Counter(u64);
 

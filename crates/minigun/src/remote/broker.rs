@@ -202,7 +202,10 @@ pub trait Broker: Send + Sync + fmt::Debug + 'static {
     fn session(&self) -> BrokerResult<Box<dyn Session>>;
 }
 
-/// One connection to a broker. Every call either completes or fails as a whole.
+/// One connection to a broker. Every call either completes or fails as a whole, except
+/// [`Session::send`]: a send that fails part way may have added some of its entries. The
+/// executor sends them again, and keeps the first result of each item index, so an entry
+/// added twice costs a second execution, never a second result.
 pub trait Session: Send {
     // ----- the server
 
@@ -217,7 +220,7 @@ pub trait Session: Send {
     /// Creating what already exists is not an error (the parent calls it again after a
     /// server restart).
     fn announce(&mut self, a: &Announcement) -> BrokerResult<()>;
-    /// Adds work entries, in order; returns their ids.
+    /// Adds work entries, in order; returns their ids. A failure may leave some added.
     fn send(&mut self, run: &StageRun, entries: &[NewEntry]) -> BrokerResult<Vec<EntryId>>;
     /// Reads up to `max` entries of the out stream, waiting up to `block` for the first. With
     /// `own`, re-reads the entries delivered to the parent and not yet acknowledged instead.

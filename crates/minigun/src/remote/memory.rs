@@ -33,6 +33,8 @@ struct State {
     runs: HashMap<StageRun, Run>,
     /// Calls that fail once with `Unavailable`, by method name (fault injection).
     fail_next: HashMap<&'static str, u32>,
+    /// Calls that take effect and then fail with `Unavailable` (a reply lost on the way).
+    fail_after: HashMap<&'static str, u32>,
 }
 
 #[derive(Debug, Default)]
@@ -94,6 +96,12 @@ impl MemoryBroker {
     /// [`BrokerError::Unavailable`] (a lost connection), before they take effect.
     pub fn fail_next(&self, method: &'static str, times: u32) {
         self.lock().fail_next.insert(method, times);
+    }
+
+    /// Makes the next `times` calls of the session method `method` take effect and then fail
+    /// with [`BrokerError::Unavailable`], as a call whose reply is lost with its connection.
+    pub fn fail_after_next(&self, method: &'static str, times: u32) {
+        self.lock().fail_after.insert(method, times);
     }
 
     /// The entries in the dead-letter stream of a run: each entry, its deliveries and its
@@ -163,6 +171,13 @@ impl MemorySession {
         let mut s = self.broker.lock();
         s.check(method)?;
         let r = f(&mut s);
+        let r = match (r, s.fail_after.get_mut(method)) {
+            (Ok(_), Some(n)) if *n > 0 => {
+                *n -= 1;
+                Err(BrokerError::Unavailable(format!("{method}: reply lost")))
+            }
+            (r, _) => r,
+        };
         drop(s);
         self.broker.shared.changed.notify_all();
         r
