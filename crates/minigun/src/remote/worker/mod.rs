@@ -571,9 +571,16 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
     /// entry's delivery with it.
     fn wait_for_room(&self, room: usize) -> Option<usize> {
         let batch = self.s.remote.batch;
+        // Fetch in large takes: once half the entries ahead are free, or when the local run
+        // is about to run dry. Fetching each entry as soon as a commit frees its room made
+        // fast items come a few entries per round trip, and their commits as small.
+        let half = (room.saturating_sub(self.running) / batch / 2).max(1);
         let free = |b: &Book| {
-            (b.local < room && b.suspects == 0)
-                .then(|| ((room - b.local) / batch).clamp(1, MAX_AHEAD))
+            if b.local >= room || b.suspects != 0 {
+                return None;
+            }
+            let n = (room - b.local) / batch;
+            (n >= half || b.local <= self.running).then(|| n.clamp(1, MAX_AHEAD))
         };
         let book = self.lock();
         if let Some(n) = free(&book) {
