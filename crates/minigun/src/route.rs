@@ -284,7 +284,7 @@ impl<O> Router<O> {
                 .fetch_add(std::mem::take(&mut self.held_out), Ordering::Relaxed);
         }
         let pending = pending.get_mut().unwrap_or_else(|e| e.into_inner());
-        if let Some(link) = self.link.as_mut() {
+        let sent = if let Some(link) = self.link.as_mut() {
             let items = &mut pending[0];
             if items.is_empty() {
                 return Ok(false);
@@ -294,9 +294,15 @@ impl<O> Router<O> {
             // One writer: a plain store, no read-modify-write.
             let total = self.nested.load(Ordering::Relaxed) + ns;
             self.nested.store(total, Ordering::Relaxed);
-            return Ok(true);
+            Ok(true)
+        } else {
+            Self::send_held(&self.outs, pending)
+        };
+        if self.attempt.open {
+            // A fast run flushes between two items: the next attempt begins after this.
+            self.mark();
         }
-        Self::send_held(&self.outs, pending)
+        sent
     }
 
     /// Counts the nanoseconds this router's chained stage has spent handling items so far
@@ -323,8 +329,14 @@ impl<O> Router<O> {
     /// commit. Two stores, unless the router deals round robin over several outputs.
     #[inline]
     pub(crate) fn begin(&mut self) {
+        self.attempt.open = true;
+        self.mark();
+    }
+
+    /// Where the attempt under way begins: what is held now stays if it fails.
+    #[inline]
+    fn mark(&mut self) {
         let a = &mut self.attempt;
-        a.open = true;
         a.held_out = self.held_out;
         if self.mode == FanOut::RoundRobin && self.outs.len() > 1 {
             if let Some(pending) = self.pending.as_mut() {
@@ -519,12 +531,14 @@ impl<O: Clone> Router<O> {
         Ok(())
     }
 
-    /// The attempt under way succeeded: its outputs count (its routed items are sent now).
-    /// Whether a flush is due: a list is full, or a downstream is asleep waiting.
+    /// The attempt under way succeeded: its outputs count (its routed items are sent now),
+    /// and the next item's attempt begins here (a fast run opens one attempt for its first
+    /// item and commits each: no `begin` per item). Whether a flush is due: a list is full,
+    /// or a downstream is asleep waiting.
     #[inline]
     pub(crate) fn commit(&mut self) -> bool {
+        self.mark();
         let a = &mut self.attempt;
-        a.open = false;
         if !a
             .routed
             .get_mut()
@@ -535,6 +549,13 @@ impl<O: Clone> Router<O> {
         }
         let full = std::mem::take(&mut self.attempt.full);
         (full || self.eager && self.outs.iter().any(|q| q.awaited())) && self.held_out > 0
+    }
+
+    /// No attempt is under way any more (after its commit): what is emitted from here is
+    /// sent as it would be outside a worker's items.
+    #[inline]
+    pub(crate) fn close(&mut self) {
+        self.attempt.open = false;
     }
 
     /// Sends the routed items of the attempt that succeeded.

@@ -272,6 +272,9 @@ impl<I: Item, O: Item> Worker<I, O> {
         on: &mut (Option<u64>, Option<I>),
         flushed: &mut Instant,
     ) -> Option<Caught> {
+        // One attempt is opened for the run; each success commits it, which begins the next
+        // item's. A failure leaves it open for the caller's `discard`.
+        self.router.begin();
         for (index, item) in items {
             if self.ctx.run.aborting() {
                 self.ctx.stats.cancelled.fetch_add(1, Ordering::Relaxed);
@@ -284,20 +287,21 @@ impl<I: Item, O: Item> Worker<I, O> {
                 true => on.1.insert(item).clone(),
                 false => item,
             };
-            self.router.begin();
             if let Err(e) = self.stage.process(item, &mut Output::new(&mut self.router)) {
                 return Some(caught_error(e));
             }
             // Its routed items are sent in the commit: still this item's.
-            let due = self.router.commit();
-            on.0 = None;
-            if due {
+            if self.router.commit() {
+                on.0 = None;
                 flush(&self.ctx, &mut self.router);
             }
             if let Some(now) = self.timer.attempt(&mut self.rec) {
+                on.0 = None;
                 self.lingered(now, flushed);
             }
         }
+        on.0 = None;
+        self.router.close();
         None
     }
 
@@ -501,7 +505,9 @@ impl<O: Item> Attempts<O> for Router<O> {
         Router::begin(self);
     }
     fn commit(&mut self, ctx: &StageCtx) {
-        if Router::commit(self) {
+        let due = Router::commit(self);
+        Router::close(self);
+        if due {
             flush(ctx, self);
         }
     }
