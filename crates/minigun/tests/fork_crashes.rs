@@ -763,7 +763,10 @@ fn batched_log_run(
         }
         Ok(x * 2)
     });
-    Fork::Ipc.apply(&s, workers, None);
+    // A fixed window: the items after a slow one queue up in the worker's pipe whatever the
+    // machine's load makes of the measured item times (an automatic window of two slow items
+    // let a loaded worker flush its log between two fast items, so nothing was left to replay).
+    s.ipc_fork(workers).in_flight(16);
     Sink::<u64>::consume(&got, &p);
     let r = finish(run_in_background(p));
     each_crash_failed_once(&r, &got, n, which);
