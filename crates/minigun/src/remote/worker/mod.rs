@@ -28,7 +28,9 @@
 //! - The fetcher fetches what the local run has room for: the items it runs at once and
 //!   what it settles in [`AHEAD`] at the pace it has kept (at least one entry, at most
 //!   [`MAX_AHEAD`]), so fast items come many entries per round trip and slow ones one entry
-//!   at a time, leaving the rest to other workers. The committers commit every entry that a
+//!   at a time, leaving the rest to other workers. It fetches once half of that room is
+//!   free, or when the local run is about to run dry, so the takes stay large while the
+//!   commits free room an entry or two at a time. The committers commit every entry that a
 //!   chunk of the local run's results completed in one call. The run's state is read every
 //!   [`FETCH_BLOCK`] or after an empty fetch.
 //! - On `Finishing` the worker stops fetching, lets its local run end (which runs the
