@@ -350,3 +350,66 @@ fn threads_in_input_order_an_item_whose_clone_panics_is_blamed_for_it() {
     );
     assert!(f[0].message.contains("item 5 cannot be cloned"), "{f:?}");
 }
+
+/// Items that each emit more than a held list takes (so a fast run flushes between its
+/// items, and its attempt begins again after each flush), every 7th failing after its
+/// outputs: exactly the good items' outputs arrive, under `exec` (chained to the consumer
+/// unless `chaining` is off).
+fn many_outputs_between_flushes(exec: Exec, chaining: bool) {
+    const ITEMS: u64 = 60;
+    const EACH: u32 = 100;
+    let bad = |x: u64| x % 7 == 3;
+    let p = Pipeline::new("partial-flushes");
+    p.chaining(chaining);
+    common::gen(&p, ITEMS);
+    p.processor("work", move |x: u64, out: &mut Output<'_, (u64, u32)>| {
+        for k in 0..EACH {
+            out.emit((x, k))?;
+        }
+        match bad(x) {
+            true => Err("fails after its outputs".into()),
+            false => Ok(()),
+        }
+    })
+    .executor(exec.clone())
+    .on_error(OnError::skip());
+    let got: Sink<(u64, u32)> = Sink::default();
+    let g = got.clone();
+    // The consumer runs as the processor does, so the two chain (same thread count).
+    p.consumer("collect", move |o: (u64, u32)| {
+        g.push(o);
+        Ok(())
+    })
+    .executor(exec);
+    let report = common::run_bounded(p).expect("the run succeeds");
+    let want: Vec<(u64, u32)> = (0..ITEMS)
+        .filter(|&x| !bad(x))
+        .flat_map(|x| (0..EACH).map(move |k| (x, k)))
+        .collect();
+    assert_eq!(got.sorted(), want, "the good items' outputs, once each");
+    let s = report.stage("work").expect("stage in the report");
+    let failed = (0..ITEMS).filter(|&x| bad(x)).count() as u64;
+    assert_eq!(s.failed, failed, "{:?}", report.failures);
+    assert_eq!(
+        s.items_out,
+        want.len() as u64,
+        "only the good items' outputs counted"
+    );
+    let chained = report.stage("collect").and_then(|c| c.chained_to.clone());
+    assert_eq!(chained.is_some(), chaining, "{chained:?}");
+}
+
+#[test]
+fn inline_chained_many_outputs_between_flushes_drop_only_the_failed_items() {
+    many_outputs_between_flushes(Exec::inline(), true);
+}
+
+#[test]
+fn inline_many_outputs_between_flushes_drop_only_the_failed_items() {
+    many_outputs_between_flushes(Exec::inline(), false);
+}
+
+#[test]
+fn threads_many_outputs_between_flushes_drop_only_the_failed_items() {
+    many_outputs_between_flushes(Exec::threads(2), true);
+}
