@@ -351,13 +351,13 @@ fn threads_in_input_order_an_item_whose_clone_panics_is_blamed_for_it() {
     assert!(f[0].message.contains("item 5 cannot be cloned"), "{f:?}");
 }
 
-/// Items that each emit more than a held list takes (so a fast run flushes between its
-/// items, and its attempt begins again after each flush), every 7th failing after its
-/// outputs: exactly the good items' outputs arrive, under `exec` (chained to the consumer
-/// unless `chaining` is off).
+/// Items that each emit more than a held list takes (256), so a fast run flushes after every
+/// good item and its attempt begins again after each flush; every 7th fails after its
+/// outputs, right after such a flush: exactly the good items' outputs arrive, under `exec`
+/// (chained to the consumer unless `chaining` is off).
 fn many_outputs_between_flushes(exec: Exec, chaining: bool) {
     const ITEMS: u64 = 60;
-    const EACH: u32 = 100;
+    const EACH: u32 = 300;
     let bad = |x: u64| x % 7 == 3;
     let p = Pipeline::new("partial-flushes");
     p.chaining(chaining);

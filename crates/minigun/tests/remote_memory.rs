@@ -1,9 +1,10 @@
 //! Remote stages over the in-memory broker: parent and workers in this process (workers on
 //! threads), so the executor's own logic is tested without a server.
 
+mod common;
 use minigun::remote::broker::{Delivery, StageRun};
 use minigun::remote::{Broker, MemoryBroker, Remote, ServeOptions, ServeReport, Session};
-use minigun::{Exec, Failed, FailureKind, OnError, Pipeline};
+use minigun::{Exec, Failed, FailureKind, OnError, Pipeline, StageResult};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -17,11 +18,22 @@ fn define(
     n: u64,
     seen: &Seen,
 ) -> Pipeline {
+    define_with(broker, remote, n, seen, |x| Ok(x * 2))
+}
+
+/// [`define`] with `double` doing `f` (which must double its item).
+fn define_with(
+    broker: &MemoryBroker,
+    remote: impl Fn(Remote) -> Remote,
+    n: u64,
+    seen: &Seen,
+    f: fn(u64) -> StageResult<u64>,
+) -> Pipeline {
     let p = Pipeline::new("remote-memory");
     p.handle_signals(false);
     p.producer("numbers", move |out| out.emit_all(0..n).map_err(Into::into));
     let r = remote(Remote::new(broker.clone()).claim_idle(Duration::from_millis(300)));
-    p.map("double", |x: u64| Ok(x * 2)).remote(r);
+    p.map("double", f).remote(r);
     let seen = seen.clone();
     p.consumer("collect", move |x: u64| {
         seen.lock().unwrap().push(x);
@@ -452,6 +464,39 @@ fn entries_added_twice_by_a_send_whose_reply_was_lost_deliver_each_result_once()
     assert!(
         r.duplicates <= served - 500,
         "each dropped result was a second execution: {r:?}"
+    );
+}
+
+#[test]
+fn a_worker_gives_back_a_copy_of_items_it_runs_and_every_item_arrives_once() {
+    let events = common::capture_events(tracing::Level::DEBUG);
+    let broker = MemoryBroker::new();
+    // The first send's entries are in the work stream three times, one copy after another.
+    broker.fail_after_next("send", 2);
+    let seen: Seen = Arc::default();
+    let cfg = |r: Remote| r.worker_exec(Exec::threads(4)).batch(10);
+    // Item 0 holds its entry long enough for the worker to fetch that entry's copies while
+    // it runs; the others end out of order.
+    let slow = |x: u64| {
+        let ms = if x == 0 { 150 } else { x % 3 };
+        std::thread::sleep(Duration::from_millis(ms));
+        Ok(x * 2)
+    };
+    let (b, s) = (broker.clone(), seen.clone());
+    let w = worker(move || define_with(&b, cfg, 200, &s, slow));
+    let report = define_with(&broker, cfg, 200, &seen, slow)
+        .run()
+        .expect("run");
+    w.stop();
+    let mut got = seen.lock().unwrap().clone();
+    got.sort_unstable();
+    let want: Vec<u64> = (0..200).map(|x| x * 2).collect();
+    assert_eq!(got, want, "every item exactly once");
+    let st = report.stage("double").unwrap();
+    assert_eq!((st.items_out, st.failed), (200, 0), "{:?}", report.failures);
+    assert!(
+        events.count("gave back a copy of items this worker runs") > 0,
+        "the worker fetched a copy of an entry it was running and gave it back"
     );
 }
 

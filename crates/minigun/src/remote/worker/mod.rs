@@ -631,6 +631,15 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
         {
             let suspect = is_suspect(&d);
             let mut book = self.lock();
+            if overlaps(&book.held, d.entry.first, d.entry.count) {
+                // Another copy of items this worker runs (a send that failed part way was
+                // sent again, or a reconciliation re-added them): holding both would mix
+                // their results under one entry. It goes back unrun, no delivery counted;
+                // whoever takes it later runs it again, and the parent keeps one result.
+                drop(book);
+                tracing::debug!(run = %self.run, entry = %d.id, first = d.entry.first, "gave back a copy of items this worker runs");
+                return self.give_back(session, std::slice::from_ref(&d));
+            }
             book.local += items.len();
             book.suspects += suspect as usize;
             book.held.insert(
@@ -802,6 +811,16 @@ impl Pace {
     }
 }
 
+/// Whether items `first..first + count` overlap an entry in `held`. Held entries never
+/// overlap one another (a worker holds one copy of any item), so the one that starts last at
+/// or before the new entry's last item is the only one that can.
+fn overlaps(held: &BTreeMap<u64, Held>, first: u64, count: u32) -> bool {
+    let last = first + u64::from(count.max(1)) - 1;
+    held.range(..=last)
+        .next_back()
+        .is_some_and(|(&f, h)| f + u64::from(h.count) > first)
+}
+
 /// Whether an entry was delivered before (a redelivery, or a part split from one).
 fn is_suspect(d: &Delivery) -> bool {
     d.entry.attempts + d.deliveries >= 2
@@ -869,5 +888,51 @@ fn local_async<I: Wire, O: Wire>(
             parts.ctx.stage_failed(FailureKind::Start, m);
             Box::new(move || crate::exec::parts::drain(&parts.ctx, &parts.input))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(count: u32) -> Held {
+        Held {
+            id: "1-0".into(),
+            count,
+            left: count,
+            deliveries: 1,
+            suspect: false,
+            results: Vec::new(),
+            broken: HashMap::new(),
+            last_output: None,
+        }
+    }
+
+    #[test]
+    fn an_entry_overlaps_a_held_one_exactly_when_they_share_an_item() {
+        // Held: items 10..20 and 30..31.
+        let mut h = BTreeMap::new();
+        h.insert(10, held(10));
+        h.insert(30, held(1));
+        // The same items again, and any range sharing one item with a held entry.
+        for (first, count) in [
+            (10, 10),
+            (10, 1),
+            (19, 1),
+            (5, 6),
+            (15, 20),
+            (0, 100),
+            (30, 1),
+        ] {
+            assert!(overlaps(&h, first, count), "{first}+{count} overlaps");
+        }
+        // Ranges beside them, between them, after them.
+        for (first, count) in [(0, 10), (20, 10), (20, 1), (29, 1), (31, 5), (100, 1)] {
+            assert!(
+                !overlaps(&h, first, count),
+                "{first}+{count} does not overlap"
+            );
+        }
+        assert!(!overlaps(&BTreeMap::new(), 0, 10), "nothing held");
     }
 }
