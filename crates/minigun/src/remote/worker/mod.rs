@@ -72,8 +72,10 @@ const FETCH_BLOCK: Duration = Duration::from_millis(50);
 /// come many entries per fetch; slow ones one entry at a time, which leaves the rest to
 /// other workers.
 const AHEAD: Duration = Duration::from_millis(20);
-/// Entries fetched ahead, at most.
-const MAX_AHEAD: usize = 16;
+/// Entries fetched ahead, at most: with fetches at half of it (see
+/// [`RunServer::wait_for_room`]), 16 entries per round trip for fast items (16 ahead gave 8,
+/// and W7b 0.58x the hand-written loop against 0.65x with 32, in four alternated runs each).
+const MAX_AHEAD: usize = 32;
 
 /// How a served stage makes its instances: a sync stage's factory or an async one's.
 pub(crate) enum ServedFactory<I, O> {
