@@ -18,7 +18,36 @@ fn define(
     n: u64,
     seen: &Seen,
 ) -> Pipeline {
-    define_with(broker, remote, n, seen, |x| Ok(x * 2))
+    define_with(broker, remote, n, seen, double)
+}
+
+fn double(x: u64) -> StageResult<u64> {
+    Ok(x * 2)
+}
+
+/// `count` workers on threads, each serving what [`define_with`] builds with `cfg` and `f`.
+fn workers_serving(
+    count: usize,
+    broker: &MemoryBroker,
+    cfg: fn(Remote) -> Remote,
+    n: u64,
+    seen: &Seen,
+    f: fn(u64) -> StageResult<u64>,
+) -> Vec<Worker> {
+    (0..count)
+        .map(|_| {
+            let (b, s) = (broker.clone(), seen.clone());
+            worker(move || define_with(&b, cfg, n, &s, f))
+        })
+        .collect()
+}
+
+/// `seen` got each of the items `0..n` doubled, exactly once (in any order).
+fn assert_doubled_once(seen: &Seen, n: u64) {
+    let mut got = seen.lock().unwrap().clone();
+    got.sort_unstable();
+    let want: Vec<u64> = (0..n).map(|x| x * 2).collect();
+    assert_eq!(got, want, "every item exactly once");
 }
 
 /// [`define`] with `double` doing `f` (which must double its item).
@@ -67,18 +96,10 @@ fn every_item_arrives_once_through_two_workers() {
     let broker = MemoryBroker::new();
     let seen: Seen = Arc::default();
     let cfg = |r: Remote| r.worker_exec(Exec::threads(2)).batch(16);
-    let workers: Vec<Worker> = (0..2)
-        .map(|_| {
-            let (b, s) = (broker.clone(), seen.clone());
-            worker(move || define(&b, cfg, 1000, &s))
-        })
-        .collect();
+    let workers = workers_serving(2, &broker, cfg, 1000, &seen, double);
     let report = define(&broker, cfg, 1000, &seen).run().expect("run");
     let reports: Vec<ServeReport> = workers.into_iter().map(Worker::stop).collect();
-    let mut got = seen.lock().unwrap().clone();
-    got.sort_unstable();
-    let want: Vec<u64> = (0..1000).map(|x| x * 2).collect();
-    assert_eq!(got, want, "every item exactly once");
+    assert_doubled_once(&seen, 1000);
     let st = report.stage("double").unwrap();
     assert_eq!((st.items_in, st.items_out, st.failed), (1000, 1000, 0));
     assert_eq!(st.executor, "remote(memory)");
@@ -403,12 +424,7 @@ fn the_report_has_a_row_per_worker_and_the_broker_counters() {
     let broker = MemoryBroker::new();
     let seen: Seen = Arc::default();
     let cfg = |r: Remote| r.worker_exec(Exec::inline()).batch(10);
-    let workers: Vec<Worker> = (0..2)
-        .map(|_| {
-            let (b, s) = (broker.clone(), seen.clone());
-            worker(move || define(&b, cfg, 500, &s))
-        })
-        .collect();
+    let workers = workers_serving(2, &broker, cfg, 500, &seen, double);
     let report = define(&broker, cfg, 500, &seen).run().expect("run");
     for w in workers {
         w.stop();
@@ -441,18 +457,10 @@ fn entries_added_twice_by_a_send_whose_reply_was_lost_deliver_each_result_once()
     broker.fail_after_next("send", 3);
     let seen: Seen = Arc::default();
     let cfg = |r: Remote| r.worker_exec(Exec::inline()).batch(10);
-    let workers: Vec<Worker> = (0..2)
-        .map(|_| {
-            let (b, s) = (broker.clone(), seen.clone());
-            worker(move || define(&b, cfg, 500, &s))
-        })
-        .collect();
+    let workers = workers_serving(2, &broker, cfg, 500, &seen, double);
     let report = define(&broker, cfg, 500, &seen).run().expect("run");
     let served: u64 = workers.into_iter().map(|w| w.stop().items).sum();
-    let mut got = seen.lock().unwrap().clone();
-    got.sort_unstable();
-    let want: Vec<u64> = (0..500).map(|x| x * 2).collect();
-    assert_eq!(got, want, "every item exactly once");
+    assert_doubled_once(&seen, 500);
     let st = report.stage("double").unwrap();
     assert_eq!((st.items_in, st.items_out, st.failed), (500, 500, 0));
     let r = st.remote.clone().expect("a remote part");
@@ -482,16 +490,14 @@ fn a_worker_gives_back_a_copy_of_items_it_runs_and_every_item_arrives_once() {
         std::thread::sleep(Duration::from_millis(ms));
         Ok(x * 2)
     };
-    let (b, s) = (broker.clone(), seen.clone());
-    let w = worker(move || define_with(&b, cfg, 200, &s, slow));
+    let workers = workers_serving(1, &broker, cfg, 200, &seen, slow);
     let report = define_with(&broker, cfg, 200, &seen, slow)
         .run()
         .expect("run");
-    w.stop();
-    let mut got = seen.lock().unwrap().clone();
-    got.sort_unstable();
-    let want: Vec<u64> = (0..200).map(|x| x * 2).collect();
-    assert_eq!(got, want, "every item exactly once");
+    for w in workers {
+        w.stop();
+    }
+    assert_doubled_once(&seen, 200);
     let st = report.stage("double").unwrap();
     assert_eq!((st.items_out, st.failed), (200, 0), "{:?}", report.failures);
     assert!(
