@@ -158,6 +158,36 @@ pub(crate) fn read_full(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     Ok(off)
 }
 
+/// Reads exactly `n` bytes (or up to end of file) into a new `Vec`, straight into its
+/// allocation (no zeroing, no second copy): what a stage that owns each item it receives
+/// costs at least.
+pub(crate) fn read_owned(fd: RawFd, n: usize) -> io::Result<Vec<u8>> {
+    let mut v: Vec<u8> = Vec::with_capacity(n);
+    while v.len() < n {
+        let want = n - v.len();
+        let room = &mut v.spare_capacity_mut()[..want];
+        // SAFETY: `room` is writable, uninitialised memory of `room.len()` bytes inside
+        // `v`'s allocation; read(2) writes at most that many bytes into it.
+        let got = unsafe { libc::read(fd, room.as_mut_ptr().cast(), room.len()) };
+        match got {
+            0 => break,
+            ..0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            got => {
+                let len = v.len() + got as usize;
+                // SAFETY: read(2) initialised the `got` bytes after the old length, and the
+                // new length is within the capacity (`got <= room.len()`).
+                unsafe { v.set_len(len) };
+            }
+        }
+    }
+    Ok(v)
+}
+
 /// Forks; the child runs `body` and `_exit`s with its result (it never returns here).
 pub(crate) fn fork(body: impl FnOnce() -> i32) -> io::Result<libc::pid_t> {
     // SAFETY: the child only runs `body` (lock-free code: see the module docs) and then
