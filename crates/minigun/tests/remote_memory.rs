@@ -912,3 +912,84 @@ fn a_retried_items_outputs_arrive_once_under_ipc_fork_after_an_error() {
 fn a_retried_items_outputs_arrive_once_under_cow_fork_after_an_abort() {
     partial_outputs_of_a_retried_item_arrive_once(Exec::cow_fork(2).items_per_fork(4), true);
 }
+
+/// A number that cannot be serialised when it is 13.
+#[derive(Debug, Clone, serde::Deserialize)]
+struct NotThirteen(u64);
+
+impl serde::Serialize for NotThirteen {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            13 => Err(serde::ser::Error::custom("thirteen does not travel")),
+            x => s.serialize_u64(x),
+        }
+    }
+}
+
+/// Items `0..40` through a remote stage of `batch(4)`, item 13 unsendable in the middle of
+/// its entry; what the consumer saw, in order, and the run's report.
+fn run_with_an_unsendable_item(ordered: bool) -> (Vec<u64>, minigun::RunReport) {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let (b, s) = (broker.clone(), seen.clone());
+    let def = move || {
+        let p = Pipeline::new("remote-unsendable");
+        p.handle_signals(false);
+        // The second half waits for item 14's output: in input order, it must not wait
+        // for the end of the run behind the item that failed.
+        let s2 = s.clone();
+        p.producer("numbers", move |out| {
+            out.emit_all((0..20u64).map(NotThirteen))?;
+            let since = std::time::Instant::now();
+            while !s2.lock().unwrap().contains(&28) {
+                if since.elapsed() > Duration::from_secs(10) {
+                    return Err("item 14's output was held".into());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            out.emit_all((20..40u64).map(NotThirteen))
+                .map_err(Into::into)
+        });
+        let r = Remote::new(b.clone())
+            .worker_exec(Exec::threads(2))
+            .batch(4)
+            .linger(Duration::from_secs(1))
+            .ordered(ordered);
+        p.map("double", |x: NotThirteen| Ok(x.0 * 2))
+            .remote(r)
+            .on_error(OnError::skip());
+        let s = s.clone();
+        p.consumer("collect", move |x: u64| {
+            s.lock().unwrap().push(x);
+            Ok(())
+        });
+        p
+    };
+    let w = worker(def.clone());
+    let run = parent(def);
+    wait_until("the run to end", Duration::from_secs(20), || {
+        run.is_finished()
+    });
+    let report = run.join().unwrap().expect("run");
+    w.stop();
+    let got = seen.lock().unwrap().clone();
+    (got, report)
+}
+
+#[test]
+fn an_unsendable_item_inside_a_batch_fails_alone_and_the_others_of_its_entry_arrive() {
+    for ordered in [false, true] {
+        let (mut got, report) = run_with_an_unsendable_item(ordered);
+        let want: Vec<u64> = (0..40).filter(|&x| x != 13).map(|x| x * 2).collect();
+        if !ordered {
+            got.sort_unstable();
+        }
+        assert_eq!(got, want, "ordered {ordered}: every sendable item once");
+        let st = report.stage("double").unwrap();
+        assert_eq!((st.items_in, st.failed), (40, 1), "ordered {ordered}");
+        assert_eq!(report.failures.len(), 1, "{:?}", report.failures);
+        let f = &report.failures[0];
+        assert_eq!((f.item, &f.kind), (Some(13), &FailureKind::Encode), "{f:?}");
+        assert!(f.message.contains("thirteen does not travel"), "{f:?}");
+    }
+}

@@ -58,6 +58,7 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
                     return self.abort(session);
                 }
             }
+            self.release_unsent();
             if self.all_finished() {
                 return self.finish(session);
             }
@@ -147,6 +148,15 @@ impl<I: Wire, O: Wire, C: Codec> Collector<'_, I, O, C> {
             self.report.entries_resent += missing.len() as u64;
         }
         Ok(())
+    }
+
+    /// Items the sender could not send have ended (they failed there): the items after
+    /// them are released in input order.
+    fn release_unsent(&mut self) {
+        let unsent = std::mem::take(&mut self.shared.lock().unsent);
+        for i in unsent {
+            self.release.finished(i, &mut self.router);
+        }
     }
 
     fn all_finished(&self) -> bool {

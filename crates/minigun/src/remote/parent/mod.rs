@@ -99,6 +99,9 @@ pub(super) struct Book<I> {
     pub(super) sent: u64,
     /// Items kept for the dead-letter stage.
     pub(super) kept: IndexMap<I>,
+    /// Items that could not be sent (they failed in the sender), until the collector has
+    /// released the items after them in input order.
+    pub(super) unsent: Vec<u64>,
     /// Every item was sent: the stage has this many.
     pub(super) total: Option<u64>,
     /// The collector stopped (the stage failed, or everything finished).
@@ -162,6 +165,7 @@ fn run<I: Wire, O: Wire, C: Codec, F>(parts: Parts<I, O, F>, remote: Remote) {
             entries: BTreeMap::new(),
             sent: 0,
             kept: IndexMap::default(),
+            unsent: Vec::new(),
             total: None,
             over: false,
         }),

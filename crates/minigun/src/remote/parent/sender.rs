@@ -99,8 +99,11 @@ impl<I: Wire, C: Codec> Sender<'_, I, C> {
                         opening.push((index, item));
                     }
                     Err(e) => {
-                        // Not sendable: this item fails here, alone.
-                        self.unsendable(index, item, e, &mut first, count);
+                        // Not sendable: this item fails here, alone. An entry holds items
+                        // of consecutive indexes, so the one open ends before it.
+                        self.close(&mut entry, first, &mut count, &mut outbox);
+                        opened = None;
+                        self.unsendable(index, item, e);
                     }
                 }
                 if count as usize >= self.remote.batch || entry.len() >= self.remote.batch_bytes {
@@ -176,11 +179,10 @@ impl<I: Wire, C: Codec> Sender<'_, I, C> {
         }
     }
 
-    /// Item `index` cannot be encoded: it fails here with `Encode`.
-    fn unsendable(&self, index: u64, item: I, e: String, first: &mut u64, count: u32) {
-        if count == 0 {
-            *first = index + 1;
-        }
+    /// Item `index` cannot be encoded: it fails here with `Encode` (the collector is told,
+    /// so that `ordered` releases the items after it).
+    fn unsendable(&self, index: u64, item: I, e: String) {
+        self.shared.lock().unsent.push(index);
         let m = format!("cannot encode the item for the broker: {e}");
         let attempt = self.ctx.policy.retries + 1;
         if let Verdict::DeadLetter(failure) =
