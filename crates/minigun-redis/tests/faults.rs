@@ -1304,19 +1304,39 @@ fn a_garbage_entry_is_dead_lettered_as_protocol_and_the_worker_survives() {
     let keys = broker.keys(&a.stage_run);
     wait_items(&sinks, 50);
     let mut admin = server.admin();
-    let _: String = redis::cmd("XADD")
-        .arg(&keys.work)
-        .arg("*")
-        .arg("s")
-        .arg(1_000_000u64)
-        .arg("n")
-        .arg(1)
-        .arg("a")
-        .arg(0)
-        .arg("p")
-        .arg(&b"\xff\xfe not an encoded item"[..])
-        .query(&mut admin)
-        .unwrap();
+    // An item frame (length, kind 1 = item, id, postcard of 5u64) numbered 9.
+    let item = |id: u64| {
+        let mut frame = vec![10, 0, 0, 0, 1];
+        frame.extend_from_slice(&id.to_le_bytes());
+        frame.push(5);
+        frame
+    };
+    let (misnumbered, spent) = (item(9), item(4_000_000));
+    let garbage: [(u64, u32, u32, &[u8]); 4] = [
+        (1_000_000, 1, 0, b"\xff\xfe not an encoded item"),
+        // It says item 2,000,000 and holds item 9.
+        (2_000_000, 1, 0, &misnumbered),
+        // No item at all.
+        (3_000_000, 0, 0, b""),
+        // A well-formed item whose deliveries spent are as many as a counter can say: it
+        // runs (alone, as a redelivery), and its result reaches the parent.
+        (4_000_000, 1, u32::MAX, &spent),
+    ];
+    for (first, count, attempts, payload) in garbage {
+        let _: String = redis::cmd("XADD")
+            .arg(&keys.work)
+            .arg("*")
+            .arg("s")
+            .arg(first)
+            .arg("n")
+            .arg(count)
+            .arg("a")
+            .arg(attempts)
+            .arg("p")
+            .arg(payload)
+            .query(&mut admin)
+            .unwrap();
+    }
     let report = join(run, secs(30));
     assert_each_once(&sinks, 600);
     let dlq: Vec<(String, Vec<(String, redis::Value)>)> = {
@@ -1328,26 +1348,24 @@ fn a_garbage_entry_is_dead_lettered_as_protocol_and_the_worker_survives() {
             .unwrap();
         redis::from_redis_value(v).unwrap()
     };
-    assert_eq!(
-        dlq.len(),
-        1,
-        "the garbage entry is in the dead-letter stream: {dlq:?}"
-    );
-    let first = dlq[0]
-        .1
+    let mut firsts: Vec<u64> = dlq
         .iter()
-        .find(|(k, _)| k == "s")
-        .map(|(_, v)| v.clone());
+        .filter_map(|(_, fields)| fields.iter().find(|(k, _)| k == "s"))
+        .map(|(_, v)| redis::from_redis_value::<u64>(v.clone()).unwrap())
+        .collect();
+    firsts.sort_unstable();
     assert_eq!(
-        first.map(|v| redis::from_redis_value::<u64>(v).unwrap()),
-        Some(1_000_000)
+        firsts,
+        [1_000_000, 2_000_000, 3_000_000],
+        "each malformed entry is in the dead-letter stream: {dlq:?}"
     );
     assert!(w.exited().is_empty(), "the worker survived");
     let r = remote!(report);
-    assert_eq!(r.dead_lettered, 1, "{r:?}");
+    assert_eq!(r.dead_lettered, 3, "{r:?}");
     assert_eq!(
-        r.duplicates, 1,
-        "its failure reached the parent, which never sent that index"
+        r.duplicates, 3,
+        "two malformed entries' failures and the spent entry's result reached the parent, \
+         which never sent those indexes"
     );
     // Its Protocol failure names an index the parent never sent: dropped, not counted.
     assert_eq!(report.stage("work").unwrap().failed, 0);

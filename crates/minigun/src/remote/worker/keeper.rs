@@ -83,7 +83,7 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
                 );
                 continue;
             };
-            let total = entry.attempts + p.deliveries;
+            let total = entry.attempts.saturating_add(p.deliveries);
             if total >= self.a.max_deliveries {
                 let f = self.failure(
                     FailureKind::WorkerLost { deliveries: total },
@@ -91,7 +91,7 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
                     total,
                 );
                 let mut results = Vec::new();
-                for i in entry.first..entry.first + entry.count as u64 {
+                for i in super::entry_items(entry) {
                     wire::push_failed(&mut results, i, &f);
                 }
                 if let Ok(true) = session.dead_letter(&self.run, &p.id, self.a.claim_idle, &results)

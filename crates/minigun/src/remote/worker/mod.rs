@@ -613,18 +613,10 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
     /// run.
     fn take(&self, session: &mut dyn Session, d: Delivery, tx: &queue::Sender<(u64, I)>) {
         let items = match wire::decode_items::<C, I>(&d.entry.payload, self.s.remote.max_frame) {
-            Ok(items) if items.len() == d.entry.count as usize => items,
-            Ok(items) => {
-                return self.garbage(
-                    session,
-                    &d,
-                    format!(
-                        "{} items where the entry says {}",
-                        items.len(),
-                        d.entry.count
-                    ),
-                )
-            }
+            Ok(items) => match misnumbered(&items, d.entry.first, d.entry.count) {
+                None => items,
+                Some(why) => return self.garbage(session, &d, why),
+            },
             Err(m) => return self.garbage(session, &d, m),
         };
         if d.deliveries >= 2 && items.len() > 1 {
@@ -671,11 +663,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             format!("malformed work entry: {why}"),
             1,
         );
-        for i in d.entry.first
-            ..d.entry
-                .first
-                .saturating_add(d.entry.count.min(1 << 20) as u64)
-        {
+        for i in entry_items(&d.entry) {
             wire::push_failed(&mut results, i, &f);
         }
         if let Ok(true) = session.dead_letter(&self.run, &d.id, Duration::ZERO, &results) {
@@ -685,7 +673,10 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
 
     /// A redelivered batch becomes single-item entries, each carrying the deliveries spent.
     fn split(&self, session: &mut dyn Session, d: &Delivery, items: Vec<(u64, I)>) {
-        let attempts = d.entry.attempts + d.deliveries.saturating_sub(1);
+        let attempts = d
+            .entry
+            .attempts
+            .saturating_add(d.deliveries.saturating_sub(1));
         let mut parts = Vec::with_capacity(items.len());
         for (index, item) in &items {
             let mut payload = Vec::new();
@@ -823,9 +814,42 @@ fn overlaps(held: &BTreeMap<u64, Held>, first: u64, count: u32) -> bool {
         .is_some_and(|(&f, h)| f + u64::from(h.count) > first)
 }
 
+/// Why the items decoded from an entry that says `count` items from `first` on are not
+/// those items (`None`: they are). A worker runs an entry's items only if they are exactly
+/// `first..first + count`, in order: it settles each item under its entry by its index.
+fn misnumbered<I>(items: &[(u64, I)], first: u64, count: u32) -> Option<String> {
+    if items.len() != count as usize {
+        return Some(format!(
+            "{} items where the entry says {count}",
+            items.len()
+        ));
+    }
+    if count == 0 {
+        return Some("an entry of no items".into());
+    }
+    let at = (0..)
+        .zip(items)
+        .find(|(k, (i, _))| first.checked_add(*k) != Some(*i));
+    at.map(|(k, (i, _))| {
+        format!(
+            "its item {k} is numbered {i}, not {}",
+            first.saturating_add(k)
+        )
+    })
+}
+
+/// The items an entry names, for failing them all (at most 2^20 of them: a malformed
+/// entry's count does not size a failure list).
+pub(super) fn entry_items(entry: &NewEntry) -> std::ops::Range<u64> {
+    entry.first
+        ..entry
+            .first
+            .saturating_add(u64::from(entry.count.min(1 << 20)))
+}
+
 /// Whether an entry was delivered before (a redelivery, or a part split from one).
 fn is_suspect(d: &Delivery) -> bool {
-    d.entry.attempts + d.deliveries >= 2
+    d.entry.attempts.saturating_add(d.deliveries) >= 2
 }
 
 /// Of a fetch's deliveries, those to run: every first delivery, and at most one suspect
@@ -908,6 +932,40 @@ mod tests {
             broken: HashMap::new(),
             last_output: None,
         }
+    }
+
+    #[test]
+    fn an_entry_runs_only_if_it_holds_exactly_the_items_it_names() {
+        let items = |ids: &[u64]| ids.iter().map(|&i| (i, ())).collect::<Vec<_>>();
+        assert_eq!(misnumbered(&items(&[7, 8, 9]), 7, 3), None);
+        let cases: [(&[u64], u64, u32, &str); 5] = [
+            (&[7, 8], 7, 3, "2 items where the entry says 3"),
+            (&[], 7, 0, "an entry of no items"),
+            (&[7, 9, 8], 7, 3, "its item 1 is numbered 9, not 8"),
+            (&[9], 2, 1, "its item 0 is numbered 9, not 2"),
+            (
+                &[u64::MAX, 0],
+                u64::MAX,
+                2,
+                "its item 1 is numbered 0, not 18446744073709551615",
+            ),
+        ];
+        for (ids, first, count, why) in cases {
+            assert_eq!(
+                misnumbered(&items(ids), first, count).as_deref(),
+                Some(why),
+                "{ids:?} from {first}"
+            );
+        }
+        let e = |first, count| NewEntry {
+            first,
+            count,
+            attempts: 0,
+            payload: Vec::new(),
+        };
+        assert_eq!(entry_items(&e(5, 3)), 5..8);
+        assert_eq!(entry_items(&e(u64::MAX - 1, 4)), u64::MAX - 1..u64::MAX);
+        assert_eq!(entry_items(&e(0, u32::MAX)).count(), 1 << 20);
     }
 
     #[test]
