@@ -63,12 +63,17 @@ fn define_with(
     p.producer("numbers", move |out| out.emit_all(0..n).map_err(Into::into));
     let r = remote(Remote::new(broker.clone()).claim_idle(Duration::from_millis(300)));
     p.map("double", f).remote(r);
+    collect_into(&p, seen);
+    p
+}
+
+/// A consumer "collect" that records each item in `seen`.
+fn collect_into(p: &Pipeline, seen: &Seen) {
     let seen = seen.clone();
     p.consumer("collect", move |x: u64| {
         seen.lock().unwrap().push(x);
         Ok(())
     });
-    p
 }
 
 struct Worker {
@@ -325,11 +330,7 @@ fn a_broker_that_loses_everything_mid_run_is_reconciled_and_every_item_arrives_o
             Ok(x)
         })
         .remote(r);
-        let s = s.clone();
-        p.consumer("collect", move |x: u64| {
-            s.lock().unwrap().push(x);
-            Ok(())
-        });
+        collect_into(&p, &s);
         p
     };
     let w = worker(def.clone());
@@ -535,11 +536,7 @@ fn each_workers_finish_outputs_arrive_once() {
                 .worker_exec(Exec::threads(2))
                 .batch(8),
         );
-        let s = s.clone();
-        p.consumer("collect", move |x: u64| {
-            s.lock().unwrap().push(x);
-            Ok(())
-        });
+        collect_into(&p, &s);
         p
     };
     let workers: Vec<Worker> = (0..3).map(|_| worker(def.clone())).collect();
@@ -583,11 +580,7 @@ fn a_stopped_worker_releases_its_entries_and_another_finishes_them_without_a_del
             Ok(x)
         })
         .remote(r);
-        let s = s.clone();
-        p.consumer("collect", move |x: u64| {
-            s.lock().unwrap().push(x);
-            Ok(())
-        });
+        collect_into(&p, &s);
         p
     };
     let slow = Duration::from_millis(30);
@@ -633,11 +626,7 @@ fn items_in_flight_never_exceed_max_in_flight() {
             Ok(x)
         })
         .remote(r);
-        let s = s.clone();
-        p.consumer("collect", move |x: u64| {
-            s.lock().unwrap().push(x);
-            Ok(())
-        });
+        collect_into(&p, &s);
         p
     };
     let w = worker(def.clone());
@@ -795,11 +784,7 @@ fn an_ordered_remote_stage_emits_results_in_input_order() {
             Ok(x)
         })
         .remote(r);
-        let s = s.clone();
-        p.consumer("collect", move |x: u64| {
-            s.lock().unwrap().push(x);
-            Ok(())
-        });
+        collect_into(&p, &s);
         p
     };
     let d = def.clone();
@@ -958,11 +943,7 @@ fn run_with_an_unsendable_item(ordered: bool) -> (Vec<u64>, minigun::RunReport) 
         p.map("double", |x: NotThirteen| Ok(x.0 * 2))
             .remote(r)
             .on_error(OnError::skip());
-        let s = s.clone();
-        p.consumer("collect", move |x: u64| {
-            s.lock().unwrap().push(x);
-            Ok(())
-        });
+        collect_into(&p, &s);
         p
     };
     let w = worker(def.clone());
