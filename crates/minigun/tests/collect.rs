@@ -215,3 +215,45 @@ fn an_aborted_run_with_results_held_for_order_ends() {
         other => panic!("expected an aborted run, got {other:?}"),
     }
 }
+
+/// Items through unchanged (item 0 slowly); its `finish` emits `u64::MAX` and routes 99 to
+/// "side".
+struct Trailer;
+
+impl minigun::Stage<u64, u64> for Trailer {
+    fn process(&mut self, x: u64, out: &mut Output<'_, u64>) -> minigun::StageResult {
+        if x == 0 {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        out.emit(x)?;
+        Ok(())
+    }
+    fn finish(&mut self, out: &mut Output<'_, u64>) -> minigun::StageResult {
+        out.emit(u64::MAX)?;
+        out.to("side", 99u64)?;
+        Ok(())
+    }
+}
+
+#[test]
+fn in_input_order_a_thread_pools_finish_outputs_come_last_and_its_routed_items_arrive() {
+    let side = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let p = Pipeline::new("trailer");
+    p.producer("gen", |out| out.emit_all(0..100u64).map_err(Into::into));
+    let work = p.stage("work", || Trailer).executor(Exec::threads(2));
+    let s = side.clone();
+    let target = p.consumer("side", move |x: u64| {
+        s.lock().unwrap().push(x);
+        Ok(())
+    });
+    work.routes_to(&target);
+    let got = p.collect_ordered::<u64>().unwrap();
+    // The worker without item 0 ends long before item 0 does: its trailer still comes after.
+    let want: Vec<u64> = (0..100).chain([u64::MAX, u64::MAX]).collect();
+    assert_eq!(got.items, want);
+    assert_eq!(
+        *side.lock().unwrap(),
+        [99, 99],
+        "one routed item per instance"
+    );
+}

@@ -355,6 +355,7 @@ impl<I: Item, O: Item> Worker<I, O> {
             Some(shared) => {
                 let mut held = Held::new(&self.router);
                 let r = guarded(|| stage.finish(&mut Output::new(&mut held)));
+                held.send_routed();
                 shared.send(held.outs);
                 r
             }

@@ -65,12 +65,15 @@ impl<O: Item> Release<O> {
 /// `threads(n)`: each hands over an item's outputs when the item is done.
 pub(crate) struct Shared<O> {
     inner: Mutex<(Release<O>, Router<O>)>,
+    /// Outputs of the instances' `finish`, until the stage ends.
+    tail: Mutex<Vec<O>>,
 }
 
 impl<O: Item> Shared<O> {
     pub(crate) fn new(router: Router<O>) -> Self {
         Shared {
             inner: Mutex::new((Release::new(true), router)),
+            tail: Mutex::new(Vec::new()),
         }
     }
     /// Item `index` is done and emitted `outs`.
@@ -82,17 +85,24 @@ impl<O: Item> Shared<O> {
             release.finished(index, router);
         });
     }
-    /// Outputs that belong to no item (a stage instance's `finish`), sent now.
+    /// Outputs that belong to no item (a stage instance's `finish`): they follow every
+    /// item's outputs, as under `inline`, so they wait for the end of the stage (another
+    /// worker may still run, or hold the outputs of, items before them).
     pub(crate) fn send(&self, outs: Vec<O>) {
-        self.with(|_, router| {
-            for o in outs {
+        self.tail
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(outs);
+    }
+    /// The end of the stage: whatever is still held goes out, then the `finish` outputs.
+    pub(crate) fn end(&self) {
+        let tail = std::mem::take(&mut *self.tail.lock().unwrap_or_else(PoisonError::into_inner));
+        self.with(|release, router| {
+            release.release_all(router);
+            for o in tail {
                 let _ = router.send(o);
             }
         });
-    }
-    /// The end of the stage: whatever is still held goes out.
-    pub(crate) fn end(&self) {
-        self.with(|release, router| release.release_all(router));
     }
     fn with(&self, f: impl FnOnce(&mut Release<O>, &mut Router<O>)) {
         let mut g = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
