@@ -197,8 +197,9 @@ pub(crate) struct Router<O> {
 struct Attempt {
     /// An attempt is under way.
     open: bool,
-    /// `held_out` when it began: each held list has grown by as many since (one list, or a
-    /// broadcast to all), unless `marks` has the lists' lengths then (round robin).
+    /// `held_out` when it began: the one held list has grown by as many since; with several
+    /// lists, `marks` has their lengths then (round robin, or a broadcast whose clone of an
+    /// item panicked after some lists took it, grows them unevenly).
     held_out: u64,
     marks: Vec<usize>,
     /// It made a list full: a flush is due when it succeeds.
@@ -338,7 +339,9 @@ impl<O> Router<O> {
     fn mark(&mut self) {
         let a = &mut self.attempt;
         a.held_out = self.held_out;
-        if self.mode == FanOut::RoundRobin && self.outs.len() > 1 {
+        // Several lists may grow unevenly: by the fan-out rule (round robin), or when a
+        // broadcast's clone panics after the first lists took the item.
+        if self.outs.len() > 1 {
             if let Some(pending) = self.pending.as_mut() {
                 let pending = pending.get_mut().unwrap_or_else(|e| e.into_inner());
                 a.marks.clear();
@@ -363,9 +366,9 @@ impl<O> Router<O> {
         self.held_out = a.held_out;
         if let Some(pending) = self.pending.as_mut() {
             let pending = pending.get_mut().unwrap_or_else(|e| e.into_inner());
-            let round_robin = self.mode == FanOut::RoundRobin && pending.len() > 1;
+            let marked = pending.len() > 1;
             for (i, list) in pending.iter_mut().enumerate() {
-                let mark = match round_robin {
+                let mark = match marked {
                     true => a.marks[i],
                     false => list.len() - grown,
                 };

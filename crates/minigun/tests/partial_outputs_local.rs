@@ -413,3 +413,60 @@ fn inline_many_outputs_between_flushes_drop_only_the_failed_items() {
 fn threads_many_outputs_between_flushes_drop_only_the_failed_items() {
     many_outputs_between_flushes(Exec::threads(2), true);
 }
+
+/// `N` items under `exec`, each emitting two `Touchy` outputs to two consumers (a broadcast,
+/// which clones each output for the first); item `BAD`'s second output is `Touchy(BAD)`,
+/// whose clone panics in the middle of the broadcast. That item fails alone (skipped), and
+/// each consumer gets every other item's outputs, once: none of the failed item's, and none
+/// of the item before it lost.
+fn broadcast_clone_panics(exec: Exec) {
+    let p = Pipeline::new("touchy-broadcast");
+    common::gen(&p, N);
+    let work = p
+        .processor("work", |x: u64, out: &mut Output<'_, Touchy>| {
+            out.emit(Touchy(1000 + 2 * x))?;
+            out.emit(Touchy(if x == BAD { BAD } else { 1001 + 2 * x }))?;
+            Ok(())
+        })
+        .executor(exec.clone())
+        .on_error(OnError::skip());
+    let sinks: [Sink<u64>; 2] = Default::default();
+    for (name, sink) in ["left", "right"].into_iter().zip(&sinks) {
+        let s = sink.clone();
+        p.consumer(name, move |t: Touchy| {
+            s.push(t.0);
+            Ok(())
+        })
+        .from(&work);
+    }
+    let report = common::run_bounded(p).expect("the run succeeds");
+    let want: Vec<u64> = (0..N)
+        .filter(|&x| x != BAD)
+        .flat_map(|x| [1000 + 2 * x, 1001 + 2 * x])
+        .collect();
+    for (name, sink) in ["left", "right"].into_iter().zip(&sinks) {
+        assert_eq!(
+            sink.sorted(),
+            want,
+            "{exec:?}: {name} got every other item's outputs once"
+        );
+    }
+    let w = report.stage("work").expect("stage in the report");
+    assert_eq!(
+        (w.failed, w.items_out),
+        (1, 2 * (N - 1)),
+        "{:?}",
+        report.failures
+    );
+    assert_eq!(report.failures[0].kind, FailureKind::Panic);
+}
+
+#[test]
+fn inline_a_broadcast_output_whose_clone_panics_fails_its_item_alone() {
+    broadcast_clone_panics(Exec::inline());
+}
+
+#[test]
+fn threads_a_broadcast_output_whose_clone_panics_fails_its_item_alone() {
+    broadcast_clone_panics(Exec::threads(2));
+}
