@@ -209,3 +209,15 @@ fn a_lone_item_goes_at_once_without_waiting_for_a_run() {
     let r = p.run().expect("runs");
     assert_eq!(r.consumed, 20);
 }
+
+/// One worker holding items 0, 1, 2 (one run) under a 300 ms limit per item
+/// ([`common::overdue`]): item 1, started in the worker after item 0 overran and answered,
+/// did not overrun anything: it runs again in another worker, its attempt not counted (as
+/// cow_fork does for an item started in a child after an overdue one answered).
+#[test]
+fn an_item_started_after_an_overdue_one_answered_is_not_blamed_for_its_kill() {
+    let exec = Exec::ipc_fork(1)
+        .in_flight(3)
+        .timeout(Duration::from_millis(300));
+    common::overdue_item_runs_again(exec);
+}

@@ -246,55 +246,14 @@ fn with_a_fork_server_an_item_started_after_an_overdue_one_answered_is_not_blame
     overdue_item_answers_late(true);
 }
 
-/// Set in a child by item 0, seen by the items after it in the same child only.
-static IGNORING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// One child with items 0, 1, 2 and a 300 ms limit per item. Item 0 ignores SIGTERM and
-/// answers at 550 ms (after the SIGTERM at 300 ms, before the SIGKILL at 800 ms); item 1,
-/// started in the same child, is still running when the SIGKILL lands. Item 1 did not
-/// overrun anything: it runs again in another child, its attempt not counted.
+/// One child with items 0, 1, 2 and a 300 ms limit per item ([`common::overdue`]): item 1,
+/// started in the child after item 0 overran and answered, did not overrun anything: it runs
+/// again in another child, its attempt not counted.
 fn overdue_item_answers_late(server: bool) {
-    use std::sync::atomic::Ordering;
-    let p = Pipeline::new("overdue");
-    common::gen(&p, 3);
-    let got = Sink::default();
-    let g = got.clone();
     let exec = Exec::cow_fork(1)
         .items_per_fork(3)
         .timeout(Duration::from_millis(300));
-    p.map("work", |x: u64| {
-        if x == 0 {
-            // SAFETY: sets this (forked child) process's disposition for SIGTERM.
-            unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
-            IGNORING.store(true, Ordering::SeqCst);
-            std::thread::sleep(Duration::from_millis(550));
-        } else if IGNORING.load(Ordering::SeqCst) {
-            // In the child that item 0 made overdue: killed by the SIGKILL meanwhile.
-            std::thread::sleep(Duration::from_secs(2));
-        }
-        Ok((x, std::process::id()))
-    })
-    .wire()
-    .executor(served(exec, server));
-    p.consumer("sink", move |x: (u64, u32)| {
-        g.push(x);
-        Ok(())
-    });
-    let report = common::run_bounded(p).expect("the run succeeds");
-    common::assert_no_children();
-    let got = got.sorted();
-    assert!(
-        report.failures.is_empty(),
-        "item 1 was killed for item 0's time limit: {:?}",
-        report.failures
-    );
-    assert_eq!(
-        got.iter().map(|&(x, _)| x).collect::<Vec<_>>(),
-        vec![0, 1, 2]
-    );
-    assert_ne!(got[0].1, got[1].1, "item 1 ran again in another child");
-    let work = report.stage("work").unwrap();
-    assert_eq!((work.failed, work.retried, work.items_in), (0, 0, 3));
+    common::overdue_item_runs_again(served(exec, server));
 }
 
 /// Eight items to a child under a 900 us time limit per item, shorter than the delay before

@@ -297,7 +297,10 @@ impl Exec {
         Exec::Remote(remote)
     }
     /// Per-item time limit (fork executors: the child is killed; `tasks` and an async
-    /// ipc_fork stage: the item's future is dropped). On another executor, `build()` fails with
+    /// ipc_fork stage: the item's future is dropped). Only the item that overran fails with
+    /// `Timeout`: if the killed child or worker had started a later item (the overdue one
+    /// answered before the kill landed), that item runs again, its attempt not counted,
+    /// unless it had sent outputs. On another executor, `build()` fails with
     /// [`DefinitionError::OptionNotForExecutor`](crate::DefinitionError::OptionNotForExecutor)
     /// naming the stage; the same holds for every option below.
     pub fn timeout(self, t: Duration) -> Self {

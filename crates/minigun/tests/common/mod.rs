@@ -513,3 +513,55 @@ pub fn wait_for<T>(what: &str, limit: std::time::Duration, mut f: impl FnMut() -
 pub fn wait_until(what: &str, limit: std::time::Duration, mut cond: impl FnMut() -> bool) {
     wait_for(what, limit, || cond().then_some(()))
 }
+
+/// Set in a child by [`overdue`]'s item 0, seen by the items after it in the same child only.
+static IGNORING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A stage for items 0, 1, 2 in one child under a 300 ms limit per item: item 0 ignores
+/// SIGTERM and answers at 550 ms (after the SIGTERM at 300 ms, before the SIGKILL at
+/// 800 ms); an item started after it in the same child is still running when the SIGKILL
+/// lands. Each answers its number and its process id.
+#[allow(unsafe_code)]
+pub fn overdue(x: u64) -> minigun::StageResult<(u64, u32)> {
+    use std::sync::atomic::Ordering;
+    if x == 0 {
+        // SAFETY: sets this (forked child) process's disposition for SIGTERM.
+        unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
+        IGNORING.store(true, Ordering::SeqCst);
+        std::thread::sleep(std::time::Duration::from_millis(550));
+    } else if IGNORING.load(Ordering::SeqCst) {
+        // In the child that item 0 made overdue: killed by the SIGKILL meanwhile.
+        std::thread::sleep(std::time::Duration::from_secs(2));
+    }
+    Ok((x, std::process::id()))
+}
+
+/// Runs [`overdue`]'s three items under `exec` (one child or worker for all three, a 300 ms
+/// limit per item) and checks that item 1 was not failed for item 0's time limit but ran
+/// again in another child, its attempt not counted.
+pub fn overdue_item_runs_again(exec: Exec) {
+    let p = minigun::Pipeline::new("overdue");
+    gen(&p, 3);
+    let got = Sink::default();
+    let g = got.clone();
+    p.map("work", overdue)
+        .wire()
+        .executor(exec)
+        .on_error(minigun::OnError::skip());
+    p.consumer("sink", move |x: (u64, u32)| {
+        g.push(x);
+        Ok(())
+    });
+    let report = run_bounded(p).expect("the run succeeds");
+    assert_no_children();
+    let got = got.sorted();
+    assert!(
+        report.failures.is_empty(),
+        "item 1 was killed for item 0's time limit: {:?}",
+        report.failures
+    );
+    assert_eq!(got.iter().map(|&(x, _)| x).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_ne!(got[0].1, got[1].1, "item 1 ran again in another child");
+    let work = report.stage("work").unwrap();
+    assert_eq!((work.failed, work.retried, work.items_in), (0, 0, 3));
+}

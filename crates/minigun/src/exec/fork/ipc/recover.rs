@@ -257,14 +257,28 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             self.start_failure(slot, &m);
         } else if let Some(front) = w.flights.pop_front() {
             let kill = w.kill();
+            // Killed for the time limit of an item that answered after all: the item running
+            // then did not overrun anything. If it sent nothing yet, it goes back with the
+            // items behind it, its attempt not counted (as cow_fork's children do); with
+            // outputs sent, it fails by how the worker ended, as a crash would.
+            let blameless = kill.is_some_and(|k| {
+                k.why == Killed::Timeout && k.timed_out.is_some_and(|t| t < front.index)
+            }) && w.results == 0
+                && w.stream.corrupt.is_none()
+                && matches!(exit, sys::Exit::Signal(libc::SIGTERM | libc::SIGKILL));
+            if blameless {
+                tracing::debug!(stage = %self.parts.ctx.name, slot, item = front.index,
+                    "worker killed for an earlier item's time limit; the item runs again");
+                w.flights.push_front(front);
+                return;
+            }
             let (kind, message) = match (kill.map(|k| k.why), w.stream.corrupt.take()) {
                 (Some(Killed::Cancelled), _) => (
                     FailureKind::Cancelled,
                     "run interrupted; worker terminated".to_string(),
                 ),
                 (_, Some(m)) => (FailureKind::Protocol, m),
-                // Only the item that overran is a timeout; one that started after it (the
-                // worker answered before the signal landed) fails by how the worker ended.
+                // Only the item that overran is a timeout.
                 (Some(Killed::Timeout), _)
                     if kill.and_then(|k| k.timed_out) == Some(front.index) =>
                 {
