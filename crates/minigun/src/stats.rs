@@ -274,12 +274,13 @@ impl<'a> Recorder<'a> {
     /// handles items in batches and calls [`Recorder::idle`] after each batch.
     pub(crate) fn latency_busy_local(&mut self, ns: u64, busy_ns: u64) {
         record(&mut self.local, ns, 1);
-        self.busy_ns += busy_ns;
+        // A child's report of its own time is not trusted not to overflow.
+        self.busy_ns = self.busy_ns.saturating_add(busy_ns);
     }
 
     fn record(&mut self, ns: u64, busy_ns: u64, now: quanta::Instant) {
         record(&mut self.local, ns, 1);
-        self.busy_ns += busy_ns;
+        self.busy_ns = self.busy_ns.saturating_add(busy_ns);
         if now.saturating_duration_since(self.merged) >= MERGE_AFTER {
             self.merged = now;
             self.publish();

@@ -531,7 +531,8 @@ impl<I, O> Supervisor<'_, I, O> {
         }
         let avg = match self.item_ns {
             None => ns,
-            Some(a) => (a as i64 + (ns as i64 - a as i64) / 16) as u64,
+            // In i128: a worker's reported time may be any u64.
+            Some(a) => (a as i128 + (ns as i128 - a as i128) / 16) as u64,
         };
         self.item_ns = Some(avg);
         let ahead = crate::Exec::IN_FLIGHT_AHEAD.as_nanos() as u64;

@@ -224,7 +224,9 @@ impl Worker {
     }
 
     /// The worker's stream is corrupt: SIGKILL at once (a worker already being killed keeps
-    /// its reason and its kill deadline; a live one keeps its item's deadline).
+    /// its reason and its kill deadline; a live one keeps its item's deadline). Sent through
+    /// its pidfd: a stream found corrupt while it is replayed after the worker was reaped
+    /// must not reach another process that took its pid.
     pub(super) fn kill_now(&mut self) {
         if let Life::Alive { intake } = &mut self.life {
             self.life = Life::Killing {
@@ -236,7 +238,9 @@ impl Worker {
                 kill_at: self.item_deadline,
             };
         }
-        sys::kill(self.child.pid, libc::SIGKILL);
+        if self.alive() {
+            sys::fdpass::signal(&self.child, libc::SIGKILL);
+        }
     }
 
     /// The worker has exited: reaps it.
@@ -550,6 +554,20 @@ mod tests {
         w.terminate(Killed::Cancelled, None);
         assert_eq!(*w.intake(), Intake::Open);
         assert_eq!(w.kill(), Some(kill));
+    }
+
+    #[test]
+    fn a_corrupt_stream_kills_a_live_worker_through_its_pidfd_and_not_a_reaped_one() {
+        let mut w = sleeper();
+        w.kill_now();
+        assert_eq!(w.kill().map(|k| k.why), Some(Killed::Protocol));
+        w.reap();
+        assert_eq!(w.exit(), Some(sys::Exit::Signal(libc::SIGKILL)));
+        // Found corrupt again while its pipe and log are replayed: no signal, no change.
+        w.kill_now();
+        assert!(!w.alive());
+        assert_eq!(w.exit(), Some(sys::Exit::Signal(libc::SIGKILL)));
+        assert_eq!(w.kill().map(|k| k.why), Some(Killed::Protocol));
     }
 
     #[test]
