@@ -974,3 +974,39 @@ fn an_unsendable_item_inside_a_batch_fails_alone_and_the_others_of_its_entry_arr
         assert!(f.message.contains("thirteen does not travel"), "{f:?}");
     }
 }
+
+/// Items doubled by [`counted_double`], ever.
+static EXECUTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn counted_double(x: u64) -> StageResult<u64> {
+    EXECUTED.fetch_add(1, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(2));
+    Ok(x * 2)
+}
+
+#[test]
+fn commits_that_fail_for_longer_than_the_lease_are_retried_and_the_entries_kept() {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let cfg = |r: Remote| r.worker_exec(Exec::inline()).batch(4);
+    let w = workers_serving(1, &broker, cfg, 200, &seen, counted_double);
+    let (b, s) = (broker.clone(), seen.clone());
+    let run = parent(move || define_with(&b, cfg, 200, &s, counted_double));
+    wait_until("20 items", Duration::from_secs(20), || {
+        collected(&seen) >= 20
+    });
+    // 30 failures 50 ms apart: the broker refuses commits for 1.5 s, five times the lease
+    // (claim_idle 300 ms); everything else still works, the keeper's reclaims included.
+    broker.fail_next("commit", 30);
+    let report = run.join().unwrap().expect("run");
+    let served: Vec<ServeReport> = w.into_iter().map(Worker::stop).collect();
+    assert_doubled_once(&seen, 200);
+    assert_eq!(report.stage("double").unwrap().failed, 0);
+    assert_eq!(
+        EXECUTED.load(Ordering::SeqCst),
+        200,
+        "no entry was taken from its worker and run again: {served:?}"
+    );
+    assert_eq!(served[0].reclaimed, 0, "{served:?}");
+    assert_eq!(served[0].items, 200, "{served:?}");
+}

@@ -5,6 +5,10 @@
 //! Each committer takes what the local run has ready (up to [`CHUNK`] messages), settles it
 //! under one lock of the book, and commits every entry that became complete in one call
 //! ([`Session::commit_many`]): under load, one round trip commits several entries.
+//!
+//! A complete entry stays in the book, its lease kept by the keeper, until its commit has an
+//! answer; a commit that finds the broker unavailable is tried again until `max_outage`, so
+//! an outage shorter than that costs no entry its lease, and no item a second execution.
 
 use super::{Book, Held, RunServer, Tagged};
 use crate::error::FailureKind;
@@ -24,18 +28,20 @@ const CHUNK: usize = 1024;
 /// stays well inside what a broker takes in one request.
 const COMMIT_BYTES: usize = 4 << 20;
 
-/// An entry whose items all have their terminal result: ready to commit.
+/// An entry whose items all have their terminal result: ready to commit. It stays in the
+/// book (`Held::committing`), its lease kept by the keeper, until its commit has an answer.
 pub(super) struct Complete {
+    first: u64,
     id: EntryId,
     count: u32,
     results: Vec<u8>,
 }
 
 impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
-    /// The held entry that item `index` belongs to.
+    /// The held entry, not yet complete, that item `index` belongs to.
     pub(super) fn entry_of(book: &mut Book, index: u64) -> Option<(u64, &mut Held)> {
         let (&first, held) = book.held.range_mut(..=index).next_back()?;
-        (index < first + held.count as u64).then_some((first, held))
+        (index < first + held.count as u64 && !held.committing).then_some((first, held))
     }
 
     /// Tagged outputs of the local run.
@@ -146,13 +152,18 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
         if h.left > 0 {
             return None;
         }
-        let h = book.held.remove(&first).expect("found");
-        book.suspects -= h.suspect as usize;
-        Some(Complete {
-            id: h.id,
-            count: h.count,
-            results: h.results,
-        })
+        h.committing = true;
+        let (suspect, c) = (
+            h.suspect,
+            Complete {
+                first,
+                id: h.id.clone(),
+                count: h.count,
+                results: std::mem::take(&mut h.results),
+            },
+        );
+        book.suspects -= suspect as usize;
+        Some(c)
     }
 
     /// Commits complete entries: as many in one call as [`COMMIT_BYTES`] allows.
@@ -171,7 +182,9 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
             .iter()
             .map(|c| (&c.id, c.results.as_slice()))
             .collect();
-        let mut tries = 0;
+        // The entries stay ours (the keeper keeps their leases) through an outage shorter
+        // than `max_outage`: the commit is tried again until then.
+        let since = std::time::Instant::now();
         let outcome = loop {
             let s = match session {
                 Some(s) => s,
@@ -184,9 +197,9 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
                 Ok(c) => break Ok(c),
                 // A lost connection: the entries are still ours until claim_idle passes.
                 Err(BrokerError::Unavailable(_))
-                    if tries < 20 && !self.stop.load(Ordering::Relaxed) =>
+                    if since.elapsed() < self.s.remote.max_outage
+                        && !self.stop.load(Ordering::Relaxed) =>
                 {
-                    tries += 1;
                     *session = None;
                     std::thread::sleep(Duration::from_millis(50));
                 }
@@ -195,6 +208,17 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
             }
         };
         let mut book = self.lock();
+        for c in &complete {
+            if book
+                .held
+                .get(&c.first)
+                .is_some_and(|h| h.committing && h.id == c.id)
+            {
+                book.held.remove(&c.first);
+            }
+        }
+        // A stop's grace waits for the book to empty.
+        self.changed.notify_all();
         let Ok(outcomes) = outcome else {
             tracing::warn!(run = %self.run, entries = complete.len(), "could not commit; the entries will be reclaimed");
             return;

@@ -266,6 +266,9 @@ struct Held {
     /// The item and start of the last output frame written to `results`: if it is still
     /// the last frame when that item ends, the end is merged into it.
     last_output: Option<(u64, usize)>,
+    /// Every item has its terminal result and the entry is being committed (its results
+    /// taken): it is held, and its lease kept, until the commit has an answer.
+    committing: bool,
 }
 
 struct Book {
@@ -647,6 +650,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                     results: Vec::new(),
                     broken: HashMap::new(),
                     last_output: None,
+                    committing: false,
                 },
             );
         }
@@ -931,6 +935,7 @@ mod tests {
             results: Vec::new(),
             broken: HashMap::new(),
             last_output: None,
+            committing: false,
         }
     }
 
