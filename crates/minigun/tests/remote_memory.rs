@@ -1010,3 +1010,54 @@ fn commits_that_fail_for_longer_than_the_lease_are_retried_and_the_entries_kept(
     assert_eq!(served[0].reclaimed, 0, "{served:?}");
     assert_eq!(served[0].items, 200, "{served:?}");
 }
+
+/// Doubles its items; [`broken_worker`]'s cannot be made.
+struct Doubler;
+
+impl minigun::Stage<u64, u64> for Doubler {
+    fn process(&mut self, x: u64, out: &mut minigun::Output<'_, u64>) -> StageResult {
+        out.emit(x * 2)?;
+        Ok(())
+    }
+}
+
+/// [`define`]'s pipeline on a worker whose stage instance cannot be made.
+fn broken_worker(broker: &MemoryBroker, cfg: fn(Remote) -> Remote, n: u64) -> Worker {
+    let b = broker.clone();
+    worker(move || {
+        let p = Pipeline::new("remote-memory");
+        p.handle_signals(false);
+        p.producer("numbers", move |out| out.emit_all(0..n).map_err(Into::into));
+        let r = cfg(Remote::new(b).claim_idle(Duration::from_millis(300)));
+        p.stage("double", || -> Doubler { panic!("no model on this host") })
+            .remote(r);
+        collect_into(&p, &Seen::default());
+        p
+    })
+}
+
+#[test]
+fn a_worker_whose_stage_cannot_start_leaves_the_run_and_its_entries_go_to_the_others() {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let cfg = |r: Remote| r.worker_exec(Exec::inline()).batch(4);
+    // The broken worker first, so that it takes entries before the healthy one exists.
+    let broken = broken_worker(&broker, cfg, 400);
+    let (b, s) = (broker.clone(), seen.clone());
+    let run = parent(move || define(&b, cfg, 400, &s));
+    std::thread::sleep(Duration::from_millis(300));
+    let healthy = workers_serving(1, &broker, cfg, 400, &seen, double);
+    wait_until("the run to end", Duration::from_secs(20), || {
+        run.is_finished()
+    });
+    let report = run.join().unwrap().expect("run");
+    assert_doubled_once(&seen, 400);
+    assert_eq!(report.stage("double").unwrap().failed, 0);
+    let broken = broken.stop();
+    assert_eq!((broken.runs, broken.items), (0, 0), "{broken:?}");
+    assert_eq!(broken.refused, 1, "it left the run: {broken:?}");
+    let healthy: Vec<ServeReport> = healthy.into_iter().map(Worker::stop).collect();
+    // The broken worker's entries were released to it (claimable at once), not left
+    // heartbeated for ever: without that the run never ends.
+    assert_eq!(healthy[0].items, 400, "{healthy:?}");
+}

@@ -84,7 +84,8 @@ impl ServeOptions {
 pub struct ServeReport {
     /// Runs served (to their end, or until the worker stopped).
     pub runs: u64,
-    /// Runs refused because the parent's definition differs.
+    /// Runs refused because the parent's definition differs, or left because the stage
+    /// failed here (its instance could not be made): its entries go to the other workers.
     pub refused: u64,
     /// Items whose results this worker committed.
     pub items: u64,
@@ -92,7 +93,7 @@ pub struct ServeReport {
     pub failed: u64,
     /// Commits refused because another worker had taken the entry.
     pub lease_lost: u64,
-    /// Entries taken over from lost workers.
+    /// Entries taken over from lost workers (or released by workers that left).
     pub reclaimed: u64,
     /// Entries dead-lettered by this worker.
     pub dead_lettered: u64,

@@ -36,6 +36,10 @@
 //! - On `Finishing` the worker stops fetching, lets its local run end (which runs the
 //!   stage's `finish`), and publishes its `finish` outputs once. On `Aborted`, or when the
 //!   run's keys are gone, it stops at once and leaves its entries.
+//! - When the local run aborts by itself (the stage cannot run on this host: its instance
+//!   cannot be made, its fork workers keep failing to start), the worker releases what it
+//!   holds (claimable at once, no delivery counted), leaves the run and fetches nothing more
+//!   of it: its entries go to the other workers.
 //! - On SIGTERM (or [`ServeOptions::stop_flag`](super::ServeOptions::stop_flag)) it stops fetching, gives its running items
 //!   `grace` to finish and commit, releases the rest (claimable at once, no delivery
 //!   counted), and leaves.
@@ -471,6 +475,14 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             if self.stop.load(Ordering::Relaxed) {
                 break Ended::Stopped;
             }
+            // The local run aborted by itself: the stage cannot run here. What this worker
+            // holds goes to the others at once; it fetches nothing more of this run.
+            if local_run.aborting() {
+                let why = local_run
+                    .take_cause()
+                    .map_or_else(|| "the local run stopped".into(), |f| f.message);
+                break Ended::Failed(why);
+            }
             let look = looked.is_none_or(|t| t.elapsed() >= FETCH_BLOCK);
             match if look {
                 session.control(&self.run)
@@ -542,11 +554,15 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                 }
             }
         };
-        match ended {
+        match &ended {
             Ended::Finishing => drop(tx),
             Ended::Stopped => {
                 self.grace();
                 local_run.abort(self.stop_failure());
+                drop(tx);
+                self.release(&mut *session);
+            }
+            Ended::Failed(_) => {
                 drop(tx);
                 self.release(&mut *session);
             }
@@ -769,6 +785,15 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                 let _ = session.stats(&self.run, &self.consumer, &wire::encode_stats(&stats));
                 let _ = session.unregister(&self.run, &self.consumer);
             }
+            Ended::Failed(why) => {
+                let _ = session.stats(&self.run, &self.consumer, &wire::encode_stats(&stats));
+                let _ = session.unregister(&self.run, &self.consumer);
+                return Err(format!(
+                    "stopped serving run {}: the stage failed here ({why}); its entries \
+                     were released to the other workers",
+                    self.run
+                ));
+            }
             Ended::Aborted | Ended::Lost => {}
         }
         tracing::info!(run = %self.run, ?ended, items = stats.items, "stopped serving the run");
@@ -868,12 +893,15 @@ fn one_suspect(deliveries: Vec<Delivery>) -> (Vec<Delivery>, Vec<Delivery>) {
 }
 
 /// How serving a run ended for this worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Ended {
     Finishing,
     Aborted,
     Stopped,
     Lost,
+    /// The stage failed here (its instance could not be made, its workers keep failing to
+    /// start): why.
+    Failed(String),
 }
 
 /// The executor a worker runs the items under (a remote one cannot nest; an async stage's
