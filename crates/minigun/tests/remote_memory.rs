@@ -975,42 +975,6 @@ fn an_unsendable_item_inside_a_batch_fails_alone_and_the_others_of_its_entry_arr
     }
 }
 
-/// Items doubled by [`counted_double`], ever.
-static EXECUTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-fn counted_double(x: u64) -> StageResult<u64> {
-    EXECUTED.fetch_add(1, Ordering::SeqCst);
-    std::thread::sleep(Duration::from_millis(2));
-    Ok(x * 2)
-}
-
-#[test]
-fn commits_that_fail_for_longer_than_the_lease_are_retried_and_the_entries_kept() {
-    let broker = MemoryBroker::new();
-    let seen: Seen = Arc::default();
-    let cfg = |r: Remote| r.worker_exec(Exec::inline()).batch(4);
-    let w = workers_serving(1, &broker, cfg, 200, &seen, counted_double);
-    let (b, s) = (broker.clone(), seen.clone());
-    let run = parent(move || define_with(&b, cfg, 200, &s, counted_double));
-    wait_until("20 items", Duration::from_secs(20), || {
-        collected(&seen) >= 20
-    });
-    // 30 failures 50 ms apart: the broker refuses commits for 1.5 s, five times the lease
-    // (claim_idle 300 ms); everything else still works, the keeper's reclaims included.
-    broker.fail_next("commit", 30);
-    let report = run.join().unwrap().expect("run");
-    let served: Vec<ServeReport> = w.into_iter().map(Worker::stop).collect();
-    assert_doubled_once(&seen, 200);
-    assert_eq!(report.stage("double").unwrap().failed, 0);
-    assert_eq!(
-        EXECUTED.load(Ordering::SeqCst),
-        200,
-        "no entry was taken from its worker and run again: {served:?}"
-    );
-    assert_eq!(served[0].reclaimed, 0, "{served:?}");
-    assert_eq!(served[0].items, 200, "{served:?}");
-}
-
 /// Doubles its items; [`broken_worker`]'s cannot be made.
 struct Doubler;
 
@@ -1060,4 +1024,57 @@ fn a_worker_whose_stage_cannot_start_leaves_the_run_and_its_entries_go_to_the_ot
     // The broken worker's entries were released to it (claimable at once), not left
     // heartbeated for ever: without that the run never ends.
     assert_eq!(healthy[0].items, 400, "{healthy:?}");
+}
+
+/// Items doubled by [`counted_double`], ever (each test runs in a process of its own).
+static EXECUTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn counted_double(x: u64) -> StageResult<u64> {
+    EXECUTED.fetch_add(1, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(30));
+    Ok(x * 2)
+}
+
+/// 40 items of 30 ms through one inline worker, `batch(4)`; `fault` is injected into the
+/// broker once 8 have arrived. Every item arrives once and runs once: what the worker
+/// reported.
+fn one_worker_through(fault: impl FnOnce(&MemoryBroker)) -> ServeReport {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let cfg = |r: Remote| r.worker_exec(Exec::inline()).batch(4);
+    let w = workers_serving(1, &broker, cfg, 40, &seen, counted_double);
+    let (b, s) = (broker.clone(), seen.clone());
+    let run = parent(move || define_with(&b, cfg, 40, &s, counted_double));
+    wait_until("8 items", Duration::from_secs(20), || collected(&seen) >= 8);
+    fault(&broker);
+    let report = run.join().unwrap().expect("run");
+    let served = w.into_iter().map(Worker::stop).next().unwrap();
+    assert_doubled_once(&seen, 40);
+    assert_eq!(report.stage("double").unwrap().failed, 0);
+    assert_eq!(
+        EXECUTED.load(Ordering::SeqCst),
+        40,
+        "nothing ran twice: {served:?}"
+    );
+    served
+}
+
+#[test]
+fn commits_that_fail_for_longer_than_the_lease_are_retried_and_the_entries_kept() {
+    // 30 failures 50 ms apart: the broker refuses commits for 1.5 s, five times the lease
+    // (claim_idle 300 ms); everything else still works, the keeper's reclaims included.
+    let served = one_worker_through(|b| b.fail_next("commit", 30));
+    assert_eq!(served.reclaimed, 0, "{served:?}");
+    assert_eq!(served.items, 40, "{served:?}");
+}
+
+#[test]
+fn after_a_lost_fetch_reply_a_worker_takes_its_own_entries_back_and_keeps_those_it_runs() {
+    // The next fetch delivers and loses its reply: the worker reads its own pending list
+    // again, which also holds the entries it runs.
+    let served = one_worker_through(|b| b.fail_after_next("fetch", 1));
+    assert_eq!(
+        served.reclaimed, 0,
+        "no entry waited for claim_idle: {served:?}"
+    );
 }

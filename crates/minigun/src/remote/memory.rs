@@ -197,9 +197,20 @@ impl MemorySession {
             let got = f(&mut s)?;
             let left = deadline.saturating_duration_since(Instant::now());
             if !got.is_empty() || left.is_zero() {
+                // What was delivered stays delivered when the reply is lost.
+                let lost = match s.fail_after.get_mut(method) {
+                    Some(n) if *n > 0 => {
+                        *n -= 1;
+                        true
+                    }
+                    _ => false,
+                };
                 drop(s);
                 self.broker.shared.changed.notify_all();
-                return Ok(got);
+                return match lost {
+                    true => Err(BrokerError::Unavailable(format!("{method}: reply lost"))),
+                    false => Ok(got),
+                };
             }
             s = self
                 .broker

@@ -528,15 +528,24 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             let Some(count) = self.wait_for_room(pace.room(self)) else {
                 continue;
             };
-            // Our own entries again (after an error) come one at a time, as claims do.
+            // Our own entries again (after an error): all of them, for those whose delivery
+            // was lost with a reply are among them; the ones this worker holds already are
+            // left alone (they run here).
             let again = std::mem::take(&mut own);
-            let count = if again { 1 } else { count };
+            let count = match again {
+                true => self.lock().held.len() + 2 * MAX_AHEAD,
+                false => count,
+            };
             let got = session.fetch(&self.run, &self.consumer, count, FETCH_BLOCK, again);
             match got {
                 Ok(deliveries) => {
                     if deliveries.is_empty() {
                         looked = None;
                     }
+                    let deliveries = match again {
+                        true => self.not_held(deliveries),
+                        false => deliveries,
+                    };
                     let (deliveries, back) = one_suspect(deliveries);
                     self.give_back(&mut *session, &back);
                     for d in deliveries {
@@ -614,6 +623,15 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             .wait_timeout(book, FETCH_BLOCK)
             .unwrap_or_else(|e| e.into_inner());
         free(&book)
+    }
+
+    /// Of this worker's own entries read again, those it does not hold already.
+    fn not_held(&self, deliveries: Vec<Delivery>) -> Vec<Delivery> {
+        let book = self.lock();
+        deliveries
+            .into_iter()
+            .filter(|d| book.held.get(&d.entry.first).is_none_or(|h| h.id != d.id))
+            .collect()
     }
 
     /// Entries fetched beyond one that runs alone: claimable again at once, no delivery
