@@ -327,7 +327,7 @@ impl<O> Router<O> {
     /// held, and its routed items too, until [`Router::commit`] (it succeeded) or
     /// [`Router::discard`] (it failed: they are dropped). Meanwhile nothing is sent: a list
     /// grows past 256 if the item emits that many, and a flush that falls due waits for the
-    /// commit. Two stores, unless the router deals round robin over several outputs.
+    /// commit. Two stores, and one per list when there are several outputs.
     #[inline]
     pub(crate) fn begin(&mut self) {
         self.attempt.open = true;

@@ -993,8 +993,12 @@ fn broken_worker(broker: &MemoryBroker, cfg: fn(Remote) -> Remote, n: u64) -> Wo
         p.handle_signals(false);
         p.producer("numbers", move |out| out.emit_all(0..n).map_err(Into::into));
         let r = cfg(Remote::new(b).claim_idle(Duration::from_millis(300)));
-        p.stage("double", || -> Doubler { panic!("no model on this host") })
-            .remote(r);
+        // After the fetcher has taken entries: they are held when the local run aborts.
+        p.stage("double", || -> Doubler {
+            std::thread::sleep(Duration::from_millis(300));
+            panic!("no model on this host")
+        })
+        .remote(r);
         collect_into(&p, &Seen::default());
         p
     })
@@ -1024,27 +1028,37 @@ fn a_worker_whose_stage_cannot_start_leaves_the_run_and_its_entries_go_to_the_ot
     // The broken worker's entries were released to it (claimable at once), not left
     // heartbeated for ever: without that the run never ends.
     assert_eq!(healthy[0].items, 400, "{healthy:?}");
+    assert!(
+        healthy[0].reclaimed >= 1,
+        "it took the released entries: {healthy:?}"
+    );
 }
 
-/// Items doubled by [`counted_double`], ever (each test runs in a process of its own).
-static EXECUTED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+/// Runs of each of the two tests below (a counter each: tests may share a process).
+static EXECUTED_COMMITS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static EXECUTED_FETCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-fn counted_double(x: u64) -> StageResult<u64> {
-    EXECUTED.fetch_add(1, Ordering::SeqCst);
+/// Doubles `x` in 30 ms, counted in `runs`.
+fn counted(runs: &std::sync::atomic::AtomicU64, x: u64) -> StageResult<u64> {
+    runs.fetch_add(1, Ordering::SeqCst);
     std::thread::sleep(Duration::from_millis(30));
     Ok(x * 2)
 }
 
 /// 40 items of 30 ms through one inline worker, `batch(4)`; `fault` is injected into the
-/// broker once 8 have arrived. Every item arrives once and runs once: what the worker
-/// reported.
-fn one_worker_through(fault: impl FnOnce(&MemoryBroker)) -> ServeReport {
+/// broker once 8 have arrived; `f` doubles, counting its runs in `runs`. Every item arrives
+/// once and runs once: what the worker reported.
+fn one_worker_through(
+    f: fn(u64) -> StageResult<u64>,
+    runs: &std::sync::atomic::AtomicU64,
+    fault: impl FnOnce(&MemoryBroker),
+) -> ServeReport {
     let broker = MemoryBroker::new();
     let seen: Seen = Arc::default();
     let cfg = |r: Remote| r.worker_exec(Exec::inline()).batch(4);
-    let w = workers_serving(1, &broker, cfg, 40, &seen, counted_double);
+    let w = workers_serving(1, &broker, cfg, 40, &seen, f);
     let (b, s) = (broker.clone(), seen.clone());
-    let run = parent(move || define_with(&b, cfg, 40, &s, counted_double));
+    let run = parent(move || define_with(&b, cfg, 40, &s, f));
     wait_until("8 items", Duration::from_secs(20), || collected(&seen) >= 8);
     fault(&broker);
     let report = run.join().unwrap().expect("run");
@@ -1052,7 +1066,7 @@ fn one_worker_through(fault: impl FnOnce(&MemoryBroker)) -> ServeReport {
     assert_doubled_once(&seen, 40);
     assert_eq!(report.stage("double").unwrap().failed, 0);
     assert_eq!(
-        EXECUTED.load(Ordering::SeqCst),
+        runs.load(Ordering::SeqCst),
         40,
         "nothing ran twice: {served:?}"
     );
@@ -1063,7 +1077,8 @@ fn one_worker_through(fault: impl FnOnce(&MemoryBroker)) -> ServeReport {
 fn commits_that_fail_for_longer_than_the_lease_are_retried_and_the_entries_kept() {
     // 30 failures 50 ms apart: the broker refuses commits for 1.5 s, five times the lease
     // (claim_idle 300 ms); everything else still works, the keeper's reclaims included.
-    let served = one_worker_through(|b| b.fail_next("commit", 30));
+    let f = |x| counted(&EXECUTED_COMMITS, x);
+    let served = one_worker_through(f, &EXECUTED_COMMITS, |b| b.fail_next("commit", 30));
     assert_eq!(served.reclaimed, 0, "{served:?}");
     assert_eq!(served.items, 40, "{served:?}");
 }
@@ -1072,7 +1087,8 @@ fn commits_that_fail_for_longer_than_the_lease_are_retried_and_the_entries_kept(
 fn after_a_lost_fetch_reply_a_worker_takes_its_own_entries_back_and_keeps_those_it_runs() {
     // The next fetch delivers and loses its reply: the worker reads its own pending list
     // again, which also holds the entries it runs.
-    let served = one_worker_through(|b| b.fail_after_next("fetch", 1));
+    let f = |x| counted(&EXECUTED_FETCH, x);
+    let served = one_worker_through(f, &EXECUTED_FETCH, |b| b.fail_after_next("fetch", 1));
     assert_eq!(
         served.reclaimed, 0,
         "no entry waited for claim_idle: {served:?}"

@@ -197,9 +197,10 @@ impl MemorySession {
             let got = f(&mut s)?;
             let left = deadline.saturating_duration_since(Instant::now());
             if !got.is_empty() || left.is_zero() {
-                // What was delivered stays delivered when the reply is lost.
+                // What was delivered stays delivered when the reply is lost (a fetch that
+                // found nothing loses nothing: the fault waits for one that delivers).
                 let lost = match s.fail_after.get_mut(method) {
-                    Some(n) if *n > 0 => {
+                    Some(n) if *n > 0 && !got.is_empty() => {
                         *n -= 1;
                         true
                     }

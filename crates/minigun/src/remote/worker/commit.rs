@@ -7,8 +7,10 @@
 //! ([`Session::commit_many`]): under load, one round trip commits several entries.
 //!
 //! A complete entry stays in the book, its lease kept by the keeper, until its commit has an
-//! answer; a commit that finds the broker unavailable is tried again until `max_outage`, so
-//! an outage shorter than that costs no entry its lease, and no item a second execution.
+//! answer; a commit that finds the broker unavailable is tried again until `max_outage`. So
+//! commits refused while heartbeats get through cost no entry its lease; in an outage of the
+//! whole server the leases lapse after `claim_idle` like those of every held entry, and a
+//! late commit of an entry another worker took publishes nothing (`lease_lost`).
 
 use super::{Book, Held, RunServer, Tagged};
 use crate::error::FailureKind;
@@ -141,8 +143,9 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
         }
     }
 
-    /// Item `index` reached its terminal result (written by `write`): its entry, removed
-    /// from the book, when that was the entry's last item.
+    /// Item `index` reached its terminal result (written by `write`): its entry's results,
+    /// taken for the commit, when that was the entry's last item (the entry stays in the
+    /// book, marked `committing`, until the commit has an answer).
     fn settle(book: &mut Book, index: u64, write: impl FnOnce(&mut Held)) -> Option<Complete> {
         book.local = book.local.saturating_sub(1);
         book.settled += 1;

@@ -44,7 +44,7 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
             }
             if now >= reclaim_due {
                 reclaim_due = now + reclaim_every;
-                if !self.stop.load(Ordering::Relaxed) {
+                if !self.stop.load(Ordering::Relaxed) && !self.leaving.load(Ordering::Relaxed) {
                     backlog = self.reclaim(&mut **session);
                 }
             }

@@ -302,6 +302,8 @@ struct RunServer<'a, I, O, C> {
     running: usize,
     /// Entries the keeper took over, for the fetcher to run.
     reclaimed: Mutex<VecDeque<Delivery>>,
+    /// The worker is leaving the run (it released its entries): the keeper claims nothing.
+    leaving: AtomicBool,
     _c: std::marker::PhantomData<fn() -> C>,
 }
 
@@ -333,6 +335,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             changed: Condvar::new(),
             running: (exec.concurrency() * 2).max(1),
             reclaimed: Mutex::new(VecDeque::new()),
+            leaving: AtomicBool::new(false),
             _c: std::marker::PhantomData,
         })
     }
@@ -625,12 +628,15 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
         free(&book)
     }
 
-    /// Of this worker's own entries read again, those it does not hold already.
+    /// Of this worker's own entries read again, those it neither holds already nor has
+    /// claimed for the fetcher to take.
     fn not_held(&self, deliveries: Vec<Delivery>) -> Vec<Delivery> {
+        let claimed: Vec<EntryId> = self.claimed().iter().map(|d| d.id.clone()).collect();
         let book = self.lock();
         deliveries
             .into_iter()
             .filter(|d| book.held.get(&d.entry.first).is_none_or(|h| h.id != d.id))
+            .filter(|d| !claimed.contains(&d.id))
             .collect()
     }
 
@@ -662,6 +668,11 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
         {
             let suspect = is_suspect(&d);
             let mut book = self.lock();
+            if book.held.get(&d.entry.first).is_some_and(|h| h.id == d.id) {
+                // This very entry, delivered again (a claim and a re-read of the worker's
+                // own entries both found it): it runs here already.
+                return;
+            }
             if overlaps(&book.held, d.entry.first, d.entry.count) {
                 // Another copy of items this worker runs (a send that failed part way was
                 // sent again, or a reconciliation re-added them): holding both would mix
@@ -762,15 +773,28 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
         }
     }
 
-    /// Releases the entries still held: claimable at once, no delivery counted. They are
-    /// forgotten first, so nothing of them is committed after.
+    /// Releases the entries still held, and those the keeper claimed that the fetcher did not
+    /// take: claimable at once, no delivery counted. They are forgotten first, so nothing of
+    /// them is committed after; an entry whose commit is under way stays with the committer.
+    /// The keeper reclaims nothing more for this run.
     fn release(&self, session: &mut dyn Session) {
+        self.leaving.store(true, Ordering::Relaxed);
         let held = {
             let mut book = self.lock();
             book.suspects = 0;
-            std::mem::take(&mut book.held)
+            // An entry being committed is the committer's: it answers, and removes it.
+            let (committing, rest) = std::mem::take(&mut book.held)
+                .into_iter()
+                .partition(|(_, h)| h.committing);
+            book.held = committing;
+            rest
         };
-        let held: Vec<(EntryId, u32)> = held.into_values().map(|h| (h.id, h.deliveries)).collect();
+        let claimed: Vec<Delivery> = self.claimed().drain(..).collect();
+        let held: Vec<(EntryId, u32)> = held
+            .into_values()
+            .map(|h| (h.id, h.deliveries))
+            .chain(claimed.into_iter().map(|d| (d.id, d.deliveries)))
+            .collect();
         if held.is_empty() {
             return;
         }
@@ -873,6 +897,12 @@ fn misnumbered<I>(items: &[(u64, I)], first: u64, count: u32) -> Option<String> 
     }
     if count == 0 {
         return Some("an entry of no items".into());
+    }
+    // The last index is reserved (a worker's `finish` outputs), and none lies past it.
+    if first.checked_add(u64::from(count)).is_none() {
+        return Some(format!(
+            "its {count} items from {first} on run past the last index"
+        ));
     }
     let at = (0..)
         .zip(items)
@@ -989,16 +1019,22 @@ mod tests {
     fn an_entry_runs_only_if_it_holds_exactly_the_items_it_names() {
         let items = |ids: &[u64]| ids.iter().map(|&i| (i, ())).collect::<Vec<_>>();
         assert_eq!(misnumbered(&items(&[7, 8, 9]), 7, 3), None);
-        let cases: [(&[u64], u64, u32, &str); 5] = [
+        let cases: [(&[u64], u64, u32, &str); 6] = [
             (&[7, 8], 7, 3, "2 items where the entry says 3"),
             (&[], 7, 0, "an entry of no items"),
             (&[7, 9, 8], 7, 3, "its item 1 is numbered 9, not 8"),
             (&[9], 2, 1, "its item 0 is numbered 9, not 2"),
             (
-                &[u64::MAX, 0],
-                u64::MAX,
+                &[5, 6],
+                u64::MAX - 1,
                 2,
-                "its item 1 is numbered 0, not 18446744073709551615",
+                "its 2 items from 18446744073709551614 on run past the last index",
+            ),
+            (
+                &[u64::MAX],
+                u64::MAX,
+                1,
+                "its 1 items from 18446744073709551615 on run past the last index",
             ),
         ];
         for (ids, first, count, why) in cases {

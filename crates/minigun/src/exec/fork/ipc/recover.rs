@@ -257,12 +257,13 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             self.start_failure(slot, &m);
         } else if let Some(front) = w.flights.pop_front() {
             let kill = w.kill();
-            // Killed for the time limit of an item that answered after all: the item running
-            // then did not overrun anything. If it sent nothing yet, it goes back with the
+            // Killed for the time limit of an item that answered after all (the front was
+            // that item when the kill began; a retry or a requeued item may come after it
+            // with a lower index): the item running then did not overrun anything. If it sent nothing yet, it goes back with the
             // items behind it, its attempt not counted (as cow_fork's children do); with
             // outputs sent, it fails by how the worker ended, as a crash would.
             let blameless = kill.is_some_and(|k| {
-                k.why == Killed::Timeout && k.timed_out.is_some_and(|t| t < front.index)
+                k.why == Killed::Timeout && k.timed_out.is_some_and(|t| t != front.index)
             }) && w.results == 0
                 && w.stream.corrupt.is_none()
                 && matches!(exit, sys::Exit::Signal(libc::SIGTERM | libc::SIGKILL));

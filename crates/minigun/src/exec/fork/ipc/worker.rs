@@ -557,20 +557,6 @@ mod tests {
     }
 
     #[test]
-    fn a_corrupt_stream_kills_a_live_worker_through_its_pidfd_and_not_a_reaped_one() {
-        let mut w = sleeper();
-        w.kill_now();
-        assert_eq!(w.kill().map(|k| k.why), Some(Killed::Protocol));
-        w.reap();
-        assert_eq!(w.exit(), Some(sys::Exit::Signal(libc::SIGKILL)));
-        // Found corrupt again while its pipe and log are replayed: no signal, no change.
-        w.kill_now();
-        assert!(!w.alive());
-        assert_eq!(w.exit(), Some(sys::Exit::Signal(libc::SIGKILL)));
-        assert_eq!(w.kill().map(|k| k.why), Some(Killed::Protocol));
-    }
-
-    #[test]
     fn a_worker_that_shuts_down_or_failed_to_start_takes_nothing_more() {
         let mut w = sleeper();
         w.shut_down(true);
