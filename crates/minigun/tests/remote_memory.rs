@@ -1094,3 +1094,20 @@ fn after_a_lost_fetch_reply_a_worker_takes_its_own_entries_back_and_keeps_those_
         "no entry waited for claim_idle: {served:?}"
     );
 }
+
+static EXECUTED_CLAIM_BACK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+#[test]
+fn a_worker_that_claims_back_its_own_lapsed_entries_neither_splits_them_nor_runs_them_twice() {
+    // The broker's clock jumps past the lease five times while entries of four items run:
+    // the worker's keeper finds its own entries idle and claims them back, delivered twice.
+    let f = |x| counted(&EXECUTED_CLAIM_BACK, x);
+    let served = one_worker_through(f, &EXECUTED_CLAIM_BACK, |b| {
+        for _ in 0..5 {
+            b.advance(Duration::from_millis(600));
+            std::thread::sleep(Duration::from_millis(40));
+        }
+    });
+    assert_eq!(served.lease_lost, 0, "{served:?}");
+    assert_eq!(served.items, 40, "{served:?}");
+}

@@ -662,17 +662,23 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             },
             Err(m) => return self.garbage(session, &d, m),
         };
+        if self
+            .lock()
+            .held
+            .get(&d.entry.first)
+            .is_some_and(|h| h.id == d.id)
+        {
+            // This very entry, delivered again (the keeper claimed it back after its lease
+            // lapsed, or a claim and a re-read of the worker's own entries both found it):
+            // it runs here already, and is neither split nor given back.
+            return;
+        }
         if d.deliveries >= 2 && items.len() > 1 {
             return self.split(session, &d, items);
         }
         {
             let suspect = is_suspect(&d);
             let mut book = self.lock();
-            if book.held.get(&d.entry.first).is_some_and(|h| h.id == d.id) {
-                // This very entry, delivered again (a claim and a re-read of the worker's
-                // own entries both found it): it runs here already.
-                return;
-            }
             if overlaps(&book.held, d.entry.first, d.entry.count) {
                 // Another copy of items this worker runs (a send that failed part way was
                 // sent again, or a reconciliation re-added them): holding both would mix
