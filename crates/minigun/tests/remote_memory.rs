@@ -1111,3 +1111,54 @@ fn a_worker_that_claims_back_its_own_lapsed_entries_neither_splits_them_nor_runs
     assert_eq!(served.lease_lost, 0, "{served:?}");
     assert_eq!(served.items, 40, "{served:?}");
 }
+
+/// What [`logged_double`] did, in order: (item, started) for each start and end.
+static EVENTS: Mutex<Vec<(u64, bool)>> = Mutex::new(Vec::new());
+
+fn logged_double(x: u64) -> StageResult<u64> {
+    EVENTS.lock().unwrap().push((x, true));
+    std::thread::sleep(Duration::from_millis(10));
+    EVENTS.lock().unwrap().push((x, false));
+    Ok(x * 2)
+}
+
+#[test]
+fn a_redelivered_entry_runs_only_once_its_worker_holds_nothing_else() {
+    let broker = MemoryBroker::new();
+    let seen: Seen = Arc::default();
+    let cfg = |r: Remote| r.worker_exec(Exec::threads(4)).batch(10);
+    let (b, s) = (broker.clone(), seen.clone());
+    let run = parent(move || define_with(&b, cfg, 400, &s, logged_double));
+    let stage_run = announced(&broker, "remote-memory");
+    // A consumer that takes items 0..10 and is never heard of again: the worker reclaims
+    // them after claim_idle, while it runs the others four at a time, and splits them.
+    let (_ghost, held) = hold_one(&broker, &stage_run);
+    assert_eq!(held.entry.first, 0);
+    let w = workers_serving(1, &broker, cfg, 400, &seen, logged_double);
+    let report = run.join().unwrap().expect("run");
+    let served: Vec<ServeReport> = w.into_iter().map(Worker::stop).collect();
+    assert_doubled_once(&seen, 400);
+    assert_eq!(report.stage("double").unwrap().failed, 0);
+    assert_eq!(served[0].reclaimed, 1, "{served:?}");
+    // Each of items 0..10 (each a redelivered part) ran with no other item running.
+    let events = EVENTS.lock().unwrap().clone();
+    let mut running = std::collections::BTreeSet::new();
+    for (x, started) in events {
+        match started {
+            true => {
+                assert!(
+                    x >= 10 || running.is_empty(),
+                    "redelivered item {x} started while {running:?} ran"
+                );
+                assert!(
+                    running.iter().all(|&r| r >= 10),
+                    "item {x} started while redelivered {running:?} ran"
+                );
+                running.insert(x);
+            }
+            false => {
+                running.remove(&x);
+            }
+        }
+    }
+}

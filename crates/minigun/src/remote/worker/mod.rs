@@ -22,9 +22,10 @@
 //!   `claim_idle` (their worker was lost): past `max_deliveries` an entry is dead-lettered
 //!   with a `WorkerLost` failure for each item; a reclaimed batch of several items is split
 //!   into single-item entries, so a poison item is isolated after one redelivery. A worker
-//!   claims one entry at a time, busy or not, and while it runs an entry delivered before it
-//!   fetches and claims nothing else, so that entry, if it kills the worker again, takes no
-//!   other entry's delivery with it.
+//!   claims one entry at a time, busy or not; an entry delivered before starts only once the
+//!   worker holds nothing else (it waits, its lease kept), and while it waits or runs the
+//!   worker fetches and claims nothing else, so that entry, if it kills the worker again,
+//!   takes no other entry's delivery with it.
 //! - The fetcher fetches what the local run has room for: the items it runs at once and
 //!   what it settles in [`AHEAD`] at the pace it has kept (at least one entry, at most
 //!   [`MAX_AHEAD`]), so fast items come many entries per round trip and slow ones one entry
@@ -289,6 +290,9 @@ struct Book {
     stats: WorkerStats,
 }
 
+/// A redelivered entry waiting to run alone: its first index and its items.
+type Waiting<I> = (u64, Vec<(u64, I)>);
+
 /// One run being served.
 struct RunServer<'a, I, O, C> {
     s: &'a ServedStage<I, O>,
@@ -304,6 +308,8 @@ struct RunServer<'a, I, O, C> {
     reclaimed: Mutex<VecDeque<Delivery>>,
     /// The worker is leaving the run (it released its entries): the keeper claims nothing.
     leaving: AtomicBool,
+    /// A redelivered entry waiting to run alone.
+    alone: Mutex<Option<Waiting<I>>>,
     _c: std::marker::PhantomData<fn() -> C>,
 }
 
@@ -336,6 +342,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             running: (exec.concurrency() * 2).max(1),
             reclaimed: Mutex::new(VecDeque::new()),
             leaving: AtomicBool::new(false),
+            alone: Mutex::new(None),
             _c: std::marker::PhantomData,
         })
     }
@@ -528,6 +535,7 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             for d in taken_over {
                 self.take(&mut *session, d, &tx);
             }
+            self.run_waiting(&tx);
             let Some(count) = self.wait_for_room(pace.room(self)) else {
                 continue;
             };
@@ -688,7 +696,13 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                 tracing::debug!(run = %self.run, entry = %d.id, first = d.entry.first, "gave back a copy of items this worker runs");
                 return self.give_back(session, std::slice::from_ref(&d));
             }
-            book.local += items.len();
+            // A redelivered entry runs alone: beside others it would take their deliveries
+            // with it if it kills the worker again. It waits, held (its lease kept), until
+            // the worker holds nothing else.
+            let alone = !suspect || book.held.is_empty();
+            if alone {
+                book.local += items.len();
+            }
             book.suspects += suspect as usize;
             book.held.insert(
                 d.entry.first,
@@ -704,8 +718,41 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                     committing: false,
                 },
             );
+            if !alone {
+                drop(book);
+                tracing::debug!(run = %self.run, entry = %d.id, "a redelivered entry waits to run alone");
+                *self.waiting() = Some((d.entry.first, items));
+                return;
+            }
         }
         let mut items = items;
+        tx.send_all(&mut items);
+    }
+
+    /// The redelivered entry waiting to run alone, if any.
+    fn waiting(&self) -> MutexGuard<'_, Option<Waiting<I>>> {
+        self.alone.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the waiting redelivered entry once the worker holds nothing else (it is
+    /// forgotten if it is no longer held: released, or the run ended).
+    fn run_waiting(&self, tx: &queue::Sender<(u64, I)>) {
+        let mut waiting = self.waiting();
+        let Some((first, _)) = waiting.as_ref() else {
+            return;
+        };
+        let mut book = self.lock();
+        if !book.held.contains_key(first) {
+            *waiting = None;
+            return;
+        }
+        if book.held.len() > 1 {
+            return;
+        }
+        let (_, mut items) = waiting.take().expect("checked");
+        book.local += items.len();
+        drop(book);
+        drop(waiting);
         tx.send_all(&mut items);
     }
 
@@ -769,8 +816,10 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
     /// After a stop: the running items get `grace` to finish and commit.
     fn grace(&self) {
         let until = Instant::now() + self.s.remote.grace;
+        // A redelivered entry waiting to run alone does not start any more: it is released.
+        let waiting = self.waiting().take().map(|(first, _)| first);
         let mut book = self.lock();
-        while !book.held.is_empty() && Instant::now() < until {
+        while book.held.keys().any(|&f| Some(f) != waiting) && Instant::now() < until {
             book = self
                 .changed
                 .wait_timeout(book, Duration::from_millis(20))
@@ -935,15 +984,18 @@ fn is_suspect(d: &Delivery) -> bool {
     d.entry.attempts.saturating_add(d.deliveries) >= 2
 }
 
-/// Of a fetch's deliveries, those to run: every first delivery, and at most one suspect
-/// entry, which runs alone (see [`RunServer::wait_for_room`]); the others, to give back.
+/// Of a fetch's deliveries, those to run: every first delivery, then at most one suspect
+/// entry, last, which runs alone once the others are done (see [`RunServer::take`]); the
+/// other suspects, to give back.
 fn one_suspect(deliveries: Vec<Delivery>) -> (Vec<Delivery>, Vec<Delivery>) {
     let mut suspect = false;
-    deliveries.into_iter().partition(|d| {
+    let (mut run, back): (Vec<Delivery>, Vec<Delivery>) = deliveries.into_iter().partition(|d| {
         let keep = !is_suspect(d) || !suspect;
         suspect |= is_suspect(d);
         keep
-    })
+    });
+    run.sort_by_key(is_suspect);
+    (run, back)
 }
 
 /// How serving a run ended for this worker.
