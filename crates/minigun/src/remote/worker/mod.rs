@@ -686,6 +686,8 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
         }
         {
             let suspect = is_suspect(&d);
+            // Its lock is never taken under the book's.
+            let one_waits = self.waiting().is_some();
             let mut book = self.lock();
             if overlaps(&book.held, d.entry.first, d.entry.count) {
                 // Another copy of items this worker runs (a send that failed part way was
@@ -700,6 +702,11 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             // with it if it kills the worker again. It waits, held (its lease kept), until
             // the worker holds nothing else.
             let alone = !suspect || book.held.is_empty();
+            if !alone && one_waits {
+                // One waits already (never so: nothing is fetched or claimed while it does).
+                drop(book);
+                return self.give_back(session, std::slice::from_ref(&d));
+            }
             if alone {
                 book.local += items.len();
             }
