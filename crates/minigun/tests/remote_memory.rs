@@ -1046,12 +1046,13 @@ fn counted(runs: &std::sync::atomic::AtomicU64, x: u64) -> StageResult<u64> {
 }
 
 /// 40 items of 30 ms through one inline worker, `batch(4)`; `fault` is injected into the
-/// broker once 8 have arrived; `f` doubles, counting its runs in `runs`. Every item arrives
+/// broker once 8 have arrived (the failures it injects, if any, into the method it names
+/// are all used by the end); `f` doubles, counting its runs in `runs`. Every item arrives
 /// once and runs once: what the worker reported.
 fn one_worker_through(
     f: fn(u64) -> StageResult<u64>,
     runs: &std::sync::atomic::AtomicU64,
-    fault: impl FnOnce(&MemoryBroker),
+    fault: impl FnOnce(&MemoryBroker) -> Option<&'static str>,
 ) -> ServeReport {
     let broker = MemoryBroker::new();
     let seen: Seen = Arc::default();
@@ -1060,9 +1061,16 @@ fn one_worker_through(
     let (b, s) = (broker.clone(), seen.clone());
     let run = parent(move || define_with(&b, cfg, 40, &s, f));
     wait_until("8 items", Duration::from_secs(20), || collected(&seen) >= 8);
-    fault(&broker);
+    let faulted = fault(&broker);
     let report = run.join().unwrap().expect("run");
     let served = w.into_iter().map(Worker::stop).next().unwrap();
+    if let Some(method) = faulted {
+        assert_eq!(
+            broker.faults_left(method),
+            0,
+            "the faults of {method} happened"
+        );
+    }
     assert_doubled_once(&seen, 40);
     assert_eq!(report.stage("double").unwrap().failed, 0);
     assert_eq!(
@@ -1078,7 +1086,10 @@ fn commits_that_fail_for_longer_than_the_lease_are_retried_and_the_entries_kept(
     // 30 failures 50 ms apart: the broker refuses commits for 1.5 s, five times the lease
     // (claim_idle 300 ms); everything else still works, the keeper's reclaims included.
     let f = |x| counted(&EXECUTED_COMMITS, x);
-    let served = one_worker_through(f, &EXECUTED_COMMITS, |b| b.fail_next("commit", 30));
+    let served = one_worker_through(f, &EXECUTED_COMMITS, |b| {
+        b.fail_next("commit", 30);
+        Some("commit")
+    });
     assert_eq!(served.reclaimed, 0, "{served:?}");
     assert_eq!(served.items, 40, "{served:?}");
 }
@@ -1088,7 +1099,10 @@ fn after_a_lost_fetch_reply_a_worker_takes_its_own_entries_back_and_keeps_those_
     // The next fetch delivers and loses its reply: the worker reads its own pending list
     // again, which also holds the entries it runs.
     let f = |x| counted(&EXECUTED_FETCH, x);
-    let served = one_worker_through(f, &EXECUTED_FETCH, |b| b.fail_after_next("fetch", 1));
+    let served = one_worker_through(f, &EXECUTED_FETCH, |b| {
+        b.fail_after_next("fetch", 1);
+        Some("fetch")
+    });
     assert_eq!(
         served.reclaimed, 0,
         "no entry waited for claim_idle: {served:?}"
@@ -1107,6 +1121,7 @@ fn a_worker_that_claims_back_its_own_lapsed_entries_neither_splits_them_nor_runs
             b.advance(Duration::from_millis(600));
             std::thread::sleep(Duration::from_millis(40));
         }
+        None
     });
     assert_eq!(served.lease_lost, 0, "{served:?}");
     assert_eq!(served.items, 40, "{served:?}");

@@ -104,6 +104,14 @@ impl MemoryBroker {
         self.lock().fail_after.insert(method, times);
     }
 
+    /// Injected failures of `method` not used yet ([`MemoryBroker::fail_next`] and
+    /// [`MemoryBroker::fail_after_next`] together): a test checks that its faults happened.
+    pub fn faults_left(&self, method: &'static str) -> u32 {
+        let s = self.lock();
+        let left = |m: &HashMap<&'static str, u32>| m.get(method).copied().unwrap_or(0);
+        left(&s.fail_next) + left(&s.fail_after)
+    }
+
     /// The entries in the dead-letter stream of a run: each entry, its deliveries and its
     /// last owner.
     pub fn dead_letters(&self, run: &StageRun) -> Vec<(NewEntry, u32, String)> {

@@ -156,17 +156,15 @@ impl<I: Wire, O: Wire, C: Codec> RunServer<'_, I, O, C> {
             return None;
         }
         h.committing = true;
-        let (suspect, c) = (
-            h.suspect,
-            Complete {
-                first,
-                id: h.id.clone(),
-                count: h.count,
-                results: std::mem::take(&mut h.results),
-            },
-        );
+        let suspect = h.suspect;
+        let complete = Complete {
+            first,
+            id: h.id.clone(),
+            count: h.count,
+            results: std::mem::take(&mut h.results),
+        };
         book.suspects -= suspect as usize;
-        Some(c)
+        Some(complete)
     }
 
     /// Commits complete entries: as many in one call as [`COMMIT_BYTES`] allows.

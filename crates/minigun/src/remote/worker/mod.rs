@@ -540,8 +540,8 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                 continue;
             };
             // Our own entries again (after an error): all of them, for those whose delivery
-            // was lost with a reply are among them; the ones this worker holds already are
-            // left alone (they run here).
+            // was lost with a reply are among them; `take` leaves alone the ones this worker
+            // holds already (they run here).
             let again = std::mem::take(&mut own);
             let count = match again {
                 true => self.lock().held.len() + 2 * MAX_AHEAD,
@@ -553,10 +553,6 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                     if deliveries.is_empty() {
                         looked = None;
                     }
-                    let deliveries = match again {
-                        true => self.not_held(deliveries),
-                        false => deliveries,
-                    };
                     let (deliveries, back) = one_suspect(deliveries);
                     self.give_back(&mut *session, &back);
                     for d in deliveries {
@@ -634,18 +630,6 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
             .wait_timeout(book, FETCH_BLOCK)
             .unwrap_or_else(|e| e.into_inner());
         free(&book)
-    }
-
-    /// Of this worker's own entries read again, those it neither holds already nor has
-    /// claimed for the fetcher to take.
-    fn not_held(&self, deliveries: Vec<Delivery>) -> Vec<Delivery> {
-        let claimed: Vec<EntryId> = self.claimed().iter().map(|d| d.id.clone()).collect();
-        let book = self.lock();
-        deliveries
-            .into_iter()
-            .filter(|d| book.held.get(&d.entry.first).is_none_or(|h| h.id != d.id))
-            .filter(|d| !claimed.contains(&d.id))
-            .collect()
     }
 
     /// Entries fetched beyond one that runs alone: claimable again at once, no delivery
@@ -885,20 +869,18 @@ impl<'a, I: Wire, O: Wire, C: Codec> RunServer<'a, I, O, C> {
                     .finished(&self.run, &self.consumer, &flush)
                     .map_err(|e| e.to_string())?;
             }
-            Ended::Stopped => {
+            Ended::Stopped | Ended::Failed(_) => {
                 let _ = session.stats(&self.run, &self.consumer, &wire::encode_stats(&stats));
                 let _ = session.unregister(&self.run, &self.consumer);
-            }
-            Ended::Failed(why) => {
-                let _ = session.stats(&self.run, &self.consumer, &wire::encode_stats(&stats));
-                let _ = session.unregister(&self.run, &self.consumer);
-                return Err(format!(
-                    "stopped serving run {}: the stage failed here ({why}); its entries \
-                     were released to the other workers",
-                    self.run
-                ));
             }
             Ended::Aborted | Ended::Lost => {}
+        }
+        if let Ended::Failed(why) = ended {
+            return Err(format!(
+                "stopped serving run {}: the stage failed here ({why}); its entries were \
+                 released to the other workers",
+                self.run
+            ));
         }
         tracing::info!(run = %self.run, ?ended, items = stats.items, "stopped serving the run");
         Ok(stats)
