@@ -27,8 +27,8 @@ use super::child;
 use super::per_fork::PerFork;
 use super::server::ForkServer;
 use super::supervise::{
-    child_frames, cow_pipe, earliest, exit_failure, feed, item_ended, settle, supervised,
-    terminate, Handoff, Killed, PollSet, Wake,
+    child_frames, cow_pipe, earliest, exit_failure, feed, item_ended, killed_for_another, settle,
+    supervised, terminate, Handoff, Killed, PollSet, Wake,
 };
 use crate::error::FailureKind;
 use crate::exec::order::{Partial, Release};
@@ -565,12 +565,10 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
         // Killed (by the parent's signal) for the time limit of an item that answered after
         // all: the item running then is not the one that overran (run again if it sent
         // nothing yet; with outputs sent, it fails as a crash would).
-        let blameless = r.killed == Some(Killed::Timeout)
-            && r.timed_out.is_some_and(|t| t < cur)
-            && r.results == 0
-            && r.lost.is_none()
-            && r.stream.corrupt.is_none()
-            && matches!(exit, sys::Exit::Signal(libc::SIGTERM | libc::SIGKILL));
+        let sent = r.results > 0 || r.lost.is_some() || r.stream.corrupt.is_some();
+        // Positions in the child's list: the one that overran came before `cur`.
+        let timed_out = r.timed_out.map(|t| t as u64);
+        let blameless = killed_for_another(r.killed, timed_out, cur as u64, sent, exit);
         // How the item the child was running ended, if it never said.
         let died = || match (r.killed, &r.stream.corrupt) {
             _ if r.lost.is_some() => (

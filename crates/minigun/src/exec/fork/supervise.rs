@@ -314,6 +314,24 @@ impl<'a> PollSet<'a> {
     }
 }
 
+/// Whether the item a child (or worker) was running when it died is blameless for its death:
+/// the parent killed it (`killed`) for the time limit of another item (`timed_out`, which
+/// answered after all, before the signal landed), it ended by that signal, and the item had
+/// sent nothing (no output, nothing lost or corrupt). Such an item runs again, its attempt
+/// not counted; one that had sent outputs fails as a crash would.
+pub(crate) fn killed_for_another(
+    killed: Option<Killed>,
+    timed_out: Option<u64>,
+    running: u64,
+    sent: bool,
+    exit: sys::Exit,
+) -> bool {
+    killed == Some(Killed::Timeout)
+        && timed_out.is_some_and(|t| t != running)
+        && !sent
+        && matches!(exit, sys::Exit::Signal(libc::SIGTERM | libc::SIGKILL))
+}
+
 /// Text for a failure from how a child ended.
 pub(crate) fn exit_failure(exit: sys::Exit, partial: bool) -> (crate::FailureKind, String) {
     use crate::FailureKind as K;

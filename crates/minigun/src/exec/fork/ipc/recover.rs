@@ -11,7 +11,7 @@
 //!   and a replacement is forked, after a backoff if workers keep dying
 //!   ([`Supervisor::respawn_due`]).
 
-use super::super::supervise::{exit_failure, Killed};
+use super::super::supervise::{exit_failure, killed_for_another, Killed};
 use super::flight::Flight;
 use super::supervisor::Supervisor;
 use super::worker::{spawn, Intake, Worker};
@@ -258,16 +258,12 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
         } else if let Some(front) = w.flights.pop_front() {
             let kill = w.kill();
             // Killed for the time limit of an item that answered after all (the front was
-            // that item when the kill began; a retry or a requeued item may come after it
-            // with a lower index): the item running then did not overrun anything. If it sent nothing yet, it goes back with the
-            // items behind it, its attempt not counted (as cow_fork's children do); with
-            // outputs sent, it fails by how the worker ended, as a crash would.
-            let blameless = kill.is_some_and(|k| {
-                k.why == Killed::Timeout && k.timed_out.is_some_and(|t| t != front.index)
-            }) && w.results == 0
-                && w.stream.corrupt.is_none()
-                && matches!(exit, sys::Exit::Signal(libc::SIGTERM | libc::SIGKILL));
-            if blameless {
+            // that item when the kill began; a retry or a requeued item may follow it with a
+            // lower index, so the items are compared, not their order): the item running
+            // then goes back with the items behind it, its attempt not counted.
+            let sent = w.results > 0 || w.stream.corrupt.is_some();
+            let (why, timed_out) = (kill.map(|k| k.why), kill.and_then(|k| k.timed_out));
+            if killed_for_another(why, timed_out, front.index, sent, exit) {
                 tracing::debug!(stage = %self.parts.ctx.name, slot, item = front.index,
                     "worker killed for an earlier item's time limit; the item runs again");
                 w.flights.push_front(front);
