@@ -103,6 +103,36 @@ fn a_result_done_frame_too_short_for_its_latency_is_a_protocol_error() {
     assert!(m.contains("unexpected ResultDone frame"), "{m}");
 }
 
+/// A `results` frame (kind 15) for item 7 whose one answer (latency 5, then a 3-byte
+/// output) is not a `u64`'s encoding.
+fn results_that_do_not_decode() {
+    let mut frame = 24u32.to_le_bytes().to_vec();
+    frame.push(15);
+    frame.extend_from_slice(&7u64.to_le_bytes());
+    frame.extend_from_slice(&5u64.to_le_bytes());
+    frame.extend_from_slice(&3u32.to_le_bytes());
+    frame.extend_from_slice(&[0xff, 0xff, 0xff]);
+    write_raw(&frame);
+}
+
+// A `results` frame (the answers of a run of items) that cannot be made out is a protocol
+// error of the item it would answer; a cow child never sends one.
+#[test]
+fn a_results_frame_that_does_not_decode_is_a_protocol_error() {
+    let m = one_failure(
+        &run(per_item(), 7, results_that_do_not_decode),
+        7,
+        FailureKind::Protocol,
+    );
+    assert!(m.contains("cannot decode a result"), "{m}");
+    let m = one_failure(
+        &run(Exec::cow_fork(2), 7, results_that_do_not_decode),
+        7,
+        FailureKind::Protocol,
+    );
+    assert!(m.contains("unexpected Results frame"), "{m}");
+}
+
 #[test]
 fn cow_fork_garbage_is_a_protocol_error_of_that_item() {
     let m = one_failure(

@@ -21,6 +21,7 @@ pub(crate) enum Kind {
     ForkFailed = 12,
     Cancel = 13,
     Items = 14,
+    Results = 15,
 }
 
 impl Kind {
@@ -40,6 +41,7 @@ impl Kind {
             12 => Kind::ForkFailed,
             13 => Kind::Cancel,
             14 => Kind::Items,
+            15 => Kind::Results,
             _ => return None,
         })
     }

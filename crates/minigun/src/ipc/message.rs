@@ -102,6 +102,39 @@ pub(crate) fn run_offset(run: &[u8], k: usize) -> usize {
     at
 }
 
+/// Bytes before each answer in a `results` frame: the item's latency in ns (`u64` little
+/// endian), then the length of its output's encoding (`u32` little endian).
+pub(crate) const ANSWER_PREFIX: usize = 12;
+
+/// What goes before an answer's `output` (an encoded output) in a `results` frame.
+pub(crate) fn answer_prefix(latency_ns: u64, output: &[u8]) -> [u8; ANSWER_PREFIX] {
+    let len = u32::try_from(output.len()).expect("an output's length fits in 32 bits");
+    let mut p = [0; ANSWER_PREFIX];
+    p[..8].copy_from_slice(&latency_ns.to_le_bytes());
+    p[8..].copy_from_slice(&len.to_le_bytes());
+    p
+}
+
+/// One answer of a `results` frame: an item's latency and its only output, encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Answer<'a> {
+    pub(crate) latency_ns: u64,
+    pub(crate) output: &'a [u8],
+}
+
+/// The first answer of a `results` payload and the bytes after it, or `None` if the payload
+/// does not start with a whole answer.
+pub(crate) fn split_answer(bytes: &[u8]) -> Option<(Answer<'_>, &[u8])> {
+    let prefix = bytes.get(..ANSWER_PREFIX)?;
+    let latency_ns = u64::from_le_bytes(prefix[..8].try_into().expect("8 bytes"));
+    let len = u32::from_le_bytes(prefix[8..].try_into().expect("4 bytes")) as usize;
+    let rest = &bytes[ANSWER_PREFIX..];
+    (len <= rest.len()).then(|| {
+        let (output, after) = rest.split_at(len);
+        (Answer { latency_ns, output }, after)
+    })
+}
+
 /// A frame from a child (a cow_fork child or an ipc_fork worker) to the parent. The frame's
 /// id names the item it is about.
 #[derive(Debug)]
@@ -113,6 +146,13 @@ pub(crate) enum FromChild<O> {
     /// The running item's only output, then its latency in ns: `Result` then `Done` with one
     /// output (ipc workers only).
     ResultDone(O, u64),
+    /// The answers of consecutive items from the frame's id on, each item's only output with
+    /// its latency in ns: a `ResultDone` for each (sync ipc workers with a results log only).
+    /// `bad`: why the answers stop before the frame's end (the stream is corrupt there).
+    Results {
+        outs: Vec<(O, u64)>,
+        bad: Option<MessageError>,
+    },
     /// An item routed by name: the index of its target in the stage's route table.
     Routed(usize, Erased),
     /// The item is finished.
@@ -184,6 +224,10 @@ pub(crate) enum MessageError {
     Result(String),
     #[error("result_done frame without a latency")]
     NoLatency,
+    #[error("results frame without an answer")]
+    NoAnswers,
+    #[error("results frame that ends inside an answer")]
+    CutAnswer,
     #[error("bad done frame: {0}")]
     Done(String),
     #[error("bad error frame: {0}")]
@@ -243,6 +287,7 @@ impl<I, O> ChildFrames<'_, I, O> {
                     .map(|o| FromChild::ResultDone(o, latency_ns))
                     .map_err(MessageError::Result)
             }
+            Kind::Results if matches!(from, Sender::Worker { .. }) => self.answers(payload),
             Kind::Done => codec::decode::<Done>(payload)
                 .map(FromChild::Done)
                 .map_err(MessageError::Done),
@@ -253,6 +298,31 @@ impl<I, O> ChildFrames<'_, I, O> {
                 kind: other,
                 from: from.name(),
             }),
+        }
+    }
+
+    /// A `results` frame's answers, up to the first that cannot be made out (an error if
+    /// that is the first).
+    fn answers(self, mut rest: &[u8]) -> Result<FromChild<O>, MessageError> {
+        let mut outs = Vec::new();
+        let mut bad = None;
+        while !rest.is_empty() {
+            let Some((answer, after)) = split_answer(rest) else {
+                bad = Some(MessageError::CutAnswer);
+                break;
+            };
+            match (self.wire.decode_out)(answer.output) {
+                Ok(o) => outs.push((o, answer.latency_ns)),
+                Err(e) => {
+                    bad = Some(MessageError::Result(e));
+                    break;
+                }
+            }
+            rest = after;
+        }
+        match (outs.is_empty(), bad) {
+            (true, bad) => Err(bad.unwrap_or(MessageError::NoAnswers)),
+            (false, bad) => Ok(FromChild::Results { outs, bad }),
         }
     }
 }
@@ -505,6 +575,96 @@ mod tests {
         );
     }
 
+    /// A `results` frame for items from `id` on: each answer is (latency, encoded output).
+    fn results_frame(id: u64, answers: &[(u64, &[u8])]) -> Vec<u8> {
+        let mut payload = Vec::new();
+        for (latency, output) in answers {
+            payload.extend_from_slice(&answer_prefix(*latency, output));
+            payload.extend_from_slice(output);
+        }
+        let mut buf = Vec::new();
+        frame::push(&mut buf, Kind::Results, id, &payload, MAX).unwrap();
+        buf
+    }
+
+    /// `buf`'s one frame, decoded as from `from`.
+    fn decode_one(buf: &[u8], from: Sender) -> Result<FromChild<String>, MessageError> {
+        let routes = fuzz_routes();
+        let mut dec = frame::Decoder::new(MAX);
+        dec.extend(buf);
+        dec.next(|kind, id, payload| frames(&routes).decode(from, kind, id, payload))
+            .unwrap()
+            .expect("a whole frame")
+    }
+
+    #[test]
+    fn a_results_frame_answers_items_until_one_cannot_be_made_out() {
+        let enc = |s: &str| {
+            let mut out = Vec::new();
+            Postcard::encode(s, &mut out).unwrap();
+            out
+        };
+        let (a, b) = (enc("a"), enc("bc"));
+        let worker = Sender::Worker { running: Some(5) };
+        let buf = results_frame(5, &[(7, &a), (8, &b)]);
+        match decode_one(&buf, worker) {
+            Ok(FromChild::Results { outs, bad: None }) => {
+                assert_eq!(outs, [("a".to_string(), 7), ("bc".to_string(), 8)]);
+            }
+            other => panic!("not two answers: {other:?}"),
+        }
+        // An answer that does not decode, or a frame that ends inside one: the answers
+        // before it, then why the rest cannot be made out.
+        let buf = results_frame(5, &[(7, &a), (8, &[200])]);
+        match decode_one(&buf, worker) {
+            Ok(FromChild::Results {
+                outs,
+                bad: Some(MessageError::Result(_)),
+            }) => {
+                assert_eq!(outs, [("a".to_string(), 7)]);
+            }
+            other => panic!("not one answer and a bad one: {other:?}"),
+        }
+        let mut buf = results_frame(5, &[(7, &a)]);
+        buf.extend_from_slice(&[1, 2, 3]);
+        let len = (buf.len() - 4) as u32;
+        buf[..4].copy_from_slice(&len.to_le_bytes());
+        assert!(matches!(
+            decode_one(&buf, worker),
+            Ok(FromChild::Results {
+                bad: Some(MessageError::CutAnswer),
+                ..
+            })
+        ));
+        // Nothing to take: an error.
+        assert_eq!(
+            decode_one(&results_frame(5, &[]), worker).unwrap_err(),
+            MessageError::NoAnswers
+        );
+        assert!(matches!(
+            decode_one(&results_frame(5, &[(7, &[200])]), worker),
+            Err(MessageError::Result(_))
+        ));
+        // Only from a sync worker, for the item it runs.
+        let buf = results_frame(5, &[(7, &a)]);
+        assert!(matches!(
+            decode_one(&buf, Sender::Worker { running: Some(4) }),
+            Err(MessageError::OtherItem { id: 5, .. })
+        ));
+        for from in [
+            Sender::CowChild { running: 5 },
+            Sender::AsyncWorker { answering: None },
+        ] {
+            assert!(matches!(
+                decode_one(&buf, from),
+                Err(MessageError::Unexpected {
+                    kind: Kind::Results,
+                    ..
+                })
+            ));
+        }
+    }
+
     #[test]
     fn a_long_error_message_is_cut_to_fit() {
         let mut buf = Vec::new();
@@ -620,7 +780,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn any_payload_of_any_kind_decodes_or_errs(kind in 1u8..=8, id in 0u64..4, payload in proptest::collection::vec(any::<u8>(), 0..64)) {
+        fn any_payload_of_any_kind_decodes_or_errs(kind in 1u8..=15, id in 0u64..4, payload in proptest::collection::vec(any::<u8>(), 0..64)) {
             let mut buf = Vec::new();
             buf.extend_from_slice(&((payload.len() + 9) as u32).to_le_bytes());
             buf.push(kind);

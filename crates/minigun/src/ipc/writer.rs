@@ -1,5 +1,6 @@
 //! The child's writer: its side of the result pipe (and of an ipc worker's results log).
 
+use super::frame::HEADER;
 use super::message::{self, ChildError, Done};
 use super::results_log::ResultsLog;
 use crate::error::{EmitError, FailureKind};
@@ -53,6 +54,9 @@ pub(crate) struct ChildOut<'a> {
     last_result: Option<usize>,
     /// Whether `done` may join a lone result (ipc workers; cow children keep two frames).
     combine: bool,
+    /// The item whose `result_done` frame is all of `buf`, and the frame's length: its
+    /// answer may join the results log's last `results` frame ([`ResultsLog::answer`]).
+    lone: Option<(u64, usize)>,
     /// The pipe is grown to this size before the first write of a full buffer, if set
     /// ([`ChildOut::growing`]).
     grow: Option<usize>,
@@ -80,6 +84,7 @@ impl<'a> ChildOut<'a> {
             outputs: 0,
             last_result: None,
             combine: false,
+            lone: None,
             grow: None,
             log,
         }
@@ -109,6 +114,7 @@ impl<'a> ChildOut<'a> {
     pub(crate) fn start_item(&mut self) {
         self.outputs = 0;
         self.last_result = None;
+        self.lone = None;
     }
 
     /// Frames the `tracing` records stage code logged so far (after the running item's frames).
@@ -154,17 +160,27 @@ impl<'a> ChildOut<'a> {
         }
         self.buf.clear();
         self.last_result = None;
+        self.lone = None;
         r
     }
 
     /// The current item has ended: its frames go to the results log (which survives this
     /// process), or out at once when the log is full or there is none (`Ok(true)`: written).
+    /// An item whose only frame is a `result_done` joins the log's `results` frame of the
+    /// items before it: one frame for a run of such items, not one each.
     pub(crate) fn commit(&mut self) -> std::io::Result<bool> {
         self.take_records();
+        // Still the item's only frame (no log records came after it)?
+        let lone = self.lone.take().filter(|&(_, n)| n == self.buf.len());
         let logged = match self.log.as_deref_mut() {
             Some(log) => {
                 log.hold();
-                let logged = log.append(&self.buf);
+                let answered = lone.is_some_and(|(id, n)| {
+                    let (output, latency) = self.buf[HEADER..n].split_at(n - HEADER - 8);
+                    let latency_ns = u64::from_le_bytes(latency.try_into().expect("8 bytes"));
+                    log.answer(id, latency_ns, output, self.max)
+                });
+                let logged = answered || log.append(&self.buf);
                 log.release();
                 logged
             }
@@ -225,6 +241,7 @@ impl<'a> ChildOut<'a> {
     pub(crate) fn done(&mut self, id: u64, latency_ns: u64) {
         if let (true, 1, Some(start)) = (self.combine, self.outputs, self.last_result.take()) {
             if message::join_done(&mut self.buf, start, latency_ns, self.max) {
+                self.lone = (start == 0).then_some((id, self.buf.len()));
                 return;
             }
         }
@@ -237,5 +254,79 @@ impl<'a> ChildOut<'a> {
 
     pub(crate) fn error(&mut self, id: u64, kind: FailureKind, message: String) {
         message::push_error(&mut self.buf, id, ChildError { kind, message }, self.max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipc::codec::{Codec, Postcard};
+    use crate::ipc::frame::{Decoder, Kind};
+
+    fn encode(x: &u64, out: &mut Vec<u8>) -> Result<(), String> {
+        Postcard::encode(x, out)
+    }
+
+    /// The kinds and ids of the whole frames in `bytes`, with each `results` frame's number
+    /// of answers.
+    fn frames(bytes: &[u8]) -> Vec<(Kind, u64, usize)> {
+        let mut dec = Decoder::new(1 << 20);
+        dec.extend(bytes);
+        let mut got = Vec::new();
+        while let Some(f) = dec
+            .next(|kind, id, mut payload| {
+                let mut answers = 0;
+                while let (Kind::Results, Some((_, rest))) = (kind, message::split_answer(payload))
+                {
+                    answers += 1;
+                    payload = rest;
+                }
+                (kind, id, answers)
+            })
+            .unwrap()
+        {
+            got.push(f);
+        }
+        assert_eq!(dec.pending(), 0);
+        got
+    }
+
+    #[test]
+    fn items_of_one_output_each_are_logged_as_one_results_frame() {
+        let (r, w) = crate::sys::pipe(false).unwrap();
+        let mut log = ResultsLog::new(1 << 16).unwrap();
+        let mut out = ChildOut::new(w, 1 << 20, Some(&mut log)).combined();
+        let item = |out: &mut ChildOut<'_>, id: u64, outputs: u64| {
+            out.start_item();
+            for k in 0..outputs {
+                out.result(id, &(id * 10 + k), encode).unwrap();
+            }
+            out.done(id, 100 + id);
+            assert!(!out.commit().unwrap(), "logged, not written");
+        };
+        for id in 0..3 {
+            item(&mut out, id, 1);
+        }
+        // Two outputs, or none: frames of its own; the next lone item starts a frame.
+        item(&mut out, 3, 2);
+        item(&mut out, 4, 0);
+        item(&mut out, 5, 1);
+        item(&mut out, 6, 1);
+        out.flush().unwrap();
+        drop(out);
+        assert_eq!(log.len(), 0, "the log went out");
+        let mut bytes = vec![0; 1 << 16];
+        let n = rustix::io::read(&r, &mut bytes).unwrap();
+        assert_eq!(
+            frames(&bytes[..n]),
+            [
+                (Kind::Results, 0, 3),
+                (Kind::Result, 3, 0),
+                (Kind::Result, 3, 0),
+                (Kind::Done, 3, 0),
+                (Kind::Done, 4, 0),
+                (Kind::Results, 5, 2),
+            ]
+        );
     }
 }

@@ -506,8 +506,8 @@ impl<I: Item, O: Wire> Supervisor<'_, I, O> {
                 Ok(Some(Ok(FromChild::Log(rec)))) => {
                     super::trace::emit(&self.parts.ctx.name, r.child.pid, &rec)
                 }
-                Ok(Some(Ok(FromChild::ResultDone(..)))) => {
-                    unreachable!("decoding refuses result_done frames from a cow child")
+                Ok(Some(Ok(FromChild::ResultDone(..) | FromChild::Results { .. }))) => {
+                    unreachable!("decoding refuses result_done and results frames from a cow child")
                 }
                 Ok(Some(Ok(FromChild::Error(e)))) => {
                     r.held.clear();

@@ -93,6 +93,9 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
                 return self.async_done(slot, id, d, Some(o), now);
             }
             (id, FromChild::Done(d)) => return self.async_done(slot, id, d, None, now),
+            (_, FromChild::Results { .. }) => {
+                unreachable!("decoding refuses results frames from an async worker")
+            }
             (id, FromChild::Error(e)) => {
                 self.answering[slot] = None;
                 let flight = self.answered(slot, id, now)?;

@@ -16,7 +16,9 @@
 //! that (a routing loop's unit outlives the sending of its item's results).
 //!
 //! A worker writes each item's frames before it starts the next, or, with `batch_results`,
-//! keeps them in a log shared with the parent and writes the log in batches: the parent
+//! keeps them in a log shared with the parent (the answers of a run of items with one output
+//! each in one `results` frame, settled by the parent one flight at a time:
+//! `Supervisor::answers`) and writes the log in batches: the parent
 //! recovers the log of a dead worker, so the answer order above still holds (see
 //! `Supervisor::recover`), and takes what a worker busy with a long item has held for
 //! 1 ms (`Supervisor::take_held`; it looks every 2 ms while a worker has two items or more).

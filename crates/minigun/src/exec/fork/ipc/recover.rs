@@ -19,7 +19,7 @@ use super::TAKE_HELD_AFTER;
 use crate::error::FailureKind;
 use crate::exec::parts::dead_letter;
 use crate::ipc::frame::{self, Kind};
-use crate::ipc::results_log::Replay;
+use crate::ipc::results_log::{whole_answers, Replay};
 use crate::ipc::{FINISH_ID, START_ID};
 use crate::stage::Wire;
 use crate::sys;
@@ -129,7 +129,15 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             Replay::Continue(unsent) => {
                 let unsent = unsent.to_vec();
                 w.stream.dec.extend(&unsent);
-                return self.pump(slot);
+                self.pump(slot);
+                // The worker died while it added an answer to the log's last frame.
+                let w = self.workers[slot].as_mut().expect("live worker");
+                if let Some(frame) = whole_answers(w.stream.dec.pending_bytes()) {
+                    w.stream.dec.clear();
+                    w.stream.dec.extend(&frame);
+                    self.pump(slot);
+                }
+                return;
             }
             Replay::Foreign(bytes) => bytes,
             Replay::Nothing => return,
@@ -155,7 +163,19 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             });
             match next {
                 Ok(Some(None)) => continue,
-                Ok(Some(Some(Ok((id, m))))) => self.event(slot, id, m, now),
+                Ok(Some(Some(Ok((id, m))))) => {
+                    if self.message(slot, id, m, now).is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => match whole_answers(dec.pending_bytes()) {
+                    // The worker died while it added an answer to the log's last frame.
+                    Some(frame) => {
+                        dec.clear();
+                        dec.extend(&frame);
+                    }
+                    None => break,
+                },
                 _ => break,
             }
         }

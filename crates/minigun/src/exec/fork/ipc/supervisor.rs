@@ -14,7 +14,7 @@ use crate::error::FailureKind;
 use crate::exec::order::{Partial, Release};
 use crate::exec::runner::ForkHooks;
 use crate::exec::ForkOptions;
-use crate::ipc::message::{Done, FromChild};
+use crate::ipc::message::{Done, FromChild, MessageError};
 use crate::ipc::results_log::ResultsLog;
 use crate::ipc::{FINISH_ID, START_ID};
 use crate::stage::Wire;
@@ -374,7 +374,12 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
                     Ok(Some(m)) => {
                         progressed = true;
                         match m {
-                            Ok((id, m)) if self.tasks.is_none() => self.event(slot, id, m, now),
+                            Ok((id, m)) if self.tasks.is_none() => {
+                                if let Err(e) = self.message(slot, id, m, now) {
+                                    self.protocol_error(slot, e);
+                                    return;
+                                }
+                            }
                             #[cfg(feature = "async")]
                             Ok((id, m)) => {
                                 if let Err(e) = self.async_event(slot, id, m, now) {
@@ -416,11 +421,105 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
         self.release.finished(index, &mut self.router);
         self.done += 1;
         self.recycle_if_due(slot, now);
+        self.give_back(flight);
+    }
+
+    /// A flight that ended: the buffer of a large item goes back to the feeder.
+    fn give_back(&mut self, flight: Option<Flight>) {
         if let Some(flight) = flight.filter(|f| f.payload.len() >= LARGE_ITEM) {
             if let Some(buf) = flight.payload.into_buffer(MAX_SPARE) {
                 let _ = self.spares.try_send(buf);
             }
         }
+    }
+
+    /// One message from a sync worker, about item `id`; `Err` if it is a protocol error.
+    pub(super) fn message(
+        &mut self,
+        slot: usize,
+        id: u64,
+        m: FromChild<O>,
+        now: Instant,
+    ) -> Result<(), String> {
+        match m {
+            FromChild::Results { outs, bad } => self.answers(slot, id, outs, bad, now),
+            m => {
+                self.event(slot, id, m, now);
+                Ok(())
+            }
+        }
+    }
+
+    /// A `results` frame: the answers of the worker's items from `id` on, in order, each
+    /// meaning what its item's `result_done` means; then `bad`, if the frame ended in one that
+    /// could not be made out (the item it answers is then the running one). The answers of
+    /// one flight are settled together: the flight moves on once, and the items' mean time
+    /// counts once for the automatic window; each item still has its latency recorded, its
+    /// output delivered and its place in the input order released.
+    fn answers(
+        &mut self,
+        slot: usize,
+        id: u64,
+        outs: Vec<(O, u64)>,
+        bad: Option<MessageError>,
+        now: Instant,
+    ) -> Result<(), String> {
+        let mut outs = outs.into_iter();
+        let (mut next, mut sum, total) = (id, 0u128, outs.len() as u128);
+        while outs.len() > 0 {
+            let w = self.workers[slot].as_mut().expect("live worker");
+            let front = w.flights.front().map(|f| (f.index, f.count as usize));
+            let count = match front {
+                Some((index, count)) if index == next => count,
+                _ => {
+                    let running = format!("{:?}", front.map(|f| f.0));
+                    let e = MessageError::OtherItem {
+                        id: next,
+                        who: "worker",
+                        running,
+                    };
+                    return Err(e.to_string());
+                }
+            };
+            if w.results > 0 {
+                // Outputs of its own came before: the item fails alone (a wrong count).
+                let (o, latency_ns) = outs.next().expect("an answer left");
+                let d = Done {
+                    latency_ns,
+                    outputs: 1,
+                };
+                self.item_done(slot, d, Some(o), now);
+                next = next.wrapping_add(1);
+                continue;
+            }
+            let n = count.min(outs.len());
+            let first_busy = w
+                .front_since
+                .map(|t| now.duration_since(t).as_nanos() as u64);
+            let flight = w.front_done_n(n, now, self.opts.timeout);
+            w.reported += n as u64;
+            self.deaths = 0;
+            for (k, (o, latency_ns)) in (0u64..).zip(outs.by_ref().take(n)) {
+                let busy = match k {
+                    0 => first_busy.unwrap_or(latency_ns),
+                    // Items after the first ran while the parent was not looking.
+                    _ => 0,
+                };
+                self.rec.latency_busy_local(latency_ns, busy);
+                sum += u128::from(latency_ns);
+                let index = next.wrapping_add(k);
+                self.release.emit(index, o, &mut self.router);
+                self.release.finished(index, &mut self.router);
+            }
+            self.done += n as u64;
+            self.recycle_if_due(slot, now);
+            self.give_back(flight);
+            next = next.wrapping_add(n as u64);
+        }
+        if let Some(mean) = sum.checked_div(total) {
+            self.timed(mean as u64);
+        }
+        bad.map_or(Ok(()), |e| Err(e.to_string()))
     }
 
     /// One message from a worker, about item `id`. An item's outputs are held until its
@@ -455,6 +554,7 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
             }
             (FINISH_ID | START_ID, FromChild::Done(_)) => w.results = 0,
             (_, FromChild::Done(d)) => self.item_done(slot, d, None, now),
+            (_, FromChild::Results { .. }) => unreachable!("answers are taken by `message`"),
             (START_ID, FromChild::Error(e)) => {
                 w.start_failed(e.message);
             }

@@ -7,7 +7,7 @@ use super::{Code, IpcParts};
 use crate::exec::runner::ForkHooks;
 use crate::exec::ForkOptions;
 use crate::ipc::frame::Kind;
-use crate::ipc::message::{split_run, Sender, RUN_PREFIX};
+use crate::ipc::message::{run_offset, split_run, Sender, RUN_PREFIX};
 use crate::ipc::outbox::Outbox;
 use crate::ipc::reader::Stream;
 use crate::ipc::results_log::{ResultsLog, LOG_BYTES};
@@ -289,6 +289,42 @@ impl Worker {
         front.count -= 1;
         self.bytes -= gone;
         self.items -= 1;
+        self.front_since = Some(now);
+        self.item_deadline = timeout.map(|t| now + t);
+        None
+    }
+
+    /// The front flight's first `n` items (at most all of them) were answered `done` at
+    /// `now`, as [`Worker::front_done`] for each in turn. Returns the front flight if they
+    /// were all its items.
+    pub(super) fn front_done_n(
+        &mut self,
+        n: usize,
+        now: Instant,
+        timeout: Option<Duration>,
+    ) -> Option<Flight> {
+        let front = self
+            .flights
+            .front_mut()
+            .expect("answers for the running items");
+        let count = front.count as usize;
+        debug_assert!(n >= 1 && n <= count);
+        if n == count {
+            let flight = self.flights.pop_front().expect("the front flight");
+            self.bytes -= flight.payload.len();
+            self.items -= n;
+            let more = !self.flights.is_empty();
+            self.front_since = more.then_some(now);
+            self.item_deadline = timeout.filter(|_| more).map(|t| now + t);
+            return Some(flight);
+        }
+        // The last item of a run is held alone, without its length.
+        let gone = run_offset(&front.payload, n) + if count - n == 1 { RUN_PREFIX } else { 0 };
+        front.payload.advance(gone);
+        front.index += n as u64;
+        front.count -= n as u32;
+        self.bytes -= gone;
+        self.items -= n;
         self.front_since = Some(now);
         self.item_deadline = timeout.map(|t| now + t);
         None
