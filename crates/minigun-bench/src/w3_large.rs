@@ -4,9 +4,10 @@
 //! per item, each worker reads each item into a new one), so what the workload's own items
 //! cost is measured apart from what the engine adds.
 //!
-//! A second minigun row sends the same bytes as [`Blob`], which serialises through
-//! `serialize_bytes` (one memcpy) instead of serde's per-element `Vec<u8>` sequence: the
-//! difference between the two rows is the per-byte cost of the serde data model.
+//! A `Vec<u8>` item is its own payload (minigun writes its buffer, never a copy of it); a
+//! second minigun row sends the same bytes as [`Blob`], which goes through serde
+//! (`serialize_bytes`, one copy on each side): the difference between the two rows is what
+//! the copies cost.
 
 use crate::common::{best_of, best_of_three, byte_sum, progress, timed, Cfg, Row};
 use crate::raw::{self, Workers};
@@ -210,7 +211,7 @@ pub(crate) fn run(cfg: &Cfg) -> Vec<Row> {
     owned.mb_per_sec = Some(mb(owned_wall));
     let owned_floor = owned.items_per_sec;
     let mut vec_row = Row::new("W3", "minigun", "ipc_fork(2)", workers, items, wall)
-        .variant("Vec<u8> (block copy)")
+        .variant("Vec<u8> (its own payload)")
         .floor(floor)
         .note(format!(
             "{:.2}x the raw pipes with owned items",

@@ -2,7 +2,7 @@
 //! a stage's codec bound to its item types ([`WireFns`]), and the encoding of the control
 //! messages' own payloads (always postcard).
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Serialize};
 use std::any::{Any, TypeId};
 
 /// How items are turned into frame payloads and back when they cross a process.
@@ -111,6 +111,9 @@ pub(crate) struct WireFns<I, O> {
     pub(crate) decode_in: Dec<I>,
     pub(crate) encode_out: Enc<O>,
     pub(crate) decode_out: Dec<O>,
+    /// The input is a `Vec<u8>` whose encoding is its bytes as they are (see
+    /// [`raw_bytes`]): an item can be its own payload, taken with [`cast`], not copied.
+    pub(crate) raw_in: bool,
 }
 
 impl<I, O> Clone for WireFns<I, O> {
@@ -121,65 +124,48 @@ impl<I, O> Clone for WireFns<I, O> {
 impl<I, O> Copy for WireFns<I, O> {}
 
 fn enc<C: Codec, T: Serialize + 'static>(v: &T, out: &mut Vec<u8>) -> Result<(), String> {
-    if let Some(bytes) = postcard_bytes::<C, T>(v) {
-        return Postcard::encode(&AsBytes(bytes), out);
+    if let Some(bytes) = raw_bytes::<C, T>(v) {
+        out.extend_from_slice(bytes);
+        return Ok(());
     }
     C::encode(v, out)
 }
 fn dec<C: Codec, T: DeserializeOwned + 'static>(b: &[u8]) -> Result<T, String> {
-    if is_postcard_bytes::<C, T>() {
-        let ByteBuf(v) = Postcard::decode(b)?;
-        let v: Box<dyn Any> = Box::new(v);
-        return Ok(*v.downcast::<T>().expect("T is Vec<u8>"));
+    if is_raw_bytes::<C, T>() {
+        return Ok(cast(b.to_vec()).unwrap_or_else(|_| unreachable!("T is Vec<u8>")));
     }
     C::decode(b)
 }
 
 // `Vec<u8>` items under postcard: serde sees a sequence and postcard writes it one byte at a
-// time; as a byte string postcard writes the same bytes (length varint, then the bytes) with
-// one copy. Both sides take this path, and either side reads the other's bytes.
+// time. Every payload of a stage's codec travels behind a length (a frame's, a run item's, an
+// answer's), so a byte vector needs no length of its own: its encoding is its bytes as they
+// are, one copy, and a large input item is its own payload, not copied at all (the feeder
+// takes its buffer: `cast`).
 
-fn is_postcard_bytes<C: 'static, T: 'static>() -> bool {
+/// Whether `T` under codec `C` is a byte vector encoded as its bytes.
+pub(crate) fn is_raw_bytes<C: 'static, T: 'static>() -> bool {
     TypeId::of::<C>() == TypeId::of::<Postcard>() && TypeId::of::<T>() == TypeId::of::<Vec<u8>>()
 }
 
-fn postcard_bytes<C: 'static, T: 'static>(v: &T) -> Option<&[u8]> {
-    match is_postcard_bytes::<C, T>() {
+/// `v`'s bytes, if `T` under codec `C` is a byte vector encoded as its bytes.
+fn raw_bytes<C: 'static, T: 'static>(v: &T) -> Option<&[u8]> {
+    match is_raw_bytes::<C, T>() {
         true => (v as &dyn Any).downcast_ref::<Vec<u8>>().map(Vec::as_slice),
         false => None,
     }
 }
 
-/// Serialises a byte slice as a byte string.
-struct AsBytes<'a>(&'a [u8]);
-
-impl Serialize for AsBytes<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(self.0)
+/// `v` as a `U`, if `T` is `U` (or `v` back): moves a value between a generic type and the
+/// one it is known to be, without copying it.
+pub(crate) fn cast<T: 'static, U: 'static>(v: T) -> Result<U, T> {
+    let mut slot = Some(v);
+    if let Some(u) = (&mut slot as &mut dyn Any).downcast_mut::<Option<U>>() {
+        return Ok(u.take().expect("the value was just put there"));
     }
+    Err(slot.take().expect("the value is still there"))
 }
 
-/// Deserialises a byte string into a `Vec<u8>`.
-struct ByteBuf(Vec<u8>);
-
-impl<'de> Deserialize<'de> for ByteBuf {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct Visitor;
-        impl<'de> serde::de::Visitor<'de> for Visitor {
-            type Value = ByteBuf;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a byte string")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<ByteBuf, E> {
-                Ok(ByteBuf(v.to_vec()))
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<ByteBuf, E> {
-                Ok(ByteBuf(v))
-            }
-        }
-        d.deserialize_byte_buf(Visitor)
-    }
-}
 fn not_serialisable<T>(_: &T, _: &mut Vec<u8>) -> Result<(), String> {
     Err("this stage's input type is not serialisable".into())
 }
@@ -195,6 +181,7 @@ impl<I: 'static, O: Serialize + DeserializeOwned + 'static> WireFns<I, O> {
             decode_in: not_deserialisable::<I>,
             encode_out: enc::<C, O>,
             decode_out: dec::<C, O>,
+            raw_in: false,
         }
     }
 }
@@ -209,6 +196,7 @@ impl<I: Serialize + DeserializeOwned + 'static, O: Serialize + DeserializeOwned 
             decode_in: dec::<C, I>,
             encode_out: enc::<C, O>,
             decode_out: dec::<C, O>,
+            raw_in: is_raw_bytes::<C, I>(),
         }
     }
 }
@@ -226,24 +214,31 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::Deserialize;
 
     #[test]
-    fn byte_vectors_take_the_block_path_with_postcards_own_bytes() {
+    fn byte_vectors_under_postcard_are_their_own_bytes() {
         let v: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
-        let mut fast = Vec::new();
-        enc::<Postcard, Vec<u8>>(&v, &mut fast).unwrap();
-        let slow = postcard::to_allocvec(&v).unwrap();
-        assert_eq!(fast, slow, "same bytes as postcard's sequence encoding");
-        assert_eq!(dec::<Postcard, Vec<u8>>(&slow).unwrap(), v);
-        assert_eq!(postcard::from_bytes::<Vec<u8>>(&fast).unwrap(), v);
-        assert!(postcard_bytes::<Postcard, Vec<u8>>(&v).is_some());
+        let mut out = vec![7];
+        enc::<Postcard, Vec<u8>>(&v, &mut out).unwrap();
+        assert_eq!((out[0], &out[1..]), (7, &v[..]), "appended as they are");
+        assert_eq!(dec::<Postcard, Vec<u8>>(&v).unwrap(), v);
+        assert_eq!(dec::<Postcard, Vec<u8>>(&[]).unwrap(), Vec::<u8>::new());
+        let wire = WireFns::<Vec<u8>, Vec<u8>>::both::<Postcard>();
+        assert!(wire.raw_in);
         // Other types and codecs are untouched.
-        assert!(postcard_bytes::<Postcard, Vec<u16>>(&vec![1u16]).is_none());
-        assert!(!is_postcard_bytes::<crate::ipc::codec::tests::Other, Vec<u8>>());
-        assert!(
-            dec::<Postcard, Vec<u8>>(&[200]).is_err(),
-            "a truncated payload is an error"
-        );
+        assert!(raw_bytes::<Postcard, Vec<u16>>(&vec![1u16]).is_none());
+        assert!(!is_raw_bytes::<crate::ipc::codec::tests::Other, Vec<u8>>());
+        assert!(!WireFns::<Vec<u16>, Vec<u8>>::both::<Postcard>().raw_in);
+        let mut out = Vec::new();
+        enc::<Postcard, Vec<u16>>(&vec![1, 300], &mut out).unwrap();
+        assert_eq!(out, postcard::to_allocvec(&vec![1u16, 300]).unwrap());
+        // A cast moves the value itself, or gives it back.
+        let ptr = v.as_ptr();
+        let back: Vec<u8> = cast::<Vec<u8>, Vec<u8>>(v).unwrap();
+        assert_eq!(back.as_ptr(), ptr, "not copied");
+        let back = cast::<Vec<u8>, String>(back).unwrap_err();
+        assert_eq!(back.as_ptr(), ptr);
     }
 
     struct Other;

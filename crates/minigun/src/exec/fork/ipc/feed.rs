@@ -13,6 +13,7 @@ use super::super::supervise::{feed, Wake};
 use super::flight::Flight;
 use super::IpcParts;
 use crate::exec::ForkOptions;
+use crate::ipc::codec::cast;
 use crate::ipc::frame;
 use crate::ipc::message::{push_run_item, RUN_PREFIX};
 use crate::ipc::outbox::Payload;
@@ -87,6 +88,7 @@ pub(super) fn run<I: crate::stage::Wire, O>(
         encode: wire.encode_in,
         // An async worker takes its items one by one.
         runs: parts.factory.tasks().is_none(),
+        raw: wire.raw_in,
         max: opts.max_frame,
         index: 0,
         per_item: 0,
@@ -109,6 +111,8 @@ struct FeedEncoder<I> {
     encode: fn(&I, &mut Vec<u8>) -> Result<(), String>,
     /// Whether consecutive items join in runs (else each item is a flight of its own).
     runs: bool,
+    /// Whether an item is a byte vector that is its own encoding (`WireFns::raw_in`).
+    raw: bool,
     max: usize,
     /// The next item's index in the stage's input.
     index: u64,
@@ -123,7 +127,7 @@ struct FeedEncoder<I> {
     spares: Receiver<Vec<u8>>,
 }
 
-impl<I> FeedEncoder<I> {
+impl<I: 'static> FeedEncoder<I> {
     /// Encodes `items` into hand-offs of at most [`FEED_BYTES`] (plus one item) and passes
     /// each to `hand`. On `Err`, the count includes the items not encoded yet: the feeder
     /// counts them cancelled, not lost.
@@ -151,6 +155,11 @@ impl<I> FeedEncoder<I> {
                 self.index += 1;
                 encoded += 1;
                 let r = match large {
+                    // A byte vector is its own payload: its buffer, not a copy of it.
+                    true if self.raw => take_input(item, self.max).map(|own| {
+                        bytes += own.len();
+                        spans.push(At::Own(index, own));
+                    }),
                     true => {
                         let mut own = self
                             .spares
@@ -277,15 +286,26 @@ fn encode_input<I>(
     debug_assert!(out.is_empty());
     match encode(&item, out) {
         Ok(()) if out.len() + frame::HEADER - 4 <= max => Ok(()),
-        Ok(()) => {
-            let m = format!(
-                "input item of {} bytes exceeds the maximum frame size of {max}",
-                out.len()
-            );
-            Err((item, m))
-        }
+        Ok(()) => Err((item, too_large(out.len(), max))),
         Err(e) => Err((item, format!("cannot serialise the input item: {e}"))),
     }
+}
+
+/// A byte vector input item (`WireFns::raw_in`) as its own payload, or the item back with
+/// the reason it cannot cross.
+fn take_input<I: 'static>(item: I, max: usize) -> Result<Vec<u8>, (I, String)> {
+    let own = cast::<I, Vec<u8>>(item).unwrap_or_else(|_| unreachable!("a raw input is Vec<u8>"));
+    if own.len() + frame::HEADER - 4 <= max {
+        return Ok(own);
+    }
+    let m = too_large(own.len(), max);
+    let item = cast::<Vec<u8>, I>(own).unwrap_or_else(|_| unreachable!("a raw input is Vec<u8>"));
+    Err((item, m))
+}
+
+/// Why an input item of `len` bytes cannot cross.
+fn too_large(len: usize, max: usize) -> String {
+    format!("input item of {len} bytes exceeds the maximum frame size of {max}")
 }
 
 #[cfg(test)]
@@ -326,6 +346,7 @@ mod tests {
         let mut enc = FeedEncoder {
             encode: encode_refusing_empty,
             runs,
+            raw: false,
             max,
             index: 0,
             per_item: 0,
@@ -387,6 +408,54 @@ mod tests {
         assert_eq!(got[4].2, [1, 5], "a single item travels without its length");
     }
 
+    #[test]
+    fn a_large_byte_vector_is_its_own_payload_and_one_too_large_comes_back_whole() {
+        let (_spare_tx, spares) = crossbeam_channel::bounded(SPARES);
+        let wire = crate::ipc::codec::WireFns::<Vec<u8>, u8>::both::<crate::Postcard>();
+        let max = 100 << 10;
+        let mut enc = FeedEncoder {
+            encode: wire.encode_in,
+            runs: true,
+            raw: wire.raw_in,
+            max,
+            index: 0,
+            per_item: 0,
+            scratch: Vec::new(),
+            spares,
+        };
+        // The first hand-off tells the feeder that items are large.
+        hand(&mut enc, vec![vec![1; 20 << 10]; 2]);
+        let items = vec![vec![2; 20 << 10], vec![3; 200 << 10], vec![4; 30 << 10]];
+        let ptrs: Vec<*const u8> = items.iter().map(|v| v.as_ptr()).collect();
+        let mut items: VecDeque<Vec<u8>> = items.into();
+        let mut got = Vec::new();
+        let mut take = |batch: Vec<Encoded<Vec<u8>>>| {
+            for e in batch {
+                got.push(match e {
+                    Encoded::Flight(f) => (f.index, f.payload.as_ptr(), f.payload.len(), None),
+                    Encoded::Failed {
+                        index,
+                        item,
+                        message,
+                    } => (index, item.as_ptr(), item.len(), Some(message)),
+                });
+            }
+            Ok(())
+        };
+        enc.hand_off(&mut items.drain(..), &mut take)
+            .expect("handed off");
+        let too_large = too_large(200 << 10, max);
+        assert_eq!(
+            got,
+            [
+                (2, ptrs[0], 20 << 10, None),
+                (3, ptrs[1], 200 << 10, Some(too_large)),
+                (4, ptrs[2], 30 << 10, None),
+            ],
+            "each item's own buffer, never a copy"
+        );
+    }
+
     /// The largest room a buffer had when an item was encoded into it (since the last reset).
     static ROOM: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -402,6 +471,7 @@ mod tests {
         let mut enc = FeedEncoder {
             encode: encode_recording_room,
             runs: true,
+            raw: false,
             max: usize::MAX,
             index: 0,
             per_item: 0,

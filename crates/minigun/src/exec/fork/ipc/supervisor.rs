@@ -424,9 +424,11 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
         self.give_back(flight);
     }
 
-    /// A flight that ended: the buffer of a large item goes back to the feeder.
+    /// A flight that ended: the buffer of a large item goes back to the feeder (unless items
+    /// are byte vectors, their own payloads: the feeder encodes into no buffer then).
     fn give_back(&mut self, flight: Option<Flight>) {
-        if let Some(flight) = flight.filter(|f| f.payload.len() >= LARGE_ITEM) {
+        let raw = self.parts.wire.is_some_and(|w| w.raw_in);
+        if let Some(flight) = flight.filter(|f| f.payload.len() >= LARGE_ITEM && !raw) {
             if let Some(buf) = flight.payload.into_buffer(MAX_SPARE) {
                 let _ = self.spares.try_send(buf);
             }
