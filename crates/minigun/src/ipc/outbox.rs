@@ -1,10 +1,20 @@
 //! What the parent has yet to write to an ipc worker's input pipe.
 //!
 //! Frames go out in order. Small ones are copied into one buffer, so several ready items
-//! leave in one write; a large payload is not copied again: the outbox keeps a reference to
-//! the feeder's buffer and writes it with the frames around it in one `writev`. The pipe is
-//! non-blocking, so a write may end anywhere, even inside a header; the rest waits for the
-//! next call.
+//! leave in one write; a large payload is not copied at all: the outbox keeps a reference to
+//! the feeder's buffer and hands its pages to the pipe (`vmsplice`), so the worker's read is
+//! the only copy of its bytes. The pipe is non-blocking, so a write may end anywhere, even
+//! inside a header; the rest waits for the next call.
+//!
+//! # The rule of handed pages
+//!
+//! A pipe holds the pages of a handed payload, not a copy: its reader reads whatever they
+//! hold when it reads. So a payload is never changed (a [`Payload`] is immutable, and its
+//! buffer is reused only by its sole owner: [`Payload::into_buffer`]) nor freed while a live
+//! worker may still read it: the flight that holds it keeps it until its item is answered
+//! (the worker read the whole frame before it ran the item) or its worker is buried (it can
+//! read no more). A payload that goes to another worker is handed to that worker's pipe
+//! anew.
 
 use crate::ipc::frame::{self, Kind};
 use std::collections::VecDeque;
@@ -20,7 +30,7 @@ const COPY_UNDER: usize = 4 << 10;
 const KEEP_COPY_BUFFER: usize = 1 << 20;
 
 /// Buffers passed to one `writev` at most.
-const MAX_SLICES: usize = 64;
+const MAX_SLICES: usize = crate::sys::VMSPLICE_MAX;
 
 /// An encoded input item: a range of a buffer, shared by the items of one hand-off (small
 /// items) or its own (large ones).
@@ -173,17 +183,30 @@ impl Outbox {
         self.segments.push_back(Segment::Shared(payload.clone()));
     }
 
-    /// Writes as much as the pipe takes now.
+    /// Writes as much as the pipe takes now: copied frames with `writev`, large payloads
+    /// handed over page by page (see the module docs).
     pub(crate) fn write_to(&mut self, fd: &OwnedFd) -> Result<(), Broken> {
-        while !self.segments.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        while let Some(front) = self.segments.front() {
+            let handed = matches!(front, Segment::Shared(_));
+            let mut bufs: [&[u8]; MAX_SLICES] = [&[]; MAX_SLICES];
             let mut n = 0;
             for (i, s) in self.segments.iter().take(MAX_SLICES).enumerate() {
+                if matches!(s, Segment::Shared(_)) != handed {
+                    break;
+                }
                 let from = if i == 0 { self.head } else { 0 };
-                slices[i] = IoSlice::new(&s.bytes()[from..]);
+                bufs[n] = &s.bytes()[from..];
                 n += 1;
             }
-            match rustix::io::writev(fd, &slices[..n]) {
+            let r = match handed {
+                true => crate::sys::vmsplice(fd, &bufs[..n]),
+                false => {
+                    let slices: [IoSlice<'_>; MAX_SLICES] =
+                        std::array::from_fn(|i| IoSlice::new(bufs[i]));
+                    rustix::io::writev(fd, &slices[..n])
+                }
+            };
+            match r {
                 Ok(written) => self.advance(written),
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(rustix::io::Errno::AGAIN) => return Ok(()),

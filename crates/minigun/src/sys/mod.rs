@@ -340,6 +340,37 @@ pub(crate) fn grow_pipe(fd: &OwnedFd, bytes: usize) {
     let _ = rustix::pipe::fcntl_setpipe_size(fd, bytes);
 }
 
+/// Most buffers [`vmsplice`] hands over in one call.
+pub(crate) const VMSPLICE_MAX: usize = 64;
+
+/// Hands the pages holding `bufs` (at most [`VMSPLICE_MAX`]) to the pipe whose write end is
+/// `fd`, without copying them, and without blocking: the pipe keeps references to the pages,
+/// and its reader gets whatever bytes they hold when it reads. Returns how many bytes were
+/// handed over (`AGAIN`: the pipe is full); `BADF` if `fd` is not open for writing only.
+///
+/// The bytes are the reader's only if the caller leaves them unchanged, and their memory
+/// unfreed, until the reader has read them or can no longer read (the rule of
+/// `ipc::outbox`); otherwise the reader gets other bytes of this process's, never memory of
+/// another process or freed memory (the kernel holds its own references to the pages).
+pub(crate) fn vmsplice(fd: &OwnedFd, bufs: &[&[u8]]) -> rustix::io::Result<usize> {
+    use rustix::pipe::{IoSliceRaw, SpliceFlags};
+    // Into a pipe's read end, vmsplice would write into `bufs`.
+    if rustix::fs::fcntl_getfl(fd)? & rustix::fs::OFlags::RWMODE != rustix::fs::OFlags::WRONLY {
+        return Err(rustix::io::Errno::BADF);
+    }
+    let n = bufs.len().min(VMSPLICE_MAX);
+    let mut raw: [IoSliceRaw<'_>; VMSPLICE_MAX] =
+        std::array::from_fn(|_| IoSliceRaw::from_slice(&[]));
+    for (r, b) in raw.iter_mut().zip(bufs) {
+        *r = IoSliceRaw::from_slice(b);
+    }
+    // SAFETY: `fd` is open for writing only (checked above), so the kernel only reads the
+    // memory of `bufs`, live shared borrows for the length of this call; without
+    // `SpliceFlags::GIFT` the pages are not given away: the pipe holds references of its
+    // own to them, which stay valid whatever this process does with the memory later.
+    unsafe { rustix::pipe::vmsplice(fd, &raw[..n], SpliceFlags::NONBLOCK) }
+}
+
 /// Raw fd of an owned fd (for `keep` lists).
 pub(crate) fn raw(fd: &OwnedFd) -> RawFd {
     fd.as_raw_fd()
@@ -458,6 +489,28 @@ impl Drop for SharedMem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vmsplice_hands_over_the_pages_themselves_and_only_into_a_write_end() {
+        let (r, w) = pipe(false).unwrap();
+        set_nonblocking(&w).unwrap();
+        let mut buf = vec![b'a'; 8192];
+        let n = vmsplice(&w, &[&buf[..4096], &buf[4096..]]).unwrap();
+        assert_eq!(n, 8192);
+        // The pipe holds the pages, not a copy: a change before the read is what is read
+        // (which is why the outbox never changes or frees a payload a live reader may read).
+        buf[0] = b'b';
+        let mut got = vec![0; 8192];
+        assert_eq!(rustix::io::read(&r, &mut got).unwrap(), 8192);
+        assert_eq!((got[0], got[1], got[8191]), (b'b', b'a', b'a'));
+        // A full pipe: as many bytes as fit, then AGAIN.
+        rustix::pipe::fcntl_setpipe_size(&w, 4096).unwrap();
+        let n = vmsplice(&w, &[&buf]).unwrap();
+        assert!(n > 0 && n < buf.len(), "{n}");
+        assert_eq!(vmsplice(&w, &[&buf[n..]]), Err(rustix::io::Errno::AGAIN));
+        // Never into a read end, which would write into the borrowed bytes.
+        assert_eq!(vmsplice(&r, &[&buf]), Err(rustix::io::Errno::BADF));
+    }
 
     /// Runs `server` in a process set up as cow_fork's fork server is (a [`fork_child`]
     /// child, SIGTERM blocked, no other thread): its exit code, 0 when all it checked held.

@@ -9,9 +9,11 @@
 //! measured time, 2 to 4096: `Supervisor::timed`); a
 //! worker answers in order, so the first item it holds (without an answer) is the one it is
 //! running. Writes are non-blocking (a slow worker never stalls the others) and several ready
-//! items go out in one write; an item of 4 KiB or more goes out from the buffer the feeder
-//! encoded it into, not copied again (`outbox`). An item's results are held until its `done`
-//! (`Partial`: an attempt that fails delivers none of them, so a retry never delivers twice),
+//! items go out in one write; an item of 4 KiB or more is handed to the pipe by its pages from
+//! the buffer the feeder encoded it into, never copied in the parent (`outbox`, which says why
+//! a flight keeps its payload until its item is answered or its worker is buried). An item's
+//! results are held until its `done` (`Partial`: an attempt that fails delivers none of them,
+//! so a retry never delivers twice),
 //! then sent downstream once per read of the workers' pipes; their items count as done after
 //! that (a routing loop's unit outlives the sending of its item's results).
 //!
