@@ -265,13 +265,16 @@ fn an_output_over_the_frame_limit_fails_its_item() {
 }
 
 // An item's only result and its `done` travel as one frame when both fit the frame limit,
-// as two when only the result does: results right at the limit arrive whole either way.
+// as two when only the result does, and in a batched worker's `results` frame when its
+// answer fits one: results right at each limit arrive whole either way.
 #[test]
 fn results_at_the_frame_limit_arrive_whole() {
     const MAX: usize = 4096;
-    // A frame's length field counts kind + id (9) + payload; postcard writes a Vec<u8> of
-    // 128..16384 bytes as a 2-byte length then the bytes.
-    let sizes: Vec<usize> = (0..12).map(|k| MAX - 9 - 2 - k).collect();
+    // A frame's length field counts kind + id (9) + payload, and a Vec<u8> is its bytes: a
+    // `result` frame of n bytes is at the limit for n = MAX - 9, a `result_done` (8 bytes of
+    // latency more) for n = MAX - 17, a `results` frame of one answer (12 bytes before it)
+    // for n = MAX - 21.
+    let sizes: Vec<usize> = (0..24).map(|k| MAX - 9 - k).collect();
     for exec in [
         Exec::ipc_fork(2).max_frame(MAX),
         Exec::ipc_fork(2).max_frame(MAX).batch_results(false),

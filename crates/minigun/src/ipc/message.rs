@@ -431,11 +431,12 @@ pub(crate) fn push_error(buf: &mut Vec<u8>, id: u64, mut e: ChildError, max: usi
 }
 
 /// Decodes a byte stream delivered in chunks as an ipc worker's frames (for fuzzing): messages
-/// until the first error. Results are byte vectors; the route table has one route, of `u32`.
+/// until the first error. Results are strings (whose decoding can fail: a byte vector's
+/// cannot); the route table has one route, of `u32`.
 pub(crate) fn fuzz_decode(data: &[u8], chunk: usize, max: usize) -> usize {
     let routes = fuzz_routes();
     let frames = ChildFrames {
-        wire: WireFns::<Vec<u8>, Vec<u8>>::both::<Postcard>(),
+        wire: WireFns::<Vec<u8>, String>::both::<Postcard>(),
         routes: &routes,
     };
     let mut dec = frame::Decoder::new(max);

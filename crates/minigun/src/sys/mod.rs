@@ -499,6 +499,8 @@ mod tests {
         assert_eq!(n, 8192);
         // The pipe holds the pages, not a copy: a change before the read is what is read
         // (which is why the outbox never changes or frees a payload a live reader may read).
+        // (A fork by another thread in between would make this write copy the page; each
+        // test runs in a process of its own under the suite's runner.)
         buf[0] = b'b';
         let mut got = vec![0; 8192];
         assert_eq!(rustix::io::read(&r, &mut got).unwrap(), 8192);

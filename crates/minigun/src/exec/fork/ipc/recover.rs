@@ -19,6 +19,7 @@ use super::TAKE_HELD_AFTER;
 use crate::error::FailureKind;
 use crate::exec::parts::dead_letter;
 use crate::ipc::frame::{self, Kind};
+use crate::ipc::message::{FromChild, Sender};
 use crate::ipc::results_log::{whole_answers, Replay};
 use crate::ipc::{FINISH_ID, START_ID};
 use crate::stage::Wire;
@@ -156,14 +157,33 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             );
             let front = w.flights.front().map(|f| f.index);
             let next = dec.next(|kind, id, payload| {
-                if kind != Kind::Log && (Some(id) != front || id == START_ID || id == FINISH_ID) {
-                    return None; // an item whose frames arrived before
+                let reserved = id == START_ID || id == FINISH_ID;
+                match (kind, front) {
+                    (Kind::Log, _) => {}
+                    // A results frame may begin with answers of items answered before.
+                    (Kind::Results, Some(f)) if !reserved && id < f => {
+                        let from = Sender::Worker { running: Some(id) };
+                        return Some(frames.decode(from, kind, id, payload).map(|m| (id, m)));
+                    }
+                    _ if reserved || Some(id) != front => return None, // answered before
+                    _ => {}
                 }
                 Some(frames.decode(from, kind, id, payload).map(|m| (id, m)))
             });
             match next {
                 Ok(Some(None)) => continue,
                 Ok(Some(Some(Ok((id, m))))) => {
+                    let (id, m) = match (m, front) {
+                        (FromChild::Results { mut outs, bad }, Some(f)) if id < f => {
+                            let answered = usize::try_from(f - id).unwrap_or(usize::MAX);
+                            if answered >= outs.len() {
+                                continue;
+                            }
+                            outs.drain(..answered);
+                            (f, FromChild::Results { outs, bad })
+                        }
+                        (m, _) => (id, m),
+                    };
                     if self.message(slot, id, m, now).is_err() {
                         break;
                     }

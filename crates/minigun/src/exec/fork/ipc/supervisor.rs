@@ -455,9 +455,9 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
     /// A `results` frame: the answers of the worker's items from `id` on, in order, each
     /// meaning what its item's `result_done` means; then `bad`, if the frame ended in one that
     /// could not be made out (the item it answers is then the running one). The answers of
-    /// one flight are settled together: the flight moves on once, and the items' mean time
-    /// counts once for the automatic window; each item still has its latency recorded, its
-    /// output delivered and its place in the input order released.
+    /// one flight are settled together (the flight moves on once), and the mean time of the
+    /// frame's items counts once for the automatic window; each item still has its latency
+    /// recorded, its output delivered and its place in the input order released.
     fn answers(
         &mut self,
         slot: usize,
@@ -467,7 +467,8 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
         now: Instant,
     ) -> Result<(), String> {
         let mut outs = outs.into_iter();
-        let (mut next, mut sum, total) = (id, 0u128, outs.len() as u128);
+        let (mut next, mut sum, mut settled) = (id, 0u128, 0u128);
+        let mut bad = bad.map(|e| e.to_string());
         while outs.len() > 0 {
             let w = self.workers[slot].as_mut().expect("live worker");
             let front = w.flights.front().map(|f| (f.index, f.count as usize));
@@ -480,7 +481,8 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
                         who: "worker",
                         running,
                     };
-                    return Err(e.to_string());
+                    bad = Some(e.to_string());
+                    break;
                 }
             };
             if w.results > 0 {
@@ -508,7 +510,7 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
                     _ => 0,
                 };
                 self.rec.latency_busy_local(latency_ns, busy);
-                sum += u128::from(latency_ns);
+                (sum, settled) = (sum + u128::from(latency_ns), settled + 1);
                 let index = next.wrapping_add(k);
                 self.release.emit(index, o, &mut self.router);
                 self.release.finished(index, &mut self.router);
@@ -518,10 +520,10 @@ impl<'a, I: Wire, O: Wire> Supervisor<'a, I, O> {
             self.give_back(flight);
             next = next.wrapping_add(n as u64);
         }
-        if let Some(mean) = sum.checked_div(total) {
+        if let Some(mean) = sum.checked_div(settled) {
             self.timed(mean as u64);
         }
-        bad.map_or(Ok(()), |e| Err(e.to_string()))
+        bad.map_or(Ok(()), Err)
     }
 
     /// One message from a worker, about item `id`. An item's outputs are held until its
@@ -623,7 +625,8 @@ impl<I, O> Supervisor<'_, I, O> {
         None
     }
 
-    /// With `in_flight_auto`: an item ran `ns` in its worker. Each worker then holds about
+    /// With `in_flight_auto`: an item ran `ns` in its worker (or the items of a `results`
+    /// frame did, on average). Each worker then holds about
     /// [`Exec::IN_FLIGHT_AHEAD`](crate::Exec::IN_FLIGHT_AHEAD) of work by the average of
     /// recent items (the first sets it, each later one moves it by a sixteenth of the
     /// difference), within [`AUTO_MIN`]..=`in_flight`.

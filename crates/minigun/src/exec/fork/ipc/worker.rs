@@ -548,6 +548,46 @@ mod tests {
     }
 
     #[test]
+    fn answers_of_several_items_move_a_run_on_as_many_single_answers_would() {
+        let items: [&[u8]; 5] = [b"a", b"bb", b"ccc", b"dddd", b"eeeee"];
+        let (t0, timeout) = (Instant::now(), Some(Duration::from_secs(30)));
+        let later = t0 + Duration::from_millis(5);
+        // n answers at once, against n single answers, from every point of the run.
+        for n in 1..=items.len() {
+            let (mut one_by_one, mut at_once) = (sleeper(), sleeper());
+            for w in [&mut one_by_one, &mut at_once] {
+                w.push(run(10, &items), t0, timeout);
+                w.push(flight(15), t0, timeout);
+            }
+            let mut last = None;
+            for _ in 0..n {
+                last = one_by_one.front_done(later, timeout);
+            }
+            let whole = at_once.front_done_n(n, later, timeout);
+            // All of the run answered: the flight comes back (its buffer may go to the
+            // feeder), whole where single answers give its last item.
+            assert_eq!(whole.is_some(), n == items.len(), "n = {n}");
+            assert_eq!(last.is_some(), n == items.len(), "n = {n}");
+            if let Some(f) = whole {
+                assert_eq!((f.index, f.count), (10, 5));
+            }
+            let state = |w: &Worker| {
+                let f = w.flights.front().unwrap();
+                let front = (f.index, f.count, f.payload.to_vec());
+                (
+                    front,
+                    w.flights.len(),
+                    w.items,
+                    w.bytes,
+                    w.front_since,
+                    w.item_deadline,
+                )
+            };
+            assert_eq!(state(&at_once), state(&one_by_one), "n = {n}");
+        }
+    }
+
+    #[test]
     fn taking_the_running_item_out_of_its_run_keeps_the_workers_counts() {
         let mut w = sleeper();
         w.push(run(0, &[b"x", b"yy", b"zzz", b"w"]), Instant::now(), None);
