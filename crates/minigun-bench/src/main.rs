@@ -10,7 +10,7 @@
 //! |----|------|---------|-------|
 //! | W1 | fork overhead, f(x)=2x | cow_fork(2), cow_fork(4), each also with fork_server | raw fork/pipe/_exit/waitpid loop |
 //! | W2 | IPC throughput, 1M u64; one item at a time (round trip) | ipc_fork(2), ipc_fork(4), in_flight sweep, results per item; inline split; ipc_fork(2) one item in flight | raw pipes, 4096 u64/write; one u64 echoed over a raw pipe |
-//! | W3 | 64 KiB payloads, checksum | ipc_fork(2), `Vec<u8>` and serde-bytes `Blob` | raw pipes, 64 KiB/write (one buffer; and owned items, a new `Vec` per item on both sides) |
+//! | W3 | 8,000 payloads of 64 KiB (500 with `--quick`), checksum | ipc_fork(2), `Vec<u8>` and serde-bytes `Blob` | raw pipes, 64 KiB/write (one buffer; and owned items, a new `Vec` per item on both sides) |
 //! | W4 | 1 GiB copy-on-write dataset | cow_fork(4), 4 KiB pages and THP (also with fork_server) | raw fork loop |
 //! | W4b | 1 GiB `HashMap<String, u64>` heap, 1,000 lookups per item | cow_fork(4), huge pages off and on, fork_server | raw fork loop, same heap |
 //! | W5 | 5 ms CPU per item | ipc_fork(2) | ideal: workers / 5 ms (and raw spinners) |
