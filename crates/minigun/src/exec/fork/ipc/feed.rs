@@ -21,8 +21,8 @@ use crossbeam_channel::{Receiver, Sender};
 use std::sync::Arc;
 
 /// Items the feeder hands the supervisor at once (one wake-up, one write per worker). At
-/// 256, W2's cheap items spent half again as much system time in wake-ups and writes; 4096
-/// was no faster than 1024.
+/// 256, W2's cheap items spent about twice the system time in wake-ups and writes; 4096 was
+/// no faster than 1024.
 pub(super) const FEED_CHUNK: usize = 1024;
 
 /// Items encoded and waiting for the supervisor at most, in hand-offs of [`FEED_CHUNK`]
