@@ -17,9 +17,9 @@
 //! anew.
 
 use crate::ipc::frame::{self, Kind};
+use crate::sys::PipeWriter;
 use std::collections::VecDeque;
 use std::io::IoSlice;
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 
 /// Payloads of at least this many bytes are not copied: they are written from the buffer the
@@ -185,7 +185,7 @@ impl Outbox {
 
     /// Writes as much as the pipe takes now: copied frames with `writev`, large payloads
     /// handed over page by page (see the module docs).
-    pub(crate) fn write_to(&mut self, fd: &OwnedFd) -> Result<(), Broken> {
+    pub(crate) fn write_to(&mut self, fd: &PipeWriter) -> Result<(), Broken> {
         while let Some(front) = self.segments.front() {
             let handed = matches!(front, Segment::Shared(_));
             let mut bufs: [&[u8]; MAX_SLICES] = [&[]; MAX_SLICES];
@@ -264,9 +264,8 @@ mod tests {
     fn frames_arrive_whole_and_in_order_through_a_small_pipe() {
         // A pipe of one page takes at most a page per write: writes end inside headers
         // and payloads alike.
-        let (r, w) = crate::sys::pipe(false).unwrap();
-        crate::sys::set_nonblocking(&w).unwrap();
-        rustix::pipe::fcntl_setpipe_size(&w, 4096).unwrap();
+        let (r, w) = crate::sys::input_pipe(4096).unwrap();
+        assert_eq!(rustix::pipe::fcntl_getpipe_size(&w).unwrap(), 4096);
         let sizes = [3, 70_000, 0, 5_000, 64, 4_095, 4_096, 200_000, 1];
         let items = payloads(&sizes);
         let mut out = Outbox::default();
@@ -325,7 +324,7 @@ mod tests {
         }
         out.push_item(Kind::Item, 2, &Payload::own(vec![1; COPY_UNDER - 1]));
         assert_eq!(out.segments.len(), 3, "a small frame is copied after it");
-        let (r, w) = crate::sys::pipe(false).unwrap();
+        let (r, w) = crate::sys::input_pipe(4096).unwrap();
         drop(r);
         assert!(out.write_to(&w).is_err());
         assert!(out.is_empty());

@@ -340,35 +340,51 @@ pub(crate) fn grow_pipe(fd: &OwnedFd, bytes: usize) {
     let _ = rustix::pipe::fcntl_setpipe_size(fd, bytes);
 }
 
+/// The write end of a pipe made by [`input_pipe`], non-blocking: the only kind of fd
+/// [`vmsplice`] hands pages to (into a read end it would write into the borrowed bytes).
+pub(crate) struct PipeWriter(OwnedFd);
+
+impl std::os::fd::AsFd for PipeWriter {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// A pipe that the parent feeds a child through: the read end (close-on-exec, blocking) and
+/// the write end, non-blocking and grown to `bytes` (best effort).
+pub(crate) fn input_pipe(bytes: usize) -> io::Result<(OwnedFd, PipeWriter)> {
+    let (r, w) = pipe(false)?;
+    set_nonblocking(&w)?;
+    grow_pipe(&w, bytes);
+    Ok((r, PipeWriter(w)))
+}
+
 /// Most buffers [`vmsplice`] hands over in one call.
 pub(crate) const VMSPLICE_MAX: usize = 64;
 
-/// Hands the pages holding `bufs` (at most [`VMSPLICE_MAX`]) to the pipe whose write end is
-/// `fd`, without copying them, and without blocking: the pipe keeps references to the pages,
-/// and its reader gets whatever bytes they hold when it reads. Returns how many bytes were
-/// handed over (`AGAIN`: the pipe is full); `BADF` if `fd` is not open for writing only.
+/// Hands the pages holding `bufs` (at most [`VMSPLICE_MAX`]) to the pipe `fd`, without
+/// copying them, and without blocking: the pipe keeps references to the pages, and its
+/// reader gets whatever bytes they hold when it reads. Returns how many bytes were handed
+/// over (`AGAIN`: the pipe is full).
 ///
 /// The bytes are the reader's only if the caller leaves them unchanged, and their memory
 /// unfreed, until the reader has read them or can no longer read (the rule of
 /// `ipc::outbox`); otherwise the reader gets other bytes of this process's, never memory of
 /// another process or freed memory (the kernel holds its own references to the pages).
-pub(crate) fn vmsplice(fd: &OwnedFd, bufs: &[&[u8]]) -> rustix::io::Result<usize> {
+pub(crate) fn vmsplice(fd: &PipeWriter, bufs: &[&[u8]]) -> rustix::io::Result<usize> {
     use rustix::pipe::{IoSliceRaw, SpliceFlags};
-    // Into a pipe's read end, vmsplice would write into `bufs`.
-    if rustix::fs::fcntl_getfl(fd)? & rustix::fs::OFlags::RWMODE != rustix::fs::OFlags::WRONLY {
-        return Err(rustix::io::Errno::BADF);
-    }
     let n = bufs.len().min(VMSPLICE_MAX);
     let mut raw: [IoSliceRaw<'_>; VMSPLICE_MAX] =
         std::array::from_fn(|_| IoSliceRaw::from_slice(&[]));
     for (r, b) in raw.iter_mut().zip(bufs) {
         *r = IoSliceRaw::from_slice(b);
     }
-    // SAFETY: `fd` is open for writing only (checked above), so the kernel only reads the
-    // memory of `bufs`, live shared borrows for the length of this call; without
-    // `SpliceFlags::GIFT` the pages are not given away: the pipe holds references of its
-    // own to them, which stay valid whatever this process does with the memory later.
-    unsafe { rustix::pipe::vmsplice(fd, &raw[..n], SpliceFlags::NONBLOCK) }
+    // SAFETY: `fd` is the write end of a pipe (a `PipeWriter` is made only by `input_pipe`),
+    // so the kernel only reads the memory of `bufs`, live shared borrows for the length of
+    // this call; without `SpliceFlags::GIFT` the pages are not given away: the pipe holds
+    // references of its own to them, which stay valid whatever this process does with the
+    // memory later.
+    unsafe { rustix::pipe::vmsplice(&fd.0, &raw[..n], SpliceFlags::NONBLOCK) }
 }
 
 /// Raw fd of an owned fd (for `keep` lists).
@@ -491,9 +507,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn vmsplice_hands_over_the_pages_themselves_and_only_into_a_write_end() {
-        let (r, w) = pipe(false).unwrap();
-        set_nonblocking(&w).unwrap();
+    fn vmsplice_hands_over_the_pages_themselves() {
+        let (r, w) = input_pipe(1 << 16).unwrap();
         let mut buf = vec![b'a'; 8192];
         let n = vmsplice(&w, &[&buf[..4096], &buf[4096..]]).unwrap();
         assert_eq!(n, 8192);
@@ -510,8 +525,6 @@ mod tests {
         let n = vmsplice(&w, &[&buf]).unwrap();
         assert!(n > 0 && n < buf.len(), "{n}");
         assert_eq!(vmsplice(&w, &[&buf[n..]]), Err(rustix::io::Errno::AGAIN));
-        // Never into a read end, which would write into the borrowed bytes.
-        assert_eq!(vmsplice(&r, &[&buf]), Err(rustix::io::Errno::BADF));
     }
 
     /// Runs `server` in a process set up as cow_fork's fork server is (a [`fork_child`]

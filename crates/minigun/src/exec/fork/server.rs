@@ -58,7 +58,7 @@ pub(super) enum Report {
 pub(super) struct ForkServer {
     /// The server process, until it is reaped.
     process: Option<sys::Child>,
-    input: Option<OwnedFd>,
+    input: Option<sys::PipeWriter>,
     outbox: Outbox,
     reports: OwnedFd,
     next_seq: u64,
@@ -129,9 +129,7 @@ impl ForkServer {
         opts: &ForkOptions,
     ) -> io::Result<ForkServer> {
         let (max_frame, workers) = (opts.max_frame, opts.workers);
-        let (input_r, input) = sys::pipe(false)?;
-        sys::set_nonblocking(&input)?;
-        sys::grow_pipe(&input, PIPE_SIZE);
+        let (input_r, input) = sys::input_pipe(PIPE_SIZE)?;
         let (reports, theirs) = fdpass::record_pair()?;
         sys::set_nonblocking(&reports)?;
         let code = StageCode::new(parts, &hooks.after_fork, max_frame);

@@ -158,16 +158,15 @@ impl<I: Wire, O: Wire> Supervisor<'_, I, O> {
             let front = w.flights.front().map(|f| f.index);
             let next = dec.next(|kind, id, payload| {
                 let reserved = id == START_ID || id == FINISH_ID;
-                match (kind, front) {
-                    (Kind::Log, _) => {}
+                let from = match (kind, front) {
+                    (Kind::Log, _) => from,
                     // A results frame may begin with answers of items answered before.
                     (Kind::Results, Some(f)) if !reserved && id < f => {
-                        let from = Sender::Worker { running: Some(id) };
-                        return Some(frames.decode(from, kind, id, payload).map(|m| (id, m)));
+                        Sender::Worker { running: Some(id) }
                     }
                     _ if reserved || Some(id) != front => return None, // answered before
-                    _ => {}
-                }
+                    _ => from,
+                };
                 Some(frames.decode(from, kind, id, payload).map(|m| (id, m)))
             });
             match next {

@@ -14,7 +14,6 @@ use crate::ipc::results_log::{ResultsLog, LOG_BYTES};
 use crate::stage::Wire;
 use crate::sys;
 use std::collections::VecDeque;
-use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 pub(super) struct Worker {
@@ -22,7 +21,7 @@ pub(super) struct Worker {
     /// With `batch_results`: frames of finished items the worker has not written yet.
     pub(super) log: Option<ResultsLog>,
     /// The worker's input pipe, until it is closed (after `shutdown`, or once it broke).
-    pub(super) input: Option<OwnedFd>,
+    pub(super) input: Option<sys::PipeWriter>,
     pub(super) out: Outbox,
     pub(super) stream: Stream,
     /// Where the worker is in its life.
@@ -113,7 +112,12 @@ impl Life {
 }
 
 impl Worker {
-    fn new(child: sys::Child, log: Option<ResultsLog>, input: OwnedFd, stream: Stream) -> Self {
+    fn new(
+        child: sys::Child,
+        log: Option<ResultsLog>,
+        input: sys::PipeWriter,
+        stream: Stream,
+    ) -> Self {
         Worker {
             started: None,
             child,
@@ -437,10 +441,8 @@ pub(super) fn spawn<I: Wire, O: Wire>(
     slot: usize,
     batched: bool,
 ) -> std::io::Result<Worker> {
-    let (in_r, in_w) = sys::pipe(false)?;
+    let (in_r, in_w) = sys::input_pipe(PIPE_SIZE)?;
     let (stream, out_w) = result_pipe(opts.max_frame)?;
-    sys::set_nonblocking(&in_w)?;
-    sys::grow_pipe(&in_w, PIPE_SIZE);
     let keep = [sys::raw(&in_r), sys::raw(&out_w)];
     let name = format!("mg:{}#{slot}", parts.ctx.name);
     let (routes, max) = (&parts.router.routes, opts.max_frame);
@@ -498,7 +500,7 @@ mod tests {
     /// A worker around a child that only sleeps (and dies by the first signal).
     fn sleeper() -> Worker {
         let (out_r, _out_w) = sys::pipe(true).unwrap();
-        let (_in_r, in_w) = sys::pipe(false).unwrap();
+        let (_in_r, in_w) = sys::input_pipe(PIPE_SIZE).unwrap();
         let child = sys::fork_child(&[], "mg:sleeper", || {
             std::thread::sleep(Duration::from_secs(60));
             0
